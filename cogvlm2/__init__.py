@@ -1,0 +1,1 @@
+"""CogVLM2 vision-language models in plain PyTorch."""
