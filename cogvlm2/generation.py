@@ -1,0 +1,154 @@
+"""The simple reference generation loop: padded batch, contiguous KV cache, one token per step.
+
+Kept plain on purpose: every faster path (the paged engine, CUDA graphs) is tested token for token
+against it. It reproduces the official batch demo, right padding included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .model.attention import PaddedKVCache
+from .model.batch import ForwardBatch, expert_indices
+from .model.cogvlm import CogVLM2ForCausalLM
+from .processing.detokenizer import IncrementalDetokenizer
+from .processing.prompt import ModelInputs, position_ids, vision_expert_mask
+from .processing.tokenizer import Tokenizer
+from .sampling_params import SamplingParams
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: Sequence[int], p: SamplingParams) -> torch.Tensor:
+    """logits [V] float32; seen = prompt + generated ids (repetition), generated (presence/frequency)."""
+    if p.repetition_penalty != 1.0 and seen.numel():
+        ids = seen.unique()
+        scores = logits[ids]
+        logits[ids] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and len(generated):
+        ids, counts = torch.tensor(list(generated), device=logits.device).unique(return_counts=True)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick one id from float32 logits [V] (penalties already applied)."""
+    if p.greedy:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > p.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class _Padded:
+    ids: torch.Tensor  # [B, L]
+    valid: torch.Tensor  # [B, L] bool
+    positions: torch.Tensor  # [B, L]
+    expert: torch.Tensor  # [B, L] bool
+    vision_slots: torch.Tensor  # [B, L] bool
+
+
+def _pad(batch: Sequence[ModelInputs], pad_id: int) -> _Padded:
+    width = max(len(x) for x in batch)
+    ids, valid, pos, expert, slots = [], [], [], [], []
+    for x in batch:
+        n_pad = width - len(x)
+        types = x.token_type_ids + [0] * n_pad
+        ok = [True] * len(x) + [False] * n_pad
+        ids.append(x.input_ids + [pad_id] * n_pad)
+        valid.append(ok)
+        pos.append(position_ids(types, ok))
+        expert.append(vision_expert_mask(types))
+        slots.append([t == 1 for t in types])
+    return _Padded(*(torch.tensor(a) for a in (ids, valid, pos, expert, slots)))
+
+
+@torch.inference_mode()
+def generate_ids(model: CogVLM2ForCausalLM, batch: Sequence[ModelInputs], params: SamplingParams,
+                 output_logits: list | None = None) -> Iterator[list[int]]:
+    """Yield one new token per row per step (rows right-padded like the official batch demo).
+
+    Stops when every row has met a stop id / EOS (unless ignore_eos) or max_new_tokens. A finished
+    row keeps being fed (as the official code does) but its later tokens are not reported: the
+    caller stops reading a row after its stop id. If `output_logits` is a list, each step's float32
+    logits [B, V] are appended to it.
+    """
+    cfg, device = model.config, model.device
+    b = len(batch)
+    pad = _pad(batch, pad_id=cfg.eos_token_ids[0])
+    if int(pad.positions.max()) + params.max_new_tokens >= cfg.max_position_embeddings + 1:
+        raise ValueError(f"prompt spans {int(pad.positions.max()) + 1} positions; with max_new_tokens="
+                         f"{params.max_new_tokens} it exceeds max_position_embeddings={cfg.max_position_embeddings}")
+    cache = PaddedKVCache(b, cfg.num_hidden_layers)
+    cache.begin_step(pad.valid.to(device))
+    vision_idx, language_idx = expert_indices(pad.expert.flatten()) if cfg.has_vision_expert else (None, None)
+    embeds = embed_idx = None
+    pixels = [x.pixel_values for x in batch if x.pixel_values is not None]
+    if pixels:
+        feats = model.encode_images(torch.cat(pixels).to(device))  # [n_images_or_frames, per, D]
+        embeds = feats.reshape(-1, feats.shape[-1])
+        embed_idx = pad.vision_slots.flatten().nonzero().squeeze(1).to(device)
+    fb = ForwardBatch(pad.ids.flatten().to(device), pad.positions.flatten().to(device), cache,
+                      None if vision_idx is None else vision_idx.to(device),
+                      None if language_idx is None else language_idx.to(device), embeds, embed_idx)
+    hidden = model(fb).view(b, -1, cfg.hidden_size)
+    logits = model.compute_logits(hidden[:, -1])  # [B, V]: the last column, as the official demo
+    next_pos = pad.positions.max(dim=1).values + 1  # [B]
+    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(cfg.eos_token_ids))
+    generators = [torch.Generator(device=logits.device).manual_seed(params.seed + i) if params.seed is not None
+                  else None for i in range(b)]
+    generated: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    prompts = [torch.tensor(x.input_ids, device=logits.device) for x in batch]
+    for step in range(params.max_new_tokens):
+        if output_logits is not None:
+            output_logits.append(logits.clone())
+        tokens = []
+        for r in range(b):
+            seen = torch.cat([prompts[r], torch.tensor(generated[r], dtype=torch.long, device=logits.device)])
+            row = apply_penalties(logits[r].clone(), seen, generated[r], params)
+            tokens.append(sample_token(row, params, generators[r]))
+            generated[r].append(tokens[-1])
+            done[r] = done[r] or tokens[-1] in stops
+        yield tokens
+        if all(done) or step + 1 == params.max_new_tokens:
+            return
+        cache.begin_step(torch.ones(b, 1, dtype=torch.bool, device=device))
+        fb = ForwardBatch(torch.tensor(tokens, device=device), next_pos.to(device), cache)
+        logits = model.compute_logits(model(fb))
+        next_pos = next_pos + 1
+
+
+def stream_text(model: CogVLM2ForCausalLM, tokenizer: Tokenizer, inputs: ModelInputs,
+                params: SamplingParams) -> Iterator[str]:
+    """Generate for one prompt and yield text deltas as they complete (UTF-8 safe, stop strings cut)."""
+    detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
+    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(model.config.eos_token_ids))
+    held = ""  # text not yet emitted because it may be the start of a stop string
+    hold = max((len(s) for s in params.stop), default=0)
+    for (token,) in generate_ids(model, [inputs], params):
+        if token in stops:
+            break
+        held += detok.push(token)
+        cut = min((i for i in (held.find(s) for s in params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            if held[:cut]:
+                yield held[:cut]
+            return
+        if len(held) > hold:
+            emit, held = (held[:len(held) - hold + 1], held[len(held) - hold + 1:]) if hold else (held, "")
+            yield emit
+    held += detok.flush()
+    cut = min((i for i in (held.find(s) for s in params.stop) if i >= 0), default=len(held))
+    if held[:cut]:
+        yield held[:cut]

@@ -1,0 +1,72 @@
+"""Reference attention backends in plain torch SDPA: a padded batch with a contiguous KV cache, and
+packed variable-length sequences without a cache (training).
+
+These are the simple, obviously-correct paths that faster backends (the paged engine) are tested
+against. The padded one reproduces the official batch demo exactly: right padding, padded keys
+masked out of every query (a padded query included), causal inside each row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class PaddedKVCache:
+    """KV cache for B rows of equal length; each step appends `step_len` tokens to every row.
+
+    The flat tokens of a step are row-major: token (row b, offset i) is flat index b * step_len + i.
+    """
+
+    def __init__(self, batch_size: int, num_layers: int):
+        self.batch_size = batch_size
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.key_valid: torch.Tensor | None = None  # [B, T] bool: keys that may be attended
+        self.step_len = 0
+        self.mask: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key_valid is None else self.key_valid.shape[1]
+
+    def begin_step(self, valid: torch.Tensor) -> None:
+        """valid [B, step_len] bool: False for padding. Builds this step's [B, 1, L, T] mask once."""
+        past = self.length
+        self.key_valid = valid if self.key_valid is None else torch.cat([self.key_valid, valid], dim=1)
+        self.step_len = valid.shape[1]
+        total = self.key_valid.shape[1]
+        q_pos = torch.arange(past, total, device=valid.device)[:, None]
+        causal = torch.arange(total, device=valid.device)[None, :] <= q_pos  # [L, T]
+        self.mask = (causal[None] & self.key_valid[:, None, :])[:, None]  # [B, 1, L, T]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n = self.batch_size, self.step_len
+        q = q.view(b, n, *q.shape[1:]).transpose(1, 2)  # [B, Hq, L, d]
+        k = k.view(b, n, *k.shape[1:]).transpose(1, 2)  # [B, Hkv, L, d]
+        v = v.view(b, n, *v.shape[1:]).transpose(1, 2)
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)  # [B, Hq, L, d]
+        return out.transpose(1, 2).reshape(b * n, out.shape[1], out.shape[3])  # [N, Hq, d]
+
+
+class PackedAttention:
+    """No cache: several sequences packed back to back, causal inside each (block-diagonal mask).
+
+    cu_seqlens [S + 1] long: sequence s occupies flat tokens cu_seqlens[s] : cu_seqlens[s + 1].
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor):
+        n = int(cu_seqlens[-1])
+        seq_id = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=cu_seqlens.device),
+                                         cu_seqlens.diff())
+        idx = torch.arange(n, device=cu_seqlens.device)
+        self.mask = (seq_id[:, None] == seq_id[None, :]) & (idx[None, :] <= idx[:, None])  # [N, N]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, N, d]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+        return out[0].transpose(0, 1)  # [N, Hq, d]

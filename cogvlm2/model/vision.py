@@ -1,0 +1,115 @@
+"""EVA2-CLIP-E vision tower + 2x2 conv + GLU adapter: pixels -> the embeddings of the vision tokens.
+
+Parameter names equal the official checkpoint keys under `model.vision.`. The tower is post-norm
+(LayerNorm on each sub-layer's *output*, then the residual add), which is what the official
+EVA2-CLIP code does and what the weights were trained with.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, VisionConfig
+
+
+class PatchEmbedding(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_embedding = nn.Parameter(torch.empty(1, cfg.hidden_size))
+        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.proj(images).flatten(2).transpose(1, 2)  # [B, grid*grid, Dv]
+        cls = self.cls_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)  # [B, 1 + grid*grid, Dv]
+        return x + self.position_embedding.weight.unsqueeze(0)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.query_key_value(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, N, d]
+        # Full (non-causal) attention, scale head_dim**-0.5 (SDPA's default).
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, H, N, d]
+        return self.dense(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attention = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.input_layernorm(self.attention(x))  # post-norm: LN on the sub-layer output
+        return x + self.post_attention_layernorm(self.mlp(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class GLU(nn.Module):
+    """Adapter from the tower's width to the LM's: linear -> LayerNorm -> GELU -> SwiGLU-style MLP."""
+
+    def __init__(self, cfg: ModelConfig, in_features: int):
+        super().__init__()
+        self.linear_proj = nn.Linear(in_features, cfg.hidden_size, bias=False)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size)  # eps 1e-5, the PyTorch default the official code uses
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(self.linear_proj(x)))
+        return self.dense_4h_to_h(F.silu(self.gate_proj(x)) * self.dense_h_to_4h(x))
+
+
+class EVA2CLIPModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        v = cfg.vision
+        self.grid = v.grid_size
+        self.patch_embedding = PatchEmbedding(v)
+        self.transformer = Transformer(v)
+        self.linear_proj = GLU(cfg, in_features=v.hidden_size)
+        self.conv = nn.Conv2d(v.hidden_size, v.hidden_size, kernel_size=2, stride=2)
+        self.boi = nn.Parameter(torch.empty(1, 1, cfg.hidden_size))
+        self.eoi = nn.Parameter(torch.empty(1, 1, cfg.hidden_size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] (B images or video frames) -> [B, tokens_per_image, D] incl. boi/eoi rows."""
+        x = self.transformer(self.patch_embedding(images))[:, 1:]  # drop the class token: [B, grid*grid, Dv]
+        b, _, dv = x.shape
+        x = x.view(b, self.grid, self.grid, dv).permute(0, 3, 1, 2)  # [B, Dv, grid, grid]
+        x = self.conv(x).flatten(2).transpose(1, 2)  # [B, (grid/2)^2, Dv], row-major
+        x = self.linear_proj(x)  # [B, (grid/2)^2, D]
+        return torch.cat([self.boi.expand(b, 1, -1), x, self.eoi.expand(b, 1, -1)], dim=1)

@@ -1,0 +1,52 @@
+"""Image loading and the official CLIP preprocessing (bicubic resize to a square, /255, mean/std)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard for untrusted input
+
+
+class ImageError(ValueError):
+    """An image could not be read; the message says why."""
+
+
+def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """Open a path / bytes / PIL image as RGB, like the official demo: `.convert('RGB')` (alpha dropped)."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    try:
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    except OSError as e:
+        raise ImageError(f"cannot open image {source!r}: {e.strerror or e}") from None
+    with fp:
+        try:
+            with Image.open(fp) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise ImageError(f"image too large: {img.width}x{img.height} pixels (limit {MAX_IMAGE_PIXELS})")
+                img.seek(0)  # first frame of animated formats
+                return img.convert("RGB")
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
+            raise ImageError(f"cannot decode image: {e}") from None
+
+
+def transform_image(image: Image.Image, image_size: int) -> tuple[torch.Tensor, str]:
+    """RGB PIL image -> (pixel values [3, S, S] float32, content hash of the resized image).
+
+    The hash identifies the image for prefix caching (every image has the same placeholder ids).
+    """
+    resized = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    arr = np.asarray(resized, dtype=np.uint8)
+    digest = hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()
+    x = torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
+    return (x - mean) / std, digest
