@@ -17,10 +17,11 @@ import torch
 
 from .checkpoint import save_weights
 from .config import IMAGE_ARCH, VIDEO_ARCH, ModelConfig
+from .model.random_init import init_random_
 from .processing.tokenizer import bundled_tokenizer_path
 
 TINY_NOTE = "embedded tiny model with random weights: its answers are noise"
-_VERSION = 1
+_VERSION = 2
 
 
 def tiny_config(name: str = "tiny") -> ModelConfig:
@@ -38,26 +39,12 @@ def tiny_config(name: str = "tiny") -> ModelConfig:
 
 
 def random_state_dict(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic weights in the official naming: linear ~ N(0, 1/fan_in), biases ~ N(0, 0.05^2),
-    norms ~ 1 + N(0, 0.1^2), embeddings / boi / eoi ~ N(0, 1), class token and positions ~ N(0, 0.25)."""
+    """Deterministic float32 weights in the official naming (distribution: `model.random_init`)."""
     from .model.cogvlm import CogVLM2ForCausalLM
 
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in CogVLM2ForCausalLM(config).state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in shapes.items():
-        x = torch.randn(shape, generator=g)
-        if "norm" in name and name.endswith("weight"):
-            x = 1 + 0.1 * x
-        elif name.endswith("bias"):
-            x = 0.05 * x
-        elif "cls_embedding" in name or "position_embedding" in name:
-            x = 0.5 * x
-        elif len(shape) >= 2 and "embed_tokens" not in name:
-            x = x / shape[1:].numel() ** 0.5
-        out[name] = x
-    return out
+        model = CogVLM2ForCausalLM(config)
+    return init_random_(model, seed=seed, device="cpu", dtype=torch.float32).state_dict()
 
 
 def cache_dir() -> Path:

@@ -41,21 +41,22 @@ def _cases() -> list[str]:
 
 
 CASES = _cases()
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     cache = {}
 
-    def get(name: str):
-        if name not in cache:
+    def get(name: str, device: str = "cpu"):
+        if (name, device) not in cache:
             folder = tmp_path_factory.mktemp(name)
             shutil.copyfile(GOLDEN / name / "config.json", folder / "config.json")
             with gzip.open(GOLDEN / name / "model.safetensors.gz") as src, open(folder / "model.safetensors", "wb") as dst:
                 shutil.copyfileobj(src, dst)
             shutil.copyfile(bundled_tokenizer_path(), folder / "tokenizer.json")
-            cache[name] = (load_model(str(folder), progress=False), Tokenizer(folder))
-        return cache[name]
+            cache[name, device] = (load_model(str(folder), device=device, progress=False), Tokenizer(folder))
+        return cache[name, device]
 
     return get
 
@@ -85,16 +86,20 @@ def _check_decode(model, inputs, ref: dict, batch_axis: bool):
     generated = torch.tensor(steps).T  # [B, 16]
     expected = torch.from_numpy(ref["generated_ids"]).reshape(len(inputs), -1)
     assert torch.equal(generated, expected), f"generated {generated.tolist()} != {expected.tolist()}"
-    logits = torch.stack(step_logits, dim=1)  # [B, 16, V]
+    logits = torch.stack(step_logits, dim=1).cpu()  # [B, 16, V]
     ref_logits = _full(ref["decode_step_logits"], ref["logits_vocab_ids"]).reshape(logits.shape)
     assert (logits - ref_logits).abs().max() <= 1e-4
 
 
 @pytest.mark.skipif(not CASES, reason=f"no golden cases under {GOLDEN}")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
-def test_golden_case(case: str, models):
+def test_golden_case(case: str, device: str, models):
+    """float32 on every available device (on CUDA with TF32 off: the tolerances are float32's)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     model_name, case_name = case.split("/")
-    model, tok = models(model_name)
+    model, tok = models(model_name, device)
     meta = json.loads((GOLDEN / f"{case}.json").read_text())
     ref = dict(np.load(GOLDEN / f"{case}.npz"))
 
@@ -121,21 +126,23 @@ def test_golden_case(case: str, models):
         expected_px = torch.from_numpy(ref["pixel_values"]).reshape(x.pixel_values.shape)
         assert (x.pixel_values - expected_px).abs().max() <= 1e-6
         with torch.no_grad():
-            feats = model.encode_images(x.pixel_values)
+            feats = model.encode_images(x.pixel_values.to(device)).cpu()
         expected_feats = torch.from_numpy(ref["vision_features"]).reshape(feats.shape)
         assert (feats - expected_feats).abs().max() <= 1e-5
-        embeds = feats.reshape(-1, feats.shape[-1])
-        embed_idx = torch.tensor(x.token_type_ids).nonzero().squeeze(1)
+        embeds = feats.reshape(-1, feats.shape[-1]).to(device)
+        embed_idx = torch.tensor(x.token_type_ids).nonzero().squeeze(1).to(device)
 
     # One full-prompt forward pass, no cache reuse: hidden states and logits at every position.
     cache = PaddedKVCache(1, cfg.num_hidden_layers)
-    cache.begin_step(torch.ones(1, len(x), dtype=torch.bool))
-    vis, lang = expert_indices(torch.tensor(x.vision_expert_mask)) if cfg.has_vision_expert else (None, None)
-    batch = ForwardBatch(torch.tensor(x.input_ids), torch.tensor(x.position_ids), cache, vis, lang, embeds, embed_idx)
+    cache.begin_step(torch.ones(1, len(x), dtype=torch.bool, device=device))
+    mask = torch.tensor(x.vision_expert_mask, device=device)
+    vis, lang = expert_indices(mask) if cfg.has_vision_expert else (None, None)
+    batch = ForwardBatch(torch.tensor(x.input_ids, device=device), torch.tensor(x.position_ids, device=device), cache,
+                         vis, lang, embeds, embed_idx)
     with torch.no_grad():
         final, hidden = model(batch, output_hidden_states=True)
-        logits = model.compute_logits(final)
-    hs = torch.stack(hidden)
+        logits = model.compute_logits(final).cpu()
+    hs = torch.stack(hidden).cpu()
     assert (hs - torch.from_numpy(ref["hidden_states"])).abs().max() <= 1e-4
     assert (logits - _full(ref["prefill_logits"], ref["logits_vocab_ids"])).abs().max() <= 1e-4
     _check_decode(model, [x], ref, batch_axis=False)

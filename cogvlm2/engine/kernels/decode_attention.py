@@ -1,0 +1,102 @@
+"""Paged decode attention in Triton (flash-decoding): one query token per sequence, KV read from paged blocks.
+
+Stage 1 splits every sequence's context into chunks of SPLIT tokens; a program handles one
+(sequence, kv head, chunk) and all the query heads that share that kv head (grouped-query attention:
+the KV chunk is read once for the whole group). Stage 2 merges the chunks with their log-sum-exp.
+Splitting keeps the GPU busy at batch 1, where (sequence, kv head) alone gives only 8 programs.
+The grid depends only on (batch, max_splits), so a captured CUDA graph can replay it for any
+context lengths up to max_splits * SPLIT.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SPLIT = 256  # context tokens per stage-1 program
+
+
+@triton.jit
+def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
+            sq_b, sq_h, sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, sbt_b, so_b, so_h, so_s, sl_b, sl_h,
+            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+            BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    ctx = tl.load(lens_ptr + b)
+    start = s * SPLIT_TOKENS
+    rows = tl.arange(0, GROUP_PAD)
+    heads = kvh * GROUP + rows
+    row_ok = rows < GROUP
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    end = tl.minimum(start + SPLIT_TOKENS, ctx)
+    for t0 in range(start, end, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        ok = tok < end
+        blk = tl.load(bt_ptr + b * sbt_b + tok // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        slot = tok % BLOCK_SIZE
+        k = tl.load(k_ptr + blk[:, None] * sk_blk + slot[:, None] * sk_tok + kvh * sk_h + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_N]
+        qk = tl.where(ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m, tl.max(qk, axis=1))
+        p = tl.exp(qk - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        v = tl.load(v_ptr + blk[:, None] * sv_blk + slot[:, None] * sv_tok + kvh * sv_h + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+    # A chunk past the context runs no iteration: l = 0 gives lse = -inf, which stage 2 weighs 0.
+    out = acc / tl.maximum(l, 1e-30)[:, None]
+    tl.store(out_ptr + b * so_b + heads[:, None] * so_h + s * so_s + d[None, :], out, mask=row_ok[:, None])
+    tl.store(lse_ptr + b * sl_b + heads * sl_h + s, m + tl.log(l), mask=row_ok)
+
+
+@triton.jit
+def _stage2(part_ptr, lse_ptr, out_ptr, so_b, so_h, so_s, sl_b, sl_h, sout_b, sout_h,
+            NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(lse_ptr + b * sl_b + h * sl_h + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    w = tl.exp(lse - tl.max(lse, axis=0))  # empty chunks have lse -inf -> weight 0
+    part = tl.load(part_ptr + b * so_b + h * so_h + s[:, None] * so_s + d[None, :],
+                   mask=(lse > float("-inf"))[:, None], other=0.0)
+    out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * sout_b + h * sout_h + d, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, max_context: int,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, d]; k/v_cache [num_blocks, block_size, Hkv, d] (any strides, last dim contiguous);
+    block_tables [B, max_blocks] int32; context_lens [B] int32 (tokens to attend, the current one
+    included, already written to the cache). max_context bounds every context_lens (sets the grid).
+    Returns [B, Hq, d] in q's dtype."""
+    b, hq, dim = q.shape
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hkv
+    splits = max(1, triton.cdiv(max_context, SPLIT))
+    part = torch.empty(b, hq, splits, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q) if out is None else out
+    block_n = min(64, SPLIT)
+    _stage1[(b, hkv, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part, lse, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, SPLIT_TOKENS=SPLIT)
+    _stage2[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+                     out.stride(0), out.stride(1), NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+                     HEAD_DIM=dim)
+    return out
