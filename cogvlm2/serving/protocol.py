@@ -1,0 +1,234 @@
+"""Wire formats: pydantic models of the OpenAI API subset we serve, fields ordered as in OpenAI's docs.
+
+Requests ignore unknown fields (clients send many we do not use) and convert themselves into what the
+engine takes (`ChatCompletionRequest.to_sampling_params`). Responses are what OpenAI returns.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_serializer, model_validator
+
+from ..sampling_params import SamplingParams
+from .limits import MAX_MESSAGES, MAX_N, MAX_STOP, MAX_STOP_CHARS
+
+INT64 = 2**63
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorInfo(OpenAIModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(OpenAIModel):
+    error: ErrorInfo
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ModelCard(OpenAIModel):
+    id: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    object: Literal["model"] = "model"
+    owned_by: str = "cogvlm2"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(OpenAIModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --------------------------------------------------------------------------- chat completion request
+
+
+class TextPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(OpenAIModel):
+    url: str
+    detail: Literal["auto", "low", "high"] = "auto"  # accepted, not used: every image is resized to the tower's size
+
+
+class ImagePart(OpenAIModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class VideoURL(OpenAIModel):
+    url: str
+
+
+class VideoPart(OpenAIModel):
+    """Not in OpenAI's API; the same shape as vLLM's `video_url` part."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+class RefusalPart(OpenAIModel):
+    type: Literal["refusal"]
+    refusal: str
+
+
+UserPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+AssistantPart = Annotated[Union[TextPart, RefusalPart], Field(discriminator="type")]
+
+
+class SystemMessage(OpenAIModel):
+    content: str | list[TextPart]
+    role: Literal["system", "developer"]
+    name: str | None = None
+
+
+class UserMessage(OpenAIModel):
+    content: str | list[UserPart]
+    role: Literal["user"]
+    name: str | None = None
+
+
+class AssistantMessage(OpenAIModel):
+    role: Literal["assistant"]
+    content: str | list[AssistantPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+
+
+Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage], Field(discriminator="role")]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(OpenAIModel):
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    model: str | None = None  # None: the served model
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for max_completion_tokens; both work
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    stop: StopString | list[StopString] | None = Field(None)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    user: str | None = None
+    # Not in OpenAI's API (vLLM has the same two): -1 or 0 disables top-k; 1.0 disables the penalty.
+    top_k: int = Field(0, ge=-1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ChatCompletionRequest":
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise ValueError(f"stop: at most {MAX_STOP} stop sequences")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def to_sampling_params(self, max_tokens: int, index: int = 0) -> SamplingParams:
+        """Choice `index` of this request: with a seed, choice i samples with seed + i (distinct, reproducible)."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k, 0),
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=None if self.seed is None else self.seed + index,
+            stop=stop,
+        )
+
+
+# --------------------------------------------------------------------------- chat completion response
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ResponseMessage(OpenAIModel):
+    content: str | None
+    refusal: str | None = None
+    role: Literal["assistant"] = "assistant"
+
+
+class Choice(OpenAIModel):
+    finish_reason: str | None
+    index: int
+    logprobs: None = None
+    message: ResponseMessage
+
+
+class Usage(OpenAIModel):
+    completion_tokens: int
+    prompt_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(OpenAIModel):
+    id: str
+    choices: list[Choice]
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    object: Literal["chat.completion"] = "chat.completion"
+    system_fingerprint: str | None = None
+    usage: Usage
+
+
+class DeltaMessage(OpenAIModel):
+    content: str | None = None
+    role: Literal["assistant"] | None = None
+
+    @model_serializer
+    def _drop_none(self) -> dict[str, Any]:
+        return {k: v for k, v in (("content", self.content), ("role", self.role)) if v is not None}
+
+
+class ChunkChoice(OpenAIModel):
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    index: int
+    logprobs: None = None
+
+
+class ChatCompletionChunk(OpenAIModel):
+    id: str
+    choices: list[ChunkChoice]
+    created: int
+    model: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+
+
+# --------------------------------------------------------------------------- /video_qa (the official video demo's API)
+
+
+class VideoQAResponse(OpenAIModel):
+    answer: str
