@@ -1,0 +1,110 @@
+"""Paged attention: the KV cache tensor, per-step metadata, the K/V write, and the reference attend.
+
+Extension point for a fast kernel (FlexAttention / Triton / FlashAttention varlen): implement
+
+    attend(q [N, Hq, d], k_cache [num_blocks + 1, block_size, Hkv, d], v_cache, meta) -> [N, Hq, d]
+
+reading `meta.block_tables`, `meta.context_lens` and `meta.query_start_loc` (device tensors), and
+pass it as `PagedAttention(..., attend=...)` / `ModelRunner(attend=...)`. The K/V of this step's
+tokens is already in the cache when attend runs, so it sees queries and keys of token i of sequence s
+at cache position context_lens[s] - query_len[s] + i. Pure-decode steps under a CUDA graph carry no
+host lists (`query_lens is None`), so a graph-safe attend must use device tensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """K and V of every layer: [num_layers, 2, num_blocks + 1, block_size, Hkv, d].
+
+    The extra last block is the null block: padded rows of a CUDA-graph batch write into it and
+    padded block-table entries point to it; the block manager never hands it out.
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.null_block = num_blocks
+        self.kv = torch.zeros(num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim,
+                              dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go and what each sequence attends to (B sequences, N tokens).
+
+    slot_mapping     [N] long: cache slot (block * block_size + offset) of each new token
+    block_tables     [B, W] long: each sequence's blocks, padded with the null block
+    context_lens     [B] long: cached tokens of each sequence after this step (new ones included)
+    query_start_loc  [B + 1] long: sequence b's new tokens are flat tokens qsl[b] : qsl[b + 1]
+    query_lens, context_lens_host: the same as host lists (None under a CUDA graph)
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    query_lens: list[int] | None = None
+    context_lens_host: list[int] | None = None
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
+def attend_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """Per sequence: gather its blocks, SDPA with the causal mask shifted by the cached length.
+    Without host lists (CUDA graph) it falls back to the batched decode path."""
+    if meta.query_lens is None:
+        return attend_decode_batched(q, k_cache, v_cache, meta)
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    start = 0
+    for b, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_host)):
+        blocks = meta.block_tables[b, :-(-ctx // block_size)]
+        k = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)[None]  # [1, Hkv, ctx, d]
+        v = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)[None]
+        qb = q[start:start + q_len].transpose(0, 1)[None]  # [1, Hq, q_len, d]
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+        mask = (torch.arange(ctx, device=q.device)[None, :] <= q_pos)[None, None]  # [1, 1, q_len, ctx]
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, enable_gqa=True)
+        out[start:start + q_len] = o[0].transpose(0, 1)
+        start += q_len
+    return out
+
+
+def attend_decode_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """One query per sequence, static shapes (CUDA-graph safe): gather the whole padded block table
+    [B, W * block_size] and mask keys at or beyond each context length."""
+    bsz, width = meta.block_tables.shape
+    k = k_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, W * block_size, d]
+    v = v_cache[meta.block_tables].flatten(1, 2).transpose(1, 2)
+    keys = torch.arange(k.shape[2], device=q.device)
+    mask = (keys[None, :] < meta.context_lens[:, None])[:, None, None, :]  # [B, 1, 1, W * block_size]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)  # [B, Hq, 1, d]
+    return out[:, :, 0, :]
+
+
+class PagedAttention:
+    """The AttentionBackend of one step: writes the new K/V into their slots, then attends."""
+
+    def __init__(self, cache: KVCache, meta: AttentionMetadata, attend: Attend = attend_reference):
+        self.cache = cache
+        self.meta = meta
+        self.attend = attend
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.cache.kv[layer, 0], self.cache.kv[layer, 1]  # [num_blocks + 1, bs, Hkv, d]
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, self.meta.slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, self.meta.slot_mapping, v)
+        return self.attend(q, k_cache, v_cache, self.meta)

@@ -1,0 +1,123 @@
+"""BlockManager: the paged KV pool: blocks, ref counts, the free list (LRU) and prefix-cache hashes.
+
+A block holds `block_size` consecutive tokens of one or more sequences. A FULL block whose K/V is
+computed gets a hash chained on its parent block's hash and everything its K/V depends on: token
+ids, token types, rotary positions, visual-expert routing, the image/video hash when it holds vision
+tokens (every image has the same placeholder ids), and the adapter id. Equal hash => equal K/V, so
+another sequence may reuse the block instead of recomputing it.
+
+Free blocks sit in `free` (an ordered dict used as an LRU queue): a freed block keeps its hash and
+may be revived by a prefix hit until it is handed out again; blocks are handed out from the front,
+and freed unhashed blocks go to the front, hashed ones to the back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+from .sequence import Sequence
+
+
+def block_hash(seq: Sequence, index: int, block_size: int, parent: bytes | None, adapter_id: str | None) -> bytes:
+    start, end = index * block_size, (index + 1) * block_size
+    types = seq.token_types(start, end)
+    h = hashlib.blake2b(parent or b"root", digest_size=16)
+    h.update(array("q", seq.token_ids[start:end] + seq.positions(start, end) + types).tobytes())
+    h.update(bytes(seq.expert_mask(start, end)))
+    if any(types):
+        h.update(b"vision:" + seq.vision_hash.encode())
+    if adapter_id is not None:
+        h.update(b"adapter:" + adapter_id.encode())
+    return h.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 adapter_id: str | None = None):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.adapter_id = adapter_id
+        self.ref_count = [0] * num_blocks
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.block_of: dict[bytes, int] = {}  # hash -> the block holding that content
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def lookup(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding a prefix of `seq`, leaving at least one token to compute (for logits)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits, parent = [], None
+        for i in range((len(seq) - 1) // self.block_size):
+            parent = block_hash(seq, i, self.block_size, parent, self.adapter_id)
+            block = self.block_of.get(parent)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = ()) -> bool:
+        """Give `seq` blocks for its first num_computed + num_new_tokens tokens. `prefix` (from
+        lookup, only for a sequence without blocks) is reused and counts as computed. Returns False,
+        changing nothing, when the pool is short."""
+        assert not prefix or not seq.block_table
+        computed = len(prefix) * self.block_size if prefix else seq.num_computed_tokens
+        needed = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table) - len(prefix)
+        revived = sum(1 for b in prefix if self.ref_count[b] == 0)
+        if needed > self.num_free - revived:
+            return False
+        for b in prefix:
+            if self.ref_count[b] == 0:
+                del self.free[b]
+            self.ref_count[b] += 1
+            seq.block_table.append(b)
+            seq.block_hashes.append(self.hash_of[b])
+        if prefix:
+            seq.num_computed_tokens = computed
+        for _ in range(max(needed, 0)):
+            seq.block_table.append(self._take())
+        return True
+
+    def _take(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        old = self.hash_of[block]
+        if old is not None:  # evict: its content is about to be overwritten
+            del self.block_of[old]
+            self.hash_of[block] = None
+        self.ref_count[block] = 1
+        return block
+
+    def commit(self, seq: Sequence) -> None:
+        """Hash the blocks that became full and computed (call after their K/V was written)."""
+        if not self.enable_prefix_caching:
+            return
+        while (len(seq.block_hashes) + 1) * self.block_size <= seq.num_computed_tokens:
+            i = len(seq.block_hashes)
+            h = block_hash(seq, i, self.block_size, seq.block_hashes[-1] if i else None, self.adapter_id)
+            block = seq.block_table[i]
+            if h not in self.block_of and self.hash_of[block] is None:
+                self.block_of[h] = block
+                self.hash_of[block] = h
+            seq.block_hashes.append(h)
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Release the sequence's blocks (tail first, so a prefix outlives its suffix in the LRU)."""
+        for block in reversed(seq.block_table):
+            self.ref_count[block] -= 1
+            assert self.ref_count[block] >= 0, f"block {block} freed twice"
+            if self.ref_count[block] == 0:
+                self.free[block] = None
+                if self.hash_of[block] is None:
+                    self.free.move_to_end(block, last=False)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0

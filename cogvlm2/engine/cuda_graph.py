@@ -1,0 +1,80 @@
+"""CUDA graphs of the pure-decode forward at bucketed batch sizes (nano-vllm style), CUDA only.
+
+A decode step is plain Llama (every token a language token), so its shapes depend on the batch size
+alone once the block table is padded to max_blocks_per_seq. We capture one graph per bucket over
+static input buffers, largest first, sharing one memory pool. A batch of n sequences runs in the
+smallest bucket >= n: rows past n are padding that writes its K/V into the null block and attends
+to it only (context length 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..model.batch import ForwardBatch
+from ..model.cogvlm import CogVLM2ForCausalLM
+from .attention import Attend, AttentionMetadata, KVCache, PagedAttention, attend_decode_batched, attend_reference
+from .config import EngineConfig
+
+GATHER_WORKSPACE_BYTES = 1 << 30  # the reference decode gathers whole block tables: cap its buckets
+
+
+class DecodeGraphs:
+    def __init__(self, model: CogVLM2ForCausalLM, cache: KVCache, config: EngineConfig, attend: Attend):
+        cfg, device = model.config, model.device
+        self.width = config.max_blocks_per_seq
+        self.block_size = config.block_size
+        self.null_block = cache.null_block
+        sizes = list(config.cuda_graph_batch_sizes)
+        if attend in (attend_reference, attend_decode_batched):
+            per_seq = 2 * self.width * config.block_size * cfg.num_attention_heads * cfg.head_dim * cache.kv.element_size()
+            sizes = [s for s in sizes if s * per_seq <= GATHER_WORKSPACE_BYTES] or sizes[:1]
+        self.sizes = sorted(sizes)
+        max_bs = self.sizes[-1]
+        self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((max_bs,), self.null_block * self.block_size, dtype=torch.long, device=device)
+        self.context_lens = torch.ones(max_bs, dtype=torch.long, device=device)
+        self.block_tables = torch.full((max_bs, self.width), self.null_block, dtype=torch.long, device=device)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = None
+        with torch.inference_mode():
+            for bs in reversed(self.sizes):
+                meta = AttentionMetadata(self.slot_mapping[:bs], self.block_tables[:bs], self.context_lens[:bs],
+                                         self.query_start_loc[:bs + 1])  # no host lists: graph-safe path
+                batch = ForwardBatch(self.input_ids[:bs], self.positions[:bs], PagedAttention(cache, meta, attend))
+                model(batch)  # warm up (lazy inits, autotuning) outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    hidden = model(batch)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[bs] = (graph, hidden)
+                torch.cuda.synchronize()
+
+    def fits(self, n: int) -> bool:
+        return n <= self.sizes[-1]
+
+    def run(self, rows: tuple[list[int], list[int], list[int], list[int], list[list[int]]]) -> torch.Tensor:
+        """rows = (ids, positions, slots, context lens, block tables) of n sequences -> hidden [n, D]."""
+        ids, pos, slots, context, tables = rows
+        n = len(ids)
+        bs = next(s for s in self.sizes if s >= n)
+        pad = bs - n
+        null_slot = self.null_block * self.block_size
+        flat_tables = itertools.chain.from_iterable(t + [self.null_block] * (self.width - len(t)) for t in tables)
+        host = torch.tensor(list(itertools.chain(
+            ids, [0] * pad, pos, [0] * pad, slots, [null_slot] * pad,
+            context, [1] * pad)) + list(flat_tables) + [self.null_block] * (pad * self.width), dtype=torch.long).pin_memory()
+        dev = host.to(self.input_ids.device, non_blocking=True)
+        ids_d, pos_d, slots_d, ctx_d, tables_d = dev.split([bs, bs, bs, bs, bs * self.width])
+        self.input_ids[:bs].copy_(ids_d)
+        self.positions[:bs].copy_(pos_d)
+        self.slot_mapping[:bs].copy_(slots_d)
+        self.context_lens[:bs].copy_(ctx_d)
+        self.block_tables[:bs].copy_(tables_d.view(bs, self.width))
+        graph, hidden = self.graphs[bs]
+        graph.replay()
+        return hidden[:n]

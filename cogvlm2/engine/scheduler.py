@@ -1,0 +1,128 @@
+"""Scheduler: admission (FCFS), chunked prefill under a token budget, decode, preemption by recompute.
+
+Every step gives each scheduled sequence a number of tokens to compute: running sequences first
+(a decode is 1 token, an unfinished prefill the next chunk), then waiting ones in arrival order,
+all within `max_num_batched_tokens`. When the KV pool runs dry, the most recently admitted running
+sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
+prefilled again later (prompt + generated tokens, prefix cache permitting). The oldest running
+sequence can always make progress because one sequence of max_model_len fits in the pool.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step: seqs[i] computes tokens starts[i] : starts[i] + num_new_tokens[i] and, when
+    samples[i], samples its next token from the last of them."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    samples: list[bool] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.starts.append(seq.num_computed_tokens)
+        self.num_new_tokens.append(n)
+        self.samples.append(seq.num_computed_tokens + n == len(seq))
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes one token that it samples from (CUDA-graph shaped)."""
+        return all(n == 1 for n in self.num_new_tokens) and all(self.samples)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(seq, n, batch):
+                break  # seq itself was preempted: everything after it too
+            batch.add(seq, n)
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not batch.preempted:
+            seq = self.waiting[0]
+            prefix = self.blocks.lookup(seq)
+            computed = len(prefix) * self.blocks.block_size
+            n = min(len(seq) - computed, budget)
+            if not self.blocks.allocate(seq, n, prefix):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = time.monotonic()
+                seq.num_cached_tokens = computed
+            self.running.append(seq)
+            batch.add(seq, n)
+            budget -= n
+        return batch
+
+    def _allocate_or_preempt(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
+        while not self.blocks.allocate(seq, n):
+            victim = self.running.pop()  # the newest; never one already scheduled this step
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
+        """After the step ran: advance progress, append sampled tokens, hash newly full blocks."""
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+            seq.num_computed_tokens += n
+            if token is not None:
+                seq.token_ids.append(token)
+            self.blocks.commit(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence (running or waiting) and free its blocks."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def pending_vision(self) -> set[str]:
+        """Vision hashes some unfinished sequence still has to prefill (their features stay cached)."""
+        return {s.vision_hash for q in (self.running, self.waiting) for s in q if s.has_pending_vision}

@@ -1,0 +1,97 @@
+"""Sequence: the engine's state of one request (prompt, generated ids, KV blocks, progress, metrics).
+
+Token i of a sequence is the prompt token i for i < num_prompt_tokens, else generated token
+j = i - num_prompt_tokens: a language token at rotary position next_position + j that never uses the
+visual expert. `num_computed_tokens` counts tokens whose K/V is in the cache; a sequence samples a
+token in a step after which every token it holds is computed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import time
+
+from ..processing.prompt import ModelInputs
+from ..sampling_params import SamplingParams
+from .protocol import RequestMetrics
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, inputs: ModelInputs, params: SamplingParams,
+                 arrival_time: float | None = None):
+        self.request_id = request_id
+        self.inputs = inputs
+        self.params = params
+        self.token_ids: list[int] = list(inputs.input_ids)
+        self.num_prompt_tokens = len(inputs)
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # hashes of the leading full, computed blocks
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prefix-cache hit of the first admission
+        self.num_preemptions = 0
+        self.metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self._expert_mask = inputs.vision_expert_mask  # over the FULL prompt; sliced per chunk
+        self.vision_token_idx = [i for i, t in enumerate(inputs.token_type_ids) if t == 1]
+        self.next_position = inputs.next_position
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, len={len(self)}, "
+                f"computed={self.num_computed_tokens}, blocks={self.block_table})")
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def vision_hash(self) -> str | None:
+        """Identifies this prompt's pixels (features cache and prefix-cache key); None without vision."""
+        if not self.vision_token_idx:
+            return None
+        if self.inputs.vision_hash is None:  # hand-built inputs: hash the pixels ourselves
+            import hashlib
+
+            pixels = self.inputs.pixel_values.float().contiguous().numpy().tobytes()
+            self.inputs.vision_hash = hashlib.blake2b(pixels, digest_size=16).hexdigest()
+        return self.inputs.vision_hash
+
+    @property
+    def has_pending_vision(self) -> bool:
+        """Some vision token's K/V is not in the cache yet (its features are still needed)."""
+        return bool(self.vision_token_idx) and self.num_computed_tokens <= self.vision_token_idx[-1]
+
+    def positions(self, start: int, end: int) -> list[int]:
+        n = self.num_prompt_tokens
+        prompt = self.inputs.position_ids[start:min(end, n)]
+        return prompt + list(range(self.next_position + max(start, n) - n, self.next_position + end - n))
+
+    def token_types(self, start: int, end: int) -> list[int]:
+        return self.inputs.token_type_ids[start:min(end, self.num_prompt_tokens)] + [0] * max(0, end - max(start, self.num_prompt_tokens))
+
+    def expert_mask(self, start: int, end: int) -> list[bool]:
+        return self._expert_mask[start:min(end, self.num_prompt_tokens)] + [False] * max(0, end - max(start, self.num_prompt_tokens))
+
+    def vision_range(self, start: int, end: int) -> tuple[int, int]:
+        """Feature rows [a, b) of this sequence's vision features used by tokens start..end-1
+        (feature row r replaces the embedding of token vision_token_idx[r])."""
+        return bisect.bisect_left(self.vision_token_idx, start), bisect.bisect_left(self.vision_token_idx, end)
