@@ -79,3 +79,25 @@ def build_app(engine: EngineClient, processor: Processor, model_names: list[str]
     install_error_handlers(app)
     app.add_middleware(Guard, api_key=api_key)
     return app
+
+
+async def run_server(args, sock=None, on_started=None) -> None:
+    """`cogvlm2 serve`: load the model, start the engine on this event loop, serve until interrupted.
+
+    `sock`: an already bound socket (tests bind port 0); `on_started(uvicorn_server)` is called once the
+    server is constructed, so a caller in another thread can stop it (`server.should_exit = True`).
+    """
+    import uvicorn
+
+    from .launch import open_engine
+
+    async with open_engine(args) as (engine, processor, model_path):
+        names = args.served_model_name or [args.model]
+        app = build_app(engine, processor, names, api_key=args.api_key, allow_remote_media=args.allow_remote_media,
+                        model_path=str(model_path))
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
+        server = uvicorn.Server(config)
+        if on_started is not None:
+            on_started(server)
+        await server.serve(sockets=[sock] if sock is not None else None)

@@ -102,8 +102,10 @@ class OpenAIServing:
                 i, item = await queue.get()
                 if item is end:
                     remaining -= 1
+                elif isinstance(item, ValueError):  # the engine refused the request
+                    raise APIError(str(item)) from item
                 elif isinstance(item, Exception):
-                    raise APIError(f"generation failed: {item}", status=500) from item
+                    raise APIError(f"generation failed: {type(item).__name__}: {item}", status=500) from item
                 else:
                     yield i, item
         finally:

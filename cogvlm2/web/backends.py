@@ -1,0 +1,115 @@
+"""Where the web app's answers come from: the engine in this process, or a running server's OpenAI API."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import mimetypes
+import uuid
+from pathlib import Path
+from typing import AsyncIterator
+
+from ..sampling_params import SamplingParams
+
+
+class BackendError(Exception):
+    """A message for the person using the app (bad upload, server error, prompt too long)."""
+
+
+class LocalBackend:
+    """The engine and processor of this process."""
+
+    def __init__(self, engine, processor, model_name: str, tiny: bool):
+        self.engine, self.processor = engine, processor
+        self.model_name, self.tiny = model_name, tiny
+        self.media_kinds = ("video",) if processor.config.is_video else ("image",)
+
+    async def stream(self, query: str, history: list[tuple[str, str]], media: tuple[str, str] | None,
+                     temperature: float, top_p: float, max_tokens: int) -> AsyncIterator[str]:
+        kw = {media[0]: media[1]} if media else {}
+        try:
+            inputs = await asyncio.to_thread(self.processor, query, history, **kw)
+        except (OSError, ValueError) as e:
+            raise BackendError(str(e)) from None
+        budget = self.engine.max_model_len - len(inputs)
+        if budget < 1:
+            raise BackendError(f"the conversation is {len(inputs)} tokens long, the context holds "
+                               f"{self.engine.max_model_len}: clear it to start over")
+        params = SamplingParams(max_new_tokens=min(max_tokens, budget), temperature=temperature, top_p=top_p)
+        async for out in self.engine.generate(f"web-{uuid.uuid4().hex}", inputs, params):
+            if out.delta_text:
+                yield out.delta_text
+
+
+def data_uri(path: str | Path, kind: str) -> str:
+    mime = mimetypes.guess_type(str(path))[0] or f"{kind}/{'png' if kind == 'image' else 'mp4'}"
+    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+
+
+class RemoteBackend:
+    """A `cogvlm2 serve` (or any OpenAI-compatible server taking CogVLM2 media parts), streamed over httpx."""
+
+    def __init__(self, server_url: str, api_key: str | None = None, model_name: str | None = None, timeout: float = 600):
+        url = server_url.rstrip("/")
+        self.base_url = url if url.endswith("/v1") else f"{url}/v1"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.model_name, self.tiny = model_name or "", False
+        self.media_kinds = ("image", "video")  # the server refuses the kind its model does not take
+        self.timeout = timeout
+
+    async def connect(self) -> None:
+        """Ask the server which model it serves (and whether it is the embedded tiny one)."""
+        import httpx
+
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+            r = await client.get(f"{self.base_url}/models", headers=self.headers)
+            r.raise_for_status()
+            card = r.json()["data"][0]
+        self.model_name = self.model_name or card["id"]
+        from ..tiny import is_tiny
+
+        self.tiny = bool(card.get("root")) and is_tiny(card["root"])
+
+    def messages(self, query: str, history: list[tuple[str, str]], media: tuple[str, str] | None) -> list[dict]:
+        out: list[dict] = []
+        for q, a in history:
+            out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        content: list[dict] = [{"type": "text", "text": query}]
+        if media:  # the latest user message carries the conversation's one image / video
+            kind, path = media
+            content.append({"type": f"{kind}_url", f"{kind}_url": {"url": data_uri(path, kind)}})
+        out.append({"role": "user", "content": content})
+        return out
+
+    async def stream(self, query: str, history: list[tuple[str, str]], media: tuple[str, str] | None,
+                     temperature: float, top_p: float, max_tokens: int) -> AsyncIterator[str]:
+        import httpx
+
+        body = {"model": self.model_name or None, "messages": self.messages(query, history, media), "stream": True,
+                "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+        async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=10), trust_env=False) as client:
+            async with client.stream("POST", f"{self.base_url}/chat/completions", json=body, headers=self.headers) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    raise BackendError(_error_message(r.text, r.status_code))
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:].strip()
+                    if data == "[DONE]":
+                        return
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise BackendError(event["error"].get("message", "server error"))
+                    for choice in event.get("choices", []):
+                        delta = choice.get("delta", {}).get("content")
+                        if delta:
+                            yield delta
+
+
+def _error_message(text: str, status: int) -> str:
+    try:
+        return f"server error {status}: {json.loads(text)['error']['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"server error {status}: {text[:200]}"
