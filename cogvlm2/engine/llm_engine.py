@@ -112,6 +112,14 @@ class LLMEngine:
         self._aborted.append(self.output.abort(seq))
         return True
 
+    def abort_all(self) -> list[str]:
+        """Abort every unfinished request without reporting it (after a failed step); their ids."""
+        ids = list(self.seqs)
+        for request_id in ids:
+            self.abort(request_id)
+        self._aborted.clear()
+        return ids
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
 

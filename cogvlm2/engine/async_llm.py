@@ -1,0 +1,152 @@
+"""AsyncLLM: the EngineClient for asyncio servers: the engine steps in ONE background thread.
+
+The event loop never runs a model step. Callers talk to the engine thread through a command
+queue (add / abort); outputs travel back with `loop.call_soon_threadsafe` into one asyncio.Queue per
+request. Leaving a `generate` iterator early (break, client disconnect, task cancellation) aborts
+its request, which frees its KV blocks. A request that fails validation gets the exception in its
+iterator; a failing step fails the requests in flight, never the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+
+from ..model.cogvlm import CogVLM2ForCausalLM
+from ..processing.prompt import ModelInputs
+from ..sampling_params import SamplingParams
+from .llm_engine import LLMEngine
+from .protocol import EngineStats, RequestOutput
+
+_STOP = object()
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.max_model_len = engine.max_model_len
+        self.processor = engine.processor
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = engine.stats()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path | CogVLM2ForCausalLM = "tiny", dtype: str | torch.dtype | None = None,
+                        device: str | torch.device | None = None, **engine_kwargs) -> "AsyncLLM":
+        """Load like LLM (blocking: call it via asyncio.to_thread from a running loop). Not started."""
+        return cls(LLMEngine.from_pretrained(model, dtype, device, **engine_kwargs))
+
+    # lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> "AsyncLLM":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="cogvlm2-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._commands.put(_STOP)
+            self._thread.join()
+            self._thread = None
+        for request_id in list(self._streams):
+            self._deliver(request_id, RuntimeError("the engine was shut down"))
+
+    async def __aenter__(self) -> "AsyncLLM":
+        return self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # EngineClient --------------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, inputs: ModelInputs,
+                       params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        if not self.is_running:
+            raise RuntimeError("the engine is not running: call start() or use `async with`")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(("add", request_id, inputs, params or SamplingParams()))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Its stream (if still read) ends with a finish_reason "abort" output."""
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # engine thread -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            idle = not self.engine.has_unfinished()
+            if not self._run_commands(block=idle):
+                return
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - the requests in flight fail, the loop lives on
+                outputs = []
+                for request_id in self.engine.abort_all():
+                    self._deliver(request_id, RuntimeError(f"engine step failed: {e!r}"))
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            self._stats = self.engine.stats()
+
+    def _run_commands(self, block: bool) -> bool:
+        """Apply queued commands (waiting for one when idle); False on shutdown."""
+        while True:
+            try:
+                cmd = self._commands.get(timeout=1.0) if block else self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            if cmd is _STOP:
+                return False
+            block = False
+            if cmd[0] == "add":
+                _, request_id, inputs, params = cmd
+                try:
+                    self.engine.add_request(request_id, inputs, params)
+                except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                    self._deliver(request_id, e)
+            else:
+                self.engine.abort(cmd[1])
+            self._stats = self.engine.stats()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is None:  # the caller left (or never listened): drop it
+            return
+        loop, stream = target
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # its event loop is closed
+            self._streams.pop(request_id, None)
