@@ -55,6 +55,7 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # total, for stats and tests
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -104,6 +105,7 @@ class Scheduler:
         self.blocks.free_seq(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
