@@ -59,7 +59,7 @@ def validation_error(errors: list[dict]) -> APIError:
     param = _param(tuple(err.get("loc", ())))
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if err.get("type") == "missing" and param:
-        msg = f"'{param}' is required"
+        msg = f"{param}: this field is required"
     elif param and not msg.startswith(f"{param}:"):
         msg = f"{param}: {msg}"
     return APIError(msg, param=param)

@@ -1,0 +1,39 @@
+"""Start the engine for a server process from its command-line arguments, and stop it afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+from ..processing import Processor
+
+logger = logging.getLogger(__name__)
+
+
+def engine_kwargs(args) -> dict:
+    """EngineConfig fields given on the command line (the others keep their defaults)."""
+    names = ("max_model_len", "max_num_seqs", "num_kv_blocks")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+@asynccontextmanager
+async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]:  # noqa: F821
+    """(engine, processor, checkpoint folder): the model is loaded off the event loop, the engine
+    thread started, and shut down (in-flight requests failed) on exit."""
+    from ..cli import auto_device, auto_dtype
+    from ..engine.async_llm import AsyncLLM
+    from ..tiny import TINY_NOTE, is_tiny
+
+    from ..model import load_model
+
+    device = auto_device(args.device)
+    model = await asyncio.to_thread(load_model, args.model, auto_dtype(args.dtype, device), device)
+    folder = Path(model.checkpoint_path)
+    engine = await asyncio.to_thread(AsyncLLM.from_pretrained, model, **engine_kwargs(args))
+    if is_tiny(folder):
+        logger.warning("%s is the %s", args.model, TINY_NOTE)
+    async with engine:
+        yield engine, engine.processor, folder
