@@ -1,0 +1,231 @@
+"""The engine against the simple reference loop: greedy output token for token equal to `generate_ids`
+run on each request alone, under continuous batching, staggered arrivals, chunked prefill, preemption
+and the prefix cache; images and video; stops, penalties, seeds; every KV block back at the end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from cogvlm2.engine import LLM, EngineConfig, LLMEngine
+from cogvlm2.engine.llm_engine import load_processor_and_model
+from cogvlm2.generation import generate_ids
+from cogvlm2.processing.prompt import ModelInputs
+from cogvlm2.sampling_params import SamplingParams
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_processor_and_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_video():
+    return load_processor_and_model("tiny-video", device="cpu")
+
+
+def image(seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (120, 160, 3), dtype=torch.uint8, generator=g).numpy())
+
+
+def reference(model, x: ModelInputs, params: SamplingParams) -> list[int]:
+    """generate_ids on this request alone, cut at its stop id like the engine."""
+    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(model.config.eos_token_ids))
+    out = []
+    for (token,) in generate_ids(model, [x], params):
+        out.append(token)
+        if token in stops:
+            break
+    return out
+
+
+def run(engine: LLMEngine, requests: list[tuple[int, str, ModelInputs, SamplingParams]]) -> dict:
+    """requests = (arrival step, id, inputs, params); step until all finish; final outputs by id."""
+    done, step = {}, 0
+    pending = sorted(requests, key=lambda r: r[0])
+    while pending or engine.has_unfinished():
+        while pending and pending[0][0] <= step:
+            _, rid, x, p = pending.pop(0)
+            engine.add_request(rid, x, p)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        step += 1
+    assert_all_free(engine)
+    return done
+
+
+def assert_all_free(engine: LLMEngine) -> None:
+    stats = engine.stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total, "KV blocks leaked"
+    assert stats.num_running == stats.num_waiting == 0
+    assert not engine.runner.vision_cache, "vision features outlived their requests"
+
+
+def mixed_requests(processor) -> list[tuple[int, str, ModelInputs, SamplingParams]]:
+    return [
+        (0, "short", processor("Hi"), SamplingParams(max_new_tokens=12, **GREEDY)),
+        (0, "image-a", processor("What is in the picture?", image=image(1)), SamplingParams(max_new_tokens=10, **GREEDY)),
+        (1, "long", processor("Tell me a long story about a cat and a dog. " * 8), SamplingParams(max_new_tokens=8, **GREEDY)),
+        (3, "image-b", processor("Describe it.", history=[("Hi", "Hello!")], image=image(2)),
+         SamplingParams(max_new_tokens=14, **GREEDY)),
+        (5, "image-a-again", processor("What is in the picture?", image=image(1)), SamplingParams(max_new_tokens=6, **GREEDY)),
+        (6, "penalties", processor("Repeat after me: la la la"),
+         SamplingParams(max_new_tokens=10, temperature=0, repetition_penalty=1.5, presence_penalty=0.5,
+                        frequency_penalty=0.7)),
+    ]
+
+
+ENGINE_CONFIGS = {
+    "default": dict(),
+    "chunked": dict(max_num_batched_tokens=24, block_size=8),
+    "preempt": dict(num_kv_blocks=12, block_size=16, max_model_len=192, max_num_batched_tokens=64),
+    "no-prefix-cache": dict(enable_prefix_caching=False, max_num_seqs=2),
+}
+
+
+@pytest.mark.parametrize("name", list(ENGINE_CONFIGS))
+def test_greedy_matches_reference(tiny, name):
+    model, processor = tiny
+    engine = LLMEngine(model, EngineConfig(**ENGINE_CONFIGS[name]), processor)
+    requests = mixed_requests(processor)
+    done = run(engine, requests)
+    for _, rid, x, p in requests:
+        assert done[rid].token_ids == reference(model, x, p), rid
+        assert done[rid].finish_reason == "length"
+    if name == "preempt":
+        assert engine.scheduler.num_preemptions > 0
+    if name == "default":
+        assert done["image-a-again"].num_cached_tokens > 0  # same image, same prompt: prefix hit
+
+
+def test_video_chunked(tiny_video):
+    model, processor = tiny_video
+    g = torch.Generator().manual_seed(3)
+    frames = [torch.randint(0, 256, (3, t, 64, 80), dtype=torch.uint8, generator=g) for t in (2, 3)]
+    requests = [(i, f"video-{i}", processor(q, video=f), SamplingParams(max_new_tokens=8, **GREEDY))
+                for i, (q, f) in enumerate([("What happens?", frames[0]), ("Describe the video.", frames[1])])]
+    requests.append((1, "text", processor("Hello video model"), SamplingParams(max_new_tokens=5, **GREEDY)))
+    engine = LLMEngine(model, EngineConfig(max_num_batched_tokens=40, block_size=16), processor)
+    done = run(engine, requests)
+    for _, rid, x, p in requests:
+        assert done[rid].token_ids == reference(model, x, p), rid
+
+
+def test_prefix_cache_second_turn(tiny):
+    model, processor = tiny
+    warm = LLMEngine(model, EngineConfig(block_size=8), processor)
+    p = SamplingParams(max_new_tokens=6, **GREEDY)
+    first = processor("What is this?", image=image(5))
+    out1 = run(warm, [(0, "turn-1", first, p)])["turn-1"]
+    second = processor("And the colors?", history=[("What is this?", out1.text)], image=image(5))
+    out2 = run(warm, [(0, "turn-2", second, p)])["turn-2"]
+    assert out2.num_cached_tokens >= 66, "the image's blocks were not reused"
+    cold = run(LLMEngine(model, EngineConfig(block_size=8), processor), [(0, "cold", second, p)])["cold"]
+    assert cold.num_cached_tokens == 0
+    assert out2.token_ids == cold.token_ids == reference(model, second, p)
+
+
+def test_different_images_do_not_share(tiny):
+    model, processor = tiny
+    engine = LLMEngine(model, EngineConfig(block_size=8), processor)
+    p = SamplingParams(max_new_tokens=8, **GREEDY)
+    a, b = processor("Describe.", image=image(7)), processor("Describe.", image=image(8))
+    assert a.input_ids == b.input_ids  # same placeholders: only the vision hash differs
+    out_a = run(engine, [(0, "a", a, p)])["a"]
+    out_b = run(engine, [(0, "b", b, p)])["b"]
+    assert out_b.num_cached_tokens == 0
+    assert out_a.token_ids == reference(model, a, p) and out_b.token_ids == reference(model, b, p)
+    assert out_a.token_ids != out_b.token_ids
+    both = run(engine, [(0, "b", b, p), (0, "a", a, p)])  # concurrently, both cached from before
+    assert both["a"].token_ids == out_a.token_ids and both["b"].token_ids == out_b.token_ids
+
+
+def test_stops_and_lengths(tiny):
+    model, processor = tiny
+    x = processor("Count with me")
+    ref = reference(model, x, SamplingParams(max_new_tokens=12, **GREEDY))
+    tok = processor.tokenizer
+    engine = LLMEngine(model, EngineConfig(), processor)
+    stop_text = tok.decode(ref[5:7])
+    prefix_text = tok.decode(ref[:5])
+    assert stop_text.strip() and stop_text not in prefix_text
+    requests = [
+        (0, "stop-id", x, SamplingParams(max_new_tokens=12, stop_token_ids=[ref[3]], **GREEDY)),
+        (0, "stop-str", x, SamplingParams(max_new_tokens=12, stop=[stop_text], **GREEDY)),
+        (0, "length", x, SamplingParams(max_new_tokens=4, **GREEDY)),
+        (0, "eos", x, SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[ref[2]])),
+    ]
+    done = run(engine, requests)
+    assert done["stop-id"].token_ids == ref[:4] and done["stop-id"].finish_reason == "stop"
+    assert done["stop-id"].stop_reason == ref[3]
+    s = done["stop-str"]
+    assert s.finish_reason == "stop" and s.stop_reason == stop_text and s.token_ids == ref[:7]
+    assert tok.decode(ref[:7]).startswith(s.text) and stop_text not in s.text
+    assert done["length"].token_ids == ref[:4] and done["length"].finish_reason == "length"
+    assert done["eos"].token_ids == ref[:3]
+
+
+def test_max_model_len_and_validation(tiny):
+    model, processor = tiny
+    engine = LLMEngine(model, EngineConfig(max_model_len=32, num_kv_blocks=4), processor)
+    x = processor("Hi")
+    out = run(engine, [(0, "r", x, SamplingParams(max_new_tokens=100, **GREEDY))])["r"]
+    assert out.finish_reason == "length" and len(x) + len(out.token_ids) == 32
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("long", processor("word " * 40), SamplingParams())
+    engine.add_request("dup", x, SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="already"):
+        engine.add_request("dup", x, SamplingParams())
+    engine.abort("dup")
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        LLMEngine(model, EngineConfig(max_model_len=128, num_kv_blocks=4), processor)
+    with pytest.raises(ValueError):
+        EngineConfig(block_size=12)
+
+
+def test_abort_frees_blocks(tiny):
+    model, processor = tiny
+    engine = LLMEngine(model, EngineConfig(max_num_batched_tokens=16), processor)
+    engine.add_request("a", processor("first request " * 5), SamplingParams(max_new_tokens=50, **GREEDY))
+    engine.add_request("b", processor("second"), SamplingParams(max_new_tokens=5, **GREEDY))
+    engine.add_request("c", processor("third", image=image(4)), SamplingParams(max_new_tokens=50, **GREEDY))
+    for _ in range(4):
+        engine.step()
+    assert engine.abort("a") and engine.abort("c") and not engine.abort("nope")
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs["a"].finished and outs["a"].finish_reason == "abort"
+    while engine.has_unfinished():
+        engine.step()
+    assert_all_free(engine)
+
+
+def test_seeded_sampling(tiny):
+    model, processor = tiny
+    x, other = processor("Tell me something"), processor("Something else entirely", image=image(9))
+    p = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = run(LLMEngine(model, EngineConfig(), processor), [(0, "x", x, p)])["x"].token_ids
+    mixed = run(LLMEngine(model, EngineConfig(max_num_batched_tokens=16), processor),
+                [(0, "o", other, SamplingParams(max_new_tokens=20, temperature=1.0)), (2, "x", x, p)])
+    assert mixed["x"].token_ids == alone
+    assert alone == reference(model, x, p)  # the same draws as the reference loop with that seed
+    unseeded = run(LLMEngine(model, EngineConfig(), processor),
+                   [(0, str(i), x, SamplingParams(max_new_tokens=12, temperature=1.0, ignore_eos=True)) for i in range(2)])
+    assert unseeded["0"].token_ids != unseeded["1"].token_ids
+
+
+def test_llm_generate(tiny):
+    model, processor = tiny
+    llm = LLM(model, max_num_batched_tokens=32)
+    prompts = ["Hi", {"query": "What is it?", "image": image(1)}, processor("Tokens in")]
+    outs = llm.generate(prompts, [SamplingParams(max_new_tokens=n, **GREEDY) for n in (3, 4, 5)], use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [3, 4, 5]
+    assert outs[1].token_ids == reference(model, processor("What is it?", image=image(1)),
+                                           SamplingParams(max_new_tokens=4, **GREEDY))
+    assert outs[0].text == processor.tokenizer.decode(outs[0].token_ids)
+    assert_all_free(llm.engine)
