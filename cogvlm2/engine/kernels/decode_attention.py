@@ -14,14 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
-SPLIT = 256  # context tokens per stage-1 program
+# Tuned on H100 (benchmarks/kernels_gpu.py): long splits with narrow tiles for large batches, short
+# splits for small batches where (sequence, kv head) pairs alone cannot fill 132 SMs.
+SPLIT = 512  # context tokens per stage-1 program
+BLOCK_N = 32  # context tokens per inner iteration
+NUM_WARPS = 4
+NUM_STAGES = 3
 
 
 @triton.jit
 def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
             sq_b, sq_h, sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, sbt_b, so_b, so_h, so_s, sl_b, sl_h,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-            BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr):
+            BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -36,23 +41,24 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     end = tl.minimum(start + SPLIT_TOKENS, ctx)
-    for t0 in range(start, end, BLOCK_N):
-        tok = t0 + tl.arange(0, BLOCK_N)
-        ok = tok < end
-        blk = tl.load(bt_ptr + b * sbt_b + tok // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-        slot = tok % BLOCK_SIZE
-        k = tl.load(k_ptr + blk[:, None] * sk_blk + slot[:, None] * sk_tok + kvh * sk_h + d[None, :],
-                    mask=ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_N]
-        qk = tl.where(ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m, tl.max(qk, axis=1))
-        p = tl.exp(qk - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        v = tl.load(v_ptr + blk[:, None] * sv_blk + slot[:, None] * sv_tok + kvh * sv_h + d[None, :],
-                    mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l = l * alpha + tl.sum(p, axis=1)
-        m = m_new
+    if start < ctx:
+        for i in range(0, SPLIT_TOKENS, BLOCK_N):  # constant trip count; tokens past `end` are masked
+            tok = start + i + tl.arange(0, BLOCK_N)
+            ok = tok < end
+            blk = tl.load(bt_ptr + b * sbt_b + tok // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+            slot = tok % BLOCK_SIZE
+            k = tl.load(k_ptr + blk[:, None] * sk_blk + slot[:, None] * sk_tok + kvh * sk_h + d[None, :],
+                        mask=ok[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N]
+            qk = tl.where(ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, axis=1))
+            p = tl.exp(qk - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            v = tl.load(v_ptr + blk[:, None] * sv_blk + slot[:, None] * sv_tok + kvh * sv_h + d[None, :],
+                        mask=ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
     # A chunk past the context runs no iteration: l = 0 gives lse = -inf, which stage 2 weighs 0.
     out = acc / tl.maximum(l, 1e-30)[:, None]
     tl.store(out_ptr + b * so_b + heads[:, None] * so_h + s * so_s + d[None, :], out, mask=row_ok[:, None])
@@ -76,7 +82,8 @@ def _stage2(part_ptr, lse_ptr, out_ptr, so_b, so_h, so_s, sl_b, sl_h, sout_b, so
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context: int,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, split: int = SPLIT, block_n: int = BLOCK_N,
+                           num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
     """q [B, Hq, d]; k/v_cache [num_blocks, block_size, Hkv, d] (any strides, last dim contiguous);
     block_tables [B, max_blocks] int32; context_lens [B] int32 (tokens to attend, the current one
     included, already written to the cache). max_context bounds every context_lens (sets the grid).
@@ -84,18 +91,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     b, hq, dim = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
-    splits = max(1, triton.cdiv(max_context, SPLIT))
+    if b < 8 and split == SPLIT:
+        split, block_n, num_stages = 128, 64, 2
+    splits = max(1, triton.cdiv(max_context, split))
     part = torch.empty(b, hq, splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
-    block_n = min(64, SPLIT)
     _stage1[(b, hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, SPLIT_TOKENS=SPLIT)
+        BLOCK_N=min(block_n, split), SPLIT_TOKENS=split,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     _stage2[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
                      out.stride(0), out.stride(1), NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
                      HEAD_DIM=dim)

@@ -1,0 +1,80 @@
+"""Tuning sweep: the paged decode kernel's launch parameters, and SDPA backends for the ViT attention.
+
+    PYTHONPATH=. python benchmarks/kernels_gpu.py
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.common import COPY_BANDWIDTH, cuda_time
+from cogvlm2.engine.kernels.decode_attention import paged_decode_attention
+
+
+def graph_time(fn, iters: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return cuda_time(g.replay, warmup=3, iters=iters)
+
+
+def decode_sweep() -> None:
+    hq, hkv, d, bs, ctx = 32, 8, 128, 16, 2330
+    for b in (1, 32):
+        nblk = b * (ctx // bs + 1)
+        kc = torch.randn(nblk, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        bt = torch.randperm(nblk, device="cuda").view(b, -1)
+        lens = torch.full((b,), ctx, device="cuda", dtype=torch.long)
+        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+        floor = 2 * b * ctx * hkv * d * 2 / COPY_BANDWIDTH * 1e6
+        results = []
+        for split, block_n, warps, stages in itertools.product((128, 256, 512), (32, 64, 128), (4, 8), (2, 3)):
+            if block_n > split:
+                continue
+            try:
+                t = graph_time(lambda: paged_decode_attention(q, kc, vc, bt, lens, d**-0.5, 8192, split=split,
+                                                              block_n=block_n, num_warps=warps, num_stages=stages))
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is just skipped
+                print("skip", split, block_n, warps, stages, type(e).__name__)
+                continue
+            results.append((t * 1e6, split, block_n, warps, stages))
+        results.sort()
+        for r in results[:5]:
+            print(f"decode b={b:<3} {r[0]:8.1f} us (floor {floor:.1f}) split={r[1]} block_n={r[2]} warps={r[3]} stages={r[4]}")
+
+
+def vit_attention_backends() -> None:
+    q, k, v = (torch.randn(1, 16, 9217, 112, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * 16 * 9217**2 * 112
+    for name, backend in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+        try:
+            with sdpa_kernel([backend]):
+                t = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v), iters=10)
+            print(f"ViT attention one layer {name:<10} {t * 1e3:7.2f} ms  {flops / t / 1e12:6.0f} TFLOP/s "
+                  f"(x63 layers = {63 * t * 1e3:.0f} ms)")
+        except RuntimeError as e:
+            print(f"ViT attention {name}: unavailable ({str(e)[:80]})")
+    t = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v), iters=10)
+    print(f"ViT attention default backend {t * 1e3:.2f} ms")
+    # LM prefill attention: 2331 tokens, 32 heads of 128, causal
+    q, k, v = (torch.randn(1, 32, 2331, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for name, backend in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]:
+        try:
+            with sdpa_kernel([backend]):
+                t = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), iters=10)
+            print(f"LM prefill attention one layer {name:<8} {t * 1e3:6.3f} ms (x32 = {32 * t * 1e3:.1f} ms)")
+        except RuntimeError as e:
+            print(f"LM attention {name}: unavailable ({str(e)[:80]})")
+
+
+if __name__ == "__main__":
+    vit_attention_backends()
+    decode_sweep()
