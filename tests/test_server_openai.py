@@ -373,3 +373,9 @@ def test_metrics_parse_as_prometheus_text(server):
     assert m["cogvlm2_generation_tokens_total"] > 0 and m["cogvlm2_time_to_first_token_seconds_count"] > 0
     assert m.get("cogvlm2_requests_total{finish_reason=length}", 0) > 0
     assert m.get("cogvlm2_http_errors_total{status=400}", 0) > 0
+
+
+def test_video_qa_needs_a_video_model(server):
+    r = httpx.post(f"{server.url}/video_qa", files={"video": ("a.mp4", b"\0" * 100, "video/mp4")},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 400 and "video checkpoint" in r.json()["error"]["message"]
