@@ -1,0 +1,152 @@
+"""The engine on one GPU, full-size cogvlm2-llama3-chat-19B architecture with random bf16 weights.
+
+Prints the issue's table: decode tok/s at batch 1 (2.3K context), decode step at batch 32 (2.3K
+context each), time to first token for one 1344² image + a 20-token question, TTFT of the second
+turn (prefix cache), captioning throughput (64 images, 128 new tokens each), peak GPU memory —
+each next to its floor and how that floor is computed.
+
+    PYTHONPATH=. python benchmarks/engine_gpu.py [--out engine.json] [--only ttft,decode1,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import COPY_BANDWIDTH, MATMUL_FLOPS, full_size_config, random_model, report
+from cogvlm2.engine.llm_engine import LLMEngine
+from cogvlm2.engine.config import EngineConfig
+from cogvlm2.processing import Processor
+from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
+from cogvlm2.sampling_params import SamplingParams
+
+QUESTION = "Describe this image in detail, listing every object you can see and where it is."  # ~20 tokens
+
+
+def image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).resize((1344, 1344))
+
+
+def run_until_done(engine: LLMEngine, ids: set[str], on_output=None) -> None:
+    remaining = set(ids)
+    while remaining:
+        for out in engine.step():
+            if on_output:
+                on_output(out)
+            if out.finished:
+                remaining.discard(out.request_id)
+
+
+def first_token_time(engine: LLMEngine, rid: str, inputs, max_new_tokens: int = 1) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.add_request(rid, inputs, SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True))
+    while not any(out.request_id == rid for out in engine.step()):
+        pass
+    first = time.perf_counter() - t0
+    run_until_done(engine, {rid} if max_new_tokens > 1 else set())
+    return first
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--only", default="ttft,decode1,decode32,caption")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    cfg = full_size_config()
+    model = random_model(cfg)
+    weights = torch.cuda.memory_allocated()
+    proc = Processor(cfg, Tokenizer(bundled_tokenizer_path()))
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=64, max_num_batched_tokens=8192, gpu_memory_utilization=0.9),
+                       proc)
+    print(f"weights {weights / 2**30:.1f} GiB; KV pool {engine.block_manager.num_blocks} blocks of "
+          f"{engine.config.block_size}; graphs {engine.runner.graphs.sizes if engine.runner.graphs else None}")
+    lang_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if "vision" not in n and "embed_tokens" not in n)
+    vit_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.vision."))
+    lang_params = lang_bytes / 2
+    v = cfg.vision
+    n_patch = v.grid_size ** 2 + 1
+    image_flops = (2 * vit_params * n_patch + 4 * v.num_hidden_layers * n_patch ** 2 * v.hidden_size
+                   + 2 * lang_params * (v.tokens_per_image + 20))
+    rows = []
+    x = proc(QUESTION, image=image(0))
+    print(f"prompt: {len(x)} tokens ({x.num_vision_tokens} vision)")
+
+    if "ttft" in only:
+        first_token_time(engine, "warm", proc(QUESTION, image=image(99)))  # compile / cuDNN plans
+        ttft = [first_token_time(engine, f"ttft{i}", proc(QUESTION, image=image(100 + i))) for i in range(3)]
+        rows.append(dict(name="TTFT, one 1344² image + 20-token question", value=float(np.median(ttft)) * 1e3,
+                         unit="ms", lower_is_better=True, floor=image_flops / MATMUL_FLOPS * 1e3,
+                         floor_how=f"{image_flops / 1e12:.0f} TFLOP / 790 TFLOP/s"))
+        # Second turn: same image, history = first turn -> only the new tokens are computed.
+        first = proc(QUESTION, image=image(100))
+        second = proc("What colour is the largest object?", history=[(QUESTION, "A noisy pattern of coloured squares.")],
+                      image=image(100))
+        new_tokens = len(second) - len(first)
+        t2 = [first_token_time(engine, f"turn2-{i}", second) for i in range(3)]
+        rows.append(dict(name=f"TTFT second turn, same image (prefix cache, ~{new_tokens} new tokens)",
+                         value=float(np.median(t2)) * 1e3, unit="ms", lower_is_better=True,
+                         floor=lang_bytes / COPY_BANDWIDTH * 1e3, floor_how="one pass over the language weights"))
+
+    if "decode1" in only:
+        times = []
+
+        def stamp(out):
+            times.append(time.perf_counter())
+
+        engine.add_request("d1", x, SamplingParams(max_new_tokens=257, temperature=0, ignore_eos=True))
+        run_until_done(engine, {"d1"}, stamp)
+        gaps = np.diff(times[1:])
+        tok_s = 1.0 / float(np.median(gaps))
+        rows.append(dict(name="decode tokens/s, batch 1, 2.3K context", value=tok_s, unit="tok/s",
+                         floor=COPY_BANDWIDTH / lang_bytes,
+                         floor_how=f"{lang_bytes / 1e9:.1f} GB of language weights read per token at 2,985 GB/s"))
+
+    if "decode32" in only:
+        step_times = []
+        ids = {f"d32-{i}" for i in range(32)}
+        for i, rid in enumerate(sorted(ids)):
+            engine.add_request(rid, proc(QUESTION, image=image(200 + i)),
+                               SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True))
+        remaining = set(ids)
+        while remaining:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t0
+            if len(outs) == 32 and all(len(o.token_ids) > 1 for o in outs):
+                step_times.append(dt)
+            remaining -= {o.request_id for o in outs if o.finished}
+        ctx = len(x) + 32
+        kv_bytes = 32 * ctx * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+        rows.append(dict(name="decode step, batch 32, 2.3K context each", value=float(np.median(step_times)) * 1e3,
+                         unit="ms", lower_is_better=True, floor=(lang_bytes + kv_bytes) / COPY_BANDWIDTH * 1e3,
+                         floor_how=f"({lang_bytes / 1e9:.1f} GB weights + {kv_bytes / 1e9:.1f} GB KV) / 2,985 GB/s"))
+
+    if "caption" in only:
+        prompts = [proc("Describe this image.", image=image(300 + i)) for i in range(64)]
+        ids = [f"cap{i}" for i in range(64)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for rid, p in zip(ids, prompts):
+            engine.add_request(rid, p, SamplingParams(max_new_tokens=128, temperature=0, ignore_eos=True))
+        run_until_done(engine, set(ids))
+        dt = time.perf_counter() - t0
+        rows.append(dict(name="captioning, 64 images x 128 new tokens", value=64 / dt, unit="img/s",
+                         floor=MATMUL_FLOPS / image_flops, floor_how=f"{image_flops / 1e12:.0f} TFLOP per image"))
+
+    peak = torch.cuda.max_memory_allocated()
+    rows.append(dict(name="peak GPU memory (weights + KV pool at 0.9 utilization)", value=peak / 2**30, unit="GiB",
+                     lower_is_better=True, floor=weights / 2**30, floor_how="the bf16 weights"))
+    report(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
