@@ -5,7 +5,7 @@ Extension point for a fast kernel (FlexAttention / Triton / FlashAttention varle
     attend(q [N, Hq, d], k_cache [num_blocks + 1, block_size, Hkv, d], v_cache, meta) -> [N, Hq, d]
 
 reading `meta.block_tables`, `meta.context_lens` and `meta.query_start_loc` (device tensors), and
-pass it as `PagedAttention(..., attend=...)` / `ModelRunner(attend=...)`. The K/V of this step's
+pass it as `LLMEngine(..., attend=...)` (default: `default_attend`, which picks `kernels.cuda_attend` on CUDA). The K/V of this step's
 tokens is already in the cache when attend runs, so it sees queries and keys of token i of sequence s
 at cache position context_lens[s] - query_len[s] + i. Pure-decode steps under a CUDA graph carry no
 host lists (`query_lens is None`), so a graph-safe attend must use device tensors only.
@@ -93,6 +93,17 @@ def attend_decode_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     mask = (keys[None, :] < meta.context_lens[:, None])[:, None, None, :]  # [B, 1, 1, W * block_size]
     out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)  # [B, Hq, 1, d]
     return out[:, :, 0, :]
+
+
+def default_attend(device: torch.device, max_model_len: int) -> Attend:
+    """On CUDA the fast kernels of `engine/kernels` when they import (Triton present); else the reference."""
+    if torch.device(device).type == "cuda":
+        try:
+            from .kernels.cuda_attend import CudaAttend
+        except ImportError:
+            return attend_reference
+        return CudaAttend(max_model_len)
+    return attend_reference
 
 
 class PagedAttention:

@@ -4,12 +4,14 @@ A decode step is plain Llama (every token a language token), so its shapes depen
 alone once the block table is padded to max_blocks_per_seq. We capture one graph per bucket over
 static input buffers, largest first, sharing one memory pool. A batch of n sequences runs in the
 smallest bucket >= n: rows past n are padding that writes its K/V into the null block and attends
-to it only (context length 1).
+to it only (context length 1). With capture=False every bucket runs eagerly over the same static
+buffers: the padding and buffer logic then runs (and is tested) on the CPU.
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import Callable
 
 import torch
 
@@ -22,7 +24,8 @@ GATHER_WORKSPACE_BYTES = 1 << 30  # the reference decode gathers whole block tab
 
 
 class DecodeGraphs:
-    def __init__(self, model: CogVLM2ForCausalLM, cache: KVCache, config: EngineConfig, attend: Attend):
+    def __init__(self, model: CogVLM2ForCausalLM, cache: KVCache, config: EngineConfig, attend: Attend,
+                 capture: bool = True):
         cfg, device = model.config, model.device
         self.width = config.max_blocks_per_seq
         self.block_size = config.block_size
@@ -39,19 +42,22 @@ class DecodeGraphs:
         self.context_lens = torch.ones(max_bs, dtype=torch.long, device=device)
         self.block_tables = torch.full((max_bs, self.width), self.null_block, dtype=torch.long, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.long, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replay: dict[int, Callable[[], torch.Tensor]] = {}  # bucket -> run it, return hidden [bucket, D]
         pool = None
         with torch.inference_mode():
             for bs in reversed(self.sizes):
                 meta = AttentionMetadata(self.slot_mapping[:bs], self.block_tables[:bs], self.context_lens[:bs],
                                          self.query_start_loc[:bs + 1])  # no host lists: graph-safe path
                 batch = ForwardBatch(self.input_ids[:bs], self.positions[:bs], PagedAttention(cache, meta, attend))
+                if not capture:
+                    self.replay[bs] = lambda batch=batch: model(batch)
+                    continue
                 model(batch)  # warm up (lazy inits, autotuning) outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
                     hidden = model(batch)
                 pool = graph.pool() if pool is None else pool
-                self.graphs[bs] = (graph, hidden)
+                self.replay[bs] = lambda graph=graph, hidden=hidden: (graph.replay(), hidden)[1]
                 torch.cuda.synchronize()
 
     def fits(self, n: int) -> bool:
@@ -67,14 +73,13 @@ class DecodeGraphs:
         flat_tables = itertools.chain.from_iterable(t + [self.null_block] * (self.width - len(t)) for t in tables)
         host = torch.tensor(list(itertools.chain(
             ids, [0] * pad, pos, [0] * pad, slots, [null_slot] * pad,
-            context, [1] * pad)) + list(flat_tables) + [self.null_block] * (pad * self.width), dtype=torch.long).pin_memory()
-        dev = host.to(self.input_ids.device, non_blocking=True)
+            context, [1] * pad)) + list(flat_tables) + [self.null_block] * (pad * self.width), dtype=torch.long)
+        device = self.input_ids.device
+        dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
         ids_d, pos_d, slots_d, ctx_d, tables_d = dev.split([bs, bs, bs, bs, bs * self.width])
         self.input_ids[:bs].copy_(ids_d)
         self.positions[:bs].copy_(pos_d)
         self.slot_mapping[:bs].copy_(slots_d)
         self.context_lens[:bs].copy_(ctx_d)
         self.block_tables[:bs].copy_(tables_d.view(bs, self.width))
-        graph, hidden = self.graphs[bs]
-        graph.replay()
-        return hidden[:n]
+        return self.replay[bs]()[:n]

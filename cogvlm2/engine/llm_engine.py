@@ -16,7 +16,7 @@ from ..model.cogvlm import CogVLM2ForCausalLM
 from ..processing import Processor
 from ..processing.prompt import ModelInputs
 from ..sampling_params import SamplingParams
-from .attention import Attend, attend_reference
+from .attention import Attend, default_attend
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .output import OutputProcessor
@@ -41,14 +41,14 @@ def load_processor_and_model(model: str | Path | CogVLM2ForCausalLM, dtype: str 
 
 class LLMEngine:
     def __init__(self, model: CogVLM2ForCausalLM, config: EngineConfig | None = None, processor: Processor | None = None,
-                 attend: Attend = attend_reference):
+                 attend: Attend | None = None):
         self.model = model
         self.processor = processor
         self.config = (config or EngineConfig()).for_model(model.config)
         if self.config.num_kv_blocks is not None and self.config.num_kv_blocks < self.config.max_blocks_per_seq:
             raise ValueError(f"num_kv_blocks={self.config.num_kv_blocks} cannot hold one sequence of max_model_len="
                              f"{self.config.max_model_len} ({self.config.max_blocks_per_seq} blocks); lower max_model_len")
-        self.runner = ModelRunner(model, self.config, attend)
+        self.runner = ModelRunner(model, self.config, attend or default_attend(model.device, self.config.max_model_len))
         self.block_manager = BlockManager(self.runner.kv.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching, self.config.adapter_id)
         self.scheduler = Scheduler(self.config, self.block_manager)
@@ -60,9 +60,10 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model: str | Path | CogVLM2ForCausalLM = "tiny", dtype: str | torch.dtype | None = None,
-                        device: str | torch.device | None = None, **engine_kwargs) -> "LLMEngine":
+                        device: str | torch.device | None = None, attend: Attend | None = None,
+                        **engine_kwargs) -> "LLMEngine":
         model, processor = load_processor_and_model(model, dtype, device)
-        return cls(model, EngineConfig(**engine_kwargs), processor)
+        return cls(model, EngineConfig(**engine_kwargs), processor, attend)
 
     @property
     def max_model_len(self) -> int:
@@ -126,9 +127,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._aborted = self._aborted, []
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return outputs
-        tokens = self.runner.execute(batch)
+        tokens = self.runner.execute(batch) if batch.seqs else []
         self.scheduler.update(batch, tokens)
         for seq, token in zip(batch.seqs, tokens):
             if token is None:
