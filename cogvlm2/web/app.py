@@ -59,9 +59,11 @@ def build_ui(backend):
                 image = gr.Image(type="filepath", label="Image", visible="image" in backend.media_kinds,
                                  elem_id="image-input", height=260)
                 video = gr.Video(label="Video", visible="video" in backend.media_kinds, elem_id="video-input", height=260)
-                temperature = gr.Slider(0, 2, DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1, DEFAULT_TOP_P, step=0.05, label="Top-p")
-                max_tokens = gr.Slider(1, 2048, DEFAULT_MAX_TOKENS, step=1, label="Max new tokens")
+                temperature = gr.Slider(0, 2, DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0 = greedy)",
+                                        elem_id="temperature")
+                top_p = gr.Slider(0.05, 1, DEFAULT_TOP_P, step=0.05, label="Top-p", elem_id="top-p")
+                max_tokens = gr.Slider(1, 2048, DEFAULT_MAX_TOKENS, step=1, label="Max new tokens",
+                                       elem_id="max-tokens")
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=460)
                 message = gr.Textbox(placeholder="Ask about the image or video, then press Enter", show_label=False,
