@@ -1,0 +1,85 @@
+"""The web app's backends without a browser: what the in-process backend hands the engine, and the OpenAI
+messages the remote backend sends."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import pytest
+from PIL import Image
+
+from cogvlm2.engine.protocol import EngineStats, RequestOutput
+from cogvlm2.processing import Processor
+from cogvlm2.tiny import resolve_tiny
+from cogvlm2.web.app import history_pairs
+from cogvlm2.web.backends import BackendError, LocalBackend, RemoteBackend
+
+
+class RecordingEngine:
+    """An EngineClient that answers 'a', 'b' and keeps what it was given."""
+
+    max_model_len = 1024
+
+    def __init__(self):
+        self.calls = []
+
+    async def generate(self, request_id, inputs, params):
+        self.calls.append((inputs, params))
+        for i, t in enumerate("ab"):
+            yield RequestOutput(request_id, len(inputs), [i], "ab"[: i + 1], [i], t, i == 1, "length" if i else None)
+
+    async def abort(self, request_id):
+        pass
+
+    def stats(self):
+        return EngineStats(0, 0, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return Processor.from_pretrained(resolve_tiny("tiny"))
+
+
+async def collect(it) -> list[str]:
+    return [x async for x in it]
+
+
+def test_local_backend_sends_image_history_and_params(processor, tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (20, 10), "green").save(path)
+    engine = RecordingEngine()
+    backend = LocalBackend(engine, processor, "tiny", tiny=True)
+    deltas = asyncio.run(collect(backend.stream("why?", [("what?", "that.")], ("image", str(path)), 0.0, 0.5, 7)))
+    assert deltas == ["a", "b"]
+    inputs, params = engine.calls[0]
+    assert len(inputs) == len(processor("why?", [("what?", "that.")], image=str(path)))
+    assert inputs.num_vision_tokens == processor.config.vision.tokens_per_image
+    assert (params.temperature, params.top_p, params.max_new_tokens) == (0.0, 0.5, 7)
+
+
+def test_local_backend_reports_bad_uploads_and_long_conversations(processor, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    backend = LocalBackend(RecordingEngine(), processor, "tiny", tiny=True)
+    with pytest.raises(BackendError, match="cannot decode image"):
+        asyncio.run(collect(backend.stream("q", [], ("image", str(bad)), 1, 1, 5)))
+    with pytest.raises(BackendError, match="clear it"):
+        asyncio.run(collect(backend.stream("word " * 2000, [], None, 1, 1, 5)))
+
+
+def test_remote_backend_messages_carry_the_image_in_the_latest_turn(tmp_path):
+    path = tmp_path / "a.jpg"
+    Image.new("RGB", (8, 8), "red").save(path)
+    backend = RemoteBackend("http://127.0.0.1:1")
+    assert backend.base_url == "http://127.0.0.1:1/v1"
+    messages = backend.messages("and now?", [("what?", "a cat")], ("image", str(path)))
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    url = messages[-1]["content"][1]["image_url"]["url"]
+    assert url.startswith("data:image/jpeg;base64,") and base64.b64decode(url.split(",", 1)[1]) == path.read_bytes()
+
+
+def test_history_pairs_from_chatbot_messages():
+    chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": [{"type": "text", "text": "q2"}]}, {"role": "assistant", "content": "a2"}]
+    assert history_pairs(chat) == [("q1", "a1"), ("q2", "a2")]
