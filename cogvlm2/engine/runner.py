@@ -13,6 +13,7 @@ the sampled ids out.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,40 +61,17 @@ class ModelRunner:
 
     def _forward_eager(self, batch: ScheduledBatch) -> torch.Tensor:
         """Hidden states of the sampling rows [n_sample, D]."""
-        bs, expert_model = self.config.block_size, self.model.config.has_vision_expert
-        ids, pos, slots, expert, embed_idx, logits_idx, vision_parts = [], [], [], [], [], [], []
-        qsl, offset = [0], 0
-        for seq, start, n, sample in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples):
-            end = start + n
-            ids += seq.token_ids[start:end]
-            pos += seq.positions(start, end)
-            table = seq.block_table
-            slots += [table[t // bs] * bs + t % bs for t in range(start, end)]
-            if expert_model:
-                expert += seq.expert_mask(start, end)
-            a, b = seq.vision_range(start, end)
-            if b > a:
-                embed_idx += [offset + seq.vision_token_idx[r] - start for r in range(a, b)]
-                vision_parts.append((seq, a, b))
-            offset += n
-            qsl.append(offset)
-            if sample:
-                logits_idx.append(offset - 1)
-        vision_idx = [i for i, e in enumerate(expert) if e]
-        language_idx = [i for i, e in enumerate(expert) if not e] if vision_idx else []
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [self.kv.null_block] * (width - len(s.block_table)) for s in batch.seqs]
-        context = [start + n for start, n in zip(batch.starts, batch.num_new_tokens)]
-        (ids_t, pos_t, slots_t, qsl_t, ctx_t, tables_t, logits_t, embed_t, vis_t, lang_t) = self._to_device(
-            [ids, pos, slots, qsl, context, list(itertools.chain.from_iterable(tables)), logits_idx, embed_idx,
-             vision_idx, language_idx])
-        meta = AttentionMetadata(slots_t, tables_t.view(len(batch), width), ctx_t, qsl_t,
-                                 batch.num_new_tokens, context)
-        fb = ForwardBatch(ids_t, pos_t, PagedAttention(self.kv, meta, self.attend),
-                          vis_t if vision_idx else None, lang_t if vision_idx else None,
-                          self._vision_embeds(vision_parts) if vision_parts else None,
-                          embed_t if vision_parts else None)
-        return self.model(fb).index_select(0, logits_t)
+        h = HostInputs.build(batch, self.config.block_size, self.kv.null_block, self.model.config.has_vision_expert)
+        (ids, pos, slots, qsl, ctx, tables, logits_idx, embed_idx, vision_idx, language_idx) = self._to_device(
+            [h.ids, h.positions, h.slots, h.query_start, h.context, h.tables, h.logits_idx, h.embed_idx,
+             h.vision_idx, h.language_idx])
+        meta = AttentionMetadata(slots, tables.view(len(batch), -1), ctx, qsl, batch.num_new_tokens, h.context)
+        routed = bool(h.vision_idx)
+        fb = ForwardBatch(ids, pos, PagedAttention(self.kv, meta, self.attend),
+                          vision_idx if routed else None, language_idx if routed else None,
+                          self._vision_embeds(h.vision_parts) if h.vision_parts else None,
+                          embed_idx if h.vision_parts else None)
+        return self.model(fb).index_select(0, logits_idx)
 
     def _decode_rows(self, batch: ScheduledBatch) -> tuple[list[int], list[int], list[int], list[int], list[list[int]]]:
         """(ids, positions, slots, context lens, block tables) of a pure-decode batch: one token per sequence."""
@@ -130,3 +108,44 @@ class ModelRunner:
         """Drop cached features that no unfinished sequence still needs."""
         for h in [h for h in self.vision_cache if h not in keep]:
             del self.vision_cache[h]
+
+
+@dataclass
+class HostInputs:
+    """A step's integer metadata as host lists (flat token index = offset of its sequence + i)."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)  # KV cache slot of each new token
+    query_start: list[int] = field(default_factory=lambda: [0])  # cu_seqlens of the new tokens
+    context: list[int] = field(default_factory=list)  # cached tokens per sequence after the step
+    tables: list[int] = field(default_factory=list)  # [B * W] block tables padded with the null block
+    logits_idx: list[int] = field(default_factory=list)  # last token of each sampling sequence
+    embed_idx: list[int] = field(default_factory=list)  # tokens whose embedding a vision feature replaces
+    vision_idx: list[int] = field(default_factory=list)  # tokens routed to the visual expert
+    language_idx: list[int] = field(default_factory=list)  # the others (only when vision_idx is not empty)
+    vision_parts: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, feature rows a:b)
+
+    @classmethod
+    def build(cls, batch: ScheduledBatch, block_size: int, null_block: int, expert_model: bool) -> "HostInputs":
+        h, expert = cls(), []
+        width = max(len(s.block_table) for s in batch.seqs)
+        for seq, start, n, sample in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples):
+            end, offset, table = start + n, h.query_start[-1], seq.block_table
+            h.ids += seq.token_ids[start:end]
+            h.positions += seq.positions(start, end)
+            h.slots += [table[t // block_size] * block_size + t % block_size for t in range(start, end)]
+            h.tables += table + [null_block] * (width - len(table))
+            h.context.append(end)
+            h.query_start.append(offset + n)
+            if sample:
+                h.logits_idx.append(offset + n - 1)
+            if expert_model:
+                expert += seq.expert_mask(start, end)
+            a, b = seq.vision_range(start, end)
+            if b > a:
+                h.embed_idx += [offset + seq.vision_token_idx[r] - start for r in range(a, b)]
+                h.vision_parts.append((seq, a, b))
+        h.vision_idx = [i for i, e in enumerate(expert) if e]
+        h.language_idx = [i for i, e in enumerate(expert) if not e] if h.vision_idx else []
+        return h
