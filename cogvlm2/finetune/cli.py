@@ -1,0 +1,158 @@
+"""`cogvlm2 finetune` and `cogvlm2 merge-lora`: parse arguments, call the library.
+
+Also `python -m cogvlm2.finetune {finetune,merge-lora} ...`, which is what `accelerate launch -m`,
+`torchrun -m` and `deepspeed --module` start on every rank. peft / accelerate are imported only when
+a command runs, so `cogvlm2 --help` works without the finetune extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+LORA_TARGET_HELP = ("vision_expert_qkv, language_expert_qkv, vision_expert_dense, language_expert_dense, "
+                    "vision_expert_mlp, language_expert_mlp, adapter (the GLU vision adapter), vision_tower, "
+                    "lm_head, or any regex over module names")
+
+
+def _list(value: str) -> list[str]:
+    return [t for t in value.replace(",", " ").split() if t]
+
+
+def _size(value: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+    v = value.strip().upper()
+    for unit, mult in units.items():
+        if v.endswith(unit):
+            return int(float(v[:-len(unit)]) * mult)
+    return int(v)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `finetune` flags (names match TrainConfig fields)."""
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="base checkpoint: folder, Hugging Face repo id, 'tiny' or 'tiny-video'")
+    g.add_argument("--data", required=True, help="folder in the official layout (images/ + labels_en/) or a .jsonl manifest")
+    g.add_argument("--labels-dir", default="labels_en", help="labels folder of the official layout (labels_en / labels_zh)")
+    g.add_argument("--eval-data", help="held-out data (same formats); default: --eval-fraction of --data")
+    g.add_argument("--eval-fraction", type=float, default=0.0, help="fraction of --data held out for evaluation")
+    g.add_argument("--output", required=True, help="run folder: checkpoints, adapter / model, tensorboard, metrics.jsonl")
+    g.add_argument("--history", default="official", choices=["official", "full", "none"],
+                   help="multi-turn sampling: official = one random round, the round before it as history half "
+                        "the time; full = all earlier rounds")
+    g.add_argument("--template", choices=["chat", "vqa", "base"], help="prompt template (default: the checkpoint's)")
+    g.add_argument("--max-length", type=int, help="truncate longer examples to this many tokens (vision tokens included)")
+    g.add_argument("--validate-only", action="store_true", help="check the data (and model) and exit")
+
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="lora", choices=["lora", "full"])
+    g.add_argument("--lora-targets", type=_list, default=["vision_expert_qkv", "language_expert_qkv"],
+                   help=f"comma-separated: {LORA_TARGET_HELP} (default: vision_expert_qkv,language_expert_qkv)")
+    g.add_argument("--lora-r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (CUDA + bitsandbytes)")
+    g.add_argument("--train-modules", help="--method full: regex over parameter names to train, e.g. "
+                                           "'vision_expert|model\\.vision\\.linear_proj'; everything else frozen")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=1, help="examples packed into one micro-batch, per device")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = lr * this")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="base weights; bf16 trains with fp32 master weights under autocast (auto = bf16 on CUDA)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--num-workers", type=int, default=2, help="data loader processes (image decoding)")
+    g.add_argument("--deepspeed", help="DeepSpeed JSON config, for the `deepspeed` / torchrun launchers "
+                                       "(with accelerate launch, pass --config_file to accelerate instead)")
+
+    g = p.add_argument_group("logging, evaluation, checkpoints")
+    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="steps between held-out evaluations (0 = only at the end); held-out data comes from "
+                        "--eval-data or --eval-fraction")
+    g.add_argument("--eval-batches", type=int, help="limit each evaluation to this many micro-batches")
+    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = none)")
+    g.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
+    g.add_argument("--resume", help="checkpoint folder to continue from exactly, or 'latest' (in --output)")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+
+
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base checkpoint the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="LoRA adapter folder (peft format)")
+    p.add_argument("--output", required=True, help="folder for the merged checkpoint")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: the base's)")
+    p.add_argument("--max-shard-size", type=_size, default=5 * 2**30, help="e.g. 5GB (default), 500MB")
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    if args.validate_only:
+        return validate(cfg)
+    train(cfg)
+    return 0
+
+
+def validate(cfg) -> int:
+    """--validate-only: read the config and tokenizer, check every example, report counts."""
+    from pathlib import Path
+
+    from ..checkpoint import resolve_model_path
+    from ..config import ModelConfig
+    from ..tiny import resolve_tiny
+    from .data import load_conversations
+
+    folder = resolve_tiny(cfg.model) or resolve_model_path(cfg.model)
+    config = ModelConfig.from_file(Path(folder) / "config.json")
+    n = len(load_conversations(cfg.data, config, cfg.labels_dir))
+    m = len(load_conversations(cfg.eval_data, config, cfg.labels_dir)) if cfg.eval_data else 0
+    print(f"ok: {n} conversations in {cfg.data}" + (f", {m} in {cfg.eval_data}" if cfg.eval_data else ""))
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_adapter
+
+    out = merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+    print(f"merged checkpoint written to {out}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Add the `finetune` and `merge-lora` sub-commands (called by the top-level `cogvlm2` CLI)."""
+    p = subparsers.add_parser("finetune", help="LoRA / QLoRA / full fine-tuning on image or video conversations",
+                              description="Fine-tune a CogVLM2 checkpoint. Single device: run it directly; "
+                                          "several: accelerate launch / torchrun / deepspeed "
+                                          "-m cogvlm2.finetune finetune ... (see docs/finetune.md).")
+    add_arguments(p)
+    p.set_defaults(func=run_finetune)
+    p = subparsers.add_parser("merge-lora", help="merge a LoRA adapter into its base: a full checkpoint, official layout")
+    add_merge_arguments(p)
+    p.set_defaults(func=run_merge)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cogvlm2.finetune")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError) as e:
+        print(f"cogvlm2: error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,171 @@
+"""Fine-tuning data on disk: conversations read from the official folder layout or a JSONL manifest, and
+checked in full before training starts (every problem is reported with the file that has it).
+
+Two layouts:
+
+* the official one (CogVLM-SFT-311K, the CogVLM2 LoRA demo): a folder with ``images/NAME.jpg`` and
+  ``labels_en/NAME.json`` (or ``labels_zh``) holding ``{"conversations": [{"role": "user", "content":
+  ...}, {"role": "assistant", "content": ...}, ...]}``; image and label are paired by file stem;
+* a JSONL manifest, one conversation a line: ``{"image": "a.jpg", "conversations": [...]}`` (or
+  ``"video": "b.mp4"`` for the video checkpoints, or neither for text only; ``"messages"`` is accepted
+  for ``"conversations"``). Relative media paths are relative to the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ModelConfig
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+MAX_REPORTED = 20  # problems listed in one DataError; the count of the rest follows
+
+
+class DataError(ValueError):
+    """Training data is unusable; the message names every offending file (up to MAX_REPORTED)."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One training conversation: alternating (user, assistant) turns and at most one image or video."""
+
+    source: str  # where it is defined: a label file, or "manifest.jsonl:LINE"
+    turns: tuple[tuple[str, str], ...]
+    image: Path | None = None
+    video: Path | None = None
+
+
+def parse_turns(messages, where: str) -> tuple[tuple[str, str], ...]:
+    """[{"role": "user", ...}, {"role": "assistant", ...}, ...] -> ((query, answer), ...), strictly alternating."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: empty conversation (expected a non-empty list of user/assistant messages)")
+    if len(messages) % 2:
+        raise DataError(f"{where}: odd number of messages ({len(messages)}); every user turn needs an assistant answer")
+    for i, m in enumerate(messages):
+        want = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(m, dict) or m.get("role") != want:
+            got = m.get("role") if isinstance(m, dict) else type(m).__name__
+            raise DataError(f"{where}: message {i} must have role '{want}' (roles alternate user, assistant), got {got!r}")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise DataError(f"{where}: message {i} ({want}) has no text content")
+    return tuple((messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages), 2))
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable JSON: {e}") from None
+
+
+def _messages(record, where: str):
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    messages = record.get("conversations", record.get("messages"))
+    if messages is None:
+        raise DataError(f"{where}: no 'conversations' (or 'messages') list")
+    return messages
+
+
+def read_official(root: Path, labels: str = "labels_en") -> tuple[list[Conversation], list[str]]:
+    """`root/images/*` paired with `root/<labels>/*.json` by stem -> (conversations, problems)."""
+    image_dir, label_dir = root / "images", root / labels
+    problems = [f"{d}: folder not found" for d in (image_dir, label_dir) if not d.is_dir()]
+    if problems:
+        return [], problems
+    images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    label_files = sorted(label_dir.glob("*.json"))
+    out = []
+    for label in label_files:
+        image = images.get(label.stem)
+        try:
+            if image is None:
+                raise DataError(f"{label}: missing image {image_dir / label.stem}.jpg (or another image suffix)")
+            out.append(Conversation(str(label), parse_turns(_messages(_load_json(label), str(label)), str(label)), image))
+        except DataError as e:
+            problems.append(str(e))
+    labelled = {p.stem for p in label_files}
+    problems += [f"{p}: image without a label file {label_dir / p.stem}.json" for s, p in images.items() if s not in labelled]
+    return out, problems
+
+
+def read_manifest(path: Path) -> tuple[list[Conversation], list[str]]:
+    """A JSONL manifest -> (conversations, problems)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        return [], [f"{path}: cannot read manifest: {e}"]
+    out, problems = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: unreadable JSON: {e}") from None
+            turns = parse_turns(_messages(record, where), where)
+            media = {k: record.get(k) for k in ("image", "video") if record.get(k) is not None}
+            if len(media) > 1:
+                raise DataError(f"{where}: give an image or a video, not both")
+            if any(not isinstance(v, str) or not v for v in media.values()):
+                raise DataError(f"{where}: 'image' / 'video' must be a path string")
+            paths = {k: (path.parent / v) for k, v in media.items()}
+            out.append(Conversation(where, turns, paths.get("image"), paths.get("video")))
+        except DataError as e:
+            problems.append(str(e))
+    if not out and not problems:
+        problems.append(f"{path}: manifest has no conversations")
+    return out, problems
+
+
+def _check_media(conv: Conversation, config: ModelConfig) -> str | None:
+    """A problem with the conversation's image / video, or None. Reads headers only (fast)."""
+    media = conv.image or conv.video
+    if media is None:
+        return None
+    if not media.is_file():
+        return f"{conv.source}: missing {'image' if conv.image else 'video'} {media}"
+    if conv.image is not None and config.is_video:
+        return f"{conv.source}: has an image but the checkpoint is a video model (use 'video')"
+    if conv.video is not None and not config.is_video:
+        return f"{conv.source}: has a video but the checkpoint is an image model (use 'image')"
+    try:
+        if conv.image is not None:
+            from PIL import Image
+
+            with Image.open(conv.image) as img:
+                img.size  # noqa: B018 - parses the header
+        else:
+            from ..processing.video import probe_video
+
+            if probe_video(conv.video).num_frames == 0:
+                return f"{conv.source}: video {conv.video} has no frames"
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a data problem to report
+        return f"{conv.source}: unreadable {'image' if conv.image else 'video'} {media}: {e}"
+    return None
+
+
+def load_conversations(path: str | Path, config: ModelConfig, labels: str = "labels_en") -> list[Conversation]:
+    """Read and validate a whole dataset (a folder in the official layout, or a .jsonl manifest).
+
+    Every record is parsed and every image / video header is opened before anything trains; all
+    problems are raised together in one DataError naming their files.
+    """
+    path = Path(path)
+    if path.is_dir():
+        conversations, problems = read_official(path, labels)
+    elif path.is_file():
+        conversations, problems = read_manifest(path)
+    else:
+        raise DataError(f"{path}: no such dataset (expected a folder with images/ and {labels}/, or a .jsonl manifest)")
+    problems += [p for p in (_check_media(c, config) for c in conversations) if p]
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise DataError(f"{len(problems)} problem(s) in {path}:\n  " + "\n  ".join(problems[:MAX_REPORTED]) + more)
+    if not conversations:
+        raise DataError(f"{path}: no conversations found")
+    return conversations

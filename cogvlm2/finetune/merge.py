@@ -1,0 +1,53 @@
+"""`cogvlm2 merge-lora`: base checkpoint + LoRA adapter -> a complete checkpoint in the official layout
+(config.json, sharded safetensors + index, tokenizer and every other file of the base copied) that
+`load_model` and the official Hugging Face code both read.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..checkpoint import parse_dtype, resolve_model_path, save_weights, weight_files
+from ..model import load_model
+from ..tiny import resolve_tiny
+from .lora import load_adapter, merge_lora
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype of the checkpoint's first floating tensor (official checkpoints: bfloat16)."""
+    for file in weight_files(folder):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                t = f.get_slice(key)
+                dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
+                if dtype is not None:
+                    return dtype
+    return torch.float32
+
+
+def merge_adapter(base: str, adapter: str | Path, output: str | Path, dtype: str | torch.dtype | None = None,
+                  max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
+    """Write base + adapter, merged, to `output`; returns the folder. Weights keep the base's stored dtype
+    unless `dtype` is given; each merged weight is summed in float32 and rounded once."""
+    output = Path(output)
+    folder = resolve_tiny(base) or resolve_model_path(base)
+    stored = stored_dtype(folder)
+    out_dtype = parse_dtype(dtype) if dtype is not None else stored
+    if output.resolve() == folder.resolve():
+        raise ValueError("merge-lora: --output must differ from the base checkpoint folder")
+    # Loading in the stored dtype is exact; only a wider output dtype needs a wider load (19B fp32 = 76 GB).
+    model = load_model(str(folder), dtype=out_dtype if out_dtype == stored else torch.float32, progress=progress)
+    load_adapter(model, adapter)
+    merge_lora(model)
+    state = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_weights(state, output, max_shard_bytes=max_shard_bytes, metadata={"merged_adapter": str(adapter)})
+    for f in folder.iterdir():  # config.json, tokenizer.json, generation config, the official remote code, ...
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copyfile(f, output / f.name)
+    return output

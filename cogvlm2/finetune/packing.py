@@ -1,0 +1,107 @@
+"""Packing: several labelled examples -> one flat, unpadded training batch (no padding to 2303 + max tokens).
+
+The examples are laid back to back; `cu_seqlens` tells PackedAttention where each one starts so
+attention stays causal inside each example and never crosses into another. Everything the forward
+pass needs (expert routing, vision slots, loss targets) is computed here on the CPU, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+from ..processing.prompt import VISION, ModelInputs, vision_expert_mask
+
+IGNORE = -100
+
+
+@dataclass
+class PackedBatch:
+    """S examples, N tokens in all, T of them predict a labelled next token.
+
+    input_ids     [N] long
+    positions     [N] long   each example's own rotary positions (restart at 0 per example)
+    cu_seqlens    [S + 1] long
+    vision_idx    [Nv] long or None: tokens routed to the visual expert (None: no such token)
+    language_idx  [N - Nv] long or None
+    embed_idx     [M] long: vision placeholders, in the order of the encoded pixel_values' tokens
+    pixel_values  [n, 3, H, W] or None: the images / video frames of all examples, in order
+    target_idx    [T] long: tokens whose next token is a label
+    target_ids    [T] long: those labels (token target_idx[i] predicts target_ids[i])
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    vision_idx: torch.Tensor | None
+    language_idx: torch.Tensor | None
+    embed_idx: torch.Tensor
+    pixel_values: torch.Tensor | None
+    target_idx: torch.Tensor
+    target_ids: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def num_targets(self) -> int:
+        return self.target_ids.numel()
+
+    def pin_memory(self) -> "PackedBatch":
+        """Called by DataLoader(pin_memory=True) so host-to-device copies can overlap compute."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PackedBatch(**{k: v.pin_memory() if v is not None else None for k, v in moved.items()})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PackedBatch(**{k: v.to(device, non_blocking=non_blocking) if v is not None else None for k, v in moved.items()})
+
+
+def truncate(x: ModelInputs, max_length: int) -> ModelInputs:
+    """Keep the first `max_length` tokens (the official recipe truncates too); never cut through an image."""
+    if len(x) <= max_length:
+        return x
+    if any(t == VISION for t in x.token_type_ids[max_length:]):
+        raise ValueError(f"max_length {max_length} would cut through the vision tokens of an example of {len(x)} tokens")
+    return ModelInputs(x.input_ids[:max_length], x.token_type_ids[:max_length], x.position_ids[:max_length],
+                       x.pixel_values, x.vision_hash, x.labels[:max_length], x.prompt_text)
+
+
+def pack(examples: Sequence[ModelInputs], has_vision_expert: bool = True, max_length: int | None = None) -> PackedBatch:
+    """Labelled ModelInputs (labels from the processor's `answer=`) -> one PackedBatch."""
+    if not examples:
+        raise ValueError("pack() needs at least one example")
+    ids, pos, expert, slots, labels, lengths, pixels = [], [], [], [], [], [], []
+    for x in examples:
+        if x.labels is None:
+            raise ValueError("training examples need labels: build them with processor(..., answer=...)")
+        if max_length is not None:
+            x = truncate(x, max_length)
+        ids += x.input_ids
+        pos += x.position_ids
+        expert += vision_expert_mask(x.token_type_ids)
+        slots += [t == VISION for t in x.token_type_ids]
+        labels += x.labels[1:] + [IGNORE]  # token t predicts label t + 1; the last one predicts nothing
+        lengths.append(len(x))
+        if x.pixel_values is not None:
+            pixels.append(x.pixel_values if x.pixel_values.dim() == 4 else x.pixel_values.unsqueeze(0))
+    expert_t, labels_t = torch.tensor(expert), torch.tensor(labels)
+    idx = torch.arange(len(ids))
+    vision_idx = language_idx = None
+    if has_vision_expert and bool(expert_t.any()):
+        vision_idx, language_idx = idx[expert_t], idx[~expert_t]
+    keep = labels_t != IGNORE
+    return PackedBatch(
+        input_ids=torch.tensor(ids),
+        positions=torch.tensor(pos),
+        cu_seqlens=torch.tensor([0] + lengths).cumsum(0),
+        vision_idx=vision_idx,
+        language_idx=language_idx,
+        embed_idx=idx[torch.tensor(slots)],
+        pixel_values=torch.cat(pixels) if pixels else None,
+        target_idx=idx[keep],
+        target_ids=labels_t[keep],
+    )
