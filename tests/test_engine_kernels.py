@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from cogvlm2.engine.attention import (AttentionMetadata, KVCache, PagedAttention, attend_decode_batched,
                                       attend_reference)
-from cogvlm2.engine.sampler import Sampler, apply_penalties
+from cogvlm2.engine.sampler import Sampler, SamplingTensors, apply_penalties
 from cogvlm2.engine.sequence import Sequence
 from cogvlm2.generation import apply_penalties as ref_penalties
 from cogvlm2.generation import sample_token
@@ -95,7 +95,7 @@ def test_penalties_match_reference():
     seqs = [make_seq(torch.randint(0, vocab, (7,), generator=g).tolist(),
                      torch.randint(0, vocab, (i * 3,), generator=g).tolist(), p) for i, p in enumerate(params)]
     logits = torch.randn(4, vocab, generator=g)
-    ours = apply_penalties(logits.clone(), seqs)
+    ours = apply_penalties(logits.clone(), SamplingTensors.build(seqs, vocab, logits.device))
     for i, s in enumerate(seqs):
         ref = ref_penalties(logits[i].clone(), torch.tensor(s.token_ids), s.output_ids, s.params)
         assert torch.equal(ours[i], ref), i

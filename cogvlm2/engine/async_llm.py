@@ -129,6 +129,7 @@ class AsyncLLM:
             except queue.Empty:
                 return True
             if cmd is _STOP:
+                self.engine.abort_all()  # free their blocks; shutdown() fails their streams
                 return False
             block = False
             if cmd[0] == "add":

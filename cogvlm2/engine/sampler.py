@@ -6,61 +6,79 @@ temperature, top-k, then top-p (smallest prefix reaching top_p). Greedy rows (te
 top_k 1) take the argmax of the penalised logits. Seeded rows draw with their own torch.Generator
 (created on first use, seeded with `seed`, kept by the sequence across steps and preemptions), so
 they do not depend on which other requests share the batch; unseeded rows draw together with the
-exponential-race trick. Nothing here syncs with the host: the caller copies the ids out once.
+exponential-race trick. Per-row settings reach the device in one copy per step; nothing here syncs
+with the host: the caller copies the ids out once.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .sequence import Sequence
 
-
-def _rows(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+TEMPERATURE, TOP_P, TOP_K, REPETITION, PRESENCE, FREQUENCY, GREEDY = range(7)
 
 
-def _padded_ids(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max((len(x) for x in lists), default=0)
-    return _rows(device, [x + [pad] * (width - len(x)) for x in lists], torch.long)
+def _padded(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(len(x) for x in lists)
+    return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.long).to(device, non_blocking=True)
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """logits [B, V] float32 -> penalised copy (only rows with a penalty pay for it)."""
-    vocab, device = logits.shape[1], logits.device
-    rep = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
-    if rep:
-        seen = torch.zeros(len(rep), vocab + 1, dtype=torch.bool, device=device)  # column V = padding
-        seen.scatter_(1, _padded_ids([seqs[i].token_ids for i in rep], vocab, device), True)
-        seen = seen[:, :vocab]
-        penalty = _rows(device, [seqs[i].params.repetition_penalty for i in rep], torch.float32)[:, None]
-        rows = _rows(device, rep, torch.long)
-        x = logits[rows]
-        x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
-        logits = logits.index_copy(0, rows, x)
-    pf = [i for i, s in enumerate(seqs) if (s.params.presence_penalty or s.params.frequency_penalty) and s.num_output_tokens]
-    if pf:
-        ids = _padded_ids([seqs[i].output_ids for i in pf], vocab, device)
-        counts = torch.zeros(len(pf), vocab + 1, dtype=torch.float32, device=device)
-        counts = counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))[:, :vocab]
-        presence = _rows(device, [seqs[i].params.presence_penalty for i in pf], torch.float32)[:, None]
-        frequency = _rows(device, [seqs[i].params.frequency_penalty for i in pf], torch.float32)[:, None]
-        rows = _rows(device, pf, torch.long)
-        x = logits[rows]
-        x = torch.where(counts > 0, x - (presence + frequency * counts), x)
-        logits = logits.index_copy(0, rows, x)
+@dataclass
+class SamplingTensors:
+    """rows [B, 7] float32: the columns above. seen / outputs [B, L] long ids padded with V (the
+    ids each row's repetition / presence-frequency penalty looks at; empty for rows without one)."""
+
+    rows: torch.Tensor
+    seen: torch.Tensor | None
+    outputs: torch.Tensor | None
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], vocab: int, device: torch.device) -> "SamplingTensors":
+        ps = [s.params for s in seqs]
+        rows = torch.tensor([[1.0 if p.greedy else p.temperature, p.top_p, min(p.top_k, vocab) if p.top_k > 0 else vocab,
+                              p.repetition_penalty, p.presence_penalty, p.frequency_penalty, float(p.greedy)]
+                             for p in ps], dtype=torch.float32).to(device, non_blocking=True)
+        rep = [p.repetition_penalty != 1.0 for p in ps]
+        pf = [bool(p.presence_penalty or p.frequency_penalty) for p in ps]
+        seen = _padded([s.token_ids if r else [] for s, r in zip(seqs, rep)], vocab, device) if any(rep) else None
+        outputs = (_padded([s.output_ids if f else [] for s, f in zip(seqs, pf)], vocab, device)
+                   if any(f and s.num_output_tokens for s, f in zip(seqs, pf)) else None)
+        return cls(rows, seen, outputs, all(p.greedy for p in ps), any(p.top_k > 0 for p in ps),
+                   any(p.top_p < 1.0 for p in ps))
+
+    def col(self, c: int) -> torch.Tensor:
+        return self.rows[:, c:c + 1]  # [B, 1]
+
+
+def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """logits [B, V] float32 -> penalised copy. Rows without a penalty come out bit-identical."""
+    vocab = logits.shape[1]
+    if t.seen is not None:
+        seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+        seen = seen.scatter_(1, t.seen, True)[:, :vocab]
+        rp = t.col(REPETITION)
+        logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    if t.outputs is not None:
+        counts = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.float32, device=logits.device)
+        counts = counts.scatter_add_(1, t.outputs, torch.ones_like(t.outputs, dtype=torch.float32))[:, :vocab]
+        logits = torch.where(counts > 0, logits - (t.col(PRESENCE) + t.col(FREQUENCY) * counts), logits)
     return logits
 
 
-def filter_top_k_top_p(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def filter_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """logits [B, V] already divided by temperature -> -inf outside each row's top-k / top-p set."""
-    device, vocab = logits.device, logits.shape[1]
-    if any(s.params.top_k > 0 for s in seqs):
-        k = _rows(device, [min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs], torch.long)
-        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [B, 1]
+    if t.any_top_k:
+        k = t.col(TOP_K).long()
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, k - 1)  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if any(s.params.top_p < 1.0 for s in seqs):
-        top_p = _rows(device, [s.params.top_p for s in seqs], torch.float32)[:, None]
+    if t.any_top_p:
+        top_p = t.col(TOP_P)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = (probs.cumsum(-1) - probs > top_p) & (top_p < 1.0)
@@ -71,20 +89,18 @@ def filter_top_k_top_p(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tens
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """logits [B, V] float32 of the B sampling rows -> token ids [B] long (on the device)."""
-        logits = apply_penalties(logits, seqs)
-        greedy = [s.params.greedy for s in seqs]
+        t = SamplingTensors.build(seqs, logits.shape[1], logits.device)
+        logits = apply_penalties(logits, t)
         argmax = logits.argmax(-1)
-        if all(greedy):
+        if t.all_greedy:
             return argmax
-        device = logits.device
-        temperature = _rows(device, [1.0 if g else s.params.temperature for g, s in zip(greedy, seqs)], torch.float32)
-        probs = filter_top_k_top_p(logits / temperature[:, None], seqs).softmax(-1)
+        probs = filter_top_k_top_p(logits / t.col(TEMPERATURE), t).softmax(-1)
         noise = torch.empty_like(probs).exponential_().clamp_min_(1e-10)
         sampled = (probs / noise).argmax(-1)
         for i, s in enumerate(seqs):
-            if s.params.seed is not None and not greedy[i]:
-                sampled[i] = torch.multinomial(probs[i], 1, generator=self._generator(s, device))[0]
-        return torch.where(_rows(device, greedy, torch.bool), argmax, sampled)
+            if s.params.seed is not None and not s.params.greedy:
+                sampled[i] = torch.multinomial(probs[i], 1, generator=self._generator(s, logits.device))[0]
+        return torch.where(t.col(GREEDY)[:, 0] > 0, argmax, sampled)
 
     @staticmethod
     def _generator(seq: Sequence, device: torch.device) -> torch.Generator:
