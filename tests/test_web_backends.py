@@ -83,3 +83,27 @@ def test_history_pairs_from_chatbot_messages():
     chat = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
             {"role": "user", "content": [{"type": "text", "text": "q2"}]}, {"role": "assistant", "content": "a2"}]
     assert history_pairs(chat) == [("q1", "a1"), ("q2", "a2")]
+
+
+def test_local_backend_takes_a_video_file_on_video_models(tmp_path):
+    import av
+    import numpy as np
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 30, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    processor = Processor.from_pretrained(resolve_tiny("tiny-video"))
+    engine = RecordingEngine()
+    backend = LocalBackend(engine, processor, "tiny-video", tiny=True)
+    assert backend.media_kinds == ("video",)
+    asyncio.run(collect(backend.stream("what happens?", [], ("video", str(path)), 0.0, 1.0, 4)))
+    inputs, _ = engine.calls[0]
+    expected = processor("what happens?", video=str(path))
+    assert inputs.input_ids == expected.input_ids and inputs.num_vision_tokens >= 2 * processor.config.vision.tokens_per_image

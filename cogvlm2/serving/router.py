@@ -38,7 +38,10 @@ async def until_disconnect(raw_request: Request, work: Awaitable[T]) -> T | Resp
 
 
 @router.get("/health")
-async def health() -> Response:
+async def health(raw_request: Request) -> Response:
+    """200 while the engine runs; 503 once its thread has stopped (a supervisor should restart us)."""
+    if not getattr(raw_request.app.state.ctx.engine, "is_running", True):
+        raise APIError("the engine is not running", status=503)
     return JSONResponse({"status": "ok"})
 
 
