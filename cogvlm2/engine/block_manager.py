@@ -56,14 +56,21 @@ class BlockManager:
         """Cached blocks holding a prefix of `seq`, leaving at least one token to compute (for logits)."""
         if not self.enable_prefix_caching:
             return []
-        hits, parent = [], None
+        hits = []
         for i in range((len(seq) - 1) // self.block_size):
-            parent = block_hash(seq, i, self.block_size, parent, self.adapter_id)
-            block = self.block_of.get(parent)
+            block = self.block_of.get(self._hash(seq, i))
             if block is None:
                 break
             hits.append(block)
         return hits
+
+    def _hash(self, seq: Sequence, i: int) -> bytes:
+        """Hash of the sequence's full block i; the chain is kept on the sequence (full blocks never
+        change), so a prompt that waits for several steps is hashed once."""
+        chain = seq.hash_chain
+        while len(chain) <= i:
+            chain.append(block_hash(seq, len(chain), self.block_size, chain[-1] if chain else None, self.adapter_id))
+        return chain[i]
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = ()) -> bool:
         """Give `seq` blocks for its first num_computed + num_new_tokens tokens. `prefix` (from
@@ -102,7 +109,7 @@ class BlockManager:
             return
         while (len(seq.block_hashes) + 1) * self.block_size <= seq.num_computed_tokens:
             i = len(seq.block_hashes)
-            h = block_hash(seq, i, self.block_size, seq.block_hashes[-1] if i else None, self.adapter_id)
+            h = self._hash(seq, i)
             block = seq.block_table[i]
             if h not in self.block_of and self.hash_of[block] is None:
                 self.block_of[h] = block

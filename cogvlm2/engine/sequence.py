@@ -34,6 +34,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # hashes of the leading full, computed blocks
+        self.hash_chain: list[bytes] = []  # prefix-cache hashes of full blocks (computed or not), memoised
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hit of the first admission
         self.num_preemptions = 0
