@@ -250,3 +250,22 @@ def test_decode_graph_buffers_eagerly(tiny):
     for _, rid, x, p in requests:
         assert done[rid].token_ids == reference(model, x, p), rid
     assert {3, 4} & set(used) and max(used) <= 4  # padded buckets were exercised
+
+
+def test_prefix_hit_ending_inside_the_image(tiny):
+    """Only the first blocks of an image survive in the cache (evicted tail): the request resumes
+    mid-image, encoding the image for the remaining vision tokens."""
+    from cogvlm2.engine.sequence import Sequence
+
+    model, processor = tiny
+    engine = LLMEngine(model, EngineConfig(block_size=8), processor)
+    x = processor("Describe.", image=image(11))
+    p = SamplingParams(max_new_tokens=5, **GREEDY)
+    run(engine, [(0, "a", x, p)])
+    bm = engine.block_manager
+    keep = {bm._hash(Sequence("probe", x, p), i) for i in range(3)}
+    for h in [h for h in bm.block_of if h not in keep]:  # evict everything after block 2
+        bm.hash_of[bm.block_of.pop(h)] = None
+    out = run(engine, [(0, "b", x, p)])["b"]
+    assert out.num_cached_tokens == 24 and x.token_type_ids[24] == 1
+    assert out.token_ids == reference(model, x, p)
