@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from . import ops
 from .batch import ForwardBatch
 from .vision import EVA2CLIPModel
 
@@ -26,9 +26,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * h).to(x.dtype)  # as the official code: weight times the float32 value
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -39,7 +37,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 def route(x: torch.Tensor, batch: ForwardBatch, language: Callable, vision: Callable | None) -> torch.Tensor:
@@ -51,21 +49,6 @@ def route(x: torch.Tensor, batch: ForwardBatch, language: Callable, vision: Call
     out = y_lang.new_empty((x.shape[0], *y_lang.shape[1:]))
     out = out.index_copy(0, batch.language_idx, y_lang)
     return out.index_copy(0, batch.vision_idx, y_vis)
-
-
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [N, head_dim/2] in float32. The official bf16 path computes these in the model
-    dtype, which rounds positions above 256; we always use float32 (exact for every position)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split (GPT-NeoX) rotation over the full head dim. x [N, H, d]; cos/sin [N, d/2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class VisionExpertAttention(nn.Module):
@@ -84,12 +67,9 @@ class VisionExpertAttention(nn.Module):
         n = x.shape[0]
         vis_qkv = getattr(self, "vision_expert_query_key_value", None)
         qkv = route(x, batch, self.language_expert_query_key_value, vis_qkv)  # [N, (Hq + 2 Hkv) d]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)  # [N, Hq, d]
-        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)  # [N, Hkv, d]
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        out = batch.attention(self.layer_idx, q, k, v).reshape(n, q_size)
+        # q [N, Hq, d], k / v [N, Hkv, d]; q and k rotated
+        q, k, v = ops.rotary_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        out = batch.attention(self.layer_idx, q, k, v).reshape(n, self.num_heads * self.head_dim)
         return route(out, batch, self.language_expert_dense, getattr(self, "vision_expert_dense", None))
 
 
@@ -157,7 +137,7 @@ class CogVLM2ForCausalLM(nn.Module):
         h = self.model.embed_tokens(batch.input_ids)  # [N, D]
         if batch.vision_embeds is not None:
             h = h.index_copy(0, batch.vision_embed_idx, batch.vision_embeds.to(h.dtype))
-        cos, sin = rotary_cos_sin(batch.positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = ops.rotary_cos_sin(batch.positions, self.config.head_dim, self.config.rope_theta)
         hidden = [h]
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:

@@ -1,0 +1,67 @@
+"""Where the engine's time goes on the full-size model: kernel table of a prefill, and decode steps split
+into the CUDA-graph replay (GPU) versus everything else in a step (sampling, scheduling, host work).
+
+    PYTHONPATH=. python benchmarks/profile_gpu.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.common import cuda_time, full_size_config, random_model
+from benchmarks.engine_gpu import QUESTION, image, run_until_done
+from cogvlm2.engine.config import EngineConfig
+from cogvlm2.engine.llm_engine import LLMEngine
+from cogvlm2.processing import Processor
+from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
+from cogvlm2.sampling_params import SamplingParams
+
+
+def main() -> None:
+    cfg = full_size_config()
+    model = random_model(cfg)
+    proc = Processor(cfg, Tokenizer(bundled_tokenizer_path()))
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=32, gpu_memory_utilization=0.9), proc)
+    greedy = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
+    engine.add_request("warm", proc(QUESTION, image=image(1)), greedy)
+    run_until_done(engine, {"warm"})
+
+    x = proc(QUESTION, image=image(2))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        engine.add_request("p", x, greedy)
+        run_until_done(engine, {"p"})
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+
+    for b in (1, 32):
+        ids = [f"d{b}-{i}" for i in range(b)]
+        for i, rid in enumerate(ids):
+            engine.add_request(rid, proc(QUESTION, image=image(10 + i)),
+                               SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
+        steps = []
+        remaining = set(ids)
+        while remaining:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outs = engine.step()
+            steps.append((time.perf_counter() - t0, len(outs)))
+            remaining -= {o.request_id for o in outs if o.finished}
+        decode = [t for t, n in steps[-20:] if n == b]
+        graph = engine.runner.graphs.graphs[next(s for s in engine.runner.graphs.sizes if s >= b)][0]
+        replay = cuda_time(graph.replay, iters=10)
+        print(f"batch {b}: step {np.median(decode) * 1e3:.2f} ms, of which graph replay (model forward) "
+              f"{replay * 1e3:.2f} ms; rest (logits, sampling, scheduling, host) "
+              f"{(np.median(decode) - replay) * 1e3:.2f} ms")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine.add_request(f"prof{b}", x, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
+            run_until_done(engine, {f"prof{b}"})
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Elementwise ops of the decoder: plain torch (the reference, used on CPU and for training) and fused
+Triton kernels used on CUDA in inference, where each saved launch matters at decode (about 1,400
+tiny kernels per step become about 500).
+
+The fused path is taken only for CUDA tensors with autograd off; the Triton kernels compute in
+float32 exactly as the torch code does, so they agree to float32 rounding (tests/test_model_ops.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: CPU installs and training never need it
+    from . import triton_ops
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton_ops = None
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return triton_ops is not None and x.is_cuda and not torch.is_grad_enabled()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As the official RMSNorm: normalise in float32, multiply by the weight in float32, cast back."""
+    if _fused(x):
+        return triton_ops.rms_norm(x, weight, eps)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h).to(x.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if _fused(gate):
+        return triton_ops.silu_mul(gate, up)
+    return F.silu(gate) * up
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [N, head_dim/2] in float32. The official bf16 path computes these in the model
+    dtype, which rounds positions above 256; we always use float32 (exact for every position)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split (GPT-NeoX) rotation over the full head dim, in float32. x [N, H, d]; cos/sin [N, d/2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused QKV output [N, (Hq + 2 Hkv) d] -> rotated q [N, Hq, d], rotated k [N, Hkv, d], v [N, Hkv, d].
+
+    The fused path rotates q and k in place inside `qkv` (one kernel) and returns views.
+    """
+    n = qkv.shape[0]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    if _fused(qkv) and qkv.is_contiguous():
+        triton_ops.rotary_(qkv, cos, sin, num_heads + num_kv_heads, head_dim)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        return q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim), v.view(n, num_kv_heads, head_dim)
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q = apply_rotary(q.reshape(n, num_heads, head_dim), cos, sin)
+    k = apply_rotary(k.reshape(n, num_kv_heads, head_dim), cos, sin)
+    return q, k, v.reshape(n, num_kv_heads, head_dim)

@@ -1,0 +1,72 @@
+"""Triton kernels behind `model.ops` on CUDA: RMSNorm, SiLU-and-multiply, in-place rotary on fused QKV."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, dim, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < dim
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (w * (x * r)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(shape[-1])
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), shape[-1], eps, BLOCK=block,
+                                         num_warps=min(16, max(1, block // 256)))
+    return out.view(shape)
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    # as torch: silu in float32 rounded to the tensor dtype, then the product in float32, rounded
+    s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + offs, (s * u).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        _silu_mul_kernel[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024)
+    return out
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, stride_x, stride_c, HALF: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    j = tl.arange(0, HALF)
+    base = x_ptr + tok * stride_x + head * 2 * HALF
+    x1 = tl.load(base + j).to(tl.float32)
+    x2 = tl.load(base + HALF + j).to(tl.float32)
+    c = tl.load(cos_ptr + tok * stride_c + j)
+    s = tl.load(sin_ptr + tok * stride_c + j)
+    tl.store(base + j, (x1 * c - x2 * s).to(x_ptr.dtype.element_ty))
+    tl.store(base + HALF + j, (x1 * s + x2 * c).to(x_ptr.dtype.element_ty))
+
+
+def rotary_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_rotated_heads: int, head_dim: int) -> None:
+    """Rotate the first `num_rotated_heads` heads (q then k) of each row of qkv [N, W] in place."""
+    if qkv.shape[0]:
+        _rotary_kernel[(qkv.shape[0], num_rotated_heads)](qkv, cos.contiguous(), sin.contiguous(), qkv.stride(0),
+                                                         head_dim // 2, HALF=head_dim // 2)
