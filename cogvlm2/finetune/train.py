@@ -164,7 +164,7 @@ def make_loader(dataset, batches: list, cfg: TrainConfig, has_vision_expert: boo
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin,
         collate_fn=functools.partial(pack, has_vision_expert=has_vision_expert, max_length=cfg.max_length),
-        generator=torch.Generator().manual_seed(cfg.seed))
+        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.num_workers > 0)
 
 
 class _Logger:
