@@ -119,12 +119,15 @@ def make_accelerator(cfg: TrainConfig, bf16: bool):
 
     plugin = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed) if cfg.deepspeed else None
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no",
-                      deepspeed_plugin=plugin,
+                      deepspeed_plugin=plugin, cpu=not torch.cuda.is_available(),  # cpu: torchrun on CPUs -> gloo
                       # a micro-batch without images leaves the vision-expert weights unused
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     ds = acc.state.deepspeed_plugin
-    if ds is not None and ds.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = 1  # one packed micro-batch
+    if ds is not None:  # what accelerate cannot infer without a prepared DataLoader
+        if ds.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = 1  # one packed micro-batch
+        if ds.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+            ds.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its step
     return acc
 
 
