@@ -52,8 +52,8 @@ def main() -> None:
             steps.append((time.perf_counter() - t0, len(outs)))
             remaining -= {o.request_id for o in outs if o.finished}
         decode = [t for t, n in steps[-20:] if n == b]
-        graph = engine.runner.graphs.graphs[next(s for s in engine.runner.graphs.sizes if s >= b)][0]
-        replay = cuda_time(graph.replay, iters=10)
+        replay_fn = engine.runner.graphs.replay[next(s for s in engine.runner.graphs.sizes if s >= b)]
+        replay = cuda_time(replay_fn, iters=10)
         print(f"batch {b}: step {np.median(decode) * 1e3:.2f} ms, of which graph replay (model forward) "
               f"{replay * 1e3:.2f} ms; rest (logits, sampling, scheduling, host) "
               f"{(np.median(decode) - replay) * 1e3:.2f} ms")

@@ -42,6 +42,8 @@ class DecodeGraphs:
         self.context_lens = torch.ones(max_bs, dtype=torch.long, device=device)
         self.block_tables = torch.full((max_bs, self.width), self.null_block, dtype=torch.long, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.long, device=device)
+        if device.type == "cuda":
+            self._staging = torch.empty(max_bs * (4 + self.width), dtype=torch.long).pin_memory()
         self.replay: dict[int, Callable[[], torch.Tensor]] = {}  # bucket -> run it, return hidden [bucket, D]
         pool = None
         with torch.inference_mode():
@@ -70,16 +72,23 @@ class DecodeGraphs:
         bs = next(s for s in self.sizes if s >= n)
         pad = bs - n
         null_slot = self.null_block * self.block_size
-        flat_tables = itertools.chain.from_iterable(t + [self.null_block] * (self.width - len(t)) for t in tables)
+        # Only the columns some sequence uses travel: the kernels never read a table past its context
+        # length, so stale entries further right are harmless. Pad rows attend to the null block.
+        w = max(len(t) for t in tables)
+        flat_tables = itertools.chain.from_iterable(t + [self.null_block] * (w - len(t)) for t in tables)
         host = torch.tensor(list(itertools.chain(
             ids, [0] * pad, pos, [0] * pad, slots, [null_slot] * pad,
-            context, [1] * pad)) + list(flat_tables) + [self.null_block] * (pad * self.width), dtype=torch.long)
+            context, [1] * pad, flat_tables, [self.null_block] * (pad * w))), dtype=torch.long)
         device = self.input_ids.device
-        dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-        ids_d, pos_d, slots_d, ctx_d, tables_d = dev.split([bs, bs, bs, bs, bs * self.width])
+        if device.type == "cuda":  # reuse one pinned staging buffer: the previous step has synced
+            staged = self._staging[:host.numel()]
+            staged.copy_(host)
+            host = staged
+        dev = host.to(device, non_blocking=True)
+        ids_d, pos_d, slots_d, ctx_d, tables_d = dev.split([bs, bs, bs, bs, bs * w])
         self.input_ids[:bs].copy_(ids_d)
         self.positions[:bs].copy_(pos_d)
         self.slot_mapping[:bs].copy_(slots_d)
         self.context_lens[:bs].copy_(ctx_d)
-        self.block_tables[:bs].copy_(tables_d.view(bs, self.width))
+        self.block_tables[:bs, :w].copy_(tables_d.view(bs, w))
         return self.replay[bs]()[:n]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.batch import ForwardBatch
+from ..model.batch import ForwardBatch, expert_segments
 from ..model.cogvlm import CogVLM2ForCausalLM
 from .attention import Attend, AttentionMetadata, KVCache, PagedAttention, attend_reference
 from .config import EngineConfig
@@ -70,7 +70,7 @@ class ModelRunner:
         fb = ForwardBatch(ids, pos, PagedAttention(self.kv, meta, self.attend),
                           vision_idx if routed else None, language_idx if routed else None,
                           self._vision_embeds(h.vision_parts) if h.vision_parts else None,
-                          embed_idx if h.vision_parts else None)
+                          embed_idx if h.vision_parts else None, h.segments)
         return self.model(fb).index_select(0, logits_idx)
 
     def _decode_rows(self, batch: ScheduledBatch) -> tuple[list[int], list[int], list[int], list[int], list[list[int]]]:
@@ -124,6 +124,7 @@ class HostInputs:
     embed_idx: list[int] = field(default_factory=list)  # tokens whose embedding a vision feature replaces
     vision_idx: list[int] = field(default_factory=list)  # tokens routed to the visual expert
     language_idx: list[int] = field(default_factory=list)  # the others (only when vision_idx is not empty)
+    segments: list[tuple[int, int, bool]] | None = None  # the same routing as contiguous runs
     vision_parts: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, feature rows a:b)
 
     @classmethod
@@ -148,4 +149,5 @@ class HostInputs:
                 h.vision_parts.append((seq, a, b))
         h.vision_idx = [i for i, e in enumerate(expert) if e]
         h.language_idx = [i for i, e in enumerate(expert) if not e] if h.vision_idx else []
+        h.segments = expert_segments(expert) if h.vision_idx else None
         return h

@@ -33,6 +33,9 @@ class ForwardBatch:
     language_idx     [N - Nv] long: the complement of vision_idx (required when vision_idx is given)
     vision_embeds    [M, D] or None: embeddings that replace the token embeddings at vision_embed_idx
     vision_embed_idx [M] long
+    expert_segments  optional host list of (start, end, is_vision) covering [0, N): the same routing
+                     as contiguous runs (an image is one run), so experts run on row slices with no
+                     gather / scatter copies; preferred over the index tensors when given
     """
 
     input_ids: torch.Tensor
@@ -42,6 +45,7 @@ class ForwardBatch:
     language_idx: torch.Tensor | None = None
     vision_embeds: torch.Tensor | None = None
     vision_embed_idx: torch.Tensor | None = None
+    expert_segments: list[tuple[int, int, bool]] | None = None
 
     def __post_init__(self) -> None:
         if (self.vision_idx is None) != (self.language_idx is None):
@@ -56,3 +60,14 @@ def expert_indices(expert_mask: torch.Tensor) -> tuple[torch.Tensor | None, torc
         return None, None
     idx = torch.arange(expert_mask.numel(), device=expert_mask.device)
     return idx[expert_mask], idx[~expert_mask]
+
+
+def expert_segments(mask: list[bool]) -> list[tuple[int, int, bool]]:
+    """Maximal runs of equal routing: [(start, end, is_vision), ...] covering the whole mask."""
+    out: list[tuple[int, int, bool]] = []
+    for i, v in enumerate(mask):
+        if out and out[-1][2] == v:
+            out[-1] = (out[-1][0], i + 1, v)
+        else:
+            out.append((i, i + 1, v))
+    return out
