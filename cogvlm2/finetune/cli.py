@@ -73,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=2, help="data loader processes (image decoding)")
     g.add_argument("--deepspeed", help="DeepSpeed JSON config, for the `deepspeed` / torchrun launchers "
                                        "(with accelerate launch, pass --config_file to accelerate instead)")
+    # the `deepspeed` launcher appends --local_rank=N; accelerate reads LOCAL_RANK from the environment
+    g.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
 
     g = p.add_argument_group("logging, evaluation, checkpoints")
     g.add_argument("--log-every", type=int, default=1)

@@ -20,14 +20,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import save_weights
+from ..checkpoint import resolve_model_path, save_weights
+from ..config import ModelConfig
 from ..model import load_model
+from ..tiny import resolve_tiny
 from ..processing import Processor
 from . import checkpointing as ckpt
 from .data import load_conversations
 from .dataset import EpochOrder, FinetuneDataset
 from .objective import CausalLMLoss
 from .packing import pack
+
+
+# Settings that decide the data order, the sampled turns and the optimisation path of a run.
+RESUME_KEYS = ("model", "data", "method", "lora_targets", "lora_r", "lora_alpha", "lora_dropout", "train_modules",
+               "epochs", "max_steps", "batch_size", "grad_accum", "lr", "schedule", "warmup_steps", "min_lr_ratio",
+               "weight_decay", "max_grad_norm", "dtype", "max_length", "history", "template", "seed", "eval_fraction")
 
 
 @dataclass
@@ -131,17 +139,17 @@ def make_accelerator(cfg: TrainConfig, bf16: bool):
     return acc
 
 
-def build_model(cfg: TrainConfig, device: torch.device, bf16: bool):
+def build_model(cfg: TrainConfig, folder: Path, device: torch.device, bf16: bool):
     """Load the checkpoint, make the chosen parts trainable (LoRA / QLoRA / full), upcast them to fp32."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     lora_config = None
     if cfg.load_in_4bit:
         from .quant import quantize_4bit
 
-        model = load_model(cfg.model, dtype=dtype, device="cpu", progress=cfg.progress)
+        model = load_model(str(folder), dtype=dtype, device="cpu", progress=cfg.progress)
         quantize_4bit(model, device, compute_dtype=dtype)
     else:
-        model = load_model(cfg.model, dtype=dtype, device=device, progress=cfg.progress)
+        model = load_model(str(folder), dtype=dtype, device=device, progress=cfg.progress)
     if cfg.method == "lora":
         from .lora import apply_lora
 
@@ -261,14 +269,15 @@ def train(cfg: TrainConfig) -> dict:
     elif ckpt.list_checkpoints(output):
         raise FileExistsError(f"{output} already has checkpoints: pass --resume latest, or choose a new --output")
 
-    model, lora_config = build_model(cfg, accelerator.device, bf16)
-    config = model.config
-    processor = Processor.from_pretrained(model.checkpoint_path, config)
-    conversations = load_conversations(cfg.data, config, cfg.labels_dir)  # validates everything up front
+    folder = resolve_tiny(cfg.model) or resolve_model_path(cfg.model)
+    config = ModelConfig.from_file(folder / "config.json")
+    conversations = load_conversations(cfg.data, config, cfg.labels_dir)  # all data checked before the model loads
     if cfg.eval_data:
         train_convs, eval_convs = conversations, load_conversations(cfg.eval_data, config, cfg.labels_dir)
     else:
         train_convs, eval_convs = split_eval(conversations, cfg.eval_fraction, cfg.seed)
+    processor = Processor.from_pretrained(folder, config)
+    model, lora_config = build_model(cfg, folder, accelerator.device, bf16)
 
     rank, world = accelerator.process_index, accelerator.num_processes
     train_set = FinetuneDataset(train_convs, processor, cfg.seed, cfg.history, cfg.template)
@@ -297,8 +306,11 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from, accelerator)
         state = {**loaded, "config": asdict(cfg)}
+        changed = [k for k in RESUME_KEYS if loaded.get("config", {}).get(k) != state["config"][k]]
         if main:
             print(f"resumed from {resume_from} at step {state['step']}")
+            if changed:
+                print(f"warning: {', '.join(changed)} differ from the interrupted run: it will not be reproduced exactly")
     if main:
         output.mkdir(parents=True, exist_ok=True)
         print(f"{len(train_convs)} training / {len(eval_convs)} held-out conversations; {total_steps} steps of "
