@@ -266,6 +266,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         resume_from = ckpt.list_checkpoints(output)[-1:] if cfg.resume == "latest" else [Path(cfg.resume)]
         resume_from = resume_from[0] if resume_from else None
+        if resume_from is None and accelerator.is_main_process:
+            print(f"--resume latest: no checkpoint in {output} yet, starting from step 0")
     elif ckpt.list_checkpoints(output):
         raise FileExistsError(f"{output} already has checkpoints: pass --resume latest, or choose a new --output")
 
