@@ -32,7 +32,7 @@ class CausalLMLoss(nn.Module):
             embeds = feats.reshape(-1, feats.shape[-1])  # [M, D]
         fb = ForwardBatch(batch.input_ids, batch.positions, PackedAttention(batch.cu_seqlens),
                           batch.vision_idx, batch.language_idx,
-                          embeds, batch.embed_idx if embeds is not None else None)
+                          embeds, batch.embed_idx if embeds is not None else None, batch.expert_segments)
         hidden = m(fb)  # [N, D]
         logits = m.compute_logits(hidden.index_select(0, batch.target_idx))  # [T, V] float32, labelled rows only
         return F.cross_entropy(logits, batch.target_ids, reduction="sum")

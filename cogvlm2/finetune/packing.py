@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ..model.batch import expert_segments
 from ..processing.prompt import VISION, ModelInputs, vision_expert_mask
 
 IGNORE = -100
@@ -30,6 +31,8 @@ class PackedBatch:
     pixel_values  [n, 3, H, W] or None: the images / video frames of all examples, in order
     target_idx    [T] long: tokens whose next token is a label
     target_ids    [T] long: those labels (token target_idx[i] predicts target_ids[i])
+    expert_segments  host list of (start, end, is_vision) runs: the same routing as vision_idx /
+                  language_idx, as contiguous slices (no gather / scatter copies in the experts)
     """
 
     input_ids: torch.Tensor
@@ -41,6 +44,7 @@ class PackedBatch:
     pixel_values: torch.Tensor | None
     target_idx: torch.Tensor
     target_ids: torch.Tensor
+    expert_segments: list[tuple[int, int, bool]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -52,12 +56,15 @@ class PackedBatch:
 
     def pin_memory(self) -> "PackedBatch":
         """Called by DataLoader(pin_memory=True) so host-to-device copies can overlap compute."""
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return PackedBatch(**{k: v.pin_memory() if v is not None else None for k, v in moved.items()})
+        return PackedBatch(**{f.name: _apply(getattr(self, f.name), lambda t: t.pin_memory()) for f in fields(self)})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return PackedBatch(**{k: v.to(device, non_blocking=non_blocking) if v is not None else None for k, v in moved.items()})
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return PackedBatch(**{f.name: _apply(getattr(self, f.name), move) for f in fields(self)})
+
+
+def _apply(value, fn):
+    return fn(value) if isinstance(value, torch.Tensor) else value
 
 
 def truncate(x: ModelInputs, max_length: int) -> ModelInputs:
@@ -90,9 +97,10 @@ def pack(examples: Sequence[ModelInputs], has_vision_expert: bool = True, max_le
             pixels.append(x.pixel_values if x.pixel_values.dim() == 4 else x.pixel_values.unsqueeze(0))
     expert_t, labels_t = torch.tensor(expert), torch.tensor(labels)
     idx = torch.arange(len(ids))
-    vision_idx = language_idx = None
+    vision_idx = language_idx = segments = None
     if has_vision_expert and bool(expert_t.any()):
         vision_idx, language_idx = idx[expert_t], idx[~expert_t]
+        segments = expert_segments(expert)
     keep = labels_t != IGNORE
     return PackedBatch(
         input_ids=torch.tensor(ids),
@@ -104,4 +112,5 @@ def pack(examples: Sequence[ModelInputs], has_vision_expert: bool = True, max_le
         pixel_values=torch.cat(pixels) if pixels else None,
         target_idx=idx[keep],
         target_ids=labels_t[keep],
+        expert_segments=segments,
     )
