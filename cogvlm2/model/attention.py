@@ -54,19 +54,23 @@ class PaddedKVCache:
 
 
 class PackedAttention:
-    """No cache: several sequences packed back to back, causal inside each (block-diagonal mask).
+    """No cache: several sequences packed back to back, causal inside each (training, scoring).
 
     cu_seqlens [S + 1] long: sequence s occupies flat tokens cu_seqlens[s] : cu_seqlens[s + 1].
+    Each sequence gets its own causal SDPA call, so the flash / cuDNN kernels serve it (a dense
+    block-diagonal mask would force the slower masked kernels and O(N^2) mask memory).
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor):
-        n = int(cu_seqlens[-1])
-        seq_id = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=cu_seqlens.device),
-                                         cu_seqlens.diff())
-        idx = torch.arange(n, device=cu_seqlens.device)
-        self.mask = (seq_id[:, None] == seq_id[None, :]) & (idx[None, :] <= idx[:, None])  # [N, N]
+    def __init__(self, cu_seqlens: torch.Tensor | list[int]):
+        bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+        self.ranges = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, N, d]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
-        return out[0].transpose(0, 1)  # [N, Hq, d]
+        group = q.shape[1] // k.shape[1]
+        outs = []
+        for a, b in self.ranges:
+            qs = q[a:b].transpose(0, 1)[None]  # [1, Hq, n, d]
+            ks = k[a:b].transpose(0, 1).repeat_interleave(group, 0)[None]  # [1, Hq, n, d]
+            vs = v[a:b].transpose(0, 1).repeat_interleave(group, 0)[None]
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
+        return torch.cat(outs)  # [N, Hq, d]
