@@ -27,8 +27,9 @@ def test_engine_cuda_greedy_equals_reference():
     assert stats.kv_blocks_free == stats.kv_blocks_total
 
 
-def test_engine_cuda_bf16_runs_and_is_deterministic():
-    llm = LLM("tiny", dtype="bfloat16", device="cuda", max_num_seqs=4)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_engine_cuda_half_precision_runs_and_is_deterministic(dtype):
+    llm = LLM("tiny", dtype=dtype, device="cuda", max_num_seqs=4)
     prompts = [llm.processor("Describe.", image=Image.new("RGB", (32, 32), (i * 60, 0, 0))) for i in range(4)]
     params = SamplingParams(max_new_tokens=16, temperature=0.8, seed=3, ignore_eos=True)
     a = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
