@@ -6,6 +6,11 @@ all within `max_num_batched_tokens`. When the KV pool runs dry, the most recentl
 sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
 prefilled again later (prompt + generated tokens, prefix cache permitting). The oldest running
 sequence can always make progress because one sequence of max_model_len fits in the pool.
+
+Async scheduling adds `schedule_lookahead`: in the steady decode state the next step is built
+before the previous step's sampled ids reach the host (each running sequence then decodes the id
+still on the device). It never preempts nor admits; whenever either could happen it declines and
+the engine falls back to `schedule` after collecting the previous step.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -22,13 +28,18 @@ from .sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledBatch:
     """One step: seqs[i] computes tokens starts[i] : starts[i] + num_new_tokens[i] and, when
-    samples[i], samples its next token from the last of them."""
+    samples[i], samples its next token from the last of them.
+
+    A lookahead batch (input_rows set) is pure decode launched before the previous step was
+    collected: token starts[i] == len(seqs[i]) is not in token_ids yet; it is row input_rows[i] of
+    the previous step's sampled ids, which the runner reads on the device."""
 
     seqs: list[Sequence] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    input_rows: list[int] | None = None
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -92,7 +103,38 @@ class Scheduler:
             budget -= n
         return batch
 
+    def schedule_lookahead(self, prev: ScheduledBatch, done: Callable[[Sequence], bool]) -> ScheduledBatch | None:
+        """The decode step after `prev`, built before prev's sampled ids reach the host; None (and
+        nothing changed) unless this is the steady decode state:
+          - every running sequence sampled in prev (no prefill in progress, none left out by the budget),
+          - no waiting sequence could be admitted (the queue is empty or the batch is full),
+          - the pool holds the next token of every sequence without preempting.
+        A sequence for which done(seq) (prev's token ends it whatever its value: a length limit)
+        sits out. One that prev's token stops (EOS, stop string) cannot be foreseen: it decodes one
+        token too many, which the engine discards."""
+        rows = {id(s): i for i, s in enumerate(s for s, sample in zip(prev.seqs, prev.samples) if sample)}
+        if not self.running or any(id(s) not in rows for s in self.running):
+            return None
+        seqs = [s for s in self.running if not done(s)]
+        if (not seqs or len(seqs) > self.config.max_num_batched_tokens
+                or (self.waiting and len(seqs) < self.config.max_num_seqs)):
+            return None
+        short = [s for s in seqs if not self._holds(s, len(s) + 1)]  # typically one in block_size
+        if sum(self.blocks.blocks_needed(len(s) + 1) - len(s.block_table) for s in short) > self.blocks.num_free:
+            return None
+        for seq in short:
+            ok = self.blocks.allocate(seq, len(seq) + 1 - seq.num_computed_tokens)
+            assert ok, "lookahead allocation was checked"
+        n = len(seqs)
+        return ScheduledBatch(seqs, [len(s) for s in seqs], [1] * n, [True] * n, input_rows=[rows[id(s)] for s in seqs])
+
+    def _holds(self, seq: Sequence, num_tokens: int) -> bool:
+        """seq's blocks already cover its first num_tokens tokens (allocate would be a no-op)."""
+        return len(seq.block_table) * self.blocks.block_size >= num_tokens
+
     def _allocate_or_preempt(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
+        if self._holds(seq, seq.num_computed_tokens + n):  # the common decode step: nothing to allocate
+            return True
         while not self.blocks.allocate(seq, n):
             victim = self.running.pop()  # the newest; never one already scheduled this step
             self._preempt(victim)
@@ -109,8 +151,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
-        """After the step ran: advance progress, append sampled tokens, hash newly full blocks."""
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+        """After the step ran: advance progress, append sampled tokens, hash newly full blocks.
+        Sequences that finished (or were aborted) while the step was in flight are skipped: their
+        token is stale and their blocks are gone."""
+        for seq, start, n, token in zip(batch.seqs, batch.starts, batch.num_new_tokens, sampled):
+            if seq.is_finished:
+                continue
+            assert start == seq.num_computed_tokens, f"{seq} updated out of order (step start {start})"
             seq.num_computed_tokens += n
             if token is not None:
                 seq.token_ids.append(token)

@@ -4,6 +4,10 @@ Token i of a sequence is the prompt token i for i < num_prompt_tokens, else gene
 j = i - num_prompt_tokens: a language token at rotary position next_position + j that never uses the
 visual expert. `num_computed_tokens` counts tokens whose K/V is in the cache; a sequence samples a
 token in a step after which every token it holds is computed.
+
+Under async scheduling the token sampled by the step in flight is not in `token_ids` yet: a
+lookahead step decodes it straight from the device, and it is appended when that step is collected
+(so `token_ids` and `num_computed_tokens` always describe collected steps only).
 """
 
 from __future__ import annotations
