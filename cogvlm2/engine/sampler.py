@@ -7,7 +7,8 @@ top_k 1) take the argmax of the penalised logits. Seeded rows draw with their ow
 (created on first use, seeded with `seed`, kept by the sequence across steps and preemptions), so
 they do not depend on which other requests share the batch; unseeded rows draw together with the
 exponential-race trick. Per-row settings reach the device in one copy per step; nothing here syncs
-with the host: the caller copies the ids out once.
+with the host: the caller copies the ids out once. Under async scheduling each row's latest id may
+still be on the device (`pending`): the penalties then count it from there.
 """
 
 from __future__ import annotations
@@ -21,9 +22,17 @@ from .sequence import Sequence
 TEMPERATURE, TOP_P, TOP_K, REPETITION, PRESENCE, FREQUENCY, GREEDY = range(7)
 
 
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without waiting: from pageable memory the driver may first sync with the stream,
+    which would stall async scheduling behind the step in flight, so CUDA copies go through pinned memory."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 def _padded(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
     width = max(len(x) for x in lists)
-    return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.long).to(device, non_blocking=True)
+    return _to_device(torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.long), device)
 
 
 @dataclass
@@ -39,21 +48,34 @@ class SamplingTensors:
     any_top_p: bool
 
     @classmethod
-    def build(cls, seqs: list[Sequence], vocab: int, device: torch.device) -> "SamplingTensors":
+    def build(cls, seqs: list[Sequence], vocab: int, device: torch.device,
+              pending: torch.Tensor | None = None) -> "SamplingTensors":
+        """pending [B] long on the device: each row's latest id, not in its token_ids yet."""
         ps = [s.params for s in seqs]
-        rows = torch.tensor([[1.0 if p.greedy else p.temperature, p.top_p, min(p.top_k, vocab) if p.top_k > 0 else vocab,
-                              p.repetition_penalty, p.presence_penalty, p.frequency_penalty, float(p.greedy)]
-                             for p in ps], dtype=torch.float32).to(device, non_blocking=True)
+        rows = _to_device(torch.tensor([[1.0 if p.greedy else p.temperature, p.top_p,
+                                         min(p.top_k, vocab) if p.top_k > 0 else vocab, p.repetition_penalty,
+                                         p.presence_penalty, p.frequency_penalty, float(p.greedy)]
+                                        for p in ps], dtype=torch.float32), device)
         rep = [p.repetition_penalty != 1.0 for p in ps]
         pf = [bool(p.presence_penalty or p.frequency_penalty) for p in ps]
         seen = _padded([s.token_ids if r else [] for s, r in zip(seqs, rep)], vocab, device) if any(rep) else None
         outputs = (_padded([s.output_ids if f else [] for s, f in zip(seqs, pf)], vocab, device)
                    if any(f and s.num_output_tokens for s, f in zip(seqs, pf)) else None)
+        if pending is not None and any(rep):
+            seen = _with_pending(seen, rows[:, REPETITION] != 1.0, pending, vocab)
+        if pending is not None and any(pf):
+            outputs = _with_pending(outputs, (rows[:, PRESENCE] != 0) | (rows[:, FREQUENCY] != 0), pending, vocab)
         return cls(rows, seen, outputs, all(p.greedy for p in ps), any(p.top_k > 0 for p in ps),
                    any(p.top_p < 1.0 for p in ps))
 
     def col(self, c: int) -> torch.Tensor:
         return self.rows[:, c:c + 1]  # [B, 1]
+
+
+def _with_pending(ids: torch.Tensor | None, uses: torch.Tensor, pending: torch.Tensor, pad: int) -> torch.Tensor:
+    """ids [B, L] (or None) plus one column: pending[b] where uses[b], pad elsewhere (device only)."""
+    column = torch.where(uses, pending, pad)[:, None]
+    return column if ids is None else torch.cat([ids, column], 1)
 
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -87,9 +109,10 @@ def filter_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """logits [B, V] float32 of the B sampling rows -> token ids [B] long (on the device)."""
-        t = SamplingTensors.build(seqs, logits.shape[1], logits.device)
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], pending: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [B, V] float32 of the B sampling rows -> token ids [B] long (on the device).
+        pending [B]: each row's latest id when it is not in the sequence's token_ids yet."""
+        t = SamplingTensors.build(seqs, logits.shape[1], logits.device, pending)
         logits = apply_penalties(logits, t)
         argmax = logits.argmax(-1)
         if t.all_greedy:
