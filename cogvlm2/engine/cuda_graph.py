@@ -6,6 +6,12 @@ static input buffers, largest first, sharing one memory pool. A batch of n seque
 smallest bucket >= n: rows past n are padding that writes its K/V into the null block and attends
 to it only (context length 1). With capture=False every bucket runs eagerly over the same static
 buffers: the padding and buffer logic then runs (and is tested) on the CPU.
+
+The block tables persist on the device between steps and only the entries that changed travel: in
+steady decode a row gains one block every block_size steps, so at long contexts the host no longer
+rebuilds and copies [batch, blocks] ids per step. Under async scheduling the input ids of a step may
+be the previous step's sampled ids, still on the device: they are copied there into the static
+input_ids buffer and never visit the host.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from .attention import Attend, AttentionMetadata, KVCache, PagedAttention, atten
 from .config import EngineConfig
 
 GATHER_WORKSPACE_BYTES = 1 << 30  # the reference decode gathers whole block tables: cap its buckets
+NUM_STAGING_BUFFERS = 2  # pinned host staging buffers, used in turn (see `run`)
 
 
 class DecodeGraphs:
@@ -42,8 +49,12 @@ class DecodeGraphs:
         self.context_lens = torch.ones(max_bs, dtype=torch.long, device=device)
         self.block_tables = torch.full((max_bs, self.width), self.null_block, dtype=torch.long, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.long, device=device)
+        self._staging: list[torch.Tensor] = []
+        self._turn = 0
         if device.type == "cuda":
-            self._staging = torch.empty(max_bs * (4 + self.width), dtype=torch.long).pin_memory()
+            self._staging = [torch.empty(max_bs * (4 + 2 * self.width), dtype=torch.long).pin_memory()
+                             for _ in range(NUM_STAGING_BUFFERS)]
+        self._rows: list[list[int]] = [[] for _ in range(max_bs)]  # a prefix of what each block_tables row holds
         self.replay: dict[int, Callable[[], torch.Tensor]] = {}  # bucket -> run it, return hidden [bucket, D]
         pool = None
         with torch.inference_mode():
@@ -65,30 +76,52 @@ class DecodeGraphs:
     def fits(self, n: int) -> bool:
         return n <= self.sizes[-1]
 
-    def run(self, rows: tuple[list[int], list[int], list[int], list[int], list[list[int]]]) -> torch.Tensor:
-        """rows = (ids, positions, slots, context lens, block tables) of n sequences -> hidden [n, D]."""
+    def run(self, rows: tuple[list[int] | torch.Tensor, list[int], list[int], list[int], list[list[int]]]) -> torch.Tensor:
+        """rows = (ids, positions, slots, context lens, block tables) of n sequences -> hidden [n, D].
+        ids is a host list, or a device tensor (a lookahead step's ids, which never visit the host)."""
         ids, pos, slots, context, tables = rows
-        n = len(ids)
+        on_device = isinstance(ids, torch.Tensor)
+        n = len(pos)
         bs = next(s for s in self.sizes if s >= n)
         pad = bs - n
         null_slot = self.null_block * self.block_size
-        # Only the columns some sequence uses travel: the kernels never read a table past its context
-        # length, so stale entries further right are harmless. Pad rows attend to the null block.
-        w = max(len(t) for t in tables)
-        flat_tables = itertools.chain.from_iterable(t + [self.null_block] * (w - len(t)) for t in tables)
+        # Pad rows attend to the null block only (context length 1).
+        index, blocks, held = self._table_updates(tables + [[self.null_block]] * pad)
+        m = len(index)
         host = torch.tensor(list(itertools.chain(
-            ids, [0] * pad, pos, [0] * pad, slots, [null_slot] * pad,
-            context, [1] * pad, flat_tables, [self.null_block] * (pad * w))), dtype=torch.long)
-        device = self.input_ids.device
-        if device.type == "cuda":  # reuse one pinned staging buffer: the previous step has synced
-            staged = self._staging[:host.numel()]
+            [0] * n if on_device else ids, [0] * pad, pos, [0] * pad, slots, [null_slot] * pad,
+            context, [1] * pad, index, blocks)), dtype=torch.long)
+        if self._staging:
+            # The step launched just before may not have run yet, so its buffer is busy; the one
+            # before it was collected (the engine keeps at most one step in flight), so its copy is done.
+            staged = self._staging[self._turn][:host.numel()]
+            self._turn = (self._turn + 1) % len(self._staging)
             staged.copy_(host)
             host = staged
-        dev = host.to(device, non_blocking=True)
-        ids_d, pos_d, slots_d, ctx_d, tables_d = dev.split([bs, bs, bs, bs, bs * w])
+        dev = host.to(self.input_ids.device, non_blocking=True)
+        ids_d, pos_d, slots_d, ctx_d, index_d, blocks_d = dev.split([bs, bs, bs, bs, m, m])
         self.input_ids[:bs].copy_(ids_d)
+        if on_device:
+            self.input_ids[:n].copy_(ids)
         self.positions[:bs].copy_(pos_d)
         self.slot_mapping[:bs].copy_(slots_d)
         self.context_lens[:bs].copy_(ctx_d)
-        self.block_tables[:bs, :w].copy_(tables_d.view(bs, w))
+        if m:
+            self.block_tables.view(-1).index_copy_(0, index_d, blocks_d)
+        self._rows[:bs] = held
         return self.replay[bs]()[:n]
+
+    def _table_updates(self, tables: list[list[int]]) -> tuple[list[int], list[int], list[list[int]]]:
+        """What to write so that block_tables row r starts with tables[r]: (flat indices, blocks, the
+        rows' new prefixes). A row keeps what earlier steps wrote when that is a prefix of its new
+        table, so a steady decode step sends only the blocks its sequences just got. Entries past a
+        row's table are stale but never read: the kernels stop at the context length."""
+        index, blocks, held = [], [], []
+        for r, (new, old) in enumerate(zip(tables, self._rows)):
+            if new != old:
+                keep = len(old) if len(old) < len(new) and new[:len(old)] == old else 0
+                index += range(r * self.width + keep, r * self.width + len(new))
+                blocks += new[keep:]
+                old = list(new)  # a copy: the block manager appends to the sequence's own list
+            held.append(old)
+        return index, blocks, held
