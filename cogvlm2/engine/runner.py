@@ -5,9 +5,14 @@ indices) is built in host lists, packed into one tensor and copied to the device
 non_blocking on CUDA). Visual-expert routing arrives as index tensors sliced from the prompt's
 precomputed mask. Image / video features are encoded once per vision hash and kept until no
 unfinished sequence has vision tokens left to prefill, so chunked prefill never re-encodes an image
-and concurrent requests with the same image share one encoding. Pure-decode steps replay a CUDA
-graph when one was captured for a large enough batch size; the only host sync of a step is copying
-the sampled ids out.
+and concurrent requests with the same image share one encoding. Pure-decode steps take a shorter
+path (one token per sequence, no routing) and replay a CUDA graph when one was captured for a large
+enough batch size.
+
+A step is `launch`ed (everything enqueued, the sampled ids copied into a pinned buffer behind a CUDA
+event) and later `collect`ed (wait for the event, read the ids): the only host sync of a step. In
+between the engine may launch the next step, whose input ids are read from this step's sampled ids
+on the device. On the CPU launch runs synchronously and collect only reads the ids: same control flow.
 """
 
 from __future__ import annotations
@@ -27,6 +32,24 @@ from .sampler import Sampler
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
+DecodeRows = tuple[list[int] | torch.Tensor, list[int], list[int], list[int], list[list[int]]]
+NUM_LANDING_BUFFERS = 2  # pinned buffers for sampled ids, used in turn (see ModelRunner._to_host)
+
+
+@dataclass
+class LaunchedStep:
+    """A step enqueued on the device whose sampled ids are on their way to the host.
+
+    sampled  [n_sample] long ids on the device (a lookahead step reads its input ids here); None
+             when no row samples
+    host     where the ids land: a pinned buffer on CUDA (valid once `ready` fired), else `sampled`
+    """
+
+    batch: ScheduledBatch
+    sampled: torch.Tensor | None = None
+    host: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+
 
 class ModelRunner:
     def __init__(self, model: CogVLM2ForCausalLM, config: EngineConfig, attend: Attend = attend_reference):
@@ -41,23 +64,83 @@ class ModelRunner:
         self.sampler = Sampler()
         self.vision_cache: dict[str, torch.Tensor] = {}  # vision hash -> features [num_vision_tokens, D]
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(model, self.kv, config, attend)
+        self._landing: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        self._turn = 0
+        if self.device.type == "cuda":
+            self._landing = [(torch.empty(config.max_num_seqs, dtype=torch.long, pin_memory=True), torch.cuda.Event())
+                             for _ in range(NUM_LANDING_BUFFERS)]
+            if not config.enforce_eager:
+                self.graphs = DecodeGraphs(model, self.kv, config, attend)
+
+    def execute(self, batch: ScheduledBatch) -> list[int | None]:
+        """Run one step and wait for it: the sampled id of every sequence that samples, None for the others."""
+        return self.collect(self.launch(batch))
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step; the sampled id of every sequence that samples, None for the others."""
+    def launch(self, batch: ScheduledBatch, source: torch.Tensor | None = None) -> LaunchedStep:
+        """Enqueue one step (forward, lm_head, sampler, the ids' copy to the host) without waiting for
+        the device. A lookahead batch (input_rows set) reads its input ids from `source`, the
+        previous step's `sampled`."""
+        assert (batch.input_rows is None) == (source is None), "source goes with a lookahead batch"
         sampling = [s for s, sample in zip(batch.seqs, batch.samples) if sample]
-        if (self.graphs is not None and batch.is_decode and self.graphs.fits(len(batch))
-                and not any(s.has_pending_vision for s in batch.seqs)):
-            hidden = self.graphs.run(self._decode_rows(batch))
+        pending = None  # a lookahead batch's input ids: each sequence's latest id, still on the device
+        if self._is_plain_decode(batch):
+            rows = self._decode_rows(batch, source)
+            pending = rows[0] if source is not None else None
+            if self.graphs is not None and self.graphs.fits(len(batch)):
+                hidden = self.graphs.run(rows)
+            else:
+                hidden = self._forward_decode(rows)
         else:
             hidden = self._forward_eager(batch)
         if not sampling:
-            return [None] * len(batch)
-        tokens = self.sampler(self.model.compute_logits(hidden), sampling).tolist()  # the one host sync
-        it = iter(tokens)
-        return [next(it) if sample else None for sample in batch.samples]
+            return LaunchedStep(batch)
+        sampled = self.sampler(self.model.compute_logits(hidden), sampling, pending)  # [n_sample] on the device
+        return LaunchedStep(batch, sampled, *self._to_host(sampled))
+
+    def collect(self, step: LaunchedStep) -> list[int | None]:
+        """Wait for a launched step's ids: one per sequence, None for those that do not sample."""
+        if step.sampled is None:
+            return [None] * len(step.batch)
+        if step.ready is not None:
+            step.ready.synchronize()  # the one host sync of a step
+        it = iter(step.host.tolist())
+        return [next(it) if sample else None for sample in step.batch.samples]
+
+    def _to_host(self, sampled: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying the ids to the host: (where they land, the event that fires once they did).
+
+        The landing buffers are used in turn. The engine launches a step only after collecting every
+        step but the one launched just before, so a buffer is rewritten two launches later, after
+        the host read it."""
+        if not self._landing:
+            return sampled, None
+        buffer, ready = self._landing[self._turn]
+        self._turn = (self._turn + 1) % len(self._landing)
+        host = buffer[:sampled.numel()]
+        host.copy_(sampled, non_blocking=True)
+        ready.record()
+        return host, ready
+
+    @staticmethod
+    def _is_plain_decode(batch: ScheduledBatch) -> bool:
+        """One sampled token per sequence, each past its sequence's vision tokens: plain Llama (no
+        routing, no vision features), CUDA-graph shaped. Asked of the step's token position, not of
+        num_computed_tokens, which lags by one step for a lookahead batch."""
+        return batch.is_decode and all(not s.vision_token_idx or start > s.vision_token_idx[-1]
+                                       for s, start in zip(batch.seqs, batch.starts))
+
+    def _forward_decode(self, rows: DecodeRows) -> torch.Tensor:
+        """Hidden states [n, D] of a pure-decode batch, eagerly (no CUDA graph): plain Llama, no routing."""
+        ids, pos, slots, context, tables = rows
+        n, w, null = len(pos), max(len(t) for t in tables), self.kv.null_block
+        flat_tables = list(itertools.chain.from_iterable(t + [null] * (w - len(t)) for t in tables))
+        on_device = isinstance(ids, torch.Tensor)
+        ids_d, pos_d, slots_d, ctx_d, tables_d, qsl_d = self._to_device(
+            [[] if on_device else ids, pos, slots, context, flat_tables, list(range(n + 1))])
+        ids_d = ids if on_device else ids_d
+        meta = AttentionMetadata(slots_d, tables_d.view(n, w), ctx_d, qsl_d, [1] * n, context)
+        return self.model(ForwardBatch(ids_d, pos_d, PagedAttention(self.kv, meta, self.attend)))
 
     def _forward_eager(self, batch: ScheduledBatch) -> torch.Tensor:
         """Hidden states of the sampling rows [n_sample, D]."""
@@ -73,15 +156,26 @@ class ModelRunner:
                           embed_idx if h.vision_parts else None, h.segments)
         return self.model(fb).index_select(0, logits_idx)
 
-    def _decode_rows(self, batch: ScheduledBatch) -> tuple[list[int], list[int], list[int], list[int], list[list[int]]]:
-        """(ids, positions, slots, context lens, block tables) of a pure-decode batch: one token per sequence."""
+    def _decode_rows(self, batch: ScheduledBatch, source: torch.Tensor | None) -> DecodeRows:
+        """(ids, positions, slots, context lens, block tables) of a pure-decode batch: one token per
+        sequence. A lookahead batch's ids are a device tensor taken from `source`."""
         bs = self.config.block_size
-        ids, pos, slots = [], [], []
+        pos, slots = [], []
         for seq, start in zip(batch.seqs, batch.starts):
-            ids.append(seq.token_ids[start])
             pos += seq.positions(start, start + 1)
             slots.append(seq.block_table[start // bs] * bs + start % bs)
+        if source is not None:
+            ids = self._lookahead_ids(batch.input_rows, source)
+        else:
+            ids = [seq.token_ids[start] for seq, start in zip(batch.seqs, batch.starts)]
         return ids, pos, slots, [start + 1 for start in batch.starts], [s.block_table for s in batch.seqs]
+
+    def _lookahead_ids(self, rows: list[int], source: torch.Tensor) -> torch.Tensor:
+        """source[rows] on the device: source itself in the steady state (every row kept, in order)."""
+        if rows == list(range(source.shape[0])):
+            return source
+        (index,) = self._to_device([rows])
+        return source.index_select(0, index)
 
     def _to_device(self, arrays: list[list[int]]) -> list[torch.Tensor]:
         """Many host int lists -> device long tensors with ONE host-to-device copy."""
