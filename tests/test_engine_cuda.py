@@ -35,3 +35,50 @@ def test_engine_cuda_half_precision_runs_and_is_deterministic(dtype):
     a = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     b = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert a == b and all(len(t) == 16 for t in a)
+
+
+def test_engine_cuda_async_equals_sync():
+    """Async scheduling on CUDA with graphs (lookahead decode fed the sampled ids on the device, pinned
+    landing buffers behind CUDA events, staging buffers used in turn, persistent graph block tables)
+    against the synchronous engine: the same streams, greedy rows equal to the reference; stop id,
+    stop string, penalties, a seed and an abort mid-stream included."""
+    from test_engine_overlap import count_lookaheads, stream, summary
+
+    from cogvlm2.engine import EngineConfig, LLMEngine
+    from cogvlm2.engine.llm_engine import load_processor_and_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, processor = load_processor_and_model("tiny", dtype="float32", device="cuda")
+    greedy = dict(temperature=0, ignore_eos=True)
+    x = processor("Count with me")
+    ref = [t[0] for t in generate_ids(model, [x], SamplingParams(max_new_tokens=12, **greedy))]
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (20, 20, 20)]
+    requests = [(i, f"image-{i}", processor("Describe the image.", image=Image.new("RGB", (64, 48), c)),
+                 SamplingParams(max_new_tokens=24 + 4 * i, **greedy)) for i, c in enumerate(colours)]
+    requests += [
+        (1, "stop-id", x, SamplingParams(max_new_tokens=12, stop_token_ids=[ref[3]], **greedy)),
+        (1, "stop-str", x, SamplingParams(max_new_tokens=12, stop=[processor.tokenizer.decode(ref[5:7])], **greedy)),
+        (2, "penalties", processor("la la la"),
+         SamplingParams(max_new_tokens=16, repetition_penalty=1.3, frequency_penalty=0.5, **greedy)),
+        (2, "seeded", processor("Tell me a joke."), SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=5,
+                                                                   ignore_eos=True)),
+        (3, "abort-mid", processor("What is two plus two?"), SamplingParams(max_new_tokens=40, **greedy)),
+    ]
+    results = {}
+    for async_scheduling in (False, True):
+        engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_num_batched_tokens=96,
+                                               async_scheduling=async_scheduling), processor)
+        assert engine.runner.graphs is not None
+        counts = count_lookaheads(engine)
+        results[async_scheduling] = {rid: summary(o) for rid, o in
+                                     stream(engine, requests, abort_at={"abort-mid": 6}).items()}
+    assert counts["lookahead"] > 10
+    assert results[True] == results[False]
+    for _, rid, xi, p in requests:
+        if rid == "seeded":
+            continue
+        expect = [t[0] for t in generate_ids(model, [xi], p)]
+        tokens = results[True][rid][0]
+        assert tokens == expect[:len(tokens)], rid
+    assert results[True]["abort-mid"][0] == [t[0] for t in generate_ids(model, [requests[-1][2]], requests[-1][3])][:6]
+    assert results[True]["stop-id"][2:] == ("stop", ref[3])

@@ -30,6 +30,9 @@ class EngineConfig:
     enforce_eager             no CUDA graphs (debugging); CPU is always eager
     cuda_graph_batch_sizes    decode batch sizes captured as CUDA graphs (None: default buckets)
     adapter_id                part of every prefix hash: a LoRA adapter changes the KV of equal tokens
+    async_scheduling          in the steady decode state, launch the next step before collecting the
+                              previous one, overlapping host work (outputs, stops, scheduling) with
+                              the device (see llm_engine.py); False: every step waits for its ids
     """
 
     block_size: int = 16
@@ -42,6 +45,7 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
     adapter_id: str | None = None
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         checks = [

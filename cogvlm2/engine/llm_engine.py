@@ -3,6 +3,20 @@
 Not thread-safe: one thread owns an engine (AsyncLLM runs it in its loop thread). Each step
 schedules, runs the model once, appends sampled tokens, and returns a RequestOutput for every
 request that changed (aborts included).
+
+Async scheduling (EngineConfig.async_scheduling) keeps one launched step in flight across calls so
+the host work of a step overlaps the device's work on the next:
+
+    step() call k:  launch step k+1 (lookahead: inputs from step k's ids on the device)
+                    collect step k, append its ids, detokenize, check stops, free finished sequences
+                    -> outputs of step k        (meanwhile the device computes step k+1)
+
+The lookahead is only built in the steady decode state (`Scheduler.schedule_lookahead` states the
+rule); otherwise the call collects step k first and schedules step k+1 as the synchronous engine
+would (admission, chunked prefill, preemption), leaving it in flight. A sequence that step k stops
+or that is aborted meanwhile also ran in step k+1: that token is discarded when step k+1 is
+collected, so every token is reported once, in order. Outputs arrive one call later than without
+async scheduling; the tokens are the same.
 """
 
 from __future__ import annotations
@@ -21,7 +35,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .output import OutputProcessor
 from .protocol import EngineStats, RequestOutput
-from .runner import ModelRunner
+from .runner import LaunchedStep, ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -57,6 +71,7 @@ class LLMEngine:
                                       self.config.max_model_len, cfg.max_position_embeddings)
         self.seqs: dict[str, Sequence] = {}
         self._aborted: list[RequestOutput] = []
+        self._in_flight: LaunchedStep | None = None  # launched, not collected (async scheduling only)
 
     @classmethod
     def from_pretrained(cls, model: str | Path | CogVLM2ForCausalLM = "tiny", dtype: str | torch.dtype | None = None,
@@ -114,31 +129,57 @@ class LLMEngine:
         return True
 
     def abort_all(self) -> list[str]:
-        """Abort every unfinished request without reporting it (after a failed step); their ids."""
+        """Abort every unfinished request without reporting it (after a failed step); their ids.
+        A step in flight is dropped uncollected."""
         ids = list(self.seqs)
         for request_id in ids:
             self.abort(request_id)
         self._aborted.clear()
+        self._in_flight = None
         return ids
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        """True while step() has work: requests, abort reports, or a launched step to collect."""
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
         outputs, self._aborted = self._aborted, []
-        batch = self.scheduler.schedule()
-        tokens = self.runner.execute(batch) if batch.seqs else []
-        self.scheduler.update(batch, tokens)
-        for seq, token in zip(batch.seqs, tokens):
-            if token is None:
+        prev, launched, self._in_flight = self._in_flight, None, None
+        if prev is not None:
+            lookahead = self.scheduler.schedule_lookahead(prev.batch, self._done_after_next_token)
+            if lookahead is not None:
+                launched = self.runner.launch(lookahead, prev.sampled)
+            outputs += self._collect(prev)  # while the device runs the lookahead
+        if launched is None:
+            batch = self.scheduler.schedule()
+            if batch.seqs:
+                launched = self.runner.launch(batch)
+        if launched is not None and not self.config.async_scheduling:
+            outputs += self._collect(launched)
+            launched = None
+        self._in_flight = launched
+        if self.runner.vision_cache:
+            self.runner.release_vision(self.scheduler.pending_vision())
+        return outputs
+
+    def _done_after_next_token(self, seq: Sequence) -> bool:
+        """The token in flight for seq ends it by length, whatever its value: no lookahead for seq."""
+        return self.output.at_length_limit(seq, len(seq) + 1)
+
+    def _collect(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's ids, append them and report the sequences they changed. A
+        sequence that finished or was aborted while the step ran gets nothing: its token is stale."""
+        tokens = self.runner.collect(step)
+        self.scheduler.update(step.batch, tokens)
+        outputs = []
+        for seq, token in zip(step.batch.seqs, tokens):
+            if token is None or seq.is_finished:  # each sequence appears once: finished before this step
                 continue
             out = self.output.process(seq, token)
             outputs.append(out)
             if out.finished:
                 self.scheduler.finish(seq)
                 del self.seqs[seq.request_id]
-        if self.runner.vision_cache:
-            self.runner.release_vision(self.scheduler.pending_vision())
         return outputs
 
     def stats(self) -> EngineStats:

@@ -79,12 +79,18 @@ class OutputProcessor:
             delta, stop = state.push(token)
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
-            elif (seq.num_output_tokens >= params.max_new_tokens or len(seq) >= self.max_model_len
-                  or seq.next_position + seq.num_output_tokens - 1 >= self.max_position_embeddings):
+            elif self.at_length_limit(seq, len(seq)):
                 seq.finish_reason = "length"
         if seq.finish_reason is not None and not isinstance(seq.stop_reason, str):
             delta += state.flush()  # the end: release held-back text (a stop string was cut already)
         return self._output(seq, state, delta)
+
+    def at_length_limit(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `seq` holding num_tokens tokens (prompt included) is done by length, whatever the
+        value of its last token (the async scheduler asks this about a token still on the device)."""
+        num_output = num_tokens - seq.num_prompt_tokens
+        return (num_output >= seq.params.max_new_tokens or num_tokens >= self.max_model_len
+                or seq.next_position + num_output - 1 >= self.max_position_embeddings)
 
     def abort(self, seq: Sequence) -> RequestOutput:
         seq.finish_reason = "abort"
