@@ -60,8 +60,8 @@ def test_engine_cuda_async_equals_sync():
         (1, "stop-str", x, SamplingParams(max_new_tokens=12, stop=[processor.tokenizer.decode(ref[5:7])], **greedy)),
         (2, "penalties", processor("la la la"),
          SamplingParams(max_new_tokens=16, repetition_penalty=1.3, frequency_penalty=0.5, **greedy)),
-        (2, "seeded", processor("Tell me a joke."), SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=5,
-                                                                   ignore_eos=True)),
+        (2, "seeded", processor("Tell me a joke."),
+         SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True)),
         (3, "abort-mid", processor("What is two plus two?"), SamplingParams(max_new_tokens=40, **greedy)),
     ]
     results = {}

@@ -124,7 +124,7 @@ def test_async_equals_sync_mixed(tiny, name):
 def test_async_equals_sync_preemption_counts(tiny):
     """A pool so small that decodes preempt: preemption happens only on the synchronous path."""
     model, processor = tiny
-    requests = [(i, f"r{i}", processor(f"Story number {i}: " + "once upon a time " * 3, image=image(i) if i % 2 else None),
+    requests = [(i, f"r{i}", processor(f"Story {i}: " + "once upon a time " * 3, image=image(i) if i % 2 else None),
                  SamplingParams(max_new_tokens=30, **GREEDY)) for i in range(5)]
     config = dict(num_kv_blocks=12, block_size=16, max_model_len=192, max_num_batched_tokens=96)
     for async_scheduling in (False, True):
@@ -179,7 +179,8 @@ def test_sampler_pending_ids_equal_host_ids():
               SamplingParams(), SamplingParams(repetition_penalty=0.7, frequency_penalty=1.1)]
     seqs = []
     for i, p in enumerate(params):
-        seq = Sequence(f"s{i}", ModelInputs(torch.randint(0, vocab, (5,), generator=g).tolist(), [0] * 5, list(range(5))), p)
+        prompt = torch.randint(0, vocab, (5,), generator=g).tolist()
+        seq = Sequence(f"s{i}", ModelInputs(prompt, [0] * 5, list(range(5))), p)
         seq.token_ids += torch.randint(0, vocab, (i,), generator=g).tolist()  # 0..3 generated ids
         seqs.append(seq)
     pending = torch.randint(0, vocab, (len(seqs),), generator=g)

@@ -29,6 +29,10 @@ from .config import EngineConfig
 GATHER_WORKSPACE_BYTES = 1 << 30  # the reference decode gathers whole block tables: cap its buckets
 NUM_STAGING_BUFFERS = 2  # pinned host staging buffers, used in turn (see `run`)
 
+# (ids, positions, slots, context lens, block tables) of a pure-decode batch, one row per sequence;
+# ids is a host list or, for a lookahead step, a device tensor
+DecodeRows = tuple[list[int] | torch.Tensor, list[int], list[int], list[int], list[list[int]]]
+
 
 class DecodeGraphs:
     def __init__(self, model: CogVLM2ForCausalLM, cache: KVCache, config: EngineConfig, attend: Attend,
@@ -76,7 +80,7 @@ class DecodeGraphs:
     def fits(self, n: int) -> bool:
         return n <= self.sizes[-1]
 
-    def run(self, rows: tuple[list[int] | torch.Tensor, list[int], list[int], list[int], list[list[int]]]) -> torch.Tensor:
+    def run(self, rows: DecodeRows) -> torch.Tensor:
         """rows = (ids, positions, slots, context lens, block tables) of n sequences -> hidden [n, D].
         ids is a host list, or a device tensor (a lookahead step's ids, which never visit the host)."""
         ids, pos, slots, context, tables = rows

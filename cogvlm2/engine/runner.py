@@ -26,13 +26,12 @@ from ..model.batch import ForwardBatch, expert_segments
 from ..model.cogvlm import CogVLM2ForCausalLM
 from .attention import Attend, AttentionMetadata, KVCache, PagedAttention, attend_reference
 from .config import EngineConfig
-from .cuda_graph import DecodeGraphs
+from .cuda_graph import DecodeGraphs, DecodeRows
 from .memory import num_kv_blocks
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
-DecodeRows = tuple[list[int] | torch.Tensor, list[int], list[int], list[int], list[list[int]]]
 NUM_LANDING_BUFFERS = 2  # pinned buffers for sampled ids, used in turn (see ModelRunner._to_host)
 
 
