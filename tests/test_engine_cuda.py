@@ -66,7 +66,8 @@ def test_engine_cuda_async_equals_sync():
     ]
     results = {}
     for async_scheduling in (False, True):
-        engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_num_batched_tokens=96,
+        # an explicit pool: sizing from free memory would see the previous engine's pool still alive
+        engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_num_batched_tokens=96, num_kv_blocks=4096,
                                                async_scheduling=async_scheduling), processor)
         assert engine.runner.graphs is not None
         counts = count_lookaheads(engine)
