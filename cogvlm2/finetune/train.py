@@ -280,6 +280,12 @@ def train(cfg: TrainConfig) -> dict:
         train_convs, eval_convs = split_eval(conversations, cfg.eval_fraction, cfg.seed)
     processor = Processor.from_pretrained(folder, config)
     model, lora_config = build_model(cfg, folder, accelerator.device, bf16)
+    if accelerator.distributed_type.name == "FSDP" and cfg.gradient_checkpointing:
+        # Our per-layer checkpoint would wrap FSDP2 units from outside, and recomputation then sees
+        # resharded parameters; accelerate instead wraps each layer before sharding it.
+        accelerator.state.fsdp_plugin.activation_checkpointing = True
+        model.gradient_checkpointing = False
+        model.model.vision.transformer.gradient_checkpointing = False
 
     rank, world = accelerator.process_index, accelerator.num_processes
     train_set = FinetuneDataset(train_convs, processor, cfg.seed, cfg.history, cfg.template)
