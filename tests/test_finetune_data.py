@@ -196,3 +196,20 @@ def test_dataset_items_are_deterministic(official, tiny):
     assert ds[(0, 0)].labels[-2:] != [-100, -100]  # answer + EOS are labelled
     variants = {tuple(ds[(e, 1)].input_ids) for e in range(12)}
     assert len(variants) > 1  # the sampled round / history changes with the epoch
+
+
+def test_save_state_hook_tolerates_backends_that_save_models_themselves():
+    """FSDP / DeepSpeed hand accelerate's pre-hook the models but no weights (they write sharded
+    states themselves); the hook must leave that alone instead of indexing past the list."""
+    import torch
+
+    from cogvlm2.finetune.checkpointing import keep_only_trainable
+
+    model = torch.nn.Linear(2, 2)
+    model.bias.requires_grad_(False)
+    weights: list[dict] = []
+    keep_only_trainable([model], weights, "unused")
+    assert weights == []
+    weights = [dict(model.state_dict())]
+    keep_only_trainable([model], weights, "unused")
+    assert set(weights[0]) == {"weight"}

@@ -40,10 +40,13 @@ def list_checkpoints(output: Path) -> list[Path]:
 
 
 def keep_only_trainable(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-    """accelerate save_state pre-hook: drop frozen tensors from the model state it is about to write."""
-    for i, model in enumerate(models):
+    """accelerate save_state pre-hook: drop frozen tensors from the model state it is about to write.
+
+    FSDP and DeepSpeed write their (sharded) model states themselves and hand the hook no weights:
+    nothing to filter then (zip stops at the shorter list)."""
+    for i, (model, state) in enumerate(zip(models, weights)):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
+        weights[i] = {k: v for k, v in state.items() if k in trainable}
 
 
 def _is_deepspeed(accelerator) -> bool:
