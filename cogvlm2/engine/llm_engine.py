@@ -88,7 +88,7 @@ class LLMEngine:
     def tokenizer(self):
         return self.processor.tokenizer if self.processor else None
 
-    def validate(self, request_id: str, inputs: ModelInputs, params: SamplingParams) -> None:
+    def validate(self, request_id: str, inputs: ModelInputs) -> None:
         """Raise ValueError with a message fit for the client when the request cannot be served."""
         cfg, n = self.model.config, len(inputs)
         if request_id in self.seqs:
@@ -112,7 +112,7 @@ class LLMEngine:
     def add_request(self, request_id: str, inputs: ModelInputs, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         params = params or SamplingParams()
-        self.validate(request_id, inputs, params)
+        self.validate(request_id, inputs)
         seq = Sequence(request_id, inputs, params, arrival_time)
         self.output.add(seq)
         self.seqs[request_id] = seq

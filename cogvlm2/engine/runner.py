@@ -71,10 +71,6 @@ class ModelRunner:
             if not config.enforce_eager:
                 self.graphs = DecodeGraphs(model, self.kv, config, attend)
 
-    def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run one step and wait for it: the sampled id of every sequence that samples, None for the others."""
-        return self.collect(self.launch(batch))
-
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, source: torch.Tensor | None = None) -> LaunchedStep:
         """Enqueue one step (forward, lm_head, sampler, the ids' copy to the host) without waiting for

@@ -212,11 +212,11 @@ class _Logger:
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, loader, accelerator, limit: int | None) -> dict:
+def evaluate(module: nn.Module, loader, accelerator) -> dict:
     """Held-out loss (token-weighted mean over every rank) and perplexity."""
     module.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for batch in islice(loader, limit):
+    for batch in loader:
         total[0] += module(batch.to(accelerator.device)).double()
         total[1] += batch.num_targets
     module.train()
@@ -362,7 +362,7 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
         if eval_loader is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-            metrics = evaluate(module, eval_loader, accelerator, None)
+            metrics = evaluate(module, eval_loader, accelerator)
             logger.log(step, **metrics)
             state.setdefault("eval", []).append({"step": step, **metrics})
             if main:

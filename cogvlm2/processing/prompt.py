@@ -4,7 +4,7 @@ token types, position ids and visual-expert routing — every CogVLM2 prompt qui
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -75,7 +75,6 @@ class ModelInputs:
     vision_hash: str | None = None
     labels: list[int] | None = None
     prompt_text: str = ""
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
