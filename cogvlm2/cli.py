@@ -45,6 +45,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 204
     p.add_argument("--seed", type=int, default=None)
 
 
+def sampling_params(args: argparse.Namespace):
+    """SamplingParams from the flags of `add_sampling_arguments`."""
+    from .sampling_params import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
 def _chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal (image, video or text)",
                        description="One-shot with --query, else an interactive multi-turn loop like the official "
@@ -79,10 +87,8 @@ def load_for_chat(args):
 
 def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     from .generation import stream_text
-    from .sampling_params import SamplingParams
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    params = sampling_params(args)
     model, processor = load_for_chat(args)
     kind = "video" if model.config.is_video else "image"
 

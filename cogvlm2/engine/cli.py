@@ -52,16 +52,14 @@ def read_prompts(path: str) -> list:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from ..cli import auto_device, auto_dtype
-    from ..sampling_params import SamplingParams
+    from ..cli import auto_device, auto_dtype, sampling_params
     from .llm import LLM
 
     prompts = read_prompts(args.input)
     device = auto_device(args.device)
     llm = LLM(args.model, dtype=auto_dtype(args.dtype, device), device=device, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    params = sampling_params(args)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
