@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 __all__ = ["CheckpointError", "LoadReport", "parse_dtype", "resolve_model_path", "weight_files",
-           "load_weights", "save_weights"]
+           "load_weights", "save_weights", "copy_non_weight_files"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -253,3 +255,11 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], folder: str | os.PathLi
         index = {"metadata": {**(metadata or {}), "total_size": total}, "weight_map": weight_map}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return files
+
+
+def copy_non_weight_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy every file of checkpoint folder ``src`` but its weights (config.json, tokenizer.json, generation
+    config, the official remote code, ...) into ``dst``: what a re-saved checkpoint keeps from its base."""
+    for f in Path(src).iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copyfile(f, Path(dst) / f.name)

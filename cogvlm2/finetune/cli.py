@@ -113,12 +113,11 @@ def validate(cfg) -> int:
     """--validate-only: read the config and tokenizer, check every example, report counts."""
     from pathlib import Path
 
-    from ..checkpoint import resolve_model_path
     from ..config import ModelConfig
-    from ..tiny import resolve_tiny
+    from ..model import checkpoint_folder
     from .data import load_conversations
 
-    folder = resolve_tiny(cfg.model) or resolve_model_path(cfg.model)
+    folder = checkpoint_folder(cfg.model)
     config = ModelConfig.from_file(Path(folder) / "config.json")
     n = len(load_conversations(cfg.data, config, cfg.labels_dir))
     m = len(load_conversations(cfg.eval_data, config, cfg.labels_dir)) if cfg.eval_data else 0

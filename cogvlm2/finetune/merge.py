@@ -5,18 +5,14 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import parse_dtype, resolve_model_path, save_weights, weight_files
-from ..model import load_model
-from ..tiny import resolve_tiny
+from ..checkpoint import copy_non_weight_files, parse_dtype, save_weights, weight_files
+from ..model import checkpoint_folder, load_model
 from .lora import load_adapter, merge_lora
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
 
 def stored_dtype(folder: Path) -> torch.dtype:
@@ -36,7 +32,7 @@ def merge_adapter(base: str, adapter: str | Path, output: str | Path, dtype: str
     """Write base + adapter, merged, to `output`; returns the folder. Weights keep the base's stored dtype
     unless `dtype` is given; each merged weight is summed in float32 and rounded once."""
     output = Path(output)
-    folder = resolve_tiny(base) or resolve_model_path(base)
+    folder = checkpoint_folder(base)
     stored = stored_dtype(folder)
     out_dtype = parse_dtype(dtype) if dtype is not None else stored
     if output.resolve() == folder.resolve():
@@ -47,7 +43,5 @@ def merge_adapter(base: str, adapter: str | Path, output: str | Path, dtype: str
     merge_lora(model)
     state = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_weights(state, output, max_shard_bytes=max_shard_bytes, metadata={"merged_adapter": str(adapter)})
-    for f in folder.iterdir():  # config.json, tokenizer.json, generation config, the official remote code, ...
-        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copyfile(f, output / f.name)
+    copy_non_weight_files(folder, output)
     return output

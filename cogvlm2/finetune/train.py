@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import resolve_model_path, save_weights
+from ..checkpoint import copy_non_weight_files, save_weights
 from ..config import ModelConfig
-from ..model import load_model
-from ..tiny import resolve_tiny
+from ..model import checkpoint_folder, load_model
 from ..processing import Processor
 from . import checkpointing as ckpt
 from .data import load_conversations
@@ -238,15 +237,11 @@ def save_final(output: Path, accelerator, module, model, lora: bool, base_folder
         return output / "adapter"
     state = accelerator.get_state_dict(module)  # full, gathered (ZeRO-3 / FSDP) on the main process
     if accelerator.is_main_process:
-        import shutil
-
         folder = output / "model"
         weights = {k.removeprefix("model."): v.to(dtype if v.is_floating_point() else v.dtype)
                    for k, v in state.items()}
         save_weights(weights, folder)
-        for f in base_folder.iterdir():  # config.json, tokenizer.json, the official remote code, ...
-            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".index.json")):
-                shutil.copyfile(f, folder / f.name)
+        copy_non_weight_files(base_folder, folder)
     accelerator.wait_for_everyone()
     return output / "model"
 
@@ -271,7 +266,7 @@ def train(cfg: TrainConfig) -> dict:
     elif ckpt.list_checkpoints(output):
         raise FileExistsError(f"{output} already has checkpoints: pass --resume latest, or choose a new --output")
 
-    folder = resolve_tiny(cfg.model) or resolve_model_path(cfg.model)
+    folder = checkpoint_folder(cfg.model)
     config = ModelConfig.from_file(folder / "config.json")
     conversations = load_conversations(cfg.data, config, cfg.labels_dir)  # all data checked before the model loads
     if cfg.eval_data:

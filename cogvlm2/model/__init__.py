@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..checkpoint import load_weights, parse_dtype, resolve_model_path
 from ..config import ModelConfig
 from .cogvlm import CogVLM2ForCausalLM
 
-__all__ = ["CogVLM2ForCausalLM", "load_model"]
+__all__ = ["CogVLM2ForCausalLM", "checkpoint_folder", "load_model"]
+
+
+def checkpoint_folder(name_or_path: str | Path) -> Path:
+    """The local folder of an embedded tiny model (built on first use), a checkpoint folder or a Hub repo id."""
+    from ..tiny import resolve_tiny
+
+    return resolve_tiny(name_or_path) or resolve_model_path(name_or_path)
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: str | torch.device = "cpu",
@@ -18,9 +27,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
     The model is built on the meta device and every tensor is loaded once, directly in `dtype` on
     `device`; the key set must match the official checkpoint exactly.
     """
-    from ..tiny import resolve_tiny
-
-    folder = resolve_tiny(name_or_path) or resolve_model_path(name_or_path)
+    folder = checkpoint_folder(name_or_path)
     config = ModelConfig.from_file(folder / "config.json")
     with torch.device("meta"):
         model = CogVLM2ForCausalLM(config)
