@@ -104,7 +104,7 @@ def generate_ids(model: CogVLM2ForCausalLM, batch: Sequence[ModelInputs], params
     hidden = model(fb).view(b, -1, cfg.hidden_size)
     logits = model.compute_logits(hidden[:, -1])  # [B, V]: the last column, as the official demo
     next_pos = pad.positions.max(dim=1).values + 1  # [B]
-    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(cfg.eos_token_ids))
+    stops = params.stop_ids(cfg.eos_token_ids)
     generators = [torch.Generator(device=logits.device).manual_seed(params.seed + i) if params.seed is not None
                   else None for i in range(b)]
     generated: list[list[int]] = [[] for _ in range(b)]
@@ -133,7 +133,7 @@ def stream_text(model: CogVLM2ForCausalLM, tokenizer: Tokenizer, inputs: ModelIn
                 params: SamplingParams) -> Iterator[str]:
     """Generate for one prompt and yield text deltas as they complete (UTF-8 safe, stop strings cut)."""
     detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
-    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(model.config.eos_token_ids))
+    stops = params.stop_ids(model.config.eos_token_ids)
     held = ""  # text not yet emitted because it may be the start of a stop string
     hold = max((len(s) for s in params.stop), default=0)
     for (token,) in generate_ids(model, [inputs], params):

@@ -47,3 +47,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    def stop_ids(self, eos_token_ids) -> set[int]:
+        """The ids that end generation: stop_token_ids, and the model's EOS ids unless ignore_eos."""
+        return set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))

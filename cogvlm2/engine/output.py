@@ -18,8 +18,9 @@ from .sequence import Sequence
 
 
 class _TextState:
-    def __init__(self, tokenizer: Tokenizer | None, seq: Sequence):
+    def __init__(self, tokenizer: Tokenizer | None, seq: Sequence, eos_token_ids: tuple[int, ...]):
         params = seq.params
+        self.stop_ids = params.stop_ids(eos_token_ids)
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer else None
         self.stops = params.stop
         self.hold = max((len(s) for s in params.stop), default=0)
@@ -56,7 +57,7 @@ class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer | None, eos_token_ids: tuple[int, ...], max_model_len: int,
                  max_position_embeddings: int):
         self.tokenizer = tokenizer
-        self.eos_token_ids = set(eos_token_ids)
+        self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.max_position_embeddings = max_position_embeddings
         self.states: dict[str, _TextState] = {}
@@ -64,16 +65,15 @@ class OutputProcessor:
     def add(self, seq: Sequence) -> None:
         if seq.params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        self.states[seq.request_id] = _TextState(self.tokenizer, seq)
+        self.states[seq.request_id] = _TextState(self.tokenizer, seq, self.eos_token_ids)
 
     def process(self, seq: Sequence, token: int) -> RequestOutput:
         """After `token` was appended to seq: decide whether it finished, and report the change."""
         state = self.states[seq.request_id]
-        params = seq.params
         delta = ""
         if seq.metrics.first_token_time is None:
             seq.metrics.first_token_time = time.monotonic()
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        if token in state.stop_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         else:
             delta, stop = state.push(token)
