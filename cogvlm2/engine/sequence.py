@@ -91,10 +91,15 @@ class Sequence:
         return prompt + list(range(self.next_position + max(start, n) - n, self.next_position + end - n))
 
     def token_types(self, start: int, end: int) -> list[int]:
-        return self.inputs.token_type_ids[start:min(end, self.num_prompt_tokens)] + [0] * max(0, end - max(start, self.num_prompt_tokens))
+        return self._prompt_slice(self.inputs.token_type_ids, start, end, 0)
 
     def expert_mask(self, start: int, end: int) -> list[bool]:
-        return self._expert_mask[start:min(end, self.num_prompt_tokens)] + [False] * max(0, end - max(start, self.num_prompt_tokens))
+        return self._prompt_slice(self._expert_mask, start, end, False)
+
+    def _prompt_slice(self, per_prompt_token: list, start: int, end: int, generated):
+        """Tokens start..end-1 of a per-prompt-token list; `generated` for each generated token."""
+        n = self.num_prompt_tokens
+        return per_prompt_token[start:min(end, n)] + [generated] * max(0, end - max(start, n))
 
     def vision_range(self, start: int, end: int) -> tuple[int, int]:
         """Feature rows [a, b) of this sequence's vision features used by tokens start..end-1
