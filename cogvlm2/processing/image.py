@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+# OpenAI CLIP normalisation (open_clip OPENAI_DATASET_MEAN / OPENAI_DATASET_STD), images and video frames
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard for untrusted input

@@ -64,6 +64,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .image import CLIP_MEAN, CLIP_STD  # OpenAI CLIP normalisation, as for images
+
 __all__ = [
     "NUM_FRAMES",
     "BASE_CLIP_SECONDS",
@@ -84,10 +86,6 @@ __all__ = [
 NUM_FRAMES = 24
 BASE_CLIP_SECONDS = 60
 STRATEGIES = ("chat", "base")
-
-# OpenAI CLIP normalisation (open_clip OPENAI_DATASET_MEAN / OPENAI_DATASET_STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
