@@ -59,9 +59,6 @@ class LLMEngine:
         self.model = model
         self.processor = processor
         self.config = (config or EngineConfig()).for_model(model.config)
-        if self.config.num_kv_blocks is not None and self.config.num_kv_blocks < self.config.max_blocks_per_seq:
-            raise ValueError(f"num_kv_blocks={self.config.num_kv_blocks} cannot hold one sequence of max_model_len="
-                             f"{self.config.max_model_len} ({self.config.max_blocks_per_seq} blocks); lower max_model_len")
         self.runner = ModelRunner(model, self.config, attend or default_attend(model.device, self.config.max_model_len))
         self.block_manager = BlockManager(self.runner.kv.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching, self.config.adapter_id)

@@ -11,17 +11,22 @@ from .config import CPU_KV_CACHE_BYTES, CPU_KV_CACHE_SEQS, EngineConfig
 
 
 def num_kv_blocks(model: CogVLM2ForCausalLM, config: EngineConfig, attend: Attend) -> int:
+    """config.num_kv_blocks when given, else sized as above; raises unless one sequence of max_model_len fits
+    (the scheduler relies on it: the oldest running sequence can always make progress)."""
     cfg = model.config
     per_block = KVCache.bytes_per_block(cfg.num_hidden_layers, config.block_size, cfg.num_key_value_heads,
                                         cfg.head_dim, model.dtype)
-    if model.device.type != "cuda":
+    if config.num_kv_blocks is not None:
+        blocks = config.num_kv_blocks
+    elif model.device.type != "cuda":
         blocks = min(CPU_KV_CACHE_BYTES // per_block, CPU_KV_CACHE_SEQS * config.max_blocks_per_seq)
     else:
         blocks = int(_free_cuda_bytes_after_profile(model, config, attend) // per_block)
     if blocks < config.max_blocks_per_seq:
+        fix = "raise num_kv_blocks" if config.num_kv_blocks is not None else "raise gpu_memory_utilization"
         raise ValueError(f"the KV cache holds {blocks} blocks of {config.block_size} tokens, fewer than one sequence "
                          f"of max_model_len={config.max_model_len} needs ({config.max_blocks_per_seq}); lower "
-                         f"max_model_len or raise gpu_memory_utilization")
+                         f"max_model_len or {fix}")
     return blocks
 
 

@@ -57,7 +57,7 @@ class ModelRunner:
         self.device = model.device
         self.attend = attend
         cfg = model.config
-        blocks = config.num_kv_blocks or num_kv_blocks(model, config, attend)
+        blocks = num_kv_blocks(model, config, attend)
         self.kv = KVCache(cfg.num_hidden_layers, blocks, config.block_size, cfg.num_key_value_heads, cfg.head_dim,
                           model.dtype, self.device)
         self.sampler = Sampler()
