@@ -1,9 +1,9 @@
 """ModelRunner: one ScheduledBatch -> device tensors -> forward -> logits of the sampling rows -> token ids.
 
-Per step, all integer metadata (ids, positions, KV slots, block tables, lengths, routing and vision
-indices) is built in host lists, packed into one tensor and copied to the device once (pinned,
-non_blocking on CUDA). Visual-expert routing arrives as index tensors sliced from the prompt's
-precomputed mask. Image / video features are encoded once per vision hash and kept until no
+Per step, all integer metadata (ids, positions, KV slots, block tables, lengths, vision indices) is
+built in host lists, packed into one tensor and copied to the device once (pinned, non_blocking on
+CUDA). Visual-expert routing stays on the host: contiguous runs cut from the prompt's precomputed
+mask, so the experts run on row slices. Image / video features are encoded once per vision hash and kept until no
 unfinished sequence has vision tokens left to prefill, so chunked prefill never re-encodes an image
 and concurrent requests with the same image share one encoding. Pure-decode steps take a shorter
 path (one token per sequence, no routing) and replay a CUDA graph when one was captured for a large
@@ -140,15 +140,12 @@ class ModelRunner:
     def _forward_eager(self, batch: ScheduledBatch) -> torch.Tensor:
         """Hidden states of the sampling rows [n_sample, D]."""
         h = HostInputs.build(batch, self.config.block_size, self.kv.null_block, self.model.config.has_vision_expert)
-        (ids, pos, slots, qsl, ctx, tables, logits_idx, embed_idx, vision_idx, language_idx) = self._to_device(
-            [h.ids, h.positions, h.slots, h.query_start, h.context, h.tables, h.logits_idx, h.embed_idx,
-             h.vision_idx, h.language_idx])
+        (ids, pos, slots, qsl, ctx, tables, logits_idx, embed_idx) = self._to_device(
+            [h.ids, h.positions, h.slots, h.query_start, h.context, h.tables, h.logits_idx, h.embed_idx])
         meta = AttentionMetadata(slots, tables.view(len(batch), -1), ctx, qsl, batch.num_new_tokens, h.context)
-        routed = bool(h.vision_idx)
         fb = ForwardBatch(ids, pos, PagedAttention(self.kv, meta, self.attend),
-                          vision_idx if routed else None, language_idx if routed else None,
-                          self._vision_embeds(h.vision_parts) if h.vision_parts else None,
-                          embed_idx if h.vision_parts else None, h.segments)
+                          vision_embeds=self._vision_embeds(h.vision_parts) if h.vision_parts else None,
+                          vision_embed_idx=embed_idx if h.vision_parts else None, expert_segments=h.segments)
         return self.model(fb).index_select(0, logits_idx)
 
     def _decode_rows(self, batch: ScheduledBatch, source: torch.Tensor | None) -> DecodeRows:
@@ -211,9 +208,7 @@ class HostInputs:
     tables: list[int] = field(default_factory=list)  # [B * W] block tables padded with the null block
     logits_idx: list[int] = field(default_factory=list)  # last token of each sampling sequence
     embed_idx: list[int] = field(default_factory=list)  # tokens whose embedding a vision feature replaces
-    vision_idx: list[int] = field(default_factory=list)  # tokens routed to the visual expert
-    language_idx: list[int] = field(default_factory=list)  # the others (only when vision_idx is not empty)
-    segments: list[tuple[int, int, bool]] | None = None  # the same routing as contiguous runs
+    segments: list[tuple[int, int, bool]] | None = None  # visual-expert routing as contiguous runs (None: none)
     vision_parts: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, feature rows a:b)
 
     @classmethod
@@ -236,7 +231,5 @@ class HostInputs:
             if b > a:
                 h.embed_idx += [offset + seq.vision_token_idx[r] - start for r in range(a, b)]
                 h.vision_parts.append((seq, a, b))
-        h.vision_idx = [i for i, e in enumerate(expert) if e]
-        h.language_idx = [i for i, e in enumerate(expert) if not e] if h.vision_idx else []
-        h.segments = expert_segments(expert) if h.vision_idx else None
+        h.segments = expert_segments(expert) if any(expert) else None
         return h

@@ -29,13 +29,14 @@ class ForwardBatch:
     positions        [N] long: rotary positions (an image's patch tokens share one position)
     attention        the backend that stores this step's K/V and attends
     vision_idx       [Nv] long or None: tokens that use the visual-expert weights (boi + patches;
-                     never eoi, never a generated token). None = all tokens use the language weights.
+                     never eoi, never a generated token). None (and no expert_segments) = all tokens
+                     use the language weights.
     language_idx     [N - Nv] long: the complement of vision_idx (required when vision_idx is given)
     vision_embeds    [M, D] or None: embeddings that replace the token embeddings at vision_embed_idx
     vision_embed_idx [M] long
     expert_segments  optional host list of (start, end, is_vision) covering [0, N): the same routing
                      as contiguous runs (an image is one run), so experts run on row slices with no
-                     gather / scatter copies; preferred over the index tensors when given
+                     gather / scatter copies; when given, the index tensors are not needed
     """
 
     input_ids: torch.Tensor

@@ -42,10 +42,12 @@ class MLP(nn.Module):
 
 def route(x: torch.Tensor, batch: ForwardBatch, language: Callable, vision: Callable | None) -> torch.Tensor:
     """Apply `language` to language tokens and `vision` to visual-expert tokens of x [N, ...]."""
-    if batch.vision_idx is None or vision is None:
+    if vision is None:
         return language(x)
     if batch.expert_segments is not None:
         return torch.cat([(vision if v else language)(x[a:b]) for a, b, v in batch.expert_segments])
+    if batch.vision_idx is None:
+        return language(x)
     y_lang = language(x.index_select(0, batch.language_idx))
     y_vis = vision(x.index_select(0, batch.vision_idx))
     out = y_lang.new_empty((x.shape[0], *y_lang.shape[1:]))
