@@ -5,10 +5,11 @@ Extension point for a fast kernel (FlexAttention / Triton / FlashAttention varle
     attend(q [N, Hq, d], k_cache [num_blocks + 1, block_size, Hkv, d], v_cache, meta) -> [N, Hq, d]
 
 reading `meta.block_tables`, `meta.context_lens` and `meta.query_start_loc` (device tensors), and
-pass it as `LLMEngine(..., attend=...)` (default: `default_attend`, which picks `kernels.cuda_attend` on CUDA). The K/V of this step's
-tokens is already in the cache when attend runs, so it sees queries and keys of token i of sequence s
-at cache position context_lens[s] - query_len[s] + i. Pure-decode steps under a CUDA graph carry no
-host lists (`query_lens is None`), so a graph-safe attend must use device tensors only.
+pass it as `LLMEngine(..., attend=...)` (default: `default_attend`, which picks `kernels.cuda_attend`
+on CUDA). The K/V of this step's tokens is already in the cache when attend runs, so it sees queries
+and keys of token i of sequence s at cache position context_lens[s] - query_len[s] + i. Pure-decode
+steps under a CUDA graph carry no host lists (`query_lens is None`), so a graph-safe attend must use
+device tensors only.
 """
 
 from __future__ import annotations

@@ -25,9 +25,8 @@ async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]
     thread started, and shut down (in-flight requests failed) on exit."""
     from ..cli import auto_device, auto_dtype
     from ..engine.async_llm import AsyncLLM
-    from ..tiny import TINY_NOTE, is_tiny
-
     from ..model import load_model
+    from ..tiny import TINY_NOTE, is_tiny
 
     device = auto_device(args.device)
     model = await asyncio.to_thread(load_model, args.model, auto_dtype(args.dtype, device), device)
