@@ -139,7 +139,7 @@ class ModelRunner:
 
     def _forward_eager(self, batch: ScheduledBatch) -> torch.Tensor:
         """Hidden states of the sampling rows [n_sample, D]."""
-        h = HostInputs.build(batch, self.config.block_size, self.kv.null_block, self.model.config.has_vision_expert)
+        h = HostInputs.build(batch, self.config.block_size, self.kv.null_block)
         (ids, pos, slots, qsl, ctx, tables, logits_idx, embed_idx) = self._to_device(
             [h.ids, h.positions, h.slots, h.query_start, h.context, h.tables, h.logits_idx, h.embed_idx])
         meta = AttentionMetadata(slots, tables.view(len(batch), -1), ctx, qsl, batch.num_new_tokens, h.context)
@@ -208,11 +208,12 @@ class HostInputs:
     tables: list[int] = field(default_factory=list)  # [B * W] block tables padded with the null block
     logits_idx: list[int] = field(default_factory=list)  # last token of each sampling sequence
     embed_idx: list[int] = field(default_factory=list)  # tokens whose embedding a vision feature replaces
-    segments: list[tuple[int, int, bool]] | None = None  # visual-expert routing as contiguous runs (None: none)
+    # visual-expert routing as contiguous runs (None: no token routed); ignored by models without the expert
+    segments: list[tuple[int, int, bool]] | None = None
     vision_parts: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, feature rows a:b)
 
     @classmethod
-    def build(cls, batch: ScheduledBatch, block_size: int, null_block: int, expert_model: bool) -> "HostInputs":
+    def build(cls, batch: ScheduledBatch, block_size: int, null_block: int) -> "HostInputs":
         h, expert = cls(), []
         width = max(len(s.block_table) for s in batch.seqs)
         for seq, start, n, sample in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples):
@@ -225,8 +226,7 @@ class HostInputs:
             h.query_start.append(offset + n)
             if sample:
                 h.logits_idx.append(offset + n - 1)
-            if expert_model:
-                expert += seq.expert_mask(start, end)
+            expert += seq.expert_mask(start, end)
             a, b = seq.vision_range(start, end)
             if b > a:
                 h.embed_idx += [offset + seq.vision_token_idx[r] - start for r in range(a, b)]
