@@ -12,24 +12,14 @@ import random
 import pytest
 import torch
 from test_engine import GREEDY, assert_all_free, image, mixed_requests, reference
+from test_engine import tiny, tiny_video  # noqa: F401 - module-scoped fixtures shared with test_engine
 from test_engine_sim import check_invariants, make_prompt, token_key
 
 from cogvlm2.engine import LLM, EngineConfig, LLMEngine
 from cogvlm2.engine.block_manager import BlockManager
-from cogvlm2.engine.llm_engine import load_processor_and_model
 from cogvlm2.engine.scheduler import Scheduler
 from cogvlm2.engine.sequence import Sequence
 from cogvlm2.sampling_params import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_processor_and_model("tiny", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_video():
-    return load_processor_and_model("tiny-video", device="cpu")
 
 
 def count_lookaheads(engine: LLMEngine) -> dict[str, int]:
