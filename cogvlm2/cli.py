@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shlex
 import sys
+from pathlib import Path
 from typing import Callable, TextIO
 
 DEFAULT_MODEL = "tiny"
@@ -13,12 +16,35 @@ DEFAULT_MODEL = "tiny"
 _PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.finetune.cli", "cogvlm2.engine.cli")
 
 
+# Optional dependencies -> the extra that installs them (for "install X" messages).
+EXTRAS = {"peft": "finetune", "accelerate": "finetune", "fastapi": "serve", "uvicorn": "serve", "multipart": "serve",
+          "prometheus_client": "serve", "gradio": "web", "httpx": "serve", "openai": "test", "bitsandbytes": "finetune"}
+
+
+def install_hint(extra: str) -> str:
+    """How to install an extra, for an installed package and for a source checkout."""
+    return f"pip install 'cogvlm2[{extra}]' (in a source checkout: pip install -e '.[{extra}]')"
+
+
 def auto_device(device: str) -> str:
-    if device != "auto":
-        return device
+    """'auto' -> cuda if available, else cpu; any other value is checked here, before a model loads."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r}: unsupported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def auto_dtype(dtype: str, device: str) -> str:
@@ -69,20 +95,34 @@ def _chat_parser(sub) -> None:
 
 
 def load_for_chat(args):
-    """(model, processor) from the shared model arguments; the tiny model says that it is one."""
-    from .model import load_model
+    """(model, processor) from the shared model arguments. Everything that can be checked without the
+    weights (device, config, tokenizer, --image / --video, --lora) is checked before they load."""
+    from .config import ModelConfig
+    from .model import checkpoint_folder, load_model
     from .processing import Processor
-    from .tiny import TINY_NOTE, is_tiny
+    from .tiny import note, tiny_name
 
     device = auto_device(args.device)
-    model = load_model(args.model, dtype=auto_dtype(args.dtype, device), device=device)
+    for flag in ("image", "video", "lora"):
+        path = getattr(args, flag, None)
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"--{flag} {path}: no such file or folder")
+    folder = checkpoint_folder(args.model)
+    processor = Processor.from_pretrained(folder, ModelConfig.from_file(folder / "config.json"))
+    if getattr(args, "lora", None):
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise ModuleNotFoundError("--lora needs peft", name="peft")
+    model = load_model(str(folder), dtype=auto_dtype(args.dtype, device), device=device)
     if getattr(args, "lora", None):
         from .finetune.lora import load_with_adapter
 
         model = load_with_adapter(model, args.lora)[0]
-    if is_tiny(model.checkpoint_path):
-        print(f"note: {args.model} is the {TINY_NOTE}.", file=sys.stderr)
-    return model, Processor.from_pretrained(model.checkpoint_path, model.config)
+    name = tiny_name(model.checkpoint_path)
+    if name:
+        print(f"note: {args.model} is the {note(name)}.", file=sys.stderr)
+    return model, processor
 
 
 def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
@@ -93,27 +133,36 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
     kind = "video" if model.config.is_video else "image"
 
     def answer(query: str, history, media) -> str:
+        """Stream one answer; Ctrl-C stops it (what was printed so far is the answer)."""
         inputs = processor(query, history, template=args.template, **media)
         parts = []
-        for delta in stream_text(model, processor.tokenizer, inputs, params):
-            parts.append(delta)
-            stdout.write(delta)
-            stdout.flush()
+        try:
+            for delta in stream_text(model, processor.tokenizer, inputs, params):
+                parts.append(delta)
+                stdout.write(delta)
+                stdout.flush()
+        except KeyboardInterrupt:
+            if args.query is not None:
+                raise
+            stdout.write(" [stopped]")
         stdout.write("\n")
+        stdout.flush()
         return "".join(parts)
 
     media = {k: v for k, v in (("image", args.image), ("video", args.video)) if v}
     if args.query is not None:
         answer(args.query, [], media)
         return 0
-    read = _reader(stdin, stdout)
+    read = _Reader(stdin, stdout)
+    if read.interactive:
+        stdout.write("Ctrl-C stops an answer (at the prompt: quits), Ctrl-D quits, 'clear' starts over.\n")
     first = True
     while True:  # one conversation per pass: choose the media, then ask until 'clear'
         if not (first and media):
             path = read(f"{kind} path (Enter for text only) >>>>> ")
             if path is None:
                 return 0
-            media = {kind: path.strip()} if path.strip() else {}
+            media = {kind: media_path(path)} if path.strip() else {}
         first = False
         try:
             processor("", **media)  # fail early on an unreadable file, before the first question
@@ -131,17 +180,56 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
             if not query.strip():
                 continue
             stdout.write("CogVLM2: ")
+            stdout.flush()
             history.append((query, answer(query, history, media)))
 
 
-def _reader(stdin: TextIO, stdout: TextIO) -> Callable[[str], str | None]:
-    def read(prompt: str) -> str | None:
-        stdout.write(prompt)
-        stdout.flush()
-        line = stdin.readline()
-        return None if not line else line.rstrip("\n")
+def media_path(text: str) -> str:
+    """A path as typed or dropped into a terminal: quoted ('a b.png', "a b.png"), shell-escaped
+    (a\\ b.png), ~/..., or a file:// URI -> the plain path. A path that exists as typed is kept as is."""
+    s = text.strip()
+    if os.path.exists(os.path.expanduser(s)):
+        return os.path.expanduser(s)
+    if s.startswith("file://"):
+        from urllib.parse import unquote, urlparse
 
-    return read
+        return unquote(urlparse(s).path)
+    try:
+        parts = shlex.split(s)
+    except ValueError:  # an unbalanced quote: take the text as it is
+        parts = [s]
+    return os.path.expanduser(parts[0] if len(parts) == 1 else s)
+
+
+class _Reader:
+    """Prompt and read one line; None at the end of input (Ctrl-D) or on Ctrl-C at the prompt.
+
+    On a terminal it uses `input()` with readline (line editing, history with the arrow keys);
+    otherwise (pipes, tests) it reads `stdin` directly."""
+
+    def __init__(self, stdin: TextIO, stdout: TextIO):
+        self.stdin, self.stdout = stdin, stdout
+        self.interactive = stdin is sys.stdin and stdout is sys.stdout and stdin.isatty()
+        if self.interactive:
+            try:
+                import readline  # noqa: F401 - importing it gives input() line editing and history
+            except ImportError:  # Windows without pyreadline: plain input()
+                pass
+
+    def __call__(self, prompt: str) -> str | None:
+        try:
+            if self.interactive:
+                return input(prompt)
+            self.stdout.write(prompt)
+            self.stdout.flush()
+            line = self.stdin.readline()
+            if line:
+                return line.rstrip("\n")
+        except (EOFError, KeyboardInterrupt):
+            pass
+        self.stdout.write("\n")  # the shell prompt starts on its own line
+        self.stdout.flush()
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        print(f"cogvlm2: error: `cogvlm2 {args.command}` needs {top}: {install_hint(EXTRAS[top])}", file=sys.stderr)
+        return 1
     except (OSError, ValueError, CheckpointError) as e:
         print(f"cogvlm2: error: {e}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ Two layouts:
   ...}, {"role": "assistant", "content": ...}, ...]}``; image and label are paired by file stem;
 * a JSONL manifest, one conversation a line: ``{"image": "a.jpg", "conversations": [...]}`` (or
   ``"video": "b.mp4"`` for the video checkpoints, or neither for text only; ``"messages"`` is accepted
-  for ``"conversations"``). Relative media paths are relative to the manifest's folder.
+  for ``"conversations"``; an optional ``"template"``: chat / vqa / base overrides the run's template). Relative media paths are relative to the manifest's folder.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ModelConfig
+from ..config import TEMPLATES, ModelConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 MAX_REPORTED = 20  # problems listed in one DataError; the count of the rest follows
@@ -35,6 +35,7 @@ class Conversation:
     turns: tuple[tuple[str, str], ...]
     image: Path | None = None
     video: Path | None = None
+    template: str | None = None  # a manifest line's own prompt template (else the run's --template)
 
 
 def parse_turns(messages, where: str) -> tuple[tuple[str, str], ...]:
@@ -113,8 +114,11 @@ def read_manifest(path: Path) -> tuple[list[Conversation], list[str]]:
                 raise DataError(f"{where}: give an image or a video, not both")
             if any(not isinstance(v, str) or not v for v in media.values()):
                 raise DataError(f"{where}: 'image' / 'video' must be a path string")
+            template = record.get("template")
+            if template is not None and template not in TEMPLATES:
+                raise DataError(f"{where}: 'template' must be one of {TEMPLATES}, got {template!r}")
             paths = {k: (path.parent / v) for k, v in media.items()}
-            out.append(Conversation(where, turns, paths.get("image"), paths.get("video")))
+            out.append(Conversation(where, turns, paths.get("image"), paths.get("video"), template))
         except DataError as e:
             problems.append(str(e))
     if not out and not problems:

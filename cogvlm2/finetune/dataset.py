@@ -54,7 +54,8 @@ class FinetuneDataset(torch.utils.data.Dataset):
         conv = self.conversations[index]
         rng = random.Random(f"{self.seed}:{epoch}:{index}")  # str seeds hash deterministically
         past, query, answer = sample_turn(conv.turns, rng, self.history)
-        return self.processor(query, past, image=conv.image, video=conv.video, template=self.template, answer=answer)
+        return self.processor(query, past, image=conv.image, video=conv.video, template=conv.template or self.template,
+                              answer=answer)
 
 
 class EpochOrder:

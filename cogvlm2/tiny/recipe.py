@@ -1,0 +1,147 @@
+"""How the shipped tiny checkpoints are made: `python -m cogvlm2.tiny train` (see docs/tiny.md).
+
+1. Generate the synthetic data set (`shapes.make_dataset`, fixed seed) as a JSONL manifest.
+2. Write a from-scratch checkpoint: deterministic random weights (`model.random_init`), except the
+   token embedding and lm_head rows of tokens the data never uses, which are zero.
+3. Train every parameter with the package's own trainer (`cogvlm2 finetune --method full
+   --train-modules .`), fp32 on the CPU, fixed seed.
+4. Pack: float16, only the used embedding / lm_head rows (+ their ids), lzma-compressed safetensors.
+   `cogvlm2.tiny.unpack` rebuilds the full-vocabulary tensors (zero rows elsewhere) at first use.
+5. Report greedy exact-match accuracy on freshly generated scenes (another seed).
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..processing import Processor
+from ..processing.tokenizer import Tokenizer, bundled_tokenizer_path
+from . import ROW_KEYS, shapes
+
+
+
+# The recipe of each shipped checkpoint: data size, seeds and optimisation (a laptop-CPU budget).
+RECIPES = {
+    "tiny": {"conversations": 4000, "data_seed": 0, "init_seed": 0, "seed": 0, "steps": 700, "batch_size": 32,
+             "lr": 3e-3, "warmup_steps": 50},
+    "tiny-video": {"conversations": 600, "data_seed": 1, "init_seed": 1, "seed": 0, "steps": 300, "batch_size": 16,
+                   "lr": 3e-3, "warmup_steps": 30},
+}
+
+
+def used_token_ids(manifest: Path, config: ModelConfig, tokenizer: Tokenizer) -> list[int]:
+    """Every token id a training prompt or answer of `manifest` contains (any round, with or without
+    the round before as history), the frame numbers of videos, BOS, EOS and the vision placeholder."""
+    processor = Processor(config, tokenizer)
+    ids = {config.bos_token_id, config.pad_token_id, *config.eos_token_ids}
+    for i in range(24):
+        ids.update(tokenizer.encode(str(i)))
+    for line in manifest.read_text().splitlines():
+        record = json.loads(line)
+        msgs = record["conversations"]
+        turns = [(msgs[i]["content"], msgs[i + 1]["content"]) for i in range(0, len(msgs), 2)]
+        for k, (q, a) in enumerate(turns):
+            for past in ([], turns[k - 1:k]):
+                ids.update(processor(q, past, template=record.get("template"), answer=a).input_ids)
+    return sorted(ids)
+
+
+def initial_checkpoint(name: str, folder: Path, used_ids: list[int], seed: int) -> Path:
+    """A from-scratch checkpoint in the official layout; unused token rows are zero (and stay zero:
+    an embedding row no input uses gets no gradient)."""
+    from ..checkpoint import save_weights
+    from . import random_state_dict, tiny_config
+
+    config = tiny_config(name)
+    state = random_state_dict(config, seed=seed)
+    keep = torch.zeros(config.vocab_size, dtype=torch.bool)
+    keep[used_ids] = True
+    for key in ROW_KEYS:
+        state[key][~keep] = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(state, folder)
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    shutil.copyfile(bundled_tokenizer_path(), folder / "tokenizer.json")
+    return folder
+
+
+def pack(state: dict[str, torch.Tensor], config: ModelConfig, used_ids: list[int], note: str) -> bytes:
+    """Trained weights -> the shipped bytes: float16, used rows only, lzma-compressed safetensors."""
+    from safetensors.torch import save
+
+    ids = torch.tensor(used_ids, dtype=torch.int64)
+    out = {k: (v[ids] if k in ROW_KEYS else v).to(torch.float16).contiguous() for k, v in state.items()}
+    out["used_token_ids"] = ids.to(torch.int32)
+    raw = save(out, metadata={"config": json.dumps(config.to_dict()), "note": note})
+    return lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+
+
+def used_token_ids_file(workdir: Path) -> Path:
+    return workdir / "used_token_ids.json"
+
+
+def dataset(name: str, folder: Path, n: int, seed: int) -> Path:
+    """The synthetic training data of checkpoint `name` (a JSONL manifest + its media folder)."""
+    return shapes.make_dataset(folder / "train.jsonl", n, seed, video=name == "tiny-video")
+
+
+def train_checkpoint(name: str, workdir: Path, steps: int | None = None, progress: bool = True) -> tuple[Path, Path]:
+    """Steps 1-3 of the recipe in `workdir`; returns (trained checkpoint folder, data manifest)."""
+    from ..finetune.train import TrainConfig, train
+    from . import tiny_config
+
+    recipe = RECIPES[name]
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest = dataset(name, workdir / "data", recipe["conversations"], recipe["data_seed"])
+    config = tiny_config(name)
+    used = used_token_ids(manifest, config, Tokenizer(bundled_tokenizer_path()))
+    init = initial_checkpoint(name, workdir / "init", used, recipe["init_seed"])
+    used_token_ids_file(workdir).write_text(json.dumps(used))
+    run = workdir / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    train(TrainConfig(model=str(init), data=str(manifest), output=str(run), method="full", train_modules=".",
+                      max_steps=steps or recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+                      warmup_steps=recipe["warmup_steps"], schedule="cosine", min_lr_ratio=0.05, dtype="fp32",
+                      gradient_checkpointing=False, seed=recipe["seed"], num_workers=0, tensorboard=False,
+                      progress=progress, log_every=10))
+    return run / "model", manifest
+
+
+def evaluate(folder: Path, name: str, n: int = 100, seed: int = 12345) -> dict:
+    """Greedy exact-match accuracy of the checkpoint in `folder` on `n` fresh conversations (one
+    random round each), per question type (the first word of the question)."""
+    from ..generation import generate_ids
+    from ..model import load_model
+    from ..sampling_params import SamplingParams
+
+    tmp = folder.parent / "eval"
+    manifest = shapes.make_dataset(tmp / "eval.jsonl", n, seed, video=name == "tiny-video", text_only=0.0)
+    model = load_model(str(folder), progress=False)
+    processor = Processor.from_pretrained(folder, model.config)
+    rng = random.Random(seed)
+    params = SamplingParams(max_new_tokens=48, temperature=0)
+    stats: dict[str, list[int]] = {}
+    failures = []
+    for line in manifest.read_text().splitlines():
+        record = json.loads(line)
+        msgs = record["conversations"]
+        k = rng.randrange(len(msgs) // 2)
+        query, answer = msgs[2 * k]["content"], msgs[2 * k + 1]["content"]
+        media = {key: manifest.parent / record[key] for key in ("image", "video") if key in record}
+        inputs = processor(query, template=record["template"], **media)
+        ids = [t for (t,) in generate_ids(model, [inputs], params)]
+        got = processor.tokenizer.decode(ids).strip()
+        ok = got == answer
+        stats.setdefault(f"{record['template']}: {query.split()[0]}", []).append(ok)
+        if not ok:
+            failures.append((query, answer, got))
+    total = sum(sum(v) for v in stats.values()) / sum(len(v) for v in stats.values())
+    return {"accuracy": total, "per_type": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(stats.items())},
+            "failures": failures[:10]}
