@@ -119,7 +119,7 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = N
         raise CheckpointError(
             f"{raw!r} is neither a local folder nor reachable on the Hugging Face Hub.\n"
             f"  reason: {reason}\n"
-            f"  fix: on a machine with internet run `huggingface-cli download {raw} --local-dir DIR`, "
+            f"  fix: on a machine with internet run `hf download {raw} --local-dir DIR` (huggingface_hub < 1.0: `huggingface-cli download`), "
             "copy DIR here and pass `--model DIR` (or check the repo id / access token)") from e
     return _validate(Path(folder))
 

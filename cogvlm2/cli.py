@@ -53,12 +53,28 @@ def auto_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def dtype_type(*allowed: str) -> Callable[[str], str]:
+    """An argparse `type`: one spelling of dtypes for every sub-command (float32 / bfloat16 / float16),
+    the short aliases (fp32, bf16, fp16) accepted."""
+    def parse(value: str) -> str:
+        name = DTYPE_ALIASES.get(value.lower(), value.lower())
+        if name not in allowed:
+            raise argparse.ArgumentTypeError(f"invalid dtype {value!r} (choose from {', '.join(allowed)}; "
+                                             "fp32 / bf16 / fp16 also work)")
+        return name
+
+    return parse
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint folder, Hugging Face repo id (e.g. THUDM/cogvlm2-llama3-chat-19B), or an "
                         "embedded tiny model: 'tiny' (image chat) / 'tiny-video' (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default="auto", type=dtype_type("auto", "float32", "bfloat16", "float16"),
+                   help="auto, float32, bfloat16 or float16 (auto = bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available)")
 
 
@@ -232,6 +248,17 @@ class _Reader:
         return None
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help unless it has no meaningful default or says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings or isinstance(action.default, bool)):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogvlm2", description="CogVLM2 vision-language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError:  # plugins import their extras lazily: only an absent plugin lands here
             continue
         module.add_parser(sub)
+    for p in sub.choices.values():  # every sub-command's --help shows the defaults
+        p.formatter_class = _DefaultsFormatter
     return parser
 
 

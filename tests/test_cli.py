@@ -40,7 +40,7 @@ def test_one_shot_subprocess(tmp_path):
                           "--max-new-tokens", "5", "--temperature", "0"], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() and "random weights" in run.stderr
+    assert run.stdout.strip() and "synthetic" in run.stderr
     bad = subprocess.run([sys.executable, "-m", "cogvlm2.cli", "chat", "--query", "x", "--model", "/no/such/dir"],
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     assert bad.returncode == 1 and "no such folder" in bad.stderr

@@ -125,7 +125,7 @@ def test_prefix_cache_second_turn(tiny):
     out1 = run(warm, [(0, "turn-1", first, p)])["turn-1"]
     second = processor("And the colors?", history=[("What is this?", out1.text)], image=image(5))
     out2 = run(warm, [(0, "turn-2", second, p)])["turn-2"]
-    assert out2.num_cached_tokens >= 66, "the image's blocks were not reused"
+    assert out2.num_cached_tokens >= processor.config.vision.tokens_per_image, "the image's blocks were not reused"
     cold = run(LLMEngine(model, EngineConfig(block_size=8), processor), [(0, "cold", second, p)])["cold"]
     assert cold.num_cached_tokens == 0
     assert out2.token_ids == cold.token_ids == reference(model, second, p)

@@ -20,5 +20,5 @@ def test_generate_jsonl(tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2]
     assert all(len(r["token_ids"]) <= 5 and r["finish_reason"] in ("stop", "length") for r in rows)
-    assert rows[1]["prompt_tokens"] > 66  # the image's vision tokens
+    assert rows[1]["prompt_tokens"] > 18  # the image's vision tokens
     assert "tokens/s" in capsys.readouterr().err

@@ -245,7 +245,7 @@ def test_module_entry_point_bf16(data, tmp_path):
                         str(tmp_path / "bf16" / "adapter"), "--output", str(merged)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert load_model(str(merged), progress=False).config.hidden_size == 64
+    assert load_model(str(merged), progress=False).config.hidden_size == 96
 
 
 def test_two_process_ddp_resume_is_exact(data, tmp_path):

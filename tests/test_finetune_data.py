@@ -164,7 +164,7 @@ def test_pack_layout(tiny):
     lens = [len(x) for x in xs]
     assert b.cu_seqlens.tolist() == [0, lens[0], lens[0] + lens[1], sum(lens)]
     assert b.positions.tolist() == sum((x.position_ids for x in xs), [])
-    assert b.pixel_values.shape == (2, 3, 224, 224)
+    assert b.pixel_values.shape == (2, 3, 112, 112)
     assert b.embed_idx.numel() == 2 * model.config.vision.tokens_per_image
     offsets = [0, lens[0], lens[0] + lens[1]]
     want = [(o + t - 1, x.labels[t]) for o, x in zip(offsets, xs) for t in range(len(x)) if x.labels[t] != -100]

@@ -50,12 +50,12 @@ def test_text_only_prompt(image_proc):
 def test_image_prompt(image_proc):
     img = Image.new("RGB", (300, 200), (200, 30, 40))
     x = image_proc("Describe.", image=img)
-    n = image_proc.config.vision.tokens_per_image  # 8x8 + boi + eoi = 66
-    assert n == 66 and x.input_ids[1:1 + n] == [VISION_TOKEN_ID] * n
+    n = image_proc.config.vision.tokens_per_image  # 4x4 + boi + eoi = 18 (tiny: 112 px, patch 14)
+    assert n == 18 and x.input_ids[1:1 + n] == [VISION_TOKEN_ID] * n
     assert x.token_type_ids[:n + 2] == [0] + [1] * n + [0]
     assert x.position_ids[:n + 2] == [0, 1] + [2] * (n - 2) + [3, 4]  # boi, shared patches, eoi, text
     assert x.vision_expert_mask[:n + 2] == [False] + [True] * (n - 1) + [False, False]  # eoi -> language
-    assert x.pixel_values.shape == (1, 3, 224, 224) and x.next_position == max(x.position_ids) + 1
+    assert x.pixel_values.shape == (1, 3, 112, 112) and x.next_position == max(x.position_ids) + 1
     # The same pixels give the same hash; different pixels a different one.
     assert image_proc("Other.", image=img.copy()).vision_hash == x.vision_hash
     assert image_proc("Describe.", image=Image.new("RGB", (300, 200), 0)).vision_hash != x.vision_hash
@@ -108,15 +108,15 @@ def test_video_prompt_chat_and_base(video_proc, tmp_path):
     _write_mp4(path, seconds=4.5, fps=10)  # chat strategy: one frame per second, 0..4 -> 5 frames
     tok = video_proc.tokenizer
     x = video_proc("What happens?", video=str(path), template="chat", video_strategy="chat")
-    assert x.pixel_values.shape == (5, 3, 224, 224)
+    assert x.pixel_values.shape == (5, 3, 112, 112)
     expected = [128000]
     for t in range(5):
-        expected += [VISION_TOKEN_ID] * 66 + tok.encode(str(t))
+        expected += [VISION_TOKEN_ID] * 18 + tok.encode(str(t))
     assert x.input_ids == expected + tok.encode("Question: What happens? Answer:")
-    assert x.position_ids[:70] == [0, 1] + [2] * 64 + [3, 4, 5, 6]  # eoi, "0", then the next boi
+    assert x.position_ids[:22] == [0, 1] + [2] * 16 + [3, 4, 5, 6]  # eoi, "0", then the next boi
     base = video_proc("Describe.", video=path.read_bytes(), template="base", video_strategy="base")
-    assert base.pixel_values.shape == (24, 3, 224, 224)  # base strategy: 24 frames over the clip
-    assert base.input_ids == [128000] + [VISION_TOKEN_ID] * (24 * 66) + tok.encode("Describe.")
+    assert base.pixel_values.shape == (24, 3, 112, 112)  # base strategy: 24 frames over the clip
+    assert base.input_ids == [128000] + [VISION_TOKEN_ID] * (24 * 18) + tok.encode("Describe.")
     assert max(base.position_ids) == 3 + len(tok.encode("Describe."))  # one run of 24 frames spans 3 positions
 
 

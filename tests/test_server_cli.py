@@ -54,7 +54,7 @@ def test_serve_subprocess_answers_and_stops_on_ctrl_c():
         assert proc.wait(timeout=30) in (0, 130)  # 130: the CLI's exit code for Ctrl-C, after a clean shutdown
         out = proc.stdout.read().decode()
         assert "Finished server process" in out, out
-        assert "random weights" in out  # the tiny model says what it is
+        assert "synthetic" in out  # the tiny model says what it is
     finally:
         if proc.poll() is None:
             proc.kill()

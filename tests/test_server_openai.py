@@ -140,7 +140,7 @@ def test_sse_wire_format_ends_with_done(server):
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
 def test_common_image_formats(client, fmt):
     r = client.chat.completions.create(model="tiny", messages=[user("What is it?", image_uri(fmt))], max_tokens=1)
-    assert r.usage.prompt_tokens > 66
+    assert r.usage.prompt_tokens > 18
 
 
 def test_multi_turn_with_the_image_in_history(client, processor):

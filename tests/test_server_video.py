@@ -18,7 +18,7 @@ from cogvlm2.processing import Processor  # noqa: E402
 from cogvlm2.serving.background import BackgroundServer  # noqa: E402
 from cogvlm2.tiny import resolve_tiny  # noqa: E402
 
-MAX_LEN = 400  # 3 frames x 66 tokens + text fit; answers stay short
+MAX_LEN = 400  # 3 frames x 18 tokens + text fit; answers stay short
 
 
 def mp4_bytes(seconds: int = 2, fps: int = 8, size=(64, 48)) -> bytes:

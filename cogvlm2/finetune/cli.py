@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import dtype_type
+
 LORA_TARGET_HELP = ("vision_expert_qkv, language_expert_qkv, vision_expert_dense, language_expert_dense, "
                     "vision_expert_mlp, language_expert_mlp, adapter (the GLU vision adapter), vision_tower, "
                     "lm_head, or any regex over module names")
@@ -66,8 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = lr * this")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="base weights; bf16 trains with fp32 master weights under autocast (auto = bf16 on CUDA)")
+    g.add_argument("--dtype", default="auto", type=dtype_type("auto", "bfloat16", "float32"),
+                   help="auto, bfloat16 or float32 (bf16 / fp32 also work): base weights; bfloat16 trains with fp32 master weights under autocast (auto = bf16 on CUDA)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--num-workers", type=int, default=2, help="data loader processes (image decoding)")
@@ -93,7 +95,8 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base checkpoint the adapter was trained on")
     p.add_argument("--adapter", required=True, help="LoRA adapter folder (peft format)")
     p.add_argument("--output", required=True, help="folder for the merged checkpoint")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weights dtype (default: the base's)")
+    p.add_argument("--dtype", type=dtype_type("float32", "bfloat16", "float16"),
+                   help="float32, bfloat16 or float16 (fp32 / bf16 / fp16 also work); default: the base's")
     p.add_argument("--max-shard-size", type=_size, default=5 * 2**30, help="e.g. 5GB (default), 500MB")
 
 
@@ -141,7 +144,10 @@ def add_parser(subparsers) -> None:
                                           "-m cogvlm2.finetune finetune ... (see docs/finetune.md).")
     add_arguments(p)
     p.set_defaults(func=run_finetune)
-    p = subparsers.add_parser("merge-lora", help="merge a LoRA adapter into its base: a full checkpoint, official layout")
+    p = subparsers.add_parser("merge-lora", help="merge a LoRA adapter into its base: a full checkpoint, official layout",
+                              description="Fold a LoRA adapter (from `cogvlm2 finetune`) into its base checkpoint and "
+                                          "write a complete checkpoint in the official layout (config.json, sharded "
+                                          "safetensors, tokenizer.json) that loads like any other.")
     add_merge_arguments(p)
     p.set_defaults(func=run_merge)
 

@@ -29,9 +29,9 @@ from . import ROW_KEYS, shapes
 
 # The recipe of each shipped checkpoint: data size, seeds and optimisation (a laptop-CPU budget).
 RECIPES = {
-    "tiny": {"conversations": 4000, "data_seed": 0, "init_seed": 0, "seed": 0, "steps": 700, "batch_size": 32,
+    "tiny": {"conversations": 4000, "data_seed": 0, "init_seed": 0, "seed": 0, "steps": 350, "batch_size": 32,
              "lr": 3e-3, "warmup_steps": 50},
-    "tiny-video": {"conversations": 600, "data_seed": 1, "init_seed": 1, "seed": 0, "steps": 300, "batch_size": 16,
+    "tiny-video": {"conversations": 600, "data_seed": 1, "init_seed": 1, "seed": 0, "steps": 500, "batch_size": 8,
                    "lr": 3e-3, "warmup_steps": 30},
 }
 

@@ -94,6 +94,11 @@ def render_word(word: str, rng: random.Random | None = None) -> Image.Image:
     return img
 
 
+# assets/example.png (the README's first command): `render_shapes(EXAMPLE).save(...)`.
+EXAMPLE = [Shape("circle", "red", "large", (0, 0)), Shape("square", "blue", "small", (2, 2))]
+EXAMPLE_QUESTION = "What is in this image?"
+
+
 def random_scene(rng: random.Random) -> list[Shape]:
     cells = rng.sample(sorted(PLACES), rng.choice((1, 2, 2, 3, 3)))
     return [Shape(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), cell)

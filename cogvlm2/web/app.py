@@ -7,11 +7,11 @@ applies from the next answer on.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from ..tiny import TINY_NOTE
 from .backends import BackendError, LocalBackend, RemoteBackend
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
@@ -43,6 +43,36 @@ def history_pairs(chat: list[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
+def media_payload_path(value) -> str | None:
+    """The uploaded file's path from an Image / Video value taken without Gradio's preprocessing (the app
+    reads the file itself, so a corrupt upload becomes our readable error, not a decoder traceback)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        inner = value.get("video", value)  # gr.Video wraps its file as {"video": {...}, "subtitles": ...}
+        return (inner or {}).get("path") if isinstance(inner, dict) else None
+    return getattr(value, "path", None)
+
+
+def tiny_notice(backend) -> str:
+    from ..tiny import note
+
+    kind = "tiny-video" if backend.media_kinds == ("video",) else "tiny"
+    better = ("THUDM/cogvlm2-video-llama3-chat" if kind == "tiny-video" else "THUDM/cogvlm2-llama3-chat-19B")
+    return (f"ℹ️ **Note:** this is the {note(kind)}. Start with `--model {better}` (or a local checkpoint) "
+            "to chat about real photos and videos.")
+
+
+# The video uploader's buttons keep their size in a narrow column (Gradio's default clips the icons).
+CSS = """
+#video-input button, #image-input button { min-width: 2rem; }
+#video-input .icon-buttons, #image-input .icon-buttons { flex-wrap: nowrap; overflow: visible; }
+#video-input svg, #image-input svg { flex-shrink: 0; }
+"""
+
+
 def build_ui(backend):
     import gradio as gr
 
@@ -51,14 +81,15 @@ def build_ui(backend):
         where = f"server {backend.base_url}" if isinstance(backend, RemoteBackend) else "in-process engine"
         gr.Markdown(f"## CogVLM2 chat\nModel **{backend.model_name or '(server default)'}** · {where}")
         if backend.tiny:
-            gr.Markdown(f"⚠️ **Note:** this is the {TINY_NOTE} — the app works end to end, the words do not mean "
-                        "anything. Start with `--model THUDM/cogvlm2-llama3-chat-19B` (or a local checkpoint) "
-                        "for real answers.", elem_id="tiny-note")
+            gr.Markdown(tiny_notice(backend), elem_id="tiny-note")
+        conversation = gr.State([])  # the authoritative (query, answer) history, kept on the server
+        asked = gr.Textbox(visible=False, elem_id="asked")  # the question of one send, carried to its answer
         with gr.Row():
             with gr.Column(scale=2):
                 image = gr.Image(type="filepath", label="Image", visible="image" in backend.media_kinds,
                                  elem_id="image-input", height=260)
-                video = gr.Video(label="Video", visible="video" in backend.media_kinds, elem_id="video-input", height=260)
+                video = gr.Video(label="Video", visible="video" in backend.media_kinds, elem_id="video-input",
+                                 height=260, min_width=320)
                 temperature = gr.Slider(0, 2, DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0 = greedy)",
                                         elem_id="temperature")
                 top_p = gr.Slider(0.05, 1, DEFAULT_TOP_P, step=0.05, label="Top-p", elem_id="top-p")
@@ -66,48 +97,72 @@ def build_ui(backend):
                                        elem_id="max-tokens")
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=460)
-                message = gr.Textbox(placeholder="Ask about the image or video, then press Enter", show_label=False,
+                message = gr.Textbox(placeholder="Ask about the image or video, then press Enter (you can type "
+                                                 "while an answer streams: it is sent next)", show_label=False,
                                      elem_id="message", lines=1)
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
                     retry = gr.Button("Retry", elem_id="retry")
                     clear = gr.Button("Clear", elem_id="clear")
 
-        async def answer(chat: list[dict], query: str, image_path, video_path, t, p, n) -> AsyncIterator[list[dict]]:
+        def render(pairs: list[tuple[str, str]]) -> list[dict]:
+            return [m for q, a in pairs for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+
+        async def respond(pairs, query, image_value, video_value, t, p, n):
+            """Answer `query` after the conversation so far; yields (chatbot, conversation) as it streams.
+            A stopped answer keeps what was shown (the conversation state is updated on every yield)."""
+            if not query or not query.strip():
+                yield render(pairs), pairs
+                return
+            video_path, image_path = media_payload_path(video_value), media_payload_path(image_value)
             media = ("video", video_path) if video_path else ("image", image_path) if image_path else None
-            history = history_pairs(chat)
-            chat = chat + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
-            yield chat
+            history = list(pairs)
+            pairs = history + [(query, "")]
+            yield render(pairs), pairs
             try:
                 async for delta in backend.stream(query, history, media, float(t), float(p), int(n)):
-                    chat[-1] = {"role": "assistant", "content": chat[-1]["content"] + delta}
-                    yield chat
+                    pairs = history + [(query, pairs[-1][1] + delta)]
+                    yield render(pairs), pairs
             except BackendError as e:
+                yield render(history), history
                 raise gr.Error(str(e)) from None
 
-        async def on_send(query, chat, image_path, video_path, t, p, n):
-            if not query or not query.strip():
-                yield "", chat
-                return
-            async for c in answer(chat or [], query, image_path, video_path, t, p, n):
-                yield "", c
+        def take(query):
+            """The first step of a send: the box is emptied once, here; later typing is never overwritten."""
+            return "", query
 
-        async def on_retry(chat, image_path, video_path, t, p, n):
-            chat = list(chat or [])
-            while chat and chat[-1]["role"] == "assistant":
-                chat.pop()
-            if not chat:
-                yield chat
+        async def on_retry(pairs, image_value, video_value, t, p, n):
+            if not pairs:
+                yield [], []
                 return
-            query = _text(chat.pop()["content"])
-            async for c in answer(chat, query, image_path, video_path, t, p, n):
-                yield c
+            query = pairs[-1][0]
+            async for out in respond(pairs[:-1], query, image_value, video_value, t, p, n):
+                yield out
+
+        def check_upload(value, kind: str):
+            """Open an upload as the model will, at once: a corrupt file is a short message, and is removed."""
+            path = media_payload_path(value)
+            problem = backend.check_media(kind, path) if path else None
+            if problem:
+                gr.Warning(problem)
+                return None
+            return gr.skip()
 
         controls = [image, video, temperature, top_p, max_tokens]
-        message.submit(on_send, [message, chatbot, *controls], [message, chatbot])
-        send.click(on_send, [message, chatbot, *controls], [message, chatbot])
-        retry.click(on_retry, [chatbot, *controls], [chatbot])
-        clear.click(lambda: ([], None, None, ""), None, [chatbot, image, video, message])
+        no_pre = {"preprocess": False}  # media reach respond() as uploaded: our own errors, not Gradio's
+        answer = {"fn": respond, "inputs": [conversation, asked, *controls], "outputs": [chatbot, conversation], **no_pre}
+        # "multiple": a send while an answer streams is queued (Gradio runs it after the running one)
+        sends = [trigger(take, [message], [message, asked], trigger_mode="multiple").then(**answer, trigger_mode="multiple")
+                 for trigger in (message.submit, send.click)]
+        retrying = retry.click(on_retry, [conversation, *controls], [chatbot, conversation], **no_pre)
+        running = [*sends, retrying]
+        stop.click(None, None, None, cancels=running)
+        # cancel first, then empty: a cancelled stream's last update cannot land after the reset
+        clear.click(None, None, None, cancels=running).then(
+            lambda: ([], [], None, None, ""), None, [chatbot, conversation, image, video, message])
+        image.upload(lambda v: check_upload(v, "image"), image, image, **no_pre)
+        video.upload(lambda v: check_upload(v, "video"), video, video, **no_pre)
     ui.theme_for_mount = theme
     return ui
 
@@ -126,18 +181,50 @@ async def open_backend(args):
         yield LocalBackend(engine, processor, args.model, is_tiny(model_path))
 
 
+def free_port(host: str, port: int, tries: int = 100) -> int:
+    """`port` if it can be bound on `host`, else the next free one (as Gradio does); checked before any
+    model loads."""
+    import socket
+
+    for candidate in range(port, port + tries):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, candidate))
+            except OSError:
+                continue
+            return candidate
+    raise OSError(f"no free port in {port}..{port + tries - 1} on {host}: pass --port")
+
+
 async def run_web_app(args, sock=None, on_started=None) -> None:
     """Serve the app with uvicorn on this event loop (the in-process engine runs on the same loop)."""
     import gradio as gr
     import uvicorn
     from fastapi import FastAPI
 
+    if sock is None:
+        port = free_port(args.host, args.port)
+        if port != args.port:
+            print(f"port {args.port} is in use: using {port}", flush=True)
+        args.port = port
     async with open_backend(args) as backend:
         ui = build_ui(backend)
-        app = gr.mount_gradio_app(FastAPI(), ui, path="/", ssr_mode=False, theme=ui.theme_for_mount,
+        app = gr.mount_gradio_app(FastAPI(), ui, path="/", ssr_mode=False, theme=ui.theme_for_mount, css=CSS,
                                   footer_links=[], enable_monitoring=False, mcp_server=False, pwa=False)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                                timeout_graceful_shutdown=5))
+
         if on_started is not None:
             on_started(server)
+        if sock is None:  # say where the app is once it listens (a test's server has its own URL)
+            asyncio.get_running_loop().create_task(_announce(server, args.host, args.port))
         await server.serve(sockets=[sock] if sock is not None else None)
+
+
+async def _announce(server, host: str, port: int) -> None:
+    while not server.started:
+        if server.should_exit:
+            return
+        await asyncio.sleep(0.05)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(f"Running on http://{shown}:{port}", flush=True)

@@ -11,10 +11,38 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from ..sampling_params import SamplingParams
+from ..tiny import is_tiny
 
 
 class BackendError(Exception):
     """A message for the person using the app (bad upload, server error, prompt too long)."""
+
+
+def readable_media_error(kind: str, path: str | Path, error: BaseException) -> str:
+    """A short message about an unreadable upload, without the temporary path it was stored at."""
+    reason = str(error).replace(str(path), Path(path).name).strip()
+    if "cannot identify image file" in reason or "cannot open image" in reason:
+        reason = "not an image file this app can read (PNG, JPEG, WebP, GIF, BMP)"
+    reason = reason.split("\n")[0][:200]
+    return f"The uploaded {kind} could not be read: {reason}"
+
+
+def check_media_file(kind: str, path: str | Path) -> str | None:
+    """None if the upload decodes as the model will read it, else a readable message."""
+    try:
+        if kind == "image":
+            from PIL import Image
+
+            with Image.open(path) as img:
+                img.convert("RGB")
+        else:
+            from ..processing.video import probe_video
+
+            if probe_video(str(path)).num_frames == 0:
+                return "The uploaded video could not be read: it has no frames"
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's problem
+        return readable_media_error(kind, path, e)
+    return None
 
 
 class LocalBackend:
@@ -25,13 +53,16 @@ class LocalBackend:
         self.model_name, self.tiny = model_name, tiny
         self.media_kinds = ("video",) if processor.config.is_video else ("image",)
 
+    def check_media(self, kind: str, path: str) -> str | None:
+        return check_media_file(kind, path)
+
     async def stream(self, query: str, history: list[tuple[str, str]], media: tuple[str, str] | None,
                      temperature: float, top_p: float, max_tokens: int) -> AsyncIterator[str]:
         kw = {media[0]: media[1]} if media else {}
         try:
             inputs = await asyncio.to_thread(self.processor, query, history, **kw)
         except (OSError, ValueError) as e:
-            raise BackendError(str(e)) from None
+            raise BackendError(readable_media_error(media[0], media[1], e) if media else str(e)) from None
         budget = self.engine.max_model_len - len(inputs)
         if budget < 1:
             raise BackendError(f"the conversation is {len(inputs)} tokens long, the context holds "
@@ -59,17 +90,31 @@ class RemoteBackend:
         self.timeout = timeout
 
     async def connect(self) -> None:
-        """Ask the server which model it serves (and whether it is the embedded tiny one)."""
+        """Ask the server which model it serves, whether it is the embedded tiny one and which media it
+        takes. A server that is down, refuses the key or is not an OpenAI API is an OSError naming the URL."""
         import httpx
 
-        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
-            r = await client.get(f"{self.base_url}/models", headers=self.headers)
+        url = f"{self.base_url}/models"
+        try:
+            async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+                r = await client.get(url, headers=self.headers)
+        except httpx.HTTPError as e:
+            raise ConnectionError(f"cannot reach the server at {url}: {e or type(e).__name__} "
+                                  "(is `cogvlm2 serve` running there?)") from None
+        if r.status_code in (401, 403):
+            raise PermissionError(f"the server at {url} refused the API key (HTTP {r.status_code}): "
+                                  "pass its key with --api-key or $COGVLM2_API_KEY")
+        try:
             r.raise_for_status()
             card = r.json()["data"][0]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+            raise ConnectionError(f"{url} did not answer as an OpenAI-compatible server (HTTP {r.status_code})") from None
         self.model_name = self.model_name or card["id"]
-        from ..tiny import is_tiny
-
         self.tiny = bool(card.get("root")) and is_tiny(card["root"])
+        self.media_kinds = remote_media_kinds(card)
+
+    def check_media(self, kind: str, path: str) -> str | None:
+        return check_media_file(kind, path)
 
     def messages(self, query: str, history: list[tuple[str, str]], media: tuple[str, str] | None) -> list[dict]:
         out: list[dict] = []
@@ -106,6 +151,23 @@ class RemoteBackend:
                         delta = choice.get("delta", {}).get("content")
                         if delta:
                             yield delta
+
+
+def remote_media_kinds(card: dict) -> tuple[str, ...]:
+    """What a served model takes: the card's "modalities" when the server reports them, else the
+    checkpoint's config.json when its folder ("root") is readable here, else both."""
+    kinds = card.get("modalities")
+    if isinstance(kinds, list) and kinds:
+        return tuple(k for k in ("image", "video") if k in kinds) or ("image", "video")
+    root = card.get("root")
+    if root and (Path(root) / "config.json").is_file():
+        from ..config import ModelConfig
+
+        try:
+            return ("video",) if ModelConfig.from_file(Path(root) / "config.json").is_video else ("image",)
+        except (OSError, ValueError):
+            pass
+    return ("image", "video")
 
 
 def _error_message(text: str, status: int) -> str:
