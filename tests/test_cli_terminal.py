@@ -98,3 +98,29 @@ def test_cuda_without_a_gpu_is_an_error():
     run = subprocess.run([sys.executable, "-m", "cogvlm2.cli", "chat", "--query", "x", "--device", "cuda"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 1 and "CUDA is not available" in run.stderr and "Traceback" not in run.stderr
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cogvlm2.cli", *argv], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_web_with_a_dead_server_names_the_url():
+    pytest.importorskip("gradio")
+    run = _cli("web", "--server-url", "http://127.0.0.1:9/v1")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "cannot reach the server at http://127.0.0.1:9/v1/models" in run.stderr
+
+
+def test_serve_on_a_busy_port_fails_before_loading_the_model():
+    pytest.importorskip("fastapi")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        start = time.monotonic()
+        run = _cli("serve", "--model", "/no/such/checkpoint", "--port", str(port))
+    assert run.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in run.stderr  # the port, not the folder
+    assert "Traceback" not in run.stderr and time.monotonic() - start < 60
