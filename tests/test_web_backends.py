@@ -62,7 +62,7 @@ def test_local_backend_reports_bad_uploads_and_long_conversations(processor, tmp
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     backend = LocalBackend(RecordingEngine(), processor, "tiny", tiny=True)
-    with pytest.raises(BackendError, match="cannot decode image"):
+    with pytest.raises(BackendError, match="could not be read"):
         asyncio.run(collect(backend.stream("q", [], ("image", str(bad)), 1, 1, 5)))
     with pytest.raises(BackendError, match="clear it"):
         asyncio.run(collect(backend.stream("word " * 2000, [], None, 1, 1, 5)))
