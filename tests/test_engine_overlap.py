@@ -199,7 +199,7 @@ def test_outputs_one_call_later_and_has_unfinished(tiny):
     assert_all_free(engine)
 
 
-@pytest.mark.parametrize("pool", [None, 16])
+@pytest.mark.parametrize("pool", [None, 8])
 def test_graph_buffers_async_equals_sync(tiny, pool):
     """The CUDA-graph decode path (static buffers, eager on the CPU) fed ids on the device; with a
     small pool, preempted sequences come back with new block tables into reused rows."""
@@ -210,7 +210,7 @@ def test_graph_buffers_async_equals_sync(tiny, pool):
                  SamplingParams(max_new_tokens=6 + 3 * i, **GREEDY)) for i in range(6)]
     results, device_ids = {}, []
     for async_scheduling in (False, True):
-        config = EngineConfig(max_model_len=256, cuda_graph_batch_sizes=(1, 2, 4), max_num_seqs=8,
+        config = EngineConfig(max_model_len=128, cuda_graph_batch_sizes=(1, 2, 4), max_num_seqs=8,
                               num_kv_blocks=pool, async_scheduling=async_scheduling)
         engine = LLMEngine(model, config, processor)
         graphs = DecodeGraphs(model, engine.runner.kv, engine.config, engine.runner.attend, capture=False)
