@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 __all__ = ["CheckpointError", "LoadReport", "parse_dtype", "resolve_model_path", "weight_files",
-           "load_weights", "save_weights", "copy_non_weight_files"]
+           "load_weights", "save_weights", "copy_non_weight_files", "read_matching"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -263,3 +263,16 @@ def copy_non_weight_files(src: str | os.PathLike, dst: str | os.PathLike) -> Non
     for f in Path(src).iterdir():
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
             shutil.copyfile(f, Path(dst) / f.name)
+
+
+def read_matching(folder: str | os.PathLike, pattern: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in ``folder`` whose key matches ``pattern`` (a regex), as stored
+    (for small buffers the loader skips, e.g. the official ``rotary_emb.inv_freq``)."""
+    regex = re.compile(pattern)
+    out = {}
+    for file in weight_files(folder):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if regex.search(key):
+                    out[key] = f.get_tensor(key)
+    return out

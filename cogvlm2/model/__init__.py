@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_weights, parse_dtype, resolve_model_path
+from ..checkpoint import CheckpointError, load_weights, parse_dtype, read_matching, resolve_model_path
 from ..config import ModelConfig
 from .cogvlm import CogVLM2ForCausalLM
 
@@ -20,17 +20,37 @@ def checkpoint_folder(name_or_path: str | Path) -> Path:
     return resolve_tiny(name_or_path) or resolve_model_path(name_or_path)
 
 
+INV_FREQ_KEYS = r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"
+
+
 def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: str | torch.device = "cpu",
-               progress: bool = True) -> CogVLM2ForCausalLM:
+               progress: bool = True, rope_mode: str = "official") -> CogVLM2ForCausalLM:
     """A local folder, a Hugging Face repo id, or an embedded tiny model name ("tiny", "tiny-video").
 
     The model is built on the meta device and every tensor is loaded once, directly in `dtype` on
-    `device`; the key set must match the official checkpoint exactly.
+    `device`; the key set must match the official checkpoint exactly. The checkpoint's rotary
+    `inv_freq` buffers (bf16 in the official files) drive the rotary embedding as in the official code
+    (`rope_mode="official"`); `rope_mode="exact"` uses float32 frequencies and positions instead
+    (see `RotaryEmbedding`).
     """
     folder = checkpoint_folder(name_or_path)
     config = ModelConfig.from_file(folder / "config.json")
     with torch.device("meta"):
         model = CogVLM2ForCausalLM(config)
     load_weights(model, folder, dtype=parse_dtype(dtype), device=device, progress=progress)
+    model.rotary.set_frequencies(checkpoint_inv_freq(folder), rope_mode)
+    model.rotary.inv_freq(torch.device(device), model.dtype)  # the table exists before any CUDA-graph capture
     model.checkpoint_path = folder
     return model.eval().requires_grad_(False)
+
+
+def checkpoint_inv_freq(folder: str | Path) -> torch.Tensor | None:
+    """The rotary frequencies stored in a checkpoint (one per layer in the official files, all equal),
+    or None when it stores none."""
+    found = read_matching(folder, INV_FREQ_KEYS)
+    if not found:
+        return None
+    first = next(iter(found.values()))
+    if any(not torch.equal(t, first) for t in found.values()):
+        raise CheckpointError(f"{folder}: the layers' rotary_emb.inv_freq buffers differ; one rotary table is supported")
+    return first

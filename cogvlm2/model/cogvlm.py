@@ -101,6 +101,49 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), batch)
 
 
+class RotaryEmbedding(nn.Module):
+    """Rotary frequencies and the cos/sin of a step's positions (no state_dict entry: loaded by `load_model`).
+
+    mode "official" (default) reproduces the official code: the frequencies are the checkpoint's
+    `rotary_emb.inv_freq` buffer (bf16-rounded in the real checkpoints; the formula when a checkpoint
+    has none) held in the model's dtype, and the angles are computed in that dtype, so a bf16 model
+    rounds positions above 256 as the official bf16 model does. mode "exact": the formula in float32
+    and float32 positions for every dtype (mathematically exact rotary, not what the weights were
+    trained with).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim, self.theta = cfg.head_dim, cfg.rope_theta
+        self.set_frequencies(None, "official")
+
+    def set_frequencies(self, inv_freq: torch.Tensor | None, mode: str) -> None:
+        """inv_freq [head_dim/2] from the checkpoint (any dtype; None: the formula)."""
+        if mode not in ops.ROPE_MODES:
+            raise ValueError(f"rope_mode must be one of {ops.ROPE_MODES}, got {mode!r}")
+        formula = ops.inv_freq_formula(self.head_dim, self.theta)
+        if inv_freq is not None and tuple(inv_freq.shape) != tuple(formula.shape):
+            raise ValueError(f"rotary inv_freq has shape {tuple(inv_freq.shape)}, expected {tuple(formula.shape)}")
+        self.mode = mode
+        self.source = formula if inv_freq is None else inv_freq.detach().to("cpu", torch.float32)
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The frequencies as the official buffer holds them in a `dtype` model (cached per device and dtype,
+        so CUDA-graph replays never copy)."""
+        key = (torch.device(device), dtype)
+        if key not in self._tables:
+            if self.mode == "exact":
+                table = ops.inv_freq_formula(self.head_dim, self.theta)
+            else:
+                table = self.source.to(dtype)
+            self._tables[key] = table.to(device)
+        return self._tables[key]
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rotary_cos_sin(positions, self.inv_freq(positions.device, dtype))
+
+
 class CogVLMModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -118,6 +161,7 @@ class CogVLM2ForCausalLM(nn.Module):
         self.config = cfg
         self.model = CogVLMModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg)
         self.gradient_checkpointing = False
 
     @property
@@ -141,7 +185,7 @@ class CogVLM2ForCausalLM(nn.Module):
         h = self.model.embed_tokens(batch.input_ids)  # [N, D]
         if batch.vision_embeds is not None:
             h = h.index_copy(0, batch.vision_embed_idx, batch.vision_embeds.to(h.dtype))
-        cos, sin = ops.rotary_cos_sin(batch.positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = self.rotary(batch.positions, self.dtype)  # [N, head_dim/2] float32
         hidden = [h]
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
