@@ -24,6 +24,7 @@ from cogvlm2.model.batch import ForwardBatch, expert_indices
 from cogvlm2.processing.image import load_image, transform_image
 from cogvlm2.processing.prompt import build_inputs
 from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
+from cogvlm2.processing.detokenizer import IncrementalDetokenizer
 from cogvlm2.processing.image import CLIP_STD
 from cogvlm2.processing.video import decode_video, probe_video, select_frame_indices, transform_video
 from cogvlm2.sampling_params import SamplingParams
@@ -262,3 +263,23 @@ def test_golden_rotary_table(case: str, models):
     exact.set_frequencies(None, "exact")
     assert exact.inv_freq(torch.device("cpu"), dtype).tolist() == pytest.approx(rotary["inv_freq_exact_fp32_values"], rel=1e-7)
     assert not torch.equal(exact.inv_freq(torch.device("cpu"), dtype).float(), table.float())
+
+
+DECODE = json.loads((GOLDEN / "decode.json").read_text()) if (GOLDEN / "decode.json").is_file() else None
+
+
+@pytest.mark.skipif(DECODE is None, reason=f"no decode.json under {GOLDEN}")
+@pytest.mark.parametrize("entry", DECODE["sequences"] if DECODE else [], ids=lambda e: e["name"])
+def test_golden_decode(entry: dict):
+    """Decoded text as the official tokenizer returns it (its clean-up rule included), and streamed text
+    that adds up to the same string: a space the clean-up removes is never emitted early (the official
+    streamer, which does emit it, is the one that differs: `stream_text` there)."""
+    tok = Tokenizer(bundled_tokenizer_path(), clean_up_tokenization_spaces=DECODE["tokenizer"]["clean_up_tokenization_spaces"])
+    ids = entry["ids"]
+    assert tok.decode(ids) == entry["decode_skip_special"]
+    assert tok.decode(ids, skip_special_tokens=False) == entry["decode_keep_special"]
+    assert tok.decode(ids, clean_up=False) == entry["decode_skip_special_no_cleanup"]
+    for skip, expected in ((True, entry["decode_skip_special"]), (False, entry["decode_keep_special"])):
+        detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
+        deltas = [detok.push(i) for i in ids] + [detok.flush()]
+        assert "".join(deltas) == expected == detok.text
