@@ -52,7 +52,8 @@ def read_prompts(path: str) -> list:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from ..cli import auto_device, auto_dtype, sampling_params
+    from ..cli import sampling_params
+    from ..devices import auto_device, auto_dtype
     from .llm import LLM
 
     prompts = read_prompts(args.input)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import auto_device, auto_dtype
 from ..model import load_model
 from ..model.cogvlm import CogVLM2ForCausalLM
 from ..processing import Processor
@@ -43,10 +44,10 @@ from .sequence import Sequence
 def load_processor_and_model(model: str | Path | CogVLM2ForCausalLM, dtype: str | torch.dtype | None = None,
                              device: str | torch.device | None = None) -> tuple[CogVLM2ForCausalLM, Processor | None]:
     """A model name ("tiny", a folder, a hub id) or a loaded model -> (model, its processor or None).
-    Defaults: CUDA in bfloat16 when available, else CPU in float32."""
+    Defaults: CUDA when available (bfloat16 from compute capability 8, else float16), else CPU in float32."""
     if not isinstance(model, CogVLM2ForCausalLM):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+        device = auto_device(str(device) if device is not None else "auto")
+        dtype = dtype or auto_dtype("auto", device)
         model = load_model(str(model), dtype=dtype, device=device)
     folder = getattr(model, "checkpoint_path", None)
     processor = Processor.from_pretrained(folder, model.config) if folder is not None else None

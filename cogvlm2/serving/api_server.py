@@ -92,7 +92,7 @@ async def run_server(args, sock=None, on_started=None) -> None:
     from .launch import open_engine
 
     async with open_engine(args) as (engine, processor, model_path):
-        names = args.served_model_name or [args.model]
+        names = list(dict.fromkeys([*(args.served_model_name or []), args.model]))  # aliases first, then --model
         app = build_app(engine, processor, names, api_key=args.api_key, allow_remote_media=args.allow_remote_media,
                         model_path=str(model_path))
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

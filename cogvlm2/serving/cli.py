@@ -23,7 +23,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
     add_model_arguments(p)
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + output tokens per request (default: the model's max_position_embeddings)")
+                   help="prompt + output tokens per request, the KV budget (default: max_position_embeddings + the tokens "
+                        "that share positions in one image / 24 video frames); positions are checked too")
     p.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together in one step")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache pool size in blocks (default: sized automatically)")
 
@@ -39,7 +40,8 @@ def add_parser(subparsers) -> None:
                        help="require 'Authorization: Bearer KEY' on every route but /health and /metrics "
                             "(default: $COGVLM2_API_KEY; none: no key needed)")
     serve.add_argument("--served-model-name", nargs="+", default=None,
-                       help="model name(s) clients send; the first is reported in responses (default: --model)")
+                       help="model name(s) clients may send besides --model (e.g. 'cogvlm2', which the official "
+                            "request script sends); the first is reported in responses (default: --model)")
     serve.add_argument("--allow-remote-media", action="store_true",
                        help="fetch http(s) image / video URLs (public addresses only); off: data URIs only")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

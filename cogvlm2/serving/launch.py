@@ -23,7 +23,7 @@ def engine_kwargs(args) -> dict:
 async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]:  # noqa: F821
     """(engine, processor, checkpoint folder): the model is loaded off the event loop, the engine
     thread started, and shut down (in-flight requests failed) on exit."""
-    from ..cli import auto_device, auto_dtype
+    from ..devices import auto_device, auto_dtype
     from ..engine.async_llm import AsyncLLM
     from ..model import load_model
     from ..tiny import TINY_NOTE, is_tiny

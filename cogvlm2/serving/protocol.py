@@ -130,7 +130,7 @@ class ChatCompletionRequest(OpenAIModel):
     stop: StopString | list[StopString] | None = Field(None)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: float = Field(0.0, ge=0, le=2)  # absent: greedy, as every official demo decodes
     top_p: float = Field(1.0, gt=0, le=1)
     user: str | None = None
     # Not in OpenAI's API (vLLM has the same two): -1 or 0 disables top-k; 1.0 disables the penalty.

@@ -49,10 +49,12 @@ class OpenAIServing:
                            status=404, param="model", code="model_not_found")
         return self.ctx.model_name
 
-    async def build_inputs(self, query: str, history, image: bytes | None = None, video: bytes | None = None) -> ModelInputs:
-        """Decode media and tokenize off the event loop; undecodable media is the client's error (400)."""
+    async def build_inputs(self, query: str, history, image: bytes | None = None, video: bytes | None = None,
+                           **template) -> ModelInputs:
+        """Decode media and tokenize off the event loop; undecodable media is the client's error (400).
+        `template`: the Processor's template / video_strategy (default: the checkpoint's)."""
         try:
-            return await asyncio.to_thread(self.ctx.processor, query, history, image=image, video=video)
+            return await asyncio.to_thread(self.ctx.processor, query, history, image=image, video=video, **template)
         except ImageError as e:
             reason = re.sub(r" ?<[^>]* at 0x[0-9a-f]+>", "", str(e))  # PIL names the in-memory file object
             raise APIError(f"invalid image: {reason}", param="messages") from None
@@ -61,19 +63,23 @@ class OpenAIServing:
 
     def max_tokens(self, inputs: ModelInputs, requested: int | None) -> int:
         """Check the prompt (vision tokens included) and the requested output fit the context; the
-        default output budget is the rest of the context (as OpenAI)."""
+        default output budget is the rest of the context (as OpenAI). The context counts tokens for the
+        KV cache and rotary positions for the model (vision tokens share positions)."""
         limit, n = self.ctx.max_model_len, len(inputs)
+        positions = self.ctx.config.max_position_embeddings
+        budget = inputs.output_budget(limit, positions)
         vision = f" ({inputs.num_vision_tokens} of them image / video tokens)" if inputs.num_vision_tokens else ""
-        if n >= limit:
-            raise APIError(f"This model's maximum context length is {limit} tokens. However, your messages "
-                           f"resulted in {n} tokens{vision}. Please reduce the length of the messages.",
+        if budget < 1:
+            raise APIError(f"This model's maximum context length is {limit} tokens ({positions} positions). However, "
+                           f"your messages resulted in {n} tokens{vision} spanning {inputs.next_position} positions. "
+                           "Please reduce the length of the messages.",
                            param="messages", code="context_length_exceeded")
-        if requested is not None and n + requested > limit:
-            raise APIError(f"This model's maximum context length is {limit} tokens. However, you requested "
-                           f"{n + requested} tokens ({n} in the messages{vision}, {requested} in the completion). "
-                           "Please reduce the length of the messages or completion.",
-                           param="max_tokens", code="context_length_exceeded")
-        return requested if requested is not None else limit - n
+        if requested is not None and requested > budget:
+            raise APIError(f"This model's maximum context length is {limit} tokens ({positions} positions). However, "
+                           f"you requested {requested} completion tokens and your messages ({n} tokens{vision}, "
+                           f"{inputs.next_position} positions) leave room for {budget}. Please reduce the length "
+                           "of the messages or completion.", param="max_tokens", code="context_length_exceeded")
+        return requested if requested is not None else budget
 
     async def generate(self, request_id: str, inputs: ModelInputs,
                        params: list[SamplingParams]) -> AsyncIterator[tuple[int, RequestOutput]]:

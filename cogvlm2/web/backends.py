@@ -32,7 +32,7 @@ class LocalBackend:
             inputs = await asyncio.to_thread(self.processor, query, history, **kw)
         except (OSError, ValueError) as e:
             raise BackendError(str(e)) from None
-        budget = self.engine.max_model_len - len(inputs)
+        budget = inputs.output_budget(self.engine.max_model_len, self.processor.config.max_position_embeddings)
         if budget < 1:
             raise BackendError(f"the conversation is {len(inputs)} tokens long, the context holds "
                                f"{self.engine.max_model_len}: clear it to start over")
