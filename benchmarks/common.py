@@ -70,12 +70,15 @@ def matmul_flops() -> float:
 
 
 def provenance() -> dict:
+    """Card, torch, date, commit ($COMMIT first: a copied tree's .git may name another commit) and ceilings."""
+    commit = os.environ.get("COMMIT", "")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                          text=True).stdout.strip()
     except OSError:
-        commit = ""
+        pass
     out = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": commit or os.environ.get("COMMIT", "")}
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": commit}
     if torch.cuda.is_available():
         out["copy_bandwidth_GBps"], out["matmul_bf16_TFLOPs"] = (round(v / s) for v, s in zip(ceilings(), (1e9, 1e12)))
     return out
