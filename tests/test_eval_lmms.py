@@ -169,3 +169,46 @@ def test_lmms_eval_runs_through_our_engine(tiny, tmp_path):
         assert losses == pytest.approx([-lp / len(c) for (lp, _), c in zip(scores, conts)], abs=1e-3)
         assert s["acc"] == float(min(range(3), key=lambda i: losses[i]) == d["label"])
     assert res["cogvlm2_fixture_mc"]["acc,none"] == pytest.approx(sum(s["acc"] for s in mc) / 3)
+
+
+def _instance(request_type, args, doc_id):
+    from lmms_eval.api.instance import Instance
+
+    return Instance(request_type=request_type, arguments=args, idx=0,
+                    metadata={"task": "fixture", "doc_id": doc_id, "repeats": 1})
+
+
+def test_plugin_in_process(tmp_path):
+    from cogvlm2.eval.lmms_plugin import CogVLM2, manifest
+
+    assert manifest().simple_class_path == "cogvlm2.eval.lmms_plugin.CogVLM2"
+    with pytest.raises(ValueError, match="unknown model_args"):
+        CogVLM2(pretrained="tiny", device="cpu", colour="blue")
+    lm = CogVLM2(pretrained="tiny", device="cpu", dtype="float32", max_num_seqs=2, batch_size=8)
+    (tmp_path / "a.png").write_bytes(F.png())
+    from PIL import Image
+
+    docs = [{"q": "What is this?"}, {"q": "And this?"}]
+    lm.task_dict = {"fixture": {"test": docs}}
+    visual = lambda doc: [Image.open(tmp_path / "a.png")]  # noqa: E731
+
+    gen = [_instance("generate_until", ("<image>What is this?", {"max_new_tokens": 3, "until": ["\n\n"]}, visual, 0,
+                                        "fixture", "test"), 0)]
+    want = lm.llm.generate([{"query": "What is this?", "image": tmp_path / "a.png"}],
+                           SamplingParams(max_new_tokens=3, temperature=0, stop=["\n\n"]), use_tqdm=False)[0]
+    assert lm.generate_until(gen) == [want.text.strip()]
+    with pytest.raises(ValueError, match="beam search"):
+        lm.generate_until([_instance("generate_until", ("q", {"num_beams": 3}, visual, 0, "fixture", "test"), 0)])
+
+    calls = []
+
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+        calls.append((doc["q"], list(previous_output), round_idx))
+        done = round_idx == (2 if doc["q"] == "What is this?" else 1)
+        return None, f"round {round_idx}: {doc['q']}", done, previous_output, {"r": round_idx}
+
+    multi = [_instance("generate_until_multi_round", (d["q"], {"max_new_tokens": 2}, visual, doc_to_text, i,
+                                                      "fixture", "test"), i) for i, d in enumerate(docs)]
+    out = lm.generate_until_multi_round(multi)
+    assert [len(o) for o in out] == [2, 1] and all(isinstance(t, str) for o in out for t in o)
+    assert [c[2] for c in calls] == [1, 1, 2]  # both docs answer round 0 together; only the first goes on
