@@ -58,7 +58,9 @@ def test_loglikelihood_matches_reference_loop(tiny, tmp_path):
         loglikelihoods(model, [(prompts[0], [])])
 
 
-lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval not installed (CI installs it)")
+@pytest.fixture(scope="module")
+def lmms_eval():
+    return pytest.importorskip("lmms_eval", reason="lmms-eval not installed (CI installs it: .ci/run)")
 
 UTILS = '''
 from PIL import Image
@@ -119,7 +121,7 @@ def _entry_point_dist(folder: Path) -> Path:
     return folder
 
 
-def test_lmms_eval_runs_through_our_engine(tiny, tmp_path):
+def test_lmms_eval_runs_through_our_engine(lmms_eval, tiny, tmp_path):
     model, proc = tiny
     docs = []
     for i, (q, colour) in enumerate([("What colour is this?", "red"), ("Name the colour.", "green"),
@@ -178,7 +180,7 @@ def _instance(request_type, args, doc_id):
                     metadata={"task": "fixture", "doc_id": doc_id, "repeats": 1})
 
 
-def test_plugin_in_process(tmp_path):
+def test_plugin_in_process(lmms_eval, tmp_path):
     from cogvlm2.eval.lmms_plugin import CogVLM2, manifest
 
     assert manifest().simple_class_path == "cogvlm2.eval.lmms_plugin.CogVLM2"

@@ -107,7 +107,8 @@ def test_mcq_prompt():
     assert mcq_prompt("What colour?", {"A": "red", "B": "blue"}, hint="Look.") == (
         "Look.\nWhat colour?\nA. red\nB. blue\nAnswer with the option's letter from the given choices directly.\n"
         "Short Answer.")
-    assert mcq_prompt("什么颜色?", {"A": "红", "B": "蓝"}).endswith("\n请直接回答选项字母。\nShort Answer.")
+    chinese = mcq_prompt("什么颜色?", {"A": "红", "B": "蓝"})
+    assert chinese.endswith("\n请直接回答选项字母。\nShort Answer.")
 
 
 def test_circular_rotations():

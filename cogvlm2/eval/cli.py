@@ -19,7 +19,8 @@ def add_parser(subparsers) -> None:
     from .tasks import STYLES, TASKS
 
     p = subparsers.add_parser("eval", help="evaluate on a benchmark (TextVQA, DocVQA, ChartQA, OCRBench, MMBench, ...)",
-                              description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__.split("\n\n", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=list(TASKS))
     p.add_argument("--data", required=True, help="benchmark file or folder (.json / .tsv / .parquet)")
     p.add_argument("--images", help="image folder for JSON layouts (default: found next to --data)")

@@ -16,8 +16,8 @@ budgets, temperature). loglikelihood: packed teacher-forced scoring (loglikeliho
 lmms-eval's model classes report it: the continuation's mean negative log-likelihood per token (a
 loss; lmms-eval's multiple_choice takes the argmin), and whether greedy decoding would produce it.
 generate_until_multi_round: each round of every document batched together; every round is asked
-as the task's doc_to_text builds it (the task carries the conversation). CogVLM2 sees one image per conversation: a document with several
-images uses its first (a warning says so once).
+as the task's doc_to_text builds it (the task carries the conversation). CogVLM2 sees one image per
+conversation: a document with several images uses its first (a warning says so once).
 """
 
 from __future__ import annotations

@@ -54,8 +54,9 @@ def _score_packed(model: CogVLM2ForCausalLM, examples: list[ModelInputs]) -> lis
     logprobs = logits.log_softmax(-1).gather(1, batch.target_ids[:, None]).squeeze(1)  # [T]
     greedy = logits.argmax(-1) == batch.target_ids
     owner = torch.bucketize(batch.target_idx, batch.cu_seqlens[1:], right=True)  # example of each target
-    total = torch.zeros(len(examples), dtype=torch.float64, device=logits.device).index_add_(0, owner, logprobs.double())
-    misses = torch.zeros(len(examples), dtype=torch.long, device=logits.device).index_add_(0, owner, (~greedy).long())
+    zeros = torch.zeros(len(examples), dtype=torch.float64, device=logits.device)
+    total = zeros.index_add(0, owner, logprobs.double())
+    misses = zeros.index_add(0, owner, (~greedy).double())
     return [(float(t), int(m) == 0) for t, m in zip(total.tolist(), misses.tolist())]
 
 

@@ -80,8 +80,9 @@ def _line(task: Task, item: Item, prompt: str, prediction: str) -> dict:
     return row
 
 
-def run(task: Task, items: list[Item], generate: Generate, folder: str | Path, settings: dict, style: str = "vlmevalkit",
-        circular: bool = False, chunk_size: int = 256, overwrite: bool = False, log=print) -> dict:
+def run(task: Task, items: list[Item], generate: Generate, folder: str | Path, settings: dict,
+        style: str = "vlmevalkit", circular: bool = False, chunk_size: int = 256, overwrite: bool = False,
+        log=print) -> dict:
     """Generate what predictions.jsonl lacks, then write and return the summary of all selected items."""
     folder = Path(folder)
     _check_settings(folder, settings, overwrite)

@@ -3,7 +3,7 @@
     task       data layouts (see data.py)                               per-item score      summary
     textvqa    TextVQA_0.5.1_val.json + train_images/ | TSV | Parquet   VQA accuracy        mean x 100
     docvqa     val_v1.0_withQT.json (+ its images) | TSV | Parquet      ANLS                mean x 100 (+ question type)
-    infovqa    infographicsVQA_val_v1.0_withQT.json + images | TSV | P. ANLS                mean x 100 (+ answer type, ...)
+    infovqa    infographicsVQA_val_v1.0_withQT.json + images | TSV | P. ANLS                mean x 100 (+ answer type)
     chartqa    test/ (test_human.json, test_augmented.json, png/) | ...  relaxed accuracy    mean x 100 (+ split)
     ocrbench   OCRBench.json + OCRBench_Images/ | TSV | Parquet         substring hit       sum (1,000 items: /1000)
     mmbench    MMBench_DEV_EN.tsv (rotations included) | Parquet        letter correct      circular accuracy x 100

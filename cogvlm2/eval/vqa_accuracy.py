@@ -48,7 +48,8 @@ _CONTRACTIONS = {
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
-_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                "?", "!"]
 _DIGIT_COMMA = re.compile(r"(?<=\d)(,)+(?=\d)")
 # The official pattern reads "(?!<=\d)(\.)(?!\d)": its first group is a (mistyped) lookahead, so the
 # effective rule is "a period not followed by a digit"; its sub() passes re.UNICODE (32) as the count.
