@@ -181,3 +181,34 @@ def textvqa_parquet(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
+
+
+def _parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def chartqa_parquet(root: Path) -> Path:
+    """lmms-lab/ChartQA: {type, question, answer, image}, no ids; two shards."""
+    rows = [{"type": f"{split}_test", "question": r["query"], "answer": r["label"],
+             "image": {"bytes": png(COLOURS[i]), "path": r["imgname"]}}
+            for split, split_rows in CHARTQA.items() for i, r in enumerate(split_rows)]
+    _parquet(root / "data" / "test-00000-of-00002.parquet", rows[:2])
+    _parquet(root / "data" / "test-00001-of-00002.parquet", rows[2:])
+    _parquet(root / "data" / "train-00000-of-00001.parquet", rows[:1])
+    return root / "data" / "test-*.parquet"
+
+
+def mmbench_parquet(root: Path) -> Path:
+    """lmms-lab/MMBench (en, dev): image bytes in every row, `L2-category`, None for absent options."""
+    rows = []
+    for r in mmbench_rows():
+        q = MMBENCH[r["index"] % 1_000_000]
+        rows.append({**{k: r[k] for k in ("index", "question", "answer", "category", "source", "comment", "split")},
+                     **{k: (r[k] or None) for k in "ABCD"}, "hint": r["hint"] or None,
+                     "L2-category": r["l2-category"], "image": {"bytes": png(COLOURS[q["index"]]), "path": None}})
+    return _parquet(root / "dev-00000-of-00001.parquet", rows)

@@ -209,3 +209,15 @@ def test_cli_limit_and_errors(tmp_path, capsys):
     assert len((tmp_path / "o" / "predictions.jsonl").read_text().splitlines()) == 2
     assert main(["eval", "textvqa", "--data", str(tmp_path / "missing.json"), "--device", "cpu"]) == 1
     assert "missing.json: no such file" in capsys.readouterr().err
+
+
+def test_parquet_layouts(tmp_path):
+    summary, gen = evaluate(tmp_path / "c", "chartqa", F.chartqa_parquet(tmp_path / "chartqa"),
+                            {"2019": "25", "highest": "2019", "blue": "38%", "red bar": "No"})
+    assert summary["overall"] == 75.0 and summary["items"] == 4  # the glob skips the train shard
+    assert summary["categories"] == {"augmented": {"score": 50.0, "n": 2}, "human": {"score": 100.0, "n": 2}}
+    items = get_task("mmbench").load(F.mmbench_parquet(tmp_path / "mmb"))
+    assert len(items) == 7 and items[4].meta["hint"] == "Count carefully." and "C" in items[4].meta["options"]
+    assert "D" not in items[4].meta["options"] and items[0].categories[1].startswith("finegrained")
+    with pytest.raises(DataError, match="must match .parquet"):
+        get_task("chartqa").load(tmp_path / "nothing-*.parquet")

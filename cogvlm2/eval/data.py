@@ -6,7 +6,8 @@ Three containers, chosen by the file's suffix:
                InfographicVQA); images are files next to it (see `ImageResolver`)
     .tsv       VLMEvalKit / OpenCompass TSVs: one row per question, the image base64-encoded in an
                `image` column (a short value there names the `index` of the row holding the image)
-    .parquet   Hugging Face dataset shards (lmms-lab/*): the image as {"bytes": ..., "path": ...}
+    .parquet   Hugging Face dataset shards (lmms-lab/*): the image as {"bytes": ..., "path": ...}; a
+               folder of shards or a glob ("data/validation-*.parquet") reads several
 
 A row's `image` ends up as a Path (checked to exist) or bytes; tasks.py maps the rest of a row.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import glob
 import json
 import sys
 from pathlib import Path
@@ -63,12 +65,11 @@ def _b64(text: str, path: Path, index) -> bytes:
         raise DataError(f"{path}: row {index}: image is not base64: {e}") from None
 
 
-def read_parquet_rows(path: Path) -> list[dict]:
+def read_parquet_rows(files: list[Path]) -> list[dict]:
     try:
         import pyarrow.parquet as pq
     except ModuleNotFoundError:
         raise DataError("reading Parquet needs pyarrow: pip install 'cogvlm2[eval]'") from None
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     rows: list[dict] = []
     for f in files:
         try:
@@ -83,11 +84,19 @@ def read_parquet_rows(path: Path) -> list[dict]:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a .json / .tsv / .parquet file (or a folder of .parquet shards)."""
+    """Rows of a .json / .tsv / .parquet file, a folder of .parquet shards, or a glob of shards
+    ("data/validation-*.parquet")."""
+    if "*" in str(path):
+        files = sorted(Path(p) for p in glob.glob(str(path)))
+        if not files or any(f.suffix != ".parquet" for f in files):
+            raise DataError(f"{path}: a pattern must match .parquet files (matched {len(files)} files)")
+        return read_parquet_rows(files)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
-    if path.is_dir() and any(path.glob("*.parquet")) or path.suffix == ".parquet":
-        return read_parquet_rows(path)
+    if path.is_dir() and any(path.glob("*.parquet")):
+        return read_parquet_rows(sorted(path.glob("*.parquet")))
+    if path.suffix == ".parquet":
+        return read_parquet_rows([path])
     if path.suffix == ".json":
         return read_json_rows(path)
     if path.suffix == ".tsv":

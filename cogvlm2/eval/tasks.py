@@ -113,7 +113,7 @@ def _chartqa(row, resolve, split=None):
     split = str(split).removesuffix("_test")
     ident = _first(row, "index", "question_id", default=None)
     if ident is None:
-        ident = f"{split}-{row['imgname']}-{row['query']}" if "imgname" in row else None
+        ident = f"{split}-{row['_row']}"
     return Item(str(ident), _first(row, "query", "question"), _image(row, resolve, "image", "imgname"),
                 _answers(_first(row, "label", "answer")), [split] if split else [])
 
@@ -125,7 +125,7 @@ def _ocrbench(row, resolve):
     dataset = _first(row, "dataset_name", "dataset", default="")
     if dataset == "HME100k":
         category = HME_CATEGORY
-    return Item(str(_first(row, "id", "index")), row["question"], _image(row, resolve, "image", "image_path"),
+    return Item(str(_first(row, "id", "index", "_row")), row["question"], _image(row, resolve, "image", "image_path"),
                 _answers(_first(row, "answers", "answer")), [str(category)], {"dataset_name": dataset})
 
 
@@ -175,6 +175,7 @@ class Task:
         for file, extra in sources:
             resolve = ImageResolver([images, *self.default_images(file)])
             for n, row in enumerate(read_rows(file)):
+                row.setdefault("_row", n)  # an id for layouts without one (lmms-lab ChartQA, OCRBench)
                 try:
                     items.append(self.rows_to_item(row, resolve, **extra))
                 except KeyError as e:
@@ -190,7 +191,7 @@ class Task:
         return items
 
     def _files(self, path: Path) -> list[tuple[Path, dict]]:
-        if self.name == "chartqa" and path.is_dir() and not any(path.glob("*.parquet")):
+        if self.name == "chartqa" and "*" not in str(path) and path.is_dir() and not any(path.glob("*.parquet")):
             found = [(path / f"test_{s}.json", {"split": s}) for s in ("human", "augmented")
                      if (path / f"test_{s}.json").exists()]
             if not found:
