@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 
 import eval_fixtures as F
 from cogvlm2.cli import main
@@ -221,3 +222,13 @@ def test_parquet_layouts(tmp_path):
     assert "D" not in items[4].meta["options"] and items[0].categories[1].startswith("finegrained")
     with pytest.raises(DataError, match="must match .parquet"):
         get_task("chartqa").load(tmp_path / "nothing-*.parquet")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cli_on_cuda_engine(tmp_path, capsys):
+    """The CUDA engine (CUDA graphs, paged attention kernels) behind `cogvlm2 eval`, and packed scoring on CUDA."""
+    data = F.mmbench(tmp_path / "data")
+    assert main(["eval", "mmbench", "--data", str(data), "--output", str(tmp_path / "o"), "--max-new-tokens", "4",
+                 "--device", "cuda", "--dtype", "float32"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 7 and all(x["score"] is not None for x in lines)

@@ -32,9 +32,13 @@ def tiny():
     return model, Processor.from_pretrained(model.checkpoint_path, model.config)
 
 
-def test_loglikelihood_matches_reference_loop(tiny, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_loglikelihood_matches_reference_loop(tiny, tmp_path, device):
     """Teacher-forced log-probabilities of the greedy continuation equal the reference loop's logits."""
     model, proc = tiny
+    if device != "cpu":
+        model = load_model("tiny", dtype="float32", device=device)
     (tmp_path / "a.png").write_bytes(F.png(F.COLOURS[0]))
     prompts = [proc("What colour is it?", image=tmp_path / "a.png"), proc("Say something.")]
     requests, expected = [], []
