@@ -33,13 +33,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--circular", action="store_true", help="mcq: circular evaluation (mmbench always is)")
     p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --output")
     add_model_arguments(p)
-    p.add_argument("--lora", help="LoRA adapter folder (peft format) applied without merging")
+    add_lora_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together in one step")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.set_defaults(func=run_eval)
+
+
+def add_lora_argument(p: argparse.ArgumentParser) -> None:
+    """--lora, unless the shared model arguments already define it."""
+    try:
+        p.add_argument("--lora", help="LoRA adapter folder (peft format) applied without merging")
+    except argparse.ArgumentError:
+        pass
 
 
 def default_output(task: str, model: str) -> Path:

@@ -42,10 +42,11 @@ def manifest():
 def _model_namespace(pretrained: str, overrides: dict) -> argparse.Namespace:
     """The shared model arguments of `cogvlm2 chat` with their defaults, overridden by model_args."""
     from ..cli import add_model_arguments
+    from .cli import add_lora_argument
 
     p = argparse.ArgumentParser()
     add_model_arguments(p)
-    p.add_argument("--lora")
+    add_lora_argument(p)
     args = p.parse_args([])
     unknown = sorted(k for k in overrides if not hasattr(args, k))
     if unknown:
