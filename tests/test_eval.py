@@ -208,6 +208,11 @@ def test_cli_limit_and_errors(tmp_path, capsys):
     assert main(["eval", "textvqa", "--data", str(data), "--output", str(tmp_path / "o"), "--limit", "2",
                  "--seed", "0", "--max-new-tokens", "2", "--device", "cpu"]) == 0
     assert len((tmp_path / "o" / "predictions.jsonl").read_text().splitlines()) == 2
+    # the whole set into the same folder (greedy: the seed does not matter) answers only the third question
+    assert main(["eval", "textvqa", "--data", str(data), "--output", str(tmp_path / "o"), "--max-new-tokens", "2",
+                 "--device", "cpu"]) == 0
+    assert "resuming: 2 of 3" in capsys.readouterr().err
+    assert len((tmp_path / "o" / "predictions.jsonl").read_text().splitlines()) == 3
     assert main(["eval", "textvqa", "--data", str(tmp_path / "missing.json"), "--device", "cpu"]) == 1
     assert "missing.json: no such file" in capsys.readouterr().err
 

@@ -56,10 +56,13 @@ def default_output(task: str, model: str) -> Path:
 
 
 def settings_of(args: argparse.Namespace) -> dict:
-    """What shapes the answers: a resumed run must match in all of these."""
-    keys = ("task", "model", "lora", "quant", "dtype", "prompt_style", "circular", "max_new_tokens", "temperature",
-            "seed")
-    return {k: getattr(args, k, None) for k in keys if hasattr(args, k)}
+    """What shapes the answers: a resumed run must match in all of these (the seed only when sampling;
+    --limit never, so a quick look grows into a full run)."""
+    keys = ("task", "model", "lora", "quant", "dtype", "prompt_style", "circular", "max_new_tokens", "temperature")
+    settings = {k: getattr(args, k, None) for k in keys if hasattr(args, k)}
+    if args.temperature > 0:
+        settings["seed"] = args.seed
+    return settings
 
 
 def run_eval(args: argparse.Namespace) -> int:
