@@ -48,6 +48,9 @@ def test_textvqa(tmp_path):
     assert lines[0]["prediction"] == "coke" and lines[0]["score"] == pytest.approx(0.9)
     assert lines[0]["references"] == F.TEXTVQA[0]["answers"]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["overall"] == summary["overall"]
+    submission = json.loads((tmp_path / "out" / "submission.json").read_text())  # EvalAI's format
+    assert submission == [{"question_id": 34602, "answer": "coke"}, {"question_id": 34603, "answer": "2"},
+                          {"question_id": 34604, "answer": "go"}]
 
 
 def test_textvqa_parquet_and_short_answer_style(tmp_path):
@@ -61,6 +64,8 @@ def test_textvqa_parquet_and_short_answer_style(tmp_path):
 def test_docvqa(tmp_path):
     summary, _ = evaluate(tmp_path, "docvqa", F.docvqa(tmp_path / "d"),
                           {"date": "January 8 1993", "title": "Annual Reprt"})
+    assert json.loads((tmp_path / "out" / "submission.json").read_text())[0] == {"questionId": 49153,
+                                                                                  "answer": "January 8 1993"}
     a, b = 1 - 1 / 15, 1 - 1 / 13  # ANLS, hand-worked (test_eval_metrics)
     assert summary["overall"] == pytest.approx(100 * (a + b) / 2)
     assert summary["categories"]["handwritten"]["score"] == pytest.approx(100 * a)

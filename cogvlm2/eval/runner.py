@@ -5,6 +5,8 @@ Output folder:
     predictions.jsonl  one line per item, appended as chunks finish:
                        {"id", "question", "prompt", "prediction", "references", "score", "categories", ...}
     summary.json       overall and per-category scores (also printed as a table)
+    submission.json    textvqa / docvqa / infovqa: the answers in the evaluation server's format
+                       (EvalAI [{"question_id", "answer"}]; RRC [{"questionId", "answer"}]) for test splits
 
 Resume: running again into the same folder generates only the items not yet in predictions.jsonl
 (a last line cut off by a crash is dropped) and summarises all of them; different settings in
@@ -23,6 +25,7 @@ from .tasks import Item, Task
 
 # (query, template or None, image or None) -> answer text, for a batch of prompts
 Generate = Callable[[Sequence[tuple[str, str | None, object]]], list[str]]
+SUBMISSION_ID = {"textvqa": "question_id", "docvqa": "questionId", "infovqa": "questionId"}
 
 
 def select(items: list[Item], limit: int | None, seed: int | None) -> list[Item]:
@@ -102,7 +105,12 @@ def run(task: Task, items: list[Item], generate: Generate, folder: str | Path, s
                 done[it.id] = row
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
-    summary = summarize(task, [done[it.id] for it in items], circular=circular or task.name == "mmbench")
+    rows = [done[it.id] for it in items]
+    if task.name in SUBMISSION_ID:
+        key = SUBMISSION_ID[task.name]
+        entries = [{key: int(r["id"]) if r["id"].isdigit() else r["id"], "answer": r["prediction"]} for r in rows]
+        (folder / "submission.json").write_text(json.dumps(entries, ensure_ascii=False) + "\n")
+    summary = summarize(task, rows, circular=circular or task.name == "mmbench")
     summary["settings"] = settings
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     log(format_table(summary))
