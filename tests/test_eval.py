@@ -128,6 +128,7 @@ def test_mcq_rotations_made_when_missing(tmp_path):
     t = get_task("mcq")
     data = F.mmbench(tmp_path / "d", rotate=False)
     assert len(t.load(data)) == 2
+    assert len(get_task("mmbench").load(data)) == 7  # mmbench always rotates
     items = t.load(data, circular=True)
     assert [i.id for i in items] == ["0", "0+1", "0+2", "0+3", "1", "1+1", "1+2"]
     pick = _pick("red")

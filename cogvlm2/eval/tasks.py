@@ -182,6 +182,7 @@ class Task:
                     raise DataError(f"{file}: row {n}: missing field {e}") from None
         if not items:
             raise DataError(f"{path}: no questions")
+        circular = circular or self.name == "mmbench"  # MMBench is always scored circularly
         if self.multiple_choice and circular and not any(int(i.id) >= choice.CIRCULAR_OFFSET
                                                          for i in items if i.id.isdigit()):
             items = _rotate(items)
