@@ -21,16 +21,35 @@ def checkpoint_folder(name_or_path: str | Path) -> Path:
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: str | torch.device = "cpu",
-               progress: bool = True) -> CogVLM2ForCausalLM:
+               progress: bool = True, quant: str | int | None = None) -> CogVLM2ForCausalLM:
     """A local folder, a Hugging Face repo id, or an embedded tiny model name ("tiny", "tiny-video").
 
     The model is built on the meta device and every tensor is loaded once, directly in `dtype` on
-    `device`; the key set must match the official checkpoint exactly.
+    `device`; the key set must match the official checkpoint exactly. A bitsandbytes 4-bit checkpoint
+    (the official int4 ones) loads into fp4 linears as stored; `quant` (see `cogvlm2.quant`) quantizes a
+    full-precision checkpoint on the fly, one layer at a time on `device`.
     """
+    from .. import quant as q
+
     folder = checkpoint_folder(name_or_path)
     config = ModelConfig.from_file(folder / "config.json")
+    mode = q.normalize_quant(quant)
+    stored = q.checkpoint_quant_type(config.raw)
+    if stored is not None and mode not in (None, stored):
+        raise ValueError(f"{name_or_path} is already quantized ({stored} 4-bit); it cannot be re-quantized to "
+                         f"{mode}: drop --quant or use the bf16 checkpoint")
     with torch.device("meta"):
         model = CogVLM2ForCausalLM(config)
-    load_weights(model, folder, dtype=parse_dtype(dtype), device=device, progress=progress)
+    dtype = parse_dtype(dtype)
+    if stored is not None:
+        checks = q.prepare_prequantized(model, stored)
+        load_weights(model, folder, dtype=dtype, device=device, progress=progress, keep_dtype=q.KEEP_DTYPE,
+                     metadata=checks)
+        model.quantization = stored
+    elif mode is not None:  # read on the CPU, quantize layer by layer onto the device
+        load_weights(model, folder, dtype=dtype, device="cpu", progress=progress)
+        q.quantize_model(model, mode, device)
+    else:
+        load_weights(model, folder, dtype=dtype, device=device, progress=progress)
     model.checkpoint_path = folder
     return model.eval().requires_grad_(False)
