@@ -161,8 +161,8 @@ class _BinReader:
             self.tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # a pickle that is not a plain tensor dict, or a damaged file
             raise CheckpointError(f"cannot read {file} as a PyTorch weights file: {e}") from e
-        if not isinstance(self.tensors, dict):
-            raise CheckpointError(f"{file} holds a {type(self.tensors).__name__}, not a dict of tensors")
+        if not isinstance(self.tensors, dict) or not all(isinstance(t, torch.Tensor) for t in self.tensors.values()):
+            raise CheckpointError(f"{file} holds a {type(self.tensors).__name__} that is not a dict of tensors")
 
     def __enter__(self):
         return self

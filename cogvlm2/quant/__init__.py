@@ -8,8 +8,8 @@
     fp8    e4m3, per-channel scale; per-token x       torch._scaled_mm (fp8 tensor cores)   bf16 checkpoints
 
 Every nn.Linear but lm_head is quantized (language and vision experts, the EVA tower, the GLU adapter),
-as in the official int4 checkpoints; a layer whose shape the format cannot hold (tiny test models)
-stays in the model dtype. On-the-fly modes quantize one layer at a time on the target device, so the
+as in the official int4 checkpoints; a layer whose shape the format cannot hold (only tiny test models
+have such layers) stays in the model dtype. On-the-fly modes quantize one layer at a time on the target device, so the
 GPU never holds the unquantized model.
 """
 
@@ -26,7 +26,7 @@ from .linear import Fp4Linear, Fp8Linear, Int4Linear, QuantLinear
 __all__ = ["QUANT_MODES", "Fp4Linear", "Fp8Linear", "Int4Linear", "QuantLinear", "normalize_quant",
            "checkpoint_quant_type", "prepare_prequantized", "quantize_model", "KEEP_DTYPE", "weight_bytes"]
 
-QUANT_MODES = ("4", "8", "fp4", "nf4", "int4", "fp8")
+QUANT_MODES = ("4", "8", "fp4", "nf4", "int4", "int8", "fp8")
 SKIP = ("lm_head",)
 KEEP_DTYPE = (r"\.weight\.absmax$", r"\.weight\.quant_map$")  # checkpoint tensors that stay float32
 
@@ -71,10 +71,16 @@ def _fits(mode: str, linear: nn.Linear) -> bool:
     if mode in ("fp4", "nf4"):
         return k % formats.BNB_BLOCKSIZE == 0
     if mode == "int4":
-        return k % formats.INT4_GROUP == 0 and n % 8 == 0
+        return _int4_group(k) is not None and n % 8 == 0
     if mode == "fp8":
         return k % 16 == 0 and n % 16 == 0
     return True
+
+
+def _int4_group(k: int) -> int | None:
+    """Group 128; a narrower layer (tiny test models only: every real CogVLM2 width is a multiple of 128)
+    takes the largest of 64 / 32 that divides it."""
+    return next((g for g in (formats.INT4_GROUP, 64, 32) if k % g == 0), None)
 
 
 def prepare_prequantized(model: nn.Module, quant_type: str) -> dict[str, Callable[[torch.Tensor], None]]:
@@ -123,7 +129,7 @@ def quantize_model(model: nn.Module, quant: str | int, device: torch.device | st
         if mode in ("fp4", "nf4"):
             q = Fp4Linear.from_linear(linear, mode, device, use_bitsandbytes)
         elif mode == "int4":
-            q = Int4Linear.from_linear(linear, device)
+            q = Int4Linear.from_linear(linear, device, _int4_group(linear.in_features))
         elif mode == "fp8":
             q = Fp8Linear.from_linear(linear, device)
         else:
