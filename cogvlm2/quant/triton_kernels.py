@@ -62,17 +62,19 @@ def _fp4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K,
 
 @triton.jit
 def _int4_tile(qw_ptr, qz_ptr, s_ptr, offs_n, n_ok, k0, N, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    """Float32 weight tile [BLOCK_K, BLOCK_N] (K-major, as stored) at rows k0.. (one group): (q - z) * s."""
+    """Float32 weight tile [BLOCK_K, BLOCK_N] (K-major, as stored) at rows k0..: (q - z) * s per group."""
     offs_p = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     packed = tl.load(qw_ptr + offs_p[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)  # [BK/8, BN]
     shifts = (tl.arange(0, 8) * 4)[None, :, None]
     q = (packed[:, None, :] >> shifts) & 0xF  # [BK/8, 8, BN]: k = 8 i + j
-    q = tl.reshape(q, (BLOCK_K, q.shape[2]))
-    g = k0 // GROUP
-    zp = tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_ok, other=0)
-    z = (zp >> ((offs_n % 8) * 4).to(tl.int32)) & 0xF
-    s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    return (q - z[None, :]).to(tl.float32) * s[None, :]
+    SPAN: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # rows of one group inside the tile
+    q = tl.reshape(q, (BLOCK_K // SPAN, SPAN, q.shape[2]))
+    g = (k0 + tl.arange(0, BLOCK_K // SPAN) * SPAN) // GROUP  # [tile groups]
+    zp = tl.load(qz_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=n_ok[None, :], other=0)
+    z = (zp >> ((offs_n[None, :] % 8) * 4).to(tl.int32)) & 0xF  # [tile groups, BN]
+    s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)
+    w = (q - z[:, None, :]).to(tl.float32) * s[:, None, :]
+    return tl.reshape(w, (BLOCK_K, w.shape[2]))
 
 
 @triton.jit
@@ -105,9 +107,29 @@ def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
     tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 
+# Launch configs (BLOCK_N, BLOCK_K, num_warps, num_stages) by kernel and path; fixed, so nothing is tuned
+# at run time (CUDA-graph safe). benchmarks/quant_gpu.py sweeps alternatives on the real shapes.
+CONFIGS = {
+    ("fp4", "gemv"): (8, 512, 4, 3),  # one row: CUDA-core reduction, [N, K/2] bytes streamed row-wise
+    ("fp4", "tile"): (32, 128, 4, 3),  # 2..64 rows: tensor cores on the dequantized tile
+    ("fp4", "dequant"): (16, 256, 4, 1),
+    ("int4", "gemv"): (32, 256, 4, 3),
+    ("int4", "tile"): (64, 128, 4, 3),
+    ("int4", "dequant"): (64, 128, 4, 1),
+}
+
+
 def _rows(m: int) -> int:
     """BLOCK_M for m rows: 1 (CUDA-core reduction) or a tensor-core tile of 16..64 rows."""
     return 1 if m == 1 else min(64, max(16, triton.next_power_of_2(m)))
+
+
+def _block_k(want: int, k: int, unit: int) -> int:
+    """The largest power-of-two multiple of `unit`, at most `want`, that divides k (k % unit == 0)."""
+    b = max(unit, want)
+    while b > unit and k % b:
+        b //= 2
+    return b
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +140,12 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 def fp4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int, k: int,
                    dtype: torch.dtype, blocksize: int = 64) -> torch.Tensor:
     """The [n, k] weight in `dtype` (exactly formats.dequantize_4bit)."""
+    block_n, block_k, warps, stages = CONFIGS[("fp4", "dequant")]
+    block_k = _block_k(block_k, k, blocksize)
     out = torch.empty(n, k, dtype=dtype, device=packed.device)
-    block_k = 256 if k % 256 == 0 else blocksize
-    _fp4_dequant_kernel[(triton.cdiv(n, 16), k // block_k)](packed, absmax, lut, out, n, k, BLOCK_N=16,
-                                                            BLOCK_K=block_k, BLOCKSIZE=blocksize)
+    _fp4_dequant_kernel[(triton.cdiv(n, block_n), k // block_k)](
+        packed, absmax, lut, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize, num_warps=warps,
+        num_stages=stages)
     return out
 
 
@@ -135,23 +159,32 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         block_m = _rows(m)
-        block_k = 256 if block_m == 1 and k % 256 == 0 else (128 if k % 128 == 0 else blocksize)
-        block_n = 16 if block_m == 1 else 32
+        block_n, block_k, warps, stages = CONFIGS[("fp4", "gemv" if block_m == 1 else "tile")]
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
         _fp4_matmul_kernel[grid](x2, packed, absmax, lut, out, m, n, k, x2.stride(0), out.stride(0),
-                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize,
-                                 num_warps=4)
+                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(block_k, k, blocksize),
+                                 BLOCKSIZE=blocksize, num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], n)
+
+
+def _int4_block_k(want: int, k: int, group: int) -> int:
+    """A power of two that divides k and is a multiple or a divisor of the group."""
+    b = _block_k(want, k, 8)
+    while b > 8 and (k % b or (b % group and group % b)):
+        b //= 2
+    return b
 
 
 def int4_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
                     group: int) -> torch.Tensor:
     """The [N, K] weight in `dtype` (exactly formats.dequantize_int4)."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
+    block_n, block_k, warps, stages = CONFIGS[("int4", "dequant")]
+    block_k = _int4_block_k(block_k, k, group)
     out = torch.empty(n, k, dtype=dtype, device=qweight.device)
-    block_k = min(group, 64)
-    _int4_dequant_kernel[(triton.cdiv(n, 64), k // block_k)](qweight, qzeros, scales, out, n, k, BLOCK_N=64,
-                                                             BLOCK_K=block_k, GROUP=group)
+    _int4_dequant_kernel[(triton.cdiv(n, block_n), k // block_k)](
+        qweight, qzeros, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, num_warps=warps,
+        num_stages=stages)
     return out
 
 
@@ -165,9 +198,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         block_m = _rows(m)
-        block_k = min(group, 128 if block_m == 1 else 64)
-        block_n = 32 if block_m == 1 else 64
+        block_n, block_k, warps, stages = CONFIGS[("int4", "gemv" if block_m == 1 else "tile")]
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
         _int4_matmul_kernel[grid](x2, qweight, qzeros, scales, out, m, n, k, x2.stride(0), out.stride(0),
-                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, num_warps=4)
+                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_int4_block_k(block_k, k, group),
+                                  GROUP=group, num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], n)
