@@ -214,7 +214,8 @@ class Fp8Linear(QuantLinear):
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] == 0:
             return x.new_empty(*shape[:-1], self.out_features)
-        qx, sx = formats.quantize_fp8_rows(x2)  # [M, K], [M, 1]
+        quantize = triton_kernels.fp8_quantize_rows if _kernel_ok(x) else formats.quantize_fp8_rows
+        qx, sx = quantize(x2)  # [M, K], [M, 1]
         if _scaled_mm_ok(x):
             y = torch._scaled_mm(qx, self.weight.t(), scale_a=sx, scale_b=self.weight_scale[None, :],
                                  out_dtype=x.dtype)

@@ -1,5 +1,6 @@
-"""Triton kernels for weight-only 4-bit linears: y = x @ W^T with W in the fp4/nf4 (bitsandbytes) or the
-group-wise int4 layout of `formats.py`, unpacked in registers (never written out as bf16).
+"""Triton kernels of the quantized linears. Weight-only 4-bit: y = x @ W^T with W in the fp4/nf4
+(bitsandbytes) or the group-wise int4 layout of `formats.py`, unpacked in registers (never written out
+as bf16). fp8: the per-token activation quantization in one pass over x.
 
 Decode (few rows): a fused GEMV/GEMM streams the packed weight once; a single row reduces on the CUDA
 cores in float32, 2..64 rows go through tensor cores on the dequantized bf16/fp16 tile. Prefill (many
@@ -204,3 +205,29 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_int4_block_k(block_k, k, group),
                                   GROUP=group, num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, 1e-12)
+    q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+    tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + row, scale)
+
+
+def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8_e4m3fn [M, K], float32 [M, 1]) in one pass (formats.quantize_fp8_rows fused)."""
+    m, k = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        block = triton.next_power_of_2(k)
+        _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), FP8_MAX=448.0, BLOCK=block,
+                               num_warps=min(16, max(4, block // 1024)))
+    return q, s
