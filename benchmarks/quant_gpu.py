@@ -40,6 +40,7 @@ from cogvlm2.quant import formats, quantize_model, weight_bytes
 from cogvlm2.sampling_params import SamplingParams
 
 T0 = time.perf_counter()
+DEVICE = "cuda"
 SAMPLED_LINEARS = [f"model.layers.{i}.{m}" for i in (0, 15, 31) for m in (
     "self_attn.language_expert_query_key_value", "self_attn.vision_expert_query_key_value",
     "mlp.language_mlp.down_proj", "mlp.vision_mlp.gate_proj")] + [
@@ -138,9 +139,9 @@ def free() -> None:
 
 def build(cfg, mode: str):
     """The random bf16 model (seed 0) quantized to `mode` in place, one layer at a time on the GPU."""
-    model = random_model(cfg)
+    model = random_model(cfg, DEVICE)
     if mode != "bf16":
-        quantize_model(model, mode, "cuda", use_bitsandbytes=False if mode in ("fp4", "nf4") else None)
+        quantize_model(model, mode, DEVICE, use_bitsandbytes=False if mode in ("fp4", "nf4") else None)
     free()
     return model
 
@@ -150,7 +151,7 @@ def build(cfg, mode: str):
 def prefill_outputs(model, x, capture: dict | None = None):
     """Prefill the whole prompt once: (top-1 ids [N], logits [N, V] bf16 of 256 text rows, per-layer hidden
     [L][N, D], vision embeddings); with `capture`, the inputs / outputs of SAMPLED_LINEARS (first 512 rows)."""
-    cfg, dev = model.config, "cuda"
+    cfg, dev = model.config, DEVICE
     n = len(x)
     mask = torch.tensor(x.vision_expert_mask, device=dev)
     vis, lang = expert_indices(mask)
@@ -160,7 +161,8 @@ def prefill_outputs(model, x, capture: dict | None = None):
     idx = torch.tensor([i for i, t in enumerate(x.token_type_ids) if t], device=dev)
     hooks = []
     if capture is not None:
-        for name in SAMPLED_LINEARS:
+        names = {n for n, _ in model.named_modules()}
+        for name in [n for n in SAMPLED_LINEARS if n in names]:
             def hook(mod, args, out, name=name):
                 capture.setdefault(name, (args[0].reshape(-1, args[0].shape[-1])[:512].clone(),
                                           out.reshape(-1, out.shape[-1])[:512].clone()))
