@@ -184,7 +184,8 @@ class Fp8Linear(QuantLinear):
     """e4m3 weight with a float32 scale per output channel; activations quantized per token on the fly.
 
     y = (q_x @ q_w^T) * s_x[:, None] * s_w[None, :]: on CUDA (cc >= 8.9, bf16) one torch._scaled_mm with
-    row-wise scales on the fp8 tensor cores; elsewhere the same product of the fp8 values in float32.
+    row-wise scales on the fp8 tensor cores; on older GPUs the same product in the model dtype (fp8
+    values are exact there; the weights still take one byte); on the CPU in float32.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
@@ -219,6 +220,8 @@ class Fp8Linear(QuantLinear):
         if _scaled_mm_ok(x):
             y = torch._scaled_mm(qx, self.weight.t(), scale_a=sx, scale_b=self.weight_scale[None, :],
                                  out_dtype=x.dtype)
+        elif x.is_cuda:  # no fp8 tensor cores (cc < 8.9): the fp8 values are exact in bf16 / fp16
+            y = (F.linear(qx.to(x.dtype), self.weight.to(x.dtype)) * sx * self.weight_scale[None, :]).to(x.dtype)
         else:
             y = ((qx.float() @ self.weight.float().t()) * sx * self.weight_scale[None, :]).to(x.dtype)
         return y.view(*shape[:-1], self.out_features)
