@@ -158,7 +158,10 @@ class _BinReader:
 
     def __init__(self, file: Path):
         try:
-            self.tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                self.tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a legacy (pre-zip) pickle cannot be mapped: read it whole
+                self.tensors = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # a pickle that is not a plain tensor dict, or a damaged file
             raise CheckpointError(f"cannot read {file} as a PyTorch weights file: {e}") from e
         if not isinstance(self.tensors, dict) or not all(isinstance(t, torch.Tensor) for t in self.tensors.values()):

@@ -162,6 +162,17 @@ def test_safetensors_win_over_bin(tmp_path):
     assert weight_files(tmp_path) == [tmp_path / "model.safetensors"]
 
 
+def test_legacy_bin_loads(official, tmp_path):
+    """A pre-zip pickle cannot be memory-mapped: it is read whole instead."""
+    folder = official["bin"][0]
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    model = load_model(str(tmp_path), dtype="float32")
+    ref = load_model(str(folder), dtype="float32")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+
 def test_bad_bin_is_a_clear_error(tmp_path):
     from cogvlm2.tiny import resolve_tiny
 

@@ -215,7 +215,8 @@ class Fp8Linear(QuantLinear):
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] == 0:
             return x.new_empty(*shape[:-1], self.out_features)
-        quantize = triton_kernels.fp8_quantize_rows if _kernel_ok(x) else formats.quantize_fp8_rows
+        fused = _kernel_ok(x) and torch.cuda.get_device_capability(x.device) >= (8, 9)  # Triton's fp8 casts
+        quantize = triton_kernels.fp8_quantize_rows if fused else formats.quantize_fp8_rows
         qx, sx = quantize(x2)  # [M, K], [M, 1]
         if _scaled_mm_ok(x):
             y = torch._scaled_mm(qx, self.weight.t(), scale_a=sx, scale_b=self.weight_scale[None, :],
