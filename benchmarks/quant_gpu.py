@@ -53,6 +53,7 @@ class Run:
 
     def __init__(self, out_dir: Path, budget_s: float):
         self.out_dir, self.budget_s = out_dir, budget_s
+        self.base_bytes = 0  # allocated before the current model was built (not part of its figures)
         self.data = {"provenance": provenance(), "budget_s": budget_s, "modes": {}, "errors": {}, "failures": [],
                      "skipped": []}
 
@@ -211,7 +212,7 @@ def peak_chat(run: Run, mode: str, model, proc, x) -> None:
     engine.add_request("chat", x, SamplingParams(max_new_tokens=128, temperature=0, ignore_eos=True))
     run_until_done(engine, {"chat"})
     torch.cuda.synchronize()
-    run.put(mode, "peak_chat_GiB", torch.cuda.max_memory_allocated() / 2**30)
+    run.put(mode, "peak_chat_GiB", (torch.cuda.max_memory_allocated() - run.base_bytes) / 2**30)
     del engine
     free()
 
@@ -340,8 +341,10 @@ def main() -> None:
         holder = {}
 
         def load(mode=mode, holder=holder):
+            free()
+            run.base_bytes = torch.cuda.memory_allocated()  # the bf16 reference outputs kept for the error rows
             holder["model"] = build(cfg, mode)
-            run.put(mode, "weights_GiB", torch.cuda.memory_allocated() / 2**30)
+            run.put(mode, "weights_GiB", (torch.cuda.memory_allocated() - run.base_bytes) / 2**30)
             run.put(mode, "weight_bytes_GiB", weight_bytes(holder["model"]) / 2**30)
         run.section(f"{mode}: build + quantize", load, need[mode])
         model = holder.get("model")
