@@ -126,6 +126,8 @@ def markdown(d: dict) -> str:
             best = max(rows, key=lambda r: r["GBps"])
             lines.append(f"- {key}: " + ", ".join(f"{tuple(r['config'])} {r['GBps']:.0f}" for r in rows)
                          + f" -> best {tuple(best['config'])}")
+        lines.append(f"- used for the rest of the run: {d.get('kernel_configs')}, fp4 decoded from bits: "
+                     f"{d.get('fp4_arith')}")
     if d["failures"] or d["skipped"]:
         lines += ["", "Failures: " + ("; ".join(d["failures"]) or "none"),
                   "Skipped (time budget): " + (", ".join(d["skipped"]) or "none")]
@@ -281,28 +283,42 @@ def kernel_sweep(run: Run) -> None:
         weights[(n, k)] = ((p, a), (qw, qz, s.to(torch.bfloat16)))
     lut = formats.code_table("fp4", "cuda")
     run.data["kernel_sweep"] = {}
+    def speed(fmt: str, m: int) -> float:
+        speeds = []
+        for (n, k), ((p, a), (qw, qz, s)) in weights.items():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            if fmt == "fp4":
+                nbytes = p.numel() + a.numel() * 4
+                t = cuda_time(lambda: tk.fp4_linear(x, p, a, lut, n, is_fp4=True), warmup=3, iters=20)
+            else:
+                nbytes = qw.numel() * 4 + qz.numel() * 4 + s.numel() * 2
+                t = cuda_time(lambda: tk.int4_linear(x, qw, qz, s, 128), warmup=3, iters=20)
+            speeds.append(nbytes / t / 1e9)
+        return float(np.mean(speeds))
+
     for (fmt, path), configs in candidates.items():
         m = 1 if path == "gemv" else 32
         rows = []
         for config in configs:
             tk.CONFIGS[(fmt, path)] = config
-            speeds = []
             try:
-                for (n, k), ((p, a), (qw, qz, s)) in weights.items():
-                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    if fmt == "fp4":
-                        nbytes = p.numel() + a.numel() * 4
-                        t = cuda_time(lambda: tk.fp4_linear(x, p, a, lut, n), warmup=3, iters=20)
-                    else:
-                        nbytes = qw.numel() * 4 + qz.numel() * 4 + s.numel() * 2
-                        t = cuda_time(lambda: tk.int4_linear(x, qw, qz, s, 128), warmup=3, iters=20)
-                    speeds.append(nbytes / t / 1e9)
-                rows.append({"config": list(config), "GBps": float(np.mean(speeds))})
+                rows.append({"config": list(config), "GBps": speed(fmt, m)})
             except Exception as e:  # a config that does not compile (shared memory) is just left out
                 print(f"    {fmt} {path} {config}: {type(e).__name__}: {str(e)[:120]}")
         best = max(rows, key=lambda r: r["GBps"])
         tk.CONFIGS[(fmt, path)] = tuple(best["config"])
+        if fmt == "fp4":  # the best config again, fp4 codes decoded from their bits instead of the table
+            tk.FP4_ARITH[path] = True
+            try:
+                arith = speed(fmt, m)
+                rows.append({"config": list(best["config"]) + ["arith"], "GBps": arith})
+                tk.FP4_ARITH[path] = arith > best["GBps"]
+            except Exception as e:
+                tk.FP4_ARITH[path] = False
+                print(f"    {fmt} {path} arith: {type(e).__name__}: {str(e)[:120]}")
         run.data["kernel_sweep"][f"{fmt} {path} (batch {m})"] = rows
+        run.data["kernel_configs"] = {f"{f} {p}": list(c) for (f, p), c in tk.CONFIGS.items()}
+        run.data["fp4_arith"] = dict(tk.FP4_ARITH)
         print(f"    {fmt} {path}: " + ", ".join(f"{tuple(r['config'])} {r['GBps']:.0f} GB/s" for r in rows), flush=True)
 
 

@@ -127,7 +127,7 @@ class Fp4Linear(QuantLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if _kernel_ok(x):
             return triton_kernels.fp4_linear(x, self.weight, self.weight_absmax, self.weight_quant_map,
-                                             self.out_features, self.blocksize)
+                                             self.out_features, self.blocksize, self.quant_type == "fp4")
         return super().matmul(x)
 
     def extra_repr(self) -> str:

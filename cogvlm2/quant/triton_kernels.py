@@ -19,12 +19,29 @@ FUSED_MAX_ROWS = 64  # more rows than this: dequantize + cuBLAS
 
 
 @triton.jit
-def _fp4_tile(w_ptr, absmax_ptr, lut_ptr, offs_n, n_ok, k0, K, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
-    """Float32 weight tile [BLOCK_N, BLOCK_K] at columns k0.. of rows offs_n: lut[code] * absmax."""
+def _fp4_value(code):
+    """bitsandbytes' fp4 code -> its value without a table: sign bit, 2-bit exponent e, 1 mantissa bit m;
+    e >= 1: (1 + m/2) 2^-e * 4/3 (2/3, 1, 1/3, 1/2, 1/6, 1/4), e = 0: m / 192."""
+    c = code.to(tl.int32)
+    e = (c >> 1) & 3
+    m = c & 1
+    v = (((127 - e) << 23) | (m << 22)).to(tl.float32, bitcast=True) * (4.0 / 3.0)
+    v = tl.where(e == 0, m.to(tl.float32) * (1.0 / 192.0), v)
+    return tl.where((c & 8) != 0, -v, v)
+
+
+@triton.jit
+def _fp4_tile(w_ptr, absmax_ptr, lut_ptr, offs_n, n_ok, k0, K, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+              ARITH: tl.constexpr = False):
+    """Float32 weight tile [BLOCK_N, BLOCK_K] at columns k0.. of rows offs_n: lut[code] * absmax (ARITH: the
+    fp4 value computed from the code's bits instead of looked up; equal up to float32 rounding)."""
     offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     byte = tl.load(w_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :], mask=n_ok[:, None], other=0)
     code = tl.interleave(byte >> 4, byte & 0xF)  # [BLOCK_N, BLOCK_K], high nibble first
-    vals = tl.load(lut_ptr + code.to(tl.int32))
+    if ARITH:
+        vals = _fp4_value(code)
+    else:
+        vals = tl.load(lut_ptr + code.to(tl.int32))
     offs_s = k0 // BLOCKSIZE + tl.arange(0, BLOCK_K // BLOCKSIZE)
     scale = tl.load(absmax_ptr + offs_n[:, None] * (K // BLOCKSIZE) + offs_s[None, :], mask=n_ok[:, None], other=0.0)
     vals = tl.reshape(vals, (vals.shape[0], BLOCK_K // BLOCKSIZE, BLOCKSIZE)) * scale[:, :, None]
@@ -33,13 +50,14 @@ def _fp4_tile(w_ptr, absmax_ptr, lut_ptr, offs_n, n_ok, k0, K, BLOCK_K: tl.const
 
 @triton.jit
 def _fp4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                       ARITH: tl.constexpr):
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok, m_ok = offs_n < N, offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w = _fp4_tile(w_ptr, absmax_ptr, lut_ptr, offs_n, n_ok, k0, K, BLOCK_K, BLOCKSIZE)  # [BN, BK]
+        w = _fp4_tile(w_ptr, absmax_ptr, lut_ptr, offs_n, n_ok, k0, K, BLOCK_K, BLOCKSIZE, ARITH)  # [BN, BK]
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
         if BLOCK_M == 1:
@@ -110,6 +128,7 @@ def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
 
 # Launch configs (BLOCK_N, BLOCK_K, num_warps, num_stages) by kernel and path; fixed, so nothing is tuned
 # at run time (CUDA-graph safe). benchmarks/quant_gpu.py sweeps alternatives on the real shapes.
+# FP4_ARITH[path]: decode fp4 codes arithmetically instead of with the 16-entry table (fp4 layers only).
 CONFIGS = {
     ("fp4", "gemv"): (8, 512, 4, 3),  # one row: CUDA-core reduction, [N, K/2] bytes streamed row-wise
     ("fp4", "tile"): (32, 128, 4, 3),  # 2..64 rows: tensor cores on the dequantized tile
@@ -118,6 +137,7 @@ CONFIGS = {
     ("int4", "tile"): (64, 128, 4, 3),
     ("int4", "dequant"): (64, 128, 4, 1),
 }
+FP4_ARITH = {"gemv": False, "tile": False}
 
 
 def _rows(m: int) -> int:
@@ -151,8 +171,9 @@ def fp4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor
 
 
 def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int,
-               blocksize: int = 64) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., n] with W in the bitsandbytes 4-bit layout (K % blocksize == 0)."""
+               blocksize: int = 64, is_fp4: bool = False) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., n] with W in the bitsandbytes 4-bit layout (K % blocksize == 0). `is_fp4`:
+    the codes are bitsandbytes' fp4 (which may then be decoded without the table, see FP4_ARITH)."""
     x2, k = _flat(x), x.shape[-1]
     m = x2.shape[0]
     if m > FUSED_MAX_ROWS:
@@ -160,11 +181,13 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         block_m = _rows(m)
-        block_n, block_k, warps, stages = CONFIGS[("fp4", "gemv" if block_m == 1 else "tile")]
+        path = "gemv" if block_m == 1 else "tile"
+        block_n, block_k, warps, stages = CONFIGS[("fp4", path)]
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
         _fp4_matmul_kernel[grid](x2, packed, absmax, lut, out, m, n, k, x2.stride(0), out.stride(0),
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(block_k, k, blocksize),
-                                 BLOCKSIZE=blocksize, num_warps=warps, num_stages=stages)
+                                 BLOCKSIZE=blocksize, ARITH=is_fp4 and FP4_ARITH[path], num_warps=warps,
+                                 num_stages=stages)
     return out.view(*x.shape[:-1], n)
 
 
