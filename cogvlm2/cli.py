@@ -34,10 +34,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available)")
-    p.add_argument("--quant", default=None, choices=["4", "8", "fp4", "nf4", "int4", "int8", "fp8"],
+    p.add_argument("--quant", default=None, choices=["4", "8", "fp4", "nf4", "fp4-dq", "nf4-dq", "int4", "int8", "fp8"],
                    help="quantize the weights while loading: 4 = fp4 (bitsandbytes layout, as the official demos), "
-                        "nf4, 8 = LLM.int8 (bitsandbytes), int4 = group-wise int4 (fast decode), fp8 = e4m3 "
-                        "(fast prefill on cc >= 8.9); the official int4 checkpoints need no flag")
+                        "nf4, fp4-dq / nf4-dq (8-bit absmax), 8 = LLM.int8 (bitsandbytes), int4 = group-wise int4, "
+                        "fp8 = e4m3 (fast prefill on cc >= 8.9); the official int4 checkpoints need no flag "
+                        "(fp4-dq compresses their absmax)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 2048) -> None:

@@ -36,8 +36,10 @@ def linear_names(config: ModelConfig) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
 
 
-def build_official_int4(folder: Path, fmt: str = "bin", quant_type: str = "fp4") -> tuple[Path, dict]:
-    """Write the checkpoint; returns (folder, {linear name: (packed, bitsandbytes QuantState)})."""
+def build_official_int4(folder: Path, fmt: str = "bin", quant_type: str = "fp4",
+                        double_quant: bool = False) -> tuple[Path, dict]:
+    """Write the checkpoint (double_quant: bitsandbytes' 8-bit absmax, not in the official ones); returns
+    (folder, {linear name: (packed, bitsandbytes QuantState)})."""
     import bitsandbytes.functional as bnbf
 
     config = int4_tiny_config()
@@ -47,7 +49,8 @@ def build_official_int4(folder: Path, fmt: str = "bin", quant_type: str = "fp4")
     for key, t in full.items():
         name = key.removesuffix(".weight")
         if key.endswith(".weight") and name in linears:
-            packed, qs = bnbf.quantize_4bit(t.half(), blocksize=64, quant_type=quant_type)
+            packed, qs = bnbf.quantize_4bit(t.half(), blocksize=64, quant_type=quant_type,
+                                            compress_statistics=double_quant)
             quantized[name] = (packed, qs)
             state[key] = packed
             for k, v in qs.as_dict(packed=True).items():  # absmax, quant_map, quant_state.bitsandbytes__fp4
@@ -63,7 +66,8 @@ def build_official_int4(folder: Path, fmt: str = "bin", quant_type: str = "fp4")
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
                   metadata={"format": "pt"})
     raw = {**config.to_dict(), "torch_dtype": "float16",
-           "quantization_config": {**QUANTIZATION_CONFIG, "bnb_4bit_quant_type": quant_type}}
+           "quantization_config": {**QUANTIZATION_CONFIG, "bnb_4bit_quant_type": quant_type,
+                                   "bnb_4bit_use_double_quant": double_quant}}
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
     shutil.copyfile(bundled_tokenizer_path(), folder / "tokenizer.json")
     return folder, quantized

@@ -90,6 +90,33 @@ def test_official_int4_checkpoint_loads_as_bitsandbytes_dequantizes(official, fm
     assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("quant_type", ["fp4", "nf4"])
+def test_double_quantized_checkpoint_loads_as_bitsandbytes_dequantizes(tmp_path, quant_type):
+    folder, quantized = build_official_int4(tmp_path / "dq", "safetensors", quant_type, double_quant=True)
+    model = load_model(str(folder), dtype="float32")
+    assert model.quantization == f"{quant_type}-dq"
+    for name, (packed, state) in quantized.items():
+        layer = model.get_submodule(name)
+        assert layer.nested and layer.weight_absmax.dtype == torch.uint8
+        assert torch.equal(layer.dequantize(torch.float16), bnbf.dequantize_4bit(packed, state))
+
+
+def test_compressed_statistics_of_the_official_checkpoint(official):
+    """--quant fp4-dq on an fp4 checkpoint: the same codes, 1 byte of absmax per 64 weights instead of 4."""
+    folder = official["safetensors"][0]
+    full, small = load_model(str(folder), dtype="float32"), load_model(str(folder), dtype="float32", quant="fp4-dq")
+    assert small.quantization == "fp4-dq"
+    for name in linear_names(full.config):
+        a, b = full.get_submodule(name), small.get_submodule(name)
+        assert torch.equal(a.weight, b.weight) and b.weight_absmax.numel() == a.weight_absmax.numel()
+        assert b.weight_absmax.dtype == torch.uint8 and b.weight_nested_absmax.numel() * 256 >= a.weight_absmax.numel()
+        assert (b.absmax() - a.absmax()).abs().max() <= a.absmax().abs().max() / 200  # within half a level of 255
+    processor = Processor.from_pretrained(folder, full.config)
+    x = processor("hi")
+    ref, got = _first_logits(full, processor, x), _first_logits(small, processor, x)
+    assert 0 < ((got - ref).norm() / ref.norm()).item() < 0.05
+
+
 def _dequantized_twin(model):
     """A plain-Linear copy of a quantized model whose weights are its dequantized (float32) weights."""
     from cogvlm2.model.cogvlm import CogVLM2ForCausalLM
@@ -151,8 +178,10 @@ def test_prequantized_checkpoint_refuses_another_quant(official):
     from cogvlm2.quant import checkpoint_quant_type
 
     assert checkpoint_quant_type(raw) == "fp4"
-    with pytest.raises(ValueError, match="double quantization"):
-        checkpoint_quant_type({"quantization_config": {**raw["quantization_config"], "bnb_4bit_use_double_quant": True}})
+    assert checkpoint_quant_type({"quantization_config": {**raw["quantization_config"],
+                                                          "bnb_4bit_use_double_quant": True}}) == "fp4-dq"
+    with pytest.raises(ValueError, match="unsupported"):
+        checkpoint_quant_type({"quantization_config": {"quant_method": "gptq", "bits": 4}})
 
 
 def test_safetensors_win_over_bin(tmp_path):
@@ -203,7 +232,7 @@ def _first_logits(model, processor, x) -> torch.Tensor:
     return out[0]
 
 
-@pytest.mark.parametrize("mode,cls,max_err", [("4", Fp4Linear, 0.35), ("nf4", Fp4Linear, 0.3),
+@pytest.mark.parametrize("mode,cls,max_err", [("4", Fp4Linear, 0.35), ("nf4", Fp4Linear, 0.3), ("nf4-dq", Fp4Linear, 0.3),
                                               ("int4", Int4Linear, 0.3), ("fp8", Fp8Linear, 0.1), ("8", None, 0.05)])
 def test_quant_modes_on_tiny(tiny_float, mode, cls, max_err):
     processor = Processor.from_pretrained(tiny_float.checkpoint_path, tiny_float.config)

@@ -38,6 +38,14 @@ def check_kernels(device: str, dtype: torch.dtype, rows=(1, 5, 33, 65), tol: flo
             lut = formats.code_table(quant_type, device)
             ref_w = formats.dequantize_4bit(packed, absmax, lut, (n, k), dtype)
             assert torch.equal(tk.fp4_dequantize(packed, absmax, lut, n, k, dtype), ref_w), (quant_type, n, k)
+            a8, nabs, nmap, offset = formats.quantize_absmax(absmax)  # 8-bit absmax (double quantization)
+            nested = (nabs, nmap.to(device), offset)
+            ref_nested = formats.dequantize_4bit(packed, formats.dequantize_absmax(a8, *nested), lut, (n, k), dtype)
+            assert torch.equal(tk.fp4_dequantize(packed, a8, lut, n, k, dtype, nested=nested), ref_nested)
+            for m in (1, 33):
+                x = torch.randn(m, k, generator=g).to(device, dtype)
+                got = tk.fp4_linear(x, packed, a8, lut, n, nested=nested)
+                assert _rel(got, x.float() @ ref_nested.float().t()) < tol, ("nested", quant_type, n, k, m)
             for m in rows:
                 x = torch.randn(m, k, generator=g).to(device, dtype)
                 for arith in (False, True) if quant_type == "fp4" else (False,):  # table, or from the bits

@@ -35,9 +35,9 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
     config = ModelConfig.from_file(folder / "config.json")
     mode = q.normalize_quant(quant)
     stored = q.checkpoint_quant_type(config.raw)
-    if stored is not None and mode not in (None, stored):
-        raise ValueError(f"{name_or_path} is already quantized ({stored} 4-bit); it cannot be re-quantized to "
-                         f"{mode}: drop --quant or use the bf16 checkpoint")
+    if stored is not None and mode not in (None, stored, stored + "-dq"):
+        raise ValueError(f"{name_or_path} is already quantized ({stored}); it cannot be re-quantized to {mode}: drop "
+                         f"--quant (or use {stored.removesuffix('-dq')}-dq for 8-bit absmax) or use the bf16 checkpoint")
     with torch.device("meta"):
         model = CogVLM2ForCausalLM(config)
     dtype = parse_dtype(dtype)
@@ -46,6 +46,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
         load_weights(model, folder, dtype=dtype, device=device, progress=progress, keep_dtype=q.KEEP_DTYPE,
                      metadata=checks)
         model.quantization = stored
+        if mode is not None and mode != stored:  # fp4 -> fp4-dq: the same codes, 8-bit absmax
+            q.compress_statistics(model)
     elif mode is not None:  # read on the CPU, quantize layer by layer onto the device
         load_weights(model, folder, dtype=dtype, device="cpu", progress=progress)
         q.quantize_model(model, mode, device)

@@ -3,6 +3,7 @@
     mode   weights                                  matmul                               from
     4/fp4  bitsandbytes fp4, 64-blocks (0.5625 B/w)  our Triton fp4 kernels                bf16 or int4 checkpoints
     nf4    the same layout with the NF4 code          the same kernels                      bf16 checkpoints
+    fp4-dq / nf4-dq: the same with 8-bit absmax (double quantization, 0.52 B/w)         bf16 or int4 checkpoints
     int4   group-wise asym. int4, group 128 (GPTQ)    our Triton int4 kernels               bf16 checkpoints
     8      LLM.int8 (bitsandbytes, threshold 6.0)     bitsandbytes (eager: no CUDA graphs)  bf16 checkpoints
     fp8    e4m3, per-channel scale; per-token x       torch._scaled_mm (fp8 tensor cores)   bf16 checkpoints
@@ -24,11 +25,13 @@ from . import formats
 from .linear import Fp4Linear, Fp8Linear, Int4Linear, QuantLinear
 
 __all__ = ["QUANT_MODES", "Fp4Linear", "Fp8Linear", "Int4Linear", "QuantLinear", "normalize_quant",
-           "checkpoint_quant_type", "prepare_prequantized", "quantize_model", "KEEP_DTYPE", "weight_bytes"]
+           "checkpoint_quant_type", "prepare_prequantized", "quantize_model", "compress_statistics", "KEEP_DTYPE",
+           "weight_bytes"]
 
-QUANT_MODES = ("4", "8", "fp4", "nf4", "int4", "int8", "fp8")
+QUANT_MODES = ("4", "8", "fp4", "nf4", "fp4-dq", "nf4-dq", "int4", "int8", "fp8")
 SKIP = ("lm_head",)
-KEEP_DTYPE = (r"\.weight\.absmax$", r"\.weight\.quant_map$")  # checkpoint tensors that stay float32
+KEEP_DTYPE = (r"\.weight\.absmax$", r"\.weight\.quant_map$", r"\.weight\.nested_absmax$",
+              r"\.weight\.nested_quant_map$")  # checkpoint tensors that stay float32
 
 
 def normalize_quant(quant: str | int | None) -> str | None:
@@ -42,19 +45,18 @@ def normalize_quant(quant: str | int | None) -> str | None:
 
 
 def checkpoint_quant_type(raw_config: dict) -> str | None:
-    """'fp4' / 'nf4' for a bitsandbytes 4-bit checkpoint (config.json's quantization_config), else None."""
+    """The mode of a bitsandbytes 4-bit checkpoint (config.json's quantization_config): 'fp4' / 'nf4', with
+    '-dq' when its absmax are double-quantized; None for a full-precision checkpoint."""
     qc = raw_config.get("quantization_config")
     if not qc:
         return None
     method = qc.get("quant_method", "bitsandbytes")
     if method != "bitsandbytes" or not qc.get("load_in_4bit", False):
         raise ValueError(f"unsupported quantization_config {qc}: only bitsandbytes 4-bit checkpoints load")
-    if qc.get("bnb_4bit_use_double_quant", False):
-        raise ValueError("bitsandbytes double quantization (bnb_4bit_use_double_quant) is not supported")
     quant_type = qc.get("bnb_4bit_quant_type", "fp4")
     if quant_type not in ("fp4", "nf4"):
         raise ValueError(f"unsupported bnb_4bit_quant_type {quant_type!r}")
-    return quant_type
+    return quant_type + ("-dq" if qc.get("bnb_4bit_use_double_quant", False) else "")
 
 
 def _linears(model: nn.Module, skip: tuple[str, ...] = SKIP) -> list[tuple[str, nn.Linear]]:
@@ -68,7 +70,7 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _fits(mode: str, linear: nn.Linear) -> bool:
     k, n = linear.in_features, linear.out_features
-    if mode in ("fp4", "nf4"):
+    if mode in ("fp4", "nf4", "fp4-dq", "nf4-dq"):
         return k % formats.BNB_BLOCKSIZE == 0
     if mode == "int4":
         return _int4_group(k) is not None and n % 8 == 0
@@ -83,13 +85,15 @@ def _int4_group(k: int) -> int | None:
     return next((g for g in (formats.INT4_GROUP, 64, 32) if k % g == 0), None)
 
 
-def prepare_prequantized(model: nn.Module, quant_type: str) -> dict[str, Callable[[torch.Tensor], None]]:
-    """Swap the linears of a meta-device model for Fp4Linear (as a bitsandbytes 4-bit checkpoint stores
-    them); return {checkpoint key: check} for the quant-state keys the loader validates instead of storing."""
+def prepare_prequantized(model: nn.Module, mode: str) -> dict[str, Callable[[torch.Tensor], None]]:
+    """Swap the linears of a meta-device model for Fp4Linear (as a bitsandbytes 4-bit checkpoint of `mode`,
+    see checkpoint_quant_type, stores them); return {checkpoint key: check} for the quant-state keys the
+    loader validates instead of storing."""
     checks = {}
+    quant_type, nested = mode.removesuffix("-dq"), mode.endswith("-dq")
     for name, linear in _linears(model):
         with torch.device("meta"):
-            q = Fp4Linear(linear.in_features, linear.out_features, linear.bias is not None, quant_type)
+            q = Fp4Linear(linear.in_features, linear.out_features, linear.bias is not None, quant_type, nested=nested)
         _set(model, name, q)
         checks[f"{name}.{q.quant_state_key()}"] = q.check_quant_state
     return checks
@@ -126,8 +130,10 @@ def quantize_model(model: nn.Module, quant: str | int, device: torch.device | st
     for name, linear in _linears(model):
         if not _fits(mode, linear):
             continue
-        if mode in ("fp4", "nf4"):
-            q = Fp4Linear.from_linear(linear, mode, device, use_bitsandbytes)
+        if mode in ("fp4", "nf4", "fp4-dq", "nf4-dq"):
+            q = Fp4Linear.from_linear(linear, mode.removesuffix("-dq"), device, use_bitsandbytes)
+            if mode.endswith("-dq"):
+                q.compress_statistics()
         elif mode == "int4":
             q = Int4Linear.from_linear(linear, device, _int4_group(linear.in_features))
         elif mode == "fp8":
@@ -140,6 +146,16 @@ def quantize_model(model: nn.Module, quant: str | int, device: torch.device | st
         model.supports_cuda_graphs = False  # LLM.int8's outlier split has data-dependent shapes
     model.quantization = mode
     return model.to(device)
+
+
+def compress_statistics(model: nn.Module) -> nn.Module:
+    """8-bit absmax for every Fp4Linear of a loaded model (an official int4 checkpoint -> 'fp4-dq'), in place."""
+    for module in model.modules():
+        if isinstance(module, Fp4Linear):
+            module.compress_statistics()
+    if getattr(model, "quantization", None) in ("fp4", "nf4"):
+        model.quantization += "-dq"
+    return model
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -3,7 +3,9 @@
 fp4 / nf4 (bitsandbytes' 4-bit layout, what the official int4 checkpoints hold): the row-major weight
 [N, K] is flattened and cut into blocks of 64; each block keeps its absmax (float32) and each element a
 4-bit index into a 16-entry code table (`quant_map`, values in [-1, 1]); two indices per byte, the
-first element in the high nibble. Dequantized: quant_map[code] * absmax[block], in float32.
+first element in the high nibble. Dequantized: quant_map[code] * absmax[block], in float32. With
+double quantization (bitsandbytes' "nested" statistics) the absmax themselves are 8-bit: absmax =
+nested_quant_map[a8] * nested_absmax[block // 256] + nested_offset (1 byte instead of 4 per 64 weights).
 
 int4 (ours, GPTQ-compatible): asymmetric, group-wise along K (group 128). qweight int32 [K/8, N]
 packs 8 consecutive k of one column, k = 8i + j in bits 4j..4j+3; qzeros int32 [K/G, N/8] packs 8
@@ -20,6 +22,7 @@ import json
 import torch
 
 BNB_BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
 INT4_GROUP = 128
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -70,11 +73,40 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch
     return (vals.view(-1, blocksize) * absmax.float().view(-1, 1)).view(shape).to(dtype)
 
 
+def nested_code() -> torch.Tensor:
+    """Our 256 levels for 8-bit absmax (uniform in [-1, 1]; the checkpoint stores whichever code it used)."""
+    return torch.linspace(-1, 1, 256, dtype=torch.float32)
+
+
+def quantize_absmax(absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                         torch.Tensor, float]:
+    """float32 absmax [B] -> (uint8 [B], nested_absmax float32 [ceil(B / 256)], nested_quant_map [256], offset):
+    the mean is taken out, then each block of 256 is scaled by its own absmax and rounded to the nearest level."""
+    code = nested_code().to(absmax.device)
+    offset = absmax.float().mean()
+    a = absmax.float() - offset
+    pad = (-a.numel()) % blocksize
+    blocks = torch.nn.functional.pad(a, (0, pad)).view(-1, blocksize)
+    nested = blocks.abs().amax(dim=1).clamp(min=1e-38)
+    scaled = (blocks / nested[:, None]).clamp(-1, 1).reshape(-1)[:a.numel()]
+    q = torch.bucketize(scaled, (code[1:] + code[:-1]) / 2).to(torch.uint8)
+    return q, nested, code, offset.item()
+
+
+def dequantize_absmax(a8: torch.Tensor, nested_absmax: torch.Tensor, nested_map: torch.Tensor, offset: float,
+                      blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    """-> float32 absmax: nested_map[a8] * nested_absmax[i // 256] + offset (bitsandbytes' order of operations)."""
+    scale = nested_absmax.float().repeat_interleave(blocksize)[:a8.numel()]
+    return nested_map.float()[a8.long()] * scale + offset
+
+
 def bnb_quant_state(quant_type: str, shape: tuple[int, int], dtype: torch.dtype,
-                    blocksize: int = BNB_BLOCKSIZE) -> torch.Tensor:
+                    blocksize: int = BNB_BLOCKSIZE, nested_offset: float | None = None) -> torch.Tensor:
     """The `weight.quant_state.bitsandbytes__<type>` entry: bitsandbytes' non-tensor state, JSON as uint8."""
     state = {"quant_type": quant_type, "blocksize": blocksize, "dtype": str(dtype).removeprefix("torch."),
              "shape": list(shape)}
+    if nested_offset is not None:
+        state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=nested_offset)
     return torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
 
 

@@ -31,10 +31,11 @@ def _fp4_value(code):
 
 
 @triton.jit
-def _fp4_tile(w_ptr, absmax_ptr, lut_ptr, offs_n, n_ok, k0, K, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-              ARITH: tl.constexpr = False):
+def _fp4_tile(w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, offs_n, n_ok, k0, K, BLOCK_K: tl.constexpr,
+              BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr, NESTED: tl.constexpr):
     """Float32 weight tile [BLOCK_N, BLOCK_K] at columns k0.. of rows offs_n: lut[code] * absmax (ARITH: the
-    fp4 value computed from the code's bits instead of looked up; equal up to float32 rounding)."""
+    fp4 value computed from the code's bits instead of looked up, the same float32 values; NESTED: 8-bit
+    absmax = nmap[a8] * nabs[block // 256] + offset)."""
     offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     byte = tl.load(w_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :], mask=n_ok[:, None], other=0)
     code = tl.interleave(byte >> 4, byte & 0xF)  # [BLOCK_N, BLOCK_K], high nibble first
@@ -43,21 +44,28 @@ def _fp4_tile(w_ptr, absmax_ptr, lut_ptr, offs_n, n_ok, k0, K, BLOCK_K: tl.const
     else:
         vals = tl.load(lut_ptr + code.to(tl.int32))
     offs_s = k0 // BLOCKSIZE + tl.arange(0, BLOCK_K // BLOCKSIZE)
-    scale = tl.load(absmax_ptr + offs_n[:, None] * (K // BLOCKSIZE) + offs_s[None, :], mask=n_ok[:, None], other=0.0)
+    blk = offs_n[:, None] * (K // BLOCKSIZE) + offs_s[None, :]  # [BN, BK / 64] flat block index
+    if NESTED:
+        a8 = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0)
+        scale = tl.load(nmap_ptr + a8.to(tl.int32)) * tl.load(nabs_ptr + blk // 256, mask=n_ok[:, None], other=0.0)
+        scale = scale + offset
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0)
     vals = tl.reshape(vals, (vals.shape[0], BLOCK_K // BLOCKSIZE, BLOCKSIZE)) * scale[:, :, None]
     return tl.reshape(vals, (vals.shape[0], BLOCK_K))
 
 
 @triton.jit
-def _fp4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                       ARITH: tl.constexpr):
+def _fp4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K, stride_xm,
+                       stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr, NESTED: tl.constexpr):
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok, m_ok = offs_n < N, offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w = _fp4_tile(w_ptr, absmax_ptr, lut_ptr, offs_n, n_ok, k0, K, BLOCK_K, BLOCKSIZE, ARITH)  # [BN, BK]
+        w = _fp4_tile(w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, offs_n, n_ok, k0, K, BLOCK_K,
+                      BLOCKSIZE, ARITH, NESTED)  # [BN, BK]
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
         if BLOCK_M == 1:
@@ -69,12 +77,13 @@ def _fp4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, out_ptr, M, N, K, stri
 
 
 @triton.jit
-def _fp4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
+def _fp4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, N, K,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
     n_ok = offs_n < N
-    w = _fp4_tile(w_ptr, absmax_ptr, lut_ptr, offs_n, n_ok, k0, K, BLOCK_K, BLOCKSIZE)
+    w = _fp4_tile(w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, offs_n, n_ok, k0, K, BLOCK_K, BLOCKSIZE,
+                  False, NESTED)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
@@ -158,36 +167,47 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+Nested = tuple[torch.Tensor, torch.Tensor, float] | None  # (nested_absmax, nested_quant_map, offset) or None
+
+
+def _stats(absmax: torch.Tensor, nested: Nested) -> tuple:
+    """Kernel arguments (absmax, nabs, nmap, offset, NESTED); unused pointers repeat absmax."""
+    return (absmax, *nested, True) if nested is not None else (absmax, absmax, absmax, 0.0, False)
+
+
 def fp4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int, k: int,
-                   dtype: torch.dtype, blocksize: int = 64) -> torch.Tensor:
+                   dtype: torch.dtype, blocksize: int = 64, nested: Nested = None) -> torch.Tensor:
     """The [n, k] weight in `dtype` (exactly formats.dequantize_4bit)."""
     block_n, block_k, warps, stages = CONFIGS[("fp4", "dequant")]
     block_k = _block_k(block_k, k, blocksize)
     out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    a, nabs, nmap, offset, is_nested = _stats(absmax, nested)
     _fp4_dequant_kernel[(triton.cdiv(n, block_n), k // block_k)](
-        packed, absmax, lut, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize, num_warps=warps,
-        num_stages=stages)
+        packed, a, lut, nabs, nmap, offset, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize,
+        NESTED=is_nested, num_warps=warps, num_stages=stages)
     return out
 
 
 def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int,
-               blocksize: int = 64, is_fp4: bool = False) -> torch.Tensor:
+               blocksize: int = 64, is_fp4: bool = False, nested: Nested = None) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., n] with W in the bitsandbytes 4-bit layout (K % blocksize == 0). `is_fp4`:
-    the codes are bitsandbytes' fp4 (which may then be decoded without the table, see FP4_ARITH)."""
+    the codes are bitsandbytes' fp4 (which may then be decoded without the table, see FP4_ARITH);
+    `nested`: the absmax are 8-bit (double quantization)."""
     x2, k = _flat(x), x.shape[-1]
     m = x2.shape[0]
     if m > FUSED_MAX_ROWS:
-        return torch.nn.functional.linear(x, fp4_dequantize(packed, absmax, lut, n, k, x.dtype, blocksize))
+        return torch.nn.functional.linear(x, fp4_dequantize(packed, absmax, lut, n, k, x.dtype, blocksize, nested))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         block_m = _rows(m)
         path = "gemv" if block_m == 1 else "tile"
         block_n, block_k, warps, stages = CONFIGS[("fp4", path)]
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-        _fp4_matmul_kernel[grid](x2, packed, absmax, lut, out, m, n, k, x2.stride(0), out.stride(0),
+        a, nabs, nmap, offset, is_nested = _stats(absmax, nested)
+        _fp4_matmul_kernel[grid](x2, packed, a, lut, nabs, nmap, offset, out, m, n, k, x2.stride(0), out.stride(0),
                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(block_k, k, blocksize),
-                                 BLOCKSIZE=blocksize, ARITH=is_fp4 and FP4_ARITH[path], num_warps=warps,
-                                 num_stages=stages)
+                                 BLOCKSIZE=blocksize, ARITH=is_fp4 and FP4_ARITH[path], NESTED=is_nested,
+                                 num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], n)
 
 
