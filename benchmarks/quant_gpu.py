@@ -259,7 +259,7 @@ def engine_figures(run: Run, mode: str, model, proc, x, want: set[str]) -> None:
             run_until_done(engine, set(ids))
             run.put(mode, "caption_img_s", 64 / (time.perf_counter() - t0))
         run.section(f"{mode}: captioning", caption, 45)
-    del engine
+    engine = None  # the closures above are done with it: free its KV pool and graphs before the next mode
     free()
 
 
@@ -377,10 +377,11 @@ def main() -> None:
             run.section(f"{mode}: error vs bf16", lambda: errors(run, mode, model, ref, probe))
         free()
         if "peak" in plan[mode]:
-            run.section(f"{mode}: peak memory of a 2.3K-token chat", lambda: peak_chat(run, mode, model, proc, chat), 15)
+            run.section(f"{mode}: peak memory of a 2.3K-token chat",
+                        lambda: peak_chat(run, mode, model, proc, chat), 15)
         if plan[mode]:
             run.section(f"{mode}: engine", lambda: engine_figures(run, mode, model, proc, chat, plan[mode]), 20)
-        del model, holder
+        model = holder = None  # the sections above are done with it
         free()
     run.save()
     print(f"[{time.perf_counter() - T0:6.1f}s] done; wrote {run.out_dir / 'quant.json'} and quant.md", flush=True)

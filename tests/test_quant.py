@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -232,8 +230,9 @@ def _first_logits(model, processor, x) -> torch.Tensor:
     return out[0]
 
 
-@pytest.mark.parametrize("mode,cls,max_err", [("4", Fp4Linear, 0.35), ("nf4", Fp4Linear, 0.3), ("nf4-dq", Fp4Linear, 0.3),
-                                              ("int4", Int4Linear, 0.3), ("fp8", Fp8Linear, 0.1), ("8", None, 0.05)])
+@pytest.mark.parametrize("mode,cls,max_err", [("4", Fp4Linear, 0.35), ("nf4", Fp4Linear, 0.3),
+                                              ("nf4-dq", Fp4Linear, 0.3), ("int4", Int4Linear, 0.3),
+                                              ("fp8", Fp8Linear, 0.1), ("8", None, 0.05)])
 def test_quant_modes_on_tiny(tiny_float, mode, cls, max_err):
     processor = Processor.from_pretrained(tiny_float.checkpoint_path, tiny_float.config)
     from PIL import Image

@@ -36,8 +36,9 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
     mode = q.normalize_quant(quant)
     stored = q.checkpoint_quant_type(config.raw)
     if stored is not None and mode not in (None, stored, stored + "-dq"):
-        raise ValueError(f"{name_or_path} is already quantized ({stored}); it cannot be re-quantized to {mode}: drop "
-                         f"--quant (or use {stored.removesuffix('-dq')}-dq for 8-bit absmax) or use the bf16 checkpoint")
+        raise ValueError(f"{name_or_path} is already quantized ({stored}); it cannot be re-quantized to {mode}: "
+                         f"drop --quant (or use {stored.removesuffix('-dq')}-dq for 8-bit absmax) or use the bf16 "
+                         "checkpoint")
     with torch.device("meta"):
         model = CogVLM2ForCausalLM(config)
     dtype = parse_dtype(dtype)

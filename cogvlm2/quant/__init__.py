@@ -1,21 +1,22 @@
 """Weight quantization for inference: the official int4 checkpoints (bitsandbytes fp4) and `--quant` modes.
 
-    mode   weights                                  matmul                               from
-    4/fp4  bitsandbytes fp4, 64-blocks (0.5625 B/w)  our Triton fp4 kernels                bf16 or int4 checkpoints
-    nf4    the same layout with the NF4 code          the same kernels                      bf16 checkpoints
-    fp4-dq / nf4-dq: the same with 8-bit absmax (double quantization, 0.52 B/w)         bf16 or int4 checkpoints
-    int4   group-wise asym. int4, group 128 (GPTQ)    our Triton int4 kernels               bf16 checkpoints
-    8      LLM.int8 (bitsandbytes, threshold 6.0)     bitsandbytes (eager: no CUDA graphs)  bf16 checkpoints
-    fp8    e4m3, per-channel scale; per-token x       torch._scaled_mm (fp8 tensor cores)   bf16 checkpoints
+    mode     weights                                      matmul                                from
+    4 = fp4  bitsandbytes fp4, blocks of 64 (0.5625 B/w)  our Triton fp4 kernels                bf16, fp4 ckpt
+    nf4      the same layout with the NF4 code            the same kernels                      bf16
+    fp4-dq   fp4 / nf4 with 8-bit absmax (0.516 B/w)      the same kernels                      bf16, fp4 ckpt
+    int4     group-wise asym. int4, group 128 (GPTQ)      our Triton int4 kernels               bf16
+    8 = int8 LLM.int8 (bitsandbytes, threshold 6.0)       bitsandbytes (eager: no CUDA graphs)  bf16
+    fp8      e4m3, per-channel scale; per-token x scale   torch._scaled_mm (fp8 tensor cores)   bf16
 
 Every nn.Linear but lm_head is quantized (language and vision experts, the EVA tower, the GLU adapter),
 as in the official int4 checkpoints; a layer whose shape the format cannot hold (only tiny test models
-have such layers) stays in the model dtype. On-the-fly modes quantize one layer at a time on the target device, so the
-GPU never holds the unquantized model.
+have such layers) stays in the model dtype. On-the-fly modes quantize one layer at a time on the target
+device, so the GPU never holds the unquantized model.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -102,8 +103,8 @@ def prepare_prequantized(model: nn.Module, mode: str) -> dict[str, Callable[[tor
 def _int8_linear(linear: nn.Linear, device: torch.device | str) -> nn.Module:
     try:
         import bitsandbytes as bnb
-    except ImportError as e:
-        raise RuntimeError("--quant 8 (LLM.int8) needs bitsandbytes: pip install 'cogvlm2[quant]'") from e
+    except ImportError as e:  # a ValueError: the CLIs report it as a bad option, without a traceback
+        raise ValueError("--quant 8 (LLM.int8) needs bitsandbytes: pip install 'cogvlm2[quant]'") from e
     q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                             has_fp16_weights=False, threshold=6.0, device="meta")
     q.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
@@ -122,11 +123,7 @@ def quantize_model(model: nn.Module, quant: str | int, device: torch.device | st
         return model.to(device) if device is not None else model
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if use_bitsandbytes is None:
-        try:
-            import bitsandbytes  # noqa: F401
-            use_bitsandbytes = True
-        except ImportError:
-            use_bitsandbytes = False
+        use_bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
     for name, linear in _linears(model):
         if not _fits(mode, linear):
             continue

@@ -143,7 +143,8 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
     return _pack_rows(q), _pack_rows(zeros.t().contiguous()).t().contiguous(), scales
 
 
-def dequantize_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
     """-> w [N, K] in `dtype`: (q - z) * s in float32, rounded once."""
     q = _unpack_rows(qweight).float()  # [K, N]
     z = _unpack_rows(qzeros.t().contiguous()).t().float()  # [K/G, N]

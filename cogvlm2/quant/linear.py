@@ -80,7 +80,8 @@ class Fp4Linear(QuantLinear):
         self.nested_offset = 0.0  # python float: read by the kernels without a device sync
         n = out_features * in_features
         self.register_buffer("weight", torch.empty(n // 2, 1, dtype=torch.uint8))
-        self.register_buffer("weight_absmax", torch.empty(n // blocksize, dtype=torch.uint8 if nested else torch.float32))
+        absmax_dtype = torch.uint8 if nested else torch.float32
+        self.register_buffer("weight_absmax", torch.empty(n // blocksize, dtype=absmax_dtype))
         self.register_buffer("weight_quant_map", formats.code_table(quant_type))
         if nested:
             self.register_buffer("weight_nested_absmax", torch.empty(-(-n // blocksize // formats.NESTED_BLOCKSIZE)))
