@@ -297,3 +297,23 @@ def test_int4_layout_is_gptq_compatible():
     z = torch.stack([(qzeros >> (4 * j)) & 0xF for j in range(8)], dim=2).reshape(1, 16)  # [K/G, N]
     torch.testing.assert_close((q - z).float() * scales, w.t(), atol=(scales.max() / 2 + 1e-6).item(), rtol=0)
     assert torch.equal(formats.dequantize_int4(qweight, qzeros, scales, torch.float32), ((q - z) * scales).t())
+
+
+def test_hub_download_falls_back_to_pytorch_model_bin(official, tmp_path, monkeypatch):
+    """A repo without safetensors (the official int4 ones) is fetched again with pytorch_model*.bin allowed."""
+    import huggingface_hub
+
+    from cogvlm2.checkpoint import HUB_BIN_PATTERNS, HUB_PATTERNS, resolve_model_path
+
+    calls = []
+    bare, full = tmp_path / "bare", official["bin"][0]
+    bare.mkdir()
+    (bare / "config.json").write_text((full / "config.json").read_text())
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append(allow_patterns)
+        return str(full if "pytorch_model*.bin" in allow_patterns else bare)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve_model_path("THUDM/cogvlm2-llama3-chat-19B-int4") == full
+    assert calls == [HUB_PATTERNS, HUB_PATTERNS + HUB_BIN_PATTERNS]
