@@ -22,6 +22,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bfloat16 on GPUs of compute capability >= 8, float16 on older GPUs, float32 on CPU")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available)")
+    p.add_argument("--quant", default=None, choices=["4", "8", "fp4", "nf4", "fp4-dq", "nf4-dq", "int4", "int8", "fp8"],
+                   help="quantize the weights while loading: 4 = fp4 (bitsandbytes layout, as the official demos), "
+                        "nf4, fp4-dq / nf4-dq (8-bit absmax), 8 = LLM.int8 (bitsandbytes), int4 = group-wise int4, "
+                        "fp8 = e4m3 (fast prefill on cc >= 8.9); the official int4 checkpoints need no flag "
+                        "(fp4-dq compresses their absmax)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 2048) -> None:
@@ -74,7 +79,8 @@ def load_for_chat(args):
     from .tiny import TINY_NOTE, is_tiny
 
     device = auto_device(args.device)
-    model = load_model(args.model, dtype=auto_dtype(args.dtype, device), device=device)
+    model = load_model(args.model, dtype=auto_dtype(args.dtype, device), device=device,
+                       quant=getattr(args, "quant", None))
     if getattr(args, "lora", None):
         from .finetune.lora import load_with_adapter
 

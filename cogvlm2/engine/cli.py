@@ -59,7 +59,7 @@ def run_generate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.input)
     device = auto_device(args.device)
     llm = LLM(args.model, dtype=auto_dtype(args.dtype, device), device=device, max_num_seqs=args.max_num_seqs,
-              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, quant=args.quant)
     params = sampling_params(args)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)

@@ -42,13 +42,19 @@ from .sequence import Sequence
 
 
 def load_processor_and_model(model: str | Path | CogVLM2ForCausalLM, dtype: str | torch.dtype | None = None,
-                             device: str | torch.device | None = None) -> tuple[CogVLM2ForCausalLM, Processor | None]:
+                             device: str | torch.device | None = None,
+                             quant: str | int | None = None) -> tuple[CogVLM2ForCausalLM, Processor | None]:
     """A model name ("tiny", a folder, a hub id) or a loaded model -> (model, its processor or None).
-    Defaults: CUDA when available (bfloat16 from compute capability 8, else float16), else CPU in float32."""
+    Defaults: CUDA when available (bfloat16 from compute capability 8, else float16), else CPU in float32.
+    `quant` quantizes while loading (a loaded model: in place, see cogvlm2.quant)."""
     if not isinstance(model, CogVLM2ForCausalLM):
         device = auto_device(str(device) if device is not None else "auto")
         dtype = dtype or auto_dtype("auto", device)
-        model = load_model(str(model), dtype=dtype, device=device)
+        model = load_model(str(model), dtype=dtype, device=device, quant=quant)
+    elif quant is not None:
+        from ..quant import quantize_model
+
+        quantize_model(model, quant, model.device)
     folder = getattr(model, "checkpoint_path", None)
     processor = Processor.from_pretrained(folder, model.config) if folder is not None else None
     return model, processor
@@ -74,8 +80,8 @@ class LLMEngine:
     @classmethod
     def from_pretrained(cls, model: str | Path | CogVLM2ForCausalLM = "tiny", dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, attend: Attend | None = None,
-                        **engine_kwargs) -> "LLMEngine":
-        model, processor = load_processor_and_model(model, dtype, device)
+                        quant: str | int | None = None, **engine_kwargs) -> "LLMEngine":
+        model, processor = load_processor_and_model(model, dtype, device, quant)
         return cls(model, EngineConfig(**engine_kwargs), processor, attend)
 
     @property

@@ -24,20 +24,42 @@ INV_FREQ_KEYS = r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"
 
 
 def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: str | torch.device = "cpu",
-               progress: bool = True, rope_mode: str = "official") -> CogVLM2ForCausalLM:
+               progress: bool = True, quant: str | int | None = None, rope_mode: str = "official") -> CogVLM2ForCausalLM:
     """A local folder, a Hugging Face repo id, or an embedded tiny model name ("tiny", "tiny-video").
 
     The model is built on the meta device and every tensor is loaded once, directly in `dtype` on
-    `device`; the key set must match the official checkpoint exactly. The checkpoint's rotary
+    `device`; the key set must match the official checkpoint exactly. A bitsandbytes 4-bit checkpoint
+    (the official int4 ones) loads into fp4 linears as stored; `quant` (see `cogvlm2.quant`) quantizes a
+    full-precision checkpoint on the fly, one layer at a time on `device`. The checkpoint's rotary
     `inv_freq` buffers (bf16 in the official files) drive the rotary embedding as in the official code
     (`rope_mode="official"`); `rope_mode="exact"` uses float32 frequencies and positions instead
     (see `RotaryEmbedding`).
     """
+    from .. import quant as q
+
     folder = checkpoint_folder(name_or_path)
     config = ModelConfig.from_file(folder / "config.json")
+    mode = q.normalize_quant(quant)
+    stored = q.checkpoint_quant_type(config.raw)
+    if stored is not None and mode not in (None, stored, stored + "-dq"):
+        raise ValueError(f"{name_or_path} is already quantized ({stored}); it cannot be re-quantized to {mode}: "
+                         f"drop --quant (or use {stored.removesuffix('-dq')}-dq for 8-bit absmax) or use the bf16 "
+                         "checkpoint")
     with torch.device("meta"):
         model = CogVLM2ForCausalLM(config)
-    load_weights(model, folder, dtype=parse_dtype(dtype), device=device, progress=progress)
+    dtype = parse_dtype(dtype)
+    if stored is not None:
+        checks = q.prepare_prequantized(model, stored)
+        load_weights(model, folder, dtype=dtype, device=device, progress=progress, keep_dtype=q.KEEP_DTYPE,
+                     metadata=checks)
+        model.quantization = stored
+        if mode is not None and mode != stored:  # fp4 -> fp4-dq: the same codes, 8-bit absmax
+            q.compress_statistics(model)
+    elif mode is not None:  # read on the CPU, quantize layer by layer onto the device
+        load_weights(model, folder, dtype=dtype, device="cpu", progress=progress)
+        q.quantize_model(model, mode, device)
+    else:
+        load_weights(model, folder, dtype=dtype, device=device, progress=progress)
     model.rotary.set_frequencies(checkpoint_inv_freq(folder), rope_mode)
     model.rotary.inv_freq(torch.device(device), model.dtype)  # the table exists before any CUDA-graph capture
     model.checkpoint_path = folder

@@ -29,7 +29,8 @@ async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]
     from ..tiny import TINY_NOTE, is_tiny
 
     device = auto_device(args.device)
-    model = await asyncio.to_thread(load_model, args.model, auto_dtype(args.dtype, device), device)
+    model = await asyncio.to_thread(load_model, args.model, auto_dtype(args.dtype, device), device,
+                                    quant=getattr(args, "quant", None))
     folder = Path(model.checkpoint_path)
     engine = await asyncio.to_thread(AsyncLLM.from_pretrained, model, **engine_kwargs(args))
     if is_tiny(folder):
