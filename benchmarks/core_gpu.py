@@ -12,28 +12,17 @@ import argparse
 
 import torch
 
-from benchmarks.common import copy_bandwidth, matmul_flops, cuda_time, full_size_config, random_model, report
+from benchmarks.common import ceilings, copy_bandwidth, matmul_flops, cuda_time, full_size_config, random_model, report
 from cogvlm2.model.attention import PaddedKVCache
 from cogvlm2.model.batch import ForwardBatch, expert_indices
 from cogvlm2.processing.prompt import position_ids, vision_expert_mask
-
-
-def measure_ceilings() -> tuple[float, float]:
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    t = cuda_time(lambda: y.copy_(x), iters=10)
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    tm = cuda_time(lambda: a @ b, iters=10)
-    return 2 * x.numel() / t, 2 * 8192**3 / tm
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     args = ap.parse_args()
-    bw, flops = measure_ceilings()
-    print(f"measured ceilings: copy {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    ceilings()
     cfg = full_size_config()
     model = random_model(cfg)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

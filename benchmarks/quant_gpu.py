@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import cuda_time, full_size_config, provenance, random_model
-from benchmarks.core_gpu import measure_ceilings
+from benchmarks.common import ceilings, cuda_time, full_size_config, provenance, random_model
 from benchmarks.engine_gpu import QUESTION, first_token_time, image, run_until_done
 from cogvlm2.engine.config import EngineConfig
 from cogvlm2.engine.llm_engine import LLMEngine
@@ -334,7 +333,7 @@ def main() -> None:
     run = Run(Path(args.out_dir), args.budget_s)
 
     def ceilings():
-        bw, flops = measure_ceilings()
+        bw, flops = ceilings()
         run.data["ceilings"] = {"copy_GBps": bw / 1e9, "bf16_TFLOPs": flops / 1e12}
         print(f"    copy {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
     run.section("ceilings", ceilings)
