@@ -332,11 +332,11 @@ def main() -> None:
     args = ap.parse_args()
     run = Run(Path(args.out_dir), args.budget_s)
 
-    def ceilings():
+    def record_ceilings():
         bw, flops = ceilings()
         run.data["ceilings"] = {"copy_GBps": bw / 1e9, "bf16_TFLOPs": flops / 1e12}
         print(f"    copy {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
-    run.section("ceilings", ceilings)
+    run.section("ceilings", record_ceilings)
     free()
     if not args.no_sweep:
         run.section("4-bit kernel config sweep", lambda: kernel_sweep(run), 60)
