@@ -4,12 +4,14 @@ The event loop never runs a model step. Callers talk to the engine thread throug
 queue (add / abort); outputs travel back with `loop.call_soon_threadsafe` into one asyncio.Queue per
 request. Leaving a `generate` iterator early (break, client disconnect, task cancellation) aborts
 its request, which frees its KV blocks. A request that fails validation gets the exception in its
-iterator; a failing step fails the requests in flight, never the loop.
+iterator; a request the engine fails (LLMEngine contains a failing step to the requests it can blame)
+gets an EngineRequestError; the loop never dies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from pathlib import Path
@@ -24,6 +26,11 @@ from .llm_engine import LLMEngine
 from .protocol import EngineStats, RequestOutput
 
 _STOP = object()
+logger = logging.getLogger(__name__)
+
+
+class EngineRequestError(RuntimeError):
+    """The engine failed this request (its traceback is in the server log, under its request id)."""
 
 
 class AsyncLLM:
@@ -113,12 +120,14 @@ class AsyncLLM:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - the requests in flight fail, the loop lives on
+            except Exception as e:  # noqa: BLE001 - the engine could not contain it: the loop lives on
+                ids = self.engine.abort_all()
+                logger.exception("engine step failed; failing requests %s", ids)
                 outputs = []
-                for request_id in self.engine.abort_all():
-                    self._deliver(request_id, RuntimeError(f"engine step failed: {e!r}"))
+                for request_id in ids:
+                    self._deliver(request_id, EngineRequestError(f"engine step failed: {type(e).__name__}: {e}"))
             for out in outputs:
-                self._deliver(out.request_id, out)
+                self._deliver(out.request_id, EngineRequestError(out.error) if out.error else out)
             self._stats = self.engine.stats()
 
     def _run_commands(self, block: bool) -> bool:
@@ -136,8 +145,11 @@ class AsyncLLM:
                 _, request_id, inputs, params = cmd
                 try:
                     self.engine.add_request(request_id, inputs, params)
-                except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                except ValueError as e:  # refused: the client's error
                     self._deliver(request_id, e)
+                except Exception as e:  # noqa: BLE001 - a request that cannot be added fails alone
+                    logger.exception("request %s could not be added", request_id)
+                    self._deliver(request_id, EngineRequestError(f"{type(e).__name__}: {e}"))
             else:
                 self.engine.abort(cmd[1])
             self._stats = self.engine.stats()
