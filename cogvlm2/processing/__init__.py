@@ -50,11 +50,12 @@ class Processor:
         elif video is not None:
             if not self.config.is_video:
                 raise ValueError("this is an image checkpoint: pass an image, not a video")
-            from .video import decode_video, transform_video
+            from .video import frames_digest, transform_video, video_pixels
 
-            frames = video if isinstance(video, torch.Tensor) else decode_video(video, video_strategy or self.video_strategy)
-            pixels = transform_video(frames, size)
-            digest = _tensor_digest(frames)
+            if isinstance(video, torch.Tensor):
+                pixels, digest = transform_video(video, size), frames_digest(video)
+            else:  # decoded and transformed frame by frame (bounded memory), same pixels
+                pixels, digest = video_pixels(video, size, video_strategy or self.video_strategy)
         return build_inputs(self.tokenizer, self.config, query, history, pixels, digest, template, answer)
 
     @property
@@ -62,8 +63,3 @@ class Processor:
         """The official demos sample 'base' for base-template checkpoints, 'chat' otherwise."""
         return "base" if self.config.template_version == "base" else "chat"
 
-
-def _tensor_digest(x: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
