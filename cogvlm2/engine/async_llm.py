@@ -11,6 +11,7 @@ gets an EngineRequestError; the loop never dies.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -85,7 +86,7 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already running")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request_id, inputs, params or SamplingParams()))
+        self._commands.put(("add", request_id, self._compact(inputs), params or SamplingParams()))
         finished = False
         try:
             while True:
@@ -101,6 +102,15 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             if not finished:
                 self._commands.put(("abort", request_id))
+
+    def _compact(self, inputs: ModelInputs) -> ModelInputs:
+        """Queued pixels in the model's (narrower) float dtype, which the vision tower casts them to
+        anyway (same result): a bf16 / fp16 model holds half the bytes per waiting image."""
+        pixels, dtype = inputs.pixel_values, self.engine.model.dtype
+        if (pixels is None or not pixels.is_floating_point() or not dtype.is_floating_point
+                or pixels.element_size() <= torch.finfo(dtype).bits // 8):
+            return inputs
+        return dataclasses.replace(inputs, pixel_values=pixels.to(dtype))
 
     async def abort(self, request_id: str) -> None:
         """Its stream (if still read) ends with a finish_reason "abort" output."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Awaitable, TypeVar
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -10,7 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import APIError
 from .limits import MAX_VIDEO_BYTES
-from .protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList, VideoQAResponse
+from .protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList, VideoQAResponse, check_unicode
 
 router = APIRouter()
 T = TypeVar("T")
@@ -18,7 +19,7 @@ T = TypeVar("T")
 
 async def until_disconnect(raw_request: Request, work: Awaitable[T]) -> T | Response:
     """Run `work` unless the client goes away first: then cancel it (which aborts its engine
-    requests) instead of generating an answer nobody reads."""
+    requests) and wait until it is cancelled, instead of generating an answer nobody reads."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -32,8 +33,12 @@ async def until_disconnect(raw_request: Request, work: Awaitable[T]) -> T | Resp
         watcher.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.wait({task})  # let it finish cancelling (its engine requests are aborted)
+    if watcher.done() and not watcher.cancelled():
+        with contextlib.suppress(Exception):
+            watcher.result()  # a receive() failure means the client is gone too
     if task.cancelled():
-        return Response(status_code=499)  # nobody is listening; for the access log
+        return Response(status_code=499)  # nobody is listening; for the access log, not an error
     return task.result()
 
 
@@ -54,7 +59,7 @@ async def metrics(raw_request: Request) -> Response:
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(raw_request: Request) -> ModelList:
     ctx = raw_request.app.state.ctx
-    return ModelList(data=[ModelCard(id=name, root=ctx.model_path, max_model_len=ctx.max_model_len)
+    return ModelList(data=[ModelCard(id=name, root=ctx.model_root, max_model_len=ctx.max_model_len)
                            for name in ctx.model_names])
 
 
@@ -72,6 +77,10 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
 @router.post("/video_qa", response_model=VideoQAResponse)
 async def video_qa(raw_request: Request, video: UploadFile = File(...), question: str = Form(""),
                    temperature: float | None = Form(None)) -> Response:
+    try:
+        check_unicode(question)
+    except ValueError as e:
+        raise APIError(f"question: {e}", param="question") from None
     data = await video.read(MAX_VIDEO_BYTES + 1)
     if len(data) > MAX_VIDEO_BYTES:
         raise APIError(f"video too large: over {MAX_VIDEO_BYTES} bytes", status=413, param="video")
