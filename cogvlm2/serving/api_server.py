@@ -70,12 +70,14 @@ class Guard:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
                     message = await receive()
             except TimeoutError:  # an HTTPException passes FastAPI's body parsing unchanged
-                raise StarletteHTTPException(408, f"request body not received within {limits.BODY_TIMEOUT_S:g} s")
+                raise StarletteHTTPException(408, f"request body not received within {limits.BODY_TIMEOUT_S:g} s",
+                                             headers={"Connection": "close"})  # the rest of the body is garbage
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
                 if seen > limit:
-                    raise StarletteHTTPException(413, f"request body too large: over {limit} bytes")
+                    raise StarletteHTTPException(413, f"request body too large: over {limit} bytes",
+                                                 headers={"Connection": "close"})
             else:
                 body_done = True
             return message
