@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import APIError
 from .limits import MAX_VIDEO_BYTES
-from .protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList, VideoQAResponse, check_unicode
+from .protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList, VideoQAResponse
 
 router = APIRouter()
 T = TypeVar("T")
@@ -77,10 +77,6 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
 @router.post("/video_qa", response_model=VideoQAResponse)
 async def video_qa(raw_request: Request, video: UploadFile = File(...), question: str = Form(""),
                    temperature: float | None = Form(None)) -> Response:
-    try:
-        check_unicode(question)
-    except ValueError as e:
-        raise APIError(f"question: {e}", param="question") from None
     data = await video.read(MAX_VIDEO_BYTES + 1)
     if len(data) > MAX_VIDEO_BYTES:
         raise APIError(f"video too large: over {MAX_VIDEO_BYTES} bytes", status=413, param="video")
