@@ -93,6 +93,7 @@ def build_app(engine: EngineClient, processor: Processor, model_names: list[str]
     app = FastAPI(title="CogVLM2 OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     metrics = Metrics(engine, model_names[0])
     ctx = ServerContext(engine, processor, list(model_names), metrics, allow_remote_media, model_root, max_waiting)
+    ctx.max_prompt_chars  # noqa: B018 - scans the vocabulary once now, not on the first request's event loop
     app.state.ctx, app.state.metrics = ctx, metrics
     app.state.chat = OpenAIServingChat(ctx)
     app.state.video_qa = ServingVideoQA(ctx)

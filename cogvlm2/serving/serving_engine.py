@@ -69,8 +69,8 @@ class ServerContext:
             raise APIError("the server is shutting down", status=503, code="server_shutting_down",
                            headers={"Retry-After": str(limits.RETRY_AFTER_S)})
         if self.waiting + self.preparing + n > self.max_waiting:
-            raise APIError(f"the server is busy: {self.waiting + self.preparing} requests are waiting (limit {self.max_waiting}); "
-                           "retry later", status=503, code="server_overloaded",
+            raise APIError(f"the server is busy: {self.waiting + self.preparing} requests are waiting "
+                           f"(limit {self.max_waiting}); retry later", status=503, code="server_overloaded",
                            headers={"Retry-After": str(limits.RETRY_AFTER_S)})
 
     @contextmanager
