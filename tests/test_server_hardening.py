@@ -297,6 +297,39 @@ def test_7_connections_past_the_cap_get_503_and_normal_requests_recover(server):
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
+def test_7_connection_cap_fits_the_open_file_limit(monkeypatch):
+    """At `ulimit -n 256` the probe's 300 idle connections exhausted the descriptors: the cap leaves 64 free."""
+    import resource
+
+    from cogvlm2.serving.api_server import connection_cap
+
+    monkeypatch.setattr(resource, "getrlimit", lambda r: (256, 256))
+    monkeypatch.setattr(resource, "setrlimit", lambda r, v: pytest.fail("the hard limit leaves no room"))
+    assert connection_cap(1024) == 256 - limits.RESERVED_FDS
+    raised = []
+    monkeypatch.setattr(resource, "getrlimit", lambda r: (256, 4096))
+    monkeypatch.setattr(resource, "setrlimit", lambda r, v: raised.append(v))
+    assert connection_cap(1024) == 1024 and raised == [(1024 + limits.RESERVED_FDS, 4096)]
+
+
+def test_7_accept_errors_are_one_line_per_minute(caplog):
+    import errno
+
+    from cogvlm2.serving.api_server import quiet_resource_errors
+
+    loop = asyncio.new_event_loop()
+    try:
+        quiet_resource_errors(loop)
+        caplog.set_level(logging.WARNING)
+        for _ in range(50):
+            loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                         "exception": OSError(errno.EMFILE, "Too many open files")})
+    finally:
+        loop.close()
+    lines = [r for r in caplog.records if "out of system resource" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+
+
 # --------------------------------------------------------------------------- 10. engine failures are logged with the request id
 
 
