@@ -301,7 +301,7 @@ def test_7_connection_cap_fits_the_open_file_limit(monkeypatch):
     """At `ulimit -n 256` the probe's 300 idle connections exhausted the descriptors: the cap leaves 64 free."""
     import resource
 
-    from cogvlm2.serving.api_server import connection_cap
+    from cogvlm2.serving.connections import connection_cap
 
     monkeypatch.setattr(resource, "getrlimit", lambda r: (256, 256))
     monkeypatch.setattr(resource, "setrlimit", lambda r, v: pytest.fail("the hard limit leaves no room"))
@@ -315,7 +315,7 @@ def test_7_connection_cap_fits_the_open_file_limit(monkeypatch):
 def test_7_accept_errors_are_one_line_per_minute(caplog):
     import errno
 
-    from cogvlm2.serving.api_server import quiet_resource_errors
+    from cogvlm2.serving.connections import quiet_resource_errors
 
     loop = asyncio.new_event_loop()
     try:
