@@ -23,6 +23,13 @@ def tiny():
     return load_processor_and_model("tiny", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def tiny_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return load_processor_and_model("tiny", device="cuda", dtype="float32")
+
+
 def seqs_with(*params: SamplingParams) -> list[Sequence]:
     return [Sequence(f"r{i}", ModelInputs([1, 2, 3], [0, 0, 0], [0, 1, 2]), p) for i, p in enumerate(params)]
 
@@ -78,9 +85,13 @@ def test_bad_pixels_fail_alone_at_add_request(tiny):
     assert not engine.has_unfinished()
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_a_failing_step_fails_only_the_request_to_blame(tiny, caplog, async_scheduling):
-    model, processor = tiny
+@pytest.mark.parametrize("device, async_scheduling", [
+    ("cpu", False), ("cpu", True),
+    pytest.param("cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_a_failing_step_fails_only_the_request_to_blame(request, caplog, device, async_scheduling):
+    """On CUDA with async scheduling a lookahead step is in flight when the failure hits."""
+    model, processor = request.getfixturevalue("tiny" if device == "cpu" else "tiny_cuda")
     config = EngineConfig(num_kv_blocks=128, max_model_len=512, max_num_batched_tokens=64, async_scheduling=async_scheduling)
     greedy = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     prompts = {f"good{i}": processor(f"Question {i} about nothing in particular") for i in range(3)}
