@@ -81,12 +81,13 @@ class Processor:
         elif video is not None:
             if not self.config.is_video:
                 raise ValueError("this is an image checkpoint: pass an image, not a video")
-            from .video import decode_video, transform_video
+            from .video import frames_digest, transform_video, video_pixels
 
             strategy = video_strategy or strategy_for(template)
-            frames = video if isinstance(video, torch.Tensor) else decode_video(video, strategy)
-            pixels = transform_video(frames, size)
-            digest = _tensor_digest(frames)
+            if isinstance(video, torch.Tensor):
+                pixels, digest = transform_video(video, size), frames_digest(video)
+            else:  # decoded and transformed frame by frame (bounded memory), same pixels
+                pixels, digest = video_pixels(video, size, strategy)
         return build_inputs(self.tokenizer, self.config, query, history, pixels, digest, template, answer)
 
     @property
@@ -99,8 +100,3 @@ def strategy_for(template: str) -> str:
     """The official demos sample frames with the 'base' strategy for the base template, 'chat' otherwise."""
     return "base" if template == "base" else "chat"
 
-
-def _tensor_digest(x: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=16).hexdigest()

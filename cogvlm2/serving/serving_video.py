@@ -30,9 +30,11 @@ class ServingVideoQA(OpenAIServing):
         temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
         if not 0 <= temperature <= 2:
             raise APIError(f"temperature must be in [0, 2], got {temperature}", param="temperature")
-        # video_demo/inference.py (the API demo) drives every video checkpoint with the chat template and frames
-        inputs = await self.build_inputs(question, [], video=video, template="chat", video_strategy="chat")
-        budget = self.max_tokens(inputs, None)
+        with self.ctx.prepare(1):
+            # video_demo/inference.py (the API demo) drives every video checkpoint with the chat template and frames
+            inputs = await self.build_inputs(question, [], video=video, text_param="question", media_param="video",
+                                             template="chat", video_strategy="chat")
+            budget = self.max_tokens(inputs, None, prompt_param="question")
         params = SamplingParams(max_new_tokens=min(MAX_NEW_TOKENS, budget), temperature=temperature, top_k=1, top_p=0.1)
         text = ""
         async for _, out in self.generate(completion_id(), inputs, [params]):

@@ -69,7 +69,8 @@ class RemoteBackend:
         self.model_name = self.model_name or card["id"]
         from ..tiny import is_tiny
 
-        self.tiny = bool(card.get("root")) and is_tiny(card["root"])
+        root = card.get("root") or ""  # the server's --model value (a local folder: its name only)
+        self.tiny = root in ("tiny", "tiny-video") or (bool(root) and is_tiny(root))
 
     def messages(self, query: str, history: list[tuple[str, str]], media: tuple[str, str] | None) -> list[dict]:
         out: list[dict] = []
