@@ -10,7 +10,7 @@ from typing import Callable, TextIO
 DEFAULT_MODEL = "tiny"
 
 # Sub-commands that live with their concern and need extras; each module defines add_parser(subparsers).
-_PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.finetune.cli", "cogvlm2.engine.cli")
+_PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.finetune.cli", "cogvlm2.batch.cli")
 
 
 def auto_device(device: str) -> str:

@@ -1,0 +1,119 @@
+"""Captioning on a Ray cluster (`pip install -e '.[ray]'`): a Ray Data pipeline with one engine per GPU.
+
+    items still to do (the driver applied the resume rule)
+      -> CPU tasks: read + decode + preprocess each item (autoscaled by Ray Data)
+      -> actor pool, `actors` = n or (min, max) engines, one GPU each (CPU actors without GPUs): each
+         actor runs an AsyncLLM, and takes several batches at once (an async UDF), so its engine batches
+         across them continuously instead of draining one batch before the next
+      -> rows streamed back to the driver, which writes them (same writer and resume rule as one process)
+
+Ray Data's streaming executor bounds the preprocessed items in flight (back-pressure): a slow engine pool
+slows the reading, never fills memory. The driver writes the output so the run needs no shared
+filesystem; rows are small next to the media they describe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+import time
+from typing import Iterable, Iterator
+
+from ..sampling_params import SamplingParams
+from .items import Item
+from .preprocess import Preprocessor
+
+
+def _prepare(batch: dict, prep: Preprocessor) -> dict:
+    """CPU task: items -> pickled ModelInputs (or the error), with the time spent."""
+    out = {"item": [], "inputs": [], "error": [], "seconds": []}
+    for blob in batch["item"]:
+        item = pickle.loads(blob)
+        start = time.perf_counter()
+        try:
+            inputs, error = pickle.dumps(prep(item)), ""
+        except Exception as e:  # noqa: BLE001 - an unreadable item fails alone
+            from .driver import _message
+
+            inputs, error = b"", _message(e)
+        out["item"].append(blob)
+        out["inputs"].append(inputs)
+        out["error"].append(error)
+        out["seconds"].append(time.perf_counter() - start)
+    return out
+
+
+class _EngineActor:
+    """One engine (one GPU, or the CPU) serving many batches concurrently."""
+
+    def __init__(self, model: str, dtype: str | None, device: str | None, engine_kwargs: dict,
+                 params: SamplingParams, prep: Preprocessor, model_name: str):
+        from ..engine.async_llm import AsyncLLM
+
+        self.llm = AsyncLLM.from_pretrained(model, dtype, device, **engine_kwargs).start()
+        self.params, self.prep, self.model_name = params, prep, model_name
+        self._n = 0
+
+    async def __call__(self, batch: dict) -> dict:
+        rows = await asyncio.gather(*(self._one(pickle.loads(b), i, e, s) for b, i, e, s in
+                                      zip(batch["item"], batch["inputs"], batch["error"], batch["seconds"])))
+        return {"row": [json.dumps(r, ensure_ascii=False) for r in rows]}
+
+    async def _one(self, item: Item, inputs: bytes, error: str, seconds: float) -> dict:
+        from .caption import result_row
+
+        start = time.perf_counter()
+        out = None
+        if not error:
+            self._n += 1
+            try:
+                async for out in self.llm.generate(f"ray-{self._n}", pickle.loads(inputs), self.params):
+                    pass
+            except (ValueError, RuntimeError) as e:
+                error, out = str(e), None
+        return result_row(item, self.prep, self.model_name, out, error or None,
+                          seconds + time.perf_counter() - start)
+
+
+def ray_rows(items: Iterable[Item], *, model: str, prep: Preprocessor, params: SamplingParams, dtype: str | None,
+             device: str | None, address: str | None, actors: int | tuple[int, int], gpus_per_actor: float | None,
+             batch_size: int, engine_kwargs: dict) -> Iterator[dict]:
+    """Rows of `items` computed on Ray (connects to `address`, a running cluster, or starts a local one)."""
+    try:
+        import ray
+        import ray.data
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the Ray path needs Ray Data: pip install -e '.[ray]' (or pip install "
+                                  "'cogvlm2[ray]')") from None
+    from .caption import result_row
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the caller draws one bar over the rows
+    ctx.print_on_execution_start = False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus_per_actor is None:
+        gpus_per_actor = 1 if gpus else 0
+    if device is None:
+        device = "cuda" if gpus_per_actor else "cpu"
+    todo = []
+    for item in items:
+        if item.error is not None:  # known bad before any work: reported here
+            yield result_row(item, prep, model, None, item.error, 0.0)
+        else:
+            todo.append({"item": pickle.dumps(item)})
+    if not todo:
+        return
+    low, high = (actors, actors) if isinstance(actors, int) else actors
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // batch_size, 1000)))
+    ds = ds.map_batches(_prepare, fn_kwargs={"prep": prep}, batch_size=batch_size, num_cpus=1)
+    ds = ds.map_batches(
+        _EngineActor, batch_size=batch_size, num_gpus=gpus_per_actor, num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        fn_constructor_kwargs={"model": model, "dtype": dtype, "device": device, "engine_kwargs": engine_kwargs,
+                               "params": params, "prep": prep, "model_name": model})
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for row in batch["row"]:
+            yield json.loads(row)
