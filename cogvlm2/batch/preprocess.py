@@ -42,7 +42,7 @@ class Preprocessor:
             raise ValueError(item.error)
         query, template = self.query_for(item), self.template_for(item)
         if item.image is not None and self.processor.config.is_video:
-            frames = torch.from_numpy(np.asarray(load_image(read_source(item.image)))).permute(2, 0, 1)
+            frames = torch.from_numpy(np.array(load_image(read_source(item.image)))).permute(2, 0, 1)
             return self.processor(query, item.history, video=frames.unsqueeze(1).contiguous(), template=template)
         image = None if item.image is None else read_source(item.image)
         video = None if item.video is None else read_source(item.video)
