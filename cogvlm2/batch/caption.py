@@ -9,7 +9,6 @@ engine in this process (a worker pool preprocesses ahead of it) or, with ray=Tru
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterable
 
 from ..config import ModelConfig
@@ -53,30 +52,34 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
             *, prompt: str | None = None, template: str | None = None, video_strategy: str | None = None,
             media: Iterable[str] | None = None, allow_urls: bool = False,
             sampling_params: SamplingParams | None = None, dtype: str | None = None, device: str | None = None,
-            engine=None, workers: int | None = None, lookahead: int | None = None, overwrite: bool = False,
-            chunk_rows: int = DEFAULT_CHUNK_ROWS, chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
-            ray: bool = False, ray_address: str | None = None, ray_actors: tuple[int, int] | int = 1,
-            ray_gpus_per_actor: float | None = None, ray_batch_size: int = 16, **engine_kwargs) -> Job:
+            engine=None, processor: Processor | None = None, workers: int | None = None,
+            lookahead: int | None = None, overwrite: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+            chunk_seconds: float = DEFAULT_CHUNK_SECONDS, ray: bool = False, ray_address: str | None = None,
+            ray_actors: tuple[int, int] | int = 1, ray_gpus_per_actor: float | None = None,
+            ray_batch_size: int = 16, **engine_kwargs) -> Job:
     """Caption `inputs`: a folder, manifest (.txt/.jsonl/.csv/.parquet), `.tar` shards, or a list of paths
     / Items. Returns a Job: iterate it for the rows (it runs as you iterate); it also counts them.
 
-    model: a name for the engine ("tiny", a folder, a hub id); engine: an LLMEngine already loaded (then
-    model only names it in the rows). prompt: default per checkpoint (`default_prompt`); template and
+    model: a name for the engine ("tiny", a folder, a hub id), written in every row. engine: an
+    LLMEngine already loaded, or a picklable zero-argument function that builds one (called once here, or
+    once per Ray actor); then `model` only names it and `processor` (default: the engine's, else loaded
+    from `model`) preprocesses. prompt: default per checkpoint (`default_prompt`); template and
     video_strategy: the checkpoint's. sampling_params: default greedy, 2,048 new tokens at most (the
     official caption demo). media: the kinds a folder scan takes (default: what the checkpoint reads).
     engine_kwargs: EngineConfig fields (max_num_seqs, gpu_memory_utilization, ...).
     Ray: ray_actors = n or (min, max) engines (autoscaling between), ray_gpus_per_actor (default 1 when
     the cluster has GPUs, else CPU actors), ray_address (default: a running cluster or a local one).
     """
-    params = sampling_params or SamplingParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0)
-    if engine is not None:
-        processor = engine.processor
-        model_name = str(model) if model is not None else Path(engine.model.checkpoint_path).name
-    else:
-        from ..model import checkpoint_folder
+    from ..engine.llm_engine import LLMEngine
 
-        processor = Processor.from_pretrained(checkpoint_folder(model))
-        model_name = str(model)
+    params = sampling_params or SamplingParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0)
+    if processor is None:
+        if isinstance(engine, LLMEngine):
+            processor = engine.processor
+        else:
+            from ..model import checkpoint_folder
+
+            processor = Processor.from_pretrained(checkpoint_folder(model))
     config = processor.config
     prompt = prompt or default_prompt(config)
     prep = Preprocessor(processor, prompt, template, video_strategy)
@@ -86,24 +89,25 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
     if ray:
         from .ray_caption import ray_rows
 
-        if engine is not None:
-            raise ValueError("ray=True loads one engine per actor: pass a model name, not an engine")
+        if isinstance(engine, LLMEngine):
+            raise ValueError("ray=True builds one engine per actor: pass a model name or an engine factory, "
+                             "not a loaded engine")
 
         def rows(items):
-            return ray_rows(items, model=model_name, prep=prep, params=params,
-                            dtype=dtype, device=device, address=ray_address, actors=ray_actors,
-                            gpus_per_actor=ray_gpus_per_actor, batch_size=ray_batch_size, engine_kwargs=engine_kwargs)
+            return ray_rows(items, model=str(model), factory=engine, prep=prep, params=params, dtype=dtype,
+                            device=device, address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus_per_actor,
+                            batch_size=ray_batch_size, engine_kwargs=engine_kwargs)
     else:
         if engine is None:
-            from ..engine.llm_engine import LLMEngine
-
             engine = LLMEngine.from_pretrained(model, dtype, device, **engine_kwargs)
+        elif not isinstance(engine, LLMEngine):
+            engine = engine()
 
         def rows(items):
             from .driver import drive
 
             for r in drive(engine, items, prep, params, workers, lookahead):
-                yield result_row(r.item, prep, model_name, r.output, r.error, r.seconds)
+                yield result_row(r.item, prep, str(model), r.output, r.error, r.seconds)
     return Job(source, rows, writer, source.total)
 
 

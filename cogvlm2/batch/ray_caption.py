@@ -18,8 +18,9 @@ import asyncio
 import json
 import pickle
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
+from ..engine.llm_engine import LLMEngine
 from ..sampling_params import SamplingParams
 from .items import Item
 from .preprocess import Preprocessor
@@ -47,12 +48,13 @@ def _prepare(batch: dict, prep: Preprocessor) -> dict:
 class _EngineActor:
     """One engine (one GPU, or the CPU) serving many batches concurrently."""
 
-    def __init__(self, model: str, dtype: str | None, device: str | None, engine_kwargs: dict,
-                 params: SamplingParams, prep: Preprocessor, model_name: str):
+    def __init__(self, model: str, factory: Callable[[], LLMEngine] | None, dtype: str | None, device: str | None,
+                 engine_kwargs: dict, params: SamplingParams, prep: Preprocessor):
         from ..engine.async_llm import AsyncLLM
 
-        self.llm = AsyncLLM.from_pretrained(model, dtype, device, **engine_kwargs).start()
-        self.params, self.prep, self.model_name = params, prep, model_name
+        engine = factory() if factory is not None else LLMEngine.from_pretrained(model, dtype, device, **engine_kwargs)
+        self.llm = AsyncLLM(engine).start()
+        self.params, self.prep, self.model_name = params, prep, model
         self._n = 0
 
     async def __call__(self, batch: dict) -> dict:
@@ -76,7 +78,7 @@ class _EngineActor:
                           seconds + time.perf_counter() - start)
 
 
-def ray_rows(items: Iterable[Item], *, model: str, prep: Preprocessor, params: SamplingParams, dtype: str | None,
+def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngine] | None, prep: Preprocessor, params: SamplingParams, dtype: str | None,
              device: str | None, address: str | None, actors: int | tuple[int, int], gpus_per_actor: float | None,
              batch_size: int, engine_kwargs: dict) -> Iterator[dict]:
     """Rows of `items` computed on Ray (connects to `address`, a running cluster, or starts a local one)."""
@@ -112,8 +114,8 @@ def ray_rows(items: Iterable[Item], *, model: str, prep: Preprocessor, params: S
     ds = ds.map_batches(
         _EngineActor, batch_size=batch_size, num_gpus=gpus_per_actor, num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-        fn_constructor_kwargs={"model": model, "dtype": dtype, "device": device, "engine_kwargs": engine_kwargs,
-                               "params": params, "prep": prep, "model_name": model})
+        fn_constructor_kwargs={"model": model, "factory": factory, "dtype": dtype, "device": device,
+                               "engine_kwargs": engine_kwargs, "params": params, "prep": prep})
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for row in batch["row"]:
             yield json.loads(row)
