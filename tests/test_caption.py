@@ -3,6 +3,7 @@ the Ray path against the single-process path."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -201,10 +202,17 @@ def test_ray_path_equals_single_process(folder, video_engine, tmp_path):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         out = tmp_path / "ray.jsonl"
-        rows = list(cogvlm2.caption(folder, "tiny-video", out, ray=True, ray_actors=2, ray_batch_size=2,
-                                    sampling_params=GREEDY, **ENGINE))
+        # the engine built in each actor: by an engine factory (as benchmarks/caption_gpu.py), or by name
+        factory = functools.partial(LLMEngine.from_pretrained, "tiny-video", "float32", "cpu", **ENGINE)
+        rows = list(cogvlm2.caption(folder, "tiny-video", out, engine=factory, ray=True, ray_actors=(1, 2),
+                                    ray_batch_size=2, sampling_params=GREEDY))
         assert comparable(rows) == single
         assert comparable(jsonl(out)) == single
+        (out.parent / "clip1.jsonl").write_text("".join(line + "\n" for line in out.read_text().splitlines()
+                                                       if '"clip1.mp4"' not in line))
+        redo = list(cogvlm2.caption(folder, "tiny-video", out.parent / "clip1.jsonl", ray=True, ray_actors=2,
+                                    sampling_params=GREEDY, **ENGINE))
+        assert comparable(redo) == [r for r in single if r["id"] == "clip1.mp4"]
         again = cogvlm2.caption(folder, "tiny-video", out, ray=True, ray_actors=2, sampling_params=GREEDY)
         assert list(again) == [] and again.skipped == 6
     finally:

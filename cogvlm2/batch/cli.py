@@ -72,7 +72,7 @@ def add_parser(subparsers) -> None:
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing output")
     p.add_argument("--allow-urls", action="store_true", help="fetch http(s) media named in the input")
-    p.add_argument("--workers", type=int, default=None, help="preprocessing threads (default: cores - 1, at most 8)")
+    p.add_argument("--workers", type=int, default=None, help="preprocessing threads (default: cores - 1, at most 16)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together in one step")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
