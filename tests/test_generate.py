@@ -30,7 +30,8 @@ def test_generate_rows_errors_and_resume(tmp_path, capsys):
              "{not json",
              json.dumps({"qurey": "typo"}),
              json.dumps({"query": "Where?", "image": "missing.png"}),
-             json.dumps({"query": "Text", "history": "no"})]
+             json.dumps({"query": "Text", "history": "no"}),
+             json.dumps({"id": "café-1", "query": "Same id again"})]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
     assert main(["generate", str(tmp_path / "in.jsonl"), "-o", str(out), *FAST]) == 0
@@ -47,12 +48,12 @@ def test_generate_rows_errors_and_resume(tmp_path, capsys):
     assert "missing.png" in rows[6]["error"] and rows[6]["image"] == "missing.png" and rows[6]["text"] is None
     assert "history" in rows[7]["error"]
     err = capsys.readouterr().err
-    assert "3 done, 0 skipped (already in the output), 4 failed" in err and "tokens/s" in err
+    assert "3 done, 0 skipped (already in the output), 1 duplicate ids ignored, 4 failed" in err and "tokens/s" in err
 
     before = out.read_bytes()
     assert main(["generate", str(tmp_path / "in.jsonl"), "-o", str(out), *FAST]) == 0
     assert out.read_bytes() == before
-    assert "0 done, 7 skipped" in capsys.readouterr().err
+    assert "0 done, 8 skipped" in capsys.readouterr().err
 
 
 def test_generate_to_stdout(tmp_path, capsys):

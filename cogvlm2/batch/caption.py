@@ -98,10 +98,15 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
                             device=device, address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus_per_actor,
                             batch_size=ray_batch_size, engine_kwargs=engine_kwargs)
     else:
-        if engine is None:
-            engine = LLMEngine.from_pretrained(model, dtype, device, **engine_kwargs)
-        elif not isinstance(engine, LLMEngine):
-            engine = engine()
+        try:
+            if engine is None:
+                engine = LLMEngine.from_pretrained(model, dtype, device, **engine_kwargs)
+            elif not isinstance(engine, LLMEngine):
+                engine = engine()
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            raise
 
         def rows(items):
             from .driver import drive

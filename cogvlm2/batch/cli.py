@@ -113,7 +113,11 @@ def run_generate(args: argparse.Namespace) -> int:
     writer = open_writer(args.output, GENERATE_SCHEMA, args.overwrite)
     total = count_prompts(args.input)
     device = auto_device(args.device)
-    engine = LLMEngine.from_pretrained(args.model, auto_dtype(args.dtype, device), device, **_engine_kwargs(args))
+    try:
+        engine = LLMEngine.from_pretrained(args.model, auto_dtype(args.dtype, device), device, **_engine_kwargs(args))
+    except BaseException:
+        writer.close()
+        raise
     prep = Preprocessor(engine.processor)
 
     def rows(items):

@@ -52,6 +52,20 @@ class Item:
         return str(self.id)
 
 
+class MissingExtraError(ImportError, ValueError):
+    """An optional dependency is missing; the message names the extra that brings it."""
+
+
+def require_pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401 - the submodule is what readers and writers use
+    except ModuleNotFoundError:
+        raise MissingExtraError("Parquet needs pyarrow: pip install -e '.[ray]' (from a checkout) or "
+                                "pip install 'cogvlm2[ray]'") from None
+    return pyarrow
+
+
 def read_source(source: str | bytes) -> str | bytes:
     """A path or bytes unchanged; a URL fetched to bytes (only items created with URLs allowed have one)."""
     if not is_url(source):

@@ -16,7 +16,8 @@ from .writers import Writer
 class Job:
     """Iterator of output rows. `rows(items)` turns the items still to do into rows (any order).
 
-    Counts: skipped (already in the output, or in `skip`), succeeded, failed (error rows). `remaining`
+    Counts: skipped (already in the output, or in `skip`), duplicates (an id seen earlier in this run's
+    input: it runs once), succeeded, failed (error rows), tokens (generated). `remaining`
     estimates the rows to come for a progress bar (None when the input's length is unknown).
     """
 
@@ -24,16 +25,19 @@ class Job:
                  writer: Writer | None = None, total: int | None = None, skip: Iterable[str] = ()):
         self.items, self._rows, self.writer = items, rows, writer
         self.done = set(map(str, skip)) | (writer.done if writer is not None else set())
+        self._before = frozenset(self.done)
         self.total = total
         self.remaining = None if total is None else max(total - len(self.done), 0)
-        self.skipped = self.succeeded = self.failed = self.tokens = 0
+        self.skipped = self.duplicates = self.succeeded = self.failed = self.tokens = 0
         self.started = self.finished = None
         self._iter: Iterator[dict] | None = None
 
     def _todo(self) -> Iterator[Item]:
         for item in self.items:
-            if item.key in self.done:
+            if item.key in self._before:
                 self.skipped += 1
+            elif item.key in self.done:
+                self.duplicates += 1
             else:
                 self.done.add(item.key)  # a repeated id in the input runs once
                 yield item
@@ -79,6 +83,7 @@ class Job:
     def summary(self, unit: str = "items") -> str:
         n = self.succeeded + self.failed
         rate = n / self.seconds if self.seconds > 0 else 0.0
-        return (f"{self.succeeded} done, {self.skipped} skipped (already in the output), {self.failed} failed "
+        dup = f", {self.duplicates} duplicate ids ignored" if self.duplicates else ""
+        return (f"{self.succeeded} done, {self.skipped} skipped (already in the output){dup}, {self.failed} failed "
                 f"in {self.seconds:.1f} s: {rate:.2f} {unit}/s, {self.tokens} tokens generated "
                 f"({self.tokens / self.seconds if self.seconds > 0 else 0.0:.1f} tokens/s)")

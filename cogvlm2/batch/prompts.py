@@ -23,15 +23,10 @@ def read_prompts(path: str, allow_urls: bool = False) -> Iterator[Item]:
     """Items of a JSONL prompt file ('-' = stdin), in order."""
     root = Path(".") if path == "-" else Path(path).parent
     f = sys.stdin if path == "-" else open(path, encoding="utf-8")
-    seen: dict[str, int] = {}
     try:
         for n, line in enumerate(f, 1):
             if line.strip():
-                item = parse_prompt(line, n, root, allow_urls)
-                if item.key in seen and item.error is None:
-                    item.error = f"line {n}: duplicate id {item.id!r} (first on line {seen[item.key]})"
-                seen.setdefault(item.key, n)
-                yield item
+                yield parse_prompt(line, n, root, allow_urls)
     finally:
         if f is not sys.stdin:
             f.close()

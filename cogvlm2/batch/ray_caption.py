@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 from ..engine.llm_engine import LLMEngine
 from ..sampling_params import SamplingParams
-from .items import Item
+from .items import Item, MissingExtraError
 from .preprocess import Preprocessor
 
 
@@ -86,8 +86,8 @@ def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngi
         import ray
         import ray.data
     except ModuleNotFoundError:
-        raise ModuleNotFoundError("the Ray path needs Ray Data: pip install -e '.[ray]' (or pip install "
-                                  "'cogvlm2[ray]')") from None
+        raise MissingExtraError("the Ray path needs Ray Data: pip install -e '.[ray]' (from a checkout) or "
+                                "pip install 'cogvlm2[ray]'") from None
     from .caption import result_row
 
     if not ray.is_initialized():

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .items import Item, is_url, media_kind
+from .items import Item, is_url, media_kind, require_pyarrow
 
 MEDIA_COLUMNS = ("path", "image", "video", "url", "file")
 PROMPT_COLUMNS = ("prompt", "query")
@@ -168,11 +168,7 @@ def _count_rows(path: Path) -> int | None:
 
 
 def _pyarrow_parquet():
-    try:
-        import pyarrow.parquet as pq
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError("Parquet needs pyarrow: pip install -e '.[ray]' (or pip install 'cogvlm2[ray]')") from None
-    return pq
+    return require_pyarrow().parquet
 
 
 # ---------------------------------------------------------------------------------------------- WebDataset

@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from .items import require_pyarrow
+
 DEFAULT_CHUNK_ROWS = 256
 DEFAULT_CHUNK_SECONDS = 30.0
 
@@ -101,20 +103,22 @@ class JsonlWriter(_Closing):
             return set()
         if path.is_dir():
             raise OutputError(f"{path} is a folder: a JSONL output is a file (a Parquet output ends in .parquet)")
-        data = path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data) and repair:
+        ids, end = set(), 0
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):  # the row a kill cut short
+                    break
+                end += len(line)
+                if not line.strip():
+                    continue
+                try:
+                    ids.add(str(json.loads(line)["id"]))
+                except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                    raise OutputError(f"{path}:{n}: not an output row with an 'id'; remove the line, or start "
+                                      f"over with --overwrite") from None
+        if repair and end < path.stat().st_size:
             with open(path, "r+b") as f:
                 f.truncate(end)
-        ids = set()
-        for n, line in enumerate(data[:end].splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                ids.add(str(json.loads(line)["id"]))
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                raise OutputError(f"{path}:{n}: not an output row with an 'id'; remove the line, or start over "
-                                  f"with --overwrite") from None
         return ids
 
     def write(self, row: dict) -> None:
@@ -142,7 +146,7 @@ class JsonlWriter(_Closing):
 class ParquetWriter(_Closing):
     def __init__(self, path: Path, schema: dict[str, str], chunk_rows: int = DEFAULT_CHUNK_ROWS,
                  chunk_seconds: float = DEFAULT_CHUNK_SECONDS):
-        import pyarrow as pa
+        pa = require_pyarrow()
 
         if path.exists() and not path.is_dir():
             raise OutputError(f"{path} is a file: a Parquet output is a folder of part files; choose another name")
