@@ -35,12 +35,13 @@ class Preprocessor:
         return query
 
     def template_for(self, item: Item) -> str:
-        return item.template or self.template or self.processor.config.template_version
+        """The template the prompt is built with (reported in the rows)."""
+        return item.template or self.template or default_template(self.processor)
 
     def __call__(self, item: Item) -> ModelInputs:
         if item.error is not None:
             raise ValueError(item.error)
-        query, template = self.query_for(item), self.template_for(item)
+        query, template = self.query_for(item), item.template or self.template  # None: the Processor's default
         if item.image is not None and self.processor.config.is_video:
             frames = torch.from_numpy(np.array(load_image(read_source(item.image)))).permute(2, 0, 1)
             return self.processor(query, item.history, video=frames.unsqueeze(1).contiguous(), template=template)
@@ -48,3 +49,8 @@ class Preprocessor:
         video = None if item.video is None else read_source(item.video)
         return self.processor(query, item.history, image=image, video=video, template=template,
                               video_strategy=self.video_strategy)
+
+
+def default_template(processor: Processor) -> str:
+    """The template the Processor uses when given none (the checkpoint's `template_version`)."""
+    return processor.config.template_version
