@@ -68,13 +68,13 @@ def write_mp4(path: str, seed: int, seconds: int = 24, fps: int = 8, size=(640, 
             container.mux(packet)
 
 
-def write_files(folder: Path, n: int, kind: str) -> float:
-    """n media files written in parallel; returns their total size in MB."""
+def write_files(folder: Path, n: int, kind: str, seed: int = 0) -> float:
+    """n media files (content from seeds seed, seed+1, ...) written in parallel; their total size in MB."""
     folder.mkdir(parents=True, exist_ok=True)
     write, ext = (write_jpeg, "jpg") if kind == "image" else (write_mp4, "mp4")
     paths = [str(folder / f"{i:05d}.{ext}") for i in range(n)]
     with ProcessPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(write, paths, range(n), chunksize=8))
+        list(pool.map(write, paths, range(seed, seed + n), chunksize=8))
     return sum(os.path.getsize(p) for p in paths) / 1e6
 
 
@@ -111,14 +111,14 @@ def bench_local(kind: str, n: int, n_alone: int, workers: int | None, tmp: Path)
     t0 = time.perf_counter()
     mb = write_files(folder, n, kind)
     print(f"{n} {kind} files, {mb:.0f} MB written in {time.perf_counter() - t0:.1f} s")
+    write_files(tmp / "alone", n_alone + 8, kind, seed=10**6)  # other content: no prefix-cache hits later
     engine = build_engine(name)
     prep_start = time.perf_counter()
-    files = sorted(folder.iterdir())
     arg = "image" if kind == "image" else "video"
-    inputs = [engine.processor(caption_prompt(kind), **{arg: str(f)}) for f in files[:n_alone]]
-    prep_rate = n_alone / (time.perf_counter() - prep_start)
+    inputs = [engine.processor(caption_prompt(kind), **{arg: str(f)}) for f in sorted((tmp / "alone").iterdir())]
+    prep_rate = len(inputs) / (time.perf_counter() - prep_start)
     engine_alone(engine, inputs[:8])  # warm-up: cuDNN plans, allocator
-    alone = engine_alone(engine, inputs)
+    alone = engine_alone(engine, inputs[8:])
     del inputs
     rate, steady, failed = end_to_end(folder, tmp / f"{kind}.parquet", model=name, engine=engine, workers=workers)
     assert failed == 0, "benchmark items failed"
@@ -156,7 +156,8 @@ def bench_ray(n: int, workers: int | None, tmp: Path) -> list[dict]:
         ray_rate, ray_steady, failed = end_to_end(folder, tmp / "ray.parquet", model=IMAGE_MODEL, engine=_image_engine,
                                                   processor=Processor(full_size_config(IMAGE_MODEL),
                                                                       Tokenizer(bundled_tokenizer_path())),
-                                                  ray=True, ray_actors=gpus, ray_batch_size=8)
+                                                  ray=True, ray_actors=gpus, ray_batch_size=8,
+                                                  max_num_seqs=ENGINE["max_num_seqs"])
         assert failed == 0
     finally:
         ray.shutdown()

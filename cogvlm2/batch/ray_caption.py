@@ -20,6 +20,7 @@ import pickle
 import time
 from typing import Callable, Iterable, Iterator
 
+from ..engine.config import EngineConfig
 from ..engine.llm_engine import LLMEngine
 from ..sampling_params import SamplingParams
 from .items import Item, MissingExtraError
@@ -109,11 +110,16 @@ def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngi
     if not todo:
         return
     low, high = (actors, actors) if isinstance(actors, int) else actors
+    # Calls in flight per actor: enough batches that its engine always holds ~2 x max_num_seqs requests,
+    # so continuous batching never drains between batches.
+    seqs = engine_kwargs.get("max_num_seqs") or EngineConfig.max_num_seqs
+    calls = max(2, -(-2 * seqs // batch_size))
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // batch_size, 1000)))
     ds = ds.map_batches(_prepare, fn_kwargs={"prep": prep}, batch_size=batch_size, num_cpus=1)
     ds = ds.map_batches(
         _EngineActor, batch_size=batch_size, num_gpus=gpus_per_actor, num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=calls,
+                                           max_concurrent_calls_per_actor=calls),
         fn_constructor_kwargs={"model": model, "factory": factory, "dtype": dtype, "device": device,
                                "engine_kwargs": engine_kwargs, "params": params, "prep": prep})
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
