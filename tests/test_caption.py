@@ -9,7 +9,9 @@ import json
 import os
 import signal
 import subprocess
+import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -170,7 +172,7 @@ def test_cli_caption_summary_and_errors(folder, tmp_path, capsys):
     assert "input not found" in capsys.readouterr().err
 
 
-def test_caption_kill_and_resume_parquet(tmp_path):
+def test_caption_sigterm_kill_and_resume_parquet(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     data = tmp_path / "imgs"
     data.mkdir()
@@ -179,17 +181,43 @@ def test_caption_kill_and_resume_parquet(tmp_path):
         (data / f"{i:03d}.png").write_bytes(png(100 + i))
     out = tmp_path / "out.parquet"
     cmd = [sys.executable, "-m", "cogvlm2.cli", "caption", str(data), "-o", str(out), "--device", "cpu",
-           "--max-new-tokens", "24", "--max-num-seqs", "1", "--chunk-rows", "2", "--no-progress"]
+           "--max-new-tokens", "24", "--max-num-seqs", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and len(list(out.glob("part-*.parquet"))) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+    def start_and_stop(extra: list[str], sig: int, ready) -> tuple[int, str]:
+        """Run the command, send `sig` once ready(stderr so far) holds, return (exit code, stderr)."""
+        proc = subprocess.Popen(cmd + extra, env=env, stderr=subprocess.PIPE)
+        err = bytearray()
+
+        def pump():
+            while chunk := os.read(proc.stderr.fileno(), 4096):
+                err.extend(chunk)
+
+        reader = threading.Thread(target=pump)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not ready(err.decode(errors="replace")):
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        proc.wait()
+        reader.join()
+        return proc.returncode, err.decode(errors="replace")
+
+    # SIGTERM: the chunk in flight (fewer rows than --chunk-rows) is written before exiting
+    code, err = start_and_stop(["--chunk-rows", "1000"], signal.SIGTERM,
+                               lambda err: re.search(r"\b[1-9]\d*/24\b", err))
+    assert code == 130 and "interrupted:" in err and "rerun the command to resume" in err, err
+    after_term = pq.read_table(out).column("id").to_pylist()
+    assert 1 <= len(after_term) < n
+
+    # SIGKILL: whole parts survive, the part being written does not appear
+    parts = len(list(out.glob("part-*.parquet")))
+    code, _ = start_and_stop(["--chunk-rows", "2", "--no-progress"], signal.SIGKILL,
+                             lambda err: len(list(out.glob("part-*.parquet"))) >= parts + 2)
+    assert code == -signal.SIGKILL
     first = pq.read_table(out).column("id").to_pylist()
-    assert 4 <= len(first) < n
-    assert main(cmd[3:] + ["--max-num-seqs", "8"]) == 0  # the same command (in this process: faster), resumed
+    assert len(after_term) + 4 <= len(first) < n
+    assert main(cmd[3:] + ["--max-num-seqs", "8", "--no-progress"]) == 0  # the same command, resumed (here: faster)
     ids = pq.read_table(out).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == n and set(first) <= set(ids)
     assert not list(out.glob(".*.tmp"))

@@ -85,19 +85,35 @@ def _engine_kwargs(args) -> dict:
             "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager}
 
 
-def _follow(job, unit: str, disable: bool) -> None:
-    """Consume the job's rows with a progress bar (throughput, ETA, failures); Ctrl-C keeps what finished."""
+def _follow(job, command: str, unit: str, disable: bool) -> None:
+    """Consume the job's rows with a progress bar (throughput, ETA, failures), then print the summary.
+    Ctrl-C or SIGTERM stops it cleanly: what finished is written, and a rerun resumes."""
+    import signal
+    import threading
+
     from tqdm.auto import tqdm
 
-    with tqdm(total=job.remaining, unit=unit[:-1] if unit.endswith("s") else unit, disable=disable,
-              dynamic_ncols=True, smoothing=0.1) as bar:
-        try:
-            for row in job:
-                bar.update(1)
-                if row.get("error") is not None:
-                    bar.set_postfix(failed=job.failed, refresh=False)
-        finally:
-            job.close()
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    try:
+        with tqdm(total=job.remaining, unit=unit[:-1], disable=disable, dynamic_ncols=True, smoothing=0.1) as bar:
+            try:
+                for row in job:
+                    bar.update(1)
+                    if row.get("error") is not None:
+                        bar.set_postfix(failed=job.failed, refresh=False)
+            finally:
+                job.close()
+    except KeyboardInterrupt:
+        print(f"cogvlm2 {command}: interrupted: {job.summary(unit)}; rerun the command to resume", file=sys.stderr)
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    print(f"cogvlm2 {command}: {job.summary(unit)}", file=sys.stderr)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -125,8 +141,7 @@ def run_generate(args: argparse.Namespace) -> int:
             yield generate_row(r)
 
     job = Job(read_prompts(args.input, args.allow_urls), rows, writer, total)
-    _follow(job, "prompts", args.no_progress)
-    print(f"cogvlm2 generate: {job.summary('prompts')}", file=sys.stderr)
+    _follow(job, "generate", "prompts", args.no_progress)
     return 0
 
 
@@ -169,8 +184,7 @@ def run_caption(args: argparse.Namespace) -> int:
                   **_engine_kwargs(args))
     print(f"cogvlm2 caption: {job.items.describe} -> {args.output}"
           + (f" ({len(job.done)} ids already there: skipped)" if job.done else ""), file=sys.stderr)
-    _follow(job, "items", args.no_progress)
-    print(f"cogvlm2 caption: {job.summary('items')}", file=sys.stderr)
+    _follow(job, "caption", "items", args.no_progress)
     return 0
 
 
