@@ -126,8 +126,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from .writers import open_writer
 
     params = sampling_params(args)
+    total = count_prompts(args.input)  # also: a missing input fails before anything is created
     writer = open_writer(args.output, GENERATE_SCHEMA, args.overwrite)
-    total = count_prompts(args.input)
     device = auto_device(args.device)
     try:
         engine = LLMEngine.from_pretrained(args.model, auto_dtype(args.dtype, device), device, **_engine_kwargs(args))
