@@ -48,8 +48,8 @@ def caption_row(item: Item, model: str, prompt: str | None, template: str | None
             "seconds": round(seconds, 4), "error": error}
 
 
-def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny", output: str | os.PathLike | None = None,
-            *, prompt: str | None = None, template: str | None = None, video_strategy: str | None = None,
+def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny",
+            output: str | os.PathLike | None = None, *, prompt: str | None = None, template: str | None = None, video_strategy: str | None = None,
             media: Iterable[str] | None = None, allow_urls: bool = False,
             sampling_params: SamplingParams | None = None, dtype: str | None = None, device: str | None = None,
             engine=None, processor: Processor | None = None, workers: int | None = None,

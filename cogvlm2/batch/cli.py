@@ -189,11 +189,12 @@ def run_caption(args: argparse.Namespace) -> int:
 
 
 def _actors(spec: str) -> int | tuple[int, int]:
+    """--ray-actors: "N" -> N; "MIN:MAX" -> (MIN, MAX), 1 <= MIN <= MAX."""
     try:
         low, _, high = spec.partition(":")
-        bounds = (int(low), int(high)) if high else int(low)
+        low, high = int(low), int(high or low)
     except ValueError:
         raise ValueError(f"--ray-actors: expected N or MIN:MAX, got {spec!r}") from None
-    if min(bounds if isinstance(bounds, tuple) else (bounds,)) < 1 or (isinstance(bounds, tuple) and bounds[0] > bounds[1]):
+    if not 1 <= low <= high:
         raise ValueError(f"--ray-actors: need 1 <= MIN <= MAX, got {spec!r}")
-    return bounds
+    return (low, high) if ":" in spec else low

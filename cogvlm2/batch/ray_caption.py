@@ -79,9 +79,10 @@ class _EngineActor:
                           seconds + time.perf_counter() - start)
 
 
-def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngine] | None, prep: Preprocessor, params: SamplingParams, dtype: str | None,
-             device: str | None, address: str | None, actors: int | tuple[int, int], gpus_per_actor: float | None,
-             batch_size: int, engine_kwargs: dict) -> Iterator[dict]:
+def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngine] | None, prep: Preprocessor,
+             params: SamplingParams, dtype: str | None, device: str | None, address: str | None,
+             actors: int | tuple[int, int], gpus_per_actor: float | None, batch_size: int,
+             engine_kwargs: dict) -> Iterator[dict]:
     """Rows of `items` computed on Ray (connects to `address`, a running cluster, or starts a local one)."""
     try:
         import ray
