@@ -227,7 +227,7 @@ def test_ray_path_equals_single_process(folder, video_engine, tmp_path):
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
     single = comparable(cogvlm2.caption(folder, "tiny-video", engine=video_engine, sampling_params=GREEDY))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)  # 2 CPU actors x 2 + preprocessing
     try:
         out = tmp_path / "ray.jsonl"
         # the engine built in each actor: by an engine factory (as benchmarks/caption_gpu.py), or by name

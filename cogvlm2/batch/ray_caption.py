@@ -117,8 +117,12 @@ def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngi
     calls = max(2, -(-2 * seqs // batch_size))
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // batch_size, 1000)))
     ds = ds.map_batches(_prepare, fn_kwargs={"prep": prep}, batch_size=batch_size, num_cpus=1)
+    # An engine on the CPU computes with several threads: 2 CPUs. The distinct resources also keep Ray
+    # Data from fusing the preprocessing tasks into the actors (as it does when both ask for the same),
+    # so the laptop runs the same topology as a GPU cluster.
+    actor_cpus = 1 if gpus_per_actor else 2
     ds = ds.map_batches(
-        _EngineActor, batch_size=batch_size, num_gpus=gpus_per_actor, num_cpus=1,
+        _EngineActor, batch_size=batch_size, num_gpus=gpus_per_actor, num_cpus=actor_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=calls,
                                            max_concurrent_calls_per_actor=calls),
         fn_constructor_kwargs={"model": model, "factory": factory, "dtype": dtype, "device": device,
