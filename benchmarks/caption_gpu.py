@@ -97,10 +97,12 @@ def engine_alone(engine: LLMEngine, inputs: list) -> float:
 
 
 def end_to_end(folder: Path, out: Path, **kwargs) -> tuple[float, float, int]:
-    """(items/s over the whole run, items/s from the first row to the last, failures) of caption()."""
+    """(items/s over the whole run, items/s after the first 10% of rows (start-up excluded; Ray returns
+    rows a batch at a time), failures) of caption()."""
     job = caption(folder, kwargs.pop("model"), out, sampling_params=PARAMS, overwrite=True, **kwargs)
     stamps = [time.perf_counter() for _ in job]
-    steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    i0 = len(stamps) // 10
+    steady = (len(stamps) - 1 - i0) / (stamps[-1] - stamps[i0]) if stamps[-1] > stamps[i0] else 0.0
     print(f"  {job.summary('items')}")
     return (job.succeeded + job.failed) / job.seconds, steady, job.failed
 
@@ -127,7 +129,7 @@ def bench_local(kind: str, n: int, n_alone: int, workers: int | None, tmp: Path)
     return [
         dict(name=f"caption() end to end, {what}", value=rate, unit=unit, floor=alone,
              floor_how=f"the engine alone on {n_alone} pre-processed inputs (goal >= 95%)"),
-        dict(name="  same, steady state (first row to last)", value=steady, unit=unit, floor=alone,
+        dict(name="  same, steady state (after the first 10% of rows)", value=steady, unit=unit, floor=alone,
              floor_how="the engine alone"),
         dict(name="  preprocessing in one thread (reference)", value=prep_rate, unit=unit, floor=alone,
              floor_how="what one thread must beat to feed the engine alone"),
@@ -167,7 +169,7 @@ def bench_ray(n: int, workers: int | None, tmp: Path) -> list[dict]:
     return [
         dict(name=f"Ray, {gpus} engine actors, {n} JPEGs x 128 tokens (whole run)", value=ray_rate, unit="img/s",
              floor=gpus * one_rate, floor_how=f"{gpus} x one GPU in one process ({one_rate:.2f} img/s); goal >= 95%"),
-        dict(name="  same, steady state (first row to last)", value=ray_steady, unit="img/s",
+        dict(name="  same, steady state (after the first 10% of rows)", value=ray_steady, unit="img/s",
              floor=gpus * one_steady, floor_how=f"{gpus} x one GPU steady ({one_steady:.2f} img/s)"),
     ]
 

@@ -245,3 +245,12 @@ def test_ray_path_equals_single_process(folder, video_engine, tmp_path):
         assert list(again) == [] and again.skipped == 6
     finally:
         ray.shutdown()
+
+
+def test_ray_actor_cpus_leave_room_for_preprocessing():
+    from cogvlm2.batch.ray_caption import _actor_cpus
+
+    assert _actor_cpus(on_gpu=True, max_actors=2, cluster_cpus=32) == 1
+    assert _actor_cpus(on_gpu=False, max_actors=2, cluster_cpus=8) == 2  # distinct from a task's 1: no fusion
+    assert _actor_cpus(on_gpu=False, max_actors=1, cluster_cpus=2) == 1  # a 2-core laptop: one CPU stays free
+    assert 2 * _actor_cpus(on_gpu=True, max_actors=2, cluster_cpus=2) < 2

@@ -79,6 +79,15 @@ class _EngineActor:
                           seconds + time.perf_counter() - start)
 
 
+def _actor_cpus(on_gpu: bool, max_actors: int, cluster_cpus: float) -> float:
+    """CPUs an engine actor asks for. An engine on the CPU computes with several threads: 2; one on a GPU
+    needs 1. Distinct resources also keep Ray Data from fusing the preprocessing tasks into the actors
+    (it does when both ask for the same), so a laptop runs the same topology as a GPU cluster. Always
+    leaves one CPU for preprocessing: actors holding every CPU would wait forever for their input."""
+    want = 1.0 if on_gpu else 2.0
+    return min(want, max((cluster_cpus - 1) / max_actors, 0.1))
+
+
 def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngine] | None, prep: Preprocessor,
              params: SamplingParams, dtype: str | None, device: str | None, address: str | None,
              actors: int | tuple[int, int], gpus_per_actor: float | None, batch_size: int,
@@ -117,10 +126,7 @@ def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngi
     calls = max(2, -(-2 * seqs // batch_size))
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // batch_size, 1000)))
     ds = ds.map_batches(_prepare, fn_kwargs={"prep": prep}, batch_size=batch_size, num_cpus=1)
-    # An engine on the CPU computes with several threads: 2 CPUs. The distinct resources also keep Ray
-    # Data from fusing the preprocessing tasks into the actors (as it does when both ask for the same),
-    # so the laptop runs the same topology as a GPU cluster.
-    actor_cpus = 1 if gpus_per_actor else 2
+    actor_cpus = _actor_cpus(bool(gpus_per_actor), high, ray.cluster_resources().get("CPU", 1))
     ds = ds.map_batches(
         _EngineActor, batch_size=batch_size, num_gpus=gpus_per_actor, num_cpus=actor_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=calls,
