@@ -12,7 +12,7 @@ from .devices import auto_device, auto_dtype
 DEFAULT_MODEL = "tiny"
 
 # Sub-commands that live with their concern and need extras; each module defines add_parser(subparsers).
-_PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.finetune.cli", "cogvlm2.engine.cli", "cogvlm2.eval.cli")
+_PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.finetune.cli", "cogvlm2.batch.cli", "cogvlm2.eval.cli")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
