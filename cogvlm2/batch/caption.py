@@ -12,7 +12,7 @@ import os
 from typing import Iterable
 
 from ..config import ModelConfig
-from ..processing import Processor
+from ..processing import CAPTION_PROMPT, Processor
 from ..sampling_params import SamplingParams
 from .items import Item, media_kind
 from .job import Job
@@ -20,9 +20,10 @@ from .preprocess import Preprocessor
 from .sources import Source, open_source
 from .writers import DEFAULT_CHUNK_ROWS, DEFAULT_CHUNK_SECONDS, open_writer
 
-# The official prompts: cogvlm2-llama3-caption's demo asks this of every video; image checkpoints get the
-# equivalent question. The template and frame strategy are the checkpoint's (Processor defaults).
-VIDEO_PROMPT = "Please describe this video in detail."
+# The official prompts: cogvlm2-llama3-caption's demo asks this of every video (processing.CAPTION_PROMPT);
+# image checkpoints get the equivalent question. The template and frame strategy are the checkpoint's
+# (Processor defaults, as the official demos choose them).
+VIDEO_PROMPT = CAPTION_PROMPT
 IMAGE_PROMPT = "Please describe this image in detail."
 DEFAULT_MAX_NEW_TOKENS = 2048  # the official caption demo's budget; captions end at EOS well before
 

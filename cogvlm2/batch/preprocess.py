@@ -36,7 +36,7 @@ class Preprocessor:
 
     def template_for(self, item: Item) -> str:
         """The template the prompt is built with (reported in the rows)."""
-        return item.template or self.template or default_template(self.processor)
+        return item.template or self.template or self.processor.default_template
 
     def __call__(self, item: Item) -> ModelInputs:
         if item.error is not None:
@@ -50,7 +50,3 @@ class Preprocessor:
         return self.processor(query, item.history, image=image, video=video, template=template,
                               video_strategy=self.video_strategy)
 
-
-def default_template(processor: Processor) -> str:
-    """The template the Processor uses when given none (the checkpoint's `template_version`)."""
-    return processor.config.template_version
