@@ -9,7 +9,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CheckpointError", "LoadReport", "parse_dtype", "resolve_model_path", "weight_files",
+__all__ = ["CheckpointError", "LoadReport", "TensorSlice", "parse_dtype", "resolve_model_path", "weight_files",
            "load_weights", "save_weights", "copy_non_weight_files", "read_matching"]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -40,6 +40,24 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """The part of a checkpoint tensor one process loads: the index ranges ``[(start, stop), ...]`` of
+    dimension ``dim``, read one by one with safetensors ``get_slice`` (never the whole tensor) and
+    concatenated in order (a tensor-parallel rank's rows of a fused QKV are three ranges)."""
+    dim: int
+    ranges: Sequence[tuple[int, int]]
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        return full[:self.dim] + (sum(b - a for a, b in self.ranges),) + full[self.dim + 1:]
+
+    def read(self, view) -> torch.Tensor:
+        """``view``: a safetensors ``get_slice`` handle of the full tensor."""
+        head = (slice(None),) * self.dim
+        parts = [view[head + (slice(a, b),)] for a, b in self.ranges]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
 
 
 def parse_dtype(x: torch.dtype | str) -> torch.dtype:
@@ -150,9 +168,11 @@ def _fmt(items: list[str], limit: int = 20) -> str:
 
 
 def load_weights(module: torch.nn.Module, folder: str | os.PathLike, *,
-                 dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | str | None = None,
+                 device: str | torch.device | Callable[[str], torch.device] = "cpu",
                  ignore: Sequence[str] = (r"rotary_emb\.inv_freq$",), strict: bool = True,
-                 progress: bool = True) -> LoadReport:
+                 progress: bool = True,
+                 slicer: Callable[[str, tuple[int, ...]], TensorSlice | None] | None = None) -> LoadReport:
     """Fill ``module`` (typically built on ``meta``) from the checkpoint in ``folder``.
 
     Invariants: tensors are read one at a time and copied straight to their final dtype/device
@@ -161,6 +181,10 @@ def load_weights(module: torch.nn.Module, folder: str | os.PathLike, *,
     replaced in ``_parameters``/``_buffers`` (requires_grad kept); tied parameters stay tied.
     Non-persistent buffers are not touched. Mis-shaped keys always raise; missing/unexpected raise
     only when ``strict``, otherwise they are returned in the report.
+
+    ``device`` may be a function of the key (pipeline stages: each layer on its GPU). ``slicer(key,
+    full_shape)`` returns the part of a key this process loads (tensor parallelism) or None for all of it;
+    the model's shape is checked against the slice's shape.
     """
     from tqdm.auto import tqdm
 
@@ -180,14 +204,18 @@ def load_weights(module: torch.nn.Module, folder: str | os.PathLike, *,
                 if old is None:
                     report.unexpected.append(key)
                     continue
-                shape = tuple(f.get_slice(key).get_shape())
+                view = f.get_slice(key)
+                shape = tuple(view.get_shape())
+                part = slicer(key, shape) if slicer is not None else None
+                if part is not None:
+                    shape = part.shape(shape)
                 if shape != tuple(old.shape):
                     bad_shape.append(f"{key}: checkpoint {shape} vs model {tuple(old.shape)}")
                     continue
                 if id(old) not in new:
-                    t = f.get_tensor(key)
-                    t = t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype,
-                             copy=True)
+                    t = f.get_tensor(key) if part is None else part.read(view)
+                    t = t.to(device=device(key) if callable(device) else device,
+                             dtype=dtype if dtype and t.is_floating_point() else t.dtype, copy=True)
                     is_param = isinstance(old, torch.nn.Parameter)
                     new[id(old)] = torch.nn.Parameter(t, requires_grad=old.requires_grad) if is_param else t
                     del t
