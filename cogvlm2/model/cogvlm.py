@@ -198,7 +198,7 @@ class CogVLM2ForCausalLM(nn.Module):
         """[B, 3, S, S] images or video frames -> [B, tokens_per_image, D] vision-token embeddings
         (on the vision tower's device)."""
         if self.stages is not None:
-            pixel_values = pixel_values.to(self.stages.vision_device)
+            pixel_values = self.stages.move(pixel_values, self.stages.vision_device)
         return self.model.vision(pixel_values.to(self.dtype))
 
     def forward(self, batch: ForwardBatch, output_hidden_states: bool = False):

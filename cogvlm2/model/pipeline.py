@@ -93,38 +93,64 @@ def plan_stages(model: nn.Module, devices: Sequence[str | torch.device],
         raise ValueError(f"need one positive capacity per device; got devices {devs}, capacities {capacities}")
     if k > m:
         raise ValueError(f"{k} pipeline stages but the model has only {m} units (vision, embed, layers, head)")
+    loads = [b for _, b in units]
+    peak = _partition(loads, caps, None)[0]
+    bounds = _partition(loads, caps, peak * (1 + 1e-9))[1]
+    stage_of = {units[u][0]: s for s, (a, b) in enumerate(bounds) for u in range(a, b)}
+    return StagePlan(devs, stage_of, tuple(sum(loads[a:b]) for a, b in bounds))
+
+
+def _partition(loads: list[int], caps: list[float], limit: float | None) -> tuple[float, list[tuple[int, int]]]:
+    """Cut loads into len(caps) consecutive non-empty runs (exact dynamic programme over cut points).
+
+    limit None: minimise the largest load / capacity; returns it and the runs. With a limit: among the cuts
+    whose every run stays within it, minimise the sum of squared load / capacity, so that the stages are
+    even and not merely no worse than the largest one.
+    """
+    k, m = len(caps), len(loads)
     prefix = [0]
-    for _, b in units:
+    for b in loads:
         prefix.append(prefix[-1] + b)
     inf = float("inf")
-    # best[s][j]: the smallest possible max load of units[:j] on stages[:s]; cut[s][j]: where stage s-1 begins
-    best = [[inf] * (m + 1) for _ in range(k + 1)]
-    cut = [[0] * (m + 1) for _ in range(k + 1)]
+    best = [[inf] * (m + 1) for _ in range(k + 1)]  # best[s][j]: units[:j] on stages[:s]
+    cut = [[0] * (m + 1) for _ in range(k + 1)]  # cut[s][j]: where stage s-1 begins
     best[0][0] = 0.0
     for s in range(1, k + 1):
         for j in range(s, m - (k - s) + 1):
             for i in range(s - 1, j):
-                cost = max(best[s - 1][i], (prefix[j] - prefix[i]) / caps[s - 1])
+                load = (prefix[j] - prefix[i]) / caps[s - 1]
+                if limit is None:
+                    cost = max(best[s - 1][i], load)
+                elif load <= limit:
+                    cost = best[s - 1][i] + load * load
+                else:
+                    continue
                 if cost < best[s][j]:
                     best[s][j], cut[s][j] = cost, i
     bounds, j = [], m
     for s in range(k, 0, -1):
         bounds.append((cut[s][j], j))
         j = cut[s][j]
-    bounds.reverse()
-    stage_of = {units[u][0]: s for s, (a, b) in enumerate(bounds) for u in range(a, b)}
-    return StagePlan(devs, stage_of, tuple(prefix[b] - prefix[a] for a, b in bounds))
+    return best[k][m], bounds[::-1]
 
 
 class PipelineStages:
-    """The run-time hand-overs of a `StagePlan` (set as `model.stages` by `place`)."""
+    """The run-time hand-overs of a `StagePlan` (set as `model.stages` by `place`).
+
+    A hand-over happens wherever the stage changes along the chain (embed -> layer 0, layer i -> layer i+1
+    on the next stage, last layer -> head), whatever the devices, so the same code path runs when two stages
+    share a device (the CPU tests) as when they do not.
+    """
 
     def __init__(self, plan: StagePlan, num_layers: int):
         self.plan = plan
-        self.vision_device = plan.devices[plan.stage_of["vision"]]
-        self.embed_device = plan.devices[plan.stage_of["embed"]]
-        self.head_device = plan.devices[plan.stage_of["head"]]
-        self.layer_devices = [plan.devices[plan.stage_of[f"layer{i}"]] for i in range(num_layers)]
+        stage = plan.stage_of
+        self.vision_device = plan.devices[stage["vision"]]
+        self.embed_device = plan.devices[stage["embed"]]
+        self.head_device = plan.devices[stage["head"]]
+        chain = [stage["embed"]] + [stage[f"layer{i}"] for i in range(num_layers)]
+        self.boundaries = {i: plan.devices[chain[i + 1]] for i in range(num_layers) if chain[i + 1] != chain[i]}
+        self.head_boundary = chain[-1] != stage["head"]
 
     @staticmethod
     def move(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -135,19 +161,17 @@ class PipelineStages:
     def batch_to(self, batch: ForwardBatch, device: torch.device) -> ForwardBatch:
         """The batch with its tensors on `device` (the attention backend and host segments are shared)."""
         fields = ("input_ids", "positions", "vision_idx", "language_idx", "vision_embeds", "vision_embed_idx")
-        if all(getattr(batch, f) is None or getattr(batch, f).device == device for f in fields):
-            return batch
         return dataclasses.replace(batch, **{f: self.move(getattr(batch, f), device) for f in fields})
 
     def enter_layer(self, i: int, h: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor):
-        """Hand the activations to layer i's device when it differs from where they are."""
-        dev = self.layer_devices[i]
-        if h.device == dev:
+        """At the first layer of a stage, hand the activations to its device; elsewhere nothing."""
+        dev = self.boundaries.get(i)
+        if dev is None:
             return h, batch, cos, sin
         return self.move(h, dev), self.batch_to(batch, dev), self.move(cos, dev), self.move(sin, dev)
 
     def to_head(self, h: torch.Tensor) -> torch.Tensor:
-        return h if h.device == self.head_device else self.move(h, self.head_device)
+        return self.move(h, self.head_device) if self.head_boundary else h
 
 
 def place(model: nn.Module, plan: StagePlan) -> nn.Module:
