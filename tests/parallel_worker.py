@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cogvlm2.checkpoint as checkpoint  # noqa: E402
 from cogvlm2.generation import generate_ids  # noqa: E402
-from cogvlm2.model import ParallelContext, load_model  # noqa: E402
+from cogvlm2.model import ParallelContext, load_model, shard_model  # noqa: E402
 from parallel_cases import run_cases  # noqa: E402
 
 
@@ -68,6 +68,11 @@ def main() -> None:
     checkpoint.safe_open = checkpoint.safe_open.real
     result = {"cases": run_cases(models), "whole_reads": whole,
               "shapes": {k: tuple(v.shape) for k, v in models["tiny"].state_dict().items()}}
+    # sharding the whole model in memory gives the same shard as loading the slices
+    sharded = shard_model(load_model("tiny", device=device, progress=False), ctx).state_dict()
+    loaded = models["tiny"].state_dict()
+    result["shard_model_equal"] = sharded.keys() == loaded.keys() and all(
+        torch.equal(sharded[k], loaded[k]) for k in loaded)
     # unseeded sampling: the ranks' RNGs were synchronised by from_env, so they pick the same tokens
     from cogvlm2.processing import Processor
     from cogvlm2.sampling_params import SamplingParams

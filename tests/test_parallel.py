@@ -98,6 +98,7 @@ def test_tp2_ranks_hold_and_read_only_their_shards(tp2):
     assert shapes["model.vision.transformer.layers.0.attention.query_key_value.weight"] == \
         (3 * cfg.vision.hidden_size, cfg.vision.hidden_size)  # the vision tower is replicated
     for rank in tp2:
+        assert rank["shard_model_equal"]
         whole = set(rank["whole_reads"])
         assert whole and all(k.startswith("model.vision.") or "norm" in k for k in whole), sorted(whole)[:5]
 
@@ -169,3 +170,12 @@ def test_bad_shard_sizes_are_clear_errors():
     with pytest.raises(ValueError, match="invalid tensor-parallel rank"):
         ParallelContext(2, 2)
     assert TensorSlice(1, [(0, 2), (4, 6)]).shape((3, 8, 5)) == (3, 4, 5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+def test_tp2_nccl_equals_tp1(reference, tmp_path):
+    """The same ranks on 2 GPUs with NCCL: greedy tokens equal the CPU float32 reference, logits close."""
+    for rank in launch(2, tmp_path, device="cuda"):
+        for name, (tokens, logits) in reference.items():
+            assert rank["cases"][name][0] == tokens, name
+            torch.testing.assert_close(rank["cases"][name][1], logits, rtol=1e-3, atol=1e-3, msg=name)

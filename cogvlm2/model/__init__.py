@@ -13,7 +13,7 @@ from .cogvlm import CogVLM2ForCausalLM
 from .parallel import ParallelContext, shard_slicer
 from .pipeline import place, plan_stages
 
-__all__ = ["CogVLM2ForCausalLM", "ParallelContext", "checkpoint_folder", "load_model"]
+__all__ = ["CogVLM2ForCausalLM", "ParallelContext", "checkpoint_folder", "load_model", "shard_model"]
 
 
 def checkpoint_folder(name_or_path: str | Path) -> Path:
@@ -62,6 +62,23 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
         model.rotary.inv_freq(torch.device(device), model.dtype)  # the table exists before any CUDA-graph capture
     model.checkpoint_path = folder
     return model.eval().requires_grad_(False)
+
+
+def shard_model(model: CogVLM2ForCausalLM, tensor_parallel: ParallelContext) -> CogVLM2ForCausalLM:
+    """This rank's shard of an in-memory model (random weights for benchmarks, a merged fine-tune): the same
+    slices `load_model(..., tensor_parallel=...)` reads from a checkpoint, on the model's devices. Replicated
+    tensors (the vision tower, norms) are shared with `model`, sharded ones copied."""
+    with torch.device("meta"):
+        out = CogVLM2ForCausalLM(model.config, tp=tensor_parallel)
+    slicer = shard_slicer(model.config, tensor_parallel)
+    state = {}
+    for key, t in model.state_dict().items():
+        part = slicer(key, tuple(t.shape))
+        state[key] = t if part is None else part.read(t).clone()
+    out.load_state_dict(state, strict=True, assign=True)
+    out.rotary.set_frequencies(model.rotary.source, model.rotary.mode)
+    out.checkpoint_path = getattr(model, "checkpoint_path", None)
+    return out.eval().requires_grad_(False)
 
 
 def checkpoint_inv_freq(folder: str | Path) -> torch.Tensor | None:
