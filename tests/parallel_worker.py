@@ -53,6 +53,30 @@ class _Recording:
         return Handle()
 
 
+@torch.inference_mode()
+def graph_replay_equals_eager(model) -> bool:
+    """A forward with its all-reduces and the logits all-gather captured in one CUDA graph gives the eager result."""
+    from cogvlm2.model.attention import PackedAttention
+    from cogvlm2.model.batch import ForwardBatch
+
+    ids = torch.arange(100, 116, device="cuda")
+    batch = ForwardBatch(ids, torch.arange(16, device="cuda"), PackedAttention([0, 16]))
+    step = lambda: model.compute_logits(model(batch))  # noqa: E731
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    return bool(torch.allclose(out, eager, rtol=1e-5, atol=1e-5))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -81,6 +105,8 @@ def main() -> None:
     proc = Processor.from_pretrained(model.checkpoint_path, model.config)
     params = SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True)
     result["sampled"] = [t[0] for t in generate_ids(model, [proc("Tell me a story.")], params)]
+    if device.type == "cuda":
+        result["graph_equal"] = graph_replay_equals_eager(model)
     torch.save(result, Path(args.out) / f"rank{ctx.rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

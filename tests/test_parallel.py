@@ -174,8 +174,10 @@ def test_bad_shard_sizes_are_clear_errors():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
 def test_tp2_nccl_equals_tp1(reference, tmp_path):
-    """The same ranks on 2 GPUs with NCCL: greedy tokens equal the CPU float32 reference, logits close."""
+    """The same ranks on 2 GPUs with NCCL: greedy tokens equal the CPU float32 reference, logits close, and a
+    forward captured in a CUDA graph replays to the eager result."""
     for rank in launch(2, tmp_path, device="cuda"):
+        assert rank["graph_equal"]  # NCCL collectives captured in a CUDA graph
         for name, (tokens, logits) in reference.items():
             assert rank["cases"][name][0] == tokens, name
             torch.testing.assert_close(rank["cases"][name][1], logits, rtol=1e-3, atol=1e-3, msg=name)
