@@ -121,9 +121,10 @@ class ParallelContext:
         """The ranks' x concatenated along dim in rank order."""
         if self.world_size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        x = x.contiguous()
+        out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))  # one buffer, one collective
+        dist.all_gather_single(out, x, group=self.group)
+        return torch.cat(out.view(self.world_size, *x.shape).unbind(0), dim=dim)
 
     def broadcast_object(self, obj, src: int = 0):
         """obj as rank `src` holds it (a host object: prompts, seeds)."""
