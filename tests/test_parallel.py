@@ -181,3 +181,20 @@ def test_tp2_nccl_equals_tp1(reference, tmp_path):
         for name, (tokens, logits) in reference.items():
             assert rank["cases"][name][0] == tokens, name
             torch.testing.assert_close(rank["cases"][name][1], logits, rtol=1e-3, atol=1e-3, msg=name)
+
+
+def test_from_env_needs_the_launcher_environment(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        ParallelContext.from_env()
+
+
+def test_tp1_context_is_the_plain_model(reference):
+    """A one-rank context takes the sharded code path (vocab-parallel embedding, reduces) with nothing to
+    reduce: the same tokens and bit-identical logits."""
+    ctx = ParallelContext(0, 1)
+    models = {name: load_model(name, progress=False, tensor_parallel=ctx) for name in ("tiny", "tiny-video")}
+    got = run_cases(models)
+    for name, (tokens, logits) in reference.items():
+        assert got[name][0] == tokens and torch.equal(got[name][1], logits), name
