@@ -173,8 +173,8 @@ def main() -> None:
                    if "vision" not in k and "embed_tokens" not in k)
     tp = shard_model(full, ctx)
     if rank0:
-        print(f"TP={ctx.world_size}: per-rank weights {sum(p.numel() * p.element_size() for p in tp.parameters()) / 2**30:.1f}"
-              f" GiB (full {sum(p.numel() * p.element_size() for p in full.parameters()) / 2**30:.1f} GiB)")
+        size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters()) / 2**30  # noqa: E731
+        print(f"TP={ctx.world_size}: per-rank weights {size(tp):.1f} GiB (full {size(full):.1f} GiB)")
     ids, pos, vis, lang, slots = image_prompt(cfg)
     pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, device="cuda",
                          generator=torch.Generator("cuda").manual_seed(0)).to(torch.bfloat16)

@@ -114,7 +114,8 @@ def test_every_boundary_hands_over(reference, monkeypatch):
 def test_cpu_gpu_pipeline_equals_one_device(reference):
     """Real transfers: the tower and first stage on the CPU, the rest on the GPU (float32, so close, not equal:
     GPU kernels round differently)."""
-    models = {name: load_model(name, progress=False, pipeline_devices=["cpu", "cuda"]) for name in ("tiny", "tiny-video")}
+    models = {name: load_model(name, progress=False, pipeline_devices=["cpu", "cuda"])
+              for name in ("tiny", "tiny-video")}
     assert models["tiny"].lm_head.weight.is_cuda and not models["tiny"].model.vision.conv.weight.is_cuda
     got = run_cases(models)
     for name, (tokens, logits) in reference.items():

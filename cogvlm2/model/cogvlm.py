@@ -67,7 +67,8 @@ class VisionExpertAttention(nn.Module):
         super().__init__()
         self.layer_idx, self.tp = layer_idx, tp
         n = tp_size(tp)  # this rank's heads: QKV column-parallel by heads, dense row-parallel
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads // n, cfg.num_key_value_heads // n, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads // n, cfg.num_key_value_heads // n
+        self.head_dim = cfg.head_dim
         q_size = self.num_heads * self.head_dim
         qkv_out = q_size + 2 * self.num_kv_heads * self.head_dim
         self.language_expert_query_key_value = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
