@@ -118,6 +118,15 @@ def graphed(fn):
     return graph.replay
 
 
+class Rows(list):
+    """Rows that rank 0 also prints as they come, so a later failure keeps the figures already measured."""
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"  {row['name']}: {row['value']:.2f} {row['unit']}", flush=True)
+
+
 def measure(model, label: str, lm_bytes: float) -> list[dict]:
     """lm_bytes: the unsharded weights one text token reads (language path + lm_head); prefill FLOPs are
     2 per weight of one expert path per token, plus causal attention."""
@@ -125,7 +134,7 @@ def measure(model, label: str, lm_bytes: float) -> list[dict]:
     prompt = image_prompt(cfg)
     pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, device="cuda", dtype=model.dtype)
     n = len(prompt[0])
-    rows = []
+    rows = Rows()
     with torch.inference_mode():
         t_vit = cuda_time(lambda: model.encode_images(pixels))
         feats = model.encode_images(pixels).reshape(-1, cfg.hidden_size)
@@ -158,7 +167,7 @@ def measure(model, label: str, lm_bytes: float) -> list[dict]:
         del step
         gc.collect()
         torch.cuda.empty_cache()
-    return rows
+    return list(rows)
 
 
 def main() -> None:
