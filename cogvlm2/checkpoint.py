@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CheckpointError", "LoadReport", "parse_dtype", "resolve_model_path", "weight_files",
+__all__ = ["CheckpointError", "LoadReport", "TensorSlice", "parse_dtype", "resolve_model_path", "weight_files",
            "load_weights", "save_weights", "copy_non_weight_files", "read_matching"]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -45,6 +45,24 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """The part of a checkpoint tensor one process loads: the index ranges ``[(start, stop), ...]`` of
+    dimension ``dim``, read one by one with safetensors ``get_slice`` (never the whole tensor) and
+    concatenated in order (a tensor-parallel rank's rows of a fused QKV are three ranges)."""
+    dim: int
+    ranges: Sequence[tuple[int, int]]
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        return full[:self.dim] + (sum(b - a for a, b in self.ranges),) + full[self.dim + 1:]
+
+    def read(self, view) -> torch.Tensor:
+        """``view``: a safetensors ``get_slice`` handle of the full tensor."""
+        head = (slice(None),) * self.dim
+        parts = [view[head + (slice(a, b),)] for a, b in self.ranges]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
 
 
 def parse_dtype(x: torch.dtype | str) -> torch.dtype:
@@ -186,6 +204,9 @@ class _BinReader:
         def get_shape(self) -> list[int]:
             return list(self.tensor.shape)
 
+        def __getitem__(self, index) -> torch.Tensor:  # as a safetensors slice: a copy of the part
+            return self.tensor[index].clone()
+
     def get_tensor(self, key: str) -> torch.Tensor:
         return self.tensors[key]
 
@@ -202,10 +223,12 @@ def _fmt(items: list[str], limit: int = 20) -> str:
 
 
 def load_weights(module: torch.nn.Module, folder: str | os.PathLike, *,
-                 dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | str | None = None,
+                 device: str | torch.device | Callable[[str], torch.device] = "cpu",
                  ignore: Sequence[str] = (r"rotary_emb\.inv_freq$",), strict: bool = True,
                  progress: bool = True, keep_dtype: Sequence[str] = (),
-                 metadata: Mapping[str, Callable[[torch.Tensor], None]] | None = None) -> LoadReport:
+                 metadata: Mapping[str, Callable[[torch.Tensor], None]] | None = None,
+                 slicer: Callable[[str, tuple[int, ...]], TensorSlice | None] | None = None) -> LoadReport:
     """Fill ``module`` (typically built on ``meta``) from the checkpoint in ``folder``.
 
     Invariants: tensors are read one at a time and copied straight to their final dtype/device
@@ -218,6 +241,9 @@ def load_weights(module: torch.nn.Module, folder: str | os.PathLike, *,
     ``keep_dtype``: patterns of floating keys that keep their file dtype (quantization scales).
     ``metadata``: keys that are expected but not stored: each tensor goes to its check (which raises
     ValueError when it does not describe the model), e.g. bitsandbytes' packed quant states.
+    ``device`` may be a function of the key (pipeline stages: each layer on its GPU). ``slicer(key,
+    full_shape)`` returns the part of a key this process loads (tensor parallelism) or None for all of it;
+    the model's shape is checked against the slice's shape.
     """
     from tqdm.auto import tqdm
 
@@ -247,14 +273,19 @@ def load_weights(module: torch.nn.Module, folder: str | os.PathLike, *,
                 if old is None:
                     report.unexpected.append(key)
                     continue
-                shape = tuple(f.get_slice(key).get_shape())
+                view = f.get_slice(key)
+                shape = tuple(view.get_shape())
+                part = slicer(key, shape) if slicer is not None else None
+                if part is not None:
+                    shape = part.shape(shape)
                 if shape != tuple(old.shape):
                     bad_shape.append(f"{key}: checkpoint {shape} vs model {tuple(old.shape)}")
                     continue
                 if id(old) not in new:
-                    t = f.get_tensor(key)
+                    t = f.get_tensor(key) if part is None else part.read(view)
                     cast = dtype and t.is_floating_point() and not any(p.search(key) for p in keep)
-                    t = t.to(device=device, dtype=dtype if cast else t.dtype, copy=True)
+                    t = t.to(device=device(key) if callable(device) else device, dtype=dtype if cast else t.dtype,
+                             copy=True)
                     is_param = isinstance(old, torch.nn.Parameter)
                     new[id(old)] = torch.nn.Parameter(t, requires_grad=old.requires_grad) if is_param else t
                     del t
