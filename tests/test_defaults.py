@@ -52,9 +52,10 @@ def test_frame_strategy_follows_the_effective_template(monkeypatch):
     import cogvlm2.processing.video as video
 
     seen = []
-    frames = torch.zeros(3, 1, 40, 52, dtype=torch.uint8)
-    monkeypatch.setattr(video, "decode_video", lambda source, strategy: seen.append(strategy) or frames)
     cfg, tok = tiny_config("tiny-video"), Tokenizer(bundled_tokenizer_path())
+    size = cfg.vision.image_size
+    pixels = torch.zeros(1, 3, size, size)
+    monkeypatch.setattr(video, "video_pixels", lambda source, image_size, strategy: seen.append(strategy) or (pixels, "h"))
     base = Processor(cfg, tok, "cogvlm2-video-llama3-base")
     base("q", video="clip.mp4")
     base("q", video="clip.mp4", template="chat")
