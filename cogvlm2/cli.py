@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
+from .devices import auto_device as _auto_device
+from .devices import auto_dtype
+
 DEFAULT_MODEL = "tiny"
 
 # Sub-commands that live with their concern and need extras; each module defines add_parser(subparsers).
-_PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.finetune.cli", "cogvlm2.engine.cli")
+_PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.finetune.cli", "cogvlm2.batch.cli", "cogvlm2.eval.cli")
 
 
 # Optional dependencies -> the extra that installs them (for "install X" messages).
@@ -31,7 +34,7 @@ def auto_device(device: str) -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return _auto_device(device)
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
@@ -45,12 +48,6 @@ def auto_device(device: str) -> str:
     elif dev.type != "cpu":
         raise ValueError(f"--device {device!r}: unsupported; use auto, cpu, cuda or cuda:N")
     return device
-
-
-def auto_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -74,17 +71,33 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder, Hugging Face repo id (e.g. THUDM/cogvlm2-llama3-chat-19B), or an "
                         "embedded tiny model: 'tiny' (image chat) / 'tiny-video' (default: %(default)s)")
     p.add_argument("--dtype", default="auto", type=dtype_type("auto", "float32", "bfloat16", "float16"),
-                   help="auto, float32, bfloat16 or float16 (auto = bfloat16 on CUDA, float32 on CPU)")
+                   help="auto, float32, bfloat16 or float16 (auto = bfloat16 on GPUs of compute capability >= 8, "
+                        "float16 on older GPUs, float32 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available)")
+    p.add_argument("--quant", default=None, choices=["4", "8", "fp4", "nf4", "fp4-dq", "nf4-dq", "int4", "int8", "fp8"],
+                   help="quantize the weights while loading: 4 = fp4 (bitsandbytes layout, as the official demos), "
+                        "nf4, fp4-dq / nf4-dq (8-bit absmax), 8 = LLM.int8 (bitsandbytes), int4 = group-wise int4, "
+                        "fp8 = e4m3 (fast prefill on cc >= 8.9); the official int4 checkpoints need no flag "
+                        "(fp4-dq compresses their absmax)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 2048) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
+    """Greedy by default, as every official demo decodes (do_sample=False / top_k=1)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="cut to what the context leaves (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, as the official demos)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+
+
+def add_template_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template", choices=["chat", "vqa", "base"],
+                   help="prompt template (default: as the official demos for the checkpoint; see the README's table)")
+    p.add_argument("--video-strategy", choices=["chat", "base"],
+                   help="video frame sampling: 'chat' one frame per second, 'base' 24 frames spread over the first "
+                        "60 s (default: follows the template)")
 
 
 def sampling_params(args: argparse.Namespace):
@@ -103,8 +116,9 @@ def _chat_parser(sub) -> None:
     add_model_arguments(p)
     p.add_argument("--image", help="image file for the first conversation (image models)")
     p.add_argument("--video", help="video file for the first conversation (video models)")
-    p.add_argument("--query", help="ask once, print the answer and exit")
-    p.add_argument("--template", choices=["chat", "vqa", "base"], help="prompt template (default: the checkpoint's)")
+    p.add_argument("--query", help="ask once, print the answer and exit (the caption checkpoint with --video: "
+                                   "its caption prompt when omitted)")
+    add_template_arguments(p)
     p.add_argument("--lora", help="LoRA adapter folder (peft format) applied without merging")
     add_sampling_arguments(p)
     p.set_defaults(func=run_chat)
@@ -130,7 +144,8 @@ def load_for_chat(args):
 
         if importlib.util.find_spec("peft") is None:
             raise ModuleNotFoundError("--lora needs peft", name="peft")
-    model = load_model(str(folder), dtype=auto_dtype(args.dtype, device), device=device)
+    model = load_model(str(folder), dtype=auto_dtype(args.dtype, device), device=device,
+                       quant=getattr(args, "quant", None))
     if getattr(args, "lora", None):
         from .finetune.lora import load_with_adapter
 
@@ -150,7 +165,7 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
 
     def answer(query: str, history, media) -> str:
         """Stream one answer; Ctrl-C stops it (what was printed so far is the answer)."""
-        inputs = processor(query, history, template=args.template, **media)
+        inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
         parts = []
         try:
             for delta in stream_text(model, processor.tokenizer, inputs, params):
@@ -166,8 +181,9 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
         return "".join(parts)
 
     media = {k: v for k, v in (("image", args.image), ("video", args.video)) if v}
-    if args.query is not None:
-        answer(args.query, [], media)
+    query = args.query if args.query is not None else (processor.default_query if args.video else None)
+    if query is not None:
+        answer(query, [], media)
         return 0
     read = _Reader(stdin, stdout)
     if read.interactive:
@@ -181,7 +197,7 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
             media = {kind: media_path(path)} if path.strip() else {}
         first = False
         try:
-            processor("", **media)  # fail early on an unreadable file, before the first question
+            processor("", video_strategy=args.video_strategy, **media)  # fail early on an unreadable file
         except (OSError, ValueError) as e:
             stdout.write(f"error: {e}\n")
             media = {}

@@ -63,7 +63,7 @@ class LocalBackend:
             inputs = await asyncio.to_thread(self.processor, query, history, **kw)
         except (OSError, ValueError) as e:
             raise BackendError(readable_media_error(media[0], media[1], e) if media else str(e)) from None
-        budget = self.engine.max_model_len - len(inputs)
+        budget = inputs.output_budget(self.engine.max_model_len, self.processor.config.max_position_embeddings)
         if budget < 1:
             raise BackendError(f"the conversation is {len(inputs)} tokens long, the context holds "
                                f"{self.engine.max_model_len}: clear it to start over")
@@ -110,7 +110,8 @@ class RemoteBackend:
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
             raise ConnectionError(f"{url} did not answer as an OpenAI-compatible server (HTTP {r.status_code})") from None
         self.model_name = self.model_name or card["id"]
-        self.tiny = bool(card.get("root")) and is_tiny(card["root"])
+        root = card.get("root") or ""  # the server's --model value (a local folder: its name only)
+        self.tiny = root in ("tiny", "tiny-video") or (bool(root) and is_tiny(root))
         self.media_kinds = remote_media_kinds(card)
 
     def check_media(self, kind: str, path: str) -> str | None:
