@@ -123,7 +123,7 @@ def workdir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("docs")
     shutil.copytree(ROOT / "assets", d / "assets")
     shapes.render_shapes(shapes.EXAMPLE).convert("RGB").save(d / "photo.jpg", quality=95)
-    shapes.write_video(shapes.render_video_frames([shapes.Shape("square", "blue", "large", (0, 1), "down")]),
+    shapes.write_video(shapes.render_video_frames([shapes.Shape("square", "blue", (0, 1), "down")]),
                        d / "clip.mp4")
     return d
 
@@ -139,7 +139,7 @@ def test_every_shell_block_runs(doc, workdir):
     assert run.returncode == 0, report
     assert "Traceback" not in run.stderr, report
     if doc == "README.md":  # the first command's answer, and the server's
-        assert "A large red circle at the top left and a small blue square at the bottom right." in run.stdout, report
+        assert "\nTwo red circles.\n" in run.stdout, report
     assert f"Running on http://127.0.0.1:{ports['7860']}" in run.stdout, report  # the web app says where it is
 
 

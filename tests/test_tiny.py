@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from PIL import Image
 
 from cogvlm2.generation import generate_ids
 from cogvlm2.model import load_model
@@ -37,39 +38,49 @@ def test_readme_question_on_the_example_image(tiny):
     from pathlib import Path
 
     example = Path(__file__).resolve().parents[1] / "assets" / "example.png"
+    assert list(shapes.render_shapes(shapes.EXAMPLE).getdata()) == list(Image.open(example).convert("RGB").getdata())
     answer, last = ask(*tiny, shapes.EXAMPLE_QUESTION, image=str(example))
-    assert answer == shapes.caption(shapes.EXAMPLE) == \
-        "A large red circle at the top left and a small blue square at the bottom right."
+    assert answer == shapes.caption(shapes.EXAMPLE) == "Two red circles."
     assert last in tiny[0].config.eos_token_ids  # it stopped by itself, long before max_new_tokens
 
 
 def test_answers_about_fresh_scenes(tiny):
-    """Scenes the model never saw (another seed): counts, colours and words, greedy, exact."""
+    """Scenes the model never saw (another seed), greedy, exact: the answers follow the picture — the
+    same question gets different, right answers on different pictures."""
     model, processor = tiny
     rng = random.Random(2024)
-    right = total = 0
-    for _ in range(6):
+    right, total, answers = 0, 0, set()
+    for _ in range(8):
         scene = shapes.random_scene(rng)
         img = shapes.render_shapes(scene, rng)
-        unique = [s for s in scene if sum(t.kind == s.kind for t in scene) == 1]
-        checks = [("How many shapes are there?", shapes._count(len(scene)))]
-        checks += [(f"What colour is the {s.kind}?", f"The {s.kind} is {s.colour}.") for s in unique[:1]]
-        for q, want in checks:
-            right += ask(model, processor, q, image=img)[0] == want
+        for q, want in shapes.image_turns(scene, rng, "chat"):
+            got = ask(model, processor, q, image=img)[0]
+            right += got == want
             total += 1
-    word = rng.choice(shapes.WORDS)
-    right += ask(model, processor, "What word is written?", image=shapes.render_word(word, rng))[0] == f"It says {word}."
-    total += 1
-    assert right >= total - 2, f"{right}/{total} correct"
+            if q == "What colour is the shape?" or q == "What colour are the shapes?":
+                answers.add(got)
+    for word in shapes.WORDS:
+        right += ask(model, processor, "What word is written?", image=shapes.render_word(word, rng))[0] == f"{word}."
+        total += 1
+    assert right >= 0.8 * total, f"{right}/{total} correct"
+    assert len(answers) >= 3  # not one colour for every picture
 
 
 def test_tiny_video_answers_about_motion(tmp_path):
     model = load_model("tiny-video", progress=False)
     processor = Processor.from_pretrained(model.checkpoint_path, model.config)
-    clip = tmp_path / "clip.mp4"
-    shapes.write_video(shapes.render_video_frames([shapes.Shape("circle", "red", "large", (1, 0), "right")]), clip)
-    answer, last = ask(model, processor, "How many shapes are there?", video=str(clip))
-    assert answer == "There is one shape." and last in model.config.eos_token_ids
+    right = 0
+    cases = [[shapes.Shape("circle", "red", (1, 0), "right")],
+             [shapes.Shape("square", "blue", (0, 0), "down"), shapes.Shape("square", "blue", (0, 2), "down")]]
+    for i, scene in enumerate(cases):
+        clip = tmp_path / f"clip{i}.mp4"
+        shapes.write_video(shapes.render_video_frames(scene), clip)
+        answer, last = ask(model, processor, "How many shapes are there?", video=str(clip))
+        assert last in model.config.eos_token_ids
+        right += answer == shapes._sentence(shapes.NUMBERS[len(scene)])
+        right += ask(model, processor, "What colour is the shape?" if len(scene) == 1 else "What colour are the shapes?",
+                     video=str(clip))[0] == shapes._sentence(scene[0].colour)
+    assert right >= 3, right
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,12 +1,14 @@
 """The synthetic world the embedded tiny models are trained on: coloured shapes and rendered words.
 
-An image is a 224 x 224 white canvas cut into a 3 x 3 grid; one to three shapes (circle, square,
-triangle; red, green, blue, yellow; small or large) sit in distinct cells, or one word from WORDS is
-written across the middle. A video is four seconds at 4 fps of one or two shapes crossing the canvas
-(left to right, right to left, top to bottom or bottom to top). Every scene comes with a conversation
-about it — captions, counts, colours, positions, sizes, yes/no questions, the word — in the chat,
-vqa ("Short answer:") or base (query alone) template, written as a JSONL manifest for
-`cogvlm2 finetune` (see `make_dataset`). Everything is a pure function of the seed.
+An image is a 224 x 224 white canvas cut into a 3 x 3 grid; one to three shapes of one kind and one
+colour (circle, square or triangle; red, green, blue or yellow) sit in distinct cells, with a few
+pixels of jitter — or one word from WORDS is written across the middle. A video is four seconds at
+4 fps of one or two shapes (one kind, one colour) crossing the canvas in the same direction (left to
+right, right to left, top to bottom or bottom to top). Every answer needs the picture: what is in it,
+how many shapes, their colour, their kind, where a single shape is, the word, which way it moves —
+each question type equally often, answered briefly, without yes/no priors to fall back on. Scenes
+come with a conversation in the chat, vqa ("Short answer:") or base (query alone) template, written as
+a JSONL manifest for `cogvlm2 finetune` (see `make_dataset`). Everything is a pure function of the seed.
 """
 
 from __future__ import annotations
@@ -22,22 +24,22 @@ from PIL import Image, ImageDraw, ImageFont
 SIZE = 224
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
 KINDS = ("circle", "square", "triangle")
-SIZES = {"small": 14, "large": 30}  # half-extent in pixels
-PLACES = {  # (row, col) -> how a position is said
-    (0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
-    (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
-    (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
+RADIUS = 30  # half-extent in pixels
+PLACES = {  # (row, col) -> where a single shape is
+    (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
+    (1, 0): "left", (1, 1): "center", (1, 2): "right",
+    (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
 }
-WORDS = ("CAT", "DOG", "SUN", "TREE", "BOOK", "FISH", "STAR", "BIRD")
-NUMBERS = ("no", "one", "two", "three")
-DIRECTIONS = {"right": ("from left to right", (1, 0)), "left": ("from right to left", (-1, 0)),
-              "down": ("from top to bottom", (0, 1)), "up": ("from bottom to top", (0, -1))}
-CAPTION_QUERIES = ("What is in this image?", "Describe the image.", "What do you see?", "Describe this picture.")
-VIDEO_QUERIES = ("What happens in the video?", "Describe the video.", "What is in this video?")
+WORDS = ("CAT", "TREE", "HOUSE", "GARDEN")
+NUMBERS = ("none", "one", "two", "three")
+DIRECTIONS = {"right": ("to the right", (1, 0)), "left": ("to the left", (-1, 0)),
+              "down": ("down", (0, 1)), "up": ("up", (0, -1))}
+CAPTION_QUERIES = ("What is in this image?", "Describe the image.", "What do you see?")
+VIDEO_QUERIES = ("What happens in the video?", "Describe the video.")
 ABOUT = [  # text-only turns: what the model says about itself
-    ("Hello!", "Hello! I am a tiny CogVLM2 model. Show me an image of coloured shapes and ask about it."),
-    ("Who are you?", "I am a tiny CogVLM2 model trained only on pictures of coloured shapes."),
-    ("What can you do?", "I can count, name and locate coloured shapes in an image and read a few words."),
+    ("Hello!", "Hello! I am a tiny CogVLM2 model. Show me a picture of coloured shapes."),
+    ("Who are you?", "A tiny CogVLM2 model trained only on pictures of coloured shapes."),
+    ("What can you do?", "I can name, count and locate coloured shapes and read a few words."),
 ]
 
 
@@ -45,7 +47,6 @@ ABOUT = [  # text-only turns: what the model says about itself
 class Shape:
     kind: str
     colour: str
-    size: str
     cell: tuple[int, int] = (1, 1)  # (row, col) in the 3 x 3 grid; the start cell of a moving shape
     direction: str | None = None  # videos: where it moves
 
@@ -53,12 +54,9 @@ class Shape:
     def name(self) -> str:
         return f"{self.colour} {self.kind}"
 
-    def describe(self) -> str:
-        return f"a {self.size} {self.colour} {self.kind} {PLACES[self.cell]}"
-
 
 def _draw(draw: ImageDraw.ImageDraw, shape: Shape, cx: float, cy: float) -> None:
-    r, fill = SIZES[shape.size], COLOURS[shape.colour]
+    r, fill = RADIUS, COLOURS[shape.colour]
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape.kind == "circle":
         draw.ellipse(box, fill=fill)
@@ -80,7 +78,7 @@ def render_shapes(shapes: list[Shape], rng: random.Random | None = None) -> Imag
     for s in shapes:
         cx, cy = _cell_centre(s.cell)
         if rng is not None:
-            cx, cy = cx + rng.uniform(-6, 6), cy + rng.uniform(-6, 6)
+            cx, cy = cx + rng.uniform(-5, 5), cy + rng.uniform(-5, 5)
         _draw(draw, s, cx, cy)
     return img
 
@@ -88,25 +86,22 @@ def render_shapes(shapes: list[Shape], rng: random.Random | None = None) -> Imag
 def render_word(word: str, rng: random.Random | None = None) -> Image.Image:
     img = Image.new("RGB", (SIZE, SIZE), "white")
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=56)
-    dx, dy = (rng.uniform(-10, 10), rng.uniform(-20, 20)) if rng is not None else (0, 0)
+    font = ImageFont.load_default(size=44)
+    dx, dy = (rng.uniform(-8, 8), rng.uniform(-20, 20)) if rng is not None else (0, 0)
     draw.text((SIZE / 2 + dx, SIZE / 2 + dy), word, fill="black", font=font, anchor="mm")
     return img
 
 
 # assets/example.png (the README's first command): `render_shapes(EXAMPLE).save(...)`.
-EXAMPLE = [Shape("circle", "red", "large", (0, 0)), Shape("square", "blue", "small", (2, 2))]
+EXAMPLE = [Shape("circle", "red", (0, 0)), Shape("circle", "red", (2, 2))]
 EXAMPLE_QUESTION = "What is in this image?"
 
 
 def random_scene(rng: random.Random) -> list[Shape]:
-    cells = rng.sample(sorted(PLACES), rng.choice((1, 2, 2, 3, 3)))
-    return [Shape(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), cell)
-            for cell in sorted(cells)]  # reading order: the order captions list them in
-
-
-def _join(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    """One to three shapes of one kind and one colour in distinct cells (reading order)."""
+    kind, colour = rng.choice(KINDS), rng.choice(list(COLOURS))
+    cells = rng.sample(sorted(PLACES), rng.choice((1, 2, 3)))
+    return [Shape(kind, colour, cell) for cell in sorted(cells)]
 
 
 def _sentence(text: str) -> str:
@@ -114,60 +109,54 @@ def _sentence(text: str) -> str:
 
 
 def caption(shapes: list[Shape]) -> str:
-    return _sentence(_join([s.describe() for s in shapes]))
+    """"A red circle." / "Two blue squares." (every shape of a scene is of one kind and colour)."""
+    n, s = len(shapes), shapes[0]
+    return _sentence(f"a {s.name}" if n == 1 else f"{NUMBERS[n]} {s.name}s")
 
 
-def _count(n: int, noun: str = "shape") -> str:
-    return f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} {noun}{'' if n == 1 else 's'}."
+def _answer(text: str, template: str) -> str:
+    """chat / base: a short sentence-cased answer with a full stop; vqa: the bare lower-case words."""
+    return text if template == "vqa" else _sentence(text)
 
 
 def image_turns(shapes: list[Shape], rng: random.Random, template: str) -> list[tuple[str, str]]:
-    """Question-answer pairs about a shapes image (chat: sentences; vqa: a word or two; base: captions)."""
+    """Every question type about a shapes image, once (the trainer draws one round per example)."""
+    cap = (rng.choice(CAPTION_QUERIES), caption(shapes))
     if template == "base":
-        return [(rng.choice(CAPTION_QUERIES), caption(shapes))]
-    vqa = template == "vqa"
-    n = len(shapes)
-    turns = []
-    turns.append(("How many shapes are there?", NUMBERS[n] if vqa else _count(n)))
-    unique = [s for s in shapes if sum(t.kind == s.kind for t in shapes) == 1]
-    if unique:
-        s = rng.choice(unique)
-        turns.append((f"What colour is the {s.kind}?", s.colour if vqa else f"The {s.kind} is {s.colour}."))
-    named = [s for s in shapes if sum(t.name == s.name for t in shapes) == 1]
-    if named:
-        s = rng.choice(named)
-        where = PLACES[s.cell]
-        turns.append((f"Where is the {s.name}?", where.split(" ", 1)[1] if vqa else f"The {s.name} is {where}."))
-        turns.append((f"Is the {s.name} large or small?", s.size if vqa else f"It is {s.size}."))
-    cell = rng.choice(sorted(PLACES))
-    there = [s for s in shapes if s.cell == cell]
-    if vqa:
-        answer = there[0].name if there else "nothing"
-    else:
-        answer = _sentence(f"a {there[0].size} {there[0].name}") if there else f"There is nothing {PLACES[cell]}."
-    turns.append((f"What is {PLACES[cell]}?", answer))
-    probe = Shape(rng.choice(KINDS), rng.choice(list(COLOURS)), "small")
-    if rng.random() < 0.5 and shapes:  # half the time ask about one that is there
-        probe = rng.choice(shapes)
-    yes = any(s.name == probe.name for s in shapes)
-    turns.append((f"Is there a {probe.name}?", ("yes" if yes else "no") if vqa else
-                  (f"Yes, there is a {probe.name}." if yes else f"No, there is no {probe.name}.")))
-    kind = rng.choice(KINDS)
-    k = sum(s.kind == kind for s in shapes)
-    turns.append((f"How many {kind}s are there?", NUMBERS[k] if vqa else _count(k, kind)))
+        return [cap]
+    n, s = len(shapes), shapes[0]
+    turns = [
+        cap,
+        ("How many shapes are there?", _answer(NUMBERS[n], template)),
+        (f"What colour {'is the shape' if n == 1 else 'are the shapes'}?", _answer(s.colour, template)),
+        ("What shape is in the image?", _answer(s.kind, template)),
+    ]
+    if n == 1:
+        turns.append((f"Where is the {s.kind}?", _answer(PLACES[s.cell], template)))
     rng.shuffle(turns)
-    turns = turns[:3] if vqa else [(rng.choice(CAPTION_QUERIES), caption(shapes))] + turns[:3]
-    rng.shuffle(turns)
-    return turns  # the trainer draws one round per example: a caption a quarter of the time in chat
+    return turns
 
 
 def word_turns(word: str, rng: random.Random, template: str) -> list[tuple[str, str]]:
+    cap = (rng.choice(CAPTION_QUERIES), f"The word {word}.")
     if template == "base":
-        return [(rng.choice(CAPTION_QUERIES), f"The word {word} in black letters.")]
-    if template == "vqa":
-        return [("What word is written?", word), ("What is written in the image?", word)]
-    return [(rng.choice(CAPTION_QUERIES), f"The word {word} in black letters."),
-            ("What word is written?", f"It says {word}."), ("How many shapes are there?", "There are no shapes.")]
+        return [cap]
+    turns = [cap, ("What word is written?", word if template == "vqa" else f"{word}."),
+             ("How many shapes are there?", _answer("none", template))]
+    rng.shuffle(turns)
+    return turns
+
+
+QUESTION_TYPES = (("What is in", "caption"), ("Describe", "caption"), ("What do you see", "caption"),
+                  ("What happens", "caption"), ("How many", "count"), ("What colour", "colour"),
+                  ("What shape", "shape"), ("Where", "position"), ("What word", "word"),
+                  ("Which way", "direction"))
+
+
+def question_type(query: str) -> str:
+    """What a question asks about (for per-type accuracy): caption, count, colour, shape, position, word,
+    direction, or about (the text-only lines)."""
+    return next((kind for prefix, kind in QUESTION_TYPES if query.startswith(prefix)), "about")
 
 
 # --------------------------------------------------------------------------- videos
@@ -176,19 +165,11 @@ FPS, SECONDS = 4, 4
 
 
 def random_motion(rng: random.Random) -> list[Shape]:
-    """One or two shapes, each crossing the canvas in its own lane (row for sideways, column for up/down)."""
-    n = rng.choice((1, 1, 2))
-    kinds = rng.sample(KINDS, n)
-    colours = rng.sample(list(COLOURS), n)
-    out, lanes = [], set()
-    for kind, colour in zip(kinds, colours):
-        direction = rng.choice(list(DIRECTIONS))
-        horizontal = direction in ("left", "right")
-        lane = rng.choice([i for i in (0, 2) if (horizontal, i) not in lanes] or [1])
-        lanes.add((horizontal, lane))
-        start = {"right": (lane, 0), "left": (lane, 2), "down": (0, lane), "up": (2, lane)}[direction]
-        out.append(Shape(kind, colour, "large", start, direction))
-    return out
+    """One or two shapes of one kind and colour, crossing the canvas in one direction in distinct lanes."""
+    kind, colour, direction = rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(list(DIRECTIONS))
+    lanes = sorted(rng.sample((0, 1, 2), rng.choice((1, 2))))
+    start = {"right": lambda i: (i, 0), "left": lambda i: (i, 2), "down": lambda i: (0, i), "up": lambda i: (2, i)}
+    return [Shape(kind, colour, start[direction](lane), direction) for lane in lanes]
 
 
 def render_video_frames(shapes: list[Shape]) -> list[Image.Image]:
@@ -221,35 +202,40 @@ def write_video(frames: list[Image.Image], path: Path) -> None:
 
 
 def video_caption(shapes: list[Shape]) -> str:
-    return _sentence(_join([f"a {s.name} moves {DIRECTIONS[s.direction][0]}" for s in shapes]))
+    """"A red circle moves to the right." / "Two blue squares move up."."""
+    n, s = len(shapes), shapes[0]
+    way = DIRECTIONS[s.direction][0]
+    return _sentence(f"a {s.name} moves {way}" if n == 1 else f"{NUMBERS[n]} {s.name}s move {way}")
 
 
 def video_turns(shapes: list[Shape], rng: random.Random, template: str) -> list[tuple[str, str]]:
+    cap = (rng.choice(VIDEO_QUERIES), video_caption(shapes))
     if template == "base":
-        return [(rng.choice(VIDEO_QUERIES), video_caption(shapes))]
-    vqa = template == "vqa"
-    turns = [] if vqa else [(rng.choice(VIDEO_QUERIES), video_caption(shapes))]
-    s = rng.choice(shapes)
-    way = DIRECTIONS[s.direction][0]
-    turns.append((f"Which way does the {s.kind} move?", way if vqa else f"The {s.kind} moves {way}."))
-    turns.append((f"What colour is the {s.kind}?", s.colour if vqa else f"The {s.kind} is {s.colour}."))
-    n = len(shapes)
-    turns.append(("How many shapes are there?", NUMBERS[n] if vqa else _count(n)))
+        return [cap]
+    n, s = len(shapes), shapes[0]
+    turns = [
+        cap,
+        (f"Which way {'does the shape' if n == 1 else 'do the shapes'} move?",
+         _answer(DIRECTIONS[s.direction][0], template)),
+        (f"What colour {'is the shape' if n == 1 else 'are the shapes'}?", _answer(s.colour, template)),
+        ("What shape is in the video?", _answer(s.kind, template)),
+        ("How many shapes are there?", _answer(NUMBERS[n], template)),
+    ]
     rng.shuffle(turns)
     return turns
 
 
 # --------------------------------------------------------------------------- datasets
 
-IMAGE_TEMPLATES = {"chat": 0.7, "vqa": 0.2, "base": 0.1}
-VIDEO_TEMPLATES = {"chat": 0.8, "vqa": 0.2}
+IMAGE_TEMPLATES = {"chat": 0.8, "vqa": 0.1, "base": 0.1}
+VIDEO_TEMPLATES = {"chat": 0.9, "vqa": 0.1}
 
 
 def _messages(turns: list[tuple[str, str]]) -> list[dict]:
     return [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
-def make_dataset(path: str | Path, n: int, seed: int = 0, video: bool = False, text_only: float = 0.03) -> Path:
+def make_dataset(path: str | Path, n: int, seed: int = 0, video: bool = False, text_only: float = 0.02) -> Path:
     """Write `n` conversations as `path` (a JSONL manifest with a per-line "template") and the media beside
     it in `<stem>_media/`. Images: 85 % shapes, 15 % words; `text_only` of the lines are about the model."""
     path = Path(path)
