@@ -33,10 +33,18 @@ if shutil.which("curl") is None or shutil.which("base64") is None:
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"THUDM/cogvlm2-llama3-chat-19B": "tiny", "THUDM/cogvlm2-video-llama3-chat": "tiny-video",
-          "/models/cogvlm2-video-llama3-chat": "tiny-video"}
+          "/models/cogvlm2-video-llama3-chat": "tiny-video", "THUDM/cogvlm2-llama3-caption": "tiny-video"}
 SKIP = {  # first line of a block -> why it does not run here
     "python -m cogvlm2.finetune.toy data/colours --n 96":
         "minutes of CPU training; the same toy flow (finetune, chat --lora, merge-lora) is tests/test_finetune.py",
+    "cogvlm2 caption photos/ -o captions.jsonl --model THUDM/cogvlm2-llama3-chat-19B":
+        "needs the user's folders, tar shards and manifests; tests/test_caption.py captions each kind with tiny",
+    "cogvlm2 caption clips/ -o captions.parquet --model THUDM/cogvlm2-llama3-caption --ray":
+        "needs a Ray cluster",
+    "python benchmarks/soak.py --clients 64 --seconds 180":
+        "a three-minute soak benchmark (BENCHMARKS.md), not a test",
+    "cogvlm2 eval textvqa":
+        "needs the benchmark data (not bundled, never downloaded); tests/test_eval.py runs each benchmark on fixtures",
 }
 SETUP = re.compile(r"^\s*(pip install|apt-get|pytest|python -m pytest)\b")
 
@@ -103,7 +111,7 @@ def session(path: Path, ports: dict[str, str]) -> str:
             if re.match(r"cogvlm2 (serve|web)\b", command):
                 n += 1
                 log = f"server{n}.log"
-                ready = "Running on http" if command.startswith("cogvlm2 web") else "Uvicorn running on"
+                ready = "Running on http" if command.startswith("cogvlm2 web") else "Application startup complete"
                 if command.startswith("cogvlm2 serve") and "--port" not in command:
                     command += f" --port {ports['8000']}"
                 if command.startswith("cogvlm2 web") and "--port" not in command:

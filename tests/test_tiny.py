@@ -38,7 +38,7 @@ def test_readme_question_on_the_example_image(tiny):
     from pathlib import Path
 
     example = Path(__file__).resolve().parents[1] / "assets" / "example.png"
-    assert list(shapes.render_shapes(shapes.EXAMPLE).getdata()) == list(Image.open(example).convert("RGB").getdata())
+    assert shapes.render_shapes(shapes.EXAMPLE).tobytes() == Image.open(example).convert("RGB").tobytes()
     answer, last = ask(*tiny, shapes.EXAMPLE_QUESTION, image=str(example))
     assert answer == shapes.caption(shapes.EXAMPLE) == "Two red circles."
     assert last in tiny[0].config.eos_token_ids  # it stopped by itself, long before max_new_tokens
