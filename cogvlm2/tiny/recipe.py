@@ -30,7 +30,7 @@ from . import ROW_KEYS, shapes
 RECIPES = {
     "tiny": {"conversations": 3000, "data_seed": 0, "init_seed": 0, "seed": 0, "steps": 500, "batch_size": 32,
              "lr": 3e-3, "warmup_steps": 30},
-    "tiny-video": {"conversations": 800, "data_seed": 1, "init_seed": 1, "seed": 0, "steps": 300, "batch_size": 16,
+    "tiny-video": {"conversations": 800, "data_seed": 1, "init_seed": 1, "seed": 0, "steps": 700, "batch_size": 16,
                    "lr": 3e-3, "warmup_steps": 30},
 }
 # What trains: everything but the vision tower (patch embedding, transformer, 2 x 2 conv), which keeps its
