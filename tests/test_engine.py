@@ -18,14 +18,23 @@ from cogvlm2.sampling_params import SamplingParams
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_processor_and_model("tiny", device="cpu")
+def random_tiny(name: str, folder) -> tuple:
+    """The tiny architecture with random weights over the whole vocabulary: the engine is checked against
+    the reference loop, and a random model's long, varied greedy outputs (unlike the trained model's short
+    answers, then EOS after EOS when EOS is ignored) exercise stops, lengths and image-dependence."""
+    from cogvlm2.tiny.recipe import initial_checkpoint
+
+    return load_processor_and_model(str(initial_checkpoint(name, folder, list(range(128256)), seed=0)), device="cpu")
 
 
 @pytest.fixture(scope="module")
-def tiny_video():
-    return load_processor_and_model("tiny-video", device="cpu")
+def tiny(tmp_path_factory):
+    return random_tiny("tiny", tmp_path_factory.mktemp("random-tiny") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def tiny_video(tmp_path_factory):
+    return random_tiny("tiny-video", tmp_path_factory.mktemp("random-tiny-video") / "ckpt")
 
 
 def image(seed: int) -> Image.Image:
