@@ -342,6 +342,17 @@ def memory_stats(device: torch.device) -> dict:
 OUTCOME_KEYS = ("fit", "history_cut", "truncated", "dropped")
 
 
+def loss_scale(accelerator, micro: list, grad_accum: int) -> tuple[float, float]:
+    """(factor for each micro-batch's summed loss, the step's answer tokens on all ranks). Collective.
+
+    backward() divides by grad_accum and the backends average gradients over the W ranks, so
+    grad_accum * W / N makes the step's gradient that of the mean over all N answer tokens, however
+    unevenly they fall on the ranks."""
+    local = torch.tensor([float(sum(b.num_targets for b in micro))], device=accelerator.device, dtype=torch.float64)
+    n_global = accelerator.reduce(local, "sum").item()
+    return grad_accum * accelerator.num_processes / max(n_global, 1.0), n_global
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a fine-tuning run; returns the trainer state (step, per-step loss history)."""
     from accelerate.utils import set_seed
@@ -447,10 +458,7 @@ def train(cfg: TrainConfig) -> dict:
             micro = [next(stream) for _ in range(cfg.grad_accum)]
             for b in micro:
                 counts.update(b.outcomes)
-            # the step's answer tokens on every rank: each rank's share of the token-weighted mean
-            local = torch.tensor([sum(b.num_targets for b in micro)], device=accelerator.device, dtype=torch.float64)
-            n_global = accelerator.reduce(local, "sum").item()
-            scale = cfg.grad_accum * world / max(n_global, 1.0)
+            scale, n_global = loss_scale(accelerator, micro, cfg.grad_accum)
             lr = lr_at(step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, cfg, group.get("base_lr", cfg.lr))
