@@ -415,6 +415,10 @@ def train(cfg: TrainConfig) -> dict:
     groups = param_groups(model, cfg.lr, parse_module_lrs(cfg.module_lr), cfg.weight_decay)
     if dist.zero_stage(accelerator) == 3:
         dist.shard_for_zero3(model, accelerator)
+    sharded_loading = ("zero3" if dist.zero_stage(accelerator) == 3 else "fsdp2") if sharded else None
+    if main and sharded_loading:
+        print(f"{sharded_loading}: weights loaded into host memory and sharded over {world} rank(s) "
+              "(never whole on one device)")
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                                   fused=accelerator.device.type == "cuda")
     module = CausalLMLoss(model)
@@ -432,7 +436,7 @@ def train(cfg: TrainConfig) -> dict:
             print(f"resumed from {resume_from} at step {state['step']}")
             if changed:
                 print(f"warning: {', '.join(changed)} differ from the interrupted run: it will not be reproduced exactly")
-    state["world_size"] = world
+    state["world_size"], state["sharded_loading"] = world, sharded_loading
     counts = Counter(state.get("data", {}).get("outcomes", {}) if main else {})  # summed over ranks when saved
     if main:
         output.mkdir(parents=True, exist_ok=True)
