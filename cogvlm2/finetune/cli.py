@@ -111,6 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", help="checkpoint folder to continue from exactly, or 'latest' (in --output: the "
                                     "newest checkpoint that verifies)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished run's adapter/ or model/ in --output")
+    g.add_argument("--save-final", action=argparse.BooleanOptionalAction, default=True,
+                   help="write adapter/ (LoRA) or model/ (full) at the end; checkpoints are written either way")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
 

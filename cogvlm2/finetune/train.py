@@ -90,6 +90,7 @@ class TrainConfig:
     save_total_limit: int | None = None
     resume: str | None = None  # a checkpoint folder, or "latest"
     overwrite: bool = False  # allow replacing a finished run's adapter/ or model/ in output
+    save_final: bool = True  # write adapter/ or model/ at the end (checkpoints are written either way)
     deepspeed: str | None = None  # a DeepSpeed JSON config (for the `deepspeed` / torchrun launchers)
     tensorboard: bool = True
     progress: bool = True
@@ -517,11 +518,17 @@ def train(cfg: TrainConfig) -> dict:
                 return state
     bar.close()
     state["data"] = {"outcomes": _reduced_counts(counts, accelerator), "unused_per_epoch": order.unused_per_epoch}
-    final = save_final(output, accelerator, module, model, lora, Path(model.checkpoint_path), base_model, dtype)
+    if accelerator.device.type == "cuda":  # every GPU's peak, for the memory figures of multi-GPU recipes
+        peak = torch.tensor([torch.cuda.max_memory_allocated(accelerator.device) / 2**30], device=accelerator.device)
+        state["peak_memory_gib_per_rank"] = [round(v, 2) for v in accelerator.gather(peak).tolist()]
+    final = None
+    if cfg.save_final:
+        final = save_final(output, accelerator, module, model, lora, Path(model.checkpoint_path), base_model, dtype)
     if main:
         (output / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
         print(data_report(state["data"]["outcomes"], cfg))
-        print(f"saved {final}")
+        if final is not None:
+            print(f"saved {final}")
     logger.close()
     accelerator.end_training()
     return state
