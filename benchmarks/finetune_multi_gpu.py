@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -53,11 +54,16 @@ class Runner:
                "-m", "cogvlm2.finetune", "finetune", "--no-progress", "--no-tensorboard", *args]
         t0 = time.time()
         limit = max(10.0, min(limit, self.left()))
+        # own process group: on timeout the launcher AND its per-GPU workers go, freeing the GPUs
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                start_new_session=True)
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=ROOT)
-            rc, log = r.returncode, r.stdout + r.stderr
-        except subprocess.TimeoutExpired as e:
-            rc, log = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+            log, _ = proc.communicate(timeout=limit)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            log, _ = proc.communicate()
+            rc = "timeout"
         with open(self.out / "runs.log", "a") as f:  # one file: the device tool returns at most 8
             f.write(f"\n===== {name}: {' '.join(cmd)}\n{log[-40000:]}\n")
         row = {"name": name, "backend": backend, "rc": rc, "seconds": round(time.time() - t0, 1), "args": args}
