@@ -360,3 +360,22 @@ def test_merged_checkpoint_has_inv_freq_and_no_tiny_readme(tmp_path):
     assert len([k for k in weights if k.endswith("rotary_emb.inv_freq")]) == CONFIG.num_hidden_layers
     torch.testing.assert_close(inv.float(), (1.0 / CONFIG.rope_theta ** (torch.arange(0, CONFIG.head_dim, 2) / CONFIG.head_dim)).bfloat16().float())
     load_model(str(out), progress=False)  # still loads (inv_freq is recomputed, not read)
+
+
+def test_generation_eval_and_best_checkpoint(tmp_path, data):
+    from cogvlm2.finetune.generate_eval import normalize, token_f1
+
+    assert normalize("The Red, square!") == "red square" and token_f1("a red square", "red") == pytest.approx(2 / 3)
+    state = train(config(tmp_path, data, max_steps=12, batch_size=4, eval_fraction=0.25, eval_every=4, save_every=4,
+                         save_total_limit=1, eval_generate=2, eval_max_new_tokens=4, metric_for_best="eval/loss"))
+    evals = state["eval"]
+    assert [e["step"] for e in evals] == [4, 8, 12]
+    assert all(e["eval/samples"] == 2 and 0 <= e["eval/token_f1"] <= 1 and 0 <= e["eval/exact_match"] <= 1
+               for e in evals)
+    best = state["best"]
+    assert best["value"] == min(e["eval/loss"] for e in evals)
+    kept = {p.name for p in ckpt.list_checkpoints(tmp_path)}
+    assert kept == {"checkpoint-12", f"checkpoint-{best['step']}"}  # the best survives --save-total-limit 1
+    assert best["checkpoint"] == str(tmp_path / f"checkpoint-{best['step']}")
+    with pytest.raises(ValueError, match="needs --eval-generate"):
+        TrainConfig(model="tiny", data="d", output="o", metric_for_best="eval/token_f1")

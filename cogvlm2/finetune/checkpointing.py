@@ -206,9 +206,10 @@ def load_checkpoint(folder: Path, accelerator) -> dict:
     return state
 
 
-def rotate_checkpoints(output: Path, keep: int | None) -> None:
-    """Delete all but the newest `keep` complete checkpoints (main process only)."""
+def rotate_checkpoints(output: Path, keep: int | None, keep_also: Path | None = None) -> None:
+    """Delete all but the newest `keep` complete checkpoints and `keep_also` (the best one; main process only)."""
     if not keep:
         return
     for old in list_checkpoints(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if keep_also is None or old.resolve() != keep_also.resolve():
+            shutil.rmtree(old, ignore_errors=True)

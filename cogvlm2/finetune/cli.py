@@ -106,6 +106,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps between held-out evaluations (0 = only at the end); held-out data comes from "
                         "--eval-data or --eval-fraction")
     g.add_argument("--eval-batches", type=int, help="limit each evaluation to this many micro-batches")
+    g.add_argument("--eval-generate", type=int, default=0, metavar="N",
+                   help="at each evaluation also answer N held-out questions greedily and score them against the "
+                        "references (eval/exact_match, eval/token_f1); not under ZeRO-3 / FSDP2")
+    g.add_argument("--eval-max-new-tokens", type=int, default=64, help="answer length limit for --eval-generate")
+    g.add_argument("--metric-for-best", choices=["eval/loss", "eval/perplexity", "eval/exact_match", "eval/token_f1"],
+                   help="track the best evaluation; its checkpoint survives --save-total-limit and is reported")
     g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0 = none)")
     g.add_argument("--save-total-limit", type=int, help="keep only the newest N checkpoints")
     g.add_argument("--resume", help="checkpoint folder to continue from exactly, or 'latest' (in --output: the "

@@ -86,6 +86,9 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int | None = None
+    eval_generate: int = 0  # held-out conversations answered greedily and scored at each evaluation
+    eval_max_new_tokens: int = 64
+    metric_for_best: str | None = None  # e.g. "eval/loss" (lower is better) or "eval/token_f1": best checkpoint kept
     save_every: int = 0
     save_total_limit: int | None = None
     resume: str | None = None  # a checkpoint folder, or "latest"
@@ -112,6 +115,10 @@ class TrainConfig:
             (self.data_weights is None or len(self.data_weights) == len(self.datasets),
              "give one --data-weights value per --data dataset"),
             (all(w > 0 for w in self.data_weights or []), "--data-weights must be positive"),
+            (self.metric_for_best in (None, "eval/loss", "eval/perplexity", "eval/exact_match", "eval/token_f1"),
+             "--metric-for-best must be eval/loss, eval/perplexity, eval/exact_match or eval/token_f1"),
+            (not (self.metric_for_best or "").endswith(("exact_match", "token_f1")) or self.eval_generate > 0,
+             "--metric-for-best eval/exact_match or eval/token_f1 needs --eval-generate N"),
         ]
         for ok, message in checks:
             if not ok:
@@ -400,6 +407,11 @@ def train(cfg: TrainConfig) -> dict:
         eval_loader = make_loader(eval_set, batches, cfg, config.has_vision_expert, accelerator.device.type == "cuda")
 
     sharded = dist.shards_weights(accelerator)
+    if cfg.eval_generate and sharded:
+        raise ValueError("--eval-generate decodes with the whole model on the main process; it is not available "
+                         "under ZeRO-3 / FSDP2 (use the held-out loss there)")
+    if cfg.eval_generate and not eval_convs:
+        raise ValueError("--eval-generate needs held-out data: --eval-data or --eval-fraction")
     if accelerator.distributed_type.value == "FSDP":
         dist.configure_fsdp_loading(accelerator)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -496,18 +508,34 @@ def train(cfg: TrainConfig) -> dict:
                             **({"peak": f"{memory['memory/peak_gib']:.1f}G"} if memory else {}))
             if eval_loader is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
                 metrics = evaluate(module, eval_loader, n_eval_real, accelerator)
+                answers = None
+                if cfg.eval_generate:
+                    if main:
+                        from .generate_eval import generation_metrics
+
+                        generated = generation_metrics(model, train_set.processor, eval_convs[:cfg.eval_generate],
+                                                       cfg.template, cfg.eval_max_new_tokens, accelerator.autocast)
+                        answers = generated.pop("answers")
+                        metrics.update(generated)
+                    accelerator.wait_for_everyone()
                 logger.log(step, **metrics)
                 state.setdefault("eval", []).append({"step": step, **metrics})
                 if main:
+                    extra = (f", exact match {metrics['eval/exact_match']:.2f}, token F1 {metrics['eval/token_f1']:.2f}"
+                             f" (e.g. {answers[0]['answer']!r} for {answers[0]['reference']!r})") if answers else ""
                     bar.write(f"step {step}: eval loss {metrics['eval/loss']:.4f}, perplexity "
-                              f"{metrics['eval/perplexity']:.2f} ({metrics['eval/examples']} held-out examples)")
+                              f"{metrics['eval/perplexity']:.2f} ({metrics['eval/examples']} held-out examples){extra}")
+                if cfg.metric_for_best:
+                    track_best(state, step, cfg.metric_for_best, metrics.get(cfg.metric_for_best))
             interrupted = totals[2].item() > 0 and step < total_steps
             if (cfg.save_every and (step % cfg.save_every == 0 or step == total_steps)) or interrupted:
                 state["data"] = {"outcomes": _reduced_counts(counts, accelerator)}
                 ckpt.save_checkpoint(ckpt.checkpoint_dir(output, step), accelerator, model, state, lora=lora,
                                      base_model=base_model)
                 if main:
-                    ckpt.rotate_checkpoints(output, cfg.save_total_limit)
+                    best = state.get("best", {}).get("step")
+                    ckpt.rotate_checkpoints(output, cfg.save_total_limit,
+                                            keep_also=ckpt.checkpoint_dir(output, best) if best else None)
             if interrupted:
                 bar.close()
                 logger.close()
@@ -527,11 +555,28 @@ def train(cfg: TrainConfig) -> dict:
     if main:
         (output / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
         print(data_report(state["data"]["outcomes"], cfg))
+        if "best" in state:
+            best = state["best"]
+            folder = ckpt.checkpoint_dir(output, best["step"])
+            where = f": {folder}" if folder.is_dir() else " (no checkpoint at that step: align --save-every with --eval-every)"
+            state["best"]["checkpoint"] = str(folder) if folder.is_dir() else None
+            (output / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+            print(f"best {best['metric']} {best['value']:.4f} at step {best['step']}{where}")
         if final is not None:
             print(f"saved {final}")
     logger.close()
     accelerator.end_training()
     return state
+
+
+def track_best(state: dict, step: int, metric: str, value: float | None) -> None:
+    """Remember the evaluation step with the best `metric` (loss / perplexity: lowest; others: highest)."""
+    if value is None:
+        return
+    best = state.get("best")
+    lower = metric in ("eval/loss", "eval/perplexity")
+    if best is None or (value < best["value"] if lower else value > best["value"]):
+        state["best"] = {"step": step, "metric": metric, "value": value}
 
 
 def _reduced_counts(counts: Counter, accelerator) -> dict:
