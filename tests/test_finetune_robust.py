@@ -379,3 +379,18 @@ def test_generation_eval_and_best_checkpoint(tmp_path, data):
     assert best["checkpoint"] == str(tmp_path / f"checkpoint-{best['step']}")
     with pytest.raises(ValueError, match="needs --eval-generate"):
         TrainConfig(model="tiny", data="d", output="o", metric_for_best="eval/token_f1")
+
+
+def test_fp16_training_for_pre_ampere_gpus(tmp_path, data):
+    """--dtype fp16: fp16 base, fp32 LoRA weights, loss scaling (a fresh process: its own accelerate state)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "cogvlm2.finetune", "finetune", "--model", "tiny", "--data", str(data), "--output",
+           str(tmp_path / "fp16"), "--max-steps", "3", "--batch-size", "2", "--dtype", "fp16", "--lr", "1e-2",
+           "--lora-targets", "vision_expert_qkv,language_expert_qkv,lm_head", "--num-workers", "0", "--no-progress",
+           "--no-tensorboard", "--no-gradient-checkpointing"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(0 < row["train/loss"] < 50 for row in rows)
+    weights = load_file(tmp_path / "fp16" / "adapter" / "adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
