@@ -200,7 +200,15 @@ def make_loader(dataset, batches: list, cfg: TrainConfig, has_vision_expert: boo
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin,
         collate_fn=functools.partial(pack, has_vision_expert=has_vision_expert),
-        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.num_workers > 0)
+        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.num_workers > 0,
+        worker_init_fn=_worker_ignores_stop_signals)
+
+
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """Ctrl-C / SIGTERM sent to the whole process group is the trainer's to handle (save, then stop):
+    loader workers keep serving the current step, and end with their loader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _step_of(line: str) -> int:
