@@ -74,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (CUDA + bitsandbytes)")
     g.add_argument("--train-modules", metavar="PARTS",
                    help="--method full: what trains, e.g. 'vision_expert,adapter' (parts: vision_expert, "
-                        "language_expert, adapter, vision_tower, llm, or regexes over parameter names); the rest is frozen")
+                        "language_expert, adapter, vision_tower, llm, or regexes over parameter names); the rest "
+                        "is frozen")
     g.add_argument("--module-lr", metavar="PART=LR,...",
                    help="per-part learning rates, e.g. 'adapter=1e-4,vision_tower=1e-5' (the rest: --lr)")
 
@@ -160,7 +161,8 @@ def validate(cfg) -> int:
     check_max_length(cfg, config)
     n = len(load_mixture(cfg.datasets, config, cfg.labels_dir, cfg.data_weights, cfg.seed))
     m = len(load_mixture([cfg.eval_data], config, cfg.labels_dir)) if cfg.eval_data else 0
-    print(f"ok: {n} conversations in {', '.join(map(str, cfg.datasets))}" + (f", {m} in {cfg.eval_data}" if cfg.eval_data else ""))
+    held_out = f", {m} in {cfg.eval_data}" if cfg.eval_data else ""
+    print(f"ok: {n} conversations in {', '.join(map(str, cfg.datasets))}{held_out}")
     return 0
 
 

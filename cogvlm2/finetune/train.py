@@ -268,7 +268,8 @@ def evaluate(module: nn.Module, loader, n_real: int, accelerator) -> dict:
     for i, batch in enumerate(loader):
         loss = module(batch.to(accelerator.device)).double()
         if i < n_real:
-            total += torch.stack([loss, loss.new_tensor(batch.num_targets), loss.new_tensor(batch.cu_seqlens.numel() - 1)])
+            n_examples = batch.cu_seqlens.numel() - 1
+            total += torch.stack([loss, loss.new_tensor(batch.num_targets), loss.new_tensor(n_examples)])
     module.train()
     total = accelerator.reduce(total, "sum")
     loss = (total[0] / total[1].clamp(min=1)).item()
