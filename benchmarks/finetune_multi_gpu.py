@@ -74,7 +74,11 @@ class Runner:
 def provenance() -> dict:
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip()
+    except OSError:  # no git (or no .git) on the machine: COMMIT from the environment
+        commit = ""
     try:
         import deepspeed
 
