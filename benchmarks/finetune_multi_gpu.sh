@@ -18,7 +18,7 @@ OUT=${OUT:-$PWD/finetune_multi_gpu_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "installing the carried wheels failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 DS_BUILD_OPS=0 COMMIT=$(git rev-parse --short HEAD 2>/dev/null)
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 DS_BUILD_OPS=0 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 python3 -c "import torch, deepspeed, accelerate, peft; print('gpus', torch.cuda.device_count(), 'torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"
 nvidia-smi --query-gpu=timestamp,index,memory.used --format=csv,noheader -lms 1000 > "$OUT/nvidia_smi.csv" 2>/dev/null &
