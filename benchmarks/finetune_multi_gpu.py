@@ -54,14 +54,13 @@ class Runner:
                "-m", "cogvlm2.finetune", "finetune", "--no-progress", "--no-tensorboard", *args]
         t0 = time.time()
         limit = max(10.0, min(limit, self.left()))
-        # own process group: on timeout the launcher AND its per-GPU workers go, freeing the GPUs
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                start_new_session=True)
+        # on timeout the launcher AND its per-GPU workers go (kill_tree), freeing the GPUs
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         try:
             log, _ = proc.communicate(timeout=limit)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             log, _ = proc.communicate()
             rc = "timeout"
         with open(self.out / "runs.log", "a") as f:  # one file: the device tool returns at most 8
@@ -69,6 +68,24 @@ class Runner:
         row = {"name": name, "backend": backend, "rc": rc, "seconds": round(time.time() - t0, 1), "args": args}
         print(f"{name}: rc={rc} in {row['seconds']} s", flush=True)
         return row
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it (torchrun starts its workers in their own sessions,
+    so killing the launcher's process group would leave them holding the GPUs)."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        procs = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 def provenance() -> dict:

@@ -105,7 +105,8 @@ def finetune(data: Path, out: Path, *extra: str, port: int) -> dict:
     r = torchrun("-m", "cogvlm2.finetune", "finetune", "--model", "tiny", "--data", str(data), "--output", str(out),
                  "--max-steps", "4", "--batch-size", "2", "--save-every", "2", "--lr", "1e-2", "--lora-dropout", "0",
                  "--lora-targets", "vision_expert_qkv,language_expert_qkv", "--num-workers", "0", "--no-progress",
-                 "--no-gradient-checkpointing", "--no-tensorboard", *extra, port=port, timeout=400)
+                 "--no-gradient-checkpointing", "--no-tensorboard", "--eval-fraction", "0.125", *extra, port=port,
+                 timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return json.loads((out / "trainer_state.json").read_text())
 
@@ -122,6 +123,9 @@ def test_deepspeed_zero_on_cpu_trains_and_resumes_exactly(data, tmp_path, stage)
     assert any("optim_states" in n for n in state_files), state_files  # DeepSpeed's own sharded format
     losses = [h["loss"] for h in full["history"]]
     assert len(losses) == 4 and all(0 < v < 50 for v in losses) and losses[-1] < losses[0]
+    # 3 held-out examples: rank 0 evaluates 2 packed together, rank 1 one (and a padding pass); under ZeRO-3
+    # the ranks must still make the same layer calls
+    assert full["eval"][-1]["eval/examples"] == 3
     assert (tmp_path / "a" / "adapter" / "adapter_model.safetensors").is_file()
     if stage == 2:
         return  # the resume path is the same; ZeRO-3 exercises it

@@ -398,3 +398,15 @@ def test_fp16_training_for_pre_ampere_gpus(tmp_path, data):
     assert len(rows) == 3 and all(0 < row["train/loss"] < 50 for row in rows)
     weights = load_file(tmp_path / "fp16" / "adapter" / "adapter_model.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+
+
+def test_sharded_backends_refuse_text_only_examples():
+    """Under ZeRO-3 / FSDP2 a rank whose micro-batch has no image would skip the vision tower's
+    collective gathers and stall the others: refused up front, naming the example."""
+    from cogvlm2.finetune.data import Conversation
+    from cogvlm2.finetune.train import check_media_everywhere
+
+    check_media_everywhere([Conversation("a.json", (("q", "a"),), image=Path("a.jpg"))])
+    with pytest.raises(ValueError, match="1 conversation.*m.jsonl:3"):
+        check_media_everywhere([Conversation("a.json", (("q", "a"),), image=Path("a.jpg")),
+                                Conversation("m.jsonl:3", (("q", "a"),))])

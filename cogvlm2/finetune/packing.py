@@ -70,10 +70,15 @@ def _apply(value, fn):
     return fn(value) if isinstance(value, torch.Tensor) else value
 
 
-def pack(examples: Sequence[ModelInputs | tuple[ModelInputs, str]], has_vision_expert: bool = True) -> PackedBatch:
+def pack(examples: Sequence[ModelInputs | tuple[ModelInputs, str]], has_vision_expert: bool = True,
+         segments: bool = True) -> PackedBatch:
     """Labelled ModelInputs (labels from the processor's `answer=`), or the dataset's (inputs, outcome)
     pairs, -> one PackedBatch. Dropped examples are left out; a micro-batch dropped whole keeps the first
-    one's no-target stand-in, so every rank still runs its forward / backward pass."""
+    one's no-target stand-in, so every rank still runs its forward / backward pass.
+
+    segments=False routes experts by index lists only: each expert layer then runs once per forward
+    whatever the number of examples, which ZeRO-3 needs (it all-gathers a layer's shards at every call,
+    and ranks must make the same calls)."""
     if not examples:
         raise ValueError("pack() needs at least one example")
     items = [e if isinstance(e, tuple) else (e, "fit") for e in examples]
@@ -96,7 +101,7 @@ def pack(examples: Sequence[ModelInputs | tuple[ModelInputs, str]], has_vision_e
     vision_idx = language_idx = segments = None
     if has_vision_expert and bool(expert_t.any()):
         vision_idx, language_idx = idx[expert_t], idx[~expert_t]
-        segments = expert_segments(expert)
+        segments = expert_segments(expert) if segments else None
     keep = labels_t != IGNORE
     return PackedBatch(
         input_ids=torch.tensor(ids),

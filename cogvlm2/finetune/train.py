@@ -195,11 +195,11 @@ def split_eval(conversations: list, fraction: float, seed: int) -> tuple[list, l
     return [conversations[i] for i in order[n_eval:]], [conversations[i] for i in order[:n_eval]]
 
 
-def make_loader(dataset, batches: list, cfg: TrainConfig, has_vision_expert: bool, pin: bool):
+def make_loader(dataset, batches: list, cfg: TrainConfig, has_vision_expert: bool, pin: bool, segments: bool = True):
     """A DataLoader over precomputed micro-batches; its own generator keeps the global RNG untouched."""
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin,
-        collate_fn=functools.partial(pack, has_vision_expert=has_vision_expert),
+        collate_fn=functools.partial(pack, has_vision_expert=has_vision_expert, segments=segments),
         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.num_workers > 0,
         worker_init_fn=_worker_ignores_stop_signals)
 
@@ -337,6 +337,17 @@ def check_output(output: Path, cfg: TrainConfig) -> None:
         raise FileExistsError(f"{done[0]} exists (a finished run): pass --overwrite to replace it, or choose a new --output")
 
 
+def check_media_everywhere(conversations: list) -> None:
+    """ZeRO-3 / FSDP2 gather each layer's shards collectively, so every rank must run the same layers
+    in every forward: a micro-batch without an image (or video) would skip the vision tower on one rank
+    while the others wait for it. Refuse text-only conversations there, before the model loads."""
+    text_only = [c.source for c in conversations if c.image is None and c.video is None]
+    if text_only:
+        raise ValueError(f"{len(text_only)} conversation(s) have no image or video (first: {text_only[0]}); under "
+                         "ZeRO-3 / FSDP2 every example needs one (a rank without one would skip the vision "
+                         "tower and stall the others): remove them or train them under DDP / ZeRO-2")
+
+
 def check_max_length(cfg: TrainConfig, config: ModelConfig) -> None:
     """Refuse, before the model loads, a --max-length that cannot hold one image and an answer token."""
     if cfg.max_length is None:
@@ -408,14 +419,18 @@ def train(cfg: TrainConfig) -> dict:
     if total_steps < 1:
         raise ValueError(f"{order.batches_per_epoch} micro-batches per epoch make no optimizer step of "
                          f"{cfg.grad_accum} micro-batches: lower --grad-accum or raise --epochs")
+    sharded = dist.shards_weights(accelerator)
+    if sharded:
+        check_media_everywhere(train_convs + eval_convs)
+    segments = dist.zero_stage(accelerator) != 3
+    pin = accelerator.device.type == "cuda"
     eval_loader, n_eval_real = None, 0
     if eval_convs:
         eval_set = FinetuneDataset(eval_convs, train_set.processor, cfg.seed, cfg.history, cfg.template,
                                    cfg.max_length, cfg.overlong)
         batches, n_eval_real = eval_batches(len(eval_set), cfg.batch_size, rank, world, cfg.eval_batches)
-        eval_loader = make_loader(eval_set, batches, cfg, config.has_vision_expert, accelerator.device.type == "cuda")
+        eval_loader = make_loader(eval_set, batches, cfg, config.has_vision_expert, pin, segments)
 
-    sharded = dist.shards_weights(accelerator)
     if cfg.eval_generate and sharded:
         raise ValueError("--eval-generate decodes with the whole model on the main process; it is not available "
                          "under ZeRO-3 / FSDP2 (use the held-out loss there)")
@@ -471,7 +486,7 @@ def train(cfg: TrainConfig) -> dict:
 
     step = state["step"]
     batches = [b for _, b in islice(order.stream(step * cfg.grad_accum), (total_steps - step) * cfg.grad_accum)]
-    stream = iter(make_loader(train_set, batches, cfg, config.has_vision_expert, accelerator.device.type == "cuda"))
+    stream = iter(make_loader(train_set, batches, cfg, config.has_vision_expert, pin, segments))
     bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=not (main and cfg.progress), dynamic_ncols=True)
     base_model = str(cfg.model)
     lora = lora_config is not None
