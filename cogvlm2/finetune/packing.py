@@ -98,10 +98,10 @@ def pack(examples: Sequence[ModelInputs | tuple[ModelInputs, str]], has_vision_e
             pixels.append(x.pixel_values if x.pixel_values.dim() == 4 else x.pixel_values.unsqueeze(0))
     expert_t, labels_t = torch.tensor(expert), torch.tensor(labels)
     idx = torch.arange(len(ids))
-    vision_idx = language_idx = segments = None
+    vision_idx = language_idx = runs = None
     if has_vision_expert and bool(expert_t.any()):
         vision_idx, language_idx = idx[expert_t], idx[~expert_t]
-        segments = expert_segments(expert) if segments else None
+        runs = expert_segments(expert) if segments else None
     keep = labels_t != IGNORE
     return PackedBatch(
         input_ids=torch.tensor(ids),
@@ -113,6 +113,6 @@ def pack(examples: Sequence[ModelInputs | tuple[ModelInputs, str]], has_vision_e
         pixel_values=torch.cat(pixels) if pixels else None,
         target_idx=idx[keep],
         target_ids=labels_t[keep],
-        expert_segments=segments,
+        expert_segments=runs,
         outcomes=dict(outcomes),
     )
