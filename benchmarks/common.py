@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -15,9 +16,6 @@ from cogvlm2.model.cogvlm import CogVLM2ForCausalLM
 from cogvlm2.model.random_init import init_random_
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs"
-# Ceilings measured on the lent H100 (see BENCHMARKS.md): bytes read + written per second, bf16 matmul.
-COPY_BANDWIDTH = 2.985e12
-MATMUL_FLOPS = 790e12
 
 
 def full_size_config(name: str = "cogvlm2-llama3-chat-19B") -> ModelConfig:
@@ -46,13 +44,44 @@ def cuda_time(fn, warmup: int = 2, iters: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+@functools.lru_cache(maxsize=None)
+def ceilings() -> tuple[float, float]:
+    """This card's ceilings, measured in the same process as the figures they bound (an H100's and an H200's
+    differ): device-to-device copy of 1 GiB in bytes read + written per second, and the bf16 8192^3 matmul
+    rate in FLOP/s (medians of 10 runs)."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    copy = 2 * x.numel() / cuda_time(lambda: y.copy_(x), warmup=3, iters=10)
+    del x, y
+    a, b = (torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    flops = 2 * 8192**3 / cuda_time(lambda: a @ b, warmup=3, iters=10)
+    del a, b
+    torch.cuda.empty_cache()
+    print(f"ceilings of this card: copy {copy / 1e9:,.0f} GB/s, bf16 matmul {flops / 1e12:,.0f} TFLOP/s")
+    return copy, flops
+
+
+def copy_bandwidth() -> float:
+    return ceilings()[0]
+
+
+def matmul_flops() -> float:
+    return ceilings()[1]
+
+
 def provenance() -> dict:
+    """Card, torch, date, commit ($COMMIT first: a copied tree's .git may name another commit) and ceilings."""
+    commit = os.environ.get("COMMIT", "")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                          text=True).stdout.strip()
     except OSError:
-        commit = ""
-    return {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": commit or os.environ.get("COMMIT", "")}
+        pass
+    out = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "commit": commit}
+    if torch.cuda.is_available():
+        out["copy_bandwidth_GBps"], out["matmul_bf16_TFLOPs"] = (round(v / s) for v, s in zip(ceilings(), (1e9, 1e12)))
+    return out
 
 
 def report(rows: list[dict], out: str | None = None) -> None:

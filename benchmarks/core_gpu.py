@@ -12,28 +12,17 @@ import argparse
 
 import torch
 
-from benchmarks.common import COPY_BANDWIDTH, MATMUL_FLOPS, cuda_time, full_size_config, random_model, report
+from benchmarks.common import ceilings, copy_bandwidth, matmul_flops, cuda_time, full_size_config, random_model, report
 from cogvlm2.model.attention import PaddedKVCache
 from cogvlm2.model.batch import ForwardBatch, expert_indices
 from cogvlm2.processing.prompt import position_ids, vision_expert_mask
-
-
-def measure_ceilings() -> tuple[float, float]:
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    t = cuda_time(lambda: y.copy_(x), iters=10)
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    tm = cuda_time(lambda: a @ b, iters=10)
-    return 2 * x.numel() / t, 2 * 8192**3 / tm
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     args = ap.parse_args()
-    bw, flops = measure_ceilings()
-    print(f"measured ceilings: copy {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    ceilings()
     cfg = full_size_config()
     model = random_model(cfg)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -50,7 +39,7 @@ def main() -> None:
     vit_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.vision."))
     vit_flops = 2 * vit_params * n_patch + 4 * v.num_hidden_layers * n_patch**2 * v.hidden_size
     rows.append(dict(name="vision encoder, one 1344² image", value=t_vit * 1e3, unit="ms", lower_is_better=True,
-                     floor=vit_flops / MATMUL_FLOPS * 1e3, floor_how=f"{vit_flops / 1e12:.0f} TFLOP / 790 TFLOP/s"))
+                     floor=vit_flops / matmul_flops() * 1e3, floor_how=f"{vit_flops / 1e12:.0f} TFLOP / {matmul_flops() / 1e12:.0f} TFLOP/s"))
 
     n_text = 24
     types = [0] + [1] * v.tokens_per_image + [0] * n_text
@@ -72,8 +61,8 @@ def main() -> None:
     lm_params = sum(p.numel() for n_, p in model.named_parameters() if "vision" not in n_ and "embed" not in n_)
     lm_flops = 2 * lm_params * n + 4 * cfg.num_hidden_layers * n * n * cfg.hidden_size / 2
     rows.append(dict(name=f"LM prefill, {n} tokens (reference attention)", value=t_pre * 1e3, unit="ms",
-                     lower_is_better=True, floor=lm_flops / MATMUL_FLOPS * 1e3,
-                     floor_how=f"{lm_flops / 1e12:.0f} TFLOP / 790 TFLOP/s"))
+                     lower_is_better=True, floor=lm_flops / matmul_flops() * 1e3,
+                     floor_how=f"{lm_flops / 1e12:.0f} TFLOP / {matmul_flops() / 1e12:.0f} TFLOP/s"))
 
     next_pos = torch.tensor([max(position_ids(types)) + 1], device="cuda")
     tok = torch.tensor([1], device="cuda")
@@ -85,8 +74,8 @@ def main() -> None:
     with torch.inference_mode():
         t_dec = cuda_time(decode, warmup=2, iters=9)
     rows.append(dict(name="reference decode step, batch 1, 2.3K context", value=t_dec * 1e3, unit="ms",
-                     lower_is_better=True, floor=lm_bytes / COPY_BANDWIDTH * 1e3,
-                     floor_how="language weights read once at 2,985 GB/s"))
+                     lower_is_better=True, floor=lm_bytes / copy_bandwidth() * 1e3,
+                     floor_how=f"language weights read once at {copy_bandwidth() / 1e9:,.0f} GB/s"))
 
     from cogvlm2.engine.kernels.decode_attention import paged_decode_attention
 
@@ -107,7 +96,7 @@ def main() -> None:
         t_k = cuda_time(lambda: paged_decode_attention(q, kc, vc, bt, lens, d**-0.5, 8192), iters=20)
         kv_bytes = 2 * b * ctx * hkv * d * 2
         rows.append(dict(name=f"paged decode attention, 1 layer, batch {b}, ctx {ctx} (err {err:.1e})",
-                         value=t_k * 1e6, unit="us", lower_is_better=True, floor=kv_bytes / COPY_BANDWIDTH * 1e6,
+                         value=t_k * 1e6, unit="us", lower_is_better=True, floor=kv_bytes / copy_bandwidth() * 1e6,
                          floor_how="KV bytes read once"))
     report(rows, args.out)
     print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

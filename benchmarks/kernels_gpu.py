@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import COPY_BANDWIDTH, cuda_time
+from benchmarks.common import copy_bandwidth, cuda_time
 from cogvlm2.engine.kernels.decode_attention import paged_decode_attention
 
 
@@ -33,7 +33,7 @@ def decode_sweep() -> None:
         bt = torch.randperm(nblk, device="cuda").view(b, -1)
         lens = torch.full((b,), ctx, device="cuda", dtype=torch.long)
         q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
-        floor = 2 * b * ctx * hkv * d * 2 / COPY_BANDWIDTH * 1e6
+        floor = 2 * b * ctx * hkv * d * 2 / copy_bandwidth() * 1e6
         results = []
         for split, block_n, warps, stages in itertools.product((128, 256, 512), (32, 64, 128), (4, 8), (2, 3)):
             if block_n > split:

@@ -1,5 +1,7 @@
 """Checkpoint I/O: finding checkpoint folders (local or Hugging Face Hub) and reading/writing
-official-layout safetensors weights (``model.safetensors`` or sharded shards + index.json).
+official-layout safetensors weights (``model.safetensors`` or sharded shards + index.json). PyTorch
+pickles (``pytorch_model.bin``, sharded or not; the official int4 checkpoints ship one) are read too,
+memory-mapped with ``torch.load(weights_only=True)``, when a folder has no safetensors.
 
 Generic: knows ``nn.Module``s and files; nothing model-specific beyond the default ignore pattern.
 """
@@ -9,7 +11,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +19,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CheckpointError", "LoadReport", "parse_dtype", "resolve_model_path", "weight_files",
-           "load_weights", "save_weights", "copy_non_weight_files"]
+__all__ = ["CheckpointError", "LoadReport", "TensorSlice", "parse_dtype", "resolve_model_path", "weight_files",
+           "load_weights", "save_weights", "copy_non_weight_files", "read_matching"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_SINGLE_NAME = "pytorch_model.bin"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
+HUB_BIN_PATTERNS = ["pytorch_model*.bin"]  # fetched only when a repo has no safetensors weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -42,6 +47,24 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TensorSlice:
+    """The part of a checkpoint tensor one process loads: the index ranges ``[(start, stop), ...]`` of
+    dimension ``dim``, read one by one with safetensors ``get_slice`` (never the whole tensor) and
+    concatenated in order (a tensor-parallel rank's rows of a fused QKV are three ranges)."""
+    dim: int
+    ranges: Sequence[tuple[int, int]]
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        return full[:self.dim] + (sum(b - a for a, b in self.ranges),) + full[self.dim + 1:]
+
+    def read(self, view) -> torch.Tensor:
+        """``view``: a safetensors ``get_slice`` handle of the full tensor."""
+        head = (slice(None),) * self.dim
+        parts = [view[head + (slice(a, b),)] for a, b in self.ranges]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
+
+
 def parse_dtype(x: torch.dtype | str) -> torch.dtype:
     """``torch.dtype`` or one of float32/fp32, bfloat16/bf16, float16/fp16 -> ``torch.dtype``."""
     if isinstance(x, torch.dtype):
@@ -54,12 +77,12 @@ def parse_dtype(x: torch.dtype | str) -> torch.dtype:
 
 def _missing_weights(folder: Path) -> list[str]:
     """Names of weight files that ``folder`` lacks (empty list: weights are complete)."""
-    index = folder / INDEX_NAME
-    if index.is_file():
-        return [s for s in _index_shards(index) if not (folder / s).is_file()]
-    if (folder / SINGLE_NAME).is_file() or any(folder.glob("*.safetensors")):
+    for index in (folder / INDEX_NAME, folder / BIN_INDEX_NAME):
+        if index.is_file():
+            return [s for s in _index_shards(index) if not (folder / s).is_file()]
+    if (folder / SINGLE_NAME).is_file() or any(folder.glob("*.safetensors")) or (folder / BIN_SINGLE_NAME).is_file():
         return []
-    return [f"{INDEX_NAME} or {SINGLE_NAME} (or any *.safetensors)"]
+    return [f"{INDEX_NAME} or {SINGLE_NAME} (or any *.safetensors, or {BIN_SINGLE_NAME})"]
 
 
 def _index_shards(index: Path) -> list[str]:
@@ -114,6 +137,9 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = N
 
     try:
         folder = huggingface_hub.snapshot_download(raw, revision=revision, allow_patterns=HUB_PATTERNS)
+        if _missing_weights(Path(folder)):  # e.g. the official int4 repos: one pytorch_model.bin
+            folder = huggingface_hub.snapshot_download(raw, revision=revision,
+                                                       allow_patterns=HUB_PATTERNS + HUB_BIN_PATTERNS)
     except _hub_errors() as e:
         reason = f"{type(e).__name__}: {e}".strip()[:600]
         raise CheckpointError(
@@ -125,21 +151,68 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = N
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
-    """Safetensors files of a checkpoint: index shards (sorted, unique), else the single file, else
-    every ``*.safetensors`` sorted. Raises if the index names absent shards or nothing is found."""
+    """Weight files of a checkpoint: safetensors index shards (sorted, unique), else the single file, else
+    every ``*.safetensors`` sorted; without safetensors the same for ``pytorch_model*.bin``. Raises if
+    the index names absent shards or nothing is found."""
     folder = Path(folder)
-    index = folder / INDEX_NAME
-    if index.is_file():
-        missing = _missing_weights(folder)
-        if missing:
-            raise CheckpointError(f"{index} names shard(s) missing from {folder}: {', '.join(missing)}")
-        return [folder / s for s in _index_shards(index)]
-    if (folder / SINGLE_NAME).is_file():
-        return [folder / SINGLE_NAME]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no safetensors weights in {folder}")
-    return files
+    for index, single, pattern in ((INDEX_NAME, SINGLE_NAME, "*.safetensors"),
+                                   (BIN_INDEX_NAME, BIN_SINGLE_NAME, "pytorch_model*.bin")):
+        if (folder / index).is_file():
+            missing = _missing_weights(folder)
+            if missing:
+                raise CheckpointError(f"{folder / index} names shard(s) missing from {folder}: {', '.join(missing)}")
+            return [folder / s for s in _index_shards(folder / index)]
+        if (folder / single).is_file():
+            return [folder / single]
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    raise CheckpointError(f"no safetensors (or pytorch_model.bin) weights in {folder}")
+
+
+class _BinReader:
+    """``safe_open``'s interface (keys / get_slice(k).get_shape() / get_tensor) over a memory-mapped
+    ``pytorch_model.bin``; only tensors are accepted (weights_only)."""
+
+    def __init__(self, file: Path):
+        try:
+            try:
+                self.tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a legacy (pre-zip) pickle cannot be mapped: read it whole
+                self.tensors = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle that is not a plain tensor dict, or a damaged file
+            raise CheckpointError(f"cannot read {file} as a PyTorch weights file: {e}") from e
+        if not isinstance(self.tensors, dict) or not all(isinstance(t, torch.Tensor) for t in self.tensors.values()):
+            raise CheckpointError(f"{file} holds a {type(self.tensors).__name__} that is not a dict of tensors")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.tensors = None
+
+    def keys(self):
+        return list(self.tensors)
+
+    def get_slice(self, key: str) -> "_BinReader._Slice":
+        return self._Slice(self.tensors[key])
+
+    @dataclass
+    class _Slice:
+        tensor: torch.Tensor
+
+        def get_shape(self) -> list[int]:
+            return list(self.tensor.shape)
+
+        def __getitem__(self, index) -> torch.Tensor:  # as a safetensors slice: a copy of the part
+            return self.tensor[index].clone()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+def _open(file: Path):
+    return _BinReader(file) if file.suffix == ".bin" else safe_open(file, framework="pt", device="cpu")
 
 
 def _fmt(items: list[str], limit: int = 20) -> str:
@@ -150,9 +223,12 @@ def _fmt(items: list[str], limit: int = 20) -> str:
 
 
 def load_weights(module: torch.nn.Module, folder: str | os.PathLike, *,
-                 dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | str | None = None,
+                 device: str | torch.device | Callable[[str], torch.device] = "cpu",
                  ignore: Sequence[str] = (r"rotary_emb\.inv_freq$",), strict: bool = True,
-                 progress: bool = True) -> LoadReport:
+                 progress: bool = True, keep_dtype: Sequence[str] = (),
+                 metadata: Mapping[str, Callable[[torch.Tensor], None]] | None = None,
+                 slicer: Callable[[str, tuple[int, ...]], TensorSlice | None] | None = None) -> LoadReport:
     """Fill ``module`` (typically built on ``meta``) from the checkpoint in ``folder``.
 
     Invariants: tensors are read one at a time and copied straight to their final dtype/device
@@ -161,32 +237,54 @@ def load_weights(module: torch.nn.Module, folder: str | os.PathLike, *,
     replaced in ``_parameters``/``_buffers`` (requires_grad kept); tied parameters stay tied.
     Non-persistent buffers are not touched. Mis-shaped keys always raise; missing/unexpected raise
     only when ``strict``, otherwise they are returned in the report.
+
+    ``keep_dtype``: patterns of floating keys that keep their file dtype (quantization scales).
+    ``metadata``: keys that are expected but not stored: each tensor goes to its check (which raises
+    ValueError when it does not describe the model), e.g. bitsandbytes' packed quant states.
+    ``device`` may be a function of the key (pipeline stages: each layer on its GPU). ``slicer(key,
+    full_shape)`` returns the part of a key this process loads (tensor parallelism) or None for all of it;
+    the model's shape is checked against the slice's shape.
     """
     from tqdm.auto import tqdm
 
     folder = Path(folder)
     dtype = parse_dtype(dtype) if dtype is not None else None
     patterns = [re.compile(p) for p in ignore]
+    keep = [re.compile(p) for p in keep_dtype]
+    metadata, seen_metadata, bad_metadata = dict(metadata or {}), set(), []
     targets = module.state_dict(keep_vars=True)  # persistent names -> original tensor objects
     new: dict[int, torch.Tensor] = {}  # id(original) -> replacement; keeps shared weights shared
     report, bad_shape = LoadReport(), []
     for file in tqdm(weight_files(folder), desc="Loading weights", unit="shard", disable=not progress):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open(file) as f:
             for key in f.keys():
                 if any(p.search(key) for p in patterns):
                     report.skipped.append(key)
+                    continue
+                if key in metadata:
+                    try:
+                        metadata[key](f.get_tensor(key))
+                        seen_metadata.add(key)
+                        report.loaded += 1
+                    except ValueError as e:
+                        bad_metadata.append(f"{key}: {e}")
                     continue
                 old = targets.get(key)
                 if old is None:
                     report.unexpected.append(key)
                     continue
-                shape = tuple(f.get_slice(key).get_shape())
+                view = f.get_slice(key)
+                shape = tuple(view.get_shape())
+                part = slicer(key, shape) if slicer is not None else None
+                if part is not None:
+                    shape = part.shape(shape)
                 if shape != tuple(old.shape):
                     bad_shape.append(f"{key}: checkpoint {shape} vs model {tuple(old.shape)}")
                     continue
                 if id(old) not in new:
-                    t = f.get_tensor(key)
-                    t = t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype,
+                    t = f.get_tensor(key) if part is None else part.read(view)
+                    cast = dtype and t.is_floating_point() and not any(p.search(key) for p in keep)
+                    t = t.to(device=device(key) if callable(device) else device, dtype=dtype if cast else t.dtype,
                              copy=True)
                     is_param = isinstance(old, torch.nn.Parameter)
                     new[id(old)] = torch.nn.Parameter(t, requires_grad=old.requires_grad) if is_param else t
@@ -197,13 +295,14 @@ def load_weights(module: torch.nn.Module, folder: str | os.PathLike, *,
             for name, old in table.items():
                 if old is not None and id(old) in new:
                     table[name] = new[id(old)]
-    report.missing = [k for k, v in targets.items() if id(v) not in new]
-    if bad_shape or (strict and (report.missing or report.unexpected)):
+    report.missing = [k for k, v in targets.items() if id(v) not in new] + sorted(set(metadata) - seen_metadata)
+    if bad_shape or bad_metadata or (strict and (report.missing or report.unexpected)):
         raise CheckpointError(
             f"checkpoint {folder} does not match the model:\n"
             f"  missing ({len(report.missing)}): {_fmt(report.missing)}\n"
             f"  unexpected ({len(report.unexpected)}): {_fmt(report.unexpected)}\n"
-            f"  wrong shape ({len(bad_shape)}): {_fmt(bad_shape)}")
+            f"  wrong shape ({len(bad_shape)}): {_fmt(bad_shape)}"
+            + (f"\n  wrong quantization state ({len(bad_metadata)}): {_fmt(bad_metadata)}" if bad_metadata else ""))
     return report
 
 
@@ -263,3 +362,16 @@ def copy_non_weight_files(src: str | os.PathLike, dst: str | os.PathLike) -> Non
     for f in Path(src).iterdir():
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
             shutil.copyfile(f, Path(dst) / f.name)
+
+
+def read_matching(folder: str | os.PathLike, pattern: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in ``folder`` whose key matches ``pattern`` (a regex), as stored
+    (for small buffers the loader skips, e.g. the official ``rotary_emb.inv_freq``)."""
+    regex = re.compile(pattern)
+    out = {}
+    for file in weight_files(folder):
+        with _open(file) as f:
+            for key in f.keys():
+                if regex.search(key):
+                    out[key] = f.get_tensor(key)
+    return out

@@ -7,24 +7,12 @@ import importlib
 import sys
 from typing import Callable, TextIO
 
+from .devices import auto_device, auto_dtype
+
 DEFAULT_MODEL = "tiny"
 
 # Sub-commands that live with their concern and need extras; each module defines add_parser(subparsers).
-_PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.finetune.cli", "cogvlm2.engine.cli")
-
-
-def auto_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def auto_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
+_PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.finetune.cli", "cogvlm2.batch.cli", "cogvlm2.eval.cli")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,17 +20,32 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder, Hugging Face repo id (e.g. THUDM/cogvlm2-llama3-chat-19B), or an "
                         "embedded tiny model: 'tiny' (image chat) / 'tiny-video' (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto = bfloat16 on CUDA, float32 on CPU")
+                   help="auto = bfloat16 on GPUs of compute capability >= 8, float16 on older GPUs, float32 on CPU")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available)")
+    p.add_argument("--quant", default=None, choices=["4", "8", "fp4", "nf4", "fp4-dq", "nf4-dq", "int4", "int8", "fp8"],
+                   help="quantize the weights while loading: 4 = fp4 (bitsandbytes layout, as the official demos), "
+                        "nf4, fp4-dq / nf4-dq (8-bit absmax), 8 = LLM.int8 (bitsandbytes), int4 = group-wise int4, "
+                        "fp8 = e4m3 (fast prefill on cc >= 8.9); the official int4 checkpoints need no flag "
+                        "(fp4-dq compresses their absmax)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 2048) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
+    """Greedy by default, as every official demo decodes (do_sample=False / top_k=1)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="cut to what the context leaves (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, as the official demos)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+
+
+def add_template_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template", choices=["chat", "vqa", "base"],
+                   help="prompt template (default: as the official demos for the checkpoint; see the README's table)")
+    p.add_argument("--video-strategy", choices=["chat", "base"],
+                   help="video frame sampling: 'chat' one frame per second, 'base' 24 frames spread over the first "
+                        "60 s (default: follows the template)")
 
 
 def sampling_params(args: argparse.Namespace):
@@ -61,8 +64,9 @@ def _chat_parser(sub) -> None:
     add_model_arguments(p)
     p.add_argument("--image", help="image file for the first conversation (image models)")
     p.add_argument("--video", help="video file for the first conversation (video models)")
-    p.add_argument("--query", help="ask once, print the answer and exit")
-    p.add_argument("--template", choices=["chat", "vqa", "base"], help="prompt template (default: the checkpoint's)")
+    p.add_argument("--query", help="ask once, print the answer and exit (the caption checkpoint with --video: "
+                                   "its caption prompt when omitted)")
+    add_template_arguments(p)
     p.add_argument("--lora", help="LoRA adapter folder (peft format) applied without merging")
     add_sampling_arguments(p)
     p.set_defaults(func=run_chat)
@@ -75,7 +79,8 @@ def load_for_chat(args):
     from .tiny import TINY_NOTE, is_tiny
 
     device = auto_device(args.device)
-    model = load_model(args.model, dtype=auto_dtype(args.dtype, device), device=device)
+    model = load_model(args.model, dtype=auto_dtype(args.dtype, device), device=device,
+                       quant=getattr(args, "quant", None))
     if getattr(args, "lora", None):
         from .finetune.lora import load_with_adapter
 
@@ -93,7 +98,7 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
     kind = "video" if model.config.is_video else "image"
 
     def answer(query: str, history, media) -> str:
-        inputs = processor(query, history, template=args.template, **media)
+        inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
         parts = []
         for delta in stream_text(model, processor.tokenizer, inputs, params):
             parts.append(delta)
@@ -103,8 +108,9 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
         return "".join(parts)
 
     media = {k: v for k, v in (("image", args.image), ("video", args.video)) if v}
-    if args.query is not None:
-        answer(args.query, [], media)
+    query = args.query if args.query is not None else (processor.default_query if args.video else None)
+    if query is not None:
+        answer(query, [], media)
         return 0
     read = _reader(stdin, stdout)
     first = True
@@ -116,7 +122,7 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
             media = {kind: path.strip()} if path.strip() else {}
         first = False
         try:
-            processor("", **media)  # fail early on an unreadable file, before the first question
+            processor("", video_strategy=args.video_strategy, **media)  # fail early on an unreadable file
         except (OSError, ValueError) as e:
             stdout.write(f"error: {e}\n")
             media = {}

@@ -125,6 +125,18 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def max_media_items(self) -> int:
+        """Images (one) or video frames (the official 24) a prompt holds at most."""
+        return 24 if self.is_video else 1
+
+    @property
+    def default_max_model_len(self) -> int:
+        """Tokens one sequence holds when positions are the limit: max_position_embeddings, plus the tokens
+        that share a position inside the largest media (an image's 2306 tokens span 3 positions; a video
+        frame's 66 tokens 3). Image 19B: 8192 + 2303; video: 2048 + 24 x 63."""
+        return self.max_position_embeddings + self.max_media_items * (self.vision.tokens_per_image - 3)
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         where = "config.json"

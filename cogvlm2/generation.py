@@ -6,6 +6,8 @@ against it. It reproduces the official batch demo, right padding included.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -49,6 +51,20 @@ def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Gener
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def clamp_to_positions(params: SamplingParams, next_position: int, max_position_embeddings: int) -> SamplingParams:
+    """params with max_new_tokens cut to the rotary positions left after a prompt whose first generated
+    token sits at next_position (with a warning); ValueError when the prompt leaves none."""
+    budget = max_position_embeddings - next_position + 1
+    if budget < 1:
+        raise ValueError(f"the prompt spans {next_position} positions, more than the model's "
+                         f"max_position_embeddings={max_position_embeddings}")
+    if params.max_new_tokens <= budget:
+        return params
+    warnings.warn(f"max_new_tokens={params.max_new_tokens} cut to {budget}: the prompt spans {next_position - 1} of "
+                  f"the model's {max_position_embeddings} positions", stacklevel=3)
+    return dataclasses.replace(params, max_new_tokens=budget)
+
+
 @dataclass
 class _Padded:
     ids: torch.Tensor  # [B, L]
@@ -86,9 +102,7 @@ def generate_ids(model: CogVLM2ForCausalLM, batch: Sequence[ModelInputs], params
     cfg, device = model.config, model.device
     b = len(batch)
     pad = _pad(batch, pad_id=cfg.eos_token_ids[0])
-    if int(pad.positions.max()) + params.max_new_tokens >= cfg.max_position_embeddings + 1:
-        raise ValueError(f"prompt spans {int(pad.positions.max()) + 1} positions; with max_new_tokens="
-                         f"{params.max_new_tokens} it exceeds max_position_embeddings={cfg.max_position_embeddings}")
+    params = clamp_to_positions(params, int(pad.positions.max()) + 1, cfg.max_position_embeddings)
     cache = PaddedKVCache(b, cfg.num_hidden_layers)
     cache.begin_step(pad.valid.to(device))
     vision_idx, language_idx = expert_indices(pad.expert.flatten()) if cfg.has_vision_expert else (None, None)

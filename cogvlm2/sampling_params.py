@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Temperatures below this sample as greedy: logits / 1e-40 overflow float32 to inf and the softmax to NaN.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy. top_k <= 0 and top_p == 1 disable those filters.
+    """temperature 0 (or below MIN_TEMPERATURE) means greedy. top_k <= 0 and top_p == 1 disable those filters.
 
     repetition_penalty (HF semantics, over prompt and generated ids: positive logits divided,
     negative multiplied); presence / frequency penalties (OpenAI semantics, generated ids only).
@@ -46,7 +49,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
     def stop_ids(self, eos_token_ids) -> set[int]:
         """The ids that end generation: stop_token_ids, and the model's EOS ids unless ignore_eos."""

@@ -22,6 +22,7 @@ def test_image_configs(name):
     assert cfg.num_key_value_heads == 8 and cfg.has_vision_expert and not cfg.is_video
     assert cfg.eos_token_ids == (128001, 128009) and cfg.max_position_embeddings == 8192
     assert cfg.vision.tokens_per_image == 2306 and cfg.head_dim == 128
+    assert cfg.default_max_model_len == 8192 + 2303  # an image's 2306 tokens span 3 positions
 
 
 @pytest.mark.parametrize("name", VIDEO)
@@ -30,6 +31,21 @@ def test_video_configs(name):
     assert cfg.is_video and not cfg.has_vision_expert
     assert cfg.vision.image_size == 224 and cfg.vision.num_positions == 257 and cfg.vision.tokens_per_image == 66
     assert cfg.max_position_embeddings == 2048 and cfg.template_version == "base"
+    assert cfg.default_max_model_len == 2048 + 24 * 63  # 24 frames of 66 tokens, 3 positions each
+
+
+@pytest.mark.parametrize("name", IMAGE + VIDEO)
+def test_official_defaults_by_checkpoint(name):
+    """The demos' template per checkpoint: video checkpoints chat/chat except video-base (all three
+    video configs say "base"); the caption checkpoint is driven with the caption tool's prompt."""
+    from cogvlm2.processing import CAPTION_PROMPT, default_query, default_template, strategy_for
+
+    cfg = ModelConfig.from_file(CONFIGS / f"{name}.json")
+    for where in (f"/models/{name}", f"/root/.cache/huggingface/hub/models--THUDM--{name}/snapshots/0a1b2c"):
+        template = default_template(cfg, where)
+        expected = "base" if name == "cogvlm2-video-llama3-base" else "chat"
+        assert template == expected and strategy_for(template) == expected
+        assert default_query(cfg, where) == (CAPTION_PROMPT if name == "cogvlm2-llama3-caption" else None)
 
 
 def test_full_size_parameter_counts():

@@ -1,5 +1,7 @@
 """The reference generation loop: cache == no cache, sampling controls, stopping, streaming text."""
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -87,10 +89,23 @@ def test_stops(tiny):
     assert partial == text[:text.find(cut)]
 
 
-def test_context_limit_is_checked(tiny):
+def test_context_limit_clamps_to_positions(tiny):
+    """max_new_tokens beyond the positions left is cut to them with a warning (the official demos'
+    2,048 on a video prompt), not refused; a prompt that leaves no position is refused."""
     model, proc = tiny
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        list(generate_ids(model, [proc("Hi")], SamplingParams(max_new_tokens=9000)))
+    x = proc("Hi", image=Image.new("RGB", (50, 80), (0, 128, 255)))
+    config = model.config
+    try:
+        model.config = dataclasses.replace(config, max_position_embeddings=x.next_position + 5)
+        with pytest.warns(UserWarning, match="max_new_tokens=100 cut to 6"):
+            steps = list(generate_ids(model, [x], SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True)))
+        assert len(steps) == 6 == x.output_budget(10**6, model.config.max_position_embeddings)
+        assert len(x) > model.config.max_position_embeddings  # the image's tokens share positions
+        model.config = dataclasses.replace(config, max_position_embeddings=x.next_position - 2)
+        with pytest.raises(ValueError, match="max_position_embeddings"):
+            list(generate_ids(model, [x], SamplingParams(max_new_tokens=1)))
+    finally:
+        model.config = config
 
 
 def test_sampling_params_validation():

@@ -28,7 +28,8 @@ def check_ops(device: str) -> None:
         assert (triton_ops.silu_mul(gate, up).float() - ref.float()).abs().max() <= tol * ref.abs().max()
         hq, hkv, d, n = 4, 2, 16, 9
         qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(device, dtype)
-        cos, sin = ops.rotary_cos_sin(torch.randint(0, 5000, (n,), generator=g).to(device), d, 500000.0)
+        cos, sin = ops.rotary_cos_sin(torch.randint(0, 5000, (n,), generator=g).to(device),
+                                      ops.inv_freq_formula(d, 500000.0).to(device, dtype))
         with torch.enable_grad():
             q_ref, k_ref, v_ref = ops.rotary_qkv(qkv.clone(), cos, sin, hq, hkv, d)
         triton_ops.rotary_(qkv, cos, sin, hq + hkv, d)

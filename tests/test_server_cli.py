@@ -29,33 +29,80 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_subprocess_answers_and_stops_on_ctrl_c():
+def _start(port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cogvlm2.cli", "serve", "--model", "tiny", "--port", str(port), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_healthy(httpx, proc, port: int) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.2)
+
+
+def test_serve_subprocess_answers_and_drains_open_streams_on_ctrl_c():
+    """`cogvlm2 serve` answers; on Ctrl-C an open stream gets DRAIN_TIMEOUT_S to finish, then an error
+    event and [DONE] (never a cut connection); the process exits cleanly, without a traceback.
+    (SIGTERM takes the same path: uvicorn handles both signals alike.)"""
+    import threading
+
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
+    from cogvlm2.serving.limits import DRAIN_TIMEOUT_S
+
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cogvlm2.cli", "serve", "--model", "tiny", "--port", str(port),
-                             "--max-model-len", "256"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = _start(port, "--max-model-len", "4096")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        _wait_healthy(httpx, proc, port)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
         assert r.status_code == 200 and r.json()["model"] == "tiny"
+        events: list[str] = []
+        started = threading.Event()
+
+        def stream():
+            body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 4000, "stream": True}
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        events.append(line)
+                        started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(60)
+        t = time.monotonic()
         proc.send_signal(signal.SIGINT)
+        reader.join(DRAIN_TIMEOUT_S + 30)
+        assert not reader.is_alive()
+        assert DRAIN_TIMEOUT_S - 0.5 < time.monotonic() - t < DRAIN_TIMEOUT_S + 15
+        assert events[-1] == "data: [DONE]"
+        assert '"code":"server_shutting_down"' in events[-2].replace(" ", "")
         assert proc.wait(timeout=30) in (0, 130)  # 130: the CLI's exit code for Ctrl-C, after a clean shutdown
         out = proc.stdout.read().decode()
-        assert "Finished server process" in out, out
+        assert "Traceback" not in out and "CancelledError" not in out, out
+        assert "Finished server process" in out
         assert "random weights" in out  # the tiny model says what it is
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_taken_port_is_reported_before_the_model_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "cogvlm2.cli", "serve", "--model", "tiny", "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "another server" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "Loading weights" not in out.stderr  # before the model loads

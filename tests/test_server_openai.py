@@ -31,7 +31,7 @@ MAX_LEN = 512  # small context: limits are cheap to reach, default answers short
 @pytest.fixture(scope="module")
 def server():
     argv = ["serve", "--model", "tiny", "--api-key", KEY, "--max-model-len", str(MAX_LEN),
-            "--served-model-name", "cogvlm2-tiny", "tiny", "--allow-remote-media", "--log-level", "warning"]
+            "--served-model-name", "cogvlm2-tiny", "cogvlm2", "--allow-remote-media", "--log-level", "warning"]
     with BackgroundServer(argv) as s:
         yield s
 
@@ -87,8 +87,18 @@ def wait_idle(server, timeout=20) -> dict[str, float]:
 
 
 def test_models_and_health(server, client):
-    assert [m.id for m in client.models.list().data] == ["cogvlm2-tiny", "tiny"]
+    assert [m.id for m in client.models.list().data] == ["cogvlm2-tiny", "cogvlm2", "tiny"]  # aliases + --model
     assert httpx.get(f"{server.url}/health").status_code == 200  # open without a key
+
+
+def test_defaults_are_greedy_and_aliases_answer(client):
+    """No sampling fields: greedy, as the official demos (so equal to temperature 0); the official request
+    script's model name 'cogvlm2' and the checkpoint name 'tiny' both answer."""
+    messages = [user("Describe the picture.", image_uri())]
+    implicit = client.chat.completions.create(model="cogvlm2", messages=messages, max_tokens=8)
+    explicit = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    assert implicit.choices[0].message.content == explicit.choices[0].message.content
+    assert implicit.model == explicit.model == "cogvlm2-tiny"  # the first served name is reported
 
 
 def test_non_streaming_with_usage(client, processor):

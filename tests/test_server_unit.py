@@ -44,7 +44,8 @@ def test_multi_turn_maps_to_history_with_system_on_first_query():
     assert (conv.media_kind, conv.media_url) == ("image", "data:image/png;base64,A1")
 
 
-def test_latest_image_wins_and_consecutive_roles_merge():
+def test_latest_image_wins_and_consecutive_user_messages_are_turns():
+    """As the official API demo: each user message is a turn; one without an answer gets an empty one."""
     conv = parse_messages(msgs(
         {"role": "user", "content": [image_part("data:image/png;base64,OLD")]},
         {"role": "user", "content": "first"},
@@ -52,8 +53,12 @@ def test_latest_image_wins_and_consecutive_roles_merge():
         {"role": "user", "content": [{"type": "text", "text": "again"}, image_part("data:image/png;base64,NEW")]},
     ), is_video=False)
     assert conv.media_url.endswith("NEW") and conv.num_media_ignored == 1
-    assert conv.history == [("\nfirst", "")]
+    assert conv.history == [("", ""), ("first", "")]
     assert conv.query == "again"
+    conv = parse_messages(msgs({"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                               {"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"},
+                               {"role": "user", "content": "c"}), is_video=False)
+    assert conv.history == [("a", ""), ("b", "x\ny")] and conv.query == "c"
 
 
 @pytest.mark.parametrize("messages, match", [

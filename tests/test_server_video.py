@@ -84,6 +84,20 @@ def test_video_qa_errors_are_400(server, files, data, match):
     assert match in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("make, data, param", [
+    (lambda v: b"not a video at all", {}, "video"),
+    (lambda v: v[:200], {}, "video"),  # truncated: no frames
+    (lambda v: mp4_bytes(seconds=1, fps=2, size=(1024, 16)), {}, "video"),  # aspect ratio past VideoLimits
+    (lambda v: v, {"question": "long " * 100_000}, "question"),  # cannot fit the context
+    (lambda v: v, {"temperature": "nan"}, "temperature"),
+])
+def test_video_qa_errors_name_the_field(server, video, make, data, param):
+    r = httpx.post(f"{server.url}/video_qa", files={"video": ("v.mp4", make(video), "video/mp4")},
+                   data=data, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
 def test_video_url_chat_part(server, video):
     processor = Processor.from_pretrained(resolve_tiny("tiny-video"))
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)

@@ -4,12 +4,15 @@ The event loop never runs a model step. Callers talk to the engine thread throug
 queue (add / abort); outputs travel back with `loop.call_soon_threadsafe` into one asyncio.Queue per
 request. Leaving a `generate` iterator early (break, client disconnect, task cancellation) aborts
 its request, which frees its KV blocks. A request that fails validation gets the exception in its
-iterator; a failing step fails the requests in flight, never the loop.
+iterator; a request the engine fails (LLMEngine contains a failing step to the requests it can blame)
+gets an EngineRequestError; the loop never dies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import queue
 import threading
 from pathlib import Path
@@ -24,6 +27,11 @@ from .llm_engine import LLMEngine
 from .protocol import EngineStats, RequestOutput
 
 _STOP = object()
+logger = logging.getLogger(__name__)
+
+
+class EngineRequestError(RuntimeError):
+    """The engine failed this request (its traceback is in the server log, under its request id)."""
 
 
 class AsyncLLM:
@@ -78,7 +86,7 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already running")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request_id, inputs, params or SamplingParams()))
+        self._commands.put(("add", request_id, self._compact(inputs), params or SamplingParams()))
         finished = False
         try:
             while True:
@@ -94,6 +102,15 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             if not finished:
                 self._commands.put(("abort", request_id))
+
+    def _compact(self, inputs: ModelInputs) -> ModelInputs:
+        """Queued pixels in the model's (narrower) float dtype, which the vision tower casts them to
+        anyway (same result): a bf16 / fp16 model holds half the bytes per waiting image."""
+        pixels, dtype = inputs.pixel_values, self.engine.model.dtype
+        if (pixels is None or not pixels.is_floating_point() or not dtype.is_floating_point
+                or pixels.element_size() <= torch.finfo(dtype).bits // 8):
+            return inputs
+        return dataclasses.replace(inputs, pixel_values=pixels.to(dtype))
 
     async def abort(self, request_id: str) -> None:
         """Its stream (if still read) ends with a finish_reason "abort" output."""
@@ -113,12 +130,14 @@ class AsyncLLM:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - the requests in flight fail, the loop lives on
+            except Exception as e:  # noqa: BLE001 - the engine could not contain it: the loop lives on
+                ids = self.engine.abort_all()
+                logger.exception("engine step failed; failing requests %s", ids)
                 outputs = []
-                for request_id in self.engine.abort_all():
-                    self._deliver(request_id, RuntimeError(f"engine step failed: {e!r}"))
+                for request_id in ids:
+                    self._deliver(request_id, EngineRequestError(f"engine step failed: {type(e).__name__}: {e}"))
             for out in outputs:
-                self._deliver(out.request_id, out)
+                self._deliver(out.request_id, EngineRequestError(out.error) if out.error else out)
             self._stats = self.engine.stats()
 
     def _run_commands(self, block: bool) -> bool:
@@ -136,8 +155,11 @@ class AsyncLLM:
                 _, request_id, inputs, params = cmd
                 try:
                     self.engine.add_request(request_id, inputs, params)
-                except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                except ValueError as e:  # refused: the client's error
                     self._deliver(request_id, e)
+                except Exception as e:  # noqa: BLE001 - a request that cannot be added fails alone
+                    logger.exception("request %s could not be added", request_id)
+                    self._deliver(request_id, EngineRequestError(f"{type(e).__name__}: {e}"))
             else:
                 self.engine.abort(cmd[1])
             self._stats = self.engine.stats()

@@ -22,8 +22,10 @@ class EngineConfig:
     """block_size             tokens per KV block
     max_num_seqs              sequences in one step (decode batch size)
     max_num_batched_tokens    tokens computed per step; longer prompts are prefilled in chunks
-    max_model_len             prompt + generated tokens of one sequence (None: the model's
-                              max_position_embeddings; resolved by `for_model`)
+    max_model_len             prompt + generated tokens of one sequence, the KV budget (None: the
+                              model's max_position_embeddings plus the tokens that share positions in
+                              its largest media, `ModelConfig.default_max_model_len`; resolved by
+                              `for_model`); rotary positions are checked separately
     num_kv_blocks             explicit KV pool size (tests use tiny pools); None: sized from
                               gpu_memory_utilization on CUDA, from CPU_KV_CACHE_* on CPU
     enable_prefix_caching     share full KV blocks between requests with equal prefixes (image included)
@@ -67,7 +69,7 @@ class EngineConfig:
 
     def for_model(self, model_config: ModelConfig) -> "EngineConfig":
         """A copy with the model-dependent defaults filled in."""
-        max_len = self.max_model_len or model_config.max_position_embeddings
+        max_len = self.max_model_len or model_config.default_max_model_len
         return dataclasses.replace(self, max_model_len=max_len)
 
     @property

@@ -18,15 +18,15 @@ Prompt = ModelInputs | dict | str
 
 
 class LLM:
-    """LLM("tiny" | folder | hub id | loaded model, dtype=..., device=..., **EngineConfig fields).
+    """LLM("tiny" | folder | hub id | loaded model, dtype=..., device=..., quant=..., **EngineConfig fields).
 
     A prompt is ModelInputs, a dict of Processor arguments ({"query", "image", "video", "history",
     "template"}), or a plain string (a text-only query).
     """
 
     def __init__(self, model: str | Path | CogVLM2ForCausalLM = "tiny", dtype: str | torch.dtype | None = None,
-                 device: str | torch.device | None = None, **engine_kwargs):
-        self.engine = LLMEngine.from_pretrained(model, dtype, device, **engine_kwargs)
+                 device: str | torch.device | None = None, quant: str | int | None = None, **engine_kwargs):
+        self.engine = LLMEngine.from_pretrained(model, dtype, device, quant=quant, **engine_kwargs)
         self.processor = self.engine.processor
         self.tokenizer = self.engine.tokenizer
         self._counter = 0

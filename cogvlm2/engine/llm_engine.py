@@ -17,14 +17,22 @@ would (admission, chunked prefill, preemption), leaving it in flight. A sequence
 or that is aborted meanwhile also ran in step k+1: that token is discarded when step k+1 is
 collected, so every token is reported once, in order. Outputs arrive one call later than without
 async scheduling; the tokens are the same.
+
+Failure containment: a request the engine cannot take fails in add_request (ValueError). A step that
+raises is retried one sequence at a time over the batches whose ids were not applied (their state is
+as before the step): a sequence that fails alone is to blame; it ends with an output whose `error` is
+set (finish_reason "abort"), its traceback logged with its request id. The others continue as if
+the batch had not failed; waiting requests are untouched, and the engine keeps serving.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
+from ..devices import auto_device, auto_dtype
 from ..model import load_model
 from ..model.cogvlm import CogVLM2ForCausalLM
 from ..processing import Processor
@@ -36,18 +44,26 @@ from .config import EngineConfig
 from .output import OutputProcessor
 from .protocol import EngineStats, RequestOutput
 from .runner import LaunchedStep, ModelRunner
-from .scheduler import Scheduler
-from .sequence import Sequence
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
 
 
 def load_processor_and_model(model: str | Path | CogVLM2ForCausalLM, dtype: str | torch.dtype | None = None,
-                             device: str | torch.device | None = None) -> tuple[CogVLM2ForCausalLM, Processor | None]:
+                             device: str | torch.device | None = None,
+                             quant: str | int | None = None) -> tuple[CogVLM2ForCausalLM, Processor | None]:
     """A model name ("tiny", a folder, a hub id) or a loaded model -> (model, its processor or None).
-    Defaults: CUDA in bfloat16 when available, else CPU in float32."""
+    Defaults: CUDA when available (bfloat16 from compute capability 8, else float16), else CPU in float32.
+    `quant` quantizes while loading (a loaded model: in place, see cogvlm2.quant)."""
     if not isinstance(model, CogVLM2ForCausalLM):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
-        model = load_model(str(model), dtype=dtype, device=device)
+        device = auto_device(str(device) if device is not None else "auto")
+        dtype = dtype or auto_dtype("auto", device)
+        model = load_model(str(model), dtype=dtype, device=device, quant=quant)
+    elif quant is not None:
+        from ..quant import quantize_model
+
+        quantize_model(model, quant, model.device)
     folder = getattr(model, "checkpoint_path", None)
     processor = Processor.from_pretrained(folder, model.config) if folder is not None else None
     return model, processor
@@ -69,12 +85,14 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._aborted: list[RequestOutput] = []
         self._in_flight: LaunchedStep | None = None  # launched, not collected (async scheduling only)
+        self._outputs: list[RequestOutput] = []  # of the step() call in progress
+        self._unapplied: list[ScheduledBatch] = []  # its batches whose ids are not applied yet
 
     @classmethod
     def from_pretrained(cls, model: str | Path | CogVLM2ForCausalLM = "tiny", dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, attend: Attend | None = None,
-                        **engine_kwargs) -> "LLMEngine":
-        model, processor = load_processor_and_model(model, dtype, device)
+                        quant: str | int | None = None, **engine_kwargs) -> "LLMEngine":
+        model, processor = load_processor_and_model(model, dtype, device, quant)
         return cls(model, EngineConfig(**engine_kwargs), processor, attend)
 
     @property
@@ -101,10 +119,17 @@ class LLMEngine:
         if not all(0 <= t < cfg.vocab_size for t in inputs.input_ids):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
         num_vision = inputs.num_vision_tokens
-        frames = 0 if inputs.pixel_values is None else inputs.pixel_values.shape[0]
+        pixels, size = inputs.pixel_values, cfg.vision.image_size
+        if pixels is not None and (pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size)
+                                   or not pixels.is_floating_point()):
+            raise ValueError(f"pixel_values must be a float tensor [frames, 3, {size}, {size}], got "
+                             f"{pixels.dtype} {tuple(pixels.shape)}")
+        frames = 0 if pixels is None else pixels.shape[0]
         if num_vision != frames * cfg.vision.tokens_per_image:
             raise ValueError(f"the prompt has {num_vision} vision tokens but its pixels give "
                              f"{frames} x {cfg.vision.tokens_per_image}")
+        if pixels is not None and not bool(pixels.isfinite().all()):
+            raise ValueError("pixel_values contain NaN or infinite values")
 
     def add_request(self, request_id: str, inputs: ModelInputs, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
@@ -126,7 +151,7 @@ class LLMEngine:
         return True
 
     def abort_all(self) -> list[str]:
-        """Abort every unfinished request without reporting it (after a failed step); their ids.
+        """Abort every unfinished request without reporting it (shutdown); their ids.
         A step in flight is dropped uncollected."""
         ids = list(self.seqs)
         for request_id in ids:
@@ -140,44 +165,100 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or bool(self._aborted) or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        outputs, self._aborted = self._aborted, []
+        """One step; never raises for a failure it can blame on requests (see the module docstring)."""
+        self._outputs, self._aborted, self._unapplied = self._aborted, [], []
+        try:
+            self._step()
+        except Exception as e:  # noqa: BLE001 - contained: only the requests to blame fail
+            self._recover(e)
+        outputs, self._outputs, self._unapplied = self._outputs, [], []
+        return outputs
+
+    def _step(self) -> None:
         prev, launched, self._in_flight = self._in_flight, None, None
         if prev is not None:
+            self._unapplied.append(prev.batch)
             lookahead = self.scheduler.schedule_lookahead(prev.batch, self._done_after_next_token)
             if lookahead is not None:
                 launched = self.runner.launch(lookahead, prev.sampled)
-            outputs += self._collect(prev)  # while the device runs the lookahead
+            self._collect(prev)  # while the device runs the lookahead
         if launched is None:
             batch = self.scheduler.schedule()
             if batch.seqs:
+                self._unapplied.append(batch)
                 launched = self.runner.launch(batch)
         if launched is not None and not self.config.async_scheduling:
-            outputs += self._collect(launched)
+            self._collect(launched)
             launched = None
         self._in_flight = launched
         if self.runner.vision_cache:
             self.runner.release_vision(self.scheduler.pending_vision())
-        return outputs
+
+    def _recover(self, error: Exception) -> None:
+        """A step raised: re-run each sequence of the unapplied batches alone; those that fail alone
+        are to blame. With no batch to suspect (the scheduler itself failed) every request fails."""
+        self._in_flight = None  # a lookahead launched on top of a failed step is dropped (state unchanged)
+        suspects: dict[int, tuple[Sequence, int, int, bool]] = {}
+        for b in self._unapplied:
+            for seq, start, n, sample in zip(b.seqs, b.starts, b.num_new_tokens, b.samples):
+                if seq.status == SequenceStatus.RUNNING and seq.num_computed_tokens == start:
+                    suspects.setdefault(id(seq), (seq, start, n, sample))
+        ids = [seq.request_id for seq, *_ in suspects.values()]
+        if not suspects:
+            logger.error("engine step failed outside any batch; failing every request: %s", list(self.seqs),
+                         exc_info=error)
+            for seq in list(self.seqs.values()):
+                self._fail(seq, error, log=False)
+            return
+        logger.warning("engine step failed (%s: %s) for requests %s; retrying them one at a time",
+                       type(error).__name__, error, ids, exc_info=error)
+        for seq, start, n, sample in suspects.values():
+            if seq.status != SequenceStatus.RUNNING or seq.num_computed_tokens != start:
+                continue  # finished or failed meanwhile
+            self._unapplied = []
+            try:
+                self._collect(self.runner.launch(ScheduledBatch([seq], [start], [n], [sample])))
+            except Exception as e:  # noqa: BLE001 - it fails alone: it is to blame
+                self._fail(seq, e)
+
+    def _fail(self, seq: Sequence, error: BaseException, log: bool = True) -> None:
+        """End seq with an error output (finish_reason "abort", `error` set) and free its blocks."""
+        if log:
+            logger.error("request %s failed: %s: %s", seq.request_id, type(error).__name__, error, exc_info=error)
+        self.seqs.pop(seq.request_id, None)
+        if not seq.is_finished:
+            self.scheduler.finish(seq)
+        if seq.request_id in self.output.states:
+            out = self.output.abort(seq)
+        else:
+            out = RequestOutput(seq.request_id, seq.num_prompt_tokens, seq.output_ids, finished=True,
+                                finish_reason="abort", metrics=seq.metrics)
+        out.error = f"{type(error).__name__}: {error}"
+        self._outputs.append(out)
 
     def _done_after_next_token(self, seq: Sequence) -> bool:
         """The token in flight for seq ends it by length, whatever its value: no lookahead for seq."""
         return self.output.at_length_limit(seq, len(seq) + 1)
 
-    def _collect(self, step: LaunchedStep) -> list[RequestOutput]:
+    def _collect(self, step: LaunchedStep) -> None:
         """Wait for a launched step's ids, append them and report the sequences they changed. A
-        sequence that finished or was aborted while the step ran gets nothing: its token is stale."""
+        sequence that finished or was aborted while the step ran gets nothing: its token is stale.
+        A sequence whose output cannot be processed (detokenizer, stop check) fails alone."""
         tokens = self.runner.collect(step)
         self.scheduler.update(step.batch, tokens)
-        outputs = []
+        self._unapplied = [b for b in self._unapplied if b is not step.batch]
         for seq, token in zip(step.batch.seqs, tokens):
             if token is None or seq.is_finished:  # each sequence appears once: finished before this step
                 continue
-            out = self.output.process(seq, token)
-            outputs.append(out)
+            try:
+                out = self.output.process(seq, token)
+            except Exception as e:  # noqa: BLE001 - this request's fault alone
+                self._fail(seq, e)
+                continue
+            self._outputs.append(out)
             if out.finished:
                 self.scheduler.finish(seq)
                 del self.seqs[seq.request_id]
-        return outputs
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),

@@ -29,7 +29,8 @@ class RequestOutput:
     token_ids / text are cumulative; delta_token_ids / delta_text are what is new since the previous
     output of the same request. finish_reason is set on the last output only: "stop" (EOS, a stop id
     or a stop string, which is cut from `text`), "length" (max_new_tokens or the context limit), or
-    "abort". prompt_len counts every prompt token, vision placeholders included.
+    "abort". prompt_len counts every prompt token, vision placeholders included. `error` is set
+    (with finish_reason "abort") when the engine failed this request: what went wrong, for the log.
     """
 
     request_id: str
@@ -43,6 +44,7 @@ class RequestOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    error: str | None = None
 
 
 @dataclass

@@ -68,7 +68,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._landing = [(torch.empty(config.max_num_seqs, dtype=torch.long, pin_memory=True), torch.cuda.Event())
                              for _ in range(NUM_LANDING_BUFFERS)]
-            if not config.enforce_eager:
+            if not config.enforce_eager and getattr(model, "supports_cuda_graphs", True):
                 self.graphs = DecodeGraphs(model, self.kv, config, attend)
 
     @torch.inference_mode()

@@ -6,9 +6,12 @@ temperature, top-k, then top-p (smallest prefix reaching top_p). Greedy rows (te
 top_k 1) take the argmax of the penalised logits. Seeded rows draw with their own torch.Generator
 (created on first use, seeded with `seed`, kept by the sequence across steps and preemptions), so
 they do not depend on which other requests share the batch; unseeded rows draw together with the
-exponential-race trick. Per-row settings reach the device in one copy per step; nothing here syncs
-with the host: the caller copies the ids out once. Under async scheduling each row's latest id may
-still be on the device (`pending`): the penalties then count it from there.
+exponential-race trick. Non-finite values never reach the draw: NaN logits count as -inf, +inf as the
+largest float, and a row left without a probability distribution (all NaN / -inf) takes its argmax,
+so no request's settings or logits can make the step raise. Per-row settings reach the device in one
+copy per step; nothing here syncs with the host: the caller copies the ids out once. Under async
+scheduling each row's latest id may still be on the device (`pending`): the penalties then count it
+from there.
 """
 
 from __future__ import annotations
@@ -78,6 +81,11 @@ def _with_pending(ids: torch.Tensor | None, uses: torch.Tensor, pending: torch.T
     return column if ids is None else torch.cat([ids, column], 1)
 
 
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf, +inf -> the largest float (finite values unchanged, bit for bit)."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
+
+
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """logits [B, V] float32 -> penalised copy. Rows without a penalty come out bit-identical."""
     vocab = logits.shape[1]
@@ -117,7 +125,9 @@ class Sampler:
         argmax = logits.argmax(-1)
         if t.all_greedy:
             return argmax
-        probs = filter_top_k_top_p(logits / t.col(TEMPERATURE), t).softmax(-1)
+        probs = filter_top_k_top_p(_finite(logits / t.col(TEMPERATURE)), t).softmax(-1)
+        valid = probs.isfinite().all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)  # [B, 1]
+        probs = torch.where(valid, probs, torch.nn.functional.one_hot(argmax, probs.shape[1]).to(probs.dtype))
         noise = torch.empty_like(probs).exponential_().clamp_min_(1e-10)
         sampled = (probs / noise).argmax(-1)
         for i, s in enumerate(seqs):

@@ -25,6 +25,7 @@ class PaddedKVCache:
         self.key_valid: torch.Tensor | None = None  # [B, T] bool: keys that may be attended
         self.step_len = 0
         self.mask: torch.Tensor | None = None
+        self._masks: dict[torch.device, torch.Tensor] = {}  # the step's mask on other devices (pipeline stages)
 
     @property
     def length(self) -> int:
@@ -39,6 +40,14 @@ class PaddedKVCache:
         q_pos = torch.arange(past, total, device=valid.device)[:, None]
         causal = torch.arange(total, device=valid.device)[None, :] <= q_pos  # [L, T]
         self.mask = (causal[None] & self.key_valid[:, None, :])[:, None]  # [B, 1, L, T]
+        self._masks = {}
+
+    def _mask_on(self, device: torch.device) -> torch.Tensor:
+        if self.mask.device == device:
+            return self.mask
+        if device not in self._masks:
+            self._masks[device] = self.mask.to(device)
+        return self._masks[device]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, n = self.batch_size, self.step_len
@@ -49,7 +58,7 @@ class PaddedKVCache:
             k = torch.cat([self.k[layer], k], dim=2)
             v = torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)  # [B, Hq, L, d]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask_on(q.device), enable_gqa=True)  # [B, Hq, L, d]
         return out.transpose(1, 2).reshape(b * n, out.shape[1], out.shape[3])  # [N, Hq, d]
 
 

@@ -3,6 +3,11 @@
 Parameter names equal the official checkpoint keys (`model.layers.N.self_attn.vision_expert_query_key_value`,
 `model.vision...`, `lm_head.weight`), so a checkpoint loads with a strict key check and no name table.
 The video family uses the same module names with the language weights only.
+
+With a `ParallelContext` of N ranks (`parallel.py`) the same modules hold one rank's shard: fewer heads and
+intermediate features, 1/N of the vocabulary, and one all-reduce after each attention and MLP block.
+With `PipelineStages` (`pipeline.py`) consecutive layers live on different devices and the forward moves
+the activations at each stage boundary.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from . import ops
 from .batch import ForwardBatch
+from .parallel import ParallelContext, VocabParallelEmbedding, tp_size
 from .vision import EVA2CLIPModel
 
 
@@ -30,11 +36,12 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: ParallelContext | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = cfg.intermediate_size // tp_size(tp)  # gate/up column-parallel, down row-parallel
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
@@ -56,16 +63,19 @@ def route(x: torch.Tensor, batch: ForwardBatch, language: Callable, vision: Call
 
 
 class VisionExpertAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: ParallelContext | None = None):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        qkv_out = cfg.hidden_size + 2 * self.num_kv_heads * self.head_dim
+        self.layer_idx, self.tp = layer_idx, tp
+        n = tp_size(tp)  # this rank's heads: QKV column-parallel by heads, dense row-parallel
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads // n, cfg.num_key_value_heads // n
+        self.head_dim = cfg.head_dim
+        q_size = self.num_heads * self.head_dim
+        qkv_out = q_size + 2 * self.num_kv_heads * self.head_dim
         self.language_expert_query_key_value = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
-        self.language_expert_dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.language_expert_dense = nn.Linear(q_size, cfg.hidden_size, bias=False)
         if cfg.has_vision_expert:
             self.vision_expert_query_key_value = nn.Linear(cfg.hidden_size, qkv_out, bias=True)
-            self.vision_expert_dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+            self.vision_expert_dense = nn.Linear(q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -74,25 +84,28 @@ class VisionExpertAttention(nn.Module):
         # q [N, Hq, d], k / v [N, Hkv, d]; q and k rotated
         q, k, v = ops.rotary_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
         out = batch.attention(self.layer_idx, q, k, v).reshape(n, self.num_heads * self.head_dim)
-        return route(out, batch, self.language_expert_dense, getattr(self, "vision_expert_dense", None))
+        out = route(out, batch, self.language_expert_dense, getattr(self, "vision_expert_dense", None))
+        return out if self.tp is None else self.tp.all_reduce(out)  # one reduce for both experts
 
 
 class VisionExpertMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: ParallelContext | None = None):
         super().__init__()
-        self.language_mlp = MLP(cfg)
+        self.tp = tp
+        self.language_mlp = MLP(cfg, tp)
         if cfg.has_vision_expert:
-            self.vision_mlp = MLP(cfg)
+            self.vision_mlp = MLP(cfg, tp)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return route(x, batch, self.language_mlp, getattr(self, "vision_mlp", None))
+        out = route(x, batch, self.language_mlp, getattr(self, "vision_mlp", None))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: ParallelContext | None = None):
         super().__init__()
-        self.self_attn = VisionExpertAttention(cfg, layer_idx)
-        self.mlp = VisionExpertMLP(cfg)
+        self.self_attn = VisionExpertAttention(cfg, layer_idx, tp)
+        self.mlp = VisionExpertMLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -101,23 +114,77 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), batch)
 
 
-class CogVLMModel(nn.Module):
+class RotaryEmbedding(nn.Module):
+    """Rotary frequencies and the cos/sin of a step's positions (no state_dict entry: loaded by `load_model`).
+
+    mode "official" (default) reproduces the official code: the frequencies are the checkpoint's
+    `rotary_emb.inv_freq` buffer (bf16-rounded in the real checkpoints; the formula when a checkpoint
+    has none) held in the model's dtype, and the angles are computed in that dtype, so a bf16 model
+    rounds positions above 256 as the official bf16 model does. mode "exact": the formula in float32
+    and float32 positions for every dtype (mathematically exact rotary, not what the weights were
+    trained with).
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.head_dim, self.theta = cfg.head_dim, cfg.rope_theta
+        self.set_frequencies(None, "official")
+
+    def set_frequencies(self, inv_freq: torch.Tensor | None, mode: str) -> None:
+        """inv_freq [head_dim/2] from the checkpoint (any dtype; None: the formula)."""
+        if mode not in ops.ROPE_MODES:
+            raise ValueError(f"rope_mode must be one of {ops.ROPE_MODES}, got {mode!r}")
+        formula = ops.inv_freq_formula(self.head_dim, self.theta)
+        if inv_freq is not None and tuple(inv_freq.shape) != tuple(formula.shape):
+            raise ValueError(f"rotary inv_freq has shape {tuple(inv_freq.shape)}, expected {tuple(formula.shape)}")
+        self.mode = mode
+        self.source = formula if inv_freq is None else inv_freq.detach().to("cpu", torch.float32)
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The frequencies as the official buffer holds them in a `dtype` model (cached per device and dtype,
+        so CUDA-graph replays never copy)."""
+        key = (torch.device(device), dtype)
+        if key not in self._tables:
+            if self.mode == "exact":
+                table = ops.inv_freq_formula(self.head_dim, self.theta)
+            else:
+                table = self.source.to(dtype)
+            self._tables[key] = table.to(device)
+        return self._tables[key]
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rotary_cos_sin(positions, self.inv_freq(positions.device, dtype))
+
+
+class CogVLMModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: ParallelContext | None = None):
+        super().__init__()
+        if tp is None:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.vision = EVA2CLIPModel(cfg)
 
 
 class CogVLM2ForCausalLM(nn.Module):
-    """Image (visual expert) or video (language weights only) CogVLM2, chosen by the config."""
+    """Image (visual expert) or video (language weights only) CogVLM2, chosen by the config.
 
-    def __init__(self, cfg: ModelConfig):
+    tp: this process's rank of a tensor-parallel group (None: the whole model). `stages` (set by
+    `pipeline.place`) spreads the layers over devices; None: one device.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: ParallelContext | None = None):
         super().__init__()
-        self.config = cfg
-        self.model = CogVLMModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if tp is not None:
+            tp.check(cfg)
+        self.config, self.tp = cfg, tp
+        self.model = CogVLMModel(cfg, tp)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // tp_size(tp), bias=False)  # vocab-parallel
+        self.rotary = RotaryEmbedding(cfg)
+        self.stages = None
         self.gradient_checkpointing = False
 
     @property
@@ -129,7 +196,10 @@ class CogVLM2ForCausalLM(nn.Module):
         return self.lm_head.weight.device
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] images or video frames -> [B, tokens_per_image, D] vision-token embeddings."""
+        """[B, 3, S, S] images or video frames -> [B, tokens_per_image, D] vision-token embeddings
+        (on the vision tower's device)."""
+        if self.stages is not None:
+            pixel_values = self.stages.move(pixel_values, self.stages.vision_device)
         return self.model.vision(pixel_values.to(self.dtype))
 
     def forward(self, batch: ForwardBatch, output_hidden_states: bool = False):
@@ -138,21 +208,29 @@ class CogVLM2ForCausalLM(nn.Module):
         With output_hidden_states, also returns the list the official code reports: input
         embeddings, the output of every layer but the last, then the final normed output.
         """
+        if self.stages is not None:
+            batch = self.stages.batch_to(batch, self.stages.embed_device)
         h = self.model.embed_tokens(batch.input_ids)  # [N, D]
         if batch.vision_embeds is not None:
             h = h.index_copy(0, batch.vision_embed_idx, batch.vision_embeds.to(h.dtype))
-        cos, sin = ops.rotary_cos_sin(batch.positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = self.rotary(batch.positions, self.dtype)  # [N, head_dim/2] float32
         hidden = [h]
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            if self.stages is not None:  # explicit hand-over at a stage boundary (no-op inside a stage)
+                h, batch, cos, sin = self.stages.enter_layer(i, h, batch, cos, sin)
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(layer, h, batch, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, batch, cos, sin)
             hidden.append(h)
+        if self.stages is not None:
+            h = self.stages.to_head(h)
         h = self.model.norm(h)
         if output_hidden_states:
             return h, hidden[:-1] + [h]
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """hidden [B, D] -> float32 logits [B, V] (under tensor parallelism: gathered, equal on every rank)."""
+        logits = self.lm_head(hidden).float()
+        return logits if self.tp is None else self.tp.all_gather(logits, dim=-1)

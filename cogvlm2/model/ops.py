@@ -36,12 +36,24 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [N, head_dim/2] in float32. The official bf16 path computes these in the model
-    dtype, which rounds positions above 256; we always use float32 (exact for every position)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+ROPE_MODES = ("official", "exact")
+
+
+def inv_freq_formula(head_dim: int, theta: float) -> torch.Tensor:
+    """The rotary frequencies 1 / theta^(2j/d) in float32 on the CPU (what the official code computes at init)."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device="cpu", dtype=torch.float32) / head_dim)
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [N, head_dim/2] in float32 for positions [N], computed in the dtype of `inv_freq`.
+
+    This is the official `FastRotaryEmbedding` (pos_idx_in_fp32=False): the position index is cast to
+    the buffer's dtype, `position * inv_freq` and cos/sin are evaluated in that dtype. With a float32
+    buffer every step is exact float32; with a bfloat16 buffer (a bf16 model) positions above 256 round
+    (257 -> 256, 259 -> 260, ...) and so do the angles and cos/sin, exactly as the official bf16 model.
+    """
+    angles = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -12,20 +12,48 @@ from .image import ImageError, load_image, transform_image
 from .prompt import History, ModelInputs, build_inputs, format_prompt
 from .tokenizer import Tokenizer
 
-__all__ = ["Processor", "ModelInputs", "Tokenizer", "ImageError", "format_prompt"]
+__all__ = ["Processor", "ModelInputs", "Tokenizer", "ImageError", "format_prompt", "default_template",
+           "default_query", "strategy_for", "CAPTION_PROMPT"]
+
+
+VIDEO_BASE_NAME = "cogvlm2-video-llama3-base"
+CAPTION_NAME = "cogvlm2-llama3-caption"
+CAPTION_PROMPT = "Please describe this video in detail."  # CogVideo's tools/caption/video_caption.py
+
+
+def default_template(config: ModelConfig, checkpoint_name: str = "") -> str:
+    """The template the official demos use for a checkpoint. Video checkpoints: 'base' only for
+    cogvlm2-video-llama3-base, 'chat' otherwise — decided by the checkpoint's name or folder as in
+    `video_demo/*` (all three video config.json files say "base"). Image checkpoints: their config's."""
+    if not config.is_video:
+        return config.template_version
+    return "base" if VIDEO_BASE_NAME in checkpoint_name.lower() else "chat"
+
+
+def default_query(config: ModelConfig, checkpoint_name: str = "") -> str | None:
+    """The prompt a checkpoint is driven with when the user gives none: the caption checkpoint's, else None."""
+    return CAPTION_PROMPT if config.is_video and CAPTION_NAME in checkpoint_name.lower() else None
 
 
 class Processor:
-    """Builds model inputs for one checkpoint: its tokenizer, image size and default template."""
+    """Builds model inputs for one checkpoint: its tokenizer, image size and default template.
 
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer):
+    `checkpoint_name` (the folder or Hub id) picks the official defaults of the video family (see
+    `default_template`); the video frame strategy follows the effective template unless given.
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, checkpoint_name: str | Path = ""):
         self.config = config
         self.tokenizer = tokenizer
+        self.checkpoint_name = str(checkpoint_name)
+        self.default_template = default_template(config, self.checkpoint_name)
+        self.default_query = default_query(config, self.checkpoint_name)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, config: ModelConfig | None = None) -> "Processor":
         folder = Path(folder)
-        return cls(config or ModelConfig.from_file(folder / "config.json"), Tokenizer(folder / "tokenizer.json"))
+        return cls(config or ModelConfig.from_file(folder / "config.json"), Tokenizer(folder / "tokenizer.json"),
+                   folder)
 
     def __call__(
         self,
@@ -38,7 +66,10 @@ class Processor:
         answer: str | None = None,
     ) -> ModelInputs:
         """One prompt. `image` (path, bytes or PIL) for image models; `video` (path, bytes, or
-        decoded uint8 frames (C, T, H, W)) for video models. Neither: a text-only prompt."""
+        decoded uint8 frames (C, T, H, W)) for video models. Neither: a text-only prompt.
+        `template` None: the checkpoint's default; `video_strategy` None: the template's ('base' for
+        'base', else 'chat'), as the official demos pass one value as both."""
+        template = template or self.default_template
         size = self.config.vision.image_size
         pixels = digest = None
         if image is not None and video is not None:
@@ -50,20 +81,22 @@ class Processor:
         elif video is not None:
             if not self.config.is_video:
                 raise ValueError("this is an image checkpoint: pass an image, not a video")
-            from .video import decode_video, transform_video
+            from .video import frames_digest, transform_video, video_pixels
 
-            frames = video if isinstance(video, torch.Tensor) else decode_video(video, video_strategy or self.video_strategy)
-            pixels = transform_video(frames, size)
-            digest = _tensor_digest(frames)
+            strategy = video_strategy or strategy_for(template)
+            if isinstance(video, torch.Tensor):
+                pixels, digest = transform_video(video, size), frames_digest(video)
+            else:  # decoded and transformed frame by frame (bounded memory), same pixels
+                pixels, digest = video_pixels(video, size, strategy)
         return build_inputs(self.tokenizer, self.config, query, history, pixels, digest, template, answer)
 
     @property
     def video_strategy(self) -> str:
-        """The official demos sample 'base' for base-template checkpoints, 'chat' otherwise."""
-        return "base" if self.config.template_version == "base" else "chat"
+        """The frame strategy of the default template."""
+        return strategy_for(self.default_template)
 
 
-def _tensor_digest(x: torch.Tensor) -> str:
-    import hashlib
+def strategy_for(template: str) -> str:
+    """The official demos sample frames with the 'base' strategy for the base template, 'chat' otherwise."""
+    return "base" if template == "base" else "chat"
 
-    return hashlib.blake2b(x.contiguous().numpy().tobytes(), digest_size=16).hexdigest()

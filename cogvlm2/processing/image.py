@@ -16,12 +16,21 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard for untrusted input
 
 
+# Formats Image.open may pick (its own sniffing decides, whatever the name or MIME type says). Not EPS,
+# which Pillow hands to Ghostscript, nor the many rarely used decoders nobody sends a chat model.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 class ImageError(ValueError):
     """An image could not be read; the message says why."""
 
 
 def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
-    """Open a path / bytes / PIL image as RGB, like the official demo: `.convert('RGB')` (alpha dropped)."""
+    """Open a path / bytes / PIL image as RGB, like the official demo: `.convert('RGB')` (alpha dropped).
+
+    Only IMAGE_FORMATS are opened, at most MAX_IMAGE_PIXELS pixels; any failure to decode (Pillow's
+    decoders raise OSError, ValueError, IndexError, EOFError, struct.error, ... on malformed files)
+    is an ImageError."""
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     try:
@@ -30,13 +39,20 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
         raise ImageError(f"cannot open image {source!r}: {e.strerror or e}") from None
     with fp:
         try:
-            with Image.open(fp) as img:
+            with Image.open(fp, formats=IMAGE_FORMATS) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise ImageError(f"image too large: {img.width}x{img.height} pixels (limit {MAX_IMAGE_PIXELS})")
                 img.seek(0)  # first frame of animated formats
                 return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
-            raise ImageError(f"cannot decode image: {e}") from None
+        except ImageError:
+            raise
+        except UnidentifiedImageError:
+            raise ImageError(f"cannot decode image: not a {', '.join(IMAGE_FORMATS)} file") from None
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"image too large: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a malformed file, whatever Pillow's decoder raised
+            reason = str(e) or type(e).__name__
+            raise ImageError(f"cannot decode image: {reason}") from None
 
 
 def transform_image(image: Image.Image, image_size: int) -> tuple[torch.Tensor, str]:

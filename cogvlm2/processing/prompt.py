@@ -92,6 +92,12 @@ class ModelInputs:
         """Position of the first generated token: previous maximum + 1."""
         return max(self.position_ids) + 1
 
+    def output_budget(self, max_model_len: int, max_position_embeddings: int) -> int:
+        """How many tokens can be generated after this prompt: the KV budget counts tokens, the rotary
+        budget counts positions (vision tokens share them: an image's 2306 tokens span 3), and the last
+        generated token is never fed back, so it needs no position of its own."""
+        return min(max_model_len - len(self), max_position_embeddings - self.next_position + 1)
+
 
 def build_inputs(
     tokenizer: Tokenizer,

@@ -51,6 +51,7 @@ decoded one (with a ``RuntimeWarning``).  Like decord, rotation metadata is igno
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -80,7 +81,11 @@ __all__ = [
     "decode_video",
     "transform_video",
     "load_video",
+    "video_pixels",
+    "frames_digest",
     "scaled_size",
+    "VideoLimits",
+    "VIDEO_LIMITS",
 ]
 
 NUM_FRAMES = 24
@@ -91,7 +96,38 @@ VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 
 class VideoError(ValueError):
-    """The input could not be read as a video (empty, undecodable, no video stream, no frames)."""
+    """The input could not be read as a video (empty, undecodable, no video stream, no frames), or it
+    exceeds the decoding limits (VideoLimits)."""
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """What one video may cost to decode; past any limit decoding stops with a VideoError.
+
+    max_frame_pixels   width x height of a frame (DCI 4K); the only full-size frames held at once
+                       are those being transformed (one, or the three of a 3-frame selection)
+    max_aspect_ratio   long side / short side: the short side is scaled to the tower's size, so a
+                       1 x 4096 frame would otherwise become a 224 x 917,504 float tensor
+    max_frames         frames (packets) indexed in the first pass
+    max_seconds        duration, from the last frame's start time
+    max_decode_pixels  frames decoded up to the last selected one x frame pixels (bounds CPU time)
+    """
+
+    max_frame_pixels: int = 4096 * 2160
+    max_aspect_ratio: float = 32.0
+    max_frames: int = 200_000
+    max_seconds: float = 4 * 3600.0
+    max_decode_pixels: int = 2**36
+
+    def check_size(self, width: int, height: int, desc: str) -> None:
+        if width * height > self.max_frame_pixels:
+            raise VideoError(f"video {desc} is {width}x{height} pixels per frame "
+                             f"(limit {self.max_frame_pixels} pixels, e.g. 4096x2160)")
+        if min(width, height) > 0 and max(width, height) / min(width, height) > self.max_aspect_ratio:
+            raise VideoError(f"video {desc} is {width}x{height}: aspect ratio over {self.max_aspect_ratio:g}:1")
+
+
+VIDEO_LIMITS = VideoLimits()
 
 
 # --------------------------------------------------------------------------- input handling
@@ -189,14 +225,18 @@ def _decord_timestamps(pts: list[int], start_time: int | None, time_base: Fracti
     return [float(t) for t in ts]
 
 
-def _probe(open_fn, desc) -> VideoInfo:
+def _probe(open_fn, desc, limits: VideoLimits | None = None) -> VideoInfo:
     container, stream = _av_open(open_fn, desc)
     try:
+        if limits is not None:
+            limits.check_size(int(stream.codec_context.width or 0), int(stream.codec_context.height or 0), desc)
         pts: list[int] = []
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:  # PyAV's end-of-stream flush packet
                     continue
+                if limits is not None and len(pts) >= limits.max_frames:
+                    raise VideoError(f"video {desc} is too long: over {limits.max_frames} frames")
                 t = packet.pts if packet.pts is not None else packet.dts
                 if t is None:  # no timing at all (raw elementary stream): use the packet order
                     t = pts[-1] + 1 if pts else 0
@@ -210,6 +250,8 @@ def _probe(open_fn, desc) -> VideoInfo:
         pts.sort()
         time_base = stream.time_base or Fraction(0)
         timestamps = _decord_timestamps(pts, stream.start_time, time_base)
+        if limits is not None and not timestamps[-1] <= limits.max_seconds:
+            raise VideoError(f"video {desc} is too long: {timestamps[-1]:.0f} s (limit {limits.max_seconds:.0f} s)")
         fps = float(stream.average_rate) if stream.average_rate else 0.0
         if not (fps > 0 and math.isfinite(fps)):
             duration = None
@@ -229,10 +271,10 @@ def _probe(open_fn, desc) -> VideoInfo:
         container.close()
 
 
-def probe_video(source: VideoSource) -> VideoInfo:
+def probe_video(source: VideoSource, limits: VideoLimits | None = None) -> VideoInfo:
     """Index a video without decoding it: frame timestamps, average fps, size."""
     open_fn, desc = _opener(source)
-    return _probe(open_fn, desc)
+    return _probe(open_fn, desc, limits)
 
 
 def frame_timestamps(source: VideoSource) -> list[float]:
@@ -283,16 +325,22 @@ def select_frame_indices(timestamps, avg_fps: float, strategy: str = "chat",
 # --------------------------------------------------------------------------- pass 2: decode
 
 
-def _decode_selected(open_fn, desc, indices: list[int], width: int, height: int) -> np.ndarray:
+def _decode_selected(open_fn, desc, indices: list[int], width: int, height: int,
+                     keep: Callable[[np.ndarray], object] = lambda arr: arr,
+                     limits: VideoLimits | None = None) -> list:
+    """keep(frame) for each selected index, in the order of `indices`; a frame is (H, W, 3) uint8
+    RGB and only one full-size frame exists at a time unless `keep` holds on to it."""
     wanted = set(indices)
     last = max(indices)
-    kept: dict[int, np.ndarray] = {}
+    kept: dict[int, object] = {}
     container, stream = _av_open(open_fn, desc)
     stream.thread_type = "AUTO"
     n = 0
     try:
         try:
             for frame in container.decode(stream):
+                if limits is not None:
+                    limits.check_size(frame.width, frame.height, desc)
                 if n in wanted:
                     if width <= 0 or height <= 0:
                         width, height = frame.width, frame.height
@@ -300,7 +348,7 @@ def _decode_selected(open_fn, desc, indices: list[int], width: int, height: int)
                         arr = frame.to_ndarray(format="rgb24", width=width, height=height)
                     else:
                         arr = frame.to_ndarray(format="rgb24")
-                    kept[n] = arr
+                    kept[n] = keep(arr)
                 n += 1
                 if n > last:
                     break
@@ -322,24 +370,83 @@ def _decode_selected(open_fn, desc, indices: list[int], width: int, height: int)
         for i in set(missing):
             earlier = [k for k in have if k <= i]
             kept[i] = kept[earlier[-1]] if earlier else kept[have[0]]
-    return np.stack([kept[i] for i in indices])  # (T, H, W, 3)
+    return [kept[i] for i in indices]
 
 
-def decode_video(source: VideoSource, strategy: str = "chat", num_frames: int = NUM_FRAMES) -> torch.Tensor:
+def _selected_frames(source: VideoSource, strategy: str, num_frames: int, limits: VideoLimits | None,
+                     keep_for: Callable[[int], Callable[[np.ndarray], object]] | None = None) -> list:
+    """Probe, select, decode: keep(frame) per selected index, with keep = keep_for(number of selected
+    frames) (default: the frame itself). Every failure to read the input is a VideoError (FFmpeg and
+    PyAV raise many kinds); a missing path stays FileNotFoundError."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown video strategy {strategy!r}; allowed values: 'chat', 'base'")
+    open_fn, desc = _opener(source)
+    try:
+        info = _probe(open_fn, desc, limits)
+        indices = select_frame_indices(info.timestamps, info.avg_fps, strategy, num_frames)
+        if limits is not None and (max(indices) + 1) * info.width * info.height > limits.max_decode_pixels:
+            raise VideoError(f"video {desc}: decoding its first {max(indices) + 1} frames of {info.width}x"
+                             f"{info.height} exceeds the limit of {limits.max_decode_pixels} decoded pixels")
+        keep = keep_for(len(indices)) if keep_for is not None else (lambda arr: arr)
+        return _decode_selected(open_fn, desc, indices, info.width, info.height, keep, limits)
+    except (VideoError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted input is the input's fault
+        raise VideoError(f"could not decode video {desc}: {type(e).__name__}: {e}") from None
+
+
+def decode_video(source: VideoSource, strategy: str = "chat", num_frames: int = NUM_FRAMES,
+                 limits: VideoLimits | None = VIDEO_LIMITS) -> torch.Tensor:
     """Decode the frames the official CogVLM2 ``load_video`` would pick.
 
     ``source``: a path, the file's bytes, or a binary file object (read from its current position).
     Returns ``uint8`` RGB frames, layout ``(C, T, H, W)`` (``T <= num_frames``; frames may repeat).
-    Raises :class:`VideoError` for empty / undecodable input, ``ValueError`` for an unknown strategy,
-    ``FileNotFoundError`` for a missing path.
+    Raises :class:`VideoError` for empty / undecodable input or input past ``limits`` (None: no
+    limits), ``ValueError`` for an unknown strategy, ``FileNotFoundError`` for a missing path.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown video strategy {strategy!r}; allowed values: 'chat', 'base'")
-    open_fn, desc = _opener(source)
-    info = _probe(open_fn, desc)
-    indices = select_frame_indices(info.timestamps, info.avg_fps, strategy, num_frames)
-    frames = _decode_selected(open_fn, desc, indices, info.width, info.height)
-    return torch.from_numpy(frames).permute(3, 0, 1, 2)
+    frames = _selected_frames(source, strategy, num_frames, limits)
+    return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)
+
+
+def _frame_digest(frame: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> 16 bytes identifying it (shape included)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(frame.shape, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(frame).tobytes())
+    return h.digest()
+
+
+def _combine(digests: list[bytes]) -> str:
+    return hashlib.blake2b(b"".join(digests), digest_size=16).hexdigest()
+
+
+def frames_digest(frames: torch.Tensor) -> str:
+    """Content hash of uint8 ``(C, T, H, W)`` frames; equals the digest `video_pixels` gives."""
+    return _combine([_frame_digest(frames[:, t].permute(1, 2, 0).numpy()) for t in range(frames.shape[1])])
+
+
+def video_pixels(source: VideoSource, image_size: int, strategy: str = "chat", num_frames: int = NUM_FRAMES,
+                 limits: VideoLimits | None = VIDEO_LIMITS) -> tuple[torch.Tensor, str]:
+    """``load_video`` in bounded memory, and the selected frames' content hash (``frames_digest``).
+
+    Each selected frame is transformed as soon as it is decoded, so only one full-size frame (and
+    its float copies) exists at a time instead of all of them: the pixels are bit-identical to
+    ``transform_video(decode_video(...))``. One exception keeps that true: torch's CPU bilinear
+    kernel takes a different path (equally valid, not bit-equal) for an interpolated tensor of
+    exactly 3 channels, which is what a 3-frame ``(C, T, H, W)`` tensor is; those 3 frames are
+    transformed together, as the official transform does.
+    """
+    def keep_for(count: int):
+        def keep(arr: np.ndarray) -> tuple[bytes, torch.Tensor]:
+            frame = torch.from_numpy(arr).permute(2, 0, 1)[:, None]  # (3, 1, H, W) uint8
+            return _frame_digest(arr), frame if count == 3 else transform_video(frame, image_size)
+        return keep
+
+    kept = _selected_frames(source, strategy, num_frames, limits, keep_for)
+    digest = _combine([d for d, _ in kept])
+    if len(kept) == 3:
+        return transform_video(torch.cat([f for _, f in kept], 1), image_size), digest
+    return torch.cat([f for _, f in kept]), digest
 
 
 # --------------------------------------------------------------------------- transform

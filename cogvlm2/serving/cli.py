@@ -23,7 +23,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
     add_model_arguments(p)
     p.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + output tokens per request (default: the model's max_position_embeddings)")
+                   help="prompt + output tokens per request, the KV budget (default: max_position_embeddings + the tokens "
+                        "that share positions in one image / 24 video frames); positions are checked too")
     p.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together in one step")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache pool size in blocks (default: sized automatically)")
 
@@ -35,13 +36,25 @@ def add_parser(subparsers) -> None:
     add_engine_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=os.environ.get("COGVLM2_API_KEY"),
+    serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on every route but /health and /metrics "
-                            "(default: $COGVLM2_API_KEY; none: no key needed)")
+                            "(visible in the process list: prefer --api-key-file or $COGVLM2_API_KEY; "
+                            "none of the three: no key needed)")
+    serve.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
     serve.add_argument("--served-model-name", nargs="+", default=None,
-                       help="model name(s) clients send; the first is reported in responses (default: --model)")
+                       help="model name(s) clients may send besides --model (e.g. 'cogvlm2', which the official "
+                            "request script sends); the first is reported in responses (default: --model)")
     serve.add_argument("--allow-remote-media", action="store_true",
                        help="fetch http(s) image / video URLs (public addresses only); off: data URIs only")
+    serve.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                       help="answer CORS requests from these browser origins (e.g. http://localhost:3000, or *); "
+                            "default: no CORS headers")
+    serve.add_argument("--max-waiting", type=int, default=None,
+                       help="engine requests admitted but not started (media decoding, queued) before new requests "
+                            "get 503 with Retry-After (default: 128)")
+    serve.add_argument("--max-connections", type=int, default=None,
+                       help="open connections; past it a new one gets 503 and is closed (default: 1024, lowered "
+                            "to fit the open-file limit)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=run_serve)
 

@@ -1,7 +1,9 @@
 """OpenAI chat messages -> one CogVLM2 prompt: the query, the history of (query, answer) pairs, one media.
 
 CogVLM2 has no system role: system (and developer) text is prepended to the first user query, so the
-start of the prompt stays the same across turns. Consecutive messages of one role are joined. An image
+start of the prompt stays the same across turns. Consecutive user messages are separate turns, the
+earlier ones with an empty answer (as the official API demo maps them); consecutive assistant messages
+are joined. An image
 model sees one image per conversation: the latest `image_url` in the messages (the official demo's
 rule); earlier ones are ignored. Video checkpoints take `video_url` parts the same way.
 """
@@ -51,11 +53,9 @@ def parse_messages(messages: list[Message], is_video: bool) -> Conversation:
                                        f"send {kind}_url parts, not {part.type}", param=f"messages.{i}.content")
                     if isinstance(part, wanted):
                         media.append(part.video_url.url if is_video else part.image_url.url)
-            text = _text(message.content)
             if turns and len(turns[-1]) == 1:
-                turns[-1][0] = f"{turns[-1][0]}\n{text}"
-            else:
-                turns.append([text])
+                turns[-1].append("")  # an unanswered question stays a turn of its own
+            turns.append([_text(message.content)])
         elif isinstance(message, AssistantMessage):
             if not turns:
                 raise APIError(f"messages.{i}: an assistant message comes before any user message", param="messages")

@@ -17,18 +17,19 @@ class APIError(Exception):
     """A request we refuse, with the status and OpenAI error fields to answer with."""
 
     def __init__(self, message: str, status: int = 400, type: str | None = None, param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
 
     def to_response(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
 
 
-def error_for_status(status: int, detail: str | None = None) -> APIError:
+def error_for_status(status: int, detail: str | None = None, headers: dict[str, str] | None = None) -> APIError:
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
-    return APIError(detail or phrase, status=status)
+    return APIError(detail or phrase, status=status, headers=headers)
 
 
 def _param(loc: tuple) -> str | None:
@@ -76,7 +77,7 @@ def install_error_handlers(app) -> None:
         metrics = getattr(app.state, "metrics", None)
         if metrics is not None:
             metrics.errors.labels(status=str(err.status)).inc()
-        return JSONResponse(err.to_response().model_dump(), status_code=err.status)
+        return JSONResponse(err.to_response().model_dump(), status_code=err.status, headers=err.headers or None)
 
     async def on_api_error(request, exc: APIError):
         return respond(exc)
@@ -86,7 +87,7 @@ def install_error_handlers(app) -> None:
 
     async def on_http_error(request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else None
-        return respond(error_for_status(exc.status_code, detail))
+        return respond(error_for_status(exc.status_code, detail, dict(exc.headers or {})))  # 405 keeps its Allow
 
     async def on_unexpected(request, exc: Exception):
         logger.exception("unhandled error on %s %s", request.method, request.url.path)

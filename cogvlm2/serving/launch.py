@@ -23,13 +23,14 @@ def engine_kwargs(args) -> dict:
 async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]:  # noqa: F821
     """(engine, processor, checkpoint folder): the model is loaded off the event loop, the engine
     thread started, and shut down (in-flight requests failed) on exit."""
-    from ..cli import auto_device, auto_dtype
+    from ..devices import auto_device, auto_dtype
     from ..engine.async_llm import AsyncLLM
     from ..model import load_model
     from ..tiny import TINY_NOTE, is_tiny
 
     device = auto_device(args.device)
-    model = await asyncio.to_thread(load_model, args.model, auto_dtype(args.dtype, device), device)
+    model = await asyncio.to_thread(load_model, args.model, auto_dtype(args.dtype, device), device,
+                                    quant=getattr(args, "quant", None))
     folder = Path(model.checkpoint_path)
     engine = await asyncio.to_thread(AsyncLLM.from_pretrained, model, **engine_kwargs(args))
     if is_tiny(folder):

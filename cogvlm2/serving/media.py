@@ -22,10 +22,23 @@ from .limits import FETCH_TIMEOUT_S, MAX_REDIRECTS
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# IPv6 ranges that carry an IPv4 address to a translator or stack of unknown reach: refused outright.
+_WRAPPING_RANGES = tuple(ipaddress.ip_network(n) for n in (
+    "::/96",  # IPv4-compatible (deprecated): ::127.0.0.1
+    "::ffff:0:0:0/96",  # IPv4-translated (SIIT): ::ffff:0:7f00:1
+    "64:ff9b::/96",  # NAT64 well-known prefix: 64:ff9b::7f00:1 reaches 127.0.0.1 through the translator
+    "64:ff9b:1::/48",  # NAT64 local-use prefix
+))
+
+
 def is_public_address(ip: IPAddress) -> bool:
     """Globally routable unicast only: loopback, private, link-local, shared (CGN), reserved,
-    multicast and unspecified addresses are refused, as are IPv6 forms that embed such an IPv4."""
+    multicast and unspecified addresses are refused, as are IPv6 forms that embed an IPv4 (mapped,
+    6to4 and Teredo: the embedded IPv4 must be public; IPv4-compatible, IPv4-translated and NAT64:
+    always refused)."""
     if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _WRAPPING_RANGES):
+            return False
         embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
         if embedded is not None and not is_public_address(embedded):
             return False

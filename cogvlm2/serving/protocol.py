@@ -6,16 +6,28 @@ engine takes (`ChatCompletionRequest.to_sampling_params`). Responses are what Op
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_serializer, model_validator
 
 from ..sampling_params import SamplingParams
 from .limits import MAX_MESSAGES, MAX_N, MAX_STOP, MAX_STOP_CHARS
 
 INT64 = 2**63
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(text: str) -> str:
+    """JSON's \\uXXXX escapes can spell lone UTF-16 surrogates, which are no text: refuse them (400)."""
+    if (m := _SURROGATE.search(text)) is not None:
+        raise ValueError(f"invalid Unicode: lone surrogate U+{ord(m.group()):04X} at character {m.start()}")
+    return text
+
+
+Text = Annotated[str, AfterValidator(check_unicode)]  # every string a request carries
 
 
 class OpenAIModel(BaseModel):
@@ -58,11 +70,11 @@ class ModelList(OpenAIModel):
 
 class TextPart(OpenAIModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(OpenAIModel):
-    url: str
+    url: Text
     detail: Literal["auto", "low", "high"] = "auto"  # accepted, not used: every image is resized to the tower's size
 
 
@@ -72,7 +84,7 @@ class ImagePart(OpenAIModel):
 
 
 class VideoURL(OpenAIModel):
-    url: str
+    url: Text
 
 
 class VideoPart(OpenAIModel):
@@ -84,7 +96,7 @@ class VideoPart(OpenAIModel):
 
 class RefusalPart(OpenAIModel):
     type: Literal["refusal"]
-    refusal: str
+    refusal: Text
 
 
 UserPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
@@ -92,26 +104,26 @@ AssistantPart = Annotated[Union[TextPart, RefusalPart], Field(discriminator="typ
 
 
 class SystemMessage(OpenAIModel):
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     role: Literal["system", "developer"]
-    name: str | None = None
+    name: Text | None = None
 
 
 class UserMessage(OpenAIModel):
-    content: str | list[UserPart]
+    content: Text | list[UserPart]
     role: Literal["user"]
-    name: str | None = None
+    name: Text | None = None
 
 
 class AssistantMessage(OpenAIModel):
     role: Literal["assistant"]
-    content: str | list[AssistantPart] | None = None
-    name: str | None = None
-    refusal: str | None = None
+    content: Text | list[AssistantPart] | None = None
+    name: Text | None = None
+    refusal: Text | None = None
 
 
 Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage], Field(discriminator="role")]
-StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(check_unicode)]
 
 
 class StreamOptions(OpenAIModel):
@@ -120,7 +132,7 @@ class StreamOptions(OpenAIModel):
 
 class ChatCompletionRequest(OpenAIModel):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
-    model: str | None = None  # None: the served model
+    model: Text | None = None  # None: the served model
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for max_completion_tokens; both work
@@ -130,9 +142,9 @@ class ChatCompletionRequest(OpenAIModel):
     stop: StopString | list[StopString] | None = Field(None)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: float = Field(0.0, ge=0, le=2)  # absent: greedy, as every official demo decodes
     top_p: float = Field(1.0, gt=0, le=1)
-    user: str | None = None
+    user: Text | None = None
     # Not in OpenAI's API (vLLM has the same two): -1 or 0 disables top-k; 1.0 disables the penalty.
     top_k: int = Field(0, ge=-1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)

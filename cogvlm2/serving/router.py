@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Awaitable, TypeVar
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -18,7 +19,7 @@ T = TypeVar("T")
 
 async def until_disconnect(raw_request: Request, work: Awaitable[T]) -> T | Response:
     """Run `work` unless the client goes away first: then cancel it (which aborts its engine
-    requests) instead of generating an answer nobody reads."""
+    requests) and wait until it is cancelled, instead of generating an answer nobody reads."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -32,8 +33,12 @@ async def until_disconnect(raw_request: Request, work: Awaitable[T]) -> T | Resp
         watcher.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.wait({task})  # let it finish cancelling (its engine requests are aborted)
+    if watcher.done() and not watcher.cancelled():
+        with contextlib.suppress(Exception):
+            watcher.result()  # a receive() failure means the client is gone too
     if task.cancelled():
-        return Response(status_code=499)  # nobody is listening; for the access log
+        return Response(status_code=499)  # nobody is listening; for the access log, not an error
     return task.result()
 
 
@@ -54,7 +59,7 @@ async def metrics(raw_request: Request) -> Response:
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(raw_request: Request) -> ModelList:
     ctx = raw_request.app.state.ctx
-    return ModelList(data=[ModelCard(id=name, root=ctx.model_path, max_model_len=ctx.max_model_len)
+    return ModelList(data=[ModelCard(id=name, root=ctx.model_root, max_model_len=ctx.max_model_len)
                            for name in ctx.model_names])
 
 

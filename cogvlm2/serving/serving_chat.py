@@ -34,12 +34,14 @@ class OpenAIServingChat(OpenAIServing):
         """Everything that can be refused is checked before the first byte is sent, so errors are 4xx
         responses, never a half-written stream."""
         model = self.check_model(request.model)
-        inputs = await self.prepare_inputs(request)
-        max_tokens = self.max_tokens(inputs, request.requested_max_tokens)
-        try:
-            params = [request.to_sampling_params(max_tokens, i) for i in range(request.n)]
-        except ValueError as e:
-            raise APIError(str(e)) from None
+        with self.ctx.prepare(request.n):
+            inputs = await self.prepare_inputs(request)
+            max_tokens = self.max_tokens(inputs, request.requested_max_tokens)
+            try:
+                params = [request.to_sampling_params(max_tokens, i) for i in range(request.n)]
+            except ValueError as e:
+                raise APIError(str(e)) from None
+            self.ctx.admit(0)  # the server may have begun to stop meanwhile
         request_id = completion_id()
         if request.stream:
             return self.stream(request, request_id, model, inputs, params)

@@ -16,7 +16,7 @@ from .backends import BackendError, LocalBackend, RemoteBackend
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_MAX_TOKENS = 0.6, 0.9, 512
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_MAX_TOKENS = 0.0, 1.0, 2048  # greedy, as the official demos
 
 
 def _text(content) -> str:

@@ -32,7 +32,7 @@ class LocalBackend:
             inputs = await asyncio.to_thread(self.processor, query, history, **kw)
         except (OSError, ValueError) as e:
             raise BackendError(str(e)) from None
-        budget = self.engine.max_model_len - len(inputs)
+        budget = inputs.output_budget(self.engine.max_model_len, self.processor.config.max_position_embeddings)
         if budget < 1:
             raise BackendError(f"the conversation is {len(inputs)} tokens long, the context holds "
                                f"{self.engine.max_model_len}: clear it to start over")
@@ -69,7 +69,8 @@ class RemoteBackend:
         self.model_name = self.model_name or card["id"]
         from ..tiny import is_tiny
 
-        self.tiny = bool(card.get("root")) and is_tiny(card["root"])
+        root = card.get("root") or ""  # the server's --model value (a local folder: its name only)
+        self.tiny = root in ("tiny", "tiny-video") or (bool(root) and is_tiny(root))
 
     def messages(self, query: str, history: list[tuple[str, str]], media: tuple[str, str] | None) -> list[dict]:
         out: list[dict] = []

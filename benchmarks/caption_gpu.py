@@ -1,0 +1,198 @@
+"""Captioning at scale: `cogvlm2.caption` end to end from files on disk, against the engine alone.
+
+Full-size architectures with random bf16 weights (as engine_gpu.py), 128 new tokens per item (ignore_eos):
+
+  --only image  N JPEGs (default 1,000; 1600x1200, a photo's size) written to disk; cogvlm2-llama3-chat-19B.
+                img/s of caption() (worker-pool decode + preprocessing feeding the engine) next to the
+                engine alone on pre-processed images (engine_gpu.py's captioning figure, measured here).
+                Goal: >= 95%.
+  --only video  mp4 files of 24 s (640x360, 8 fps; 24 frames at 224^2 per video, chat strategy);
+                cogvlm2-llama3-caption's architecture: videos/s end to end and for the engine alone.
+  --only ray    (2-GPU machine) the same JPEGs through Ray Data with 2 engine actors, one per GPU, against
+                one GPU in one process. Goal: >= 1.9x.
+
+Each mode fits one device call of 8 minutes on an H200 (the ray mode on nvidia-h200-x2):
+
+    PYTHONPATH=. python benchmarks/caption_gpu.py --only image --out $OUT/caption_image.json
+    PYTHONPATH=. python benchmarks/caption_gpu.py --only video --out $OUT/caption_video.json
+    PYTHONPATH=. python benchmarks/caption_gpu.py --only ray --num-images 400 --out $OUT/caption_ray.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import full_size_config, random_model, report
+from cogvlm2.batch.caption import caption
+from cogvlm2.engine.config import EngineConfig
+from cogvlm2.engine.llm_engine import LLMEngine
+from cogvlm2.processing import Processor
+from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
+from cogvlm2.sampling_params import SamplingParams
+
+PARAMS = SamplingParams(max_new_tokens=128, temperature=0, ignore_eos=True)
+ENGINE = dict(max_num_seqs=64, max_num_batched_tokens=8192, gpu_memory_utilization=0.9)
+IMAGE_MODEL, VIDEO_MODEL = "cogvlm2-llama3-chat-19B", "cogvlm2-llama3-caption"
+
+
+def write_jpeg(path: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    small.resize((1600, 1200), Image.BICUBIC).save(path, quality=90)
+
+
+def write_mp4(path: str, seed: int, seconds: int = 24, fps: int = 8, size=(640, 360)) -> None:
+    import av
+
+    rng = np.random.default_rng(seed)
+    with av.open(path, "w") as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+        for i in range(seconds * fps):
+            frame = np.roll(base, i, axis=1).repeat(8, 0).repeat(8, 1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_files(folder: Path, n: int, kind: str, seed: int = 0) -> float:
+    """n media files (content from seeds seed, seed+1, ...) written in parallel; their total size in MB."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write, ext = (write_jpeg, "jpg") if kind == "image" else (write_mp4, "mp4")
+    paths = [str(folder / f"{i:05d}.{ext}") for i in range(n)]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(write, paths, range(seed, seed + n), chunksize=8))
+    return sum(os.path.getsize(p) for p in paths) / 1e6
+
+
+def build_engine(name: str) -> LLMEngine:
+    """The full-size architecture `name` with random weights on this process's GPU (a Ray actor's too)."""
+    cfg = full_size_config(name)
+    return LLMEngine(random_model(cfg), EngineConfig(**ENGINE), Processor(cfg, Tokenizer(bundled_tokenizer_path())))
+
+
+def engine_alone(engine: LLMEngine, inputs: list) -> float:
+    """Items/s of the engine on inputs already pre-processed in memory (all queued at once)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i, x in enumerate(inputs):
+        engine.add_request(f"alone-{i}-{start}", x, PARAMS)
+    while engine.has_unfinished():
+        engine.step()
+    torch.cuda.synchronize()
+    return len(inputs) / (time.perf_counter() - start)
+
+
+def end_to_end(folder: Path, out: Path, **kwargs) -> tuple[float, float, int]:
+    """(items/s over the whole run, items/s after the first 10% of rows (start-up excluded; Ray returns
+    rows a batch at a time), failures) of caption()."""
+    job = caption(folder, kwargs.pop("model"), out, sampling_params=PARAMS, overwrite=True, **kwargs)
+    stamps = [time.perf_counter() for _ in job]
+    i0 = len(stamps) // 10
+    steady = (len(stamps) - 1 - i0) / (stamps[-1] - stamps[i0]) if stamps[-1] > stamps[i0] else 0.0
+    print(f"  {job.summary('items')}")
+    return (job.succeeded + job.failed) / job.seconds, steady, job.failed
+
+
+def bench_local(kind: str, n: int, n_alone: int, workers: int | None, tmp: Path) -> list[dict]:
+    name = IMAGE_MODEL if kind == "image" else VIDEO_MODEL
+    folder = tmp / kind
+    t0 = time.perf_counter()
+    mb = write_files(folder, n, kind)
+    print(f"{n} {kind} files, {mb:.0f} MB written in {time.perf_counter() - t0:.1f} s")
+    write_files(tmp / "alone", n_alone + 8, kind, seed=10**6)  # other content: no prefix-cache hits later
+    engine = build_engine(name)
+    prep_start = time.perf_counter()
+    arg = "image" if kind == "image" else "video"
+    inputs = [engine.processor(caption_prompt(kind), **{arg: str(f)}) for f in sorted((tmp / "alone").iterdir())]
+    prep_rate = len(inputs) / (time.perf_counter() - prep_start)
+    engine_alone(engine, inputs[:8])  # warm-up: cuDNN plans, allocator
+    alone = engine_alone(engine, inputs[8:])
+    del inputs
+    rate, steady, failed = end_to_end(folder, tmp / f"{kind}.parquet", model=name, engine=engine, workers=workers)
+    assert failed == 0, "benchmark items failed"
+    unit = "img/s" if kind == "image" else "videos/s"
+    what = f"{n} {'JPEGs (1600x1200)' if kind == 'image' else 'mp4s (24 s, 640x360, 24 frames)'} x 128 new tokens"
+    return [
+        dict(name=f"caption() end to end, {what}", value=rate, unit=unit, floor=alone,
+             floor_how=f"the engine alone on {n_alone} pre-processed inputs (goal >= 95%)"),
+        dict(name="  same, steady state (after the first 10% of rows)", value=steady, unit=unit, floor=alone,
+             floor_how="the engine alone"),
+        dict(name="  preprocessing in one thread (reference)", value=prep_rate, unit=unit, floor=alone,
+             floor_how="what one thread must beat to feed the engine alone"),
+    ]
+
+
+def caption_prompt(kind: str) -> str:
+    from cogvlm2.batch.caption import IMAGE_PROMPT, VIDEO_PROMPT
+
+    return IMAGE_PROMPT if kind == "image" else VIDEO_PROMPT
+
+
+def _image_engine() -> LLMEngine:  # picklable by value (defined in __main__): built inside each Ray actor
+    return build_engine(IMAGE_MODEL)
+
+
+def bench_ray(n: int, workers: int | None, tmp: Path) -> list[dict]:
+    import ray
+
+    folder = tmp / "image"
+    write_files(folder, n, "image")
+    gpus = torch.cuda.device_count()
+    ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    try:
+        ray_rate, ray_steady, failed = end_to_end(folder, tmp / "ray.parquet", model=IMAGE_MODEL, engine=_image_engine,
+                                                  processor=Processor(full_size_config(IMAGE_MODEL),
+                                                                      Tokenizer(bundled_tokenizer_path())),
+                                                  ray=True, ray_actors=gpus, ray_batch_size=8,
+                                                  max_num_seqs=ENGINE["max_num_seqs"])
+        assert failed == 0
+    finally:
+        ray.shutdown()
+    gc.collect()
+    engine = build_engine(IMAGE_MODEL)
+    one_rate, one_steady, _ = end_to_end(folder, tmp / "one.parquet", model=IMAGE_MODEL, engine=engine, workers=workers)
+    return [
+        dict(name=f"Ray, {gpus} engine actors, {n} JPEGs x 128 tokens (whole run)", value=ray_rate, unit="img/s",
+             floor=gpus * one_rate, floor_how=f"{gpus} x one GPU in one process ({one_rate:.2f} img/s); goal >= 95%"),
+        dict(name="  same, steady state (after the first 10% of rows)", value=ray_steady, unit="img/s",
+             floor=gpus * one_steady, floor_how=f"{gpus} x one GPU steady ({one_steady:.2f} img/s)"),
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="image", choices=["image", "video", "ray"])
+    ap.add_argument("--num-images", type=int, default=1000)
+    ap.add_argument("--num-videos", type=int, default=128)
+    ap.add_argument("--engine-alone", type=int, default=128, help="pre-processed items for the engine-alone figure")
+    ap.add_argument("--workers", type=int, default=None, help="preprocessing threads (default: caption()'s)")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="caption-bench-") as tmp:
+        tmp = Path(tmp)
+        if args.only == "image":
+            rows = bench_local("image", args.num_images, args.engine_alone, args.workers, tmp)
+        elif args.only == "video":
+            rows = bench_local("video", args.num_videos, min(args.engine_alone, args.num_videos), args.workers, tmp)
+        else:
+            rows = bench_ray(args.num_images, args.workers, tmp)
+    report(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""`cogvlm2.caption(...)`: caption a folder, a manifest or WebDataset shards; rows stream out, resumably.
+
+One row per item: id, path, caption, model, prompt, template, tokens (generated), prompt_tokens,
+finish_reason, seconds, error (None, or why the item has no caption). With an output path, rows are
+written as they finish and items whose id is already there are skipped (the resume rule). Runs the
+engine in this process (a worker pool preprocesses ahead of it) or, with ray=True, on a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from ..config import ModelConfig
+from ..processing import CAPTION_PROMPT, Processor
+from ..sampling_params import SamplingParams
+from .items import Item, media_kind
+from .job import Job
+from .preprocess import Preprocessor
+from .sources import Source, open_source
+from .writers import DEFAULT_CHUNK_ROWS, DEFAULT_CHUNK_SECONDS, open_writer
+
+# The official prompts: cogvlm2-llama3-caption's demo asks this of every video (processing.CAPTION_PROMPT);
+# image checkpoints get the equivalent question. The template and frame strategy are the checkpoint's
+# (Processor defaults, as the official demos choose them).
+VIDEO_PROMPT = CAPTION_PROMPT
+IMAGE_PROMPT = "Please describe this image in detail."
+DEFAULT_MAX_NEW_TOKENS = 2048  # the official caption demo's budget; captions end at EOS well before
+
+CAPTION_SCHEMA = {"id": "string", "path": "string", "caption": "string", "model": "string", "prompt": "string",
+                  "template": "string", "tokens": "int64", "prompt_tokens": "int64", "finish_reason": "string",
+                  "seconds": "float64", "error": "string"}
+
+
+def default_prompt(config: ModelConfig) -> str:
+    return VIDEO_PROMPT if config.is_video else IMAGE_PROMPT
+
+
+def native_media(config: ModelConfig) -> tuple[str, ...]:
+    """What a folder scan picks up: video checkpoints read videos and stills (as one-frame clips)."""
+    return ("image", "video") if config.is_video else ("image",)
+
+
+def caption_row(item: Item, model: str, prompt: str | None, template: str | None, caption: str | None = None,
+                tokens: int = 0, prompt_tokens: int = 0, finish_reason: str | None = None, seconds: float = 0.0,
+                error: str | None = None) -> dict:
+    return {"id": item.id, "path": item.path, "caption": caption, "model": model, "prompt": prompt,
+            "template": template, "tokens": tokens, "prompt_tokens": prompt_tokens, "finish_reason": finish_reason,
+            "seconds": round(seconds, 4), "error": error}
+
+
+def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny",
+            output: str | os.PathLike | None = None, *, prompt: str | None = None, template: str | None = None, video_strategy: str | None = None,
+            media: Iterable[str] | None = None, allow_urls: bool = False,
+            sampling_params: SamplingParams | None = None, dtype: str | None = None, device: str | None = None,
+            engine=None, processor: Processor | None = None, workers: int | None = None,
+            lookahead: int | None = None, overwrite: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+            chunk_seconds: float = DEFAULT_CHUNK_SECONDS, ray: bool = False, ray_address: str | None = None,
+            ray_actors: tuple[int, int] | int = 1, ray_gpus_per_actor: float | None = None,
+            ray_batch_size: int = 16, **engine_kwargs) -> Job:
+    """Caption `inputs`: a folder, manifest (.txt/.jsonl/.csv/.parquet), `.tar` shards, or a list of paths
+    / Items. Returns a Job: iterate it for the rows (it runs as you iterate); it also counts them.
+
+    model: a name for the engine ("tiny", a folder, a hub id), written in every row. engine: an
+    LLMEngine already loaded, or a picklable zero-argument function that builds one (called once here, or
+    once per Ray actor); then `model` only names it and `processor` (default: the engine's, else loaded
+    from `model`) preprocesses. prompt: default per checkpoint (`default_prompt`); template and
+    video_strategy: the checkpoint's. sampling_params: default greedy, 2,048 new tokens at most (the
+    official caption demo). media: the kinds a folder scan takes (default: what the checkpoint reads).
+    engine_kwargs: EngineConfig fields (max_num_seqs, gpu_memory_utilization, ...).
+    Ray: ray_actors = n or (min, max) engines (autoscaling between), ray_gpus_per_actor (default 1 when
+    the cluster has GPUs, else CPU actors), ray_address (default: a running cluster or a local one).
+    """
+    from ..engine.llm_engine import LLMEngine
+
+    params = sampling_params or SamplingParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0)
+    if processor is None:
+        if isinstance(engine, LLMEngine):
+            processor = engine.processor
+        else:
+            from ..model import checkpoint_folder
+
+            processor = Processor.from_pretrained(checkpoint_folder(model))
+    config = processor.config
+    prompt = prompt or default_prompt(config)
+    prep = Preprocessor(processor, prompt, template, video_strategy)
+    source = _source(inputs, tuple(media) if media else native_media(config), allow_urls)
+    writer = open_writer(output, CAPTION_SCHEMA, overwrite, chunk_rows, chunk_seconds) if output is not None else None
+
+    if ray:
+        from .ray_caption import ray_rows
+
+        if isinstance(engine, LLMEngine):
+            raise ValueError("ray=True builds one engine per actor: pass a model name or an engine factory, "
+                             "not a loaded engine")
+
+        def rows(items):
+            return ray_rows(items, model=str(model), factory=engine, prep=prep, params=params, dtype=dtype,
+                            device=device, address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus_per_actor,
+                            batch_size=ray_batch_size, engine_kwargs=engine_kwargs)
+    else:
+        try:
+            if engine is None:
+                engine = LLMEngine.from_pretrained(model, dtype, device, **engine_kwargs)
+            elif not isinstance(engine, LLMEngine):
+                engine = engine()
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            raise
+
+        def rows(items):
+            from .driver import drive
+
+            for r in drive(engine, items, prep, params, workers, lookahead):
+                yield result_row(r.item, prep, str(model), r.output, r.error, r.seconds)
+    return Job(source, rows, writer, source.total)
+
+
+def result_row(item: Item, prep: Preprocessor, model: str, output, error: str | None, seconds: float) -> dict:
+    """The caption row of a finished (output) or failed (error) item."""
+    try:
+        query = prep.query_for(item)
+    except ValueError:
+        query = None
+    template = prep.template_for(item)
+    if output is None:
+        return caption_row(item, model, query, template, seconds=seconds, error=error)
+    return caption_row(item, model, query, template, caption=output.text.strip(), tokens=len(output.token_ids),
+                       prompt_tokens=output.prompt_len, finish_reason=output.finish_reason, seconds=seconds)
+
+
+def _source(inputs, kinds: tuple[str, ...], allow_urls: bool) -> Source:
+    if isinstance(inputs, (str, os.PathLike)):
+        return open_source(inputs, kinds, allow_urls)
+    items = []
+    for x in inputs:
+        if isinstance(x, Item):
+            items.append(x)
+            continue
+        kind = media_kind(os.fspath(x))
+        items.append(Item(id=os.fspath(x), path=os.fspath(x), **{kind: os.fspath(x)}) if kind else
+                     Item(id=os.fspath(x), path=os.fspath(x), error=f"{x}: unknown media type (extension)"))
+    return Source("items", lambda: iter(items), len(items))

@@ -1,0 +1,269 @@
+"""Quantized drop-in replacements for nn.Linear (inference only): fp4/nf4 (the official int4 checkpoints'
+bitsandbytes layout), group-wise int4, and fp8 with dynamic per-token activation scales.
+
+Each keeps `in_features`, `out_features` and a `bias` in the model dtype. On CUDA with autograd off the
+4-bit layers run the Triton kernels of `triton_kernels.py`; elsewhere (CPU, training) they dequantize
+with the torch reference of `formats.py` and call F.linear, which is the exact reference the kernels
+are tested against. fp8 uses torch._scaled_mm on GPUs that have it (compute capability >= 8.9) and
+otherwise computes the same quantized product in float32.
+
+State-dict keys of Fp4Linear are the official ones: `weight` (packed uint8 [N*K/2, 1]), `weight.absmax`
+(float32 per 64 weights) and `weight.quant_map` (the 16 code values). The fourth official key,
+`weight.quant_state.bitsandbytes__<fp4|nf4>`, is metadata (type, block size, shape): the loader checks it
+with `Fp4Linear.check_quant_state` instead of storing it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import formats
+
+try:  # Triton is optional: CPU installs never need it
+    from . import triton_kernels
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton_kernels = None
+
+
+def _kernel_ok(x: torch.Tensor) -> bool:
+    return triton_kernels is not None and x.is_cuda and not torch.is_grad_enabled()
+
+
+def _rename_keys(renames: dict[str, str]):
+    def hook(module, state_dict, prefix, local_metadata):
+        for old, new in renames.items():
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+    return hook
+
+
+class QuantLinear(nn.Module):
+    """Shared shape, bias and reference forward: y = x @ dequantize(x.dtype)^T + bias. A subclass defines
+    `dequantize(dtype)`: the weight [out_features, in_features] in `dtype`, as its kernels see it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+_FP4_KEYS = {"weight_absmax": "weight.absmax", "weight_quant_map": "weight.quant_map",
+             "weight_nested_absmax": "weight.nested_absmax", "weight_nested_quant_map": "weight.nested_quant_map"}
+
+
+class Fp4Linear(QuantLinear):
+    """bitsandbytes 4-bit layout (fp4 or nf4, blocks of 64 along the flattened row-major weight); `nested`:
+    8-bit absmax (bitsandbytes' double quantization: two more keys, `weight.nested_absmax` and
+    `weight.nested_quant_map`, and the offset in the quant state)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, quant_type: str = "fp4",
+                 blocksize: int = formats.BNB_BLOCKSIZE, dtype: torch.dtype | None = None, nested: bool = False):
+        super().__init__(in_features, out_features, bias, dtype)
+        if in_features % blocksize:
+            raise ValueError(f"in_features {in_features} is not a multiple of the 4-bit block size {blocksize}")
+        self.quant_type, self.blocksize, self.nested = quant_type, blocksize, nested
+        self.nested_offset = 0.0  # python float: read by the kernels without a device sync
+        n = out_features * in_features
+        self.register_buffer("weight", torch.empty(n // 2, 1, dtype=torch.uint8))
+        absmax_dtype = torch.uint8 if nested else torch.float32
+        self.register_buffer("weight_absmax", torch.empty(n // blocksize, dtype=absmax_dtype))
+        self.register_buffer("weight_quant_map", formats.code_table(quant_type))
+        if nested:
+            self.register_buffer("weight_nested_absmax", torch.empty(-(-n // blocksize // formats.NESTED_BLOCKSIZE)))
+            self.register_buffer("weight_nested_quant_map", torch.empty(256))
+        self.register_state_dict_post_hook(_rename_keys(_FP4_KEYS))
+        self.register_load_state_dict_pre_hook(_rename_keys({v: k for k, v in _FP4_KEYS.items()}))
+
+    @torch.no_grad()
+    def compress_statistics(self) -> "Fp4Linear":
+        """Float32 absmax -> 8-bit (nested) in place: 3 bytes fewer per 64 weights; the codes are unchanged."""
+        if not self.nested:
+            a8, nested_absmax, code, offset = formats.quantize_absmax(self.weight_absmax)
+            self.weight_absmax = a8
+            self.register_buffer("weight_nested_absmax", nested_absmax)
+            self.register_buffer("weight_nested_quant_map", code.to(a8.device))
+            self.nested, self.nested_offset = True, offset
+        return self
+
+    def absmax(self) -> torch.Tensor:
+        """The float32 absmax [N*K/64] (dequantized when nested)."""
+        if not self.nested:
+            return self.weight_absmax
+        return formats.dequantize_absmax(self.weight_absmax, self.weight_nested_absmax, self.weight_nested_quant_map,
+                                         self.nested_offset)
+
+    def _nested_args(self):
+        return (self.weight_nested_absmax, self.weight_nested_quant_map, self.nested_offset) if self.nested else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "fp4", device: torch.device | str | None = None,
+                    use_bitsandbytes: bool = False) -> "Fp4Linear":
+        """Quantize `linear` on `device` (default: its own); bitsandbytes' quantizer when asked (same codes)."""
+        w = linear.weight.detach().to(device or linear.weight.device)
+        with torch.device(w.device):
+            q = cls(linear.in_features, linear.out_features, linear.bias is not None, quant_type,
+                    dtype=linear.weight.dtype)
+        if use_bitsandbytes:
+            import bitsandbytes.functional as bnbf
+
+            packed, state = bnbf.quantize_4bit(w, blocksize=q.blocksize, quant_type=quant_type)
+            absmax = state.absmax
+        else:
+            packed, absmax = formats.quantize_4bit(w, quant_type, q.blocksize)
+        q.weight.copy_(packed.view(q.weight.shape))
+        q.weight_absmax.copy_(absmax)
+        if q.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def quant_state_key(self) -> str:
+        return f"weight.quant_state.bitsandbytes__{self.quant_type}"
+
+    def check_quant_state(self, t: torch.Tensor) -> None:
+        """Raise ValueError unless the checkpoint's packed quant state describes this layer; a nested
+        layer takes its offset from it."""
+        state = formats.parse_bnb_quant_state(t)
+        want = {"quant_type": self.quant_type, "blocksize": self.blocksize,
+                "shape": [self.out_features, self.in_features], "nested": self.nested}
+        got = {k: state.get(k) for k in want}
+        got["shape"] = list(got["shape"] or [])
+        got["nested"] = "nested_offset" in state
+        if self.nested and state.get("nested_blocksize") != formats.NESTED_BLOCKSIZE:
+            raise ValueError(f"nested block size {state.get('nested_blocksize')} (only {formats.NESTED_BLOCKSIZE} is "
+                             "supported)")
+        if got != want:
+            raise ValueError(f"bitsandbytes quant state {got} does not match the layer {want}")
+        if self.nested:
+            self.nested_offset = float(state["nested_offset"])
+
+    def quant_state(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        return formats.bnb_quant_state(self.quant_type, (self.out_features, self.in_features), dtype, self.blocksize,
+                                       self.nested_offset if self.nested else None)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if triton_kernels is not None and self.weight.is_cuda:
+            return triton_kernels.fp4_dequantize(self.weight, self.weight_absmax, self.weight_quant_map,
+                                                 self.out_features, self.in_features, dtype, self.blocksize,
+                                                 self._nested_args())
+        return formats.dequantize_4bit(self.weight, self.absmax(), self.weight_quant_map,
+                                       (self.out_features, self.in_features), dtype, self.blocksize)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if _kernel_ok(x):
+            return triton_kernels.fp4_linear(x, self.weight, self.weight_absmax, self.weight_quant_map,
+                                             self.out_features, self.blocksize, self.quant_type == "fp4",
+                                             self._nested_args())
+        return super().matmul(x)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, quant_type={self.quant_type}, blocksize={self.blocksize}"
+                + (", nested" if self.nested else ""))
+
+
+class Int4Linear(QuantLinear):
+    """Group-wise asymmetric int4 (GPTQ-compatible qweight / qzeros / scales, see formats.py)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = formats.INT4_GROUP,
+                 dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, dtype)
+        if in_features % group_size or out_features % 8:
+            raise ValueError(f"int4 needs in_features % {group_size} == 0 and out_features % 8 == 0, "
+                             f"got {in_features} -> {out_features}")
+        self.group_size = group_size
+        self.register_buffer("qweight", torch.empty(in_features // 8, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.empty(in_features // group_size, out_features // 8, dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(in_features // group_size, out_features, dtype=dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None,
+                    group_size: int = formats.INT4_GROUP) -> "Int4Linear":
+        w = linear.weight.detach().to(device or linear.weight.device)
+        with torch.device(w.device):
+            q = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, dtype=w.dtype)
+        qweight, qzeros, scales = formats.quantize_int4(w, group_size)
+        q.qweight.copy_(qweight)
+        q.qzeros.copy_(qzeros)
+        q.scales.copy_(scales)
+        if q.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if triton_kernels is not None and self.qweight.is_cuda:
+            return triton_kernels.int4_dequantize(self.qweight, self.qzeros, self.scales, dtype, self.group_size)
+        return formats.dequantize_int4(self.qweight, self.qzeros, self.scales, dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if _kernel_ok(x):
+            return triton_kernels.int4_linear(x, self.qweight, self.qzeros, self.scales, self.group_size)
+        return super().matmul(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+def _scaled_mm_ok(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+class Fp8Linear(QuantLinear):
+    """e4m3 weight with a float32 scale per output channel; activations quantized per token on the fly.
+
+    y = (q_x @ q_w^T) * s_x[:, None] * s_w[None, :]: on CUDA (cc >= 8.9, bf16) one torch._scaled_mm with
+    row-wise scales on the fp8 tensor cores; on older GPUs the same product in the model dtype (fp8
+    values are exact there; the weights still take one byte); on the CPU in float32.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, dtype)
+        if in_features % 16 or out_features % 16:
+            raise ValueError(f"fp8 needs in/out features divisible by 16, got {in_features} -> {out_features}")
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None) -> "Fp8Linear":
+        w = linear.weight.detach().to(device or linear.weight.device)
+        with torch.device(w.device):
+            q = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype)
+        weight, scale = formats.quantize_fp8(w)
+        q.weight.copy_(weight)
+        q.weight_scale.copy_(scale)
+        if q.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] == 0:
+            return x.new_empty(*shape[:-1], self.out_features)
+        fused = _kernel_ok(x) and torch.cuda.get_device_capability(x.device) >= (8, 9)  # Triton's fp8 casts
+        quantize = triton_kernels.fp8_quantize_rows if fused else formats.quantize_fp8_rows
+        qx, sx = quantize(x2)  # [M, K], [M, 1]
+        if _scaled_mm_ok(x):
+            y = torch._scaled_mm(qx, self.weight.t(), scale_a=sx, scale_b=self.weight_scale[None, :],
+                                 out_dtype=x.dtype)
+        elif x.is_cuda:  # no fp8 tensor cores (cc < 8.9): the fp8 values are exact in bf16 / fp16
+            y = (F.linear(qx.to(x.dtype), self.weight.to(x.dtype)) * sx * self.weight_scale[None, :]).to(x.dtype)
+        else:
+            y = ((qx.float() @ self.weight.float().t()) * sx * self.weight_scale[None, :]).to(x.dtype)
+        return y.view(*shape[:-1], self.out_features)

@@ -1,0 +1,157 @@
+"""The Triton 4-bit kernels (fp4/nf4 bitsandbytes layout, group-wise int4) against the torch reference
+(formats.py): dequantization bit-exact, matmuls to float32 rounding, at every row count (1 = GEMV,
+2..64 = fused tensor-core tile, more = dequantize + GEMM).
+
+On CPU the kernels run in Triton's interpreter (a subprocess with TRITON_INTERPRET=1); on a GPU they run
+compiled in bf16, under CUDA graphs, and inside the engine (graphs against eager, token for token).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from cogvlm2.quant import formats  # noqa: E402
+
+SHAPES = [(48, 256), (40, 192), (72, 512)]  # [N, K]: N not a multiple of the tile, K of 64 (fp4) / 128 (int4)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+def check_kernels(device: str, dtype: torch.dtype, rows=(1, 5, 33, 65), tol: float = 1e-5) -> None:
+    from cogvlm2.quant import triton_kernels as tk
+
+    g = torch.Generator().manual_seed(0)
+    for quant_type in ("fp4", "nf4"):
+        for n, k in SHAPES:
+            w = torch.randn(n, k, generator=g).to(device)
+            packed, absmax = formats.quantize_4bit(w, quant_type)
+            lut = formats.code_table(quant_type, device)
+            ref_w = formats.dequantize_4bit(packed, absmax, lut, (n, k), dtype)
+            assert torch.equal(tk.fp4_dequantize(packed, absmax, lut, n, k, dtype), ref_w), (quant_type, n, k)
+            a8, nabs, nmap, offset = formats.quantize_absmax(absmax)  # 8-bit absmax (double quantization)
+            nested = (nabs, nmap.to(device), offset)
+            ref_nested = formats.dequantize_4bit(packed, formats.dequantize_absmax(a8, *nested), lut, (n, k), dtype)
+            assert torch.equal(tk.fp4_dequantize(packed, a8, lut, n, k, dtype, nested=nested), ref_nested)
+            for m in (1, 33):
+                x = torch.randn(m, k, generator=g).to(device, dtype)
+                got = tk.fp4_linear(x, packed, a8, lut, n, nested=nested)
+                assert _rel(got, x.float() @ ref_nested.float().t()) < tol, ("nested", quant_type, n, k, m)
+            for m in rows:
+                x = torch.randn(m, k, generator=g).to(device, dtype)
+                for arith in (False, True) if quant_type == "fp4" else (False,):  # table, or from the bits
+                    tk.FP4_ARITH.update(gemv=arith, tile=arith)
+                    got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=quant_type == "fp4")
+                    assert got.shape == (m, n) and got.dtype == dtype
+                    err = _rel(got, x.float() @ ref_w.float().t())
+                    assert err < tol, (quant_type, arith, n, k, m, err)
+                tk.FP4_ARITH.update(gemv=False, tile=False)
+    for n, k in [(48, 256), (40, 384), (64, 128)]:
+        for group in (128, 64):
+            w = torch.randn(n, k, generator=g).to(device)
+            qweight, qzeros, scales = formats.quantize_int4(w, group)
+            scales = scales.to(dtype)
+            ref_w = formats.dequantize_int4(qweight, qzeros, scales, dtype)
+            assert torch.equal(tk.int4_dequantize(qweight, qzeros, scales, dtype, group), ref_w), (n, k, group)
+            for m in rows:
+                x = torch.randn(m, k, generator=g).to(device, dtype)
+                got = tk.int4_linear(x, qweight, qzeros, scales, group)
+                err = _rel(got, x.float() @ ref_w.float().t())
+                assert err < tol, ("int4", n, k, group, m, err)
+    for m, k in [(1, 64), (7, 4096), (3, 5000)]:
+        x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10).to(device, dtype)
+        x[0, :] = 0 if m > 1 else x[0, :]  # an all-zero token keeps a finite scale
+        q, s = tk.fp8_quantize_rows(x)
+        rq, rs = formats.quantize_fp8_rows(x)
+        assert torch.equal(s, rs) and q.dtype == torch.float8_e4m3fn
+        if device == "cuda":  # Triton's interpreter emulates the float8 cast wrongly (126.9 -> 64), hardware does not
+            same = (q.float() == rq.float()).float().mean().item()  # a division may round differently, rarely
+            assert same > 0.999 and torch.allclose(q.float(), rq.float(), rtol=0.13, atol=2**-9), (m, k, same)
+    x3 = torch.randn(2, 3, 256, generator=g).to(device, dtype)  # leading dims and a non-contiguous view
+    packed, absmax = formats.quantize_4bit(torch.randn(48, 256, generator=g).to(device))
+    lut = formats.code_table("fp4", device)
+    out = tk.fp4_linear(x3.transpose(0, 1), packed, absmax, lut, 48)
+    assert out.shape == (3, 2, 48)
+    assert torch.equal(out, tk.fp4_linear(x3.transpose(0, 1).contiguous(), packed, absmax, lut, 48))
+    assert tk.fp4_linear(x3[:0, 0], packed, absmax, lut, 48).shape == (0, 48)
+
+
+def test_kernels_interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "quant kernels ok" in run.stdout
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_kernels_cuda_bf16():
+    check_kernels("cuda", torch.bfloat16, rows=(1, 2, 3, 8, 16, 24, 32, 48, 64, 65, 256, 2300), tol=1e-2)
+
+
+@cuda
+def test_kernels_cuda_graph_replay():
+    from cogvlm2.quant import Fp4Linear, Fp8Linear, Int4Linear
+
+    lin = torch.nn.Linear(512, 384, bias=True).cuda().bfloat16()
+    layers = [Fp4Linear.from_linear(lin), Int4Linear.from_linear(lin), Fp8Linear.from_linear(lin)]
+    with torch.inference_mode():
+        for layer in layers:
+            for m in (1, 8, 32):
+                x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+                eager = layer(x)
+                graph = torch.cuda.CUDAGraph()
+                static = x.clone()
+                with torch.cuda.graph(graph):
+                    out = layer(static)
+                static.copy_(x)
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(out, eager), (type(layer).__name__, m)
+                assert _rel(eager, lin(x)) < 0.2
+
+
+@cuda
+def test_fp8_scaled_mm_matches_reference():
+    from cogvlm2.quant import Fp8Linear
+
+    lin = torch.nn.Linear(512, 256, bias=True).bfloat16()
+    layer = Fp8Linear.from_linear(lin)
+    x = torch.randn(37, 512, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        cpu = layer(x)
+        gpu = layer.cuda()(x.cuda()).cpu()
+    assert _rel(gpu, cpu) < 1e-2 and _rel(cpu, lin(x)) < 0.05
+
+
+@cuda
+@pytest.mark.parametrize("quant", ["fp4", "int4", "fp8"])
+def test_engine_cuda_graphs_equal_eager(quant):
+    from cogvlm2.engine import LLM
+    from cogvlm2.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, ignore_eos=True, max_new_tokens=12)
+    outs = []
+    for eager in (True, False):
+        llm = LLM("tiny", dtype="bfloat16", device="cuda", quant=quant, enforce_eager=eager, max_model_len=512,
+                  num_kv_blocks=256, max_num_seqs=8)
+        prompts = [llm.processor(f"question {i}") for i in range(5)]
+        outs.append([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        del llm
+    assert outs[0] == outs[1]
+
+
+if __name__ == "__main__":  # run by test_kernels_interpreted under TRITON_INTERPRET=1
+    check_kernels("cpu", torch.float32)
+    print("quant kernels ok")
