@@ -176,6 +176,10 @@ def make_19b(folder: Path) -> Path:
 def full_size_runs(r: Runner, backends: list[str], steps: int) -> None:
     from cogvlm2.finetune.toy import make_colour_dataset
 
+    if r.left() < 150:  # writing the checkpoint alone takes about a minute
+        r.results["runs"].append({"name": "19b", "skipped": f"{r.left():.0f} s left of the time budget"})
+        r.save()
+        return
     t0 = time.time()
     model = make_19b(r.work / "cogvlm2-19b-random")
     r.results["make_19b_seconds"] = round(time.time() - t0, 1)
