@@ -48,13 +48,15 @@ def check_kernels(device: str, dtype: torch.dtype, rows=(1, 5, 33, 65), tol: flo
                 assert _rel(got, x.float() @ ref_nested.float().t()) < tol, ("nested", quant_type, n, k, m)
             for m in rows:
                 x = torch.randn(m, k, generator=g).to(device, dtype)
+                default = dict(tk.FP4_ARITH)
                 for arith in (False, True) if quant_type == "fp4" else (False,):  # table, or from the bits
                     tk.FP4_ARITH.update(gemv=arith, tile=arith)
                     got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=quant_type == "fp4")
                     assert got.shape == (m, n) and got.dtype == dtype
                     err = _rel(got, x.float() @ ref_w.float().t())
                     assert err < tol, (quant_type, arith, n, k, m, err)
-                tk.FP4_ARITH.update(gemv=False, tile=False)
+                tk.FP4_ARITH.update(default)
+    check_split_k(device, dtype, g, tol)
     for n, k in [(48, 256), (40, 384), (64, 128)]:
         for group in (128, 64):
             w = torch.randn(n, k, generator=g).to(device)
@@ -83,6 +85,43 @@ def check_kernels(device: str, dtype: torch.dtype, rows=(1, 5, 33, 65), tol: flo
     assert out.shape == (3, 2, 48)
     assert torch.equal(out, tk.fp4_linear(x3.transpose(0, 1).contiguous(), packed, absmax, lut, 48))
     assert tk.fp4_linear(x3[:0, 0], packed, absmax, lut, 48).shape == (0, 48)
+
+
+def check_split_k(device: str, dtype: torch.dtype, g: torch.Generator, tol: float) -> None:
+    """Every launch shape the benchmark sweep may install: K cut into slices (float32 partials added by a
+    second kernel), several steps per slice, table or bit decoding, nested absmax; 1 row (GEMV) and a tile."""
+    from cogvlm2.quant import triton_kernels as tk
+
+    saved, saved_arith = dict(tk.CONFIGS), dict(tk.FP4_ARITH)
+    n, k = 40, 512
+    w = torch.randn(n, k, generator=g).to(device)
+    packed, absmax = formats.quantize_4bit(w, "fp4")
+    lut = formats.code_table("fp4", device)
+    a8, nabs, nmap, offset = formats.quantize_absmax(absmax)
+    nested = (nabs, nmap.to(device), offset)
+    ref = formats.dequantize_4bit(packed, absmax, lut, (n, k), dtype).float()
+    ref_nested = formats.dequantize_4bit(packed, formats.dequantize_absmax(a8, *nested), lut, (n, k), dtype).float()
+    qweight, qzeros, scales = formats.quantize_int4(w, 64)
+    scales = scales.to(dtype)
+    ref_int4 = formats.dequantize_int4(qweight, qzeros, scales, dtype).float()
+    try:
+        for m in (1, 6):
+            x = torch.randn(m, k, generator=g).to(device, dtype)
+            path = "gemv" if m == 1 else "tile"
+            for split, block_n, block_k, arith in ((1, 8, 64, False), (2, 16, 128, True), (8, 16, 256, False),
+                                                   (4, 32, 64, True)):
+                tk.CONFIGS[("fp4", path)] = (block_n, block_k, 4, 2, split)
+                tk.FP4_ARITH[path] = arith
+                got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
+                assert _rel(got, x.float() @ ref.t()) < tol, ("fp4", m, split, block_n, block_k, arith)
+                got = tk.fp4_linear(x, packed, a8, lut, n, is_fp4=True, nested=nested)
+                assert _rel(got, x.float() @ ref_nested.t()) < tol, ("fp4-dq", m, split, block_n, block_k, arith)
+                tk.CONFIGS[("int4", path)] = (block_n, block_k, 4, 2, split)
+                got = tk.int4_linear(x, qweight, qzeros, scales, 64)
+                assert got.dtype == dtype and _rel(got, x.float() @ ref_int4.t()) < tol, ("int4", m, split, block_k)
+    finally:
+        tk.CONFIGS.update(saved)
+        tk.FP4_ARITH.update(saved_arith)
 
 
 def test_kernels_interpreted():
