@@ -38,14 +38,18 @@ def _u4_float(q):
 
 
 @triton.jit
-def _fp4_value_34(c):
-    """bitsandbytes' fp4 code (int32, 0..15) -> 3/4 of its value, built as float bits: e >= 1 gives
-    2^-e (1 + m/2) (0x3F800000 - e 2^23 | m 2^22), e = 0 gives 0 or 2^-8 (the subnormal 1/192 times 3/4), the
-    sign bit moves to bit 31. Every value is exact; the caller multiplies the block's absmax by 4/3."""
-    t = c & 7
-    bits = (0x3F800000 - ((t & 6) << 22)) | ((t & 1) << 22)
-    bits = tl.where(t < 2, t * 0x3B800000, bits)  # t = 1: 2^-8; t = 0: +0
-    return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
+def _fp4_value_34(words, LSB: tl.constexpr):
+    """The bitsandbytes fp4 codes at bit LSB of int32 words -> 3/4 of their values (the caller multiplies the
+    absmax by 4/3), as float bits: the code's e (2 bits) and m go to bits 23..24 and 22 with one shift, and
+    XOR 0x3F800000 makes the exponent 127 ^ e = 127 - e, i.e. 2^-e (1 + m/2); e = 0 is 0 or 2^-8 (1/192 x 3/4);
+    the sign bit (bit 25 after the shift) moves to bit 31. Every value is exact."""
+    if LSB <= 22:
+        v = words << (22 - LSB)
+    else:
+        v = words >> (LSB - 22)
+    bits = (v & 0x01C00000) ^ 0x3F800000
+    bits = tl.where((v & 0x01800000) == 0, (v & 0x00400000) * 238, bits)  # e = 0: m 0x3B800000 (2^-8)
+    return (bits | ((v << 6) & -0x80000000)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -93,11 +97,10 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offs
         part = tl.zeros((BLOCK_N, NB, WB), dtype=tl.float32)
         for t in tl.static_range(4):
             for half in tl.static_range(2):  # high nibble: k = 8w + 2t, low: 8w + 2t + 1
-                c = (words >> (8 * t + 4 - 4 * half)) & 0xF
                 if ARITH:
-                    v = _fp4_value_34(c)
+                    v = _fp4_value_34(words, 8 * t + 4 - 4 * half)
                 else:
-                    v = tl.load(lut_ptr + c)
+                    v = tl.load(lut_ptr + ((words >> (8 * t + 4 - 4 * half)) & 0xF))
                 xk = tl.load(x_ptr + word_col * 8 + (2 * t + half)).to(tl.float32)  # [NB, WB]
                 part += v * xk[None, :, :]
         blk = offs_n[:, None] * (K // BLOCKSIZE) + (k0 // BLOCKSIZE + b)[None, :]  # [BN, NB]
