@@ -116,6 +116,11 @@ def check_split_k(device: str, dtype: torch.dtype, g: torch.Generator, tol: floa
                 assert _rel(got, x.float() @ ref.t()) < tol, ("fp4", m, split, block_n, block_k, arith)
                 got = tk.fp4_linear(x, packed, a8, lut, n, is_fp4=True, nested=nested)
                 assert _rel(got, x.float() @ ref_nested.t()) < tol, ("fp4-dq", m, split, block_n, block_k, arith)
+                if m == 1:  # codes not 16-byte aligned (a view into a checkpoint buffer): the byte-wise kernel
+                    shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=device)[1:].view(-1, 1)
+                    shifted.copy_(packed)
+                    got = tk.fp4_linear(x, shifted, absmax, lut, n, is_fp4=True)
+                    assert _rel(got, x.float() @ ref.t()) < tol, ("fp4 unaligned", split, block_n, block_k, arith)
                 tk.CONFIGS[("int4", path)] = (block_n, block_k, 4, 2, split)
                 got = tk.int4_linear(x, qweight, qzeros, scales, 64)
                 assert got.dtype == dtype and _rel(got, x.float() @ ref_int4.t()) < tol, ("int4", m, split, block_k)
