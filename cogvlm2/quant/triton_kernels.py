@@ -158,6 +158,73 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr,
 
 
 @triton.jit
+def _fp4_dot_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K: tl.constexpr,
+                    stride_xm, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr, NESTED: tl.constexpr, SPLIT_K: tl.constexpr):
+    """2..64 rows on tensor cores, the packed weight read as int32 words [N, K/8]: code slot j of every word
+    (k = 8w + j) is decoded into its own [BLOCK_N, BLOCK_K/8] tile and multiplied with the matching columns
+    of x, so no tile is ever interleaved or reshaped (those go through shared memory)."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    NW: tl.constexpr = BLOCK_K // 8
+    KS: tl.constexpr = K // SPLIT_K
+    wcol = tl.arange(0, NW)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, KS, BLOCK_K):
+        k0 = tl.program_id(2) * KS + i
+        words = tl.load(w_ptr + offs_n[:, None] * (K // 8) + (k0 // 8 + wcol)[None, :], mask=n_ok[:, None], other=0)
+        blk = offs_n[:, None] * (K // BLOCKSIZE) + ((k0 + wcol * 8) // BLOCKSIZE)[None, :]  # [BN, NW]
+        if NESTED:
+            a8 = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0)
+            scale = tl.load(nmap_ptr + a8.to(tl.int32)) * tl.load(nabs_ptr + blk // 256, mask=n_ok[:, None], other=0.0)
+            scale = scale + offset
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0)
+        if ARITH:
+            scale = scale * (4.0 / 3.0)
+        for t in tl.static_range(4):
+            for half in tl.static_range(2):  # high nibble: k = 8w + 2t, low: 8w + 2t + 1
+                if ARITH:
+                    v = _fp4_value_34(words, 8 * t + 4 - 4 * half)
+                else:
+                    v = tl.load(lut_ptr + ((words >> (8 * t + 4 - 4 * half)) & 0xF))
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + wcol * 8 + 2 * t + half)[None, :],
+                             mask=m_ok[:, None], other=0.0)  # [BM, NW]
+                acc += tl.dot(xj, tl.trans((v * scale).to(xj.dtype)))
+    _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(2))
+
+
+@triton.jit
+def _int4_dot_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                     SPLIT_K: tl.constexpr):
+    """2..64 rows on tensor cores, group-wise int4: nibble j of the packed rows (k = 8p + j) is dequantized
+    into its own [BLOCK_K/8, BLOCK_N] tile and multiplied with the matching columns of x (no reshapes)."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    NP: tl.constexpr = BLOCK_K // 8
+    KS: tl.constexpr = K // SPLIT_K
+    p = tl.arange(0, NP)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, KS, BLOCK_K):
+        k0 = tl.program_id(2) * KS + i
+        words = tl.load(qw_ptr + (k0 // 8 + p)[:, None].to(tl.int64) * N + offs_n[None, :], mask=n_ok[None, :],
+                        other=0)  # [NP, BN]
+        grp = ((k0 + p * 8) // GROUP)[:, None]
+        zp = tl.load(qz_ptr + grp * (N // 8) + offs_n[None, :] // 8, mask=n_ok[None, :], other=0)
+        z = ((zp >> ((offs_n[None, :] % 8) * 4).to(tl.int32)) & 0xF).to(tl.float32) + 8388608.0
+        s = tl.load(s_ptr + grp * N + offs_n[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + p * 8 + j)[None, :], mask=m_ok[:, None],
+                         other=0.0)  # [BM, NP]
+            w = (_u4_float((words >> (4 * j)) & 0xF) - z) * s  # (q - z) * s, exactly as the dequantizer
+            acc += tl.dot(xj, w.to(xj.dtype))
+    _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(2))
+
+
+@triton.jit
 def _fp4_tile(w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, offs_n, n_ok, k0, K, BLOCK_K: tl.constexpr,
               BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr, NESTED: tl.constexpr):
     """Float32 weight tile [BLOCK_N, BLOCK_K] at columns k0.. of rows offs_n: lut[code] * absmax (ARITH: the
@@ -360,10 +427,18 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
     out, part = _outputs(m, n, split, x)
     a, nabs, nmap, offset, is_nested = _stats(absmax, nested)
     arith = is_fp4 and FP4_ARITH[path]
-    if path == "gemv" and packed.data_ptr() % 16 == 0:  # the codes read as int32 words
+    words = packed.data_ptr() % 16 == 0  # the codes can be read as int32 words (else byte-wise)
+    if path == "gemv" and words:
         _fp4_gemv_kernel[(triton.cdiv(n, block_n), split)](
-            x2, packed.view(-1).view(torch.int32), a, lut, nabs, nmap, offset, part, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
-            BLOCKSIZE=blocksize, ARITH=arith, NESTED=is_nested, SPLIT_K=split, num_warps=warps, num_stages=stages)
+            x2, packed.view(-1).view(torch.int32), a, lut, nabs, nmap, offset, part, n, k, BLOCK_N=block_n,
+            BLOCK_K=block_k, BLOCKSIZE=blocksize, ARITH=arith, NESTED=is_nested, SPLIT_K=split, num_warps=warps,
+            num_stages=stages)
+    elif words and block_k >= 128:  # tensor cores want >= 16 words of K per slot
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+        _fp4_dot_kernel[grid](x2, packed.view(-1).view(torch.int32), a, lut, nabs, nmap, offset, part, m, n, k,
+                              x2.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                              BLOCKSIZE=blocksize, ARITH=arith, NESTED=is_nested, SPLIT_K=split, num_warps=warps,
+                              num_stages=stages)
     else:
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
         _fp4_matmul_kernel[grid](x2, packed, a, lut, nabs, nmap, offset, part, m, n, k, x2.stride(0), out.stride(0),
@@ -417,7 +492,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         block_k = _int4_block_k(block_k, k // split, group)
         out, part = _outputs(m, n, split, x)
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-        _int4_matmul_kernel[grid](x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), out.stride(0),
+        kernel = _int4_dot_kernel if block_k >= 128 else _int4_matmul_kernel  # tensor cores: >= 16 rows a slot
+        kernel[grid](x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), out.stride(0),
                                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
                                   num_warps=warps, num_stages=stages)
     _finish(part, out, split)
