@@ -2,11 +2,17 @@
 (bitsandbytes) or the group-wise int4 layout of `formats.py`, unpacked in registers (never written out
 as bf16). fp8: the per-token activation quantization in one pass over x.
 
-Decode (few rows): a fused GEMV/GEMM streams the packed weight once; a single row reduces on the CUDA
-cores in float32, 2..64 rows go through tensor cores on the dequantized bf16/fp16 tile. Prefill (many
-rows): the weight is dequantized into a bf16 buffer by one kernel and cuBLAS does the GEMM (the extra
-pass costs a few percent of a compute-bound GEMM). Nothing syncs with the host or picks configs at run
-time (no autotuning), so every call can be captured in a CUDA graph.
+Decode (few rows): a fused GEMV/GEMM streams the packed weight once, which is all its cost, so the inner
+loops are kept to a few integer ops per code: the codes are read as int32 words (16-byte vector loads;
+the bitsandbytes bytes are viewed as words in place), decoded by writing bits into a float (no int ->
+float conversion, no table in memory) and the absmax / group scale is applied once per block of products.
+A single row reduces on the CUDA cores in float32; 2..64 rows go through tensor cores, one dot per code
+slot of the words (k = 8w + j), so tiles are never interleaved or reshaped. Where N leaves too few
+programs, K is split and a second kernel adds the float32 partials in a fixed order (deterministic).
+Prefill (many rows): the weight is dequantized into a bf16 buffer by one kernel and cuBLAS does the GEMM
+(the extra pass costs a few percent of a compute-bound GEMM). Nothing syncs with the host or picks configs
+at run time (no autotuning), so every call can be captured in a CUDA graph. Loop bounds are compile-time
+constants (K is specialized): Triton 3.6's interpreter cannot take a run-time scalar as a range bound.
 """
 
 from __future__ import annotations
