@@ -127,8 +127,8 @@ def markdown(d: dict) -> str:
             best = max(rows, key=lambda r: r["GBps"])
             lines.append(f"- {key}: " + ", ".join(f"{tuple(r['config'])} {r['GBps']:.0f}" for r in rows)
                          + f" -> best {tuple(best['config'])}")
-        lines.append(f"- used for the rest of the run: {d.get('kernel_configs')}, fp4 decoded from bits (else the table): "
-                     f"{d.get('fp4_arith')}")
+        lines.append(f"- used for the rest of the run: {d.get('kernel_configs')}, fp4 decoded from bits (else the "
+                     f"table): {d.get('fp4_arith')}")
     if d["failures"] or d["skipped"]:
         lines += ["", "Failures: " + ("; ".join(d["failures"]) or "none"),
                   "Skipped (time budget): " + (", ".join(d["skipped"]) or "none")]
@@ -267,12 +267,12 @@ def engine_figures(run: Run, mode: str, model, proc, x, want: set[str]) -> None:
 SWEEP = {  # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K); the first is triton_kernels' default
     ("fp4", "gemv"): [(4, 1024, 4, 2, 1), (2, 1024, 4, 2, 1), (4, 512, 2, 2, 1), (8, 1024, 8, 2, 1),
                       (4, 2048, 8, 2, 1), (2, 512, 2, 1, 1), (4, 1024, 4, 2, 2), (8, 512, 4, 2, 1)],
-    ("fp4", "tile"): [(32, 256, 8, 3, 1), (16, 256, 4, 3, 2), (32, 128, 4, 3, 2), (16, 128, 4, 4, 4),
-                      (32, 256, 8, 3, 4), (64, 128, 8, 3, 2)],
+    ("fp4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
+                      (128, 128, 8, 3, 2), (32, 128, 4, 3, 2), (16, 128, 4, 4, 4), (32, 256, 8, 3, 1)],
     ("int4", "gemv"): [(32, 256, 4, 3, 2), (32, 128, 4, 3, 1), (16, 128, 2, 3, 1), (64, 256, 8, 3, 1),
                        (32, 256, 4, 3, 1), (32, 512, 4, 2, 4), (16, 256, 2, 2, 2), (64, 128, 4, 3, 2)],
-    ("int4", "tile"): [(32, 128, 4, 4, 1), (16, 128, 4, 4, 2), (32, 128, 4, 4, 4), (64, 128, 8, 3, 2),
-                       (16, 256, 4, 3, 4)],
+    ("int4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
+                       (128, 128, 8, 3, 2), (32, 128, 4, 4, 2), (16, 128, 4, 4, 4), (32, 128, 4, 4, 1)],
 }
 
 
