@@ -346,10 +346,10 @@ def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
 # FP4_ARITH[path]: decode fp4 codes arithmetically instead of with the 16-entry table (fp4 layers only).
 CONFIGS = {
     ("fp4", "gemv"): (4, 1024, 4, 2, 1),  # one row: [BLOCK_N, K] words, 4 int32 (32 codes) per thread a step
-    ("fp4", "tile"): (32, 256, 8, 3, 1),  # 2..64 rows: tensor cores on the dequantized tile
+    ("fp4", "tile"): (64, 128, 8, 3, 2),  # 2..64 rows: N wide enough that the warps split N (each code decoded once)
     ("fp4", "dequant"): (16, 256, 4, 1),
     ("int4", "gemv"): (32, 256, 4, 3, 2),
-    ("int4", "tile"): (32, 128, 4, 4, 1),
+    ("int4", "tile"): (64, 128, 8, 3, 2),
     ("int4", "dequant"): (64, 128, 4, 1),
 }
 FP4_ARITH = {"gemv": True, "tile": True}
