@@ -196,6 +196,24 @@ def test_engine_cuda_graphs_equal_eager(quant):
     assert outs[0] == outs[1]
 
 
+def strict_scalar_index() -> None:
+    """Make this interpreter index run-time scalars as Triton 3.6's does (int() of a 1-element array, which
+    NumPy >= 2.4 rejects), so a kernel that uses one as a range bound fails here too, not only there."""
+    import triton.runtime.interpreter as interpreter
+
+    scope = getattr(interpreter, "_LangPatchScope", None)
+    if scope is None:  # another Triton: its own rules apply
+        return
+    set_attr = scope.set_attr
+
+    def strict(self, obj, name, value):
+        if name == "__index__":
+            value = lambda t: int(t.handle.data)  # noqa: E731
+        return set_attr(self, obj, name, value)
+    scope.set_attr = strict
+
+
 if __name__ == "__main__":  # run by test_kernels_interpreted under TRITON_INTERPRET=1
+    strict_scalar_index()
     check_kernels("cpu", torch.float32)
     print("quant kernels ok")
