@@ -264,22 +264,10 @@ def engine_figures(run: Run, mode: str, model, proc, x, want: set[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-SWEEP = {  # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K); the first is triton_kernels' default
-    ("fp4", "gemv"): [(4, 1024, 4, 2, 1), (2, 1024, 4, 2, 1), (4, 512, 2, 2, 1), (8, 1024, 8, 2, 1),
-                      (4, 2048, 8, 2, 1), (2, 512, 2, 1, 1), (4, 1024, 4, 2, 2), (8, 512, 4, 2, 1)],
-    ("fp4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
-                      (128, 128, 8, 3, 2), (32, 128, 4, 3, 2), (16, 128, 4, 4, 4), (32, 256, 8, 3, 1)],
-    ("int4", "gemv"): [(32, 256, 4, 3, 2), (32, 128, 4, 3, 1), (16, 128, 2, 3, 1), (64, 256, 8, 3, 1),
-                       (32, 256, 4, 3, 1), (32, 512, 4, 2, 4), (16, 256, 2, 2, 2), (64, 128, 4, 3, 2)],
-    ("int4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
-                       (128, 128, 8, 3, 2), (32, 128, 4, 4, 2), (16, 128, 4, 4, 4), (32, 128, 4, 4, 1)],
-}
-
-
 def kernel_sweep(run: Run) -> None:
     """Achieved GB/s (packed weight + scales read once) of the 4-bit kernels on the LM's decode shapes, for the
-    launch configs of SWEEP (fp4: codes decoded from their bits; the best config again with the 16-entry
-    table); the best per path is installed for the rest of the run (and reported). Timed as the decode step
+    launch configs of triton_kernels.CANDIDATES (fp4: codes decoded from their bits; the best config again with
+    the 16-entry table); the best per path is installed for the rest of the run (and reported). Timed as the decode step
     runs them: one CUDA graph calls the four shapes in turn (~80 MB of packed weights, more than the L2), so
     neither Python's launch overhead nor L2 hits enter the figure."""
     from cogvlm2.quant import triton_kernels as tk
@@ -316,7 +304,7 @@ def kernel_sweep(run: Run) -> None:
         del graph
         return nbytes / t / 1e9
 
-    for (fmt, path), configs in SWEEP.items():
+    for (fmt, path), configs in tk.CANDIDATES.items():
         m = 1 if path == "gemv" else 32
         rows = []
         if fmt == "fp4":

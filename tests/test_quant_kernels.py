@@ -145,6 +145,40 @@ def test_kernels_cuda_bf16():
 
 
 @cuda
+def test_every_candidate_config_cuda():
+    """Each launch config the benchmark may install, on the LM's K (4096, 14336) and an N that is not a multiple
+    of the tile, in bf16 against the reference dequantization."""
+    from cogvlm2.quant import triton_kernels as tk
+
+    saved, saved_arith = dict(tk.CONFIGS), dict(tk.FP4_ARITH)
+    g = torch.Generator().manual_seed(1)
+    try:
+        for n, k in ((200, 4096), (72, 14336)):
+            w = torch.randn(n, k, generator=g).cuda()
+            packed, absmax = formats.quantize_4bit(w, "fp4")
+            lut = formats.code_table("fp4", "cuda")
+            ref4 = formats.dequantize_4bit(packed, absmax, lut, (n, k), torch.bfloat16).float()
+            qweight, qzeros, scales = formats.quantize_int4(w)
+            scales = scales.to(torch.bfloat16)
+            ref_int4 = formats.dequantize_int4(qweight, qzeros, scales, torch.bfloat16).float()
+            for (fmt, path), configs in tk.CANDIDATES.items():
+                x = torch.randn(1 if path == "gemv" else 24, k, generator=g).cuda().bfloat16()
+                for config in configs:
+                    tk.CONFIGS[(fmt, path)] = config
+                    if fmt == "int4":
+                        err = _rel(tk.int4_linear(x, qweight, qzeros, scales, 128), x.float() @ ref_int4.t())
+                        assert err < 1e-2, (fmt, path, config, n, k, err)
+                        continue
+                    for arith in (True, False):
+                        tk.FP4_ARITH[path] = arith
+                        err = _rel(tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True), x.float() @ ref4.t())
+                        assert err < 1e-2, (fmt, path, config, arith, n, k, err)
+    finally:
+        tk.CONFIGS.update(saved)
+        tk.FP4_ARITH.update(saved_arith)
+
+
+@cuda
 def test_kernels_cuda_graph_replay():
     from cogvlm2.quant import Fp4Linear, Fp8Linear, Int4Linear
 

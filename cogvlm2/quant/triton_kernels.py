@@ -353,6 +353,18 @@ CONFIGS = {
     ("int4", "dequant"): (64, 128, 4, 1),
 }
 FP4_ARITH = {"gemv": True, "tile": True}
+# The alternatives benchmarks/quant_gpu.py times on the real shapes (the first of each is the default above);
+# test_quant_kernels runs every one of them on the GPU.
+CANDIDATES = {
+    ("fp4", "gemv"): [(4, 1024, 4, 2, 1), (2, 1024, 4, 2, 1), (8, 1024, 8, 2, 1), (4, 2048, 8, 2, 1),
+                      (4, 1024, 4, 2, 2), (2, 512, 2, 1, 1)],
+    ("fp4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
+                      (128, 128, 8, 3, 2), (32, 128, 4, 3, 2)],
+    ("int4", "gemv"): [(32, 256, 4, 3, 2), (32, 128, 4, 3, 1), (16, 128, 2, 3, 1), (64, 256, 8, 3, 1),
+                       (32, 512, 4, 2, 4), (16, 256, 2, 2, 2)],
+    ("int4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
+                       (128, 128, 8, 3, 2), (32, 128, 4, 4, 2)],
+}
 
 
 def _rows(m: int) -> int:
