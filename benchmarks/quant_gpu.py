@@ -13,6 +13,10 @@ guarded (a failure is recorded, the rest runs), a time budget skips what no long
 markdown summary is rewritten after every section.
 
     PYTHONPATH=. python benchmarks/quant_gpu.py [--out-dir $OUT] [--budget-s 450] [--modes fp4,int4,fp8,int8]
+    PYTHONPATH=. python benchmarks/quant_gpu.py --modes bf16,fp4,int4 --sections sweep,decode   # ~4 min
+
+The sweep times each candidate launch config of the 4-bit kernels (triton_kernels.CANDIDATES) inside a CUDA
+graph, as decode runs them, and installs the best for the rest of the run; the report lists every figure.
 """
 
 from __future__ import annotations
