@@ -345,10 +345,11 @@ def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
 # few programs); their float32 partials are added by a second small kernel in a fixed order.
 # FP4_ARITH[path]: decode fp4 codes arithmetically instead of with the 16-entry table (fp4 layers only).
 CONFIGS = {
-    ("fp4", "gemv"): (4, 1024, 4, 2, 1),  # one row: [BLOCK_N, K] words, 4 int32 (32 codes) per thread a step
+    # one row: 8 rows x 2048 codes (8 KB) a step in flight per program, ~4 programs per SM (~32 KB in flight)
+    ("fp4", "gemv"): (8, 2048, 8, 2, 1),
     ("fp4", "tile"): (64, 128, 8, 3, 2),  # 2..64 rows: N wide enough that the warps split N (each code decoded once)
     ("fp4", "dequant"): (16, 256, 4, 1),
-    ("int4", "gemv"): (32, 256, 4, 3, 2),
+    ("int4", "gemv"): (16, 1024, 4, 2, 2),  # 8 KB a step; K in two slices: 512 programs for N = 4096
     ("int4", "tile"): (64, 128, 8, 3, 2),
     ("int4", "dequant"): (64, 128, 4, 1),
 }
@@ -356,12 +357,12 @@ FP4_ARITH = {"gemv": True, "tile": True}
 # The alternatives benchmarks/quant_gpu.py times on the real shapes (the first of each is the default above);
 # test_quant_kernels runs every one of them on the GPU.
 CANDIDATES = {
-    ("fp4", "gemv"): [(4, 1024, 4, 2, 1), (2, 1024, 4, 2, 1), (8, 1024, 8, 2, 1), (4, 2048, 8, 2, 1),
-                      (4, 1024, 4, 2, 2), (2, 512, 2, 1, 1)],
+    ("fp4", "gemv"): [(8, 2048, 8, 2, 1), (4, 1024, 4, 2, 1), (4, 4096, 8, 2, 1), (4, 2048, 4, 2, 1),
+                      (8, 1024, 8, 2, 1), (2, 1024, 4, 2, 1), (4, 1024, 4, 2, 2)],
     ("fp4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
                       (128, 128, 8, 3, 2), (32, 128, 4, 3, 2)],
-    ("int4", "gemv"): [(32, 256, 4, 3, 2), (32, 128, 4, 3, 1), (16, 128, 2, 3, 1), (64, 256, 8, 3, 1),
-                       (32, 512, 4, 2, 4), (16, 256, 2, 2, 2)],
+    ("int4", "gemv"): [(16, 1024, 4, 2, 2), (32, 1024, 4, 2, 2), (32, 1024, 4, 2, 1), (32, 256, 4, 3, 2),
+                       (64, 512, 8, 2, 2), (32, 512, 4, 2, 4), (16, 128, 2, 3, 1)],
     ("int4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
                        (128, 128, 8, 3, 2), (32, 128, 4, 4, 2)],
 }
