@@ -13,6 +13,10 @@ guarded (a failure is recorded, the rest runs), a time budget skips what no long
 markdown summary is rewritten after every section.
 
     PYTHONPATH=. python benchmarks/quant_gpu.py [--out-dir $OUT] [--budget-s 450] [--modes fp4,int4,fp8,int8]
+    PYTHONPATH=. python benchmarks/quant_gpu.py --modes bf16,fp4,int4 --sections sweep,decode   # ~4 min
+
+The sweep times each candidate launch config of the 4-bit kernels (triton_kernels.CANDIDATES) inside a CUDA
+graph, as decode runs them, and installs the best for the rest of the run; the report lists every figure.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from cogvlm2.sampling_params import SamplingParams
 
 T0 = time.perf_counter()
 DEVICE = "cuda"
+SECTIONS = ("sweep", "errors", "peak", "ttft", "decode", "caption")
 SAMPLED_LINEARS = [f"model.layers.{i}.{m}" for i in (0, 15, 31) for m in (
     "self_attn.language_expert_query_key_value", "self_attn.vision_expert_query_key_value",
     "mlp.language_mlp.down_proj", "mlp.vision_mlp.gate_proj")] + [
@@ -120,14 +125,14 @@ def markdown(d: dict) -> str:
                          f"{layers[-1]:.4f} | {r.get('vision_rel_err', float('nan')):.4f} | "
                          f"{np.mean(lin):.4f} / {np.max(lin):.4f} |")
     if d.get("kernel_sweep"):
-        lines += ["", "4-bit kernel launch configs (BLOCK_N, BLOCK_K, warps, stages): achieved GB/s of packed weights "
-                  "(mean over the LM shapes):", ""]
+        lines += ["", "4-bit kernel launch configs (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K): achieved GB/s of "
+                  "packed weights (the four LM shapes in one CUDA graph):", ""]
         for key, rows in d["kernel_sweep"].items():
             best = max(rows, key=lambda r: r["GBps"])
             lines.append(f"- {key}: " + ", ".join(f"{tuple(r['config'])} {r['GBps']:.0f}" for r in rows)
                          + f" -> best {tuple(best['config'])}")
-        lines.append(f"- used for the rest of the run: {d.get('kernel_configs')}, fp4 decoded from bits: "
-                     f"{d.get('fp4_arith')}")
+        lines.append(f"- used for the rest of the run: {d.get('kernel_configs')}, fp4 decoded from bits (else the "
+                     f"table): {d.get('fp4_arith')}")
     if d["failures"] or d["skipped"]:
         lines += ["", "Failures: " + ("; ".join(d["failures"]) or "none"),
                   "Skipped (time budget): " + (", ".join(d["skipped"]) or "none")]
@@ -264,41 +269,50 @@ def engine_figures(run: Run, mode: str, model, proc, x, want: set[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------- kernels
 def kernel_sweep(run: Run) -> None:
-    """Achieved GB/s (packed weight + scales read once) of the 4-bit kernels on the LM's decode shapes, for a
-    few launch configs; the best per path is installed for the rest of the run (and reported)."""
+    """Achieved GB/s (packed weight + scales read once) of the 4-bit kernels on the LM's decode shapes, for the
+    launch configs of triton_kernels.CANDIDATES (fp4: codes decoded from their bits; the best config again with
+    the 16-entry table); the best per path is installed for the rest of the run (and reported). Timed as the decode step
+    runs them: one CUDA graph calls the four shapes in turn (~80 MB of packed weights, more than the L2), so
+    neither Python's launch overhead nor L2 hits enter the figure."""
     from cogvlm2.quant import triton_kernels as tk
 
     shapes = [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)]  # [N, K]: qkv, dense, gate/up, down
-    candidates = {
-        ("fp4", "gemv"): [(8, 512, 4, 3), (16, 256, 4, 3), (4, 1024, 4, 4), (16, 512, 8, 3)],
-        ("fp4", "tile"): [(32, 128, 4, 3), (64, 128, 4, 4), (32, 256, 8, 3)],
-        ("int4", "gemv"): [(32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 4, 4), (32, 512, 8, 3)],
-        ("int4", "tile"): [(64, 128, 4, 3), (32, 128, 4, 4), (64, 256, 8, 3)],
-    }
     weights = {}
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda") / k ** 0.5
         p, a = formats.quantize_4bit(w, "fp4")
         qw, qz, s = formats.quantize_int4(w)
         weights[(n, k)] = ((p, a), (qw, qz, s.to(torch.bfloat16)))
+        del w
     lut = formats.code_table("fp4", "cuda")
     run.data["kernel_sweep"] = {}
+
     def speed(fmt: str, m: int) -> float:
-        speeds = []
+        calls, nbytes = [], 0
         for (n, k), ((p, a), (qw, qz, s)) in weights.items():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             if fmt == "fp4":
-                nbytes = p.numel() + a.numel() * 4
-                t = cuda_time(lambda: tk.fp4_linear(x, p, a, lut, n, is_fp4=True), warmup=3, iters=20)
+                nbytes += p.numel() + a.numel() * 4
+                calls.append(lambda x=x, p=p, a=a, n=n: tk.fp4_linear(x, p, a, lut, n, is_fp4=True))
             else:
-                nbytes = qw.numel() * 4 + qz.numel() * 4 + s.numel() * 2
-                t = cuda_time(lambda: tk.int4_linear(x, qw, qz, s, 128), warmup=3, iters=20)
-            speeds.append(nbytes / t / 1e9)
-        return float(np.mean(speeds))
+                nbytes += qw.numel() * 4 + qz.numel() * 4 + s.numel() * 2
+                calls.append(lambda x=x, qw=qw, qz=qz, s=s: tk.int4_linear(x, qw, qz, s, 128))
+        for c in calls:  # compile outside the capture
+            c()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(4):
+                for c in calls:
+                    c()
+        t = cuda_time(graph.replay, warmup=2, iters=10) / 4
+        del graph
+        return nbytes / t / 1e9
 
-    for (fmt, path), configs in candidates.items():
+    for (fmt, path), configs in tk.CANDIDATES.items():
         m = 1 if path == "gemv" else 32
         rows = []
+        if fmt == "fp4":
+            tk.FP4_ARITH[path] = True
         for config in configs:
             tk.CONFIGS[(fmt, path)] = config
             try:
@@ -307,15 +321,15 @@ def kernel_sweep(run: Run) -> None:
                 print(f"    {fmt} {path} {config}: {type(e).__name__}: {str(e)[:120]}")
         best = max(rows, key=lambda r: r["GBps"])
         tk.CONFIGS[(fmt, path)] = tuple(best["config"])
-        if fmt == "fp4":  # the best config again, fp4 codes decoded from their bits instead of the table
-            tk.FP4_ARITH[path] = True
+        if fmt == "fp4":  # the best config again, fp4 codes looked up in the table instead of decoded
+            tk.FP4_ARITH[path] = False
             try:
-                arith = speed(fmt, m)
-                rows.append({"config": list(best["config"]) + ["arith"], "GBps": arith})
-                tk.FP4_ARITH[path] = arith > best["GBps"]
+                table = speed(fmt, m)
+                rows.append({"config": list(best["config"]) + ["table"], "GBps": table})
+                tk.FP4_ARITH[path] = table <= best["GBps"]
             except Exception as e:
-                tk.FP4_ARITH[path] = False
-                print(f"    {fmt} {path} arith: {type(e).__name__}: {str(e)[:120]}")
+                tk.FP4_ARITH[path] = True
+                print(f"    {fmt} {path} table: {type(e).__name__}: {str(e)[:120]}")
         run.data["kernel_sweep"][f"{fmt} {path} (batch {m})"] = rows
         run.data["kernel_configs"] = {f"{f} {p}": list(c) for (f, p), c in tk.CONFIGS.items()}
         run.data["fp4_arith"] = dict(tk.FP4_ARITH)
@@ -327,9 +341,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting sections after this many seconds")
-    ap.add_argument("--modes", default="fp4,int4,fp8,fp4-dq,int8")
-    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--modes", default="fp4,int4,fp8,fp4-dq,int8",
+                    help="quantized modes, after bf16 (bf16 runs when listed or when 'errors' is a section)")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"what to measure, of {','.join(SECTIONS)} (decode: batch 1 and the batch-32 step); "
+                         "e.g. --modes fp4,int4 --sections decode,sweep for the 4-bit decode figures alone")
+    ap.add_argument("--no-sweep", action="store_true", help="same as leaving 'sweep' out of --sections")
     args = ap.parse_args()
+    sections = {x for x in args.sections.split(",") if x}
+    if sections - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
+    if args.no_sweep:
+        sections.discard("sweep")
+    modes = [m for m in args.modes.split(",") if m and m != "bf16"]
+    if "bf16" in args.modes.split(",") or "errors" in sections:
+        modes.insert(0, "bf16")
     run = Run(Path(args.out_dir), args.budget_s)
 
     def record_ceilings():
@@ -338,7 +364,7 @@ def main() -> None:
         print(f"    copy {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
     run.section("ceilings", record_ceilings)
     free()
-    if not args.no_sweep:
+    if "sweep" in sections:
         run.section("4-bit kernel config sweep", lambda: kernel_sweep(run), 60)
         free()
 
@@ -353,7 +379,9 @@ def main() -> None:
             "fp4": {"peak", "decode1", "decode32"}, "int4": {"peak", "decode1", "decode32"},
             "fp8": {"ttft", "caption", "decode1"}, "fp4-dq": {"peak", "decode1", "decode32"}, "int8": set()}
     need = {"bf16": 120, "fp4": 60, "int4": 50, "fp8": 60, "fp4-dq": 50, "int8": 40}
-    for mode in ["bf16"] + [m for m in args.modes.split(",") if m]:
+    wanted = {"peak": {"peak"}, "ttft": {"ttft"}, "decode": {"decode1", "decode32"}, "caption": {"caption"}}
+    plan = {mode: {f for sec in sections for f in wanted.get(sec, ())} & figures for mode, figures in plan.items()}
+    for mode in modes:
         holder = {}
 
         def load(mode=mode, holder=holder):
@@ -366,13 +394,13 @@ def main() -> None:
         model = holder.get("model")
         if model is None:
             continue
-        if mode == "bf16":
+        if mode == "bf16" and "errors" in sections:
             def reference():
                 linears: dict = {}
                 top1, logits, hidden, embeds = prefill_outputs(model, probe, linears)
                 ref.update(top1=top1, logits=logits, hidden=hidden, embeds=embeds, linears=linears)
             run.section("bf16: reference outputs", reference)
-        elif ref:
+        elif ref and "errors" in sections:
             run.section(f"{mode}: error vs bf16", lambda: errors(run, mode, model, ref, probe))
         free()
         if "peak" in plan[mode]:

@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    # float32 on the GPU as on the CPU reference: no TF32 (cuDNN's default for the vision tower's convolutions)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     ctx = ParallelContext.from_env(backend="nccl" if args.device == "cuda" else "gloo")
     device = ctx.device
     whole: list[str] = []

@@ -192,9 +192,10 @@ def test_dataset_items_are_deterministic(official, tiny):
     _, proc = tiny
     convs = load_conversations(make_colour_dataset(official.parent / "mt.jsonl", n=6, multi_turn=True), CONFIG)
     ds = FinetuneDataset(convs, proc, seed=3)
-    assert ds[(0, 1)].input_ids == ds[(0, 1)].input_ids
-    assert ds[(0, 0)].labels[-2:] != [-100, -100]  # answer + EOS are labelled
-    variants = {tuple(ds[(e, 1)].input_ids) for e in range(12)}
+    assert ds[(0, 1)][0].input_ids == ds[(0, 1)][0].input_ids
+    assert ds[(0, 1)][1] == "fit"
+    assert ds[(0, 0)][0].labels[-2:] != [-100, -100]  # answer + EOS are labelled
+    variants = {tuple(ds[(e, 1)][0].input_ids) for e in range(12)}
     assert len(variants) > 1  # the sampled round / history changes with the epoch
 
 

@@ -48,13 +48,15 @@ def check_kernels(device: str, dtype: torch.dtype, rows=(1, 5, 33, 65), tol: flo
                 assert _rel(got, x.float() @ ref_nested.float().t()) < tol, ("nested", quant_type, n, k, m)
             for m in rows:
                 x = torch.randn(m, k, generator=g).to(device, dtype)
+                default = dict(tk.FP4_ARITH)
                 for arith in (False, True) if quant_type == "fp4" else (False,):  # table, or from the bits
                     tk.FP4_ARITH.update(gemv=arith, tile=arith)
                     got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=quant_type == "fp4")
                     assert got.shape == (m, n) and got.dtype == dtype
                     err = _rel(got, x.float() @ ref_w.float().t())
                     assert err < tol, (quant_type, arith, n, k, m, err)
-                tk.FP4_ARITH.update(gemv=False, tile=False)
+                tk.FP4_ARITH.update(default)
+    check_split_k(device, dtype, g, tol)
     for n, k in [(48, 256), (40, 384), (64, 128)]:
         for group in (128, 64):
             w = torch.randn(n, k, generator=g).to(device)
@@ -85,6 +87,48 @@ def check_kernels(device: str, dtype: torch.dtype, rows=(1, 5, 33, 65), tol: flo
     assert tk.fp4_linear(x3[:0, 0], packed, absmax, lut, 48).shape == (0, 48)
 
 
+def check_split_k(device: str, dtype: torch.dtype, g: torch.Generator, tol: float) -> None:
+    """Every launch shape the benchmark sweep may install: K cut into slices (float32 partials added by a
+    second kernel), several steps per slice, table or bit decoding, nested absmax; 1 row (GEMV) and a tile."""
+    from cogvlm2.quant import triton_kernels as tk
+
+    saved, saved_arith = dict(tk.CONFIGS), dict(tk.FP4_ARITH)
+    n, k = 40, 512
+    w = torch.randn(n, k, generator=g).to(device)
+    packed, absmax = formats.quantize_4bit(w, "fp4")
+    lut = formats.code_table("fp4", device)
+    a8, nabs, nmap, offset = formats.quantize_absmax(absmax)
+    nested = (nabs, nmap.to(device), offset)
+    ref = formats.dequantize_4bit(packed, absmax, lut, (n, k), dtype).float()
+    ref_nested = formats.dequantize_4bit(packed, formats.dequantize_absmax(a8, *nested), lut, (n, k), dtype).float()
+    qweight, qzeros, scales = formats.quantize_int4(w, 64)
+    scales = scales.to(dtype)
+    ref_int4 = formats.dequantize_int4(qweight, qzeros, scales, dtype).float()
+    try:
+        for m in (1, 6):
+            x = torch.randn(m, k, generator=g).to(device, dtype)
+            path = "gemv" if m == 1 else "tile"
+            for split, block_n, block_k, arith in ((1, 8, 64, False), (2, 16, 128, True), (8, 16, 256, False),
+                                                   (4, 32, 64, True)):
+                tk.CONFIGS[("fp4", path)] = (block_n, block_k, 4, 2, split)
+                tk.FP4_ARITH[path] = arith
+                got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
+                assert _rel(got, x.float() @ ref.t()) < tol, ("fp4", m, split, block_n, block_k, arith)
+                got = tk.fp4_linear(x, packed, a8, lut, n, is_fp4=True, nested=nested)
+                assert _rel(got, x.float() @ ref_nested.t()) < tol, ("fp4-dq", m, split, block_n, block_k, arith)
+                if m == 1:  # codes not 16-byte aligned (a view into a checkpoint buffer): the byte-wise kernel
+                    shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=device)[1:].view(-1, 1)
+                    shifted.copy_(packed)
+                    got = tk.fp4_linear(x, shifted, absmax, lut, n, is_fp4=True)
+                    assert _rel(got, x.float() @ ref.t()) < tol, ("fp4 unaligned", split, block_n, block_k, arith)
+                tk.CONFIGS[("int4", path)] = (block_n, block_k, 4, 2, split)
+                got = tk.int4_linear(x, qweight, qzeros, scales, 64)
+                assert got.dtype == dtype and _rel(got, x.float() @ ref_int4.t()) < tol, ("int4", m, split, block_k)
+    finally:
+        tk.CONFIGS.update(saved)
+        tk.FP4_ARITH.update(saved_arith)
+
+
 def test_kernels_interpreted():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
@@ -98,6 +142,40 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 def test_kernels_cuda_bf16():
     check_kernels("cuda", torch.bfloat16, rows=(1, 2, 3, 8, 16, 24, 32, 48, 64, 65, 256, 2300), tol=1e-2)
+
+
+@cuda
+def test_every_candidate_config_cuda():
+    """Each launch config the benchmark may install, on the LM's K (4096, 14336) and an N that is not a multiple
+    of the tile, in bf16 against the reference dequantization."""
+    from cogvlm2.quant import triton_kernels as tk
+
+    saved, saved_arith = dict(tk.CONFIGS), dict(tk.FP4_ARITH)
+    g = torch.Generator().manual_seed(1)
+    try:
+        for n, k in ((200, 4096), (72, 14336)):
+            w = torch.randn(n, k, generator=g).cuda()
+            packed, absmax = formats.quantize_4bit(w, "fp4")
+            lut = formats.code_table("fp4", "cuda")
+            ref4 = formats.dequantize_4bit(packed, absmax, lut, (n, k), torch.bfloat16).float()
+            qweight, qzeros, scales = formats.quantize_int4(w)
+            scales = scales.to(torch.bfloat16)
+            ref_int4 = formats.dequantize_int4(qweight, qzeros, scales, torch.bfloat16).float()
+            for (fmt, path), configs in tk.CANDIDATES.items():
+                x = torch.randn(1 if path == "gemv" else 24, k, generator=g).cuda().bfloat16()
+                for config in configs:
+                    tk.CONFIGS[(fmt, path)] = config
+                    if fmt == "int4":
+                        err = _rel(tk.int4_linear(x, qweight, qzeros, scales, 128), x.float() @ ref_int4.t())
+                        assert err < 1e-2, (fmt, path, config, n, k, err)
+                        continue
+                    for arith in (True, False):
+                        tk.FP4_ARITH[path] = arith
+                        err = _rel(tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True), x.float() @ ref4.t())
+                        assert err < 1e-2, (fmt, path, config, arith, n, k, err)
+    finally:
+        tk.CONFIGS.update(saved)
+        tk.FP4_ARITH.update(saved_arith)
 
 
 @cuda
@@ -152,6 +230,24 @@ def test_engine_cuda_graphs_equal_eager(quant):
     assert outs[0] == outs[1]
 
 
+def strict_scalar_index() -> None:
+    """Make this interpreter index run-time scalars as Triton 3.6's does (int() of a 1-element array, which
+    NumPy >= 2.4 rejects), so a kernel that uses one as a range bound fails here too, not only there."""
+    import triton.runtime.interpreter as interpreter
+
+    scope = getattr(interpreter, "_LangPatchScope", None)
+    if scope is None:  # another Triton: its own rules apply
+        return
+    set_attr = scope.set_attr
+
+    def strict(self, obj, name, value):
+        if name == "__index__":
+            value = lambda t: int(t.handle.data)  # noqa: E731
+        return set_attr(self, obj, name, value)
+    scope.set_attr = strict
+
+
 if __name__ == "__main__":  # run by test_kernels_interpreted under TRITON_INTERPRET=1
+    strict_scalar_index()
     check_kernels("cpu", torch.float32)
     print("quant kernels ok")

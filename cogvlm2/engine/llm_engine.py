@@ -128,7 +128,10 @@ class LLMEngine:
         if num_vision != frames * cfg.vision.tokens_per_image:
             raise ValueError(f"the prompt has {num_vision} vision tokens but its pixels give "
                              f"{frames} x {cfg.vision.tokens_per_image}")
-        if pixels is not None and not bool(pixels.isfinite().all()):
+        # a finite sum means every element is finite (NaN and inf propagate); only a sum that is not
+        # (an overflow, or a real NaN) pays for the exact check: 1 ms instead of 17 ms for a 1344² image,
+        # paid on every request, a cached image's too
+        if pixels is not None and not bool(torch.isfinite(pixels.sum())) and not bool(pixels.isfinite().all()):
             raise ValueError("pixel_values contain NaN or infinite values")
 
     def add_request(self, request_id: str, inputs: ModelInputs, params: SamplingParams | None = None,

@@ -1,12 +1,18 @@
-"""Training checkpoints: everything `--resume` needs to continue exactly, and the adapter in peft format.
+"""Training checkpoints: everything `--resume` needs to continue exactly, written atomically and
+verified before use.
 
     checkpoint-<step>/
         state/                accelerate's save_state: trainable weights only (frozen base weights are
                               never copied), optimizer, RNG of every rank (python, numpy, torch, cuda),
                               accelerate's step counter; DeepSpeed / FSDP write their sharded formats here
         adapter/              LoRA runs: the adapter so far, in peft format (serve or merge any checkpoint)
-        trainer_state.json    step, loss history, run config; written last, so its presence marks a
-                              complete checkpoint
+        trainer_state.json    step, loss history, run config, world size, and the size (and, up to
+                              CHECKSUM_LIMIT, the blake2b digest) of every other file: the completeness marker
+
+Every rank writes into `.checkpoint-<step>.tmp/`; after a barrier (all ranks' files are on disk) the
+main process writes the marker and renames the folder to `checkpoint-<step>`, so a checkpoint that is
+visible is complete. On resume a checkpoint is verified against its marker; `--resume latest` falls
+back to the newest one that verifies and says which it skipped and why.
 
 The learning-rate schedule and the data order are pure functions of the step, so the step number
 is all the trainer itself has to remember.
@@ -14,7 +20,9 @@ is all the trainer itself has to remember.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 from contextlib import nullcontext
@@ -24,7 +32,12 @@ import torch
 from torch import nn
 
 TRAINER_STATE = "trainer_state.json"
+CHECKSUM_LIMIT = 1 << 30  # bigger files (sharded weights / optimizer of large runs) are checked by size only
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete or damaged; the message names the file."""
 
 
 def checkpoint_dir(output: Path, step: int) -> Path:
@@ -32,7 +45,7 @@ def checkpoint_dir(output: Path, step: int) -> Path:
 
 
 def list_checkpoints(output: Path) -> list[Path]:
-    """Complete checkpoints under `output`, oldest first."""
+    """Checkpoints under `output` that carry the completeness marker, oldest first."""
     if not output.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in output.iterdir() if (m := _NAME.match(p.name)) and (p / TRAINER_STATE).is_file()]
@@ -75,34 +88,128 @@ def gathered_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_manifest(folder: Path) -> dict[str, dict]:
+    """{relative path: {"size": bytes, "blake2b": hex (files up to CHECKSUM_LIMIT)}} of every file."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel == TRAINER_STATE:
+            continue
+        size = path.stat().st_size
+        out[rel] = {"size": size, **({"blake2b": _digest(path)} if size <= CHECKSUM_LIMIT else {})}
+    return out
+
+
+def verify_checkpoint(folder: Path) -> list[str]:
+    """Problems with `folder` (missing marker, missing / truncated / altered files); [] when it is sound."""
+    marker = folder / TRAINER_STATE
+    if not marker.is_file():
+        return [f"{marker} missing (the checkpoint was never completed)"]
+    try:
+        state = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return [f"{marker}: unreadable ({e})"]
+    files = state.get("files")
+    if not isinstance(files, dict):
+        return [f"{marker}: no file list (written by an older version: it cannot be verified)"]
+    problems = []
+    for rel, want in files.items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{path}: {path.stat().st_size:,} bytes, expected {want['size']:,} (truncated?)")
+        elif "blake2b" in want and _digest(path) != want["blake2b"]:
+            problems.append(f"{path}: content differs from when it was saved (checksum mismatch)")
+    return problems
+
+
 def save_checkpoint(folder: Path, accelerator, model: nn.Module, trainer_state: dict, lora: bool,
                     base_model: str | None) -> Path:
-    """Write one checkpoint (all ranks call this). `model` is the unwrapped CogVLM2 model."""
+    """Write one checkpoint atomically (all ranks call this). `model` is the unwrapped CogVLM2 model."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
     kwargs = {"exclude_frozen_parameters": True} if _is_deepspeed(accelerator) else {}
-    accelerator.save_state(str(folder / "state"), safe_serialization=True, **kwargs)
+    accelerator.save_state(str(tmp / "state"), safe_serialization=True, **kwargs)
     state = gathered_trainable_state(model)
-    if accelerator.is_main_process:
-        if lora:
-            from .lora import save_adapter
+    if accelerator.is_main_process and lora:
+        from .lora import save_adapter
 
-            save_adapter(model, folder / "adapter", state_dict=state, base_model=base_model)
-        (folder / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+        save_adapter(model, tmp / "adapter", state_dict=state, base_model=base_model)
+    accelerator.wait_for_everyone()  # every rank's shard, optimizer and RNG file is on disk
+    if accelerator.is_main_process:
+        marker = {**trainer_state, "world_size": accelerator.num_processes, "files": file_manifest(tmp)}
+        (tmp / TRAINER_STATE).write_text(json.dumps(marker, indent=1) + "\n")
+        _fsync_dir(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
     accelerator.wait_for_everyone()
     return folder
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def choose_resume(output: Path, resume: str, log=print) -> Path | None:
+    """The checkpoint to resume from: `resume` (a folder, which must verify) or, for "latest", the newest
+    one under `output` that verifies (each damaged one is reported and skipped). None: nothing to resume."""
+    if resume != "latest":
+        folder = Path(resume)
+        problems = verify_checkpoint(folder)
+        if problems:
+            raise CheckpointError(f"cannot resume from {folder}:\n  " + "\n  ".join(problems[:10])
+                                  + "\n(--resume latest falls back to the newest checkpoint that verifies)")
+        return folder
+    for folder in reversed(list_checkpoints(output)):
+        problems = verify_checkpoint(folder)
+        if not problems:
+            return folder
+        log(f"warning: skipping damaged checkpoint {folder}:\n  " + "\n  ".join(problems[:10]))
+    return None
+
+
 def load_checkpoint(folder: Path, accelerator) -> dict:
     """Restore trainable weights, optimizer and RNG from `folder`; return its trainer state."""
-    if not (folder / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"{folder} is not a complete training checkpoint ({TRAINER_STATE} missing)")
+    state = json.loads((folder / TRAINER_STATE).read_text())
+    saved_world = state.get("world_size")
+    if saved_world is not None and saved_world != accelerator.num_processes:
+        raise CheckpointError(f"{folder} was written by {saved_world} process(es), this run has "
+                              f"{accelerator.num_processes}: the data order, the per-rank RNG and sharded states "
+                              f"differ; resume with {saved_world} process(es)")
     kwargs = {"load_module_strict": False} if _is_deepspeed(accelerator) else {"strict": False}
-    accelerator.load_state(str(folder / "state"), **kwargs)
-    return json.loads((folder / TRAINER_STATE).read_text())
+    try:
+        accelerator.load_state(str(folder / "state"), **kwargs)
+    except Exception as e:  # noqa: BLE001 - name the checkpoint whatever the backend raised
+        raise CheckpointError(f"loading {folder / 'state'} failed: {type(e).__name__}: {e}") from e
+    return state
 
 
-def rotate_checkpoints(output: Path, keep: int | None) -> None:
-    """Delete all but the newest `keep` complete checkpoints (main process only)."""
+def rotate_checkpoints(output: Path, keep: int | None, keep_also: Path | None = None) -> None:
+    """Delete all but the newest `keep` complete checkpoints and `keep_also` (the best one; main process only)."""
     if not keep:
         return
     for old in list_checkpoints(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if keep_also is None or old.resolve() != keep_also.resolve():
+            shutil.rmtree(old, ignore_errors=True)

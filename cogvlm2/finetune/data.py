@@ -8,7 +8,12 @@ Two layouts:
   ...}, {"role": "assistant", "content": ...}, ...]}``; image and label are paired by file stem;
 * a JSONL manifest, one conversation a line: ``{"image": "a.jpg", "conversations": [...]}`` (or
   ``"video": "b.mp4"`` for the video checkpoints, or neither for text only; ``"messages"`` is accepted
-  for ``"conversations"``; an optional ``"template"``: chat / vqa / base overrides the run's template). Relative media paths are relative to the manifest's folder.
+  for ``"conversations"``; an optional ``"template"``: chat / vqa / base overrides the run's template). Relative
+  media paths are relative to the manifest's folder.
+
+A conversation may open with one ``system`` message (its text goes before the first query the model
+sees, as the server does). CogVLM-SFT-311K's caption subsets (``{"captions": [{"role": "caption",
+"content": ...}]}``) become one round with CogVLM's caption prompt, on the base template.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from ..config import TEMPLATES, ModelConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 MAX_REPORTED = 20  # problems listed in one DataError; the count of the rest follows
+# CogVLM's caption fine-tuning prompt (its ItemDataset for the `captions` label files), used raw
+CAPTION_PROMPT = "This image can be best described as:"
 
 
 class DataError(ValueError):
@@ -35,23 +42,40 @@ class Conversation:
     turns: tuple[tuple[str, str], ...]
     image: Path | None = None
     video: Path | None = None
-    template: str | None = None  # a manifest line's own prompt template (else the run's --template)
+    system: str | None = None  # prepended (with a newline) to the first query of the prompt
+    template: str | None = None  # a manifest line's own template, "base" for caption records; None: the run's
 
 
-def parse_turns(messages, where: str) -> tuple[tuple[str, str], ...]:
-    """[{"role": "user", ...}, {"role": "assistant", ...}, ...] -> ((query, answer), ...), strictly alternating."""
+def _text(m: dict, i: int, role: str, where: str) -> str:
+    if not isinstance(m.get("content"), str) or not m["content"].strip():
+        raise DataError(f"{where}: message {i} ({role}) has no text content")
+    return m["content"]
+
+
+def parse_messages(messages, where: str) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """[{"role": "system"}?, {"role": "user"}, {"role": "assistant"}, ...] -> (((query, answer), ...), system).
+
+    One optional leading system message, then user / assistant strictly alternating."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: empty conversation (expected a non-empty list of user/assistant messages)")
+    system = None
+    if isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        system, messages = _text(messages[0], 0, "system", where), messages[1:]
+        if not messages:
+            raise DataError(f"{where}: a system message alone; the conversation needs user/assistant messages")
+    offset = 1 if system is not None else 0
     if len(messages) % 2:
-        raise DataError(f"{where}: odd number of messages ({len(messages)}); every user turn needs an assistant answer")
+        raise DataError(f"{where}: odd number of messages ({len(messages)} user/assistant); every user turn "
+                        "needs an assistant answer")
     for i, m in enumerate(messages):
         want = "user" if i % 2 == 0 else "assistant"
         if not isinstance(m, dict) or m.get("role") != want:
             got = m.get("role") if isinstance(m, dict) else type(m).__name__
-            raise DataError(f"{where}: message {i} must have role '{want}' (roles alternate user, assistant), got {got!r}")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise DataError(f"{where}: message {i} ({want}) has no text content")
-    return tuple((messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages), 2))
+            extra = " (a system message may only come first)" if got == "system" else ""
+            raise DataError(f"{where}: message {i + offset} must have role '{want}' (roles alternate user, "
+                            f"assistant){extra}, got {got!r}")
+        _text(m, i + offset, want, where)
+    return tuple((messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages), 2)), system
 
 
 def _load_json(path: Path):
@@ -61,13 +85,22 @@ def _load_json(path: Path):
         raise DataError(f"{path}: unreadable JSON: {e}") from None
 
 
-def _messages(record, where: str):
+def parse_record(record, where: str) -> dict:
+    """A label file's / manifest line's JSON -> Conversation fields (turns, system, template)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    captions = record.get("captions")
+    if captions is not None and record.get("conversations", record.get("messages")) is None:
+        # CogVLM-SFT-311K caption subsets: {"captions": [{"role": "caption", "content": ...}]}
+        if (not isinstance(captions, list) or len(captions) != 1 or not isinstance(captions[0], dict)
+                or captions[0].get("role") != "caption"):
+            raise DataError(f"{where}: 'captions' must be a list of one {{'role': 'caption', 'content': ...}}")
+        return {"turns": ((CAPTION_PROMPT, _text(captions[0], 0, "caption", where)),), "template": "base"}
     messages = record.get("conversations", record.get("messages"))
     if messages is None:
-        raise DataError(f"{where}: no 'conversations' (or 'messages') list")
-    return messages
+        raise DataError(f"{where}: no 'conversations' (or 'messages', or 'captions') list")
+    turns, system = parse_messages(messages, where)
+    return {"turns": turns, "system": system}
 
 
 def read_official(root: Path, labels: str = "labels_en") -> tuple[list[Conversation], list[str]]:
@@ -76,15 +109,21 @@ def read_official(root: Path, labels: str = "labels_en") -> tuple[list[Conversat
     problems = [f"{d}: folder not found" for d in (image_dir, label_dir) if not d.is_dir()]
     if problems:
         return [], problems
-    images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-    label_files = sorted(label_dir.glob("*.json"))
+    images: dict[str, Path] = {}
+    for p in sorted(image_dir.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if p.stem in images:  # 00001.jpg + 00001.png: which one the label means is unknowable
+            problems.append(f"{p}: two images named {p.stem} ({images[p.stem].name}, {p.name}); keep one")
+        images[p.stem] = p
+    label_files = sorted(p for p in label_dir.iterdir() if p.suffix.lower() == ".json")  # *.JSON too
     out = []
     for label in label_files:
         image = images.get(label.stem)
         try:
             if image is None:
                 raise DataError(f"{label}: missing image {image_dir / label.stem}.jpg (or another image suffix)")
-            out.append(Conversation(str(label), parse_turns(_messages(_load_json(label), str(label)), str(label)), image))
+            out.append(Conversation(str(label), image=image, **parse_record(_load_json(label), str(label))))
         except DataError as e:
             problems.append(str(e))
     labelled = {p.stem for p in label_files}
@@ -108,17 +147,29 @@ def read_manifest(path: Path) -> tuple[list[Conversation], list[str]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: unreadable JSON: {e}") from None
-            turns = parse_turns(_messages(record, where), where)
+            fields = parse_record(record, where)
+            if "images" in record:  # the LLaMA-Factory / ms-swift key
+                images = record["images"]
+                if isinstance(images, list) and len(images) > 1:
+                    raise DataError(f"{where}: {len(images)} images in one conversation; CogVLM2 takes one image "
+                                    "per conversation (split it into one conversation per image)")
+                if "image" in record:
+                    raise DataError(f"{where}: give 'image' or 'images', not both")
+                record = {**record, "image": images[0] if isinstance(images, list) and images else images}
             media = {k: record.get(k) for k in ("image", "video") if record.get(k) is not None}
             if len(media) > 1:
                 raise DataError(f"{where}: give an image or a video, not both")
+            if isinstance(media.get("image"), list):
+                raise DataError(f"{where}: 'image' must be one path; CogVLM2 takes one image per conversation")
             if any(not isinstance(v, str) or not v for v in media.values()):
                 raise DataError(f"{where}: 'image' / 'video' must be a path string")
             template = record.get("template")
             if template is not None and template not in TEMPLATES:
                 raise DataError(f"{where}: 'template' must be one of {TEMPLATES}, got {template!r}")
             paths = {k: (path.parent / v) for k, v in media.items()}
-            out.append(Conversation(where, turns, paths.get("image"), paths.get("video"), template))
+            if template is not None:
+                fields["template"] = template
+            out.append(Conversation(where, image=paths.get("image"), video=paths.get("video"), **fields))
         except DataError as e:
             problems.append(str(e))
     if not out and not problems:
@@ -173,3 +224,35 @@ def load_conversations(path: str | Path, config: ModelConfig, labels: str = "lab
     if not conversations:
         raise DataError(f"{path}: no conversations found")
     return conversations
+
+
+def mix(datasets: list[list[Conversation]], weights: list[float] | None, seed: int = 0) -> list[Conversation]:
+    """Several datasets -> one list: dataset i contributes weights[i] times its size (2: twice over,
+    0.5: a random half, fixed for the run by `seed`). Without weights, everything once."""
+    import random
+
+    out = []
+    for i, convs in enumerate(datasets):
+        w = 1.0 if weights is None else weights[i]
+        whole, frac = int(w), w - int(w)
+        out += list(convs) * whole
+        n_part = round(frac * len(convs))
+        if n_part:
+            out += random.Random(f"{seed}:mix:{i}").sample(list(convs), n_part)
+    if not out:
+        raise DataError("the --data-weights leave no training example")
+    return out
+
+
+def load_mixture(paths: list[str | Path], config: ModelConfig, labels: str = "labels_en",
+                 weights: list[float] | None = None, seed: int = 0) -> list[Conversation]:
+    """load_conversations for each path (all validated, all problems reported), then mix() them."""
+    loaded, errors = [], []
+    for path in paths:
+        try:
+            loaded.append(load_conversations(path, config, labels))
+        except DataError as e:
+            errors.append(str(e))
+    if errors:
+        raise DataError("\n".join(errors))
+    return mix(loaded, weights, seed)

@@ -54,13 +54,17 @@ def matching_linears(model: nn.Module, regex: str) -> list[str]:
 
 
 def apply_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, r: int = 8, alpha: int = 32,
-               dropout: float = 0.05) -> LoraConfig:
-    """Wrap the target linears in LoRA layers, in place; only the LoRA weights stay trainable."""
+               dropout: float = 0.05, rslora: bool = False, dora: bool = False) -> LoraConfig:
+    """Wrap the target linears in LoRA layers, in place; only the LoRA weights stay trainable.
+
+    rslora: scale alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA); dora: weight-decomposed
+    LoRA (a trained magnitude per output row), both as peft implements them."""
     targets = list(targets)
     regex = target_regex(targets)
     if not matching_linears(model, regex):
         raise ValueError(f"LoRA targets {targets} match no linear layer of this model; short names: {', '.join(TARGETS)}")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=regex, bias="none")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=regex, bias="none",
+                        use_rslora=rslora, use_dora=dora)
     model.requires_grad_(False)
     inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
@@ -68,9 +72,17 @@ def apply_lora(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, r: in
     return config
 
 
+def saved_modules(model: nn.Module) -> list[str]:
+    """Parameters trained in full next to LoRA (--modules-to-save): trainable, not LoRA's own."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+
+
 def adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's weights under peft's file keys. `state_dict`: the model's (already gathered) state."""
     state = get_peft_model_state_dict(model, state_dict=state_dict, save_embedding_layers=False)
+    # Fully trained modules, under their own names (what PeftModel writes for modules_to_save)
+    full = state_dict if state_dict is not None else dict(model.named_parameters())
+    state.update({n.replace(".base_layer.", "."): full[n] for n in saved_modules(model)})
     return {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
@@ -82,8 +94,10 @@ def save_adapter(model: nn.Module, folder: str | Path, state_dict: dict[str, tor
     config = model.peft_config["default"]
     config.base_model_name_or_path = base_model
     config.inference_mode = True
+    modules = sorted({n.replace(".base_layer.", ".").rpartition(".")[0] for n in saved_modules(model)})
+    config.modules_to_save = modules or None
     config.save_pretrained(str(folder))
-    config.inference_mode = False
+    config.inference_mode, config.modules_to_save = False, None
     save_file(adapter_state_dict(model, state_dict), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return folder
 
@@ -99,8 +113,20 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
     regex = targets if isinstance(targets, str) else "|".join(rf"(?:.*\.)?{re.escape(t)}" for t in targets)
     if not matching_linears(model, regex):
         raise ValueError(f"adapter {folder} targets {targets!r}, which matches no linear layer of this model")
+    saved = config.modules_to_save
+    config.modules_to_save = None  # ours are loaded into the base model's own parameters, below
     inject_adapter_in_model(config, model)
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(folder / ADAPTER_WEIGHTS)).items()}
+    full = {k: v for k, v in state.items() if "lora_" not in k}
+    if full and not saved:
+        raise ValueError(f"adapter {folder} holds non-LoRA weights ({next(iter(full))}) but no modules_to_save")
+    params = dict(model.named_parameters())
+    for k, v in full.items():
+        target = params.get(k) if k in params else params.get(k.replace(".weight", ".base_layer.weight"))
+        if target is None or target.shape != v.shape:
+            raise ValueError(f"adapter {folder}: fully trained weight {k} does not fit the model")
+        target.data = v.to(device=target.device, dtype=target.dtype)
+    state = {k: v for k, v in state.items() if "lora_" in k}
     result = set_peft_model_state_dict(model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
@@ -146,6 +172,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if not isinstance(base, nn.Linear) or base.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"{name}: can only merge into a full-precision nn.Linear, got {type(base).__name__}")
         for adapter in module.active_adapters:
+            if module.use_dora.get(adapter):  # the magnitude renormalises the sum: peft's own merge, in fp32
+                dtype = base.weight.dtype
+                base.weight.data = base.weight.data.float()
+                module.merge(adapter_names=[adapter])
+                base.weight.data = base.weight.data.to(dtype)
+                continue
             delta = module.get_delta_weight(adapter)  # [out, in] in the adapter's dtype
             base.weight.data = (base.weight.data.float() + delta.float()).to(base.weight.dtype)
         parent, _, child = name.rpartition(".")

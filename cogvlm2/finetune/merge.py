@@ -11,8 +11,30 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoint import copy_non_weight_files, parse_dtype, save_weights, weight_files
+from ..config import ModelConfig
 from ..model import checkpoint_folder, load_model
+from ..tiny import TINY_NOTE
 from .lora import load_adapter, merge_lora
+
+ROTARY_KEY = "model.layers.{}.self_attn.rotary_emb.inv_freq"
+
+
+def add_rotary_inv_freq(state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype) -> None:
+    """Add each layer's `rotary_emb.inv_freq` (1 / theta^(2i/d), the official files carry it), in `dtype`
+    as the official bf16 checkpoints store it; keys the model already gave are kept."""
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    for i in range(config.num_hidden_layers):
+        state.setdefault(ROTARY_KEY.format(i), inv_freq.to(dtype))
+
+
+def copy_base_files(src: Path, dst: Path) -> None:
+    """The base's tokenizer, config and other files, except the embedded tiny model's README (it
+    describes the tiny model, not the fine-tuned one)."""
+    copy_non_weight_files(src, dst)
+    readme = dst / "README.md"
+    if readme.is_file() and TINY_NOTE.strip()[:40] in readme.read_text(errors="ignore"):
+        readme.unlink()
 
 
 def stored_dtype(folder: Path) -> torch.dtype:
@@ -42,6 +64,7 @@ def merge_adapter(base: str, adapter: str | Path, output: str | Path, dtype: str
     load_adapter(model, adapter)
     merge_lora(model)
     state = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    add_rotary_inv_freq(state, model.config, out_dtype)
     save_weights(state, output, max_shard_bytes=max_shard_bytes, metadata={"merged_adapter": str(adapter)})
-    copy_non_weight_files(folder, output)
+    copy_base_files(folder, output)
     return output

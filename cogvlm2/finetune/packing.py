@@ -7,7 +7,8 @@ pass needs (expert routing, vision slots, loss targets) is computed here on the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections import Counter
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import torch
@@ -33,6 +34,7 @@ class PackedBatch:
     target_ids    [T] long: those labels (token target_idx[i] predicts target_ids[i])
     expert_segments  host list of (start, end, is_vision) runs: the same routing as vision_idx /
                   language_idx, as contiguous slices (no gather / scatter copies in the experts)
+    outcomes      host counts of what --max-length did to the examples (dataset.FIT, TRUNCATED, ...)
     """
 
     input_ids: torch.Tensor
@@ -45,6 +47,7 @@ class PackedBatch:
     target_idx: torch.Tensor
     target_ids: torch.Tensor
     expert_segments: list[tuple[int, int, bool]] | None = None
+    outcomes: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -67,26 +70,24 @@ def _apply(value, fn):
     return fn(value) if isinstance(value, torch.Tensor) else value
 
 
-def truncate(x: ModelInputs, max_length: int) -> ModelInputs:
-    """Keep the first `max_length` tokens (the official recipe truncates too); never cut through an image."""
-    if len(x) <= max_length:
-        return x
-    if any(t == VISION for t in x.token_type_ids[max_length:]):
-        raise ValueError(f"max_length {max_length} would cut through the vision tokens of an example of {len(x)} tokens")
-    return ModelInputs(x.input_ids[:max_length], x.token_type_ids[:max_length], x.position_ids[:max_length],
-                       x.pixel_values, x.vision_hash, x.labels[:max_length], x.prompt_text)
+def pack(examples: Sequence[ModelInputs | tuple[ModelInputs, str]], has_vision_expert: bool = True,
+         segments: bool = True) -> PackedBatch:
+    """Labelled ModelInputs (labels from the processor's `answer=`), or the dataset's (inputs, outcome)
+    pairs, -> one PackedBatch. Dropped examples are left out; a micro-batch dropped whole keeps the first
+    one's no-target stand-in, so every rank still runs its forward / backward pass.
 
-
-def pack(examples: Sequence[ModelInputs], has_vision_expert: bool = True, max_length: int | None = None) -> PackedBatch:
-    """Labelled ModelInputs (labels from the processor's `answer=`) -> one PackedBatch."""
+    segments=False routes experts by index lists only: each expert layer then runs once per forward
+    whatever the number of examples, which ZeRO-3 needs (it all-gathers a layer's shards at every call,
+    and ranks must make the same calls)."""
     if not examples:
         raise ValueError("pack() needs at least one example")
+    items = [e if isinstance(e, tuple) else (e, "fit") for e in examples]
+    outcomes = Counter(outcome for _, outcome in items)
+    kept = [x for x, outcome in items if outcome != "dropped"] or [items[0][0]]
     ids, pos, expert, slots, labels, lengths, pixels = [], [], [], [], [], [], []
-    for x in examples:
+    for x in kept:
         if x.labels is None:
             raise ValueError("training examples need labels: build them with processor(..., answer=...)")
-        if max_length is not None:
-            x = truncate(x, max_length)
         ids += x.input_ids
         pos += x.position_ids
         expert += vision_expert_mask(x.token_type_ids)
@@ -97,10 +98,10 @@ def pack(examples: Sequence[ModelInputs], has_vision_expert: bool = True, max_le
             pixels.append(x.pixel_values if x.pixel_values.dim() == 4 else x.pixel_values.unsqueeze(0))
     expert_t, labels_t = torch.tensor(expert), torch.tensor(labels)
     idx = torch.arange(len(ids))
-    vision_idx = language_idx = segments = None
+    vision_idx = language_idx = runs = None
     if has_vision_expert and bool(expert_t.any()):
         vision_idx, language_idx = idx[expert_t], idx[~expert_t]
-        segments = expert_segments(expert)
+        runs = expert_segments(expert) if segments else None
     keep = labels_t != IGNORE
     return PackedBatch(
         input_ids=torch.tensor(ids),
@@ -112,5 +113,6 @@ def pack(examples: Sequence[ModelInputs], has_vision_expert: bool = True, max_le
         pixel_values=torch.cat(pixels) if pixels else None,
         target_idx=idx[keep],
         target_ids=labels_t[keep],
-        expert_segments=segments,
+        expert_segments=runs,
+        outcomes=dict(outcomes),
     )

@@ -123,7 +123,7 @@ class ParallelContext:
             return x
         x = x.contiguous()
         out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))  # one buffer, one collective
-        dist.all_gather_single(out, x, group=self.group)
+        dist.all_gather_into_tensor(out, x, group=self.group)
         return torch.cat(out.view(self.world_size, *x.shape).unbind(0), dim=dim)
 
     def broadcast_object(self, obj, src: int = 0):

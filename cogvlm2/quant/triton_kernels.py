@@ -2,11 +2,17 @@
 (bitsandbytes) or the group-wise int4 layout of `formats.py`, unpacked in registers (never written out
 as bf16). fp8: the per-token activation quantization in one pass over x.
 
-Decode (few rows): a fused GEMV/GEMM streams the packed weight once; a single row reduces on the CUDA
-cores in float32, 2..64 rows go through tensor cores on the dequantized bf16/fp16 tile. Prefill (many
-rows): the weight is dequantized into a bf16 buffer by one kernel and cuBLAS does the GEMM (the extra
-pass costs a few percent of a compute-bound GEMM). Nothing syncs with the host or picks configs at run
-time (no autotuning), so every call can be captured in a CUDA graph.
+Decode (few rows): a fused GEMV/GEMM streams the packed weight once, which is all its cost, so the inner
+loops are kept to a few integer ops per code: the codes are read as int32 words (16-byte vector loads;
+the bitsandbytes bytes are viewed as words in place), decoded by writing bits into a float (no int ->
+float conversion, no table in memory) and the absmax / group scale is applied once per block of products.
+A single row reduces on the CUDA cores in float32; 2..64 rows go through tensor cores, one dot per code
+slot of the words (k = 8w + j), so tiles are never interleaved or reshaped. Where N leaves too few
+programs, K is split and a second kernel adds the float32 partials in a fixed order (deterministic).
+Prefill (many rows): the weight is dequantized into a bf16 buffer by one kernel and cuBLAS does the GEMM
+(the extra pass costs a few percent of a compute-bound GEMM). Nothing syncs with the host or picks configs
+at run time (no autotuning), so every call can be captured in a CUDA graph. Loop bounds are compile-time
+constants (K is specialized): Triton 3.6's interpreter cannot take a run-time scalar as a range bound.
 """
 
 from __future__ import annotations
@@ -28,6 +34,200 @@ def _fp4_value(code):
     v = (((127 - e) << 23) | (m << 22)).to(tl.float32, bitcast=True) * (4.0 / 3.0)
     v = tl.where(e == 0, m.to(tl.float32) * (1.0 / 192.0), v)
     return tl.where((c & 8) != 0, -v, v)
+
+
+@triton.jit
+def _u4_float(q):
+    """int32 q in [0, 2^23) -> float32 2^23 + q, by writing q into the mantissa of 2^23: one OR instead of an
+    int -> float conversion (those run at a quarter of the FMA rate and would cap a 4-bit kernel's bandwidth)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp4_value_34(words, LSB: tl.constexpr):
+    """The bitsandbytes fp4 codes at bit LSB of int32 words -> 3/4 of their values (the caller multiplies the
+    absmax by 4/3), as float bits: the code's e (2 bits) and m go to bits 23..24 and 22 with one shift, and
+    XOR 0x3F800000 makes the exponent 127 ^ e = 127 - e, i.e. 2^-e (1 + m/2); e = 0 is 0 or 2^-8 (1/192 x 3/4);
+    the sign bit (bit 25 after the shift) moves to bit 31. Every value is exact."""
+    if LSB <= 22:
+        v = words << (22 - LSB)
+    else:
+        v = words >> (LSB - 22)
+    bits = (v & 0x01C00000) ^ 0x3F800000
+    bits = tl.where((v & 0x01800000) == 0, (v & 0x00400000) * 238, bits)  # e = 0: m 0x3B800000 (2^-8)
+    return (bits | ((v << 6) & -0x80000000)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K: tl.constexpr, split):
+    """acc [BLOCK_M, BLOCK_N] -> out in its dtype, or (split K) -> float32 partials [SPLIT_K, M, N] that
+    _splitk_sum_kernel adds in a fixed order (deterministic, so graph replays equal eager runs)."""
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        base = out_ptr + split.to(tl.int64) * M * N
+        tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _splitk_sum_kernel(part_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, N, K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr,
+                     NESTED: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One row: out[n] = sum_k x[k] W[n, k]. The packed weight is read as int32 words ([N, K/8], 8 codes a
+    word, 16-byte vector loads along K); per absmax block the products are summed first and scaled once.
+    Byte t of a word holds k = 8w + 2t in its high nibble and 8w + 2t + 1 in its low nibble."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_ok = offs_n < N
+    NB: tl.constexpr = BLOCK_K // BLOCKSIZE  # absmax blocks per step
+    WB: tl.constexpr = BLOCKSIZE // 8  # words per block
+    KS: tl.constexpr = K // SPLIT_K
+    b = tl.arange(0, NB)
+    wi = tl.arange(0, WB)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(0, KS, BLOCK_K):
+        k0 = tl.program_id(1) * KS + i
+        word_col = k0 // 8 + b[:, None] * WB + wi[None, :]  # [NB, WB]
+        words = tl.load(w_ptr + offs_n[:, None, None] * (K // 8) + word_col[None, :, :], mask=n_ok[:, None, None],
+                        other=0)
+        part = tl.zeros((BLOCK_N, NB, WB), dtype=tl.float32)
+        for t in tl.static_range(4):
+            for half in tl.static_range(2):  # high nibble: k = 8w + 2t, low: 8w + 2t + 1
+                if ARITH:
+                    v = _fp4_value_34(words, 8 * t + 4 - 4 * half)
+                else:
+                    v = tl.load(lut_ptr + ((words >> (8 * t + 4 - 4 * half)) & 0xF))
+                xk = tl.load(x_ptr + word_col * 8 + (2 * t + half)).to(tl.float32)  # [NB, WB]
+                part += v * xk[None, :, :]
+        blk = offs_n[:, None] * (K // BLOCKSIZE) + (k0 // BLOCKSIZE + b)[None, :]  # [BN, NB]
+        if NESTED:
+            a8 = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0)
+            scale = tl.load(nmap_ptr + a8.to(tl.int32)) * tl.load(nabs_ptr + blk // 256, mask=n_ok[:, None], other=0.0)
+            scale = scale + offset
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0)
+        if ARITH:
+            scale = scale * (4.0 / 3.0)
+        acc += tl.sum(tl.sum(part, axis=2) * scale, axis=1)
+    _store(out_ptr, acc[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0, 1, N, SPLIT_K,
+           tl.program_id(1))
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One row, group-wise int4: per group sum_k (q - z) s x = s (sum_k q x - z sum_k x); nibble j of a word is
+    taken in place (q 16^j in the mantissa of 2^23, x scaled by 16^-j, both exact), so a code costs one
+    logic op, one add and one FMA."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_ok = offs_n < N
+    NG: tl.constexpr = BLOCK_K // GROUP  # groups per step
+    RP: tl.constexpr = GROUP // 8  # packed rows per group
+    KS: tl.constexpr = K // SPLIT_K
+    g = tl.arange(0, NG)
+    r = tl.arange(0, RP)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(0, KS, BLOCK_K):
+        k0 = tl.program_id(1) * KS + i
+        prow = k0 // 8 + g[:, None] * RP + r[None, :]  # [NG, RP]
+        words = tl.load(qw_ptr + prow[:, :, None].to(tl.int64) * N + offs_n[None, None, :],
+                        mask=n_ok[None, None, :], other=0)  # [NG, RP, BN]
+        hi = words >> 12  # nibbles 5..7 at bits 8..19
+        dot = tl.zeros((NG, RP, BLOCK_N), dtype=tl.float32)
+        sx = tl.zeros((NG, RP), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + prow * 8 + j).to(tl.float32)
+            sx += xj
+            if j <= 4:
+                q = _u4_float(words & (0xF << (4 * j))) - 8388608.0  # q 16^j
+                dot += q * (xj * (0.0625 ** j))[:, :, None]
+            else:
+                q = _u4_float(hi & (0xF << (4 * j - 12))) - 8388608.0  # q 16^(j - 3)
+                dot += q * (xj * (0.0625 ** (j - 3)))[:, :, None]
+        grp = k0 // GROUP + g  # [NG]
+        zp = tl.load(qz_ptr + grp[:, None] * (N // 8) + offs_n[None, :] // 8, mask=n_ok[None, :], other=0)
+        z = ((zp >> ((offs_n[None, :] % 8) * 4).to(tl.int32)) & 0xF).to(tl.float32)  # [NG, BN]
+        s = tl.load(s_ptr + grp[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(s * (tl.sum(dot, axis=1) - z * tl.sum(sx, axis=1)[:, None]), axis=0)
+    _store(out_ptr, acc[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0, 1, N, SPLIT_K,
+           tl.program_id(1))
+
+
+@triton.jit
+def _fp4_dot_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K: tl.constexpr,
+                    stride_xm, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr, NESTED: tl.constexpr, SPLIT_K: tl.constexpr):
+    """2..64 rows on tensor cores, the packed weight read as int32 words [N, K/8]: code slot j of every word
+    (k = 8w + j) is decoded into its own [BLOCK_N, BLOCK_K/8] tile and multiplied with the matching columns
+    of x, so no tile is ever interleaved or reshaped (those go through shared memory)."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    NW: tl.constexpr = BLOCK_K // 8
+    KS: tl.constexpr = K // SPLIT_K
+    wcol = tl.arange(0, NW)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, KS, BLOCK_K):
+        k0 = tl.program_id(2) * KS + i
+        words = tl.load(w_ptr + offs_n[:, None] * (K // 8) + (k0 // 8 + wcol)[None, :], mask=n_ok[:, None], other=0)
+        blk = offs_n[:, None] * (K // BLOCKSIZE) + ((k0 + wcol * 8) // BLOCKSIZE)[None, :]  # [BN, NW]
+        if NESTED:
+            a8 = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0)
+            scale = tl.load(nmap_ptr + a8.to(tl.int32)) * tl.load(nabs_ptr + blk // 256, mask=n_ok[:, None], other=0.0)
+            scale = scale + offset
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0)
+        if ARITH:
+            scale = scale * (4.0 / 3.0)
+        for t in tl.static_range(4):
+            for half in tl.static_range(2):  # high nibble: k = 8w + 2t, low: 8w + 2t + 1
+                if ARITH:
+                    v = _fp4_value_34(words, 8 * t + 4 - 4 * half)
+                else:
+                    v = tl.load(lut_ptr + ((words >> (8 * t + 4 - 4 * half)) & 0xF))
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + wcol * 8 + 2 * t + half)[None, :],
+                             mask=m_ok[:, None], other=0.0)  # [BM, NW]
+                acc += tl.dot(xj, tl.trans((v * scale).to(xj.dtype)))
+    _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(2))
+
+
+@triton.jit
+def _int4_dot_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_om,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                     SPLIT_K: tl.constexpr):
+    """2..64 rows on tensor cores, group-wise int4: nibble j of the packed rows (k = 8p + j) is dequantized
+    into its own [BLOCK_K/8, BLOCK_N] tile and multiplied with the matching columns of x (no reshapes)."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    NP: tl.constexpr = BLOCK_K // 8
+    KS: tl.constexpr = K // SPLIT_K
+    p = tl.arange(0, NP)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, KS, BLOCK_K):
+        k0 = tl.program_id(2) * KS + i
+        words = tl.load(qw_ptr + (k0 // 8 + p)[:, None].to(tl.int64) * N + offs_n[None, :], mask=n_ok[None, :],
+                        other=0)  # [NP, BN]
+        grp = ((k0 + p * 8) // GROUP)[:, None]
+        zp = tl.load(qz_ptr + grp * (N // 8) + offs_n[None, :] // 8, mask=n_ok[None, :], other=0)
+        z = ((zp >> ((offs_n[None, :] % 8) * 4).to(tl.int32)) & 0xF).to(tl.float32) + 8388608.0
+        s = tl.load(s_ptr + grp * N + offs_n[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + p * 8 + j)[None, :], mask=m_ok[:, None],
+                         other=0.0)  # [BM, NP]
+            w = (_u4_float((words >> (4 * j)) & 0xF) - z) * s  # (q - z) * s, exactly as the dequantizer
+            acc += tl.dot(xj, w.to(xj.dtype))
+    _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(2))
 
 
 @triton.jit
@@ -56,14 +256,16 @@ def _fp4_tile(w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, offs_n, n_
 
 
 @triton.jit
-def _fp4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K, stride_xm,
-                       stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr, NESTED: tl.constexpr):
+def _fp4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K: tl.constexpr,
+                       stride_xm, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr, NESTED: tl.constexpr, SPLIT_K: tl.constexpr):
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok, m_ok = offs_n < N, offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    KS: tl.constexpr = K // SPLIT_K  # this program's share of K (constexpr loop bounds: see _gemv_store)
+    for i in range(0, KS, BLOCK_K):
+        k0 = tl.program_id(2) * KS + i
         w = _fp4_tile(w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, offs_n, n_ok, k0, K, BLOCK_K,
                       BLOCKSIZE, ARITH, NESTED)  # [BN, BK]
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -72,8 +274,7 @@ def _fp4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, of
             acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(2))
 
 
 @triton.jit
@@ -101,18 +302,21 @@ def _int4_tile(qw_ptr, qz_ptr, s_ptr, offs_n, n_ok, k0, N, BLOCK_K: tl.constexpr
     zp = tl.load(qz_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=n_ok[None, :], other=0)
     z = (zp >> ((offs_n[None, :] % 8) * 4).to(tl.int32)) & 0xF  # [tile groups, BN]
     s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)
-    w = (q - z[:, None, :]).to(tl.float32) * s[:, None, :]
+    w = (_u4_float(q) - (z[:, None, :].to(tl.float32) + 8388608.0)) * s[:, None, :]  # (q - z) * s, exactly
     return tl.reshape(w, (BLOCK_K, w.shape[2]))
 
 
 @triton.jit
-def _int4_matmul_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+def _int4_matmul_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_om,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                        SPLIT_K: tl.constexpr):
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok, m_ok = offs_n < N, offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    KS: tl.constexpr = K // SPLIT_K
+    for i in range(0, KS, BLOCK_K):
+        k0 = tl.program_id(2) * KS + i
         w = _int4_tile(qw_ptr, qz_ptr, s_ptr, offs_n, n_ok, k0, N, BLOCK_K, GROUP)  # [BK, BN]
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
@@ -120,8 +324,7 @@ def _int4_matmul_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K, stride_x
             acc += tl.sum(tl.trans(x.to(tl.float32)) * w, axis=0)[None, :]
         else:
             acc += tl.dot(x, w.to(x.dtype))
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(2))
 
 
 @triton.jit
@@ -135,18 +338,34 @@ def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
     tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=n_ok[None, :])
 
 
-# Launch configs (BLOCK_N, BLOCK_K, num_warps, num_stages) by kernel and path; fixed, so nothing is tuned
-# at run time (CUDA-graph safe). benchmarks/quant_gpu.py sweeps alternatives on the real shapes.
+# Launch configs by kernel and path; fixed, so nothing is tuned at run time (CUDA-graph safe).
+# benchmarks/quant_gpu.py sweeps alternatives on the real shapes (inside CUDA graphs) and reports the best.
+# gemv / tile: (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K); dequant: (BLOCK_N, BLOCK_K, warps, stages).
+# SPLIT_K > 1 cuts K into that many slices run by separate programs (more loads in flight when N gives too
+# few programs); their float32 partials are added by a second small kernel in a fixed order.
 # FP4_ARITH[path]: decode fp4 codes arithmetically instead of with the 16-entry table (fp4 layers only).
 CONFIGS = {
-    ("fp4", "gemv"): (8, 512, 4, 3),  # one row: CUDA-core reduction, [N, K/2] bytes streamed row-wise
-    ("fp4", "tile"): (32, 128, 4, 3),  # 2..64 rows: tensor cores on the dequantized tile
+    # one row: 8 rows x 2048 codes (8 KB) a step in flight per program, ~4 programs per SM (~32 KB in flight)
+    ("fp4", "gemv"): (8, 2048, 8, 2, 1),
+    ("fp4", "tile"): (64, 128, 8, 3, 2),  # 2..64 rows: N wide enough that the warps split N (each code decoded once)
     ("fp4", "dequant"): (16, 256, 4, 1),
-    ("int4", "gemv"): (32, 256, 4, 3),
-    ("int4", "tile"): (64, 128, 4, 3),
+    ("int4", "gemv"): (16, 1024, 4, 2, 2),  # 8 KB a step; K in two slices: 512 programs for N = 4096
+    ("int4", "tile"): (64, 128, 8, 3, 2),
     ("int4", "dequant"): (64, 128, 4, 1),
 }
-FP4_ARITH = {"gemv": False, "tile": False}
+FP4_ARITH = {"gemv": True, "tile": True}
+# The alternatives benchmarks/quant_gpu.py times on the real shapes (the first of each is the default above);
+# test_quant_kernels runs every one of them on the GPU.
+CANDIDATES = {
+    ("fp4", "gemv"): [(8, 2048, 8, 2, 1), (4, 1024, 4, 2, 1), (4, 4096, 8, 2, 1), (4, 2048, 4, 2, 1),
+                      (8, 1024, 8, 2, 1), (2, 1024, 4, 2, 1), (4, 1024, 4, 2, 2)],
+    ("fp4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
+                      (128, 128, 8, 3, 2), (32, 128, 4, 3, 2)],
+    ("int4", "gemv"): [(16, 1024, 4, 2, 2), (32, 1024, 4, 2, 2), (32, 1024, 4, 2, 1), (32, 256, 4, 3, 2),
+                       (64, 512, 8, 2, 2), (32, 512, 4, 2, 4), (16, 128, 2, 3, 1)],
+    ("int4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
+                       (128, 128, 8, 3, 2), (32, 128, 4, 4, 2)],
+}
 
 
 def _rows(m: int) -> int:
@@ -160,6 +379,27 @@ def _block_k(want: int, k: int, unit: int) -> int:
     while b > unit and k % b:
         b //= 2
     return b
+
+
+def _split(k: int, split: int, want: int, unit: int) -> tuple[int, int]:
+    """(SPLIT_K, BLOCK_K): at most `split` slices of k, each a multiple of `unit`, and the largest power-of-two
+    multiple of `unit` up to `want` that divides a slice (k % unit == 0)."""
+    while split > 1 and k % (split * unit):
+        split //= 2
+    return split, _block_k(want, k // split, unit)
+
+
+def _outputs(m: int, n: int, split: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [m, n] in x's dtype, what the matmul kernel writes: out itself, or float32 partials per slice)."""
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    return out, out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+
+
+def _finish(part: torch.Tensor, out: torch.Tensor, split: int) -> None:
+    if split > 1:
+        block = 1024
+        _splitk_sum_kernel[(triton.cdiv(out.numel(), block),)](part, out, out.numel(), SPLIT_K=split, BLOCK=block,
+                                                               num_warps=4)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -197,17 +437,33 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
     m = x2.shape[0]
     if m > FUSED_MAX_ROWS:
         return torch.nn.functional.linear(x, fp4_dequantize(packed, absmax, lut, n, k, x.dtype, blocksize, nested))
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m:
-        block_m = _rows(m)
-        path = "gemv" if block_m == 1 else "tile"
-        block_n, block_k, warps, stages = CONFIGS[("fp4", path)]
-        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-        a, nabs, nmap, offset, is_nested = _stats(absmax, nested)
-        _fp4_matmul_kernel[grid](x2, packed, a, lut, nabs, nmap, offset, out, m, n, k, x2.stride(0), out.stride(0),
-                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(block_k, k, blocksize),
-                                 BLOCKSIZE=blocksize, ARITH=is_fp4 and FP4_ARITH[path], NESTED=is_nested,
-                                 num_warps=warps, num_stages=stages)
+    if not m:
+        return x.new_empty(*x.shape[:-1], n)
+    block_m = _rows(m)
+    path = "gemv" if block_m == 1 else "tile"
+    block_n, block_k, warps, stages, split = CONFIGS[("fp4", path)]
+    split, block_k = _split(k, split, block_k, blocksize)
+    out, part = _outputs(m, n, split, x)
+    a, nabs, nmap, offset, is_nested = _stats(absmax, nested)
+    arith = is_fp4 and FP4_ARITH[path]
+    words = packed.data_ptr() % 16 == 0  # the codes can be read as int32 words (else byte-wise)
+    if path == "gemv" and words:
+        _fp4_gemv_kernel[(triton.cdiv(n, block_n), split)](
+            x2, packed.view(-1).view(torch.int32), a, lut, nabs, nmap, offset, part, n, k, BLOCK_N=block_n,
+            BLOCK_K=block_k, BLOCKSIZE=blocksize, ARITH=arith, NESTED=is_nested, SPLIT_K=split, num_warps=warps,
+            num_stages=stages)
+    elif words and block_k >= 128:  # tensor cores want >= 16 words of K per slot
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+        _fp4_dot_kernel[grid](x2, packed.view(-1).view(torch.int32), a, lut, nabs, nmap, offset, part, m, n, k,
+                              x2.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                              BLOCKSIZE=blocksize, ARITH=arith, NESTED=is_nested, SPLIT_K=split, num_warps=warps,
+                              num_stages=stages)
+    else:
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+        _fp4_matmul_kernel[grid](x2, packed, a, lut, nabs, nmap, offset, part, m, n, k, x2.stride(0), out.stride(0),
+                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize, ARITH=arith,
+                                 NESTED=is_nested, SPLIT_K=split, num_warps=warps, num_stages=stages)
+    _finish(part, out, split)
     return out.view(*x.shape[:-1], n)
 
 
@@ -239,14 +495,27 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     m, k, n = x2.shape[0], x.shape[-1], qweight.shape[1]
     if m > FUSED_MAX_ROWS:
         return torch.nn.functional.linear(x, int4_dequantize(qweight, qzeros, scales, x.dtype, group))
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m:
-        block_m = _rows(m)
-        block_n, block_k, warps, stages = CONFIGS[("int4", "gemv" if block_m == 1 else "tile")]
-        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-        _int4_matmul_kernel[grid](x2, qweight, qzeros, scales, out, m, n, k, x2.stride(0), out.stride(0),
-                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_int4_block_k(block_k, k, group),
-                                  GROUP=group, num_warps=warps, num_stages=stages)
+    if not m:
+        return x.new_empty(*x.shape[:-1], n)
+    block_m = _rows(m)
+    path = "gemv" if block_m == 1 else "tile"
+    block_n, block_k, warps, stages, split = CONFIGS[("int4", path)]
+    if path == "gemv":  # whole groups per step (the scale is applied once per group)
+        split, block_k = _split(k, split, block_k, group)
+        out, part = _outputs(m, n, split, x)
+        _int4_gemv_kernel[(triton.cdiv(n, block_n), split)](
+            x2, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
+            num_warps=warps, num_stages=stages)
+    else:
+        split, _ = _split(k, split, group, group)  # slices of whole groups; the tile then divides the slice
+        block_k = _int4_block_k(block_k, k // split, group)
+        out, part = _outputs(m, n, split, x)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+        kernel = _int4_dot_kernel if block_k >= 128 else _int4_matmul_kernel  # tensor cores: >= 16 rows a slot
+        kernel[grid](x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), out.stride(0),
+                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
+                                  num_warps=warps, num_stages=stages)
+    _finish(part, out, split)
     return out.view(*x.shape[:-1], n)
 
 

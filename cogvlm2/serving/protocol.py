@@ -21,7 +21,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_unicode(text: str) -> str:
-    """JSON's \\uXXXX escapes can spell lone UTF-16 surrogates, which are no text: refuse them (400)."""
+    """JSON's \\u escapes (\\ud800 ...) can spell lone UTF-16 surrogates, which are no text: refuse them (400)."""
     if (m := _SURROGATE.search(text)) is not None:
         raise ValueError(f"invalid Unicode: lone surrogate U+{ord(m.group()):04X} at character {m.start()}")
     return text
