@@ -10,7 +10,7 @@ import torch
 
 from cogvlm2.config import ModelConfig
 from cogvlm2.processing.tokenizer import bundled_tokenizer_path
-from cogvlm2.tiny import random_state_dict, tiny_config
+from cogvlm2.tiny import random_config, random_state_dict
 
 # config.json's quantization_config of THUDM/cogvlm2-llama3-chat-19B-int4
 QUANTIZATION_CONFIG = {
@@ -22,8 +22,8 @@ QUANTIZATION_CONFIG = {
 
 
 def int4_tiny_config() -> ModelConfig:
-    """The tiny image model with a vision tower whose widths are multiples of 64 (bitsandbytes' block)."""
-    d = tiny_config("tiny").to_dict()
+    """The tiny-random image model with a vision tower whose widths are multiples of 64 (bitsandbytes' block)."""
+    d = random_config().to_dict()
     d["vision_config"] = {**d["vision_config"], "hidden_size": 64, "intermediate_size": 128}
     return ModelConfig.from_dict(d)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from cogvlm2.cli import main
+from cogvlm2.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--max-new-tokens", "5", "--temperature", "0", "--no-progress"]
@@ -42,7 +43,7 @@ def test_generate_rows_errors_and_resume(tmp_path, capsys):
         assert rows[ok]["error"] is None and 1 <= len(rows[ok]["token_ids"]) <= 5
         assert rows[ok]["finish_reason"] in ("stop", "length")
     assert rows["café-1"]["image"] == "green.png" and rows["café-1"]["line"] == 2
-    assert rows["café-1"]["prompt_tokens"] > 66  # the image's vision tokens
+    assert rows["café-1"]["prompt_tokens"] > tiny_config("tiny").vision.tokens_per_image  # the image's vision tokens
     assert "invalid JSON" in rows[4]["error"] and rows[4]["line"] == 4
     assert "unknown key 'qurey'" in rows[5]["error"] and "allowed: id, query" in rows[5]["error"]
     assert "missing.png" in rows[6]["error"] and rows[6]["image"] == "missing.png" and rows[6]["text"] is None

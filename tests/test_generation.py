@@ -20,6 +20,13 @@ def tiny():
     return m, Processor.from_pretrained(m.checkpoint_path, m.config)
 
 
+@pytest.fixture(scope="module")
+def tiny_random():
+    """Random weights: long greedy outputs without EOS, for stop mechanics (the trained tiny says a few words)."""
+    m = load_model("tiny-random", progress=False)
+    return m, Processor.from_pretrained(m.checkpoint_path, m.config)
+
+
 def _run(model, inputs, **kw):
     return [t[0] for t in generate_ids(model, [inputs], SamplingParams(**kw))]
 
@@ -74,8 +81,8 @@ def test_penalties():
     assert out.tolist() == [2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5 - 0.5 - 0.25]
 
 
-def test_stops(tiny):
-    model, proc = tiny
+def test_stops(tiny_random):
+    model, proc = tiny_random
     x = proc("Hi")
     free = _run(model, x, max_new_tokens=10, temperature=0, ignore_eos=True)
     stopped = _run(model, x, max_new_tokens=10, temperature=0, stop_token_ids=[free[3]])

@@ -86,7 +86,8 @@ def _count_moves(monkeypatch) -> list[torch.device]:
 def test_pp2_equals_pp1(reference, monkeypatch):
     models = {name: load_model(name, progress=False, pipeline_devices=["cpu", "cpu"])
               for name in ("tiny", "tiny-video")}
-    assert models["tiny"].stages.boundaries == {0: torch.device("cpu")}  # vision + embed | layers + head
+    # vision + embed + layer 0 | layers 1-2 + head (the 128k-row embedding and head weigh the most)
+    assert models["tiny"].stages.boundaries == {1: torch.device("cpu")}
     moves = _count_moves(monkeypatch)
     got = run_cases(models)
     assert moves

@@ -1,6 +1,6 @@
 """Quantization on the CPU: the official int4 (bitsandbytes fp4) checkpoint format against bitsandbytes
-itself, the strict loader on its four keys per linear, and every `--quant` mode end to end on tiny models
-(library, engine and CLI). The Triton kernels are tested in test_quant_kernels.py.
+itself, the strict loader on its four keys per linear, and every `--quant` mode end to end on the tiny-random
+model, whose widths are multiples of the block sizes (library, engine and CLI). The Triton kernels are tested in test_quant_kernels.py.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def test_normalize_quant():
 
 @pytest.fixture(scope="module")
 def tiny_float():
-    return load_model("tiny", dtype="float32")
+    return load_model("tiny-random", dtype="float32")
 
 
 def _first_logits(model, processor, x) -> torch.Tensor:
@@ -263,7 +263,7 @@ def test_quant_modes_on_tiny(tiny_float, mode, cls, max_err):
     from PIL import Image
 
     x = processor("what is this?", image=Image.new("RGB", (50, 40), (10, 120, 30)))
-    model = load_model("tiny", dtype="float32", quant=mode)
+    model = load_model("tiny-random", dtype="float32", quant=mode)
     quantized = [n for n, m in model.named_modules() if type(m) is not torch.nn.Linear and hasattr(m, "in_features")]
     assert len(quantized) >= 10 and "lm_head" not in quantized
     if cls is not None:
@@ -285,7 +285,7 @@ def test_quantize_model_in_place_frees_the_float_weights():
 
 
 def test_engine_with_quant_matches_reference_loop(tiny_float):
-    llm = LLM("tiny", dtype="float32", device="cpu", quant="int4", num_kv_blocks=64, max_model_len=512)
+    llm = LLM("tiny-random", dtype="float32", device="cpu", quant="int4", num_kv_blocks=64, max_model_len=512)
     model = llm.engine.model
     assert isinstance(model.model.layers[0].mlp.language_mlp.gate_proj, Int4Linear)
     x = llm.processor("hello there")
@@ -303,7 +303,7 @@ def test_engine_loads_official_int4(official):
 def test_cli_chat_with_quant(official):
     from cogvlm2.cli import build_parser, run_chat
 
-    for argv in (["--model", "tiny", "--quant", "int4"], ["--model", str(official["bin"][0])]):
+    for argv in (["--model", "tiny-random", "--quant", "int4"], ["--model", str(official["bin"][0])]):
         args = build_parser().parse_args(["chat", *argv, "--device", "cpu", "--query", "hi", "--max-new-tokens", "3",
                                           "--temperature", "0"])
         out = io.StringIO()

@@ -1,4 +1,5 @@
-"""Server hardening (issue 9): one regression test per defect, live on 127.0.0.1 with the tiny model.
+"""Server hardening (issue 9): one regression test per defect, live on 127.0.0.1 with the tiny-random model
+(random weights: long answers that rarely end in EOS, so requests last as long as asked).
 
 One bad request never hurts another; every input has bounded memory and time; every refusal is an
 OpenAI-format 4xx / 503, never a 500 or a traceback.
@@ -34,7 +35,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def server():
-    argv = ["serve", "--model", "tiny", "--api-key", KEY, "--max-model-len", str(MAX_LEN), "--max-connections", "24",
+    argv = ["serve", "--model", "tiny-random", "--api-key", KEY, "--max-model-len", str(MAX_LEN), "--max-connections", "24",
             "--allowed-origins", "http://app.example", "--log-level", "warning"]
     with BackgroundServer(argv) as s:
         yield s
@@ -380,7 +381,7 @@ def test_12_405_has_allow_header(server):
 
 def test_12_models_do_not_expose_local_paths(server):
     cards = httpx.get(f"{server.url}/v1/models", headers=AUTH, timeout=10).json()["data"]
-    assert cards[0]["root"] == "tiny" and not any("/" in (c["root"] or "") for c in cards)
+    assert cards[0]["root"] == "tiny-random" and not any("/" in (c["root"] or "") for c in cards)
 
 
 def test_12_openapi_is_served_behind_the_key(server):
@@ -419,7 +420,7 @@ def test_cors_only_for_allowed_origins(server):
 
 @pytest.fixture(scope="module")
 def busy_server():
-    argv = ["serve", "--model", "tiny", "--max-model-len", "1024", "--max-num-seqs", "1", "--max-waiting", "2",
+    argv = ["serve", "--model", "tiny-random", "--max-model-len", "1024", "--max-num-seqs", "1", "--max-waiting", "2",
             "--log-level", "warning"]
     with BackgroundServer(argv) as s:
         yield s

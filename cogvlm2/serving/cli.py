@@ -20,17 +20,6 @@ def _require(extra: str, *modules: str) -> None:
         raise SystemExit(f"cogvlm2: error: `cogvlm2 {extra}` needs {', '.join(missing)}: {install_hint(extra)}")
 
 
-def _check_port(host: str, port: int) -> None:
-    """Fail before the model loads when the port is taken (uvicorn would say so only after it)."""
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): pass another --port") from None
-
-
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import add_model_arguments
 
@@ -88,8 +77,6 @@ def run_serve(args) -> int:
     import asyncio
 
     from .api_server import run_server
-
-    _check_port(args.host, args.port)
 
     asyncio.run(run_server(args))
     return 0

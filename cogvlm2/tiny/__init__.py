@@ -8,6 +8,11 @@ lzma-compressed float16 safetensors holding only the embedding / lm_head rows of
 data uses (`weights/*.safetensors.xz`); on first use they are unpacked into a cache folder in the
 official checkpoint layout (config.json, model.safetensors, tokenizer.json) with zero rows for every
 other token.
+
+`tiny-random` is a test / development model, not a default: the older, smaller tiny geometry (hidden 64,
+2 layers, 224-pixel images in 256 patches) with deterministic random weights over the whole vocabulary,
+built on first use. It answers noise, at length and rarely with EOS — what tests of the engine, streaming,
+stops and quantization need (its widths are multiples of the quantization block sizes).
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from ..model.random_init import init_random_
 from ..processing.tokenizer import bundled_tokenizer_path
 
 NAMES = ("tiny", "tiny-video")
+RANDOM_NAME = "tiny-random"
+RANDOM_VERSION = 1  # bump when random_config or the random initialisation changes
 TINY_NOTE = "embedded tiny model, trained only on synthetic pictures of coloured shapes: it knows nothing else"
+RANDOM_NOTE = "embedded test model with random weights: its answers are noise"
 TINY_VIDEO_NOTE = "embedded tiny video model, trained only on synthetic clips of moving shapes: it knows nothing else"
 WEIGHTS = Path(__file__).with_name("weights")
 ROW_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -37,7 +45,7 @@ ROW_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
 
 def note(name: str) -> str:
     """What the UI / CLI says about an embedded model."""
-    return TINY_VIDEO_NOTE if name == "tiny-video" else TINY_NOTE
+    return {"tiny-video": TINY_VIDEO_NOTE, RANDOM_NAME: RANDOM_NOTE}.get(name, TINY_NOTE)
 
 
 def tiny_config(name: str = "tiny") -> ModelConfig:
@@ -51,6 +59,21 @@ def tiny_config(name: str = "tiny") -> ModelConfig:
         "eos_token_id": 128001 if video else [128001, 128009], "pad_token_id": 128002,
         "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_heads": 4,
                           "image_size": 112, "patch_size": 14, "num_positions": 65, "layer_norm_eps": 1e-6},
+    })
+
+
+def random_config() -> ModelConfig:
+    """`tiny-random`'s geometry: image chat with the visual expert; hidden 64 / intermediate 128 (multiples of
+    the quantization block sizes), 2 layers, 4 heads over 2 KV heads; vision 224 px in 14 px patches, hidden 32."""
+    return ModelConfig.from_dict({
+        "architectures": [IMAGE_ARCH],
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_multi_query_heads": 2, "vocab_size": 128256,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "template_version": "chat", "bos_token_id": 128000,
+        "eos_token_id": [128001, 128009], "pad_token_id": 128002,
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_heads": 2,
+                          "image_size": 224, "patch_size": 14, "num_positions": 257, "layer_norm_eps": 1e-6},
     })
 
 
@@ -116,9 +139,33 @@ def build_tiny(name: str, folder: Path, data: bytes | None = None) -> Path:
     return folder
 
 
+def build_random(folder: Path) -> Path:
+    """Write `tiny-random` (random_config, seed-0 random weights) into `folder`, atomically like build_tiny."""
+    config = random_config()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        save_weights(random_state_dict(config, seed=0), tmp, metadata={"note": RANDOM_NOTE})
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        shutil.copyfile(bundled_tokenizer_path(), tmp / "tokenizer.json")
+        (tmp / "README.md").write_text(f"# cogvlm2 {RANDOM_NAME}\n\n{RANDOM_NOTE}.\n")
+        try:
+            tmp.rename(folder)
+        except OSError:  # built concurrently by another process: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 def resolve_tiny(name: str) -> Path | None:
-    """The folder of an embedded tiny model ("tiny" = image chat, "tiny-video"), unpacked if needed; else None.
-    The folder name carries a digest of the shipped file, so a retrained checkpoint is unpacked anew."""
+    """The folder of an embedded tiny model ("tiny" = image chat, "tiny-video", "tiny-random" = the random test
+    model), unpacked or built if needed; else None. The folder name of a trained one carries a digest of the
+    shipped file, so a retrained checkpoint is unpacked anew."""
+    if str(name) == RANDOM_NAME:
+        folder = cache_dir() / f"{RANDOM_NAME}-v{RANDOM_VERSION}"
+        return folder if (folder / "config.json").is_file() else build_random(folder)
     if str(name) not in NAMES:
         return None
     data = weights_file(str(name)).read_bytes()
@@ -131,7 +178,9 @@ def is_tiny(path: str | Path) -> bool:
 
 
 def tiny_name(path: str | Path) -> str | None:
-    """"tiny" / "tiny-video" for an unpacked embedded model's folder, else None."""
+    """"tiny" / "tiny-video" / "tiny-random" for an embedded model's folder, else None."""
     if not is_tiny(path):
         return None
+    if Path(path).name.startswith(RANDOM_NAME):
+        return RANDOM_NAME
     return "tiny-video" if Path(path).name.startswith("tiny-video") else "tiny"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from ..sampling_params import SamplingParams
-from ..tiny import is_tiny
+from ..tiny import NAMES, RANDOM_NAME, is_tiny, resolve_tiny
 
 
 class BackendError(Exception):
@@ -111,7 +111,7 @@ class RemoteBackend:
             raise ConnectionError(f"{url} did not answer as an OpenAI-compatible server (HTTP {r.status_code})") from None
         self.model_name = self.model_name or card["id"]
         root = card.get("root") or ""  # the server's --model value (a local folder: its name only)
-        self.tiny = root in ("tiny", "tiny-video") or (bool(root) and is_tiny(root))
+        self.tiny = root in (*NAMES, RANDOM_NAME) or (bool(root) and is_tiny(root))
         self.media_kinds = remote_media_kinds(card)
 
     def check_media(self, kind: str, path: str) -> str | None:
@@ -156,11 +156,14 @@ class RemoteBackend:
 
 def remote_media_kinds(card: dict) -> tuple[str, ...]:
     """What a served model takes: the card's "modalities" when the server reports them, else the
-    checkpoint's config.json when its folder ("root") is readable here, else both."""
+    checkpoint's config.json when its folder ("root", or an embedded tiny model's name) is readable here,
+    else both."""
     kinds = card.get("modalities")
     if isinstance(kinds, list) and kinds:
         return tuple(k for k in ("image", "video") if k in kinds) or ("image", "video")
     root = card.get("root")
+    if root in (*NAMES, RANDOM_NAME):  # the server names an embedded model, not its folder
+        root = str(resolve_tiny(root))
     if root and (Path(root) / "config.json").is_file():
         from ..config import ModelConfig
 
