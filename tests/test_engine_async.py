@@ -81,6 +81,7 @@ def test_async_streams(tiny):
                 abort_soon())
             assert outs[-1].finish_reason == "abort"
             await wait_idle(llm)
-            assert llm.max_model_len == 8192 + 63  # positions + the tiny image's 66 tokens sharing 3 of them
+            cfg = model.config  # positions + the image's vision tokens, 3 of which take their own position
+            assert llm.max_model_len == cfg.max_position_embeddings + cfg.vision.tokens_per_image - 3
 
     asyncio.run(main())
