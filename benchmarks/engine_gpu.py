@@ -53,6 +53,21 @@ def first_token_time(engine: LLMEngine, rid: str, inputs, max_new_tokens: int = 
     return first
 
 
+def steady_step_time(engine: LLMEngine, prompts, new_tokens: int) -> float:
+    """Median wall time between consecutive step() returns that carry one decode token for
+    every request (no device syncs: with async scheduling, host work overlaps the GPU)."""
+    ids = [f"dec{len(prompts)}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
+    stamps, remaining = [], set(ids)
+    while remaining:
+        outs = engine.step()
+        if len(outs) == len(ids) and all(len(o.token_ids) > 1 for o in outs):
+            stamps.append(time.perf_counter())
+        remaining -= {o.request_id for o in outs if o.finished}
+    return float(np.median(np.diff(stamps)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -95,31 +110,17 @@ def main() -> None:
                          value=float(np.median(t2)) * 1e3, unit="ms", lower_is_better=True,
                          floor=lang_bytes / copy_bandwidth() * 1e3, floor_how="one pass over the language weights"))
 
-    def steady_step_time(prompts, new_tokens: int) -> float:
-        """Median wall time between consecutive step() returns that carry one decode token for
-        every request (no device syncs: with async scheduling, host work overlaps the GPU)."""
-        ids = [f"dec{len(prompts)}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
-        for rid, p in zip(ids, prompts):
-            engine.add_request(rid, p, SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
-        stamps, remaining = [], set(ids)
-        while remaining:
-            outs = engine.step()
-            if len(outs) == len(ids) and all(len(o.token_ids) > 1 for o in outs):
-                stamps.append(time.perf_counter())
-            remaining -= {o.request_id for o in outs if o.finished}
-        return float(np.median(np.diff(stamps)))
-
     decode_prompts = {1: [x], 32: [proc(QUESTION, image=image(200 + i)) for i in range(32)]}
     for mode in (False, True):
         engine.config.async_scheduling = mode
         tag = "async scheduling" if mode else "synchronous"
         if "decode1" in only:
-            t = steady_step_time(decode_prompts[1], 129)
+            t = steady_step_time(engine, decode_prompts[1], 129)
             rows.append(dict(name=f"decode tokens/s, batch 1, 2.3K context ({tag})", value=1.0 / t, unit="tok/s",
                              floor=copy_bandwidth() / lang_bytes,
                              floor_how=f"{lang_bytes / 1e9:.1f} GB of language weights per token at {copy_bandwidth() / 1e9:,.0f} GB/s"))
         if "decode32" in only:
-            t = steady_step_time(decode_prompts[32], 65)
+            t = steady_step_time(engine, decode_prompts[32], 65)
             ctx = len(x) + 32
             kv_bytes = 32 * ctx * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
             rows.append(dict(name=f"decode step, batch 32, 2.3K context each ({tag})", value=t * 1e3, unit="ms",

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import ceilings, cuda_time, full_size_config, provenance, random_model
-from benchmarks.engine_gpu import QUESTION, first_token_time, image, run_until_done
+from benchmarks.engine_gpu import QUESTION, first_token_time, image, run_until_done, steady_step_time
 from cogvlm2.engine.config import EngineConfig
 from cogvlm2.engine.llm_engine import LLMEngine
 from cogvlm2.model.attention import PaddedKVCache
@@ -222,19 +222,6 @@ def peak_chat(run: Run, mode: str, model, proc, x) -> None:
     run.put(mode, "peak_chat_GiB", (torch.cuda.max_memory_allocated() - run.base_bytes) / 2**30)
     del engine
     free()
-
-
-def steady_step_time(engine: LLMEngine, prompts, new_tokens: int) -> float:
-    ids = [f"dec{len(prompts)}-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
-    stamps, remaining = [], set(ids)
-    while remaining:
-        outs = engine.step()
-        if len(outs) == len(ids) and all(len(o.token_ids) > 1 for o in outs):
-            stamps.append(time.perf_counter())
-        remaining -= {o.request_id for o in outs if o.finished}
-    return float(np.median(np.diff(stamps)))
 
 
 def engine_figures(run: Run, mode: str, model, proc, x, want: set[str]) -> None:

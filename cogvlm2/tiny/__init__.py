@@ -122,33 +122,28 @@ def weights_file(name: str) -> Path:
 def build_tiny(name: str, folder: Path, data: bytes | None = None) -> Path:
     """Unpack the shipped checkpoint `name` into `folder` (atomically: a half-written folder never shows)."""
     config, state, text = unpack(data if data is not None else weights_file(name).read_bytes())
+    readme = f"# cogvlm2 {name}\n\n{note(name)}.\n\nRecipe: `python -m cogvlm2.tiny train`.\n"
+    return _write_checkpoint(folder, config, state, text, readme)
+
+
+def build_random(folder: Path) -> Path:
+    """Write `tiny-random` (random_config, seed-0 random weights) into `folder`, atomically like build_tiny."""
+    config = random_config()
+    return _write_checkpoint(folder, config, random_state_dict(config, seed=0), RANDOM_NOTE,
+                             f"# cogvlm2 {RANDOM_NAME}\n\n{RANDOM_NOTE}.\n")
+
+
+def _write_checkpoint(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], text: str,
+                      readme: str) -> Path:
+    """An official-layout checkpoint folder written under a temporary name and renamed into place; a
+    folder built concurrently by another process wins."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
         save_weights(state, tmp, metadata={"note": text})
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         shutil.copyfile(bundled_tokenizer_path(), tmp / "tokenizer.json")
-        (tmp / "README.md").write_text(f"# cogvlm2 {name}\n\n{note(name)}.\n\nRecipe: `python -m cogvlm2.tiny train`.\n")
-        try:
-            tmp.rename(folder)
-        except OSError:  # built concurrently by another process: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-def build_random(folder: Path) -> Path:
-    """Write `tiny-random` (random_config, seed-0 random weights) into `folder`, atomically like build_tiny."""
-    config = random_config()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        save_weights(random_state_dict(config, seed=0), tmp, metadata={"note": RANDOM_NOTE})
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        shutil.copyfile(bundled_tokenizer_path(), tmp / "tokenizer.json")
-        (tmp / "README.md").write_text(f"# cogvlm2 {RANDOM_NAME}\n\n{RANDOM_NOTE}.\n")
+        (tmp / "README.md").write_text(readme)
         try:
             tmp.rename(folder)
         except OSError:  # built concurrently by another process: keep theirs
