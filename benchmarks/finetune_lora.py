@@ -31,6 +31,7 @@ for entry in reversed([e for e in os.environ.get("COGVLM2_EXTRA_PATH", "").split
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.common import ceilings  # noqa: E402
 from cogvlm2.config import ModelConfig  # noqa: E402
 from cogvlm2.finetune.objective import CausalLMLoss  # noqa: E402
 from cogvlm2.finetune.packing import pack  # noqa: E402
@@ -39,7 +40,6 @@ from cogvlm2.model.random_init import scale_random_  # noqa: E402
 from cogvlm2.processing.prompt import LANGUAGE, VISION, ModelInputs, position_ids  # noqa: E402
 from cogvlm2.tiny import tiny_config  # noqa: E402
 
-MATMUL_CEILING = 790e12  # bf16 dense matmul the lent H100 sustains (benchmarks/common.py, BENCHMARKS.md)
 
 # The official THUDM/cogvlm2-llama3-chat-19B config.json (architecture fields only).
 CONFIG_19B = {
@@ -184,10 +184,10 @@ def run(variant: str, args) -> dict | None:
     flops = step_flops(cfg, batch.num_tokens, batch.num_targets)
     row = {"variant": variant, "lora": how, "tokens": batch.num_tokens, "labelled": batch.num_targets,
            "step_s": t, "tokens_per_s": batch.num_tokens / t, "tflops": flops / t / 1e12,
-           "mfu": flops / t / MATMUL_CEILING, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+           "mfu": flops / t / args.matmul_ceiling, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
            "resident_gib": resident / 2**30, "loss": float(loss), "gradient_checkpointing": model.gradient_checkpointing}
     print(f"{variant}: step {t * 1e3:.0f} ms (median of {args.steps}), {row['tokens_per_s']:.0f} tokens/s, "
-          f"~{row['tflops']:.0f} TFLOP/s = {row['mfu']:.0%} of {MATMUL_CEILING / 1e12:.0f} (model FLOPs "
+          f"~{row['tflops']:.0f} TFLOP/s = {row['mfu']:.0%} of {args.matmul_ceiling / 1e12:.0f} TFLOP/s measured (model FLOPs "
           f"{flops / 1e12:.0f} TFLOP/step), peak {row['peak_gib']:.1f} GiB, loss {row['loss']:.3f}"
           + ("" if math.isfinite(row["loss"]) else "  <-- NOT FINITE"))
     del model, optimizer, loss_fn, params
@@ -214,10 +214,12 @@ def main() -> None:
     size = (tiny_config() if args.tiny else ModelConfig.from_dict(CONFIG_19B)).vision.image_size
     print(f"{card} | torch {torch.__version__} | one {size}² image + {args.text_tokens} "
           f"text tokens ({args.answer_tokens} labelled) | LoRA r={args.lora_r} on vision + language expert QKV")
+    # the card's own bf16 matmul rate, measured in this run (an H100's and an H200's differ)
+    args.matmul_ceiling = ceilings()[1] if args.device.startswith("cuda") else float("nan")
     rows = [r for v in args.variants.split(",") if (r := run(v.strip(), args)) is not None]
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"card": card, "torch": torch.__version__, "rows": rows}, f, indent=2)
+            json.dump({"card": card, "torch": torch.__version__, "matmul_ceiling": args.matmul_ceiling, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
