@@ -38,8 +38,10 @@ def _random_paged(batch: int, lens: list[int], q_lens: list[int], hq=8, hkv=2, d
 def check_decode_kernel(device: str) -> None:
     from cogvlm2.engine.kernels.decode_attention import paged_decode_attention
 
-    for hq, hkv, lens in [(8, 2, [1, 17, 300, 517]), (4, 4, [5, 256, 257]), (12, 4, [1000])]:
-        q, k, v, meta = _random_paged(len(lens), lens, [1] * len(lens), hq=hq, hkv=hkv, device=device)
+    # d=24: the tiny model's head dim, no power of 2 (the kernel pads it)
+    for hq, hkv, lens, d in [(8, 2, [1, 17, 300, 517], 64), (4, 4, [5, 256, 257], 64), (12, 4, [1000], 64),
+                             (4, 2, [1, 40, 130], 24)]:
+        q, k, v, meta = _random_paged(len(lens), lens, [1] * len(lens), hq=hq, hkv=hkv, d=d, device=device)
         ref = attend_reference(q, k, v, meta)
         out = paged_decode_attention(q, k, v, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5, 1024)
         err = (out - ref).abs().max().item()

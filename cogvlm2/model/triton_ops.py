@@ -52,21 +52,23 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, stride_x, stride_c, HALF: tl.constexpr):
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, stride_x, stride_c, HALF: tl.constexpr, BLOCK: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    j = tl.arange(0, HALF)
+    j = tl.arange(0, BLOCK)  # BLOCK: HALF rounded up to a power of 2 (tl.arange's rule), the rest masked
+    ok = j < HALF
     base = x_ptr + tok * stride_x + head * 2 * HALF
-    x1 = tl.load(base + j).to(tl.float32)
-    x2 = tl.load(base + HALF + j).to(tl.float32)
-    c = tl.load(cos_ptr + tok * stride_c + j)
-    s = tl.load(sin_ptr + tok * stride_c + j)
-    tl.store(base + j, (x1 * c - x2 * s).to(x_ptr.dtype.element_ty))
-    tl.store(base + HALF + j, (x1 * s + x2 * c).to(x_ptr.dtype.element_ty))
+    x1 = tl.load(base + j, mask=ok).to(tl.float32)
+    x2 = tl.load(base + HALF + j, mask=ok).to(tl.float32)
+    c = tl.load(cos_ptr + tok * stride_c + j, mask=ok)
+    s = tl.load(sin_ptr + tok * stride_c + j, mask=ok)
+    tl.store(base + j, (x1 * c - x2 * s).to(x_ptr.dtype.element_ty), mask=ok)
+    tl.store(base + HALF + j, (x1 * s + x2 * c).to(x_ptr.dtype.element_ty), mask=ok)
 
 
 def rotary_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_rotated_heads: int, head_dim: int) -> None:
     """Rotate the first `num_rotated_heads` heads (q then k) of each row of qkv [N, W] in place."""
     if qkv.shape[0]:
         _rotary_kernel[(qkv.shape[0], num_rotated_heads)](qkv, cos.contiguous(), sin.contiguous(), qkv.stride(0),
-                                                         head_dim // 2, HALF=head_dim // 2)
+                                                         head_dim // 2, HALF=head_dim // 2,
+                                                         BLOCK=triton.next_power_of_2(head_dim // 2))

@@ -25,8 +25,8 @@ NUM_STAGES = 3
 @triton.jit
 def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
             sq_b, sq_h, sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, sbt_b, so_b, so_h, so_s, sl_b, sl_h,
-            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-            BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr):
+            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -35,11 +35,13 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
     rows = tl.arange(0, GROUP_PAD)
     heads = kvh * GROUP + rows
     row_ok = rows < GROUP
-    d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    d = tl.arange(0, HEAD_PAD)  # a head dim that is no power of 2 is padded with zeros (exact in both dots)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
     end = tl.minimum(start + SPLIT_TOKENS, ctx)
     if start < ctx:
         for i in range(0, SPLIT_TOKENS, BLOCK_N):  # constant trip count; tokens past `end` are masked
@@ -48,36 +50,38 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
             blk = tl.load(bt_ptr + b * sbt_b + tok // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
             slot = tok % BLOCK_SIZE
             k = tl.load(k_ptr + blk[:, None] * sk_blk + slot[:, None] * sk_tok + kvh * sk_h + d[None, :],
-                        mask=ok[:, None], other=0.0)
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N]
             qk = tl.where(ok[None, :], qk, float("-inf"))
             m_new = tl.maximum(m, tl.max(qk, axis=1))
             p = tl.exp(qk - m_new[:, None])
             alpha = tl.exp(m - m_new)
             v = tl.load(v_ptr + blk[:, None] * sv_blk + slot[:, None] * sv_tok + kvh * sv_h + d[None, :],
-                        mask=ok[:, None], other=0.0)
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
     # A chunk past the context runs no iteration: l = 0 gives lse = -inf, which stage 2 weighs 0.
     out = acc / tl.maximum(l, 1e-30)[:, None]
-    tl.store(out_ptr + b * so_b + heads[:, None] * so_h + s * so_s + d[None, :], out, mask=row_ok[:, None])
+    tl.store(out_ptr + b * so_b + heads[:, None] * so_h + s * so_s + d[None, :], out,
+             mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + b * sl_b + heads * sl_h + s, m + tl.log(l), mask=row_ok)
 
 
 @triton.jit
 def _stage2(part_ptr, lse_ptr, out_ptr, so_b, so_h, so_s, sl_b, sl_h, sout_b, sout_h,
-            NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+            NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)
+    d_ok = d < HEAD_DIM
     lse = tl.load(lse_ptr + b * sl_b + h * sl_h + s, mask=s < NUM_SPLITS, other=float("-inf"))
     w = tl.exp(lse - tl.max(lse, axis=0))  # empty chunks have lse -inf -> weight 0
     part = tl.load(part_ptr + b * so_b + h * so_h + s[:, None] * so_s + d[None, :],
-                   mask=(lse > float("-inf"))[:, None], other=0.0)
+                   mask=(lse > float("-inf"))[:, None] & d_ok[None, :], other=0.0)
     out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + b * sout_b + h * sout_h + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + b * sout_b + h * sout_h + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -94,6 +98,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if b < 8 and split == SPLIT:
         split, block_n, num_stages = 128, 64, 2
     splits = max(1, triton.cdiv(max_context, split))
+    head_pad = max(16, triton.next_power_of_2(dim))  # tl.arange needs a power of 2, tl.dot at least 16
     part = torch.empty(b, hq, splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
@@ -102,10 +107,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_SIZE=block_size,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, HEAD_PAD=head_pad,
+        BLOCK_SIZE=block_size,
         BLOCK_N=min(block_n, split), SPLIT_TOKENS=split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     _stage2[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
                      out.stride(0), out.stride(1), NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-                     HEAD_DIM=dim)
+                     HEAD_DIM=dim, HEAD_PAD=head_pad)
     return out
