@@ -6,9 +6,12 @@ Decode (few rows): a fused GEMV/GEMM streams the packed weight once, which is al
 loops are kept to a few integer ops per code: the codes are read as int32 words (16-byte vector loads;
 the bitsandbytes bytes are viewed as words in place), decoded by writing bits into a float (no int ->
 float conversion, no table in memory) and the absmax / group scale is applied once per block of products.
-A single row reduces on the CUDA cores in float32; 2..64 rows go through tensor cores, one dot per code
-slot of the words (k = 8w + j), so tiles are never interleaved or reshaped. Where N leaves too few
-programs, K is split and a second kernel adds the float32 partials in a fixed order (deterministic).
+A single row reduces on the CUDA cores in float32 (or, per ONE_ROW, takes the tile); 1..64 rows go through
+tensor cores with the operands swapped (W x^T: the weight tile is the MMA's 64-row side, x's few rows the
+narrow one), the codes turned into 16-bit float pairs by bit operations (int4: c + q, the zero point and scale
+applied after the dot per group) or by one lookup per byte in a 256-entry pair table (fp4/nf4, absmax applied
+after one dot per block); the statistics are loaded a step ahead. Where N leaves too few programs, K is split
+(automatically, to cover the SMs) and a second kernel adds the float32 partials in a fixed order (deterministic).
 Prefill (many rows): the weight is dequantized into a bf16 buffer by one kernel and cuBLAS does the GEMM
 (the extra pass costs a few percent of a compute-bound GEMM). Nothing syncs with the host or picks configs
 at run time (no autotuning), so every call can be captured in a CUDA graph. Loop bounds are compile-time
@@ -175,6 +178,13 @@ def _halves(u, DT: tl.constexpr):
 
 
 @triton.jit
+def _int4_stats(qz_ptr, s_ptr, g, offs_n, n_ok, N):
+    """Group g's packed zero points (8 columns a word, as stored) and float32 scales for columns offs_n."""
+    zp = tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_ok, other=0)
+    return zp, tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                      SPLIT_K: tl.constexpr):
@@ -190,58 +200,71 @@ def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexp
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_ok, m_ok = offs_n < N, offs_m < M
-    SUB: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP  # K of one dot: a group, or a part of one
+    SUB: tl.constexpr = BLOCK_K  # K of one dot: a group or a part of one (BLOCK_K <= GROUP)
     P: tl.constexpr = SUB // 8  # packed rows per dot
     KS: tl.constexpr = K // SPLIT_K
     p = tl.arange(0, P)
     zshift = (offs_n % 8) * 4
+    if DT == tl.bfloat16:  # c + q as a 16-bit float is exact; the dot's sum then holds c sum x, taken out per group
+        c: tl.constexpr = 128.0
+        MAGIC: tl.constexpr = 0x43004300
+    elif DT == tl.float16:
+        c: tl.constexpr = 1024.0
+        MAGIC: tl.constexpr = 0x64006400
+    else:
+        c: tl.constexpr = 0.0
+        MAGIC: tl.constexpr = 0
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_first = tl.program_id(1) * KS
+    # the group's zero points and scales are loaded one step ahead (Triton pipelines only the tile loads; a load
+    # issued in the step that uses it would stall every step for a full memory latency)
+    zp, s = _int4_stats(qz_ptr, s_ptr, k_first // GROUP, offs_n, n_ok, N)
     for i in range(0, KS, BLOCK_K):
-        for sub in tl.static_range(BLOCK_K // SUB):
-            k0 = tl.program_id(1) * KS + i + sub * SUB
-            words = tl.load(qw_ptr + ((k0 // 8 + p).to(tl.int64) * N)[None, :] + offs_n[:, None], mask=n_ok[:, None],
-                            other=0)  # [BN, P]
-            x = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + tl.arange(0, SUB))[:, None], mask=m_ok[None, :],
-                        other=0.0)  # [SUB, BM]
-            if DT == tl.float32:
-                c: tl.constexpr = 0.0
-                q0, q1 = (words & 0xF).to(tl.float32), ((words >> 4) & 0xF).to(tl.float32)
-                q2, q3 = ((words >> 8) & 0xF).to(tl.float32), ((words >> 12) & 0xF).to(tl.float32)
-                q4, q5 = ((words >> 16) & 0xF).to(tl.float32), ((words >> 20) & 0xF).to(tl.float32)
-                q6, q7 = ((words >> 24) & 0xF).to(tl.float32), ((words >> 28) & 0xF).to(tl.float32)
-                t = tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
-                w = tl.reshape(t, (BLOCK_N, SUB))  # [.., 4t + 2hb + lb]: k = 8p + j in order
-                d = tl.dot(w, x, input_precision="ieee")
-            else:
-                if DT == tl.bfloat16:
-                    c: tl.constexpr = 128.0
-                    MAGIC: tl.constexpr = 0x43004300
-                else:
-                    c: tl.constexpr = 1024.0
-                    MAGIC: tl.constexpr = 0x64006400
-                lo0, hi0 = _halves((words & 0x000F000F) | MAGIC, DT)  # nibbles 0 and 4
-                lo1, hi1 = _halves(((words >> 4) & 0x000F000F) | MAGIC, DT)
-                lo2, hi2 = _halves(((words >> 8) & 0x000F000F) | MAGIC, DT)
-                lo3, hi3 = _halves(((words >> 12) & 0x000F000F) | MAGIC, DT)
-                t = tl.join(tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1)), tl.join(tl.join(lo2, hi2), tl.join(lo3, hi3)))
-                w = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BLOCK_N, SUB))  # [.., 4b + 2a + h]: k = 8p + a + 2b + 4h
-                x = tl.reshape(tl.permute(tl.reshape(x, (P, 2, 2, 2, BLOCK_M)), (0, 2, 3, 1, 4)), (SUB, BLOCK_M))
-                d = tl.dot(w, x)
-            xs = tl.sum(x.to(tl.float32), axis=0)  # [BM]
-            g = k0 // GROUP
-            z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_ok, other=0) >> zshift) & 0xF).to(tl.float32)
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            acc += s[:, None] * (d - (z + c)[:, None] * xs[None, :])
+        k0 = k_first + i
+        z_cur, s_cur = ((zp >> zshift) & 0xF).to(tl.float32), s
+        zp, s = _int4_stats(qz_ptr, s_ptr, (k_first + tl.minimum(i + BLOCK_K, KS - BLOCK_K)) // GROUP, offs_n,
+                            n_ok, N)
+        words = tl.load(qw_ptr + ((k0 // 8 + p).to(tl.int64) * N)[None, :] + offs_n[:, None], mask=n_ok[:, None],
+                        other=0)  # [BN, P]
+        x = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + tl.arange(0, SUB))[:, None], mask=m_ok[None, :],
+                    other=0.0)  # [SUB, BM]
+        if DT == tl.float32:
+            q0, q1 = (words & 0xF).to(tl.float32), ((words >> 4) & 0xF).to(tl.float32)
+            q2, q3 = ((words >> 8) & 0xF).to(tl.float32), ((words >> 12) & 0xF).to(tl.float32)
+            q4, q5 = ((words >> 16) & 0xF).to(tl.float32), ((words >> 20) & 0xF).to(tl.float32)
+            q6, q7 = ((words >> 24) & 0xF).to(tl.float32), ((words >> 28) & 0xF).to(tl.float32)
+            t = tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
+            w = tl.reshape(t, (BLOCK_N, SUB))  # [.., 4t + 2hb + lb]: k = 8p + j in order
+            d = tl.dot(w, x, input_precision="ieee")
+        else:
+            lo0, hi0 = _halves((words & 0x000F000F) | MAGIC, DT)  # nibbles 0 and 4
+            lo1, hi1 = _halves(((words >> 4) & 0x000F000F) | MAGIC, DT)
+            lo2, hi2 = _halves(((words >> 8) & 0x000F000F) | MAGIC, DT)
+            lo3, hi3 = _halves(((words >> 12) & 0x000F000F) | MAGIC, DT)
+            t = tl.join(tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1)), tl.join(tl.join(lo2, hi2), tl.join(lo3, hi3)))
+            w = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BLOCK_N, SUB))  # [.., 4b + 2a + h]: k = 8p + a + 2b + 4h
+            x = tl.reshape(tl.permute(tl.reshape(x, (P, 2, 2, 2, BLOCK_M)), (0, 2, 3, 1, 4)), (SUB, BLOCK_M))
+            d = tl.dot(w, x)
+        xs = tl.sum(x.to(tl.float32), axis=0)  # [BM]
+        acc += s_cur[:, None] * (d - (z_cur + c)[:, None] * xs[None, :])
     _store(out_ptr, tl.trans(acc), offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(1))
+
+
+@triton.jit
+def _fp4_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk, n_ok, NESTED: tl.constexpr):
+    """float32 absmax of flat blocks blk (NESTED: nmap[a8] * nabs[blk // 256] + offset)."""
+    if NESTED:
+        a8 = tl.load(absmax_ptr + blk, mask=n_ok, other=0)
+        return tl.load(nmap_ptr + a8.to(tl.int32)) * tl.load(nabs_ptr + blk // 256, mask=n_ok, other=0.0) + offset
+    return tl.load(absmax_ptr + blk, mask=n_ok, other=0.0)
 
 
 @triton.jit
 def _fp4_mma_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K: tl.constexpr,
                     stride_xm, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCKSIZE: tl.constexpr, SUB: tl.constexpr, NESTED: tl.constexpr, SCALE: tl.constexpr,
-                    SPLIT_K: tl.constexpr):
+                    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, SCALE: tl.constexpr, SPLIT_K: tl.constexpr):
     """1..64 rows of x, bitsandbytes 4-bit layout, on tensor cores with the operands swapped (see _int4_mma_kernel):
-    one dot per absmax block (or per SUB columns of one), scaled by the block's absmax (x SCALE) after the dot. Each byte (two codes, k even in
+    one dot per absmax block (or per part of one), scaled by the block's absmax (x SCALE) after the dot. Each byte (two codes, k even in
     the high nibble) is looked up whole in a 256-entry table of 16-bit float pairs (lut_ptr, pair_table()): one
     load per two weights, already in the MMA operand's order. fp32 looks up the 16 code values one by one."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -249,29 +272,29 @@ def _fp4_mma_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offse
     offs_m = tl.arange(0, BLOCK_M)
     n_ok, m_ok = offs_n < N, offs_m < M
     KS: tl.constexpr = K // SPLIT_K
+    SUB: tl.constexpr = BLOCK_K  # K of one dot: an absmax block or a part of one (BLOCK_K <= BLOCKSIZE)
     row = offs_n.to(tl.int64) * (K // 2)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_first = tl.program_id(1) * KS
+    blk0 = offs_n * (K // BLOCKSIZE)  # [BN] flat index of each row's first absmax block
+    # the absmax are loaded one step ahead (see _int4_mma_kernel)
+    scale = _fp4_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk0 + k_first // BLOCKSIZE, n_ok, NESTED)
     for i in range(0, KS, BLOCK_K):
-        for sub in tl.static_range(BLOCK_K // SUB):
-            k0 = tl.program_id(1) * KS + i + sub * SUB
-            byte = tl.load(w_ptr + row[:, None] + (k0 // 2 + tl.arange(0, SUB // 2))[None, :], mask=n_ok[:, None],
-                           other=0).to(tl.int32)  # [BN, SUB / 2]
-            x = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + tl.arange(0, SUB))[:, None], mask=m_ok[None, :],
-                        other=0.0)  # [SUB, BM]
-            if DT == tl.float32:
-                w = tl.reshape(tl.join(tl.load(lut_ptr + (byte >> 4)), tl.load(lut_ptr + (byte & 0xF))), (BLOCK_N, SUB))
-                d = tl.dot(w, x, input_precision="ieee")
-            else:
-                even, odd = _halves(tl.load(lut_ptr + byte), DT)
-                d = tl.dot(tl.reshape(tl.join(even, odd), (BLOCK_N, SUB)), x)
-            blk = offs_n * (K // BLOCKSIZE) + k0 // BLOCKSIZE  # [BN] flat block index
-            if NESTED:
-                a8 = tl.load(absmax_ptr + blk, mask=n_ok, other=0)
-                scale = tl.load(nmap_ptr + a8.to(tl.int32)) * tl.load(nabs_ptr + blk // 256, mask=n_ok, other=0.0)
-                scale = scale + offset
-            else:
-                scale = tl.load(absmax_ptr + blk, mask=n_ok, other=0.0)
-            acc += d * (scale * SCALE)[:, None]
+        k0 = k_first + i
+        scale_cur = scale
+        scale = _fp4_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset,
+                           blk0 + (k_first + tl.minimum(i + BLOCK_K, KS - BLOCK_K)) // BLOCKSIZE, n_ok, NESTED)
+        byte = tl.load(w_ptr + row[:, None] + (k0 // 2 + tl.arange(0, SUB // 2))[None, :], mask=n_ok[:, None],
+                       other=0).to(tl.int32)  # [BN, SUB / 2]
+        x = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + tl.arange(0, SUB))[:, None], mask=m_ok[None, :],
+                    other=0.0)  # [SUB, BM]
+        if DT == tl.float32:
+            w = tl.reshape(tl.join(tl.load(lut_ptr + (byte >> 4)), tl.load(lut_ptr + (byte & 0xF))), (BLOCK_N, SUB))
+            d = tl.dot(w, x, input_precision="ieee")
+        else:
+            even, odd = _halves(tl.load(lut_ptr + byte), DT)
+            d = tl.dot(tl.reshape(tl.join(even, odd), (BLOCK_N, SUB)), x)
+        acc += d * (scale_cur * SCALE)[:, None]
     _store(out_ptr, tl.trans(acc), offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(1))
 
 
@@ -351,11 +374,11 @@ def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
 CONFIGS = {
     # one row: 8 rows x 2048 codes (8 KB) a step in flight per program, ~4 programs per SM (~32 KB in flight)
     ("fp4", "gemv"): (8, 2048, 8, 2, 1),
-    # 1..64 rows: 128 rows of W x 128 of K (8 KB of codes) a step, 4 steps in flight, K split to cover the SMs
-    ("fp4", "tile"): (128, 128, 4, 4, 0),
+    # 1..64 rows: 128 rows of W x one absmax block (4 KB of codes) a step, 6 in flight, K split to cover the SMs
+    ("fp4", "tile"): (128, 64, 4, 6, 0),
     ("fp4", "dequant"): (16, 256, 4, 1),
-    ("int4", "gemv"): (16, 1024, 4, 2, 2),  # 8 KB a step; K in two slices: 512 programs for N = 4096
-    ("int4", "tile"): (128, 128, 4, 4, 0),
+    ("int4", "gemv"): (32, 1024, 4, 2, 2),  # 16 KB a step; K in two slices: 256 programs for N = 4096
+    ("int4", "tile"): (128, 128, 4, 4, 0),  # one group (8 KB of codes) a step, 4 in flight
     ("int4", "dequant"): (64, 128, 4, 1),
 }
 ONE_ROW = {"fp4": "gemv", "int4": "gemv"}
@@ -365,12 +388,12 @@ FP4_ARITH = {"gemv": True}
 CANDIDATES = {
     ("fp4", "gemv"): [(8, 2048, 8, 2, 1), (4, 1024, 4, 2, 1), (4, 4096, 8, 2, 1), (8, 1024, 8, 2, 1),
                       (4, 1024, 4, 2, 2)],
-    ("fp4", "tile"): [(128, 128, 4, 4, 0), (128, 256, 4, 3, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0),
-                      (256, 128, 8, 3, 0), (128, 64, 4, 6, 0), (64, 256, 4, 4, 0), (128, 128, 4, 4, 2)],
-    ("int4", "gemv"): [(16, 1024, 4, 2, 2), (32, 1024, 4, 2, 2), (32, 1024, 4, 2, 1), (32, 512, 4, 2, 4),
+    ("fp4", "tile"): [(128, 64, 4, 6, 0), (128, 64, 4, 4, 0), (64, 64, 4, 6, 0), (256, 64, 8, 4, 0), (128, 32, 4, 8, 0),
+                      (128, 64, 8, 6, 0)],
+    ("int4", "gemv"): [(32, 1024, 4, 2, 2), (16, 1024, 4, 2, 2), (32, 1024, 4, 2, 1), (32, 512, 4, 2, 4),
                        (64, 512, 8, 2, 2)],
-    ("int4", "tile"): [(128, 128, 4, 4, 0), (128, 256, 4, 3, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0),
-                       (256, 128, 8, 3, 0), (128, 64, 4, 6, 0), (64, 256, 4, 4, 0), (128, 128, 4, 4, 2)],
+    ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
+                       (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2)],
 }
 
 
@@ -488,8 +511,8 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
-        unit = min(blocksize, _block_k(block_k, k, 16))  # one dot: a whole absmax block, or a part of one
-        split, block_k = _split(k, split, block_k, unit)
+        unit = _block_k(min(block_k, blocksize), k, 16)  # one step, one dot: an absmax block or a part of one
+        split, block_k = _split(k, split, unit, unit)
         out, part = _outputs(m, n, split, x)
         if x.dtype == torch.float32:
             lookup, scale = lut, 1.0
@@ -497,7 +520,7 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
             lookup, scale = table if table is not None else pair_table(lut, x.dtype, is_fp4)
         _fp4_mma_kernel[(triton.cdiv(n, block_n), split)](
             x2, packed, a, lookup, nabs, nmap, offset, part, m, n, k, x2.stride(0), out.stride(0),
-            BLOCK_M=_rows(m), BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize, SUB=min(block_k, blocksize),
+            BLOCK_M=_rows(m), BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize,
             NESTED=is_nested, SCALE=scale, SPLIT_K=split, num_warps=warps, num_stages=stages)
     _finish(part, out, split)
     return out.view(*x.shape[:-1], n)
@@ -544,7 +567,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         block_n, block_k, warps, stages, split = CONFIGS[("int4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
         split, _ = _split(k, split, group, group)  # slices of whole groups; the tile then divides the slice
-        block_k = _int4_block_k(block_k, k // split, group)
+        block_k = _int4_block_k(min(block_k, group), k // split, group)  # one step, one dot: a group or a part
         out, part = _outputs(m, n, split, x)
         _int4_mma_kernel[(triton.cdiv(n, block_n), split)](
             x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), out.stride(0), BLOCK_M=_rows(m),
