@@ -135,8 +135,8 @@ def markdown(d: dict) -> str:
             best = max(rows, key=lambda r: r["GBps"])
             lines.append(f"- {key}: " + ", ".join(f"{tuple(r['config'])} {r['GBps']:.0f}" for r in rows)
                          + f" -> best {tuple(best['config'])}")
-        lines.append(f"- used for the rest of the run: {d.get('kernel_configs')}, one row: {d.get('one_row')}, fp4 GEMV "
-                     f"decoded from bits (else the table): {d.get('fp4_arith')}")
+        lines.append(f"- used for the rest of the run: {d.get('kernel_configs')}, one row: {d.get('one_row')}, "
+                     f"fp4 GEMV decoded from bits (else the table): {d.get('fp4_arith')}")
     if d.get("lm_step"):
         lines += ["", "LM linears of one decode step (32 layers x 5 shapes, one CUDA graph): ms (GB/s of weights):", ""]
         for fmt, r in d["lm_step"].items():
@@ -263,7 +263,8 @@ def engine_figures(run: Run, mode: str, model, proc, x, want: set[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-LM_SHAPES = [(6144, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]  # [N, K]: qkv, dense, gate, up, down
+# [N, K] of the LM's linears: qkv, dense, gate, up, down
+LM_SHAPES = [(6144, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
 
 
 def _packed(fmt: str, n: int, k: int, seed: int = 0) -> tuple:

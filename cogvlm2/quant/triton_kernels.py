@@ -264,9 +264,11 @@ def _fp4_mma_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offse
                     stride_xm, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, SCALE: tl.constexpr, SPLIT_K: tl.constexpr):
     """1..64 rows of x, bitsandbytes 4-bit layout, on tensor cores with the operands swapped (see _int4_mma_kernel):
-    one dot per absmax block (or per part of one), scaled by the block's absmax (x SCALE) after the dot. Each byte (two codes, k even in
-    the high nibble) is looked up whole in a 256-entry table of 16-bit float pairs (lut_ptr, pair_table()): one
-    load per two weights, already in the MMA operand's order. fp32 looks up the 16 code values one by one."""
+    one dot per absmax block (or per part of one), scaled by the block's absmax (x SCALE) after the dot. Each byte
+    (two codes, k even in the high nibble) is looked up whole in a 256-entry table of 16-bit float pairs (lut_ptr,
+    pair_table()): one load per two weights, already in the MMA operand's order. fp32 looks up the 16 code values
+    one by one.
+    """
     DT: tl.constexpr = x_ptr.dtype.element_ty
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
