@@ -14,6 +14,10 @@ markdown summary is rewritten after every section.
 
     PYTHONPATH=. python benchmarks/quant_gpu.py [--out-dir $OUT] [--budget-s 450] [--modes fp4,int4,fp8,int8]
     PYTHONPATH=. python benchmarks/quant_gpu.py --modes bf16,fp4,int4 --sections sweep,decode   # ~4 min
+    PYTHONPATH=. python benchmarks/quant_gpu.py --modes '' --sections sweep,lmstep   # kernels only, ~90 s
+
+lmstep: the LM's linears of one decode step (32 layers x 5 shapes, distinct random codes) in one CUDA graph at
+batch 1, 16, 32 and 64 for int4, fp4 and bf16 (cuBLAS): ms and GB/s of weights.
 
 The sweep times each candidate launch config of the 4-bit kernels (triton_kernels.CANDIDATES) inside a CUDA
 graph, as decode runs them, and installs the best for the rest of the run; the report lists every figure.
@@ -45,7 +49,7 @@ from cogvlm2.sampling_params import SamplingParams
 
 T0 = time.perf_counter()
 DEVICE = "cuda"
-SECTIONS = ("sweep", "errors", "peak", "ttft", "decode", "caption")
+SECTIONS = ("sweep", "lmstep", "errors", "peak", "ttft", "decode", "caption")
 SAMPLED_LINEARS = [f"model.layers.{i}.{m}" for i in (0, 15, 31) for m in (
     "self_attn.language_expert_query_key_value", "self_attn.vision_expert_query_key_value",
     "mlp.language_mlp.down_proj", "mlp.vision_mlp.gate_proj")] + [
@@ -126,13 +130,17 @@ def markdown(d: dict) -> str:
                          f"{np.mean(lin):.4f} / {np.max(lin):.4f} |")
     if d.get("kernel_sweep"):
         lines += ["", "4-bit kernel launch configs (BLOCK_N, BLOCK_K, warps, stages, SPLIT_K): achieved GB/s of "
-                  "packed weights (the four LM shapes in one CUDA graph):", ""]
+                  "packed weights (the five LM shapes in one CUDA graph):", ""]
         for key, rows in d["kernel_sweep"].items():
             best = max(rows, key=lambda r: r["GBps"])
             lines.append(f"- {key}: " + ", ".join(f"{tuple(r['config'])} {r['GBps']:.0f}" for r in rows)
                          + f" -> best {tuple(best['config'])}")
-        lines.append(f"- used for the rest of the run: {d.get('kernel_configs')}, fp4 decoded from bits (else the "
-                     f"table): {d.get('fp4_arith')}")
+        lines.append(f"- used for the rest of the run: {d.get('kernel_configs')}, one row: {d.get('one_row')}, "
+                     f"fp4 GEMV decoded from bits (else the table): {d.get('fp4_arith')}")
+    if d.get("lm_step"):
+        lines += ["", "LM linears of one decode step (32 layers x 5 shapes, one CUDA graph): ms (GB/s of weights):", ""]
+        for fmt, r in d["lm_step"].items():
+            lines.append(f"- {fmt}: " + ", ".join(f"{b} {v['ms']:.3f} ms ({v['GBps']:.0f} GB/s)" for b, v in r.items()))
     if d["failures"] or d["skipped"]:
         lines += ["", "Failures: " + ("; ".join(d["failures"]) or "none"),
                   "Skipped (time budget): " + (", ".join(d["skipped"]) or "none")]
@@ -255,72 +263,149 @@ def engine_figures(run: Run, mode: str, model, proc, x, want: set[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-def kernel_sweep(run: Run) -> None:
-    """Achieved GB/s (packed weight + scales read once) of the 4-bit kernels on the LM's decode shapes, for the
-    launch configs of triton_kernels.CANDIDATES (fp4: codes decoded from their bits; the best config again with
-    the 16-entry table); the best per path is installed for the rest of the run (and reported). Timed as the decode step
-    runs them: one CUDA graph calls the four shapes in turn (~80 MB of packed weights, more than the L2), so
-    neither Python's launch overhead nor L2 hits enter the figure."""
+# [N, K] of the LM's linears: qkv, dense, gate, up, down
+LM_SHAPES = [(6144, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
+
+
+def _packed(fmt: str, n: int, k: int, seed: int = 0) -> tuple:
+    """Random codes and statistics of one [n, k] layer in `fmt` (timing does not depend on the values)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    if fmt == "fp4":
+        p = torch.randint(0, 256, (n * k // 2, 1), dtype=torch.uint8, device="cuda", generator=g)
+        return p, torch.rand(n * k // 64, device="cuda", generator=g) + 0.5
+    qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=g)
+    qz = torch.randint(-2**31, 2**31 - 1, (k // 128, n // 8), dtype=torch.int32, device="cuda", generator=g)
+    return qw, qz, (torch.rand(k // 128, n, device="cuda", generator=g) * 0.01).bfloat16()
+
+
+def _nbytes(t: tuple) -> int:
+    return sum(x.numel() * x.element_size() for x in t)
+
+
+def _call(fmt: str, x: torch.Tensor, w: tuple, n: int, lut: torch.Tensor, table):
     from cogvlm2.quant import triton_kernels as tk
 
-    shapes = [(6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336)]  # [N, K]: qkv, dense, gate/up, down
-    weights = {}
-    for n, k in shapes:
-        w = torch.randn(n, k, device="cuda") / k ** 0.5
-        p, a = formats.quantize_4bit(w, "fp4")
-        qw, qz, s = formats.quantize_int4(w)
-        weights[(n, k)] = ((p, a), (qw, qz, s.to(torch.bfloat16)))
-        del w
+    if fmt == "fp4":
+        return tk.fp4_linear(x, w[0], w[1], lut, n, is_fp4=True, table=table)
+    return tk.int4_linear(x, *w, 128)
+
+
+def _graph_time(calls: list, repeat: int = 1) -> float:
+    """Seconds per pass over `calls`, replayed from one CUDA graph (as decode runs them)."""
+    for c in calls:  # compile outside the capture
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            for c in calls:
+                c()
+    t = cuda_time(graph.replay, warmup=2, iters=7) / repeat
+    del graph
+    return t
+
+
+def kernel_sweep(run: Run) -> None:
+    """Achieved GB/s (packed weight + statistics read once) of the 4-bit kernels on the LM's five decode shapes in
+    one CUDA graph (~110 MB of codes, more than the L2), for the launch configs of triton_kernels.CANDIDATES:
+    the GEMV at 1 row (fp4 also with codes from the table), the tensor-core tile at 32 rows, and the best two
+    tiles at 1 row (ONE_ROW). Each config is first checked against the reference dequantization. The best per
+    path is installed for the rest of the run (and reported)."""
+    from cogvlm2.quant import triton_kernels as tk
+
     lut = formats.code_table("fp4", "cuda")
+    table = tk.pair_table(lut, torch.bfloat16, True)
+    weights = {fmt: [_packed(fmt, n, k, i) for i, (n, k) in enumerate(LM_SHAPES)] for fmt in ("fp4", "int4")}
+    w = torch.randn(200, 4096, device="cuda") / 64  # correctness probe: N not a multiple of the tiles
+    probe = {"fp4": formats.quantize_4bit(w, "fp4"), "int4": formats.quantize_int4(w)}
+    probe["int4"] = (*probe["int4"][:2], probe["int4"][2].bfloat16())
+    ref = {"fp4": formats.dequantize_4bit(*probe["fp4"], lut, (200, 4096), torch.bfloat16).float(),
+           "int4": formats.dequantize_int4(*probe["int4"], torch.bfloat16).float()}
     run.data["kernel_sweep"] = {}
 
-    def speed(fmt: str, m: int) -> float:
+    def speed(fmt: str, m: int) -> tuple[float, float]:
+        xp = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        err = rel(_call(fmt, xp, probe[fmt], 200, lut, table), xp.float() @ ref[fmt].t())
         calls, nbytes = [], 0
-        for (n, k), ((p, a), (qw, qz, s)) in weights.items():
+        for (n, k), wt in zip(LM_SHAPES, weights[fmt]):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            if fmt == "fp4":
-                nbytes += p.numel() + a.numel() * 4
-                calls.append(lambda x=x, p=p, a=a, n=n: tk.fp4_linear(x, p, a, lut, n, is_fp4=True))
-            else:
-                nbytes += qw.numel() * 4 + qz.numel() * 4 + s.numel() * 2
-                calls.append(lambda x=x, qw=qw, qz=qz, s=s: tk.int4_linear(x, qw, qz, s, 128))
-        for c in calls:  # compile outside the capture
-            c()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(4):
-                for c in calls:
-                    c()
-        t = cuda_time(graph.replay, warmup=2, iters=10) / 4
-        del graph
-        return nbytes / t / 1e9
+            nbytes += _nbytes(wt)
+            calls.append(lambda x=x, wt=wt, n=n: _call(fmt, x, wt, n, lut, table))
+        return nbytes / _graph_time(calls, repeat=3) / 1e9, err
 
-    for (fmt, path), configs in tk.CANDIDATES.items():
-        m = 1 if path == "gemv" else 32
+    def sweep(fmt: str, path: str, m: int, configs, label: str, **settings) -> dict:
         rows = []
-        if fmt == "fp4":
-            tk.FP4_ARITH[path] = True
         for config in configs:
-            tk.CONFIGS[(fmt, path)] = config
+            tk.CONFIGS[(fmt, path)] = tuple(config)
+            for name, values in settings.items():
+                getattr(tk, name).update(values)
             try:
-                rows.append({"config": list(config), "GBps": speed(fmt, m)})
+                gbps, err = speed(fmt, m)
+                rows.append({"config": list(config), "GBps": gbps, "rel_err": err})
             except Exception as e:  # a config that does not compile (shared memory) is just left out
-                print(f"    {fmt} {path} {config}: {type(e).__name__}: {str(e)[:120]}")
-        best = max(rows, key=lambda r: r["GBps"])
-        tk.CONFIGS[(fmt, path)] = tuple(best["config"])
-        if fmt == "fp4":  # the best config again, fp4 codes looked up in the table instead of decoded
-            tk.FP4_ARITH[path] = False
-            try:
-                table = speed(fmt, m)
-                rows.append({"config": list(best["config"]) + ["table"], "GBps": table})
-                tk.FP4_ARITH[path] = table <= best["GBps"]
-            except Exception as e:
-                tk.FP4_ARITH[path] = True
-                print(f"    {fmt} {path} table: {type(e).__name__}: {str(e)[:120]}")
-        run.data["kernel_sweep"][f"{fmt} {path} (batch {m})"] = rows
-        run.data["kernel_configs"] = {f"{f} {p}": list(c) for (f, p), c in tk.CONFIGS.items()}
-        run.data["fp4_arith"] = dict(tk.FP4_ARITH)
-        print(f"    {fmt} {path}: " + ", ".join(f"{tuple(r['config'])} {r['GBps']:.0f} GB/s" for r in rows), flush=True)
+                print(f"    {fmt} {path} {config}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        ok = [r for r in rows if r["rel_err"] < 2e-2] or rows
+        best = max(ok, key=lambda r: r["GBps"])
+        run.data["kernel_sweep"][label] = rows
+        print(f"    {label}: " + ", ".join(f"{tuple(r['config'])} {r['GBps']:.0f} GB/s (err {r['rel_err']:.1e})"
+                                           for r in rows), flush=True)
+        return best
+
+    for fmt in ("int4", "fp4"):
+        if run.left() < 40:
+            run.data["skipped"].append(f"sweep {fmt}")
+            continue
+        tile = sweep(fmt, "tile", 32, tk.CANDIDATES[(fmt, "tile")], f"{fmt} tile (batch 32)", ONE_ROW={fmt: "tile"})
+        tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])
+        ranked = sorted(run.data["kernel_sweep"][f"{fmt} tile (batch 32)"], key=lambda r: -r["GBps"])[:2]
+        one_tile = sweep(fmt, "tile", 1, [r["config"] for r in ranked], f"{fmt} tile (batch 1)", ONE_ROW={fmt: "tile"})
+        gemv = sweep(fmt, "gemv", 1, tk.CANDIDATES[(fmt, "gemv")][:3], f"{fmt} gemv (batch 1)", ONE_ROW={fmt: "gemv"},
+                     FP4_ARITH={"gemv": True})
+        tk.CONFIGS[(fmt, "gemv")] = tuple(gemv["config"])
+        if fmt == "fp4":  # the best GEMV again with the codes looked up in the 16-entry table
+            table_gemv = sweep(fmt, "gemv", 1, [gemv["config"]], "fp4 gemv table (batch 1)", FP4_ARITH={"gemv": False})
+            tk.FP4_ARITH["gemv"] = table_gemv["GBps"] < gemv["GBps"]
+            gemv = max(gemv, table_gemv, key=lambda r: r["GBps"])
+        tk.ONE_ROW[fmt] = "tile" if one_tile["GBps"] > gemv["GBps"] else "gemv"
+        tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])  # chosen at 32 rows
+    run.data["kernel_configs"] = {f"{f} {p}": list(c) for (f, p), c in tk.CONFIGS.items()}
+    run.data["one_row"], run.data["fp4_arith"] = dict(tk.ONE_ROW), dict(tk.FP4_ARITH)
+    print(f"    installed: {run.data['kernel_configs']}, one row: {tk.ONE_ROW}, fp4 arith: {tk.FP4_ARITH}", flush=True)
+
+
+def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
+    """The language model's linears of one decode step (32 layers x 5 shapes, distinct weights: 3.7 GB of int4,
+    4.1 GB of fp4, 14 GB of bf16) in one CUDA graph, at each batch: ms and GB/s of weights, beside bf16 cuBLAS."""
+    from cogvlm2.quant import triton_kernels as tk
+
+    lut = formats.code_table("fp4", "cuda")
+    table = tk.pair_table(lut, torch.bfloat16, True)
+    res = run.data.setdefault("lm_step", {})
+    for fmt in ("int4", "fp4", "bf16"):
+        if run.left() < 25:
+            run.data["skipped"].append(f"lm_step {fmt}")
+            continue
+        if fmt == "bf16":
+            layers = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in LM_SHAPES] for _ in range(32)]
+            nbytes = sum(t.numel() * 2 for layer in layers for t in layer)
+        else:
+            layers = [[_packed(fmt, n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
+            nbytes = sum(_nbytes(t) for layer in layers for t in layer)
+        for m in batches:
+            xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
+            calls = []
+            for layer in layers:
+                for (n, k), wt in zip(LM_SHAPES, layer):
+                    if fmt == "bf16":
+                        calls.append(lambda x=xs[k], wt=wt: torch.nn.functional.linear(x, wt))
+                    else:
+                        calls.append(lambda x=xs[k], wt=wt, n=n: _call(fmt, x, wt, n, lut, table))
+            t = _graph_time(calls)
+            res.setdefault(fmt, {})[f"batch {m}"] = {"ms": t * 1e3, "GBps": nbytes / t / 1e9, "GB": nbytes / 1e9}
+            print(f"    LM linears {fmt:<5} batch {m:<3} {t * 1e3:7.3f} ms  {nbytes / t / 1e9:6.0f} GB/s "
+                  f"({nbytes / 1e9:.2f} GB)", flush=True)
+        layers = calls = xs = None
+        free()
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -354,7 +439,14 @@ def main() -> None:
     if "sweep" in sections:
         run.section("4-bit kernel config sweep", lambda: kernel_sweep(run), 60)
         free()
+    if "lmstep" in sections:
+        run.section("LM linears of one decode step", lambda: lm_step(run), 30)
+        free()
 
+    if not modes:  # kernel sections only: no model, no tokenizer
+        run.save()
+        print((run.out_dir / "quant.md").read_text())
+        return
     cfg = full_size_config()
     proc = Processor(cfg, Tokenizer(bundled_tokenizer_path()))
     chat = proc(QUESTION, image=image(0))  # ~2.3K tokens: the decode context and the peak-memory chat

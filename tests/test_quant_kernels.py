@@ -8,6 +8,7 @@ compiled in bf16, under CUDA graphs, and inside the engine (graphs against eager
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -27,7 +28,31 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
 
 
-def check_kernels(device: str, dtype: torch.dtype, rows=(1, 5, 33, 65), tol: float = 1e-5) -> None:
+ROWS = (1, 2, 3, 16, 17, 32, 64, 65)  # GEMV or the 16-row tile, tiles of 16 / 32 / 64 rows padded or full, + cuBLAS
+
+
+@contextlib.contextmanager
+def _settings(tk, **tables):
+    """Temporarily update triton_kernels' dicts (CONFIGS, ONE_ROW, FP4_ARITH) by name."""
+    saved = {name: dict(getattr(tk, name)) for name in tables}
+    try:
+        for name, values in tables.items():
+            getattr(tk, name).update(values)
+        yield
+    finally:
+        for name, values in saved.items():
+            getattr(tk, name).update(values)
+
+
+def _row_kernels(m: int, fp4: bool) -> list[tuple[str, bool]]:
+    """(ONE_ROW kernel, FP4_ARITH) pairs to run m rows with: a single row goes through the GEMV (fp4: codes
+    from the table and from their bits) and through the 16-row tensor-core tile; more rows have one kernel."""
+    if m != 1:
+        return [("tile", False)]
+    return [("gemv", False), ("tile", False)] + ([("gemv", True)] if fp4 else [])
+
+
+def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5) -> None:
     from cogvlm2.quant import triton_kernels as tk
 
     g = torch.Generator().manual_seed(0)
@@ -44,18 +69,18 @@ def check_kernels(device: str, dtype: torch.dtype, rows=(1, 5, 33, 65), tol: flo
             assert torch.equal(tk.fp4_dequantize(packed, a8, lut, n, k, dtype, nested=nested), ref_nested)
             for m in (1, 33):
                 x = torch.randn(m, k, generator=g).to(device, dtype)
-                got = tk.fp4_linear(x, packed, a8, lut, n, nested=nested)
-                assert _rel(got, x.float() @ ref_nested.float().t()) < tol, ("nested", quant_type, n, k, m)
+                for kernel, _ in _row_kernels(m, False):
+                    with _settings(tk, ONE_ROW={"fp4": kernel}):
+                        got = tk.fp4_linear(x, packed, a8, lut, n, nested=nested)
+                    assert _rel(got, x.float() @ ref_nested.float().t()) < tol, ("nested", quant_type, n, k, m, kernel)
             for m in rows:
                 x = torch.randn(m, k, generator=g).to(device, dtype)
-                default = dict(tk.FP4_ARITH)
-                for arith in (False, True) if quant_type == "fp4" else (False,):  # table, or from the bits
-                    tk.FP4_ARITH.update(gemv=arith, tile=arith)
-                    got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=quant_type == "fp4")
+                for kernel, arith in _row_kernels(m, quant_type == "fp4"):
+                    with _settings(tk, ONE_ROW={"fp4": kernel}, FP4_ARITH={"gemv": arith}):
+                        got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=quant_type == "fp4")
                     assert got.shape == (m, n) and got.dtype == dtype
                     err = _rel(got, x.float() @ ref_w.float().t())
-                    assert err < tol, (quant_type, arith, n, k, m, err)
-                tk.FP4_ARITH.update(default)
+                    assert err < tol, (quant_type, kernel, arith, n, k, m, err)
     check_split_k(device, dtype, g, tol)
     for n, k in [(48, 256), (40, 384), (64, 128)]:
         for group in (128, 64):
@@ -66,9 +91,12 @@ def check_kernels(device: str, dtype: torch.dtype, rows=(1, 5, 33, 65), tol: flo
             assert torch.equal(tk.int4_dequantize(qweight, qzeros, scales, dtype, group), ref_w), (n, k, group)
             for m in rows:
                 x = torch.randn(m, k, generator=g).to(device, dtype)
-                got = tk.int4_linear(x, qweight, qzeros, scales, group)
-                err = _rel(got, x.float() @ ref_w.float().t())
-                assert err < tol, ("int4", n, k, group, m, err)
+                for kernel, _ in _row_kernels(m, False):
+                    with _settings(tk, ONE_ROW={"int4": kernel}):
+                        got = tk.int4_linear(x, qweight, qzeros, scales, group)
+                    assert got.shape == (m, n) and got.dtype == dtype
+                    err = _rel(got, x.float() @ ref_w.float().t())
+                    assert err < tol, ("int4", kernel, n, k, group, m, err)
     for m, k in [(1, 64), (7, 4096), (3, 5000)]:
         x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10).to(device, dtype)
         x[0, :] = 0 if m > 1 else x[0, :]  # an all-zero token keeps a finite scale
@@ -92,7 +120,6 @@ def check_split_k(device: str, dtype: torch.dtype, g: torch.Generator, tol: floa
     second kernel), several steps per slice, table or bit decoding, nested absmax; 1 row (GEMV) and a tile."""
     from cogvlm2.quant import triton_kernels as tk
 
-    saved, saved_arith = dict(tk.CONFIGS), dict(tk.FP4_ARITH)
     n, k = 40, 512
     w = torch.randn(n, k, generator=g).to(device)
     packed, absmax = formats.quantize_4bit(w, "fp4")
@@ -104,29 +131,27 @@ def check_split_k(device: str, dtype: torch.dtype, g: torch.Generator, tol: floa
     qweight, qzeros, scales = formats.quantize_int4(w, 64)
     scales = scales.to(dtype)
     ref_int4 = formats.dequantize_int4(qweight, qzeros, scales, dtype).float()
-    try:
-        for m in (1, 6):
-            x = torch.randn(m, k, generator=g).to(device, dtype)
-            path = "gemv" if m == 1 else "tile"
-            for split, block_n, block_k, arith in ((1, 8, 64, False), (2, 16, 128, True), (8, 16, 256, False),
-                                                   (4, 32, 64, True)):
-                tk.CONFIGS[("fp4", path)] = (block_n, block_k, 4, 2, split)
-                tk.FP4_ARITH[path] = arith
-                got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
-                assert _rel(got, x.float() @ ref.t()) < tol, ("fp4", m, split, block_n, block_k, arith)
-                got = tk.fp4_linear(x, packed, a8, lut, n, is_fp4=True, nested=nested)
-                assert _rel(got, x.float() @ ref_nested.t()) < tol, ("fp4-dq", m, split, block_n, block_k, arith)
-                if m == 1:  # codes not 16-byte aligned (a view into a checkpoint buffer): the byte-wise kernel
+    gemv = ((1, 8, 64, False), (2, 16, 128, True), (8, 16, 256, False), (4, 32, 64, True))
+    # tile: several BLOCK_K per absmax block / group and the reverse, fixed and automatic (0) K slices
+    tile = ((1, 16, 32, False), (2, 32, 128, False), (8, 16, 256, False), (0, 64, 64, False), (0, 16, 512, False))
+    for m in (1, 6):
+        x = torch.randn(m, k, generator=g).to(device, dtype)
+        for path, configs in (("gemv", gemv), ("tile", tile)) if m == 1 else (("tile", tile),):
+            for split, block_n, block_k, arith in configs:
+                with _settings(tk, CONFIGS={("fp4", path): (block_n, block_k, 4, 2, split),
+                                            ("int4", path): (block_n, block_k, 4, 2, split)},
+                               ONE_ROW={"fp4": path, "int4": path}, FP4_ARITH={"gemv": arith}):
+                    got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
+                    assert _rel(got, x.float() @ ref.t()) < tol, ("fp4", m, split, block_n, block_k, arith)
+                    got = tk.fp4_linear(x, packed, a8, lut, n, is_fp4=True, nested=nested)
+                    assert _rel(got, x.float() @ ref_nested.t()) < tol, ("fp4-dq", m, split, block_n, block_k, arith)
+                    # codes not 16-byte aligned (a view into a checkpoint buffer): the GEMV hands over to the tile
                     shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=device)[1:].view(-1, 1)
                     shifted.copy_(packed)
                     got = tk.fp4_linear(x, shifted, absmax, lut, n, is_fp4=True)
                     assert _rel(got, x.float() @ ref.t()) < tol, ("fp4 unaligned", split, block_n, block_k, arith)
-                tk.CONFIGS[("int4", path)] = (block_n, block_k, 4, 2, split)
-                got = tk.int4_linear(x, qweight, qzeros, scales, 64)
-                assert got.dtype == dtype and _rel(got, x.float() @ ref_int4.t()) < tol, ("int4", m, split, block_k)
-    finally:
-        tk.CONFIGS.update(saved)
-        tk.FP4_ARITH.update(saved_arith)
+                    got = tk.int4_linear(x, qweight, qzeros, scales, 64)
+                    assert got.dtype == dtype and _rel(got, x.float() @ ref_int4.t()) < tol, ("int4", m, split, block_k)
 
 
 def test_kernels_interpreted():
@@ -147,35 +172,31 @@ def test_kernels_cuda_bf16():
 @cuda
 def test_every_candidate_config_cuda():
     """Each launch config the benchmark may install, on the LM's K (4096, 14336) and an N that is not a multiple
-    of the tile, in bf16 against the reference dequantization."""
+    of the tile, in bf16 against the reference dequantization; tile configs at 1, 24 and 64 rows."""
     from cogvlm2.quant import triton_kernels as tk
 
-    saved, saved_arith = dict(tk.CONFIGS), dict(tk.FP4_ARITH)
     g = torch.Generator().manual_seed(1)
-    try:
-        for n, k in ((200, 4096), (72, 14336)):
-            w = torch.randn(n, k, generator=g).cuda()
-            packed, absmax = formats.quantize_4bit(w, "fp4")
-            lut = formats.code_table("fp4", "cuda")
-            ref4 = formats.dequantize_4bit(packed, absmax, lut, (n, k), torch.bfloat16).float()
-            qweight, qzeros, scales = formats.quantize_int4(w)
-            scales = scales.to(torch.bfloat16)
-            ref_int4 = formats.dequantize_int4(qweight, qzeros, scales, torch.bfloat16).float()
-            for (fmt, path), configs in tk.CANDIDATES.items():
-                x = torch.randn(1 if path == "gemv" else 24, k, generator=g).cuda().bfloat16()
+    for n, k in ((200, 4096), (72, 14336)):
+        w = torch.randn(n, k, generator=g).cuda()
+        packed, absmax = formats.quantize_4bit(w, "fp4")
+        lut = formats.code_table("fp4", "cuda")
+        ref4 = formats.dequantize_4bit(packed, absmax, lut, (n, k), torch.bfloat16).float()
+        qweight, qzeros, scales = formats.quantize_int4(w)
+        scales = scales.to(torch.bfloat16)
+        ref_int4 = formats.dequantize_int4(qweight, qzeros, scales, torch.bfloat16).float()
+        for (fmt, path), configs in tk.CANDIDATES.items():
+            for m in (1,) if path == "gemv" else (1, 24, 64):
+                x = torch.randn(m, k, generator=g).cuda().bfloat16()
                 for config in configs:
-                    tk.CONFIGS[(fmt, path)] = config
-                    if fmt == "int4":
-                        err = _rel(tk.int4_linear(x, qweight, qzeros, scales, 128), x.float() @ ref_int4.t())
-                        assert err < 1e-2, (fmt, path, config, n, k, err)
-                        continue
-                    for arith in (True, False):
-                        tk.FP4_ARITH[path] = arith
-                        err = _rel(tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True), x.float() @ ref4.t())
-                        assert err < 1e-2, (fmt, path, config, arith, n, k, err)
-    finally:
-        tk.CONFIGS.update(saved)
-        tk.FP4_ARITH.update(saved_arith)
+                    for arith in (True, False) if (fmt, path) == ("fp4", "gemv") else (False,):
+                        with _settings(tk, CONFIGS={(fmt, path): config}, ONE_ROW={fmt: path},
+                                       FP4_ARITH={"gemv": arith}):
+                            if fmt == "int4":
+                                got = tk.int4_linear(x, qweight, qzeros, scales, 128)
+                                err = _rel(got, x.float() @ ref_int4.t())
+                            else:
+                                err = _rel(tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True), x.float() @ ref4.t())
+                        assert err < 1e-2, (fmt, path, config, arith, m, n, k, err)
 
 
 @cuda
@@ -250,4 +271,7 @@ def strict_scalar_index() -> None:
 if __name__ == "__main__":  # run by test_kernels_interpreted under TRITON_INTERPRET=1
     strict_scalar_index()
     check_kernels("cpu", torch.float32)
+    # fp16 takes the tile kernels' 16-bit path (codes as float pairs, x permuted to the pairs' K order), which
+    # bf16 shares on the GPU; Triton's interpreter multiplies bf16 tiles wrongly, fp16 correctly
+    check_kernels("cpu", torch.float16, rows=(1, 2, 17, 64), tol=2e-3)
     print("quant kernels ok")

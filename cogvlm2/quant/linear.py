@@ -163,11 +163,28 @@ class Fp4Linear(QuantLinear):
         return formats.dequantize_4bit(self.weight, self.absmax(), self.weight_quant_map,
                                        (self.out_features, self.in_features), dtype, self.blocksize)
 
+    def _pair_table(self, dtype: torch.dtype):
+        """The tile kernel's 256-entry pair table for `dtype` (triton_kernels.pair_table), built once per dtype,
+        device and quant_map version; not kept when built during CUDA-graph capture (it would live in the graph's
+        memory pool), so such a call builds it inside the graph instead."""
+        if dtype == torch.float32:
+            return None
+        lut = self.weight_quant_map
+        key = (dtype, lut.device, lut.data_ptr(), lut._version)
+        cache = self.__dict__.setdefault("_pair_tables", {})
+        if key not in cache:
+            table = triton_kernels.pair_table(lut, dtype, self.quant_type == "fp4")
+            if torch.cuda.is_current_stream_capturing():
+                return table
+            cache.clear()
+            cache[key] = table
+        return cache[key]
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if _kernel_ok(x):
             return triton_kernels.fp4_linear(x, self.weight, self.weight_absmax, self.weight_quant_map,
                                              self.out_features, self.blocksize, self.quant_type == "fp4",
-                                             self._nested_args())
+                                             self._nested_args(), self._pair_table(x.dtype))
         return super().matmul(x)
 
     def extra_repr(self) -> str:

@@ -6,9 +6,12 @@ Decode (few rows): a fused GEMV/GEMM streams the packed weight once, which is al
 loops are kept to a few integer ops per code: the codes are read as int32 words (16-byte vector loads;
 the bitsandbytes bytes are viewed as words in place), decoded by writing bits into a float (no int ->
 float conversion, no table in memory) and the absmax / group scale is applied once per block of products.
-A single row reduces on the CUDA cores in float32; 2..64 rows go through tensor cores, one dot per code
-slot of the words (k = 8w + j), so tiles are never interleaved or reshaped. Where N leaves too few
-programs, K is split and a second kernel adds the float32 partials in a fixed order (deterministic).
+A single row reduces on the CUDA cores in float32 (or, per ONE_ROW, takes the tile); 1..64 rows go through
+tensor cores with the operands swapped (W x^T: the weight tile is the MMA's 64-row side, x's few rows the
+narrow one), the codes turned into 16-bit float pairs by bit operations (int4: c + q, the zero point and scale
+applied after the dot per group) or by one lookup per byte in a 256-entry pair table (fp4/nf4, absmax applied
+after one dot per block); the statistics are loaded a step ahead. Where N leaves too few programs, K is split
+(automatically, to cover the SMs) and a second kernel adds the float32 partials in a fixed order (deterministic).
 Prefill (many rows): the weight is dequantized into a bf16 buffer by one kernel and cuBLAS does the GEMM
 (the extra pass costs a few percent of a compute-bound GEMM). Nothing syncs with the host or picks configs
 at run time (no autotuning), so every call can be captured in a CUDA graph. Loop bounds are compile-time
@@ -16,6 +19,8 @@ constants (K is specialized): Triton 3.6's interpreter cannot take a run-time sc
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -164,70 +169,135 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr,
 
 
 @triton.jit
-def _fp4_dot_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K: tl.constexpr,
-                    stride_xm, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr, NESTED: tl.constexpr, SPLIT_K: tl.constexpr):
-    """2..64 rows on tensor cores, the packed weight read as int32 words [N, K/8]: code slot j of every word
-    (k = 8w + j) is decoded into its own [BLOCK_N, BLOCK_K/8] tile and multiplied with the matching columns
-    of x, so no tile is ever interleaved or reshaped (those go through shared memory)."""
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_ok, m_ok = offs_n < N, offs_m < M
-    NW: tl.constexpr = BLOCK_K // 8
-    KS: tl.constexpr = K // SPLIT_K
-    wcol = tl.arange(0, NW)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(0, KS, BLOCK_K):
-        k0 = tl.program_id(2) * KS + i
-        words = tl.load(w_ptr + offs_n[:, None] * (K // 8) + (k0 // 8 + wcol)[None, :], mask=n_ok[:, None], other=0)
-        blk = offs_n[:, None] * (K // BLOCKSIZE) + ((k0 + wcol * 8) // BLOCKSIZE)[None, :]  # [BN, NW]
-        if NESTED:
-            a8 = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0)
-            scale = tl.load(nmap_ptr + a8.to(tl.int32)) * tl.load(nabs_ptr + blk // 256, mask=n_ok[:, None], other=0.0)
-            scale = scale + offset
-        else:
-            scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0)
-        if ARITH:
-            scale = scale * (4.0 / 3.0)
-        for t in tl.static_range(4):
-            for half in tl.static_range(2):  # high nibble: k = 8w + 2t, low: 8w + 2t + 1
-                if ARITH:
-                    v = _fp4_value_34(words, 8 * t + 4 - 4 * half)
-                else:
-                    v = tl.load(lut_ptr + ((words >> (8 * t + 4 - 4 * half)) & 0xF))
-                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + wcol * 8 + 2 * t + half)[None, :],
-                             mask=m_ok[:, None], other=0.0)  # [BM, NW]
-                acc += tl.dot(xj, tl.trans((v * scale).to(xj.dtype)))
-    _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(2))
+def _halves(u, DT: tl.constexpr):
+    """int32 u holding two 16-bit floats (bits 0..15 and 16..31) -> (low, high) in DT, by reinterpreting the bits:
+    no conversion instruction, and the pair usually stays in its register all the way into the MMA operand."""
+    lo = u.to(tl.int16).to(DT, bitcast=True)
+    hi = (u >> 16).to(tl.int16).to(DT, bitcast=True)
+    return lo, hi
 
 
 @triton.jit
-def _int4_dot_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_om,
+def _int4_stats(qz_ptr, s_ptr, g, offs_n, n_ok, N):
+    """Group g's packed zero points (8 columns a word, as stored) and float32 scales for columns offs_n."""
+    zp = tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_ok, other=0)
+    return zp, tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                      SPLIT_K: tl.constexpr):
-    """2..64 rows on tensor cores, group-wise int4: nibble j of the packed rows (k = 8p + j) is dequantized
-    into its own [BLOCK_K/8, BLOCK_N] tile and multiplied with the matching columns of x (no reshapes)."""
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """1..64 rows of x, group-wise int4, on tensor cores with the operands swapped: acc [BLOCK_N, BLOCK_M] = W x^T,
+    so the weight tile is the MMA's 64-row side and the few rows of x its narrow side (never padded to 64).
+
+    Per group the zero point and scale come out of the dot: sum_k (q - z) s x = s (sum_k (q + c) x - (z + c) sum_k x),
+    so the tile holds c + q, made by OR-ing two nibbles into the mantissas of a 16-bit float pair (c = 128 in bf16,
+    1024 in fp16: two codes for one shift and one AND-OR, exact). Nibbles j and j + 4 of a word share a pair, so the
+    tile's K order is 8p + (0 4 1 5 2 6 3 7) and x's columns are permuted to match, in registers. fp32 (CPU
+    interpreter, fp32 models) converts the codes and keeps K in order."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
     n_ok, m_ok = offs_n < N, offs_m < M
-    NP: tl.constexpr = BLOCK_K // 8
+    SUB: tl.constexpr = BLOCK_K  # K of one dot: a group or a part of one (BLOCK_K <= GROUP)
+    P: tl.constexpr = SUB // 8  # packed rows per dot
     KS: tl.constexpr = K // SPLIT_K
-    p = tl.arange(0, NP)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    p = tl.arange(0, P)
+    zshift = (offs_n % 8) * 4
+    if DT == tl.bfloat16:  # c + q as a 16-bit float is exact; the dot's sum then holds c sum x, taken out per group
+        c: tl.constexpr = 128.0
+        MAGIC: tl.constexpr = 0x43004300
+    elif DT == tl.float16:
+        c: tl.constexpr = 1024.0
+        MAGIC: tl.constexpr = 0x64006400
+    else:
+        c: tl.constexpr = 0.0
+        MAGIC: tl.constexpr = 0
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_first = tl.program_id(1) * KS
+    # the group's zero points and scales are loaded one step ahead (Triton pipelines only the tile loads; a load
+    # issued in the step that uses it would stall every step for a full memory latency)
+    zp, s = _int4_stats(qz_ptr, s_ptr, k_first // GROUP, offs_n, n_ok, N)
     for i in range(0, KS, BLOCK_K):
-        k0 = tl.program_id(2) * KS + i
-        words = tl.load(qw_ptr + (k0 // 8 + p)[:, None].to(tl.int64) * N + offs_n[None, :], mask=n_ok[None, :],
-                        other=0)  # [NP, BN]
-        grp = ((k0 + p * 8) // GROUP)[:, None]
-        zp = tl.load(qz_ptr + grp * (N // 8) + offs_n[None, :] // 8, mask=n_ok[None, :], other=0)
-        z = ((zp >> ((offs_n[None, :] % 8) * 4).to(tl.int32)) & 0xF).to(tl.float32) + 8388608.0
-        s = tl.load(s_ptr + grp * N + offs_n[None, :], mask=n_ok[None, :], other=0.0).to(tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + p * 8 + j)[None, :], mask=m_ok[:, None],
-                         other=0.0)  # [BM, NP]
-            w = (_u4_float((words >> (4 * j)) & 0xF) - z) * s  # (q - z) * s, exactly as the dequantizer
-            acc += tl.dot(xj, w.to(xj.dtype))
-    _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(2))
+        k0 = k_first + i
+        z_cur, s_cur = ((zp >> zshift) & 0xF).to(tl.float32), s
+        zp, s = _int4_stats(qz_ptr, s_ptr, (k_first + tl.minimum(i + BLOCK_K, KS - BLOCK_K)) // GROUP, offs_n,
+                            n_ok, N)
+        words = tl.load(qw_ptr + ((k0 // 8 + p).to(tl.int64) * N)[None, :] + offs_n[:, None], mask=n_ok[:, None],
+                        other=0)  # [BN, P]
+        x = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + tl.arange(0, SUB))[:, None], mask=m_ok[None, :],
+                    other=0.0)  # [SUB, BM]
+        if DT == tl.float32:
+            q0, q1 = (words & 0xF).to(tl.float32), ((words >> 4) & 0xF).to(tl.float32)
+            q2, q3 = ((words >> 8) & 0xF).to(tl.float32), ((words >> 12) & 0xF).to(tl.float32)
+            q4, q5 = ((words >> 16) & 0xF).to(tl.float32), ((words >> 20) & 0xF).to(tl.float32)
+            q6, q7 = ((words >> 24) & 0xF).to(tl.float32), ((words >> 28) & 0xF).to(tl.float32)
+            t = tl.join(tl.join(tl.join(q0, q4), tl.join(q2, q6)), tl.join(tl.join(q1, q5), tl.join(q3, q7)))
+            w = tl.reshape(t, (BLOCK_N, SUB))  # [.., 4t + 2hb + lb]: k = 8p + j in order
+            d = tl.dot(w, x, input_precision="ieee")
+        else:
+            lo0, hi0 = _halves((words & 0x000F000F) | MAGIC, DT)  # nibbles 0 and 4
+            lo1, hi1 = _halves(((words >> 4) & 0x000F000F) | MAGIC, DT)
+            lo2, hi2 = _halves(((words >> 8) & 0x000F000F) | MAGIC, DT)
+            lo3, hi3 = _halves(((words >> 12) & 0x000F000F) | MAGIC, DT)
+            t = tl.join(tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1)), tl.join(tl.join(lo2, hi2), tl.join(lo3, hi3)))
+            w = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BLOCK_N, SUB))  # [.., 4b + 2a + h]: k = 8p + a + 2b + 4h
+            x = tl.reshape(tl.permute(tl.reshape(x, (P, 2, 2, 2, BLOCK_M)), (0, 2, 3, 1, 4)), (SUB, BLOCK_M))
+            d = tl.dot(w, x)
+        xs = tl.sum(x.to(tl.float32), axis=0)  # [BM]
+        acc += s_cur[:, None] * (d - (z_cur + c)[:, None] * xs[None, :])
+    _store(out_ptr, tl.trans(acc), offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(1))
+
+
+@triton.jit
+def _fp4_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk, n_ok, NESTED: tl.constexpr):
+    """float32 absmax of flat blocks blk (NESTED: nmap[a8] * nabs[blk // 256] + offset)."""
+    if NESTED:
+        a8 = tl.load(absmax_ptr + blk, mask=n_ok, other=0)
+        return tl.load(nmap_ptr + a8.to(tl.int32)) * tl.load(nabs_ptr + blk // 256, mask=n_ok, other=0.0) + offset
+    return tl.load(absmax_ptr + blk, mask=n_ok, other=0.0)
+
+
+@triton.jit
+def _fp4_mma_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K: tl.constexpr,
+                    stride_xm, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, SCALE: tl.constexpr, SPLIT_K: tl.constexpr):
+    """1..64 rows of x, bitsandbytes 4-bit layout, on tensor cores with the operands swapped (see _int4_mma_kernel):
+    one dot per absmax block (or per part of one), scaled by the block's absmax (x SCALE) after the dot. Each byte
+    (two codes, k even in the high nibble) is looked up whole in a 256-entry table of 16-bit float pairs (lut_ptr,
+    pair_table()): one load per two weights, already in the MMA operand's order. fp32 looks up the 16 code values
+    one by one.
+    """
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    KS: tl.constexpr = K // SPLIT_K
+    SUB: tl.constexpr = BLOCK_K  # K of one dot: an absmax block or a part of one (BLOCK_K <= BLOCKSIZE)
+    row = offs_n.to(tl.int64) * (K // 2)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_first = tl.program_id(1) * KS
+    blk0 = offs_n * (K // BLOCKSIZE)  # [BN] flat index of each row's first absmax block
+    # the absmax are loaded one step ahead (see _int4_mma_kernel)
+    scale = _fp4_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk0 + k_first // BLOCKSIZE, n_ok, NESTED)
+    for i in range(0, KS, BLOCK_K):
+        k0 = k_first + i
+        scale_cur = scale
+        scale = _fp4_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset,
+                           blk0 + (k_first + tl.minimum(i + BLOCK_K, KS - BLOCK_K)) // BLOCKSIZE, n_ok, NESTED)
+        byte = tl.load(w_ptr + row[:, None] + (k0 // 2 + tl.arange(0, SUB // 2))[None, :], mask=n_ok[:, None],
+                       other=0).to(tl.int32)  # [BN, SUB / 2]
+        x = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + tl.arange(0, SUB))[:, None], mask=m_ok[None, :],
+                    other=0.0)  # [SUB, BM]
+        if DT == tl.float32:
+            w = tl.reshape(tl.join(tl.load(lut_ptr + (byte >> 4)), tl.load(lut_ptr + (byte & 0xF))), (BLOCK_N, SUB))
+            d = tl.dot(w, x, input_precision="ieee")
+        else:
+            even, odd = _halves(tl.load(lut_ptr + byte), DT)
+            d = tl.dot(tl.reshape(tl.join(even, odd), (BLOCK_N, SUB)), x)
+        acc += d * (scale_cur * SCALE)[:, None]
+    _store(out_ptr, tl.trans(acc), offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(1))
 
 
 @triton.jit
@@ -253,28 +323,6 @@ def _fp4_tile(w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, offs_n, n_
         scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0)
     vals = tl.reshape(vals, (vals.shape[0], BLOCK_K // BLOCKSIZE, BLOCKSIZE)) * scale[:, :, None]
     return tl.reshape(vals, (vals.shape[0], BLOCK_K))
-
-
-@triton.jit
-def _fp4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K: tl.constexpr,
-                       stride_xm, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr, NESTED: tl.constexpr, SPLIT_K: tl.constexpr):
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_ok, m_ok = offs_n < N, offs_m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    KS: tl.constexpr = K // SPLIT_K  # this program's share of K (constexpr loop bounds: see _gemv_store)
-    for i in range(0, KS, BLOCK_K):
-        k0 = tl.program_id(2) * KS + i
-        w = _fp4_tile(w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, offs_n, n_ok, k0, K, BLOCK_K,
-                      BLOCKSIZE, ARITH, NESTED)  # [BN, BK]
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
-        if BLOCK_M == 1:
-            acc += tl.sum(w * x.to(tl.float32), axis=1)[None, :]
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(2))
 
 
 @triton.jit
@@ -307,27 +355,6 @@ def _int4_tile(qw_ptr, qz_ptr, s_ptr, offs_n, n_ok, k0, N, BLOCK_K: tl.constexpr
 
 
 @triton.jit
-def _int4_matmul_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_om,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                        SPLIT_K: tl.constexpr):
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_ok, m_ok = offs_n < N, offs_m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    KS: tl.constexpr = K // SPLIT_K
-    for i in range(0, KS, BLOCK_K):
-        k0 = tl.program_id(2) * KS + i
-        w = _int4_tile(qw_ptr, qz_ptr, s_ptr, offs_n, n_ok, k0, N, BLOCK_K, GROUP)  # [BK, BN]
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
-        if BLOCK_M == 1:
-            acc += tl.sum(tl.trans(x.to(tl.float32)) * w, axis=0)[None, :]
-        else:
-            acc += tl.dot(x, w.to(x.dtype))
-    _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(2))
-
-
-@triton.jit
 def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -342,35 +369,45 @@ def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
 # benchmarks/quant_gpu.py sweeps alternatives on the real shapes (inside CUDA graphs) and reports the best.
 # gemv / tile: (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K); dequant: (BLOCK_N, BLOCK_K, warps, stages).
 # SPLIT_K > 1 cuts K into that many slices run by separate programs (more loads in flight when N gives too
-# few programs); their float32 partials are added by a second small kernel in a fixed order.
-# FP4_ARITH[path]: decode fp4 codes arithmetically instead of with the 16-entry table (fp4 layers only).
+# few programs); their float32 partials are added by a second small kernel in a fixed order. SPLIT_K = 0: as
+# many slices (a power of two, at most 16) as it takes for the programs to cover every SM once (N decides).
+# ONE_ROW[fmt]: the kernel for a single row: "gemv" (CUDA cores) or "tile" (the tensor-core tile, 16 rows).
+# FP4_ARITH: the fp4 GEMV decodes codes arithmetically instead of with the 16-entry table (fp4 layers only).
 CONFIGS = {
     # one row: 8 rows x 2048 codes (8 KB) a step in flight per program, ~4 programs per SM (~32 KB in flight)
     ("fp4", "gemv"): (8, 2048, 8, 2, 1),
-    ("fp4", "tile"): (64, 128, 8, 3, 2),  # 2..64 rows: N wide enough that the warps split N (each code decoded once)
+    # 1..64 rows: 128 rows of W x one absmax block (4 KB of codes) a step, 6 in flight, K split to cover the SMs
+    ("fp4", "tile"): (128, 64, 4, 6, 0),
     ("fp4", "dequant"): (16, 256, 4, 1),
-    ("int4", "gemv"): (16, 1024, 4, 2, 2),  # 8 KB a step; K in two slices: 512 programs for N = 4096
-    ("int4", "tile"): (64, 128, 8, 3, 2),
+    ("int4", "gemv"): (32, 1024, 4, 2, 2),  # 16 KB a step; K in two slices: 256 programs for N = 4096
+    ("int4", "tile"): (128, 128, 4, 4, 0),  # one group (8 KB of codes) a step, 4 in flight
     ("int4", "dequant"): (64, 128, 4, 1),
 }
-FP4_ARITH = {"gemv": True, "tile": True}
+ONE_ROW = {"fp4": "gemv", "int4": "gemv"}
+FP4_ARITH = {"gemv": True}
 # The alternatives benchmarks/quant_gpu.py times on the real shapes (the first of each is the default above);
 # test_quant_kernels runs every one of them on the GPU.
 CANDIDATES = {
-    ("fp4", "gemv"): [(8, 2048, 8, 2, 1), (4, 1024, 4, 2, 1), (4, 4096, 8, 2, 1), (4, 2048, 4, 2, 1),
-                      (8, 1024, 8, 2, 1), (2, 1024, 4, 2, 1), (4, 1024, 4, 2, 2)],
-    ("fp4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
-                      (128, 128, 8, 3, 2), (32, 128, 4, 3, 2)],
-    ("int4", "gemv"): [(16, 1024, 4, 2, 2), (32, 1024, 4, 2, 2), (32, 1024, 4, 2, 1), (32, 256, 4, 3, 2),
-                       (64, 512, 8, 2, 2), (32, 512, 4, 2, 4), (16, 128, 2, 3, 1)],
-    ("int4", "tile"): [(64, 128, 8, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 4), (64, 256, 8, 3, 4),
-                       (128, 128, 8, 3, 2), (32, 128, 4, 4, 2)],
+    ("fp4", "gemv"): [(8, 2048, 8, 2, 1), (4, 1024, 4, 2, 1), (4, 4096, 8, 2, 1), (8, 1024, 8, 2, 1),
+                      (4, 1024, 4, 2, 2)],
+    ("fp4", "tile"): [(128, 64, 4, 6, 0), (128, 64, 4, 4, 0), (64, 64, 4, 6, 0), (256, 64, 8, 4, 0), (128, 32, 4, 8, 0),
+                      (128, 64, 8, 6, 0)],
+    ("int4", "gemv"): [(32, 1024, 4, 2, 2), (16, 1024, 4, 2, 2), (32, 1024, 4, 2, 1), (32, 512, 4, 2, 4),
+                       (64, 512, 8, 2, 2)],
+    ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
+                       (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2)],
 }
 
 
 def _rows(m: int) -> int:
-    """BLOCK_M for m rows: 1 (CUDA-core reduction) or a tensor-core tile of 16..64 rows."""
-    return 1 if m == 1 else min(64, max(16, triton.next_power_of_2(m)))
+    """BLOCK_M of the tensor-core tile for m rows: 16..64 (the MMA's narrow side)."""
+    return min(64, max(16, triton.next_power_of_2(m)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a GPU; 8 for the CPU (Triton's interpreter), so the tests cut K there too."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def _block_k(want: int, k: int, unit: int) -> int:
@@ -387,6 +424,16 @@ def _split(k: int, split: int, want: int, unit: int) -> tuple[int, int]:
     while split > 1 and k % (split * unit):
         split //= 2
     return split, _block_k(want, k // split, unit)
+
+
+def _tile_split(split: int, programs: int, device: torch.device) -> int:
+    """SPLIT_K of a tile config: as given, or (0) the power of two <= 16 that makes `programs` cover the SMs."""
+    if split:
+        return split
+    split, sms = 1, _sm_count(device)
+    while split < 16 and programs * split < sms:
+        split *= 2
+    return split
 
 
 def _outputs(m: int, n: int, split: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,6 +462,19 @@ def _stats(absmax: torch.Tensor, nested: Nested) -> tuple:
     return (absmax, *nested, True) if nested is not None else (absmax, absmax, absmax, 0.0, False)
 
 
+def pair_table(lut: torch.Tensor, dtype: torch.dtype, is_fp4: bool) -> tuple[torch.Tensor, float]:
+    """(table, scale) for the 4-bit tile kernel in a 16-bit dtype: table[b] (int32) holds the values of byte b's two
+    codes as a pair of `dtype` floats, the high nibble's (k even) in the low half; the kernel multiplies the block
+    absmax by `scale`. fp4 stores 3/4 of each value (exact in bf16 and fp16: 1/2, 3/4, 1/4, 3/8, 1/8, 3/16, 2^-8,
+    while 2/3, 1/3, 1/6, 1/192 are not) with scale 4/3; other tables are rounded to `dtype` once. float32 x needs
+    no table (the kernel reads `lut`). Torch ops on lut's device: no host sync, so it may run under capture."""
+    scale = 4.0 / 3.0 if is_fp4 else 1.0
+    bits = (lut.float() * (1.0 / scale)).to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF  # [16]
+    b = torch.arange(256, device=lut.device)
+    pair = bits[b >> 4] | (bits[b & 0xF] << 16)
+    return torch.where(pair >= 2**31, pair - 2**32, pair).to(torch.int32), scale
+
+
 def fp4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int, k: int,
                    dtype: torch.dtype, blocksize: int = 64, nested: Nested = None) -> torch.Tensor:
     """The [n, k] weight in `dtype` (exactly formats.dequantize_4bit)."""
@@ -429,40 +489,41 @@ def fp4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor
 
 
 def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int,
-               blocksize: int = 64, is_fp4: bool = False, nested: Nested = None) -> torch.Tensor:
+               blocksize: int = 64, is_fp4: bool = False, nested: Nested = None,
+               table: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., n] with W in the bitsandbytes 4-bit layout (K % blocksize == 0). `is_fp4`:
     the codes are bitsandbytes' fp4 (which may then be decoded without the table, see FP4_ARITH);
-    `nested`: the absmax are 8-bit (double quantization)."""
+    `nested`: the absmax are 8-bit (double quantization); `table`: pair_table(lut, x.dtype, is_fp4), cached by
+    the caller (else built here, two small torch ops)."""
     x2, k = _flat(x), x.shape[-1]
     m = x2.shape[0]
     if m > FUSED_MAX_ROWS:
         return torch.nn.functional.linear(x, fp4_dequantize(packed, absmax, lut, n, k, x.dtype, blocksize, nested))
     if not m:
         return x.new_empty(*x.shape[:-1], n)
-    block_m = _rows(m)
-    path = "gemv" if block_m == 1 else "tile"
-    block_n, block_k, warps, stages, split = CONFIGS[("fp4", path)]
-    split, block_k = _split(k, split, block_k, blocksize)
-    out, part = _outputs(m, n, split, x)
     a, nabs, nmap, offset, is_nested = _stats(absmax, nested)
-    arith = is_fp4 and FP4_ARITH[path]
-    words = packed.data_ptr() % 16 == 0  # the codes can be read as int32 words (else byte-wise)
-    if path == "gemv" and words:
+    if m == 1 and ONE_ROW["fp4"] == "gemv" and packed.data_ptr() % 16 == 0:  # codes read as int32 words
+        block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv")]
+        split, block_k = _split(k, split, block_k, blocksize)
+        out, part = _outputs(m, n, split, x)
         _fp4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x2, packed.view(-1).view(torch.int32), a, lut, nabs, nmap, offset, part, n, k, BLOCK_N=block_n,
-            BLOCK_K=block_k, BLOCKSIZE=blocksize, ARITH=arith, NESTED=is_nested, SPLIT_K=split, num_warps=warps,
-            num_stages=stages)
-    elif words and block_k >= 128:  # tensor cores want >= 16 words of K per slot
-        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-        _fp4_dot_kernel[grid](x2, packed.view(-1).view(torch.int32), a, lut, nabs, nmap, offset, part, m, n, k,
-                              x2.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                              BLOCKSIZE=blocksize, ARITH=arith, NESTED=is_nested, SPLIT_K=split, num_warps=warps,
-                              num_stages=stages)
+            BLOCK_K=block_k, BLOCKSIZE=blocksize, ARITH=is_fp4 and FP4_ARITH["gemv"], NESTED=is_nested,
+            SPLIT_K=split, num_warps=warps, num_stages=stages)
     else:
-        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-        _fp4_matmul_kernel[grid](x2, packed, a, lut, nabs, nmap, offset, part, m, n, k, x2.stride(0), out.stride(0),
-                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize, ARITH=arith,
-                                 NESTED=is_nested, SPLIT_K=split, num_warps=warps, num_stages=stages)
+        block_n, block_k, warps, stages, split = CONFIGS[("fp4", "tile")]
+        split = _tile_split(split, triton.cdiv(n, block_n), x.device)
+        unit = _block_k(min(block_k, blocksize), k, 16)  # one step, one dot: an absmax block or a part of one
+        split, block_k = _split(k, split, unit, unit)
+        out, part = _outputs(m, n, split, x)
+        if x.dtype == torch.float32:
+            lookup, scale = lut, 1.0
+        else:
+            lookup, scale = table if table is not None else pair_table(lut, x.dtype, is_fp4)
+        _fp4_mma_kernel[(triton.cdiv(n, block_n), split)](
+            x2, packed, a, lookup, nabs, nmap, offset, part, m, n, k, x2.stride(0), out.stride(0),
+            BLOCK_M=_rows(m), BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize,
+            NESTED=is_nested, SCALE=scale, SPLIT_K=split, num_warps=warps, num_stages=stages)
     _finish(part, out, split)
     return out.view(*x.shape[:-1], n)
 
@@ -497,24 +558,22 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         return torch.nn.functional.linear(x, int4_dequantize(qweight, qzeros, scales, x.dtype, group))
     if not m:
         return x.new_empty(*x.shape[:-1], n)
-    block_m = _rows(m)
-    path = "gemv" if block_m == 1 else "tile"
-    block_n, block_k, warps, stages, split = CONFIGS[("int4", path)]
-    if path == "gemv":  # whole groups per step (the scale is applied once per group)
+    if m == 1 and ONE_ROW["int4"] == "gemv":  # whole groups per step (the scale is applied once per group)
+        block_n, block_k, warps, stages, split = CONFIGS[("int4", "gemv")]
         split, block_k = _split(k, split, block_k, group)
         out, part = _outputs(m, n, split, x)
         _int4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x2, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
             num_warps=warps, num_stages=stages)
     else:
+        block_n, block_k, warps, stages, split = CONFIGS[("int4", "tile")]
+        split = _tile_split(split, triton.cdiv(n, block_n), x.device)
         split, _ = _split(k, split, group, group)  # slices of whole groups; the tile then divides the slice
-        block_k = _int4_block_k(block_k, k // split, group)
+        block_k = _int4_block_k(min(block_k, group), k // split, group)  # one step, one dot: a group or a part
         out, part = _outputs(m, n, split, x)
-        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-        kernel = _int4_dot_kernel if block_k >= 128 else _int4_matmul_kernel  # tensor cores: >= 16 rows a slot
-        kernel[grid](x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), out.stride(0),
-                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
-                                  num_warps=warps, num_stages=stages)
+        _int4_mma_kernel[(triton.cdiv(n, block_n), split)](
+            x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), out.stride(0), BLOCK_M=_rows(m),
+            BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split, num_warps=warps, num_stages=stages)
     _finish(part, out, split)
     return out.view(*x.shape[:-1], n)
 
