@@ -3,8 +3,11 @@
 One example per step: one 1344x1344 image (2,306 vision tokens) + 2,048 text tokens, of which the last
 --answer-tokens are labelled; LoRA r=8 on the vision-expert and language-expert QKV; gradient
 checkpointing on; AdamW on the LoRA weights; bf16 autocast, exactly the path `cogvlm2 finetune` takes
-(packing.pack -> objective.CausalLMLoss). Prints step time, tokens/s, estimated TFLOP/s against the
-card's bf16 matmul ceiling and peak memory, for LoRA and (if bitsandbytes imports) QLoRA.
+(packing.pack -> objective.CausalLMLoss). Prints step time, tokens/s, model TFLOP/s and MFU against the
+card's bf16 matmul rate measured in the same run (model FLOPs: no credit for the recomputation of
+gradient checkpointing; HFU, which counts it, next to it), the vision tower's and the forward's share
+and the peak memory, for LoRA, LoRA with --compiled-ops (same model, right after) and (if bitsandbytes
+imports) QLoRA.
 
     PYTHONPATH=. COGVLM2_EXTRA_PATH=/path/to/carried/wheels python benchmarks/finetune_lora.py [--out r.json]
 
@@ -114,22 +117,33 @@ def example(cfg: ModelConfig, text_tokens: int, answer_tokens: int) -> ModelInpu
     return ModelInputs(ids, types, position_ids(types), pixels, None, labels)
 
 
-def step_flops(cfg: ModelConfig, n_tokens: int, n_labels: int) -> float:
-    """Model FLOPs of one step. Frozen base: decoder forward + recompute + input-gradient backward
-    (3 x 2PN) plus causal attention; vision tower forward only; lm_head on labelled rows (3 x 2PN)."""
+def step_flops(cfg: ModelConfig, n_tokens: int, n_labels: int) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one step; the LoRA matmuls themselves (<0.1%) are left out.
+
+    Model FLOPs (what MFU counts; no credit for recomputation): the frozen base needs no weight
+    gradients, so each decoder linear costs its forward (2PN) plus the input-gradient backward (2PN);
+    causal attention 2N^2 D forward + 4N^2 D backward per layer; the frozen vision tower its forward
+    only; lm_head on the labelled rows forward + input gradient. Hardware FLOPs add the recomputation
+    of gradient checkpointing: every decoder layer's forward once more (linears and attention; an
+    upper bound, since the recomputation stops after the last saved activation, before down_proj)."""
     d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
     per_token_layer = d * (d + 2 * kv) + d * d + 3 * d * f  # one expert's QKV + dense + MLP
-    decoder = 3 * 2 * per_token_layer * cfg.num_hidden_layers * n_tokens
-    decoder += 3 * 2 * cfg.num_hidden_layers * n_tokens**2 * d  # QK^T and PV, causal half
+    linear_fwd = 2 * per_token_layer * cfg.num_hidden_layers * n_tokens
+    attn_fwd = 2 * cfg.num_hidden_layers * n_tokens**2 * d  # QK^T and PV, causal half
     v = cfg.vision
     n_patch = v.grid_size**2 + 1
     vit = v.num_hidden_layers * (2 * n_patch * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
                                  + 4 * n_patch**2 * v.hidden_size)
-    head = 3 * 2 * d * cfg.vocab_size * n_labels
-    return decoder + vit + head
+    head = 2 * 2 * d * cfg.vocab_size * n_labels
+    model = 2 * linear_fwd + 3 * attn_fwd + vit + head
+    return model, model + linear_fwd + attn_fwd
 
 
-def run(variant: str, args) -> dict | None:
+def run(variant: str, modes: list[str], args) -> list[dict]:
+    """Build the model once for `variant` (lora / qlora) and time a step in each mode: "eager" (plain torch
+    ops) and / or "compiled" (ops.compile_training_ops: RMSNorm, rotary, SiLU-mul fused by torch.compile)."""
+    from cogvlm2.model import ops
+
     dev = args.device
     cfg = tiny_config() if args.tiny else ModelConfig.from_dict(CONFIG_19B)
     if variant == "qlora":
@@ -137,7 +151,7 @@ def run(variant: str, args) -> dict | None:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
             print(f"qlora: skipped, bitsandbytes not importable ({e})")
-            return None
+            return []
     cuda = dev.startswith("cuda")
     t0 = time.perf_counter()
     model = build_model(cfg, dev)
@@ -155,9 +169,10 @@ def run(variant: str, args) -> dict | None:
     resident = torch.cuda.memory_allocated() if cuda else 0
     print(f"{variant}: model ready in {time.perf_counter() - t0:.0f} s; {how}; trainable "
           f"{sum(p.numel() for p in params) / 1e6:.1f} M params; resident {resident / 2**30:.1f} GiB")
+    autocast = lambda: torch.autocast(dev.split(":")[0], dtype=torch.bfloat16)  # noqa: E731
 
-    def step() -> float:
-        with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16):
+    def step() -> torch.Tensor:
+        with autocast():
             loss = loss_fn(batch) / batch.num_targets
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -169,36 +184,78 @@ def run(variant: str, args) -> dict | None:
         if cuda:
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        t1 = time.perf_counter()
-        loss = step()
+    def timed(fn, n: int) -> tuple[float, object]:
+        times, out = [], None
+        for _ in range(n):
+            t1 = time.perf_counter()
+            out = fn()
+            sync()
+            times.append(time.perf_counter() - t1)
+        return sorted(times)[len(times) // 2], out
+
+    def forward_loss(seed: int | None = None) -> torch.Tensor:  # the step's forward with autograd recording, no backward
+        if seed is not None:
+            torch.manual_seed(seed)  # the same LoRA dropout masks
+        with autocast():
+            return (loss_fn(batch) / batch.num_targets).detach()
+
+    model_flops, hw_flops = step_flops(cfg, batch.num_tokens, batch.num_targets)
+    rows = []
+    for mode in modes:
+        if mode == "compiled":  # same weights, same batch: the fused ops' loss against eager's
+            ops.compile_training_ops(False)
+            eager_loss = float(forward_loss(seed=0))
+            ops.compile_training_ops(True, (dev.split(":")[0],), args.compile_backend)
+            t1 = time.perf_counter()
+            same = float(forward_loss(seed=0))
+            step()  # compiles the backward
+            sync()
+            print(f"{variant} compiled: first forward + step (compiling) {time.perf_counter() - t1:.0f} s")
+        else:
+            ops.compile_training_ops(False)
+        for _ in range(args.warmup):
+            step()
         sync()
-        times.append(time.perf_counter() - t1)
-    t = sorted(times)[len(times) // 2]
-    flops = step_flops(cfg, batch.num_tokens, batch.num_targets)
-    row = {"variant": variant, "lora": how, "tokens": batch.num_tokens, "labelled": batch.num_targets,
-           "step_s": t, "tokens_per_s": batch.num_tokens / t, "tflops": flops / t / 1e12,
-           "mfu": flops / t / args.matmul_ceiling, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-           "resident_gib": resident / 2**30, "loss": float(loss), "gradient_checkpointing": model.gradient_checkpointing}
-    print(f"{variant}: step {t * 1e3:.0f} ms (median of {args.steps}), {row['tokens_per_s']:.0f} tokens/s, "
-          f"~{row['tflops']:.0f} TFLOP/s = {row['mfu']:.0%} of {args.matmul_ceiling / 1e12:.0f} TFLOP/s measured (model FLOPs "
-          f"{flops / 1e12:.0f} TFLOP/step), peak {row['peak_gib']:.1f} GiB, loss {row['loss']:.3f}"
-          + ("" if math.isfinite(row["loss"]) else "  <-- NOT FINITE"))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t, loss = timed(step, args.steps)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        with torch.no_grad():  # the frozen tower runs without autograd in the step too
+            t_vision, _ = timed(lambda: model.encode_images(batch.pixel_values), 3)
+        t_forward, _ = timed(forward_loss, 3)
+        row = {"variant": variant + ("-compiled" if mode == "compiled" else ""), "lora": how,
+               "tokens": batch.num_tokens, "labelled": batch.num_targets, "step_s": t,
+               "tokens_per_s": batch.num_tokens / t, "model_tflop_per_step": model_flops / 1e12,
+               "hardware_tflop_per_step": hw_flops / 1e12, "tflops": model_flops / t / 1e12,
+               "mfu": model_flops / t / args.matmul_ceiling, "hfu": hw_flops / t / args.matmul_ceiling,
+               "vision_forward_s": t_vision, "forward_s": t_forward, "peak_gib": peak,
+               "resident_gib": resident / 2**30, "loss": float(loss), "gradient_checkpointing": model.gradient_checkpointing}
+        if mode == "compiled":
+            row["compiled_vs_eager_loss"] = {"eager": eager_loss, "compiled": same,
+                                             "rel_diff": abs(same - eager_loss) / max(abs(eager_loss), 1e-12)}
+        print(f"{row['variant']}: step {t * 1e3:.0f} ms (median of {args.steps}), {row['tokens_per_s']:.0f} tokens/s, "
+              f"{row['tflops']:.0f} model TFLOP/s = MFU {row['mfu']:.0%} (HFU with recomputation {row['hfu']:.0%}) of "
+              f"{args.matmul_ceiling / 1e12:.0f} TFLOP/s measured; model {model_flops / 1e12:.0f} / hardware "
+              f"{hw_flops / 1e12:.0f} TFLOP per step; vision forward {t_vision * 1e3:.0f} ms, forward {t_forward * 1e3:.0f} ms, "
+              f"backward + optimizer ~{(t - t_forward) * 1e3:.0f} ms; peak {peak:.1f} GiB, loss {row['loss']:.3f}"
+              + ("" if math.isfinite(row["loss"]) else "  <-- NOT FINITE"))
+        if mode == "compiled":
+            c = row["compiled_vs_eager_loss"]
+            print(f"{row['variant']}: same weights and batch, loss eager {c['eager']:.6f} vs compiled {c['compiled']:.6f} "
+                  f"(relative difference {c['rel_diff']:.1e})")
+        rows.append(row)
+    ops.compile_training_ops(False)
     del model, optimizer, loss_fn, params
     if cuda:
         torch.cuda.empty_cache()
-    return row
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", default="lora,qlora", help="comma-separated: lora, qlora")
+    ap.add_argument("--variants", default="lora,lora-compiled,qlora",
+                    help="comma-separated: lora, lora-compiled, qlora, qlora-compiled (-compiled: --compiled-ops, "
+                         "timed on the same model right after the eager variant)")
     ap.add_argument("--text-tokens", type=int, default=2048)
     ap.add_argument("--answer-tokens", type=int, default=1024)
     ap.add_argument("--lora-r", type=int, default=8)
@@ -208,6 +265,8 @@ def main() -> None:
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
     ap.add_argument("--out", help="write the rows as JSON")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the -compiled variants "
+                    "(aot_eager: a quick CPU smoke test)")
     ap.add_argument("--tiny", action="store_true", help="smoke-test the script with the tiny config (e.g. on CPU)")
     args = ap.parse_args()
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
@@ -216,7 +275,12 @@ def main() -> None:
           f"text tokens ({args.answer_tokens} labelled) | LoRA r={args.lora_r} on vision + language expert QKV")
     # the card's own bf16 matmul rate, measured in this run (an H100's and an H200's differ)
     args.matmul_ceiling = ceilings()[1] if args.device.startswith("cuda") else float("nan")
-    rows = [r for v in args.variants.split(",") if (r := run(v.strip(), args)) is not None]
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    rows = []
+    for base in ("lora", "qlora"):
+        modes = [m for m, name in (("eager", base), ("compiled", base + "-compiled")) if name in wanted]
+        if modes:
+            rows += run(base, modes, args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": card, "torch": torch.__version__, "matmul_ceiling": args.matmul_ceiling, "rows": rows}, f, indent=2)

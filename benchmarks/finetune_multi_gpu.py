@@ -1,7 +1,8 @@
 """Multi-GPU fine-tuning check and memory figures (2 GPUs): ZeRO-2, ZeRO-3 and FSDP2 on the tiny model
 with save + `--resume latest` (the resumed losses must equal the uninterrupted run's), then a full
 fine-tune of the visual expert + GLU adapter of the full-size 19B architecture (random bf16 weights)
-under ZeRO-3 and FSDP2, with every GPU's peak memory and tokens/s.
+under ZeRO-3 and FSDP2, with every GPU's peak memory and tokens/s; and (--lora-scaling) the 19B LoRA
+on one GPU against the same per-GPU batch on --nproc GPUs: tokens/s of each and the speed-up.
 
 Every run is the real CLI (`accelerate launch ... -m cogvlm2.finetune finetune`), one after another,
 each under its own time limit; results are appended to OUT/finetune_multi_gpu.json as they come, so a
@@ -13,7 +14,16 @@ run cut short still reports what finished.
 The 19B checkpoint is written once to --work (random weights, ~39 GB, the official key names and the
 bundled Llama-3 tokenizer). Its runs skip the final 39 GB model write (--no-save-final) and save no
 checkpoint (the optimizer state of 7B trained parameters is ~110 GB); save / resume is what the tiny
-runs check.
+runs check. A later call on the same machine reuses that checkpoint when it is still there (it lives
+outside the repository) and rebuilds it otherwise.
+
+LoRA scaling (--lora-scaling zero2,fsdp2[,ddp]): every example is one 1344² image + about --text-tokens
+text tokens (half prompt, half answer), all the same length, so every rank does the same work; the
+baseline is the plain one-GPU trainer (`python -m cogvlm2.finetune finetune`, no launcher), each
+multi-GPU run has the same batch per GPU. tokens/s is the trainer's own `train/tokens_per_s` (all
+ranks' tokens over the step's wall time, data loading included), the median over the steps after
+--scaling-warmup; speed-up = multi-GPU tokens/s / one-GPU tokens/s (ideal: --nproc).
+--scaling-model tiny runs the same on the tiny model (a CPU smoke test: `--lora-scaling ddp`).
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cogvlm2" / "finetune" / "configs"
 BACKENDS = {"zero2": "zero2.yaml", "zero3": "zero3.yaml", "zero3_offload": "zero3_offload.yaml", "fsdp2": "fsdp2.yaml"}
+# launchers without an accelerate config: the one-process trainer, and torchrun (plain DDP)
+LAUNCHERS = ("single", "ddp")
 
 
 class Runner:
@@ -49,13 +61,20 @@ class Runner:
     def finetune(self, name: str, backend: str, args: list[str], limit: float) -> dict:
         """One `accelerate launch` of the finetune CLI; the tail of its log is appended to OUT/runs.log."""
         self.port += 1
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / BACKENDS[backend]),
-               "--num_processes", str(self.nproc), "--main_process_port", str(self.port),
-               "-m", "cogvlm2.finetune", "finetune", "--no-progress", "--no-tensorboard", *args]
+        trainer = ["-m", "cogvlm2.finetune", "finetune", "--no-progress", "--no-tensorboard", *args]
+        if backend == "single":
+            cmd = [sys.executable, *trainer]
+        elif backend == "ddp":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc),
+                   "--master_port", str(self.port), *trainer]
+        else:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / BACKENDS[backend]),
+                   "--num_processes", str(self.nproc), "--main_process_port", str(self.port), *trainer]
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": "0"} if backend == "single" else {}))
         t0 = time.time()
         limit = max(10.0, min(limit, self.left()))
         # on timeout the launcher AND its per-GPU workers go (kill_tree), freeing the GPUs
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
         try:
             log, _ = proc.communicate(timeout=limit)
             rc = proc.returncode
@@ -207,6 +226,75 @@ def full_size_runs(r: Runner, backends: list[str], steps: int) -> None:
         r.save()
 
 
+def long_dataset(path: Path, n: int, text_tokens: int) -> Path:
+    """n examples of equal length: one colour-square image (1344² after processing), a prompt and an
+    answer of about text_tokens / 2 words each (one token per word with the Llama-3 tokenizer)."""
+    from cogvlm2.finetune.toy import make_colour_dataset
+
+    make_colour_dataset(path, n=n, seed=0)
+    words = ["red", "green", "blue", "square", "grey", "corner", "left", "right"]
+    half = max(1, text_tokens // 2)
+    text = lambda k: " ".join(words[(k + i) % len(words)] for i in range(half))  # noqa: E731
+    lines = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        row = json.loads(line)
+        row["conversations"] = [{"role": "user", "content": "Describe the picture: " + text(i)},
+                                {"role": "assistant", "content": text(i + 1)}]
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def steady_tokens_per_s(out: Path, warmup: int) -> tuple[float | None, list[float]]:
+    """Median of the trainer's train/tokens_per_s over the steps after `warmup` (and every step's value)."""
+    path = out / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rates = [m["train/tokens_per_s"] for m in rows if "train/tokens_per_s" in m]
+    steady = sorted(rates[warmup:])
+    return (steady[len(steady) // 2] if steady else None), [round(x, 1) for x in rates]
+
+
+def lora_scaling_runs(r: Runner, backends: list[str], steps: int, warmup: int, text_tokens: int,
+                      model_name: str) -> None:
+    """The same LoRA run (same data, same batch per GPU) on one GPU and on r.nproc GPUs per backend."""
+    if model_name == "19b":
+        if r.left() < 150:
+            r.results["runs"].append({"name": "lora-scaling", "skipped": f"{r.left():.0f} s left of the time budget"})
+            r.save()
+            return
+        t0 = time.time()
+        model = str(make_19b(r.work / "cogvlm2-19b-random"))
+        r.results["make_19b_seconds"] = round(time.time() - t0, 1)
+    else:
+        model = model_name
+    data = long_dataset(r.work / "long" / "long.jsonl", n=max(16, 2 * r.nproc * steps), text_tokens=text_tokens)
+    baseline = None
+    for backend in ["single", *backends]:
+        if r.left() < 60:
+            r.results["runs"].append({"name": f"lora-scaling-{backend}", "skipped": "time budget spent"})
+            break
+        out = r.work / f"lora-{model_name}-{backend}"
+        shutil.rmtree(out, ignore_errors=True)
+        args = ["--model", model, "--data", str(data), "--output", str(out), "--method", "lora",
+                "--lora-targets", "vision_expert_qkv,language_expert_qkv", "--lr", "1e-4", "--max-steps", str(steps),
+                "--batch-size", "1", "--num-workers", "2", "--no-save-final", "--log-every", "1"]
+        row = r.finetune(f"lora-scaling-{backend}", backend, args, 300)
+        row["processes"] = 1 if backend == "single" else r.nproc
+        row["tokens_per_s"], row["tokens_per_s_per_step"] = steady_tokens_per_s(out, warmup)
+        state = state_of(out)
+        if state is not None:
+            row["peak_memory_gib_per_rank"] = state.get("peak_memory_gib_per_rank")
+            row["losses"] = [h["loss"] for h in state["history"]]
+        if backend == "single":
+            baseline = row["tokens_per_s"]
+        elif baseline and row["tokens_per_s"]:
+            row["speedup"] = round(row["tokens_per_s"] / baseline, 3)
+            print(f"lora-scaling-{backend}: {row['tokens_per_s']:,.0f} tokens/s on {r.nproc} processes vs "
+                  f"{baseline:,.0f} on one: x{row['speedup']:.2f}", flush=True)
+        r.results["runs"].append(row)
+        r.save()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -216,13 +304,27 @@ def main() -> None:
     p.add_argument("--tiny", default="zero2,zero3,fsdp2", help="backends for the tiny save/resume runs ('' = none)")
     p.add_argument("--full", default="zero3,fsdp2", help="backends for the 19B full fine-tune ('' = none)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps of each 19B run")
+    p.add_argument("--lora-scaling", default="", help="multi-process backends of the LoRA speed-up runs, e.g. "
+                   "zero2,fsdp2 (each against the one-GPU trainer; '' = none)")
+    p.add_argument("--scaling-model", default="19b", help="19b (the random 19B checkpoint) or tiny (smoke test)")
+    p.add_argument("--scaling-steps", type=int, default=14, help="optimizer steps of each LoRA scaling run")
+    p.add_argument("--scaling-warmup", type=int, default=4, help="first steps left out of the tokens/s median")
+    p.add_argument("--text-tokens", type=int, default=2048, help="text tokens per LoRA scaling example")
     args = p.parse_args()
+    for b in [x for x in (args.lora_scaling or "").split(",") if x]:
+        if b not in BACKENDS and b not in LAUNCHERS:
+            p.error(f"--lora-scaling: unknown backend {b!r} (choose from {', '.join([*BACKENDS, 'ddp'])})")
+    if args.scaling_model not in ("19b", "tiny"):
+        p.error("--scaling-model must be 19b or tiny")
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     r = Runner(out, work, args.budget, args.nproc)
     r.save()
     tiny_runs(r, [b for b in args.tiny.split(",") if b])
+    if args.lora_scaling:
+        lora_scaling_runs(r, [b for b in args.lora_scaling.split(",") if b], args.scaling_steps, args.scaling_warmup,
+                          args.text_tokens, args.scaling_model)
     if args.full:
         full_size_runs(r, [b for b in args.full.split(",") if b], args.steps)
     r.save()

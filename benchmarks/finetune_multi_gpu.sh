@@ -11,6 +11,12 @@
 #       annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.15.0 hjson==3.1.0 ).
 # Device call: run(kind="nvidia-h200-x2", carry=[".whl"], timeout_s=540,
 #                   command="bash benchmarks/finetune_multi_gpu.sh")
+# The issue #17 goals in two consecutive calls (the second within 30 s, so the machine and the 19B random
+# checkpoint in /tmp/finetune_multi_gpu are still there; it is rebuilt if not):
+#   1. BUDGET=490 bash benchmarks/finetune_multi_gpu.sh --tiny '' --full '' --lora-scaling zero2,fsdp2,ddp
+#      (writes the 19B checkpoint, then the 19B LoRA on 1 GPU vs 2 GPUs: tokens/s and speed-up)
+#   2. BUDGET=490 bash benchmarks/finetune_multi_gpu.sh --tiny '' --full zero3,fsdp2
+#      (full fine-tune of the visual expert + GLU adapter: peak memory per GPU)
 # Results: $OUT/finetune_multi_gpu.json (one row per run), $OUT/runs.log, $OUT/nvidia_smi.csv, $OUT/driver.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."

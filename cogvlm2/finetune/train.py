@@ -27,6 +27,7 @@ from torch import nn
 from ..checkpoint import save_weights
 from ..config import ModelConfig
 from ..model import checkpoint_folder, load_model
+from ..model.ops import compile_training_ops
 from ..processing import Processor
 from . import checkpointing as ckpt
 from . import distributed as dist
@@ -77,6 +78,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     dtype: str = "auto"  # auto: bf16 on CUDA (fp16 before Ampere), fp32 on CPU
     gradient_checkpointing: bool = True
+    compiled_ops: bool = False  # RMSNorm / rotary / SiLU-and-multiply fused by torch.compile on CUDA (model.ops)
     max_length: int | None = None
     overlong: str = "truncate"  # what to do with examples longer than max_length (dataset.OVERLONG)
     history: str = "official"
@@ -176,6 +178,7 @@ def build_model(cfg: TrainConfig, folder: Path, device: torch.device, dtype: tor
             p.data = p.data.float()  # fp32 master weights; bf16 compute comes from autocast
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.model.vision.transformer.gradient_checkpointing = cfg.gradient_checkpointing
+    compile_training_ops(cfg.compiled_ops)
     return model, lora_config
 
 

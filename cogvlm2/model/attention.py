@@ -68,6 +68,11 @@ class PackedAttention:
     cu_seqlens [S + 1] long: sequence s occupies flat tokens cu_seqlens[s] : cu_seqlens[s + 1].
     Each sequence gets its own causal SDPA call, so the flash / cuDNN kernels serve it (a dense
     block-diagonal mask would force the slower masked kernels and O(N^2) mask memory).
+
+    Grouped-query heads: bf16 / fp16 on CUDA hand SDPA the Hkv key / value heads as they are
+    (enable_gqa: the flash kernel reads each K/V head for its group of query heads, and autograd
+    saves Hkv heads, not Hq copies); elsewhere (fp32, CPU) K/V are repeated to Hq heads first, which
+    keeps the fp32 memory-efficient kernel eligible. Both compute the same attention.
     """
 
     def __init__(self, cu_seqlens: torch.Tensor | list[int]):
@@ -76,10 +81,13 @@ class PackedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         group = q.shape[1] // k.shape[1]
+        native_gqa = group > 1 and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
         outs = []
         for a, b in self.ranges:
             qs = q[a:b].transpose(0, 1)[None]  # [1, Hq, n, d]
-            ks = k[a:b].transpose(0, 1).repeat_interleave(group, 0)[None]  # [1, Hq, n, d]
-            vs = v[a:b].transpose(0, 1).repeat_interleave(group, 0)[None]
-            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1))
-        return torch.cat(outs)  # [N, Hq, d]
+            ks, vs = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)  # [Hkv, n, d]
+            if not native_gqa and group > 1:
+                ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)  # [Hq, n, d]
+            out = F.scaled_dot_product_attention(qs, ks[None], vs[None], is_causal=True, enable_gqa=native_gqa)
+            outs.append(out[0].transpose(0, 1))  # [n, Hq, d]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)  # [N, Hq, d]

@@ -4,9 +4,18 @@ tiny kernels per step become about 500).
 
 The fused path is taken only for CUDA tensors with autograd off; the Triton kernels compute in
 float32 exactly as the torch code does, so they agree to float32 rounding (tests/test_model_ops.py).
+
+Training (autograd on) can fuse too, opt-in: `compile_training_ops(True)` (the trainer's
+`--compiled-ops`) runs the same torch code of RMSNorm, rotary and SiLU-and-multiply through
+torch.compile on CUDA tensors that need gradients, so each becomes one fused kernel forward and one
+backward instead of 5-10 eager elementwise kernels (each reading / writing [N, D] in float32) per call,
+recomputation included. Inductor is told to round where eager rounds (emulate_precision_casts), so the
+math is the eager code's; tests/test_model_ops.py checks losses and gradients against it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +30,57 @@ def _fused(x: torch.Tensor) -> bool:
     return triton_ops is not None and x.is_cuda and not torch.is_grad_enabled()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As the official RMSNorm: normalise in float32, multiply by the weight in float32, cast back."""
-    if _fused(x):
-        return triton_ops.rms_norm(x, weight, eps)
+_COMPILED_TRAINING = {"enabled": False, "device_types": ("cuda",), "backend": "inductor"}
+
+
+def compile_training_ops(enabled: bool, device_types: tuple[str, ...] = ("cuda",), backend: str = "inductor") -> None:
+    """Route RMSNorm, rotary and SiLU-and-multiply through torch.compile when autograd records them
+    (training) on these device types; off (the default): plain eager torch. Inference is unaffected.
+    backend: torch.compile's ("aot_eager" traces the same graphs without generating kernels: tests)."""
+    _COMPILED_TRAINING.update(enabled=bool(enabled), device_types=tuple(device_types), backend=backend)
+
+
+def _compiled_training(x: torch.Tensor) -> bool:
+    return (_COMPILED_TRAINING["enabled"] and torch.is_grad_enabled() and x.requires_grad
+            and x.device.type in _COMPILED_TRAINING["device_types"])
+
+
+def _compiled(fn):
+    return _compile(fn, _COMPILED_TRAINING["backend"])
+
+
+@functools.cache
+def _compile(fn, backend: str):
+    """fn through torch.compile: one graph, any token count, eager's rounding of bf16 intermediates."""
+    options = {"emulate_precision_casts": True} if backend == "inductor" else None
+    return torch.compile(fn, backend=backend, dynamic=True, fullgraph=True, options=options)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return (weight * h).to(x.dtype)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As the official RMSNorm: normalise in float32, multiply by the weight in float32, cast back."""
+    if _fused(x):
+        return triton_ops.rms_norm(x, weight, eps)
+    if _compiled_training(x):
+        return _compiled(_rms_norm)(x, weight, eps)
+    return _rms_norm(x, weight, eps)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if _fused(gate):
         return triton_ops.silu_mul(gate, up)
-    return F.silu(gate) * up
+    if _compiled_training(gate):
+        return _compiled(_silu_mul)(gate, up)
+    return _silu_mul(gate, up)
 
 
 ROPE_MODES = ("official", "exact")
@@ -76,6 +123,10 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         return q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim), v.view(n, num_kv_heads, head_dim)
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    q = apply_rotary(q.reshape(n, num_heads, head_dim), cos, sin)
-    k = apply_rotary(k.reshape(n, num_kv_heads, head_dim), cos, sin)
+    rotate = _compiled(_rotate_qk) if _compiled_training(qkv) else _rotate_qk
+    q, k = rotate(q.reshape(n, num_heads, head_dim), k.reshape(n, num_kv_heads, head_dim), cos, sin)
     return q, k, v.reshape(n, num_kv_heads, head_dim)
+
+
+def _rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
