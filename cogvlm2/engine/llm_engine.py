@@ -38,14 +38,15 @@ from ..model.cogvlm import CogVLM2ForCausalLM
 from ..processing import Processor
 from ..processing.prompt import ModelInputs
 from ..sampling_params import SamplingParams
-from .attention import Attend, default_attend
+from .attention import Attend
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .output import OutputProcessor
 from .protocol import EngineStats, RequestOutput
-from .runner import LaunchedStep, ModelRunner
+from .runner import LaunchedStep
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
+from .worker import EngineWorker, ModelSpec, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +71,19 @@ def load_processor_and_model(model: str | Path | CogVLM2ForCausalLM, dtype: str 
 
 
 class LLMEngine:
-    def __init__(self, model: CogVLM2ForCausalLM, config: EngineConfig | None = None, processor: Processor | None = None,
-                 attend: Attend | None = None):
-        self.model = model
+    def __init__(self, model: CogVLM2ForCausalLM | ModelSpec | EngineWorker, config: EngineConfig | None = None,
+                 processor: Processor | None = None, attend: Attend | None = None):
+        """model: a built model, a ModelSpec (the worker builds it) or a worker (a group of ranks)."""
+        self.worker = model if hasattr(model, "launch") else Worker(model, attend)
+        self.worker.load()
         self.processor = processor
-        self.config = (config or EngineConfig()).for_model(model.config)
-        self.runner = ModelRunner(model, self.config, attend or default_attend(model.device, self.config.max_model_len))
-        self.block_manager = BlockManager(self.runner.kv.num_blocks, self.config.block_size,
+        cfg = self.worker.model_config
+        self.config = (config or EngineConfig()).for_model(cfg)
+        num_blocks = self.worker.num_kv_blocks(self.config)
+        self.worker.init_cache(self.config, num_blocks)
+        self.block_manager = BlockManager(num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching, self.config.adapter_id)
         self.scheduler = Scheduler(self.config, self.block_manager)
-        cfg = model.config
         self.output = OutputProcessor(processor.tokenizer if processor else None, cfg.eos_token_ids,
                                       self.config.max_model_len, cfg.max_position_embeddings)
         self.seqs: dict[str, Sequence] = {}
@@ -87,6 +91,14 @@ class LLMEngine:
         self._in_flight: LaunchedStep | None = None  # launched, not collected (async scheduling only)
         self._outputs: list[RequestOutput] = []  # of the step() call in progress
         self._unapplied: list[ScheduledBatch] = []  # its batches whose ids are not applied yet
+
+    @property
+    def model(self):
+        return self.worker.model
+
+    @property
+    def runner(self):
+        return self.worker.runner
 
     @classmethod
     def from_pretrained(cls, model: str | Path | CogVLM2ForCausalLM = "tiny", dtype: str | torch.dtype | None = None,
@@ -105,7 +117,7 @@ class LLMEngine:
 
     def validate(self, request_id: str, inputs: ModelInputs) -> None:
         """Raise ValueError with a message fit for the client when the request cannot be served."""
-        cfg, n = self.model.config, len(inputs)
+        cfg, n = self.worker.model_config, len(inputs)
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already running")
         if n == 0:
@@ -183,19 +195,18 @@ class LLMEngine:
             self._unapplied.append(prev.batch)
             lookahead = self.scheduler.schedule_lookahead(prev.batch, self._done_after_next_token)
             if lookahead is not None:
-                launched = self.runner.launch(lookahead, prev.sampled)
+                launched = self.worker.launch(lookahead, prev.sampled)
             self._collect(prev)  # while the device runs the lookahead
         if launched is None:
             batch = self.scheduler.schedule()
             if batch.seqs:
                 self._unapplied.append(batch)
-                launched = self.runner.launch(batch)
+                launched = self.worker.launch(batch)
         if launched is not None and not self.config.async_scheduling:
             self._collect(launched)
             launched = None
         self._in_flight = launched
-        if self.runner.vision_cache:
-            self.runner.release_vision(self.scheduler.pending_vision())
+        self.worker.release_vision(self.scheduler.pending_vision)
 
     def _recover(self, error: Exception) -> None:
         """A step raised: re-run each sequence of the unapplied batches alone; those that fail alone
@@ -220,7 +231,7 @@ class LLMEngine:
                 continue  # finished or failed meanwhile
             self._unapplied = []
             try:
-                self._collect(self.runner.launch(ScheduledBatch([seq], [start], [n], [sample])))
+                self._collect(self.worker.launch(ScheduledBatch([seq], [start], [n], [sample])))
             except Exception as e:  # noqa: BLE001 - it fails alone: it is to blame
                 self._fail(seq, e)
 
@@ -247,7 +258,7 @@ class LLMEngine:
         """Wait for a launched step's ids, append them and report the sequences they changed. A
         sequence that finished or was aborted while the step ran gets nothing: its token is stale.
         A sequence whose output cannot be processed (detokenizer, stop check) fails alone."""
-        tokens = self.runner.collect(step)
+        tokens = self.worker.collect(step)
         self.scheduler.update(step.batch, tokens)
         self._unapplied = [b for b in self._unapplied if b is not step.batch]
         for seq, token in zip(step.batch.seqs, tokens):

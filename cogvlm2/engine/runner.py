@@ -51,13 +51,14 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    def __init__(self, model: CogVLM2ForCausalLM, config: EngineConfig, attend: Attend = attend_reference):
+    def __init__(self, model: CogVLM2ForCausalLM, config: EngineConfig, attend: Attend = attend_reference,
+                 num_blocks: int | None = None):
         self.model = model
         self.config = config
         self.device = model.device
         self.attend = attend
         cfg = model.config
-        blocks = num_kv_blocks(model, config, attend)
+        blocks = num_blocks if num_blocks is not None else num_kv_blocks(model, config, attend)
         self.kv = KVCache(cfg.num_hidden_layers, blocks, config.block_size, cfg.num_key_value_heads, cfg.head_dim,
                           model.dtype, self.device)
         self.sampler = Sampler()
