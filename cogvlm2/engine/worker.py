@@ -40,14 +40,15 @@ from .scheduler import ScheduledBatch
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to build: a checkpoint ("tiny", a folder or a Hub id) and how to place it.
+    """What to build: a checkpoint ("tiny", a folder or a Hub id) and how to place it (or a model
+    already built, which is used as it is).
 
     dtype / device None: CUDA when available (bfloat16 from compute capability 8, else float16), else
     the CPU in float32. quant: quantize while loading (see cogvlm2.quant). adapters: LoRA adapters to
     load, name -> folder (peft format); requests select one by its name.
     """
 
-    model: str | Path
+    model: str | Path | nn.Module
     dtype: str | torch.dtype | None = None
     device: str | torch.device | None = None
     quant: str | int | None = None
@@ -93,10 +94,12 @@ class Worker:
     CogVLM2ForCausalLM (tests and benchmarks; `quant` of a spec is then applied to it in place)."""
 
     def __init__(self, model: ModelSpec | nn.Module, attend: Attend | None = None):
-        self.spec = model if isinstance(model, ModelSpec) else None
-        self.model: nn.Module | None = None if isinstance(model, ModelSpec) else model
+        self.spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
+        self.model: nn.Module | None = self.spec.model if isinstance(self.spec.model, nn.Module) else None
         self._attend = attend
         self.runner: ModelRunner | None = None
+        self._config: EngineConfig | None = None
+        self._adapters: dict[str, str] = {}  # name -> adapter id
 
     # load ----------------------------------------------------------------------------------------
 
@@ -108,7 +111,7 @@ class Worker:
             spec = self.spec
             self.model = load_model(str(spec.model), dtype=spec.resolved_dtype(), device=spec.resolved_device(),
                                     quant=spec.quant, rope_mode=spec.rope_mode)
-        for name, path in (self.spec.adapters.items() if self.spec else ()):
+        for name, path in self.spec.adapters.items():
             self.add_adapter(name, path)
 
     @property
@@ -135,6 +138,7 @@ class Worker:
         return num_kv_blocks(self.model, config, self.attend(config))
 
     def init_cache(self, config: EngineConfig, num_blocks: int) -> None:
+        self._config = config
         self.runner = ModelRunner(self.model, config, self.attend(config), num_blocks)
 
     # execute -------------------------------------------------------------------------------------
@@ -150,3 +154,39 @@ class Worker:
         when some are cached: it walks every unfinished sequence)."""
         if self.runner.vision_cache:
             self.runner.release_vision(keep())
+
+    # adapters ------------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Loaded LoRA adapters: name -> adapter id (content hash: the prefix-cache key)."""
+        return dict(self._adapters)
+
+    def adapter_slot(self, name: str | None) -> int:
+        """The LoRA slot of a loaded adapter (0: the base model); ValueError for an unknown name."""
+        if name is None:
+            return 0
+        if name not in self._adapters:
+            known = ", ".join(self._adapters) or "none"
+            raise ValueError(f"unknown LoRA adapter {name!r}; loaded: {known}")
+        return self.model.lora_slots.names[name]
+
+    def add_adapter(self, name: str, path: str | Path) -> str:
+        """Load a peft LoRA adapter under `name`; its adapter id. When the slot tables had to grow
+        (more adapters or a higher rank than they hold), the decode CUDA graphs are captured again."""
+        from ..model.lora import adapter_id, load_adapter_into
+
+        if not name or name in self._adapters:
+            raise ValueError(f"adapter name {name!r} is empty or already loaded")
+        before = getattr(self.model, "lora_slots", None)
+        load_adapter_into(self.model, name, path, max(len(self.spec.adapters), len(self._adapters) + 1))
+        self._adapters[name] = adapter_id(path)
+        if self.runner is not None and self.runner.graphs is not None and self.model.lora_slots is not before:
+            self.runner.capture_graphs()
+        return self._adapters[name]
+
+    def remove_adapter(self, name: str) -> None:
+        from ..model.lora import unload_adapter
+
+        unload_adapter(self.model, name)
+        del self._adapters[name]

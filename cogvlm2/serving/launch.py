@@ -25,7 +25,7 @@ async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]
     thread started, and shut down (in-flight requests failed) on exit."""
     from ..cli import auto_device  # checks the value: a clear error for --device cuda without a GPU
     from ..devices import auto_dtype
-    from ..engine.async_llm import AsyncLLM
+    from ..async_llm import AsyncLLM
     from ..model import load_model
     from ..tiny import TINY_NOTE, is_tiny
 
