@@ -167,10 +167,11 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
     kind = "video" if model.config.is_video else "image"
 
     def answer(query: str, history, media) -> str:
-        """Stream one answer; Ctrl-C stops it (what was printed so far is the answer)."""
-        inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
+        """Stream one answer; Ctrl-C stops it, also while the prompt is prepared (what was printed so far
+        is the answer)."""
         parts = []
         try:
+            inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
             for delta in stream_text(model, processor.tokenizer, inputs, params):
                 parts.append(delta)
                 stdout.write(delta)
