@@ -237,3 +237,58 @@ def test_a_corrupt_upload_is_a_short_readable_error(web, page, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "web_ui_corrupt_upload.png"), full_page=True)
     assert "could not be read" in text and "not an image" in text
     assert "/tmp" not in text and "gradio" not in text.lower() and "Traceback" not in text
+
+
+# --------------------------------------------------------------------------- the engine after Stop / Clear
+
+
+def engine_of(server):
+    """The in-process engine (AsyncLLM) behind a `web` BackgroundServer: its app keeps the backend."""
+    return server._server.config.app.state.backend.engine
+
+
+def live_request_ids(engine) -> set[str]:
+    """Requests the engine holds anywhere: its table, the scheduler's running and waiting queues."""
+    llm = engine.engine
+    return set(llm.seqs) | {s.request_id for s in (*llm.scheduler.running, *llm.scheduler.waiting)}
+
+
+def wait_engine_idle(engine, timeout: float):
+    """The engine's stats once no request runs or waits and every KV block is free (AssertionError after
+    `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = engine.stats()
+        if s.num_running == s.num_waiting == 0 and s.kv_blocks_free == s.kv_blocks_total:
+            return s
+        assert time.monotonic() < deadline, f"the engine still holds a request after {timeout} s: {s}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("button", ["stop", "clear"])
+def test_stop_and_clear_free_the_engines_kv_blocks(chatty_web, page, button, monkeypatch):
+    """Stop (or Clear) mid-stream aborts the engine request: its KV blocks are all free again and the
+    scheduler forgets it, well before the 1,500-token answer could have finished on its own."""
+    engine = engine_of(chatty_web)
+    wait_engine_idle(engine, timeout=120)  # an earlier test's answer is over
+    llm, aborted = engine.engine, []
+    abort = llm.abort
+
+    def recording_abort(request_id):  # the engine thread calls it for a request left mid-stream
+        aborted.append((request_id, abort(request_id)))
+        return aborted[-1][1]
+
+    monkeypatch.setattr(llm, "abort", recording_abort)
+    page.goto(chatty_web.url)
+    page.wait_for_selector("#message textarea")
+    start_long_answer(page, f"A long answer, then {button}.")
+    busy = engine.stats()
+    (request_id,) = live_request_ids(engine)
+    assert busy.num_running == 1 and busy.kv_blocks_free < busy.kv_blocks_total  # the answer holds KV blocks
+    page.locator(f"#{button}").click()
+    idle = wait_engine_idle(engine, timeout=15)
+    assert aborted == [(request_id, True)]  # aborted while running (a finished request is not aborted)
+    assert live_request_ids(engine) == set()
+    assert llm.block_manager.num_free == llm.block_manager.num_blocks == idle.kv_blocks_total
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"web_ui_{button}_freed.png"), full_page=True)

@@ -211,6 +211,7 @@ async def run_web_app(args, sock=None, on_started=None) -> None:
         ui = build_ui(backend)
         app = gr.mount_gradio_app(FastAPI(), ui, path="/", ssr_mode=False, theme=ui.theme_for_mount, css=CSS,
                                   footer_links=[], enable_monitoring=False, mcp_server=False, pwa=False)
+        app.state.backend = backend  # as `serve` keeps its context: in-process callers (tests) reach the engine
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                                timeout_graceful_shutdown=5))
 
