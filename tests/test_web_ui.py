@@ -292,3 +292,79 @@ def test_stop_and_clear_free_the_engines_kv_blocks(chatty_web, page, button, mon
     assert llm.block_manager.num_free == llm.block_manager.num_blocks == idle.kv_blocks_total
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"web_ui_{button}_freed.png"), full_page=True)
+
+
+# --------------------------------------------------------------------------- the uploaders' icons
+
+
+@pytest.fixture(scope="module")
+def video_web():
+    with BackgroundServer(["web", "--model", "tiny-video", "--max-model-len", "1024"]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory) -> Path:
+    import random
+
+    from cogvlm2.tiny import shapes
+
+    path = tmp_path_factory.mktemp("clip") / "shapes.mp4"
+    shapes.write_video(shapes.render_video_frames(shapes.random_motion(random.Random(0))), path)
+    return path
+
+
+# Every visible icon (svg) and icon button of the uploader block `sel`: its box, and each box that clips it (the
+# block, and any element between them whose overflow is not visible).
+ICON_BOXES = """(sel) => {
+  const root = document.querySelector(sel);
+  const box = (e) => { const b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; };
+  return [...root.querySelectorAll('svg, button')].filter((e) => e.checkVisibility()).map((e) => {
+    const clips = [];
+    for (let p = e.parentElement; p; p = p.parentElement) {
+      if (p === root || getComputedStyle(p).overflow !== 'visible') clips.push([p.className.baseVal ?? p.className, box(p)]);
+      if (p === root) break;
+    }
+    const name = e.getAttribute('aria-label') || e.getAttribute('title') || (e.className.baseVal ?? e.className);
+    return {tag: e.tagName.toLowerCase(), name: name, box: box(e), clips: clips};
+  });
+}"""
+
+
+def assert_icons_inside(page, selector: str) -> int:
+    """Each icon of the uploader is drawn whole: not zero-size and inside every box that clips it. The count."""
+    icons = page.evaluate(ICON_BOXES, selector)
+    for icon in icons:
+        left, top, right, bottom = icon["box"]
+        assert right - left >= 4 and bottom - top >= 4, f"{selector} {icon['tag']} {icon['name']!r} is {icon['box']}"
+        for name, (cl, ct, cr, cb) in icon["clips"]:
+            assert cl - 0.5 <= left and ct - 0.5 <= top and right <= cr + 0.5 and bottom <= cb + 0.5, \
+                f"{selector} {icon['tag']} {icon['name']!r} at {icon['box']} is clipped by {name!r} at {[cl, ct, cr, cb]}"
+    assert sum(icon["tag"] == "svg" for icon in icons) >= 3  # the measurement saw the icons
+    return len(icons)
+
+
+@pytest.mark.parametrize("width", [1280, 700])
+def test_the_video_uploaders_icons_are_not_clipped(video_web, page, clip_file, width):
+    """Empty (drop zone + upload / webcam buttons) and with a clip loaded (player and edit buttons)."""
+    page.set_viewport_size({"width": width, "height": 900})
+    page.goto(video_web.url)
+    page.wait_for_selector("#video-input .source-selection button")
+    assert page.locator("#image-input").count() == 0 or not page.locator("#image-input").is_visible()
+    assert_icons_inside(page, "#video-input")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#video-input").screenshot(path=str(ARTIFACTS / f"web_ui_video_uploader_{width}.png"))
+    page.locator("#video-input input[type=file]").set_input_files(str(clip_file))
+    page.wait_for_selector("#video-input video")
+    page.wait_for_selector("#video-input button[aria-label='Clear']")
+    assert_icons_inside(page, "#video-input")
+    page.screenshot(path=str(ARTIFACTS / f"web_ui_video_loaded_{width}.png"), full_page=True)
+
+
+def test_the_image_uploaders_icons_are_not_clipped(web, page, image_file):
+    page.goto(web.url)
+    page.wait_for_selector("#image-input .source-selection button")
+    assert_icons_inside(page, "#image-input")
+    page.locator("#image-input input[type=file]").set_input_files(str(image_file))
+    page.wait_for_selector("#image-input img")
+    assert_icons_inside(page, "#image-input")

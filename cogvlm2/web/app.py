@@ -65,11 +65,15 @@ def tiny_notice(backend) -> str:
             "to chat about real photos and videos.")
 
 
-# The video uploader's buttons keep their size in a narrow column (Gradio's default clips the icons).
+# The uploaders' buttons keep their size in a narrow column (Gradio's default squeezes the icons). The empty
+# video uploader's drop zone takes the block's whole height in Gradio, which pushes the source buttons (upload,
+# webcam) past the block's bottom edge, where its overflow: hidden clips them: the drop zone shrinks instead.
 CSS = """
 #video-input button, #image-input button { min-width: 2rem; }
 #video-input .icon-buttons, #image-input .icon-buttons { flex-wrap: nowrap; overflow: visible; }
 #video-input svg, #image-input svg { flex-shrink: 0; }
+#video-input .video-container { display: flex; flex-direction: column; }
+#video-input .upload-container { flex: 1 1 auto; min-height: 0; }
 """
 
 
