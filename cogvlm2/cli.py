@@ -14,6 +14,9 @@ from .devices import auto_device as _auto_device
 from .devices import auto_dtype
 
 DEFAULT_MODEL = "tiny"
+# What every sub-command's --model help says about the models embedded in the package (cogvlm2.tiny).
+EMBEDDED_MODELS = ("'tiny' (image chat), 'tiny-video' (video) or 'tiny-random' (random weights, answers noise: "
+                   "for tests)")
 
 # Sub-commands that live with their concern and need extras; each module defines add_parser(subparsers).
 _PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.finetune.cli", "cogvlm2.batch.cli", "cogvlm2.eval.cli")
@@ -69,7 +72,7 @@ def dtype_type(*allowed: str) -> Callable[[str], str]:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="checkpoint folder, Hugging Face repo id (e.g. THUDM/cogvlm2-llama3-chat-19B), or an "
-                        "embedded tiny model: 'tiny' (image chat) / 'tiny-video' (default: %(default)s)")
+                        f"embedded model: {EMBEDDED_MODELS} (default: %(default)s)")
     p.add_argument("--dtype", default="auto", type=dtype_type("auto", "float32", "bfloat16", "float16"),
                    help="auto, float32, bfloat16 or float16 (auto = bfloat16 on GPUs of compute capability >= 8, "
                         "float16 on older GPUs, float32 on CPU)")
@@ -164,10 +167,11 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
     kind = "video" if model.config.is_video else "image"
 
     def answer(query: str, history, media) -> str:
-        """Stream one answer; Ctrl-C stops it (what was printed so far is the answer)."""
-        inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
+        """Stream one answer; Ctrl-C stops it, also while the prompt is prepared (what was printed so far
+        is the answer)."""
         parts = []
         try:
+            inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
             for delta in stream_text(model, processor.tokenizer, inputs, params):
                 parts.append(delta)
                 stdout.write(delta)
