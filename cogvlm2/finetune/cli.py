@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import dtype_type
+from ..arguments import dtype_type
 
 LORA_TARGET_HELP = ("vision_expert_qkv, language_expert_qkv, vision_expert_dense, language_expert_dense, "
                     "vision_expert_mlp, language_expert_mlp, adapter (the GLU vision adapter), vision_tower, "
