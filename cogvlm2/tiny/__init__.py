@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_weights
+from ..checkpoint import bundled_tokenizer_path, save_weights
 from ..config import IMAGE_ARCH, VIDEO_ARCH, ModelConfig
 from ..model.random_init import init_random_
-from ..processing.tokenizer import bundled_tokenizer_path
 
 NAMES = ("tiny", "tiny-video")
 RANDOM_NAME = "tiny-random"
