@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, load_weights, parse_dtype, read_matching, resolve_model_path
-from ..config import ModelConfig
 from .cogvlm import CogVLM2ForCausalLM
 from .parallel import ParallelContext, shard_slicer
 from .pipeline import place, plan_stages
+from .registry import FAMILIES, ModelFamily, family_of, read_config
 
-__all__ = ["CogVLM2ForCausalLM", "ParallelContext", "checkpoint_folder", "load_model", "shard_model"]
+__all__ = ["CogVLM2ForCausalLM", "FAMILIES", "ModelFamily", "ParallelContext", "checkpoint_folder", "family_of",
+           "load_model", "read_config", "shard_model"]
 
 
 def checkpoint_folder(name_or_path: str | Path) -> Path:
@@ -52,7 +53,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
     if tensor_parallel is not None and pipeline_devices is not None:
         raise ValueError("tensor_parallel and pipeline_devices cannot be combined")
     folder = checkpoint_folder(name_or_path)
-    config = ModelConfig.from_file(folder / "config.json")
+    config = read_config(folder)
+    family = family_of(config)
     mode = q.normalize_quant(quant)
     stored = q.checkpoint_quant_type(config.raw)
     if stored is not None and mode not in (None, stored, stored + "-dq"):
@@ -60,7 +62,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
                          f"drop --quant (or use {stored.removesuffix('-dq')}-dq for 8-bit absmax) or use the bf16 "
                          "checkpoint")
     with torch.device("meta"):
-        model = CogVLM2ForCausalLM(config, tp=tensor_parallel)
+        model = family.model_class(config, tp=tensor_parallel)
     dtype = parse_dtype(dtype)
     if (stored is not None or mode is not None) and (tensor_parallel is not None or pipeline_devices is not None):
         raise ValueError("quantized models run on one device: tensor_parallel / pipeline_devices need a bf16, fp16 "
@@ -94,7 +96,7 @@ def shard_model(model: CogVLM2ForCausalLM, tensor_parallel: ParallelContext) -> 
     slices `load_model(..., tensor_parallel=...)` reads from a checkpoint, on the model's devices. Replicated
     tensors (the vision tower, norms) are shared with `model`, sharded ones copied."""
     with torch.device("meta"):
-        out = CogVLM2ForCausalLM(model.config, tp=tensor_parallel)
+        out = family_of(model.config).model_class(model.config, tp=tensor_parallel)
     slicer = shard_slicer(model.config, tensor_parallel)
     state = {}
     for key, t in model.state_dict().items():
