@@ -38,7 +38,7 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
 
     params = sampling_params(args)
     model, processor = load_from_args(args)
-    kind = "video" if model.config.is_video else "image"
+    kind = processor.media_kinds[0]
 
     def answer(query: str, history, media) -> str:
         """Stream one answer; Ctrl-C stops it (what was printed so far is the answer)."""

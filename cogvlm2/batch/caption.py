@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from ..config import ModelConfig
 from ..processing import CAPTION_PROMPT, Processor
 from ..sampling_params import SamplingParams
 from .items import Item, media_kind
@@ -29,13 +28,14 @@ IMAGE_PROMPT = "Please describe this image in detail."
 DEFAULT_MAX_NEW_TOKENS = 2048  # the official caption demo's budget; captions end at EOS well before
 
 
-def default_prompt(config: ModelConfig) -> str:
-    return VIDEO_PROMPT if config.is_video else IMAGE_PROMPT
+def default_prompt(media_kinds: tuple[str, ...]) -> str:
+    """The caption prompt of a checkpoint that takes `media_kinds` (`Processor.media_kinds`)."""
+    return VIDEO_PROMPT if "video" in media_kinds else IMAGE_PROMPT
 
 
-def native_media(config: ModelConfig) -> tuple[str, ...]:
+def native_media(media_kinds: tuple[str, ...]) -> tuple[str, ...]:
     """What a folder scan picks up: video checkpoints read videos and stills (as one-frame clips)."""
-    return ("image", "video") if config.is_video else ("image",)
+    return ("image", "video") if "video" in media_kinds else media_kinds
 
 
 def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny",
@@ -70,10 +70,9 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
             from ..model import checkpoint_folder
 
             processor = Processor.from_pretrained(checkpoint_folder(model))
-    config = processor.config
-    prompt = prompt or default_prompt(config)
+    prompt = prompt or default_prompt(processor.media_kinds)
     prep = Preprocessor(processor, prompt, template, video_strategy)
-    source = _source(inputs, tuple(media) if media else native_media(config), allow_urls)
+    source = _source(inputs, tuple(media) if media else native_media(processor.media_kinds), allow_urls)
     writer = open_writer(output, CAPTION_SCHEMA, overwrite, chunk_rows, chunk_seconds) if output is not None else None
 
     if ray:
