@@ -35,7 +35,7 @@ from PIL import Image
 from benchmarks.common import full_size_config, random_model, report
 from cogvlm2.batch.caption import caption
 from cogvlm2.engine.config import EngineConfig
-from cogvlm2.engine.llm_engine import LLMEngine
+from cogvlm2.llm import LLMEngine
 from cogvlm2.processing import Processor
 from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
 from cogvlm2.sampling_params import SamplingParams

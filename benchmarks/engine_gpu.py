@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import copy_bandwidth, matmul_flops, full_size_config, random_model, report
-from cogvlm2.engine.llm_engine import LLMEngine
+from cogvlm2.llm import LLMEngine
 from cogvlm2.engine.config import EngineConfig
 from cogvlm2.processing import Processor
 from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path

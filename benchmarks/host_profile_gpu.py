@@ -13,7 +13,7 @@ import time
 from benchmarks.common import full_size_config, random_model
 from benchmarks.engine_gpu import QUESTION, image
 from cogvlm2.engine.config import EngineConfig
-from cogvlm2.engine.llm_engine import LLMEngine
+from cogvlm2.llm import LLMEngine
 from cogvlm2.processing import Processor
 from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
 from cogvlm2.sampling_params import SamplingParams

@@ -35,7 +35,7 @@ import torch
 from benchmarks.common import ceilings, cuda_time, full_size_config, provenance, random_model
 from benchmarks.engine_gpu import QUESTION, first_token_time, image, run_until_done, steady_step_time
 from cogvlm2.engine.config import EngineConfig
-from cogvlm2.engine.llm_engine import LLMEngine
+from cogvlm2.llm import LLMEngine
 from cogvlm2.model.attention import PaddedKVCache
 from cogvlm2.model.batch import ForwardBatch, expert_indices
 from cogvlm2.processing import Processor

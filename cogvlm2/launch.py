@@ -27,7 +27,7 @@ async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]
     """(engine, processor, checkpoint folder): the model is loaded off the event loop, the engine
     thread started, and shut down (in-flight requests failed) on exit."""
     from .devices import auto_dtype, resolve_device
-    from .engine.async_llm import AsyncLLM
+    from .async_llm import AsyncLLM
     from .model import load_model
     from .tiny import TINY_NOTE, is_tiny
 

@@ -24,7 +24,7 @@ import cogvlm2
 from cogvlm2.batch.caption import CAPTION_SCHEMA, IMAGE_PROMPT, VIDEO_PROMPT
 from cogvlm2.batch.sources import write_shard
 from cogvlm2.cli import main
-from cogvlm2.engine.llm_engine import LLMEngine
+from cogvlm2.llm import LLMEngine
 from cogvlm2.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cogvlm2.engine import LLM, EngineConfig, LLMEngine
-from cogvlm2.engine.llm_engine import load_processor_and_model
+from cogvlm2.llm import load_processor_and_model
 from cogvlm2.generation import generate_ids
 from cogvlm2.processing.prompt import ModelInputs
 from cogvlm2.sampling_params import SamplingParams

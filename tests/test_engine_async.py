@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from cogvlm2.engine import AsyncLLM, EngineConfig, LLMEngine
-from cogvlm2.engine.llm_engine import load_processor_and_model
+from cogvlm2.llm import load_processor_and_model
 from cogvlm2.sampling_params import SamplingParams
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cogvlm2.engine.llm import LLM
+from cogvlm2.llm import LLM
 from cogvlm2.generation import generate_ids
 from cogvlm2.sampling_params import SamplingParams
 
@@ -45,7 +45,7 @@ def test_engine_cuda_async_equals_sync():
     from test_engine_overlap import count_lookaheads, stream, summary
 
     from cogvlm2.engine import EngineConfig, LLMEngine
-    from cogvlm2.engine.llm_engine import load_processor_and_model
+    from cogvlm2.llm import load_processor_and_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model, processor = load_processor_and_model("tiny", dtype="float32", device="cuda")

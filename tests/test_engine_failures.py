@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cogvlm2.engine import AsyncLLM, EngineConfig, LLMEngine
-from cogvlm2.engine.async_llm import EngineRequestError
-from cogvlm2.engine.llm_engine import load_processor_and_model
+from cogvlm2.async_llm import EngineRequestError
+from cogvlm2.llm import load_processor_and_model
 from cogvlm2.engine.sampler import Sampler
 from cogvlm2.engine.sequence import Sequence
 from cogvlm2.processing.prompt import ModelInputs
@@ -117,7 +117,7 @@ def test_a_failing_step_fails_only_the_request_to_blame(request, caplog, device,
     for rid, x in prompts.items():
         engine.add_request(rid, x, greedy)
     engine.add_request("bad", processor("I will break the step"), greedy)
-    caplog.set_level(logging.WARNING, logger="cogvlm2.engine.llm_engine")
+    caplog.set_level(logging.WARNING, logger="cogvlm2.engine.core")
     final = {}
     for _ in range(200):
         if not engine.has_unfinished():

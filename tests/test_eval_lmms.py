@@ -157,7 +157,7 @@ def test_lmms_eval_runs_through_our_engine(lmms_eval, tiny, tmp_path):
     gen = next(v for k, v in samples.items() if "vqa" in k)
     mc = next(v for k, v in samples.items() if "_mc" in k)
     # generate_until: the engine's greedy answer to the same prompt (chat template, first image)
-    from cogvlm2.engine.llm import LLM
+    from cogvlm2.llm import LLM
 
     llm = LLM(model, max_num_seqs=4)
     want = llm.generate([{"query": d["question"], "image": d["image"]} for d in docs],

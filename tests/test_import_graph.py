@@ -26,7 +26,7 @@ LAYERS = {
     "model": ("cogvlm2.config", "cogvlm2.checkpoint", "cogvlm2.devices", "cogvlm2.quant", "cogvlm2.model"),
     "checkpoints": ("cogvlm2.tiny",),  # the embedded tiny checkpoints, built on first use (not their recipe)
     "engine": ("cogvlm2.engine", "cogvlm2.sampling_params"),
-    "front-end": ("cogvlm2.processing", "cogvlm2.generation", "cogvlm2.llm"),
+    "front-end": ("cogvlm2.processing", "cogvlm2.generation", "cogvlm2.llm", "cogvlm2.async_llm"),
     "apps": ("cogvlm2", "cogvlm2.arguments", "cogvlm2.launch", "cogvlm2.serving", "cogvlm2.web", "cogvlm2.cli",
              "cogvlm2.batch", "cogvlm2.eval", "cogvlm2.finetune", "cogvlm2.tiny.recipe", "cogvlm2.tiny.shapes",
              "cogvlm2.tiny.__main__"),

@@ -468,7 +468,7 @@ def test_8_queued_pixels_are_held_in_the_model_dtype():
     import torch
 
     from cogvlm2.engine import AsyncLLM, LLMEngine
-    from cogvlm2.engine.llm_engine import load_processor_and_model
+    from cogvlm2.llm import load_processor_and_model
 
     model, processor = load_processor_and_model("tiny", dtype="bfloat16", device="cpu")
     llm = AsyncLLM(LLMEngine(model, processor=processor))

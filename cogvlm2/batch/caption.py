@@ -60,7 +60,7 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
     Ray: ray_actors = n or (min, max) engines (autoscaling between), ray_gpus_per_actor (default 1 when
     the cluster has GPUs, else CPU actors), ray_address (default: a running cluster or a local one).
     """
-    from ..engine.llm_engine import LLMEngine
+    from ..llm import LLMEngine
 
     params = sampling_params or SamplingParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0)
     if processor is None:

@@ -120,7 +120,7 @@ def _follow(job, command: str, unit: str, disable: bool) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from ..arguments import sampling_params
     from ..devices import auto_device, auto_dtype
-    from ..engine.llm_engine import LLMEngine
+    from ..llm import LLMEngine
     from .driver import drive
     from .job import Job
     from .preprocess import Preprocessor

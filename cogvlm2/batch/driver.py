@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from ..engine.llm_engine import LLMEngine
+from ..llm import LLMEngine
 from ..engine.protocol import RequestOutput
 from ..processing.prompt import ModelInputs
 from ..sampling_params import SamplingParams

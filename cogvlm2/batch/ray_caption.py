@@ -21,7 +21,7 @@ import time
 from typing import Callable, Iterable, Iterator
 
 from ..engine.config import EngineConfig
-from ..engine.llm_engine import LLMEngine
+from ..llm import LLMEngine
 from ..sampling_params import SamplingParams
 from .items import Item, MissingExtraError
 from .preprocess import Preprocessor
@@ -52,7 +52,7 @@ class _EngineActor:
 
     def __init__(self, model: str, factory: Callable[[], LLMEngine] | None, dtype: str | None, device: str | None,
                  engine_kwargs: dict, params: SamplingParams, prep: Preprocessor):
-        from ..engine.async_llm import AsyncLLM
+        from ..async_llm import AsyncLLM
 
         engine = factory() if factory is not None else LLMEngine.from_pretrained(model, dtype, device, **engine_kwargs)
         self.llm = AsyncLLM(engine).start()

@@ -3,7 +3,8 @@
 A block holds `block_size` consecutive tokens of one or more sequences. A FULL block whose K/V is
 computed gets a hash chained on its parent block's hash and everything its K/V depends on: token
 ids, token types, rotary positions, visual-expert routing, the image/video hash when it holds vision
-tokens (every image has the same placeholder ids), and the adapter id. Equal hash => equal K/V, so
+tokens (every image has the same placeholder ids), and the adapter id (the sequence's LoRA adapter, else
+the engine-wide `EngineConfig.adapter_id` of a model loaded with one). Equal hash => equal K/V, so
 another sequence may reuse the block instead of recomputing it.
 
 Free blocks sit in `free` (an ordered dict used as an LRU queue): a freed block keeps its hash and
@@ -69,7 +70,8 @@ class BlockManager:
         change), so a prompt that waits for several steps is hashed once."""
         chain = seq.hash_chain
         while len(chain) <= i:
-            chain.append(block_hash(seq, len(chain), self.block_size, chain[-1] if chain else None, self.adapter_id))
+            chain.append(block_hash(seq, len(chain), self.block_size, chain[-1] if chain else None,
+                                    seq.adapter_id or self.adapter_id))
         return chain[i]
 
     def allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = ()) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Literal, Protocol
 
-from ..processing.prompt import ModelInputs
+from .inputs import EngineInputs
 from ..sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -26,6 +26,7 @@ class RequestMetrics:
 class RequestOutput:
     """A snapshot of one request, emitted after every step that changed it.
 
+    The engine fills the id fields; the front-end (`cogvlm2.llm`) fills text / delta_text.
     token_ids / text are cumulative; delta_token_ids / delta_text are what is new since the previous
     output of the same request. finish_reason is set on the last output only: "stop" (EOS, a stop id
     or a stop string, which is cut from `text`), "length" (max_new_tokens or the context limit), or
@@ -64,8 +65,10 @@ class EngineClient(Protocol):
 
     max_model_len: int
 
-    def generate(self, request_id: str, inputs: ModelInputs, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Add a request and stream its outputs until it finishes. Leaving the iterator early (client
+    def generate(self, request_id: str, inputs: EngineInputs, params: SamplingParams,
+                 adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Add a request (`adapter`: the name of a loaded LoRA adapter, None: the base model) and
+        stream its outputs until it finishes. Leaving the iterator early (client
         disconnect, task cancellation) aborts the request and frees its KV blocks."""
         ...
 

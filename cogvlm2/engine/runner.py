@@ -51,13 +51,14 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    def __init__(self, model: CogVLM2ForCausalLM, config: EngineConfig, attend: Attend = attend_reference):
+    def __init__(self, model: CogVLM2ForCausalLM, config: EngineConfig, attend: Attend = attend_reference,
+                 num_blocks: int | None = None):
         self.model = model
         self.config = config
         self.device = model.device
         self.attend = attend
         cfg = model.config
-        blocks = num_kv_blocks(model, config, attend)
+        blocks = num_blocks if num_blocks is not None else num_kv_blocks(model, config, attend)
         self.kv = KVCache(cfg.num_hidden_layers, blocks, config.block_size, cfg.num_key_value_heads, cfg.head_dim,
                           model.dtype, self.device)
         self.sampler = Sampler()
@@ -68,8 +69,15 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._landing = [(torch.empty(config.max_num_seqs, dtype=torch.long, pin_memory=True), torch.cuda.Event())
                              for _ in range(NUM_LANDING_BUFFERS)]
-            if not config.enforce_eager and getattr(model, "supports_cuda_graphs", True):
-                self.graphs = DecodeGraphs(model, self.kv, config, attend)
+            self.capture_graphs()
+        self._active_slot = 0  # the LoRA slot the model's device scalar holds (0: no adapter)
+
+    def capture_graphs(self) -> None:
+        """(Re-)capture the decode CUDA graphs (CUDA, not enforce_eager, a model that supports them)."""
+        if self.device.type == "cuda" and not self.config.enforce_eager and \
+                getattr(self.model, "supports_cuda_graphs", True):
+            self.graphs = None  # the old graphs' memory goes back to the pool first
+            self.graphs = DecodeGraphs(self.model, self.kv, self.config, self.attend)
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, source: torch.Tensor | None = None) -> LaunchedStep:
@@ -78,8 +86,14 @@ class ModelRunner:
         previous step's `sampled`."""
         assert (batch.input_rows is None) == (source is None), "source goes with a lookahead batch"
         sampling = [s for s, sample in zip(batch.seqs, batch.samples) if sample]
+        groups = self._adapter_groups(batch)
         pending = None  # a lookahead batch's input ids: each sequence's latest id, still on the device
-        if self._is_plain_decode(batch):
+        if len(groups) > 1:  # several LoRA adapters: one forward per adapter (eager), rows put back in order
+            hidden = self._forward_groups(batch, groups, source)
+            if source is not None:
+                pending = self._lookahead_ids(batch.input_rows, source)
+        elif self._is_plain_decode(batch):
+            self._activate(batch.seqs[0].adapter_slot)
             rows = self._decode_rows(batch, source)
             pending = rows[0] if source is not None else None
             if self.graphs is not None and self.graphs.fits(len(batch)):
@@ -87,11 +101,43 @@ class ModelRunner:
             else:
                 hidden = self._forward_decode(rows)
         else:
+            self._activate(batch.seqs[0].adapter_slot)
             hidden = self._forward_eager(batch)
         if not sampling:
             return LaunchedStep(batch)
         sampled = self.sampler(self.model.compute_logits(hidden), sampling, pending)  # [n_sample] on the device
         return LaunchedStep(batch, sampled, *self._to_host(sampled))
+
+    @staticmethod
+    def _adapter_groups(batch: ScheduledBatch) -> dict[int, list[int]]:
+        """Row indices of the batch per LoRA slot (one group when every sequence uses the same one)."""
+        groups: dict[int, list[int]] = {}
+        for i, seq in enumerate(batch.seqs):
+            groups.setdefault(seq.adapter_slot, []).append(i)
+        return groups
+
+    def _activate(self, slot: int) -> None:
+        if slot != self._active_slot:
+            self.model.lora_slots.activate(slot)
+            self._active_slot = slot
+
+    def _forward_groups(self, batch: ScheduledBatch, groups: dict[int, list[int]],
+                        source: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states of the sampling rows [n_sample, D], in batch order, one eager forward per adapter."""
+        hidden, order = [], []
+        for slot, rows in groups.items():
+            sub = ScheduledBatch([batch.seqs[i] for i in rows], [batch.starts[i] for i in rows],
+                                 [batch.num_new_tokens[i] for i in rows], [batch.samples[i] for i in rows],
+                                 input_rows=None if source is None else [batch.input_rows[i] for i in rows])
+            self._activate(slot)
+            if self._is_plain_decode(sub):
+                hidden.append(self._forward_decode(self._decode_rows(sub, source)))
+            else:
+                hidden.append(self._forward_eager(sub))
+            order += [i for i in rows if batch.samples[i]]
+        position = {row: k for k, row in enumerate(order)}  # batch row -> its row in the concatenation
+        (index,) = self._to_device([[position[i] for i in range(len(batch)) if batch.samples[i]]])
+        return torch.cat(hidden).index_select(0, index)
 
     def collect(self, step: LaunchedStep) -> list[int | None]:
         """Wait for a launched step's ids: one per sequence, None for those that do not sample."""

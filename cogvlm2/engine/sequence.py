@@ -16,8 +16,8 @@ import bisect
 import enum
 import time
 
-from ..processing.prompt import ModelInputs
 from ..sampling_params import SamplingParams
+from .inputs import VISION_SLOT, EngineInputs
 from .protocol import RequestMetrics
 
 
@@ -28,9 +28,11 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, inputs: ModelInputs, params: SamplingParams,
-                 arrival_time: float | None = None):
+    def __init__(self, request_id: str, inputs: EngineInputs, params: SamplingParams,
+                 arrival_time: float | None = None, adapter_slot: int = 0, adapter_id: str | None = None):
         self.request_id = request_id
+        self.adapter_slot = adapter_slot  # the LoRA slot its steps run with (0: the base model)
+        self.adapter_id = adapter_id  # that adapter's content id: part of its prefix-cache hashes
         self.inputs = inputs
         self.params = params
         self.token_ids: list[int] = list(inputs.input_ids)
@@ -46,7 +48,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self._expert_mask = inputs.vision_expert_mask  # over the FULL prompt; sliced per chunk
-        self.vision_token_idx = [i for i, t in enumerate(inputs.token_type_ids) if t == 1]
+        self.vision_token_idx = [i for i, t in enumerate(inputs.token_type_ids) if t == VISION_SLOT]
         self.next_position = inputs.next_position
 
     def __len__(self) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ..engine.llm import LLM
+from ..llm import LLM
 from ..processing import ImageError
 from ..sampling_params import SamplingParams
 from .data import DataError

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from ..config import TEMPLATES, VISION_TOKEN_ID, ModelConfig
+from ..engine.inputs import EngineInputs, mask_to_segments
 from .tokenizer import Tokenizer
 
 LANGUAGE, VISION = 0, 1
@@ -61,42 +62,19 @@ def vision_expert_mask(token_types: Sequence[int]) -> list[bool]:
 
 
 @dataclass
-class ModelInputs:
-    """One prompt, ready for the model: ids, per-token types and positions, and its pixels.
+class ModelInputs(EngineInputs):
+    """One prompt built by the processor: the engine's inputs plus what only training and display use.
 
-    pixel_values: [n, 3, S, S] (n = 1 image, or T video frames) whose encoder output, flattened in
-    order, replaces the embeddings of the vision tokens. vision_hash identifies those pixels.
+    labels: training targets (-100 where no loss); prompt_text: the templated prompt. Routing
+    (`expert_segments`) is computed from the token types by the official rule when not given.
     """
 
-    input_ids: list[int]
-    token_type_ids: list[int]
-    position_ids: list[int]
-    pixel_values: torch.Tensor | None = None
-    vision_hash: str | None = None
     labels: list[int] | None = None
     prompt_text: str = ""
 
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def num_vision_tokens(self) -> int:
-        return sum(self.token_type_ids)
-
-    @property
-    def vision_expert_mask(self) -> list[bool]:
-        return vision_expert_mask(self.token_type_ids)
-
-    @property
-    def next_position(self) -> int:
-        """Position of the first generated token: previous maximum + 1."""
-        return max(self.position_ids) + 1
-
-    def output_budget(self, max_model_len: int, max_position_embeddings: int) -> int:
-        """How many tokens can be generated after this prompt: the KV budget counts tokens, the rotary
-        budget counts positions (vision tokens share them: an image's 2306 tokens span 3), and the last
-        generated token is never fed back, so it needs no position of its own."""
-        return min(max_model_len - len(self), max_position_embeddings - self.next_position + 1)
+    def __post_init__(self) -> None:
+        if self.expert_segments is None:
+            self.expert_segments = mask_to_segments(vision_expert_mask(self.token_type_ids))
 
 
 def build_inputs(

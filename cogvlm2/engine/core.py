@@ -1,4 +1,8 @@
-"""LLMEngine: the synchronous core (add_request / abort / step), wiring scheduler, runner and outputs.
+"""EngineCore: the synchronous engine (add_request / abort / step): token ids in, token ids out.
+
+It wires the scheduler, the block manager, the worker (which owns the model and the device) and the
+id-level outputs (stop ids, length limits). It knows no tokenizer and no text: the front-end
+(`cogvlm2.llm.LLMEngine`) turns requests into `EngineInputs` and outputs into text.
 
 Not thread-safe: one thread owns an engine (AsyncLLM runs it in its loop thread). Each step
 schedules, runs the model once, appends sampled tokens, and returns a RequestOutput for every
@@ -8,7 +12,7 @@ Async scheduling (EngineConfig.async_scheduling) keeps one launched step in flig
 the host work of a step overlaps the device's work on the next:
 
     step() call k:  launch step k+1 (lookahead: inputs from step k's ids on the device)
-                    collect step k, append its ids, detokenize, check stops, free finished sequences
+                    collect step k, append its ids, check stop ids and lengths, free finished sequences
                     -> outputs of step k        (meanwhile the device computes step k+1)
 
 The lookahead is only built in the steady decode state (`Scheduler.schedule_lookahead` states the
@@ -31,81 +35,65 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..devices import auto_device, auto_dtype
-from ..model import load_model
-from ..model.cogvlm import CogVLM2ForCausalLM
-from ..processing import Processor
-from ..processing.prompt import ModelInputs
 from ..sampling_params import SamplingParams
-from .attention import Attend, default_attend
+from .attention import Attend
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .inputs import EngineInputs
 from .output import OutputProcessor
 from .protocol import EngineStats, RequestOutput
-from .runner import LaunchedStep, ModelRunner
+from .runner import LaunchedStep
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
+from .worker import EngineWorker, ModelSpec, Worker
 
 logger = logging.getLogger(__name__)
 
 
-def load_processor_and_model(model: str | Path | CogVLM2ForCausalLM, dtype: str | torch.dtype | None = None,
-                             device: str | torch.device | None = None,
-                             quant: str | int | None = None) -> tuple[CogVLM2ForCausalLM, Processor | None]:
-    """A model name ("tiny", a folder, a hub id) or a loaded model -> (model, its processor or None).
-    Defaults: CUDA when available (bfloat16 from compute capability 8, else float16), else CPU in float32.
-    `quant` quantizes while loading (a loaded model: in place, see cogvlm2.quant)."""
-    if not isinstance(model, CogVLM2ForCausalLM):
-        device = auto_device(str(device) if device is not None else "auto")
-        dtype = dtype or auto_dtype("auto", device)
-        model = load_model(str(model), dtype=dtype, device=device, quant=quant)
-    elif quant is not None:
-        from ..quant import quantize_model
-
-        quantize_model(model, quant, model.device)
-    folder = getattr(model, "checkpoint_path", None)
-    processor = Processor.from_pretrained(folder, model.config) if folder is not None else None
-    return model, processor
-
-
-class LLMEngine:
-    def __init__(self, model: CogVLM2ForCausalLM, config: EngineConfig | None = None, processor: Processor | None = None,
+class EngineCore:
+    def __init__(self, model: nn.Module | ModelSpec | EngineWorker, config: EngineConfig | None = None,
                  attend: Attend | None = None):
-        self.model = model
-        self.processor = processor
-        self.config = (config or EngineConfig()).for_model(model.config)
-        self.runner = ModelRunner(model, self.config, attend or default_attend(model.device, self.config.max_model_len))
-        self.block_manager = BlockManager(self.runner.kv.num_blocks, self.config.block_size,
+        """model: a built model, a ModelSpec (the worker builds it) or a worker (e.g. a group of ranks)."""
+        self.worker = model if hasattr(model, "launch") else Worker(model, attend)
+        self.worker.load()
+        cfg = self.worker.model_config
+        self.config = (config or EngineConfig()).for_model(cfg)
+        num_blocks = self.worker.num_kv_blocks(self.config)
+        self.worker.init_cache(self.config, num_blocks)
+        self.block_manager = BlockManager(num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching, self.config.adapter_id)
         self.scheduler = Scheduler(self.config, self.block_manager)
-        cfg = model.config
-        self.output = OutputProcessor(processor.tokenizer if processor else None, cfg.eos_token_ids,
-                                      self.config.max_model_len, cfg.max_position_embeddings)
+        self.output = OutputProcessor(cfg.eos_token_ids, self.config.max_model_len, cfg.max_position_embeddings)
         self.seqs: dict[str, Sequence] = {}
         self._aborted: list[RequestOutput] = []
         self._in_flight: LaunchedStep | None = None  # launched, not collected (async scheduling only)
         self._outputs: list[RequestOutput] = []  # of the step() call in progress
         self._unapplied: list[ScheduledBatch] = []  # its batches whose ids are not applied yet
 
+    @property
+    def model(self):
+        return self.worker.model
+
+    @property
+    def runner(self):
+        return self.worker.runner
+
     @classmethod
-    def from_pretrained(cls, model: str | Path | CogVLM2ForCausalLM = "tiny", dtype: str | torch.dtype | None = None,
+    def from_pretrained(cls, model: str | Path | nn.Module = "tiny", dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, attend: Attend | None = None,
-                        quant: str | int | None = None, **engine_kwargs) -> "LLMEngine":
-        model, processor = load_processor_and_model(model, dtype, device, quant)
-        return cls(model, EngineConfig(**engine_kwargs), processor, attend)
+                        quant: str | int | None = None, **engine_kwargs) -> "EngineCore":
+        spec = model if isinstance(model, nn.Module) else ModelSpec(model, dtype, device, quant)
+        return cls(spec, EngineConfig(**engine_kwargs), attend)
 
     @property
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
-    @property
-    def tokenizer(self):
-        return self.processor.tokenizer if self.processor else None
-
-    def validate(self, request_id: str, inputs: ModelInputs) -> None:
+    def validate(self, request_id: str, inputs: EngineInputs) -> None:
         """Raise ValueError with a message fit for the client when the request cannot be served."""
-        cfg, n = self.model.config, len(inputs)
+        cfg, n = self.worker.model_config, len(inputs)
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already running")
         if n == 0:
@@ -134,23 +122,40 @@ class LLMEngine:
         if pixels is not None and not bool(torch.isfinite(pixels.sum())) and not bool(pixels.isfinite().all()):
             raise ValueError("pixel_values contain NaN or infinite values")
 
-    def add_request(self, request_id: str, inputs: ModelInputs, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+    def add_request(self, request_id: str, inputs: EngineInputs, params: SamplingParams | None = None,
+                    arrival_time: float | None = None, adapter: str | None = None) -> None:
+        """Queue a request; `adapter`: the name of a loaded LoRA adapter (None: the base model)."""
         params = params or SamplingParams()
         self.validate(request_id, inputs)
-        seq = Sequence(request_id, inputs, params, arrival_time)
+        slot = self.worker.adapter_slot(adapter)
+        seq = Sequence(request_id, inputs, params, arrival_time, slot, self.worker.adapters[adapter] if adapter else None)
         self.output.add(seq)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> bool:
+    def add_adapter(self, name: str, path: str | Path) -> str:
+        """Load a LoRA adapter that requests can select by `name`; its adapter id."""
+        return self.worker.add_adapter(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter; refused while an unfinished request uses it."""
+        slot = self.worker.adapter_slot(name)
+        users = [s.request_id for s in self.seqs.values() if s.adapter_slot == slot]
+        if users:
+            raise ValueError(f"adapter {name!r} is in use by requests {users[:5]}")
+        self.worker.remove_adapter(name)
+
+    def abort(self, request_id: str, report: bool = True) -> bool:
         """Stop a request now and free its blocks; its final output (finish_reason "abort") comes
-        with the next step. False if no such request is unfinished."""
+        with the next step unless report=False (the front-end ended it: a stop string). False if no
+        such request is unfinished."""
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
         self.scheduler.finish(seq)
-        self._aborted.append(self.output.abort(seq))
+        out = self.output.abort(seq)
+        if report:
+            self._aborted.append(out)
         return True
 
     def abort_all(self) -> list[str]:
@@ -183,19 +188,18 @@ class LLMEngine:
             self._unapplied.append(prev.batch)
             lookahead = self.scheduler.schedule_lookahead(prev.batch, self._done_after_next_token)
             if lookahead is not None:
-                launched = self.runner.launch(lookahead, prev.sampled)
+                launched = self.worker.launch(lookahead, prev.sampled)
             self._collect(prev)  # while the device runs the lookahead
         if launched is None:
             batch = self.scheduler.schedule()
             if batch.seqs:
                 self._unapplied.append(batch)
-                launched = self.runner.launch(batch)
+                launched = self.worker.launch(batch)
         if launched is not None and not self.config.async_scheduling:
             self._collect(launched)
             launched = None
         self._in_flight = launched
-        if self.runner.vision_cache:
-            self.runner.release_vision(self.scheduler.pending_vision())
+        self.worker.release_vision(self.scheduler.pending_vision)
 
     def _recover(self, error: Exception) -> None:
         """A step raised: re-run each sequence of the unapplied batches alone; those that fail alone
@@ -220,7 +224,7 @@ class LLMEngine:
                 continue  # finished or failed meanwhile
             self._unapplied = []
             try:
-                self._collect(self.runner.launch(ScheduledBatch([seq], [start], [n], [sample])))
+                self._collect(self.worker.launch(ScheduledBatch([seq], [start], [n], [sample])))
             except Exception as e:  # noqa: BLE001 - it fails alone: it is to blame
                 self._fail(seq, e)
 
@@ -246,8 +250,8 @@ class LLMEngine:
     def _collect(self, step: LaunchedStep) -> None:
         """Wait for a launched step's ids, append them and report the sequences they changed. A
         sequence that finished or was aborted while the step ran gets nothing: its token is stale.
-        A sequence whose output cannot be processed (detokenizer, stop check) fails alone."""
-        tokens = self.runner.collect(step)
+        A sequence whose output cannot be processed fails alone."""
+        tokens = self.worker.collect(step)
         self.scheduler.update(step.batch, tokens)
         self._unapplied = [b for b in self._unapplied if b is not step.batch]
         for seq, token in zip(step.batch.seqs, tokens):

@@ -1,4 +1,4 @@
-"""AsyncLLM: the EngineClient for asyncio servers: the engine steps in ONE background thread.
+"""AsyncLLM: the EngineClient for asyncio servers: the front-end engine steps in ONE background thread.
 
 The event loop never runs a model step. Callers talk to the engine thread through a command
 queue (add / abort); outputs travel back with `loop.call_soon_threadsafe` into one asyncio.Queue per
@@ -20,11 +20,12 @@ from typing import AsyncIterator
 
 import torch
 
-from ..model.cogvlm import CogVLM2ForCausalLM
-from ..processing.prompt import ModelInputs
-from ..sampling_params import SamplingParams
-from .llm_engine import LLMEngine
-from .protocol import EngineStats, RequestOutput
+from torch import nn
+
+from .engine.inputs import EngineInputs
+from .engine.protocol import EngineStats, RequestOutput
+from .llm import LLMEngine
+from .sampling_params import SamplingParams
 
 _STOP = object()
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class AsyncLLM:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_pretrained(cls, model: str | Path | CogVLM2ForCausalLM = "tiny", dtype: str | torch.dtype | None = None,
+    def from_pretrained(cls, model: str | Path | nn.Module = "tiny", dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, **engine_kwargs) -> "AsyncLLM":
         """Load like LLM (blocking: call it via asyncio.to_thread from a running loop). Not started."""
         return cls(LLMEngine.from_pretrained(model, dtype, device, **engine_kwargs))
@@ -78,15 +79,15 @@ class AsyncLLM:
 
     # EngineClient --------------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, inputs: ModelInputs,
-                       params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, inputs: EngineInputs, params: SamplingParams | None = None,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         if not self.is_running:
             raise RuntimeError("the engine is not running: call start() or use `async with`")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request_id, self._compact(inputs), params or SamplingParams()))
+        self._commands.put(("add", request_id, self._compact(inputs), params or SamplingParams(), adapter))
         finished = False
         try:
             while True:
@@ -103,7 +104,7 @@ class AsyncLLM:
             if not finished:
                 self._commands.put(("abort", request_id))
 
-    def _compact(self, inputs: ModelInputs) -> ModelInputs:
+    def _compact(self, inputs: EngineInputs) -> EngineInputs:
         """Queued pixels in the model's (narrower) float dtype, which the vision tower casts them to
         anyway (same result): a bf16 / fp16 model holds half the bytes per waiting image."""
         pixels, dtype = inputs.pixel_values, self.engine.model.dtype
@@ -152,9 +153,9 @@ class AsyncLLM:
                 return False
             block = False
             if cmd[0] == "add":
-                _, request_id, inputs, params = cmd
+                _, request_id, inputs, params, adapter = cmd
                 try:
-                    self.engine.add_request(request_id, inputs, params)
+                    self.engine.add_request(request_id, inputs, params, adapter=adapter)
                 except ValueError as e:  # refused: the client's error
                     self._deliver(request_id, e)
                 except Exception as e:  # noqa: BLE001 - a request that cannot be added fails alone

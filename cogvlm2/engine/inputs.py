@@ -1,0 +1,74 @@
+"""EngineInputs: one prompt as the engine takes it: token ids, rotary positions, routing and media tensors.
+
+The engine owns this type and knows nothing else about a request: no tokenizer, template, text or file
+path. The front-end's processor (`processing/`) builds it (its `ModelInputs` extends it with training
+labels and the prompt text) and computes every model quirk once, as data: which tokens a media
+embedding replaces, which positions tokens share, which tokens use the visual expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+VISION_SLOT = 1  # token_type_ids value of a token whose embedding a media feature replaces
+
+
+@dataclass
+class EngineInputs:
+    """input_ids        prompt token ids
+    token_type_ids      per token: VISION_SLOT where a vision feature replaces the embedding, else 0
+    position_ids        rotary positions (an image's inner tokens share one)
+    pixel_values        [n, 3, S, S]: n = 1 image or T video frames; their encoder output, flattened in
+                        order, replaces the embeddings of the VISION_SLOT tokens
+    vision_hash         identifies the pixels (feature cache and prefix-cache key); None: hashed on demand
+    expert_segments     [(start, end), ...] runs of tokens that use the visual-expert weights, sorted and
+                        disjoint (keyword only; None: no token does). Generated tokens never do.
+    """
+
+    input_ids: list[int]
+    token_type_ids: list[int]
+    position_ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    vision_hash: str | None = None
+    expert_segments: list[tuple[int, int]] | None = field(default=None, kw_only=True)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_vision_tokens(self) -> int:
+        return sum(t == VISION_SLOT for t in self.token_type_ids)
+
+    @property
+    def vision_expert_mask(self) -> list[bool]:
+        """Per prompt token: whether it uses the visual-expert weights (expert_segments as a mask)."""
+        mask = [False] * len(self.input_ids)
+        for a, b in self.expert_segments or ():
+            mask[a:b] = [True] * (b - a)
+        return mask
+
+    @property
+    def next_position(self) -> int:
+        """Position of the first generated token: previous maximum + 1."""
+        return max(self.position_ids) + 1
+
+    def output_budget(self, max_model_len: int, max_position_embeddings: int) -> int:
+        """How many tokens can be generated after this prompt: the KV budget counts tokens, the rotary
+        budget counts positions (vision tokens share them: an image's 2306 tokens span 3), and the last
+        generated token is never fed back, so it needs no position of its own."""
+        return min(max_model_len - len(self), max_position_embeddings - self.next_position + 1)
+
+
+def mask_to_segments(mask: list[bool]) -> list[tuple[int, int]]:
+    """Runs of True in a routing mask: [(start, end), ...]."""
+    out: list[tuple[int, int]] = []
+    for i, v in enumerate(mask):
+        if not v:
+            continue
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out

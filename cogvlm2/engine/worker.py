@@ -1,0 +1,192 @@
+"""Worker: the engine's hands on one device: it builds the model, sizes and owns the KV cache, runs steps
+and holds the LoRA adapters.
+
+The engine (`EngineCore`) talks to its model only through the narrow `EngineWorker` interface below:
+
+    load()                          build the model from its `ModelSpec` (or take a built nn.Module)
+    num_kv_blocks(config)           profile memory: how many KV blocks fit next to the weights
+    init_cache(config, num_blocks)  allocate the KV cache, capture CUDA graphs
+    launch(batch, source) / collect(step)   execute one scheduled step (ids come back from collect)
+    release_vision(keep)            drop cached image features no unfinished sequence needs
+    add_adapter(name, path) / remove_adapter(name)   LoRA adapters, selected per request by name
+
+With one GPU (or the CPU) `Worker` runs in-process and these are plain calls. Tensor parallelism plugs in
+here: a worker group implements the same interface over N ranks, each rank holding a `Worker` built from
+the same spec with `tensor_parallel=ParallelContext(rank, N)` (`model/parallel.py`: the rank loads only
+its slices and owns 1/N of the KV heads). The group forwards every call to every rank with the same
+arguments (a ScheduledBatch's host metadata is what it broadcasts), so the ranks run identical steps;
+`num_kv_blocks` is the minimum over ranks; the logits are all-gathered inside the model and every rank
+samples the same ids (`ParallelContext.sync_rng`), so `collect` returns rank 0's ids and the engine
+never learns how many devices ran the step. Pipeline stages would plug in the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..devices import auto_device, auto_dtype
+from .attention import Attend, default_attend
+from .config import EngineConfig
+from .memory import num_kv_blocks
+from .runner import LaunchedStep, ModelRunner
+from .scheduler import ScheduledBatch
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: a checkpoint ("tiny", a folder or a Hub id) and how to place it (or a model
+    already built, which is used as it is).
+
+    dtype / device None: CUDA when available (bfloat16 from compute capability 8, else float16), else
+    the CPU in float32. quant: quantize while loading (see cogvlm2.quant). adapters: LoRA adapters to
+    load, name -> folder (peft format); requests select one by its name.
+    """
+
+    model: str | Path | nn.Module
+    dtype: str | torch.dtype | None = None
+    device: str | torch.device | None = None
+    quant: str | int | None = None
+    adapters: dict[str, str | Path] = field(default_factory=dict)
+    rope_mode: str = "official"
+
+    def resolved_device(self) -> str:
+        return auto_device(str(self.device) if self.device is not None else "auto")
+
+    def resolved_dtype(self) -> str | torch.dtype:
+        return self.dtype or auto_dtype("auto", self.resolved_device())
+
+
+class EngineWorker(Protocol):
+    """What EngineCore needs from the device side (one in-process Worker, or a group of ranks)."""
+
+    model_config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+
+    def load(self) -> None: ...
+
+    def num_kv_blocks(self, config: EngineConfig) -> int: ...
+
+    def init_cache(self, config: EngineConfig, num_blocks: int) -> None: ...
+
+    def launch(self, batch: ScheduledBatch, source: torch.Tensor | None = None) -> LaunchedStep: ...
+
+    def collect(self, step: LaunchedStep) -> list[int | None]: ...
+
+    def release_vision(self, keep: Callable[[], set[str]]) -> None: ...
+
+    def add_adapter(self, name: str, path: str | Path) -> str: ...
+
+    def remove_adapter(self, name: str) -> None: ...
+
+    @property
+    def adapters(self) -> dict[str, str]: ...
+
+
+class Worker:
+    """The in-process worker of one device. `model` is a ModelSpec to build, or an already built
+    CogVLM2ForCausalLM (tests and benchmarks; `quant` of a spec is then applied to it in place)."""
+
+    def __init__(self, model: ModelSpec | nn.Module, attend: Attend | None = None):
+        self.spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
+        self.model: nn.Module | None = self.spec.model if isinstance(self.spec.model, nn.Module) else None
+        self._attend = attend
+        self.runner: ModelRunner | None = None
+        self._config: EngineConfig | None = None
+        self._adapters: dict[str, str] = {}  # name -> adapter id
+
+    # load ----------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Build the model on its device (a no-op for a given nn.Module), then load the spec's adapters."""
+        if self.model is None:
+            from ..model import load_model
+
+            spec = self.spec
+            self.model = load_model(str(spec.model), dtype=spec.resolved_dtype(), device=spec.resolved_device(),
+                                    quant=spec.quant, rope_mode=spec.rope_mode)
+        for name, path in self.spec.adapters.items():
+            self.add_adapter(name, path)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # memory and cache ----------------------------------------------------------------------------
+
+    def attend(self, config: EngineConfig) -> Attend:
+        if self._attend is None:
+            self._attend = default_attend(self.device, config.max_model_len)
+        return self._attend
+
+    def num_kv_blocks(self, config: EngineConfig) -> int:
+        """config.num_kv_blocks, or what fits after the weights and a profiling step (CUDA) / the CPU cap."""
+        return num_kv_blocks(self.model, config, self.attend(config))
+
+    def init_cache(self, config: EngineConfig, num_blocks: int) -> None:
+        self._config = config
+        self.runner = ModelRunner(self.model, config, self.attend(config), num_blocks)
+
+    # execute -------------------------------------------------------------------------------------
+
+    def launch(self, batch: ScheduledBatch, source: torch.Tensor | None = None) -> LaunchedStep:
+        return self.runner.launch(batch, source)
+
+    def collect(self, step: LaunchedStep) -> list[int | None]:
+        return self.runner.collect(step)
+
+    def release_vision(self, keep: Callable[[], set[str]]) -> None:
+        """Drop cached image features except those of the vision hashes keep() returns (asked only
+        when some are cached: it walks every unfinished sequence)."""
+        if self.runner.vision_cache:
+            self.runner.release_vision(keep())
+
+    # adapters ------------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Loaded LoRA adapters: name -> adapter id (content hash: the prefix-cache key)."""
+        return dict(self._adapters)
+
+    def adapter_slot(self, name: str | None) -> int:
+        """The LoRA slot of a loaded adapter (0: the base model); ValueError for an unknown name."""
+        if name is None:
+            return 0
+        if name not in self._adapters:
+            known = ", ".join(self._adapters) or "none"
+            raise ValueError(f"unknown LoRA adapter {name!r}; loaded: {known}")
+        return self.model.lora_slots.names[name]
+
+    def add_adapter(self, name: str, path: str | Path) -> str:
+        """Load a peft LoRA adapter under `name`; its adapter id. When the slot tables had to grow
+        (more adapters or a higher rank than they hold), the decode CUDA graphs are captured again."""
+        from ..model.lora import adapter_id, load_adapter_into
+
+        if not name or name in self._adapters:
+            raise ValueError(f"adapter name {name!r} is empty or already loaded")
+        before = getattr(self.model, "lora_slots", None)
+        load_adapter_into(self.model, name, path, max(len(self.spec.adapters), len(self._adapters) + 1))
+        self._adapters[name] = adapter_id(path)
+        if self.runner is not None and self.runner.graphs is not None and self.model.lora_slots is not before:
+            self.runner.capture_graphs()
+        return self._adapters[name]
+
+    def remove_adapter(self, name: str) -> None:
+        from ..model.lora import unload_adapter
+
+        unload_adapter(self.model, name)
+        del self._adapters[name]
