@@ -139,8 +139,9 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = N
     if not isinstance(name_or_path, str) or raw.startswith(("/", "./", "../", "~")) or raw in (".", ".."):
         raise CheckpointError(f"no such folder: {raw}")
     if not _REPO_ID.match(raw):
-        raise CheckpointError(f"{raw!r} is neither an existing folder nor a Hugging Face repo id "
-                              "(owner/name)")
+        raise CheckpointError(f"{raw!r} is neither an existing folder nor a Hugging Face repo id (owner/name); "
+                              "an embedded model's name ('tiny', 'tiny-video', 'tiny-random') resolves to its folder "
+                              "through cogvlm2.tiny.checkpoint_folder")
     import huggingface_hub
 
     try:

@@ -29,10 +29,11 @@ async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]
     from .devices import auto_dtype, resolve_device
     from .async_llm import AsyncLLM
     from .model import load_model
-    from .tiny import TINY_NOTE, is_tiny
+    from .tiny import TINY_NOTE, checkpoint_folder, is_tiny
 
     device = resolve_device(args.device)
-    model = await asyncio.to_thread(load_model, args.model, auto_dtype(args.dtype, device), device,
+    folder = checkpoint_folder(args.model)
+    model = await asyncio.to_thread(load_model, str(folder), auto_dtype(args.dtype, device), device,
                                     quant=getattr(args, "quant", None))
     folder = Path(model.checkpoint_path)
     engine = await asyncio.to_thread(AsyncLLM.from_pretrained, model, **engine_kwargs(args))
@@ -47,8 +48,8 @@ def load_from_args(args):
     weights (device, config, tokenizer, --image / --video, --lora) is checked before they load."""
     from .config import ModelConfig
     from .devices import auto_dtype, resolve_device
-    from .model import checkpoint_folder, load_model
-    from .tiny import note, tiny_name
+    from .model import load_model
+    from .tiny import checkpoint_folder, note, tiny_name
 
     device = resolve_device(args.device)
     for flag in ("image", "video", "lora"):

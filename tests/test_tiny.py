@@ -15,7 +15,7 @@ from cogvlm2.generation import generate_ids
 from cogvlm2.model import load_model
 from cogvlm2.processing import Processor
 from cogvlm2.sampling_params import SamplingParams
-from cogvlm2.tiny import NAMES, ROW_KEYS, resolve_tiny, unpack, weights_file
+from cogvlm2.tiny import NAMES, ROW_KEYS, checkpoint_folder, resolve_tiny, unpack, weights_file
 from cogvlm2.tiny import shapes
 from cogvlm2.tiny.recipe import RECIPES, pack
 
@@ -24,7 +24,7 @@ GREEDY = SamplingParams(max_new_tokens=60, temperature=0)
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     return model, Processor.from_pretrained(model.checkpoint_path, model.config)
 
 
@@ -67,7 +67,7 @@ def test_answers_about_fresh_scenes(tiny):
 
 
 def test_tiny_video_answers_about_motion(tmp_path):
-    model = load_model("tiny-video", progress=False)
+    model = load_model(checkpoint_folder("tiny-video"), progress=False)
     processor = Processor.from_pretrained(model.checkpoint_path, model.config)
     right = 0
     cases = [[shapes.Shape("circle", "red", (1, 0), "right")],

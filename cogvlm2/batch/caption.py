@@ -67,7 +67,7 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
         if isinstance(engine, LLMEngine):
             processor = engine.processor
         else:
-            from ..model import checkpoint_folder
+            from ..tiny import checkpoint_folder
 
             processor = Processor.from_pretrained(checkpoint_folder(model))
     prompt = prompt or default_prompt(processor.media_kinds)

@@ -156,7 +156,7 @@ def validate(cfg) -> int:
     from pathlib import Path
 
     from ..config import ModelConfig
-    from ..model import checkpoint_folder
+    from ..tiny import checkpoint_folder
     from .data import load_mixture
     from .train import check_max_length
 

@@ -26,8 +26,9 @@ from torch import nn
 
 from ..checkpoint import save_weights
 from ..config import ModelConfig
-from ..model import checkpoint_folder, family_of, load_model
+from ..model import family_of, load_model
 from ..processing import Processor
+from ..tiny import checkpoint_folder
 from . import checkpointing as ckpt
 from . import distributed as dist
 from .data import load_mixture

@@ -13,15 +13,8 @@ from .parallel import ParallelContext, shard_slicer
 from .pipeline import place, plan_stages
 from .registry import FAMILIES, ModelFamily, family_of, read_config
 
-__all__ = ["CogVLM2ForCausalLM", "FAMILIES", "ModelFamily", "ParallelContext", "checkpoint_folder", "family_of",
-           "load_model", "read_config", "shard_model"]
-
-
-def checkpoint_folder(name_or_path: str | Path) -> Path:
-    """The local folder of an embedded tiny model (built on first use), a checkpoint folder or a Hub repo id."""
-    from ..tiny import resolve_tiny
-
-    return resolve_tiny(name_or_path) or resolve_model_path(name_or_path)
+__all__ = ["CogVLM2ForCausalLM", "FAMILIES", "ModelFamily", "ParallelContext", "family_of", "load_model",
+           "read_config", "shard_model"]
 
 
 INV_FREQ_KEYS = r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"
@@ -32,7 +25,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
                tensor_parallel: ParallelContext | None = None,
                pipeline_devices: Sequence[str | torch.device] | None = None,
                pipeline_capacities: Sequence[float] | None = None) -> CogVLM2ForCausalLM:
-    """A local folder, a Hugging Face repo id, or an embedded tiny model name ("tiny", "tiny-video").
+    """A local checkpoint folder or a Hugging Face repo id (an embedded model's name, "tiny", "tiny-video",
+    "tiny-random", resolves to its folder through `cogvlm2.tiny.checkpoint_folder` first).
 
     The model is built on the meta device and every tensor is loaded once, directly in `dtype` on
     `device`; the key set must match the official checkpoint exactly. A bitsandbytes 4-bit checkpoint
@@ -52,7 +46,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
 
     if tensor_parallel is not None and pipeline_devices is not None:
         raise ValueError("tensor_parallel and pipeline_devices cannot be combined")
-    folder = checkpoint_folder(name_or_path)
+    folder = resolve_model_path(name_or_path)
     config = read_config(folder)
     family = family_of(config)
     mode = q.normalize_quant(quant)
