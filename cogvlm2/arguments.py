@@ -58,13 +58,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """The model arguments plus the engine's limits (`serve`, `web`)."""
+    """The model arguments plus the engine's limits and LoRA adapters (`serve`, `web`)."""
     add_model_arguments(p)
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + output tokens per request, the KV budget (default: max_position_embeddings + the tokens "
                         "that share positions in one image / 24 video frames); positions are checked too")
     p.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together in one step")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache pool size in blocks (default: sized automatically)")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=PATH",
+                   help="serve a LoRA adapter (peft format, e.g. from `cogvlm2 finetune`) unmerged next to the base "
+                        "model; requests select it by NAME as their `model` (PATH alone: NAME is the folder's name); "
+                        "repeatable")
 
 
 def add_lora_argument(p: argparse.ArgumentParser) -> None:

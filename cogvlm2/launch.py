@@ -16,6 +16,22 @@ from .processing import Processor
 logger = logging.getLogger(__name__)
 
 
+def parse_lora(values: list[str] | None) -> dict[str, Path]:
+    """--lora NAME=PATH or PATH (NAME: the folder's name), repeatable -> {name: folder}; clear errors for a
+    missing folder or a name given twice."""
+    adapters: dict[str, Path] = {}
+    for value in values or ():
+        name, sep, path = value.partition("=")
+        folder = Path(path if sep else value)
+        name = name if sep else folder.resolve().name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--lora {value}: no such folder")
+        if not name or name in adapters:
+            raise ValueError(f"--lora {value}: the adapter name {name!r} is empty or given twice")
+        adapters[name] = folder
+    return adapters
+
+
 def engine_kwargs(args) -> dict:
     """EngineConfig fields given on the command line (the others keep their defaults)."""
     names = ("max_model_len", "max_num_seqs", "num_kv_blocks")
@@ -26,17 +42,15 @@ def engine_kwargs(args) -> dict:
 async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]:  # noqa: F821
     """(engine, processor, checkpoint folder): the model is loaded off the event loop, the engine
     thread started, and shut down (in-flight requests failed) on exit."""
-    from .devices import auto_dtype, resolve_device
     from .async_llm import AsyncLLM
-    from .model import load_model
-    from .tiny import TINY_NOTE, checkpoint_folder, is_tiny
+    from .devices import auto_dtype, resolve_device
+    from .tiny import TINY_NOTE, is_tiny
 
     device = resolve_device(args.device)
-    folder = checkpoint_folder(args.model)
-    model = await asyncio.to_thread(load_model, str(folder), auto_dtype(args.dtype, device), device,
-                                    quant=getattr(args, "quant", None))
-    folder = Path(model.checkpoint_path)
-    engine = await asyncio.to_thread(AsyncLLM.from_pretrained, model, **engine_kwargs(args))
+    adapters = parse_lora(getattr(args, "lora", None))
+    engine = await asyncio.to_thread(AsyncLLM.from_pretrained, args.model, auto_dtype(args.dtype, device), device,
+                                     quant=getattr(args, "quant", None), adapters=adapters, **engine_kwargs(args))
+    folder = Path(engine.engine.model.checkpoint_path)
     if is_tiny(folder):
         logger.warning("%s is the %s", args.model, TINY_NOTE)
     async with engine:
