@@ -42,6 +42,19 @@ class ConfigError(ValueError):
     """A config.json field is missing or invalid; the message names the field."""
 
 
+def read_json(path: str | Path) -> Any:
+    """The parsed config.json at `path` (or in the folder `path`); a ConfigError names a missing file or bad JSON."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
+
+
 def _get(d: dict, key: str, kind, where: str, default: Any = ...) -> Any:
     if key not in d or d[key] is None:
         if default is ...:
@@ -207,16 +220,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path))
 
     def to_dict(self) -> dict:
         """The official config.json layout (what `from_dict` reads back)."""

@@ -8,14 +8,13 @@ plus one entry in `FAMILIES`; docs/architecture.md shows the steps.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
 
-from ..config import ARCHITECTURES, ConfigError, MediaSpec, ModelConfig
+from ..config import ARCHITECTURES, ConfigError, MediaSpec, ModelConfig, read_json
 from .cogvlm import CogVLM2ForCausalLM
 
 
@@ -79,15 +78,7 @@ def family_of(config_or_architectures: Any) -> ModelFamily:
 
 def read_config(path: str | Path) -> FamilyConfig:
     """A checkpoint's config.json (or its folder), read by its family's config class."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON: {e}") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return family_of(data.get("architectures")).read_config(data)
