@@ -22,7 +22,8 @@ from cogvlm2.processing import Processor
 from cogvlm2.sampling_params import SamplingParams
 from cogvlm2.model import INV_FREQ_KEYS
 from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
-from cogvlm2.tiny import NAMES, ROW_KEYS, _header, random_state_dict, resolve_tiny, tiny_config, unpack, weights_file
+from cogvlm2.tiny import (NAMES, ROW_KEYS, _header, checkpoint_folder, random_state_dict, resolve_tiny, tiny_config,
+                          unpack, weights_file)
 from cogvlm2.tiny import shapes
 from cogvlm2.tiny.recipe import (REDUCED, RECIPES, TRAIN_MODULES, dataset, pack, packed_recipe, recipe_record,
                                  used_token_ids)
@@ -35,7 +36,7 @@ GREEDY = SamplingParams(max_new_tokens=60, temperature=0)
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     return model, Processor.from_pretrained(model.checkpoint_path, model.config)
 
 
@@ -76,7 +77,7 @@ def test_answers_about_fresh_scenes(tiny):
 
 
 def test_tiny_video_answers_about_motion(tmp_path):
-    model = load_model("tiny-video", progress=False)
+    model = load_model(checkpoint_folder("tiny-video"), progress=False)
     processor = Processor.from_pretrained(model.checkpoint_path, model.config)
     right = 0
     cases = [[shapes.Shape("circle", "red", (1, 0), "right")],

@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 
 from PIL import Image  # noqa: E402
 
-from cogvlm2.serving.background import BackgroundServer  # noqa: E402
+from background_server import BackgroundServer  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import EMBEDDED_MODELS, dtype_type
+from ..arguments import EMBEDDED_MODELS, dtype_type
 
 LORA_TARGET_HELP = ("vision_expert_qkv, language_expert_qkv, vision_expert_dense, language_expert_dense, "
                     "vision_expert_mlp, language_expert_mlp, adapter (the GLU vision adapter), vision_tower, "
@@ -161,7 +161,7 @@ def validate(cfg) -> int:
     from pathlib import Path
 
     from ..config import ModelConfig
-    from ..model import checkpoint_folder
+    from ..tiny import checkpoint_folder
     from .data import load_mixture
     from .train import check_max_length
 

@@ -178,7 +178,7 @@ async def open_backend(args):
         await backend.connect()
         yield backend
         return
-    from ..serving.launch import open_engine
+    from ..launch import open_engine
     from ..tiny import is_tiny
 
     async with open_engine(args) as (engine, processor, model_path):

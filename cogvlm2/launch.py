@@ -1,14 +1,17 @@
-"""Start the engine for a server process from its command-line arguments, and stop it afterwards."""
+"""Load a model from the shared command-line arguments (`cogvlm2.arguments`): a model and processor for
+`chat` and `eval`, an engine for `serve` and `web`. The one place the front-ends and the servers share, so
+that neither imports the other nor a CLI module."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
-from ..processing import Processor
+from .processing import Processor
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +42,11 @@ def engine_kwargs(args) -> dict:
 async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]:  # noqa: F821
     """(engine, processor, checkpoint folder): the model is loaded off the event loop, the engine
     thread started, and shut down (in-flight requests failed) on exit."""
-    from ..cli import auto_device  # checks the value: a clear error for --device cuda without a GPU
-    from ..devices import auto_dtype
-    from ..async_llm import AsyncLLM
-    from ..tiny import TINY_NOTE, is_tiny
+    from .async_llm import AsyncLLM
+    from .devices import auto_dtype, resolve_device
+    from .tiny import TINY_NOTE, is_tiny
 
-    device = auto_device(args.device)
+    device = resolve_device(args.device)
     adapters = parse_lora(getattr(args, "lora", None))
     engine = await asyncio.to_thread(AsyncLLM.from_pretrained, args.model, auto_dtype(args.dtype, device), device,
                                      quant=getattr(args, "quant", None), adapters=adapters, **engine_kwargs(args))
@@ -53,3 +55,35 @@ async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]
         logger.warning("%s is the %s", args.model, TINY_NOTE)
     async with engine:
         yield engine, engine.processor, folder
+
+
+def load_from_args(args):
+    """(model, processor) from the shared model arguments. Everything that can be checked without the
+    weights (device, config, tokenizer, --image / --video, --lora) is checked before they load."""
+    from .config import ModelConfig
+    from .devices import auto_dtype, resolve_device
+    from .model import load_model
+    from .tiny import checkpoint_folder, note, tiny_name
+
+    device = resolve_device(args.device)
+    for flag in ("image", "video", "lora"):
+        path = getattr(args, flag, None)
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"--{flag} {path}: no such file or folder")
+    folder = checkpoint_folder(args.model)
+    processor = Processor.from_pretrained(folder, ModelConfig.from_file(folder / "config.json"))
+    if getattr(args, "lora", None):
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise ModuleNotFoundError("--lora needs peft", name="peft")
+    model = load_model(str(folder), dtype=auto_dtype(args.dtype, device), device=device,
+                       quant=getattr(args, "quant", None))
+    if getattr(args, "lora", None):
+        from .finetune.lora import load_with_adapter
+
+        model = load_with_adapter(model, args.lora)[0]
+    name = tiny_name(model.checkpoint_path)
+    if name:
+        print(f"note: {args.model} is the {note(name)}.", file=sys.stderr)
+    return model, processor
