@@ -44,15 +44,16 @@ async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]
     thread started, and shut down (in-flight requests failed) on exit."""
     from .async_llm import AsyncLLM
     from .devices import auto_dtype, resolve_device
-    from .tiny import TINY_NOTE, is_tiny
+    from .tiny import note, tiny_name
 
     device = resolve_device(args.device)
     adapters = parse_lora(getattr(args, "lora", None))
     engine = await asyncio.to_thread(AsyncLLM.from_pretrained, args.model, auto_dtype(args.dtype, device), device,
                                      quant=getattr(args, "quant", None), adapters=adapters, **engine_kwargs(args))
     folder = Path(engine.engine.model.checkpoint_path)
-    if is_tiny(folder):
-        logger.warning("%s is the %s", args.model, TINY_NOTE)
+    name = tiny_name(folder)
+    if name:  # each embedded model's own note (tiny-video's is about moving shapes)
+        logger.warning("%s is the %s", args.model, note(name))
     async with engine:
         yield engine, engine.processor, folder
 
