@@ -195,6 +195,15 @@ class CogVLM2ForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads this model (this rank's shard under tensor parallelism) keeps in a KV cache."""
+        return self.config.num_key_value_heads // tp_size(self.tp)
+
+    def layer_devices(self) -> list[torch.device]:
+        """The device of each decoder layer (several under pipeline stages): where its KV cache lives."""
+        return [layer.input_layernorm.weight.device for layer in self.model.layers]
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] images or video frames -> [B, tokens_per_image, D] vision-token embeddings
         (on the vision tower's device)."""
