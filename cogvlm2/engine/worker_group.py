@@ -124,7 +124,7 @@ class TensorParallelGroup:
         except BaseException:
             self.shutdown()
             raise
-        self.ctx = ParallelContext(0, n)
+        self.ctx = ParallelContext(0, n, shard_vision=spec.shard_vision)
         self.local = Worker(spec, attend, self.ctx)
         self._watchdog = threading.Thread(target=self._watch, name="cogvlm2-tp-watchdog", daemon=True)
         self._watchdog.start()
@@ -383,7 +383,7 @@ def _rank_main(rank: int, size: int, port: int, backend: str, spec: ModelSpec, a
         store.add("joined", 1)
         dist.init_process_group(backend, store=store, rank=rank, world_size=size,
                                 timeout=timedelta(seconds=timeout_s), device_id=device_id)
-        _Rank(Worker(spec, attend, ParallelContext(rank, size)), conn).serve()
+        _Rank(Worker(spec, attend, ParallelContext(rank, size, shard_vision=spec.shard_vision)), conn).serve()
     except Exception as e:  # noqa: BLE001 - reported to the driver, then the rank exits
         try:
             conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))

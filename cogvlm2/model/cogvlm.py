@@ -166,7 +166,7 @@ class CogVLMModel(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.vision = EVA2CLIPModel(cfg)
+        self.vision = EVA2CLIPModel(cfg, tp if tp is not None and tp.shard_vision else None)
 
 
 class CogVLM2ForCausalLM(nn.Module):
