@@ -53,7 +53,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..config import ModelConfig
-from ..model.parallel import ParallelContext
+from ..model.parallel import ParallelContext, check_sizes
 from .attention import Attend
 from .config import EngineConfig
 from .runner import LaunchedStep
@@ -94,6 +94,9 @@ class TensorParallelGroup:
         if spec.adapters:
             raise ValueError("LoRA adapters are not supported with tensor parallelism (merge the adapter into the "
                              "checkpoint, or serve on one GPU)")
+        from ..model import checkpoint_folder
+
+        check_sizes(ModelConfig.from_file(checkpoint_folder(str(spec.model)) / "config.json"), n, spec.shard_vision)
         if dist.is_available() and dist.is_initialized():
             raise RuntimeError("this process already belongs to a torch.distributed group; the tensor-parallel "
                                "engine starts its own (run it outside torchrun)")
@@ -110,7 +113,8 @@ class TensorParallelGroup:
             for rank in range(1, n):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_rank_main, name=f"cogvlm2-tp-rank{rank}", daemon=True,
-                                   args=(rank, n, store.port, self.backend, spec, attend, child, os.getpid(), timeout_s))
+                                   args=(rank, n, store.port, self.backend, spec, attend, child, os.getpid(), timeout_s,
+                                         _tf32_flags()))
                 proc.start()
                 child.close()
                 self.procs.append(proc)
@@ -369,10 +373,16 @@ def _init_cache(worker: Worker, config: EngineConfig, num_blocks: int, seed: int
 
 # the ranks ---------------------------------------------------------------------------------------
 
+def _tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
 def _rank_main(rank: int, size: int, port: int, backend: str, spec: ModelSpec, attend: Attend | None, conn,
-               parent_pid: int, timeout_s: float) -> None:
-    """A rank process: join the group, then serve the driver's messages until shutdown."""
+               parent_pid: int, timeout_s: float, tf32: tuple[bool, bool]) -> None:
+    """A rank process: join the group, then serve the driver's messages until shutdown. It computes with
+    the driver's TF32 settings, so every rank rounds alike."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     try:
         device_id = None

@@ -109,15 +109,7 @@ class ParallelContext:
         return n // self.world_size
 
     def check(self, cfg: ModelConfig) -> None:
-        """Every sharded dimension of the model divides by world_size (KV heads: 8 in the official models,
-        so N = 1, 2, 4, 8)."""
-        self.shard(cfg.num_key_value_heads, "the number of KV heads")
-        self.shard(cfg.num_attention_heads, "the number of attention heads")
-        self.shard(cfg.intermediate_size, "intermediate_size")
-        self.shard(cfg.vocab_size, "vocab_size")
-        if self.shard_vision:
-            self.shard(cfg.vision.num_heads, "the vision tower's heads")
-            self.shard(cfg.vision.intermediate_size, "the vision tower's intermediate_size")
+        check_sizes(cfg, self.world_size, self.shard_vision)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place (what CUDA graphs capture); x is returned."""
@@ -153,6 +145,19 @@ class ParallelContext:
         seed = self.broadcast_object(int(torch.randint(0, 2**62, ()).item()))
         torch.manual_seed(seed)
         return seed
+
+
+def check_sizes(cfg: ModelConfig, world_size: int, shard_vision: bool = False) -> None:
+    """Every sharded dimension of the model divides by world_size (KV heads: 8 in the official models,
+    so N = 1, 2, 4, 8), or a ValueError naming the one that does not."""
+    dims = [(cfg.num_key_value_heads, "the number of KV heads"), (cfg.num_attention_heads, "the number of attention heads"),
+            (cfg.intermediate_size, "intermediate_size"), (cfg.vocab_size, "vocab_size")]
+    if shard_vision:
+        dims += [(cfg.vision.num_heads, "the vision tower's heads"),
+                 (cfg.vision.intermediate_size, "the vision tower's intermediate_size")]
+    for n, what in dims:
+        if n % world_size:
+            raise ValueError(f"tensor parallel size {world_size} must divide {what} ({n})")
 
 
 def tp_size(ctx: ParallelContext | None) -> int:
