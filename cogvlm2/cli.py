@@ -79,6 +79,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "nf4, fp4-dq / nf4-dq (8-bit absmax), 8 = LLM.int8 (bitsandbytes), int4 = group-wise int4, "
                         "fp8 = e4m3 (fast prefill on cc >= 8.9); the official int4 checkpoints need no flag "
                         "(fp4-dq compresses their absmax)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split every layer over N GPUs, one process each (N divides the 8 KV heads: 2, 4, 8); "
+                        "for speed; docs/parallel.md")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="N",
+                   help="consecutive layers on N GPUs in this process (e.g. the bf16 19B model on 2 x 24 GB cards); "
+                        "for fitting, not speed; docs/parallel.md")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 2048) -> None:
@@ -128,6 +134,7 @@ def load_for_chat(args):
     """(model, processor) from the shared model arguments. Everything that can be checked without the
     weights (device, config, tokenizer, --image / --video, --lora) is checked before they load."""
     from .config import ModelConfig
+    from .engine.worker import ModelSpec
     from .model import checkpoint_folder, load_model
     from .processing import Processor
     from .tiny import note, tiny_name
@@ -144,8 +151,14 @@ def load_for_chat(args):
 
         if importlib.util.find_spec("peft") is None:
             raise ModuleNotFoundError("--lora needs peft", name="peft")
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        raise ValueError(f"`cogvlm2 {getattr(args, 'command', 'eval')}` runs one process: --tensor-parallel-size needs the engine "
+                         "(chat, serve, web, generate, caption); use --pipeline-parallel-size to spread the model")
+    pipeline = getattr(args, "pipeline_parallel_size", 1)
     model = load_model(str(folder), dtype=auto_dtype(args.dtype, device), device=device,
-                       quant=getattr(args, "quant", None))
+                       quant=getattr(args, "quant", None),
+                       pipeline_devices=ModelSpec(str(folder), device=device, pipeline_parallel_size=pipeline)
+                       .pipeline_devices() if pipeline > 1 else None)
     if getattr(args, "lora", None):
         from .finetune.lora import load_with_adapter
 
@@ -156,19 +169,66 @@ def load_for_chat(args):
     return model, processor
 
 
+def load_engine_for_chat(args):
+    """(engine, processor) for `chat --tensor-parallel-size N`: the engine with one sequence at a time."""
+    from .engine import LLMEngine
+
+    if getattr(args, "lora", None):
+        raise ValueError("--lora is not supported with --tensor-parallel-size")
+    device = auto_device(args.device)
+    engine = LLMEngine.from_pretrained(args.model, auto_dtype(args.dtype, device), device, quant=args.quant,
+                                       tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=1)
+    from .tiny import note, tiny_name
+
+    name = tiny_name(engine.model.checkpoint_path)
+    if name:
+        print(f"note: {args.model} is the {note(name)}.", file=sys.stderr)
+    return engine, engine.processor
+
+
+def engine_stream(engine, inputs, params):
+    """The text deltas of one answer from the engine. Ctrl-C ends the answer between two steps (a step
+    interrupted half-way would leave the tensor-parallel ranks out of step) by raising KeyboardInterrupt."""
+    import signal
+
+    rid = f"chat-{id(inputs)}"
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    engine.add_request(rid, inputs, params)
+    try:
+        while engine.has_unfinished():
+            if interrupted:
+                engine.abort(rid)
+                while engine.has_unfinished():
+                    engine.step()
+                raise KeyboardInterrupt
+            for out in engine.step():
+                if out.error:
+                    raise RuntimeError(out.error)
+                if out.delta_text:
+                    yield out.delta_text
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     from .generation import stream_text
 
     params = sampling_params(args)
-    model, processor = load_for_chat(args)
-    kind = "video" if model.config.is_video else "image"
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        engine, processor = load_engine_for_chat(args)
+        config, stream = engine.model.config, lambda inputs: engine_stream(engine, inputs, params)
+    else:
+        model, processor = load_for_chat(args)
+        config, stream = model.config, lambda inputs: stream_text(model, processor.tokenizer, inputs, params)
+    kind = "video" if config.is_video else "image"
 
     def answer(query: str, history, media) -> str:
         """Stream one answer; Ctrl-C stops it (what was printed so far is the answer)."""
         inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
         parts = []
         try:
-            for delta in stream_text(model, processor.tokenizer, inputs, params):
+            for delta in stream(inputs):
                 parts.append(delta)
                 stdout.write(delta)
                 stdout.flush()

@@ -30,11 +30,21 @@ async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]
     from ..tiny import TINY_NOTE, is_tiny
 
     device = auto_device(args.device)
-    model = await asyncio.to_thread(load_model, args.model, auto_dtype(args.dtype, device), device,
-                                    quant=getattr(args, "quant", None))
-    folder = Path(model.checkpoint_path)
-    engine = await asyncio.to_thread(AsyncLLM.from_pretrained, model, **engine_kwargs(args))
+    parallel = {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),
+                "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1)}
+    if max(parallel.values()) > 1:  # the worker loads the model on each device (each rank: its shard)
+        engine = await asyncio.to_thread(AsyncLLM.from_pretrained, args.model, auto_dtype(args.dtype, device), device,
+                                         quant=getattr(args, "quant", None), **parallel, **engine_kwargs(args))
+        folder = Path(engine.engine.model.checkpoint_path)
+    else:
+        model = await asyncio.to_thread(load_model, args.model, auto_dtype(args.dtype, device), device,
+                                        quant=getattr(args, "quant", None))
+        folder = Path(model.checkpoint_path)
+        engine = await asyncio.to_thread(AsyncLLM.from_pretrained, model, **engine_kwargs(args))
     if is_tiny(folder):
         logger.warning("%s is the %s", args.model, TINY_NOTE)
-    async with engine:
-        yield engine, engine.processor, folder
+    try:
+        async with engine:
+            yield engine, engine.processor, folder
+    finally:
+        engine.engine.shutdown()  # a tensor-parallel group's ranks
