@@ -42,14 +42,20 @@ from .scheduler import ScheduledBatch
 @dataclass(frozen=True)
 class ModelSpec:
     """What to build: a checkpoint ("tiny", a folder or a Hub id) and how to place it (or a model
-    already built, which is used as it is).
+    already built, which is used as it is, or a factory: a callable that builds it, called as
+    `factory(dtype=, device=, tensor_parallel=)` on every rank, so picklable under tensor parallelism:
+    full-size random weights for benchmarks).
+
+    tensor_parallel_size N > 1: N processes, one per GPU (`worker_group.py`), each loading its shard;
+    shard_vision: the vision tower sharded too (else replicated). pipeline_parallel_size N > 1:
+    consecutive layers on N GPUs in this process, each layer's KV cache on its GPU, run eagerly.
 
     dtype / device None: CUDA when available (bfloat16 from compute capability 8, else float16), else
     the CPU in float32. quant: quantize while loading (see cogvlm2.quant). adapters: LoRA adapters to
     load, name -> folder (peft format); requests select one by its name.
     """
 
-    model: str | Path | nn.Module
+    model: str | Path | nn.Module | Callable[..., nn.Module]
     dtype: str | torch.dtype | None = None
     device: str | torch.device | None = None
     quant: str | int | None = None
@@ -146,9 +152,14 @@ class Worker:
             spec, tp = self.spec, self.tensor_parallel
             device = spec.resolved_device() if tp is None else tp.device
             pipeline = spec.pipeline_devices() if spec.pipeline_parallel_size > 1 else None
-            self.model = load_model(str(spec.model), dtype=spec.resolved_dtype(), device=device,
-                                    quant=spec.quant, rope_mode=spec.rope_mode, tensor_parallel=tp,
-                                    pipeline_devices=pipeline, progress=tp is None or tp.rank == 0)
+            if callable(spec.model):
+                if pipeline is not None:
+                    raise ValueError("a model factory places its model itself: build the pipeline model and pass it")
+                self.model = spec.model(dtype=spec.resolved_dtype(), device=device, tensor_parallel=tp)
+            else:
+                self.model = load_model(str(spec.model), dtype=spec.resolved_dtype(), device=device,
+                                        quant=spec.quant, rope_mode=spec.rope_mode, tensor_parallel=tp,
+                                        pipeline_devices=pipeline, progress=tp is None or tp.rank == 0)
         for name, path in self.spec.adapters.items():
             self.add_adapter(name, path)
 

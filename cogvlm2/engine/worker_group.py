@@ -96,7 +96,8 @@ class TensorParallelGroup:
                              "checkpoint, or serve on one GPU)")
         from ..model import checkpoint_folder
 
-        check_sizes(ModelConfig.from_file(checkpoint_folder(str(spec.model)) / "config.json"), n, spec.shard_vision)
+        if not callable(spec.model):  # a factory's model is checked when each rank builds it
+            check_sizes(ModelConfig.from_file(checkpoint_folder(str(spec.model)) / "config.json"), n, spec.shard_vision)
         if dist.is_available() and dist.is_initialized():
             raise RuntimeError("this process already belongs to a torch.distributed group; the tensor-parallel "
                                "engine starts its own (run it outside torchrun)")
