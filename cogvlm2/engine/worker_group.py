@@ -208,6 +208,7 @@ class TensorParallelGroup:
             raise self._stop(self._blame(f"rank 0 failed in a step: {type(e).__name__}: {e}")) from e
 
     def collect(self, step: LaunchedStep) -> list[int | None]:
+        self._check()
         try:
             ids = self.local.collect(step)
         except Exception as e:
@@ -217,7 +218,7 @@ class TensorParallelGroup:
 
     def release_vision(self, keep: Callable[[], set[str]]) -> None:
         runner = self.local.runner
-        if runner.vision_cache:
+        if runner is not None and runner.vision_cache:
             self._release = keep()
             runner.release_vision(self._release)
 
@@ -292,6 +293,8 @@ class TensorParallelGroup:
         """Raise if the group is stopped, a rank died or a rank reported an error."""
         if self._error is not None:
             raise WorkerGroupError(self._error)
+        if self._closing:
+            raise WorkerGroupError("the tensor-parallel group was shut down")
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), 1):
             if not proc.is_alive():
                 raise self._stop(self._death(rank))
@@ -342,10 +345,15 @@ class TensorParallelGroup:
             time.sleep(POLL_S)
 
     def shutdown(self) -> None:
-        """Stop the ranks and leave the process group (idempotent; also at interpreter exit)."""
+        """Stop the ranks, leave the process group and free the driver's model and KV cache (idempotent;
+        also at interpreter exit). Every later call raises WorkerGroupError."""
         if self._closing:
             return
         self._closing = True
+        atexit.unregister(self.shutdown)
+        local = getattr(self, "local", None)
+        if local is not None:
+            local.model = local.runner = None
         for conn in self.conns:
             try:
                 conn.send(("shutdown",))
