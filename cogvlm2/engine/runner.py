@@ -161,7 +161,7 @@ class ModelRunner:
         self._turn = (self._turn + 1) % len(self._landing)
         host = buffer[:sampled.numel()]
         host.copy_(sampled, non_blocking=True)
-        ready.record()
+        ready.record(torch.cuda.current_stream(sampled.device))  # the ids' device: the last stage's under PP
         return host, ready
 
     @staticmethod
