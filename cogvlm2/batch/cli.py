@@ -144,7 +144,10 @@ def run_generate(args: argparse.Namespace) -> int:
             yield generate_row(r)
 
     job = Job(read_prompts(args.input, args.allow_urls), rows, writer, total)
-    _follow(job, "generate", "prompts", args.no_progress)
+    try:
+        _follow(job, "generate", "prompts", args.no_progress)
+    finally:
+        engine.shutdown()  # a tensor-parallel group's ranks
     return 0
 
 

@@ -66,7 +66,8 @@ logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 900.0  # spawning, importing and loading a rank (the 19B shard from a slow disk)
 COLLECTIVE_TIMEOUT_S = 300.0  # a collective waiting longer than this for a rank fails (gloo; NCCL's watchdog)
-POLL_S = 0.05
+POLL_S = 0.05  # replies, start-up
+SPIN_S, POLL_STEP_S = 0.002, 50e-6  # waiting for a step's ids on a GPU
 
 
 class WorkerGroupError(RuntimeError):
@@ -106,6 +107,7 @@ class TensorParallelGroup:
         self._closing = False
         self._sent: dict[str, _Sent] = {}
         self._release: set[str] | None = None  # vision features the ranks drop before the next step
+        self._died = threading.Event()  # set by the watchdog
         self.procs, self.conns = [], []
         store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=timeout_s))
@@ -209,12 +211,23 @@ class TensorParallelGroup:
 
     def collect(self, step: LaunchedStep) -> list[int | None]:
         self._check()
+        if step.ready is not None:
+            self._wait(step.ready)
         try:
             ids = self.local.collect(step)
         except Exception as e:
             raise self._stop(self._blame(f"rank 0 failed in a step: {type(e).__name__}: {e}")) from e
         self._check()  # ids computed while a rank was dying are not to be trusted
         return ids
+
+    def _wait(self, ready: torch.cuda.Event) -> None:
+        """Wait for a step's ids without blocking inside CUDA, so that a rank dying meanwhile (whose collective
+        would never complete) is seen: spin (yielding the GIL) for SPIN_S, then poll every POLL_STEP_S."""
+        start = time.perf_counter()
+        while not ready.query():
+            if self._died.is_set():
+                raise self._stop(self._blame("a rank died during a step"))
+            time.sleep(0 if time.perf_counter() - start < SPIN_S else POLL_STEP_S)
 
     def release_vision(self, keep: Callable[[], set[str]]) -> None:
         runner = self.local.runner
@@ -325,6 +338,7 @@ class TensorParallelGroup:
         wait_any([p.sentinel for p in self.procs])
         if self._closing:
             return
+        self._died.set()
         logger.error("a tensor-parallel rank died: %s", [self._death(r) for r in range(1, self.size)])
         if self.backend == "nccl":  # gloo raises by itself once the peer's sockets close
             try:
