@@ -40,6 +40,7 @@ class AsyncLLM:
         self.engine = engine
         self.max_model_len = engine.max_model_len
         self.processor = engine.processor
+        self.adapters = engine.adapters  # LoRA adapters requests may select: name -> adapter id
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = engine.stats()

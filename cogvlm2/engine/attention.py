@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .attention_metadata import AttentionMetadata
+
+__all__ = ["Attend", "AttentionMetadata", "KVCache", "PagedAttention", "attend_decode_batched", "attend_reference",
+           "default_attend"]
 
 
 class KVCache:
@@ -51,25 +55,6 @@ class KVCache:
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
-@dataclass
-class AttentionMetadata:
-    """Where this step's tokens go and what each sequence attends to (B sequences, N tokens).
-
-    slot_mapping     [N] long: cache slot (block * block_size + offset) of each new token
-    block_tables     [B, W] long: each sequence's blocks, padded with the null block
-    context_lens     [B] long: cached tokens of each sequence after this step (new ones included)
-    query_start_loc  [B + 1] long: sequence b's new tokens are flat tokens qsl[b] : qsl[b + 1]
-    query_lens, context_lens_host: the same as host lists (None under a CUDA graph)
-    """
-
-    slot_mapping: torch.Tensor
-    block_tables: torch.Tensor
-    context_lens: torch.Tensor
-    query_start_loc: torch.Tensor
-    query_lens: list[int] | None = None
-    context_lens_host: list[int] | None = None
 
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]

@@ -34,7 +34,7 @@ class EngineConfig:
     adapter_id                part of every prefix hash: a LoRA adapter changes the KV of equal tokens
     async_scheduling          in the steady decode state, launch the next step before collecting the
                               previous one, overlapping host work (outputs, stops, scheduling) with
-                              the device (see llm_engine.py); False: every step waits for its ids
+                              the device (see core.py); False: every step waits for its ids
     """
 
     block_size: int = 16

@@ -29,6 +29,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "that share positions in one image / 24 video frames); positions are checked too")
     p.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together in one step")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache pool size in blocks (default: sized automatically)")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=PATH",
+                   help="serve a LoRA adapter (peft format, e.g. from `cogvlm2 finetune`) unmerged next to the base "
+                        "model; requests select it by NAME as their `model` (PATH alone: NAME is the folder's name); "
+                        "repeatable")
 
 
 def add_parser(subparsers) -> None:

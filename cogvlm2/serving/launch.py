@@ -13,6 +13,22 @@ from ..processing import Processor
 logger = logging.getLogger(__name__)
 
 
+def parse_lora(values: list[str] | None) -> dict[str, Path]:
+    """--lora NAME=PATH or PATH (NAME: the folder's name), repeatable -> {name: folder}; clear errors for a
+    missing folder or a name given twice."""
+    adapters: dict[str, Path] = {}
+    for value in values or ():
+        name, sep, path = value.partition("=")
+        folder = Path(path if sep else value)
+        name = name if sep else folder.resolve().name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--lora {value}: no such folder")
+        if not name or name in adapters:
+            raise ValueError(f"--lora {value}: the adapter name {name!r} is empty or given twice")
+        adapters[name] = folder
+    return adapters
+
+
 def engine_kwargs(args) -> dict:
     """EngineConfig fields given on the command line (the others keep their defaults)."""
     names = ("max_model_len", "max_num_seqs", "num_kv_blocks")
@@ -26,21 +42,16 @@ async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]
     from ..cli import auto_device  # checks the value: a clear error for --device cuda without a GPU
     from ..devices import auto_dtype
     from ..async_llm import AsyncLLM
-    from ..model import load_model
     from ..tiny import TINY_NOTE, is_tiny
 
     device = auto_device(args.device)
-    parallel = {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),
-                "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1)}
-    if max(parallel.values()) > 1:  # the worker loads the model on each device (each rank: its shard)
-        engine = await asyncio.to_thread(AsyncLLM.from_pretrained, args.model, auto_dtype(args.dtype, device), device,
-                                         quant=getattr(args, "quant", None), **parallel, **engine_kwargs(args))
-        folder = Path(engine.engine.model.checkpoint_path)
-    else:
-        model = await asyncio.to_thread(load_model, args.model, auto_dtype(args.dtype, device), device,
-                                        quant=getattr(args, "quant", None))
-        folder = Path(model.checkpoint_path)
-        engine = await asyncio.to_thread(AsyncLLM.from_pretrained, model, **engine_kwargs(args))
+    adapters = parse_lora(getattr(args, "lora", None))
+    parallel = {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),  # the worker loads each rank's
+                "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1)}  # shard / stage
+    engine = await asyncio.to_thread(AsyncLLM.from_pretrained, args.model, auto_dtype(args.dtype, device), device,
+                                     quant=getattr(args, "quant", None), adapters=adapters, **parallel,
+                                     **engine_kwargs(args))
+    folder = Path(engine.engine.model.checkpoint_path)
     if is_tiny(folder):
         logger.warning("%s is the %s", args.model, TINY_NOTE)
     try:

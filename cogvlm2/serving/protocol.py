@@ -57,6 +57,7 @@ class ModelCard(OpenAIModel):
     object: Literal["model"] = "model"
     owned_by: str = "cogvlm2"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
 
 

@@ -59,8 +59,10 @@ async def metrics(raw_request: Request) -> Response:
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(raw_request: Request) -> ModelList:
     ctx = raw_request.app.state.ctx
-    return ModelList(data=[ModelCard(id=name, root=ctx.model_root, max_model_len=ctx.max_model_len)
-                           for name in ctx.model_names])
+    cards = [ModelCard(id=name, root=ctx.model_root, max_model_len=ctx.max_model_len) for name in ctx.model_names]
+    cards += [ModelCard(id=name, root=adapter_id, parent=ctx.model_name, max_model_len=ctx.max_model_len)
+              for name, adapter_id in ctx.adapters.items()]  # LoRA adapters, as vLLM lists them
+    return ModelList(data=cards)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)

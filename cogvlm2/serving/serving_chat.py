@@ -57,7 +57,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def complete(self, request_id: str, model: str, inputs: ModelInputs, params) -> ChatCompletionResponse:
         final: dict[int, RequestOutput] = {}
-        async for i, out in self.generate(request_id, inputs, params):
+        async for i, out in self.generate(request_id, inputs, params, self.ctx.adapter_of(model)):
             final[i] = out
         choices = [
             Choice(index=i, finish_reason=final[i].finish_reason, message=ResponseMessage(content=final[i].text))
@@ -84,7 +84,7 @@ class OpenAIServingChat(OpenAIServing):
             yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
         generated = [0] * len(params)
         try:
-            async for i, out in self.generate(request_id, inputs, params):
+            async for i, out in self.generate(request_id, inputs, params, self.ctx.adapter_of(model)):
                 generated[i] = len(out.token_ids)
                 if out.delta_text:
                     yield chunk([ChunkChoice(index=i, delta=DeltaMessage(content=out.delta_text))])

@@ -49,6 +49,15 @@ class ServerContext:
         return self.model_names[0]
 
     @property
+    def adapters(self) -> dict[str, str]:
+        """LoRA adapters served next to the base model, selected by a request's `model`: name -> id."""
+        return getattr(self.engine, "adapters", None) or {}
+
+    def adapter_of(self, model: str) -> str | None:
+        """The adapter a (checked) model name selects; None: the base model."""
+        return model if model in self.adapters else None
+
+    @property
     def preprocess(self) -> asyncio.Semaphore:
         if self._preprocess is None:
             self._preprocess = asyncio.Semaphore(limits.MAX_CONCURRENT_PREPROCESS)
@@ -105,8 +114,12 @@ class OpenAIServing:
         self.ctx = ctx
 
     def check_model(self, name: str | None) -> str:
+        """The name reported in the response: the base model's, or a LoRA adapter's when the request names one."""
+        if name is not None and name in self.ctx.adapters:
+            return name
         if name is not None and name not in self.ctx.model_names:
-            raise APIError(f"The model '{name}' does not exist; this server serves {self.ctx.model_names}",
+            served = self.ctx.model_names + list(self.ctx.adapters)
+            raise APIError(f"The model '{name}' does not exist; this server serves {served}",
                            status=404, param="model", code="model_not_found")
         return self.ctx.model_name
 
@@ -150,8 +163,8 @@ class OpenAIServing:
                            "of the messages or completion.", param="max_tokens", code="context_length_exceeded")
         return requested if requested is not None else budget
 
-    async def generate(self, request_id: str, inputs: ModelInputs,
-                       params: list[SamplingParams]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def generate(self, request_id: str, inputs: ModelInputs, params: list[SamplingParams],
+                       adapter: str | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) for `len(params)` engine requests on one prompt, interleaved as they
         come. Each runs in its own task, so leaving this iterator (a disconnect cancels the consumer)
         cancels them and the engine aborts each one and frees its KV blocks. Each counts as waiting
@@ -163,7 +176,9 @@ class OpenAIServing:
         async def pump(i: int, p: SamplingParams) -> None:
             last, started = None, False
             try:
-                async for out in ctx.engine.generate(f"{request_id}-{i}", inputs, p):
+                stream = (ctx.engine.generate(f"{request_id}-{i}", inputs, p) if adapter is None
+                          else ctx.engine.generate(f"{request_id}-{i}", inputs, p, adapter=adapter))
+                async for out in stream:
                     if not started:
                         started, ctx.waiting = True, ctx.waiting - 1
                     last = out

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from ..attention import AttentionMetadata
+from ..attention_metadata import AttentionMetadata
 from .decode_attention import paged_decode_attention
 
 

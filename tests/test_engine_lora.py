@@ -1,0 +1,112 @@
+"""LoRA adapters through the engine: an unmerged adapter gives the merged model's greedy tokens, requests
+select adapters by name (mixed in one batch), and the adapter is part of the prefix-cache key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("peft")
+
+from cogvlm2.engine.config import EngineConfig  # noqa: E402
+from cogvlm2.engine.worker import ModelSpec  # noqa: E402
+from cogvlm2.finetune.lora import apply_lora, merge_lora, save_adapter  # noqa: E402
+from cogvlm2.llm import LLM, LLMEngine, load_processor  # noqa: E402
+from cogvlm2.model import load_model  # noqa: E402
+from cogvlm2.sampling_params import SamplingParams  # noqa: E402
+
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+TARGETS = ("language_expert_qkv", "vision_expert_qkv", "language_expert_mlp", "vision_expert_dense")
+
+
+def make_adapter(folder, seed: int, r: int, alpha: int, rslora: bool = False):
+    model = load_model("tiny", progress=False)
+    apply_lora(model, TARGETS, r=r, alpha=alpha, dropout=0.0, rslora=rslora)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # lora_B starts at zero: give both factors weight so the adapter matters
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return save_adapter(model, folder)
+
+
+def merged(folder):
+    from cogvlm2.finetune.lora import load_adapter
+
+    model = load_model("tiny", progress=False)
+    load_adapter(model, folder)
+    return merge_lora(model.eval())
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {"a": make_adapter(root / "a", 1, r=4, alpha=8), "b": make_adapter(root / "b", 2, r=8, alpha=16, rslora=True)}
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    proc = load_processor("tiny")
+    return [proc("Describe the image.", image=Image.new("RGB", (40, 30), (200, 30, 90))), proc("Tell me a joke.")]
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [o.token_ids for o in outputs]
+
+
+def test_unmerged_adapter_equals_merged_model(adapters, prompts):
+    llm = LLM("tiny", "float32", "cpu", adapters=adapters)
+    base = LLM(load_model("tiny", progress=False))
+    for name, folder in adapters.items():
+        want = tokens(LLM(merged(folder)).generate(prompts, GREEDY, use_tqdm=False))
+        got = tokens(llm.generate(prompts, GREEDY, use_tqdm=False, adapter=name))
+        assert got == want, name
+    plain = tokens(base.generate(prompts, GREEDY, use_tqdm=False))
+    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False)) == plain  # no adapter: the base model
+    assert tokens(llm.generate(prompts, GREEDY, use_tqdm=False, adapter="a")) != plain  # the adapter matters
+
+
+def test_mixed_adapters_in_one_batch_and_prefix_cache(adapters, prompts):
+    engine = LLMEngine(ModelSpec("tiny", "float32", "cpu", adapters=adapters), EngineConfig(block_size=8),
+                       load_processor("tiny"))
+    alone = {}
+    for name in (None, "a", "b"):
+        engine.add_request(f"alone-{name}", prompts[0], GREEDY, adapter=name)
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    alone[name] = out
+    done = {}
+    for i in range(2):  # every adapter at once, twice: the second round hits the prefix cache of its own adapter
+        for name in (None, "a", "b"):
+            engine.add_request(f"{i}-{name}", prompts[0], GREEDY, adapter=name)
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+    for name in (None, "a", "b"):
+        assert done[f"0-{name}"].token_ids == done[f"1-{name}"].token_ids == alone[name].token_ids
+        assert done[f"1-{name}"].num_cached_tokens > 0
+    assert len({tuple(o.token_ids) for o in alone.values()}) == 3
+    # the same prompt under another adapter never reuses the KV blocks computed under the one before
+    assert len(prompts[0]) > 2 * engine.config.block_size and all(o.num_cached_tokens == 0 for o in alone.values())
+    assert engine.adapters.keys() == {"a", "b"} and engine.adapters["a"] != engine.adapters["b"]
+
+
+def test_adapter_errors(adapters, prompts, tmp_path):
+    engine = LLMEngine(ModelSpec("tiny", "float32", "cpu", adapters={"a": adapters["a"]}),
+                       processor=load_processor("tiny"))
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'nope'; loaded: a"):
+        engine.add_request("x", prompts[1], GREEDY, adapter="nope")
+    assert not engine.has_unfinished()
+    with pytest.raises(ValueError, match="is not a LoRA adapter"):
+        engine.core.add_adapter("c", tmp_path)
+    engine.core.add_adapter("b", adapters["b"])  # added while serving: the slot table grows
+    engine.add_request("y", prompts[1], GREEDY, adapter="b")
+    with pytest.raises(ValueError, match="in use"):
+        engine.core.remove_adapter("b")
+    while engine.has_unfinished():
+        engine.step()
+    engine.core.remove_adapter("b")
+    assert list(engine.adapters) == ["a"]
