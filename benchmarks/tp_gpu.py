@@ -159,7 +159,8 @@ def run_pp(factory: RandomModel, proc: Processor, devices: list[str], card_gib: 
     gpu = devices[0].startswith("cuda")
     if gpu:
         for i in range(2):
-            torch.cuda.set_per_process_memory_fraction(card_gib * 2**30 / torch.cuda.get_device_properties(i).total_memory, i)
+            total = torch.cuda.get_device_properties(i).total_memory
+            torch.cuda.set_per_process_memory_fraction(card_gib * 2**30 / total, i)
             torch.cuda.reset_peak_memory_stats(i)
     model = staged_random_model(factory.config(), devices, torch.bfloat16 if gpu else torch.float32)
     print(model.stages.plan.describe(), flush=True)
@@ -173,8 +174,10 @@ def run_pp(factory: RandomModel, proc: Processor, devices: list[str], card_gib: 
            "graphs": engine.runner.graphs is not None}
     if gpu:
         out["peak_gib"] = [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(2)]
-    print(f"PP=2 ({f'{card_gib} GiB per card' if gpu else 'CPU'}): TTFT {out['ttft_ms']:.0f} ms, decode {out['decode_tok_s']:.1f} tok/s "
-          f"(engine, eager, batch 1)" + (f", peak {out['peak_gib'][0]:.1f} / {out['peak_gib'][1]:.1f} GiB" if gpu else ""))
+    where = f"{card_gib} GiB per card" if gpu else "CPU"
+    peak = f", peak {out['peak_gib'][0]:.1f} / {out['peak_gib'][1]:.1f} GiB" if gpu else ""
+    print(f"PP=2 ({where}): TTFT {out['ttft_ms']:.0f} ms, decode {out['decode_tok_s']:.1f} tok/s "
+          f"(engine, eager, batch 1){peak}")
     free(engine)
     del model
     return out

@@ -152,8 +152,9 @@ def load_for_chat(args):
         if importlib.util.find_spec("peft") is None:
             raise ModuleNotFoundError("--lora needs peft", name="peft")
     if getattr(args, "tensor_parallel_size", 1) > 1:
-        raise ValueError(f"`cogvlm2 {getattr(args, 'command', 'eval')}` runs one process: --tensor-parallel-size needs the engine "
-                         "(chat, serve, web, generate, caption); use --pipeline-parallel-size to spread the model")
+        raise ValueError(f"`cogvlm2 {getattr(args, 'command', 'eval')}` runs one process: --tensor-parallel-size "
+                         "needs the engine (chat, serve, web, generate, caption); use --pipeline-parallel-size to "
+                         "spread the model")
     pipeline = getattr(args, "pipeline_parallel_size", 1)
     model = load_model(str(folder), dtype=auto_dtype(args.dtype, device), device=device,
                        quant=getattr(args, "quant", None),

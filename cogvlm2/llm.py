@@ -86,7 +86,8 @@ class LLMEngine:
         each holding 1/N of the model (shard_vision: the vision tower too); pipeline_parallel_size N:
         consecutive layers on N GPUs in this process (docs/parallel.md)."""
         if tensor_parallel_size > 1 or pipeline_parallel_size > 1 or shard_vision:
-            spec = ModelSpec(model, dtype, device, quant, dict(adapters or {}), tensor_parallel_size=tensor_parallel_size,
+            spec = ModelSpec(model, dtype, device, quant, dict(adapters or {}),
+                             tensor_parallel_size=tensor_parallel_size,
                              pipeline_parallel_size=pipeline_parallel_size, shard_vision=shard_vision)
         elif isinstance(model, nn.Module):
             if quant is not None:

@@ -150,7 +150,8 @@ class ParallelContext:
 def check_sizes(cfg: ModelConfig, world_size: int, shard_vision: bool = False) -> None:
     """Every sharded dimension of the model divides by world_size (KV heads: 8 in the official models,
     so N = 1, 2, 4, 8), or a ValueError naming the one that does not."""
-    dims = [(cfg.num_key_value_heads, "the number of KV heads"), (cfg.num_attention_heads, "the number of attention heads"),
+    dims = [(cfg.num_key_value_heads, "the number of KV heads"),
+            (cfg.num_attention_heads, "the number of attention heads"),
             (cfg.intermediate_size, "intermediate_size"), (cfg.vocab_size, "vocab_size")]
     if shard_vision:
         dims += [(cfg.vision.num_heads, "the vision tower's heads"),
