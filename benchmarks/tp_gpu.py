@@ -4,6 +4,7 @@ simulated 24 GB cards.
     python benchmarks/tp_gpu.py [--out tp.json] [--vision replicated,sharded] [--only ttft,decode1,decode32,caption]
                                 [--no-pp] [--card-gib 23.5]
     python benchmarks/tp_gpu.py --tiny          # the same code path on the CPU (gloo, the tiny architecture)
+    python benchmarks/tp_gpu.py --enforce-eager --only decode1,decode32 --vision replicated --no-pp   # no graphs
 
 Each configuration is a real engine (`LLMEngine` over a `ModelSpec`): TP=1 on GPU 0; TP=2 as the engine's
 process (rank 0, GPU 0) plus one spawned rank (GPU 1), each building the same seed-0 random model and keeping
@@ -192,6 +193,7 @@ def main() -> None:
     ap.add_argument("--only", default="ttft,decode1,decode32,caption")
     ap.add_argument("--no-pp", action="store_true", help="skip the PP=2 run on simulated 24 GB cards")
     ap.add_argument("--card-gib", type=float, default=23.5, help="PP: memory each GPU may use (a 24 GB card's share)")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the cost of eager TP decode)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     gpu = not args.tiny
@@ -211,6 +213,7 @@ def main() -> None:
     sizes = Sizes(args.tiny)
     engine_cfg = dict(max_num_seqs=64, max_num_batched_tokens=8192, gpu_memory_utilization=0.9) if gpu else \
         dict(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=256)
+    engine_cfg["enforce_eager"] = args.enforce_eager
     device, dtype = ("cuda", "bfloat16") if gpu else ("cpu", "float32")
     runs = [("TP=1", 1, False)] + [(f"TP={args.tp} {v} vision", args.tp, v == "sharded")
                                    for v in args.vision.split(",")]
