@@ -29,7 +29,8 @@ def image(seed: int) -> Image.Image:
 
 
 def schedule(engine: LLMEngine) -> list[tuple[int, str, object, SamplingParams]]:
-    """(arrival step, id, inputs, params): text and image prompts; 'again' repeats 'img' once it is cached."""
+    """(arrival step, id, inputs, params): text and image prompts, a seeded sampled one; 'again' repeats 'img'
+    once it is cached."""
     p = engine.processor
     greedy = lambda n: SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)  # noqa: E731
     return [
@@ -37,6 +38,10 @@ def schedule(engine: LLMEngine) -> list[tuple[int, str, object, SamplingParams]]
         (0, "text", p("Tell me a long story about a red circle."), greedy(20)),
         (1, "aborted", p("Count to one hundred."), greedy(30)),
         (2, "other", p("What is in this image?", image=image(2)), greedy(10)),
+        # a seeded sampled row: every rank draws it with its own generator of that seed, so the ids (and what a
+        # lookahead step feeds back on each rank) equal one device's
+        (3, "seeded", p("Say random words."), SamplingParams(temperature=1.0, top_p=0.95, seed=5, max_new_tokens=12,
+                                                             ignore_eos=True)),
         (6, "again", p("Describe the picture in detail.", image=image(1)), greedy(12)),
     ]
 
