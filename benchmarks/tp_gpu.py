@@ -189,7 +189,8 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--tiny", action="store_true", help="the tiny architecture on the CPU (gloo): a smoke test")
     ap.add_argument("--tp", type=int, default=2, help="the tensor-parallel size compared with TP=1")
-    ap.add_argument("--vision", default="replicated,sharded", help="TP vision tower: replicated, sharded or both")
+    ap.add_argument("--vision", default="replicated,sharded",
+                    help="TP runs by vision tower: replicated, sharded, both, or none (TP=1 and PP only)")
     ap.add_argument("--only", default="ttft,decode1,decode32,caption")
     ap.add_argument("--no-pp", action="store_true", help="skip the PP=2 run on simulated 24 GB cards")
     ap.add_argument("--card-gib", type=float, default=23.5, help="PP: memory each GPU may use (a 24 GB card's share)")
@@ -216,7 +217,7 @@ def main() -> None:
     engine_cfg["enforce_eager"] = args.enforce_eager
     device, dtype = ("cuda", "bfloat16") if gpu else ("cpu", "float32")
     runs = [("TP=1", 1, False)] + [(f"TP={args.tp} {v} vision", args.tp, v == "sharded")
-                                   for v in args.vision.split(",")]
+                                   for v in args.vision.split(",") if v in ("replicated", "sharded")]
     rows, agree, reference = [], {}, None
     for label, n, sharded in runs:
         t0 = time.perf_counter()
