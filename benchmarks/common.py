@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import json
 import os
 import subprocess
@@ -92,3 +93,28 @@ def report(rows: list[dict], out: str | None = None) -> None:
               f"  ({r['floor_how']})")
     if out:
         Path(out).write_text(json.dumps({"provenance": provenance(), "rows": rows}, indent=2))
+
+
+@dataclass(frozen=True)
+class RandomModel:
+    """A `ModelSpec` factory (picklable: every tensor-parallel rank calls it): the full-size random model
+    (seed 0, so the same weights in every process), or the tiny architecture's with tiny=True, and under
+    tensor parallelism this rank's shard of it (`shard_model`: the slices a checkpoint load would read)."""
+
+    config_name: str = "cogvlm2-llama3-chat-19B"
+    tiny: bool = False
+
+    def config(self) -> ModelConfig:
+        from cogvlm2.tiny import tiny_config
+
+        return tiny_config() if self.tiny else full_size_config(self.config_name)
+
+    def __call__(self, dtype, device, tensor_parallel=None) -> CogVLM2ForCausalLM:
+        from cogvlm2.checkpoint import parse_dtype
+        from cogvlm2.model import shard_model
+
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        model = random_model(self.config(), device=device, dtype=parse_dtype(dtype))
+        return model if tensor_parallel is None else shard_model(model, tensor_parallel)

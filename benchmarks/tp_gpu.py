@@ -1,19 +1,25 @@
-"""Tensor parallelism on 2 GPUs: full-size CogVLM2-19B (random bf16 weights) at TP=1 and TP=2 in one run.
+"""The engine on several GPUs: CogVLM2-19B (random bf16 weights) at TP=1 and TP=2 in one run, plus PP=2 on two
+simulated 24 GB cards.
 
-    torchrun --nproc-per-node 2 benchmarks/tp_gpu.py [--out tp.json]
+    python benchmarks/tp_gpu.py [--out tp.json] [--vision replicated,sharded] [--only ttft,decode1,decode32,caption]
+                                [--no-pp] [--card-gib 23.5]
+    python benchmarks/tp_gpu.py --tiny          # the same code path on the CPU (gloo, the tiny architecture)
+    python benchmarks/tp_gpu.py --enforce-eager --only decode1,decode32 --vision replicated --no-pp   # no graphs
 
-Every rank builds the full random model on its GPU and takes its shard in memory (`shard_model`, the slices
-`load_model(..., tensor_parallel=)` would read), so TP=2 and TP=1 share weights and their outputs are compared
-(bf16 greedy tokens, logits within tolerance). Then, TP=2 on both GPUs and TP=1 on GPU 0:
+Each configuration is a real engine (`LLMEngine` over a `ModelSpec`): TP=1 on GPU 0; TP=2 as the engine's
+process (rank 0, GPU 0) plus one spawned rank (GPU 1), each building the same seed-0 random model and keeping
+its shard (`benchmarks.common.RandomModel`), vision tower replicated or sharded (`--vision`). For each:
 
-- vision encoder, one 1344² image (replicated under TP: every rank encodes it),
-- LM prefill of that image's prompt (2,330 tokens, visual expert routed, reference SDPA attention),
-- TTFT = vision + prefill + first logits, i.e. what replicating the vision tower costs at TP=2,
-- decode step at batch 1 and 32 over a 2,330-token context with the engine's Triton paged attention kernel,
-  eager and as one CUDA graph (the NCCL all-reduces and the logits all-gather captured in it),
+- TTFT, one 1344² image + a 20-token question (median of 3, after a warm-up),
+- decode tokens/s at batch 1 over the image prompt's 2.3K context, and the decode step at batch 32
+  (steady state, async scheduling, CUDA graphs with the NCCL all-reduces captured),
+- captioning: 64 images x 128 new tokens, images per second,
+- bf16 agreement: the greedy tokens of one image prompt against TP=1's (same weights),
 
-each next to its floor: per-rank weights (+ KV) read once at the card's copy bandwidth, or FLOPs at its
-matmul rate.
+each next to its floor (per-rank weight + KV bytes at the copy bandwidth, or FLOPs at the matmul rate).
+Then PP=2: both GPUs capped at a 24 GB card's share (`set_per_process_memory_fraction`), the model split by
+`plan_stages` and built stage by stage, the engine (eager; each layer's KV cache on its stage's GPU) answers a
+one-image chat: TTFT, decode tokens/s at batch 1, peak memory per card.
 """
 
 from __future__ import annotations
@@ -21,204 +27,230 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import copy_bandwidth, cuda_time, full_size_config, matmul_flops, random_model, report  # noqa: E402
-from cogvlm2.engine.kernels.decode_attention import paged_decode_attention  # noqa: E402
-from cogvlm2.model import ParallelContext, shard_model  # noqa: E402
-from cogvlm2.model.attention import PaddedKVCache  # noqa: E402
-from cogvlm2.model.batch import ForwardBatch, expert_indices  # noqa: E402
-from cogvlm2.model.parallel import tp_size  # noqa: E402
-from cogvlm2.processing.prompt import position_ids, vision_expert_mask  # noqa: E402
+from benchmarks.common import RandomModel, copy_bandwidth, matmul_flops, report  # noqa: E402
+from benchmarks.engine_gpu import QUESTION, image, run_until_done, steady_step_time  # noqa: E402
+from cogvlm2.engine.config import EngineConfig  # noqa: E402
+from cogvlm2.engine.worker import ModelSpec  # noqa: E402
+from cogvlm2.llm import LLMEngine  # noqa: E402
+from cogvlm2.model.cogvlm import CogVLM2ForCausalLM  # noqa: E402
+from cogvlm2.processing import Processor  # noqa: E402
+from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path  # noqa: E402
+from cogvlm2.sampling_params import SamplingParams  # noqa: E402
 
-CONTEXT, BLOCK = 2330, 16
-
-
-class PagedDecode:
-    """The engine's decode attention over a random CONTEXT-token paged cache of this rank's KV heads. Each step
-    writes its K/V at slot CONTEXT of every row and attends to CONTEXT + 1 tokens; no host work, so the whole
-    step can be one CUDA graph."""
-
-    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
-        per_row = CONTEXT // BLOCK + 1
-        shape = (batch * per_row, BLOCK, kv_heads, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device="cuda").normal_() for _ in range(layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device="cuda").normal_() for _ in range(layers)]
-        self.tables = torch.arange(batch * per_row, device="cuda", dtype=torch.int32).view(batch, per_row)
-        self.lens = torch.full((batch,), CONTEXT + 1, device="cuda", dtype=torch.int32)
-        self.slots = self.tables[:, CONTEXT // BLOCK].long() * BLOCK + CONTEXT % BLOCK
-        self.scale = head_dim ** -0.5
-        self.bytes = 2 * layers * batch * (CONTEXT + 1) * kv_heads * head_dim * self.k[0].element_size()
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        hkv, d = k.shape[1:]
-        self.k[layer].view(-1, hkv, d).index_copy_(0, self.slots, k)
-        self.v[layer].view(-1, hkv, d).index_copy_(0, self.slots, v)
-        return paged_decode_attention(q, self.k[layer], self.v[layer], self.tables, self.lens, self.scale, CONTEXT + 1)
+GREEDY = dict(temperature=0, ignore_eos=True)
 
 
-def image_prompt(cfg):
-    """One image + 24 text tokens: ids, positions, expert routing, vision slots (on the GPU)."""
-    types = [0] + [1] * cfg.vision.tokens_per_image + [0] * 24
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 128000, (len(types),), generator=g).cuda()
-    pos = torch.tensor(position_ids(types), device="cuda")
-    vis, lang = expert_indices(torch.tensor(vision_expert_mask(types), device="cuda"))
-    slots = torch.tensor(types, device="cuda").nonzero().squeeze(1)
-    return ids, pos, vis, lang, slots
+class Sizes:
+    """How much each figure runs: full on the GPU, a smoke test with --tiny."""
+
+    def __init__(self, tiny: bool):
+        self.decode1, self.decode32, self.batch = (17, 9, 8) if tiny else (129, 65, 32)
+        self.captions, self.caption_tokens = (8, 16) if tiny else (64, 128)
+        self.agree_tokens = 8 if tiny else 16
 
 
-def prefill(model, prompt, embeds=None):
-    ids, pos, vis, lang, slots = prompt
-    cache = PaddedKVCache(1, model.config.num_hidden_layers)
-    cache.begin_step(torch.ones(1, len(ids), dtype=torch.bool, device="cuda"))
-    batch = ForwardBatch(ids, pos, cache, vis, lang, embeds, None if embeds is None else slots)
-    return cache, model.compute_logits(model(batch)[-1:])
+def first_token_time(engine: LLMEngine, rid: str, inputs) -> float:
+    """Seconds from add_request to the step that returns the request's first token (then run to the end)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.add_request(rid, inputs, SamplingParams(max_new_tokens=1, **GREEDY))
+    while not any(out.request_id == rid for out in engine.step()):
+        pass
+    return time.perf_counter() - t0
 
 
-def greedy(model, prompt, pixels, steps: int = 8) -> tuple[list[int], torch.Tensor]:
-    """Reference greedy decode of the image prompt: tokens and the first logits."""
-    feats = model.encode_images(pixels).reshape(-1, model.config.hidden_size)
-    cache, logits = prefill(model, prompt, feats)
-    first, tokens = logits[0].clone(), []
-    pos = prompt[1].max() + 1
-    for _ in range(steps):
-        tokens.append(int(logits[0].argmax()))
-        cache.begin_step(torch.ones(1, 1, dtype=torch.bool, device="cuda"))
-        logits = model.compute_logits(model(ForwardBatch(torch.tensor(tokens[-1:], device="cuda"), pos[None], cache)))
-        pos = pos + 1
-    return tokens, first
+def greedy_tokens(engine: LLMEngine, inputs, n: int) -> list[int]:
+    engine.add_request("agree", inputs, SamplingParams(max_new_tokens=n, **GREEDY))
+    done = {}
+    run_until_done(engine, {"agree"}, lambda out: done.update({out.request_id: out.token_ids}))
+    return done["agree"]
 
 
-def decode_step(model, batch: int):
-    """A decode step function over a fresh random paged context, and the KV bytes it reads."""
-    cfg, attn = model.config, model.model.layers[0].self_attn
-    kv = PagedDecode(cfg.num_hidden_layers, batch, attn.num_kv_heads, cfg.head_dim, model.dtype)
-    ids = torch.randint(0, 128000, (batch,), device="cuda")
-    pos = torch.full((batch,), 1000, device="cuda")
-    return (lambda: model.compute_logits(model(ForwardBatch(ids, pos, kv)))), kv.bytes
+class Floors:
+    """Per-rank floors: FLOPs at the matmul rate, bytes at the copy bandwidth (None on the CPU)."""
+
+    def __init__(self, cfg, model_bytes: dict, gpu: bool):
+        self.gpu, self.cfg = gpu, cfg
+        self.lang_bytes, self.vit_params = model_bytes["lang"], model_bytes["vit_params"]
+        v = cfg.vision
+        n_patch = v.grid_size ** 2 + 1
+        self.vit_flops = 2 * self.vit_params * n_patch + 4 * v.num_hidden_layers * n_patch ** 2 * v.hidden_size
+        self.lm_flops = 2 * self.lang_bytes / 2 * (v.tokens_per_image + 20)
+
+    def row(self, name: str, value: float, unit: str, floor_s: float | None, how: str, lower: bool = True) -> dict:
+        if floor_s is None or not self.gpu:
+            return dict(name=name, value=value, unit=unit, lower_is_better=lower, floor=float("nan"), floor_how="CPU")
+        floor = floor_s * 1e3 if unit == "ms" else 1 / floor_s
+        return dict(name=name, value=value, unit=unit, lower_is_better=lower, floor=floor, floor_how=how)
+
+    def ttft(self, n: int, sharded_vision: bool) -> tuple[float | None, str]:
+        if not self.gpu:
+            return None, ""
+        flops = self.vit_flops / (n if sharded_vision else 1) + self.lm_flops / n
+        return flops / matmul_flops(), f"{flops / 1e12:.0f} TFLOP per rank / {matmul_flops() / 1e12:.0f} TFLOP/s"
+
+    def decode(self, n: int, kv_bytes: float) -> tuple[float | None, str]:
+        if not self.gpu:
+            return None, ""
+        b = (self.lang_bytes + kv_bytes) / n
+        return b / copy_bandwidth(), f"{b / 1e9:.1f} GB per rank at {copy_bandwidth() / 1e9:,.0f} GB/s"
 
 
-def graphed(fn):
-    """fn captured as one CUDA graph (warmed up on a side stream first, as torch.cuda.graph requires)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+def measure(engine: LLMEngine, proc: Processor, label: str, n: int, sharded: bool, only: set[str], sizes: Sizes,
+            floors: Floors) -> list[dict]:
+    rows, cfg = [], floors.cfg
+    x = proc(QUESTION, image=image(0))
+    vision = "sharded" if sharded else "replicated"
+    if "ttft" in only:
+        first_token_time(engine, f"{label}-warm", proc(QUESTION, image=image(99)))
+        ttft = float(np.median([first_token_time(engine, f"{label}-ttft{i}", proc(QUESTION, image=image(100 + i)))
+                                for i in range(3)]))
+        rows.append(floors.row(f"{label} TTFT, one image (vision {vision})", ttft * 1e3, "ms",
+                               *floors.ttft(n, sharded)))
+        print(f"  {rows[-1]['name']}: {ttft * 1e3:.1f} ms", flush=True)
+    if "decode1" in only:
+        t = steady_step_time(engine, [x], sizes.decode1)
+        kv = len(x) * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+        s, how = floors.decode(n, kv)
+        rows.append(floors.row(f"{label} decode tokens/s, batch 1, {len(x)} ctx", 1 / t, "tok/s", s, how, lower=False))
+        print(f"  {rows[-1]['name']}: {1 / t:.1f} tok/s", flush=True)
+    if "decode32" in only:
+        prompts = [proc(QUESTION, image=image(200 + i)) for i in range(sizes.batch)]
+        t = steady_step_time(engine, prompts, sizes.decode32)
+        kv = sizes.batch * (len(x) + 32) * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+        rows.append(floors.row(f"{label} decode step, batch {sizes.batch}, {len(x)} ctx each", t * 1e3, "ms",
+                               *floors.decode(n, kv)))
+        print(f"  {rows[-1]['name']}: {t * 1e3:.2f} ms", flush=True)
+    if "caption" in only:
+        prompts = [proc("Describe this image.", image=image(300 + i)) for i in range(sizes.captions)]
+        ids = [f"{label}-cap{i}" for i in range(sizes.captions)]
+        t0 = time.perf_counter()
+        for rid, p in zip(ids, prompts):
+            engine.add_request(rid, p, SamplingParams(max_new_tokens=sizes.caption_tokens, **GREEDY))
+        run_until_done(engine, set(ids))
+        rate = sizes.captions / (time.perf_counter() - t0)
+        s, how = floors.ttft(n, sharded)
+        rows.append(floors.row(f"{label} captioning, {sizes.captions} images x {sizes.caption_tokens} tokens "
+                               f"(vision {vision})", rate, "img/s", s, how and f"prefill FLOPs: {how}", lower=False))
+        print(f"  {rows[-1]['name']}: {rate:.2f} img/s", flush=True)
+    return rows
 
 
-class Rows(list):
-    """Rows that rank 0 also prints as they come, so a later failure keeps the figures already measured."""
-
-    def append(self, row: dict) -> None:
-        super().append(row)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"  {row['name']}: {row['value']:.2f} {row['unit']}", flush=True)
-
-
-def measure(model, label: str, lm_bytes: float) -> list[dict]:
-    """lm_bytes: the unsharded weights one text token reads (language path + lm_head); prefill FLOPs are
-    2 per weight of one expert path per token, plus causal attention."""
-    cfg, n_tp = model.config, tp_size(model.tp)
-    prompt = image_prompt(cfg)
-    pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, device="cuda", dtype=model.dtype)
-    n = len(prompt[0])
-    rows = Rows()
-    with torch.inference_mode():
-        t_vit = cuda_time(lambda: model.encode_images(pixels))
-        feats = model.encode_images(pixels).reshape(-1, cfg.hidden_size)
-        t_pre = cuda_time(lambda: prefill(model, prompt, feats))
-        t_ttft = cuda_time(lambda: prefill(model, prompt, model.encode_images(pixels).reshape(-1, cfg.hidden_size)))
-    lm_flops = (2 * lm_bytes / model.dtype.itemsize * n + 2 * cfg.num_hidden_layers * n * n * cfg.hidden_size) / n_tp
-    v = cfg.vision
-    n_patch = v.grid_size ** 2 + 1
-    vit_params = sum(p.numel() for k, p in model.named_parameters() if k.startswith("model.vision."))
-    vit_flops = 2 * vit_params * n_patch + 4 * v.num_hidden_layers * n_patch ** 2 * v.hidden_size
-    rows.append(dict(name=f"{label} vision encoder, one 1344² image (replicated)", value=t_vit * 1e3, unit="ms",
-                     lower_is_better=True, floor=vit_flops / matmul_flops() * 1e3,
-                     floor_how=f"{vit_flops / 1e12:.0f} TFLOP on every rank / {matmul_flops() / 1e12:.0f} TFLOP/s"))
-    rows.append(dict(name=f"{label} LM prefill, {n} tokens", value=t_pre * 1e3, unit="ms", lower_is_better=True,
-                     floor=lm_flops / matmul_flops() * 1e3,
-                     floor_how=f"{lm_flops / 1e12:.0f} TFLOP per rank / {matmul_flops() / 1e12:.0f} TFLOP/s"))
-    rows.append(dict(name=f"{label} TTFT, one image (vision + prefill + logits)", value=t_ttft * 1e3, unit="ms",
-                     lower_is_better=True, floor=(vit_flops + lm_flops) / matmul_flops() * 1e3,
-                     floor_how="vision + prefill FLOP floors"))
-    for batch in (1, 32):
-        with torch.inference_mode():
-            step, kv_bytes = decode_step(model, batch)
-            t_eager = cuda_time(step, warmup=2, iters=9)
-            t_graph = cuda_time(graphed(step), warmup=3, iters=20)
-        floor = (lm_bytes / n_tp + kv_bytes) / copy_bandwidth()
-        how = f"{(lm_bytes / n_tp + kv_bytes) / 1e9:.1f} GB per rank at {copy_bandwidth() / 1e9:,.0f} GB/s"
-        for mode, t in (("eager", t_eager), ("CUDA graph", t_graph)):
-            rows.append(dict(name=f"{label} decode step, batch {batch}, {CONTEXT} ctx, {mode}", value=t * 1e3,
-                             unit="ms", lower_is_better=True, floor=floor * 1e3, floor_how=how))
-        del step
-        gc.collect()
+def free(engine: LLMEngine) -> None:
+    engine.shutdown()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return list(rows)
+
+
+def run_pp(factory: RandomModel, proc: Processor, devices: list[str], card_gib: float, sizes: Sizes) -> dict:
+    """PP=2 on two GPUs capped at card_gib each: TTFT and decode tokens/s of a one-image chat, peak memory."""
+    from benchmarks.pp_gpu import staged_random_model
+
+    gpu = devices[0].startswith("cuda")
+    if gpu:
+        for i in range(2):
+            total = torch.cuda.get_device_properties(i).total_memory
+            torch.cuda.set_per_process_memory_fraction(card_gib * 2**30 / total, i)
+            torch.cuda.reset_peak_memory_stats(i)
+    model = staged_random_model(factory.config(), devices, torch.bfloat16 if gpu else torch.float32)
+    print(model.stages.plan.describe(), flush=True)
+    cfg = EngineConfig(max_num_seqs=4, num_kv_blocks=1024 if gpu else 96, max_model_len=None if gpu else 512)
+    engine = LLMEngine(model, cfg, proc)
+    x = proc(QUESTION, image=image(0))
+    first_token_time(engine, "pp-warm", proc(QUESTION, image=image(1)))
+    ttft = first_token_time(engine, "pp-ttft", x)
+    t = steady_step_time(engine, [x], sizes.decode1)
+    out = {"ttft_ms": ttft * 1e3, "decode_tok_s": 1 / t, "plan": model.stages.plan.describe(),
+           "graphs": engine.runner.graphs is not None}
+    if gpu:
+        out["peak_gib"] = [torch.cuda.max_memory_allocated(i) / 2**30 for i in range(2)]
+    where = f"{card_gib} GiB per card" if gpu else "CPU"
+    peak = f", peak {out['peak_gib'][0]:.1f} / {out['peak_gib'][1]:.1f} GiB" if gpu else ""
+    print(f"PP=2 ({where}): TTFT {out['ttft_ms']:.0f} ms, decode {out['decode_tok_s']:.1f} tok/s "
+          f"(engine, eager, batch 1){peak}")
+    free(engine)
+    del model
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--tiny", action="store_true", help="the tiny architecture on the CPU (gloo): a smoke test")
+    ap.add_argument("--tp", type=int, default=2, help="the tensor-parallel size compared with TP=1")
+    ap.add_argument("--vision", default="replicated,sharded",
+                    help="TP runs by vision tower: replicated, sharded, both, or none (TP=1 and PP only)")
+    ap.add_argument("--only", default="ttft,decode1,decode32,caption")
+    ap.add_argument("--no-pp", action="store_true", help="skip the PP=2 run on simulated 24 GB cards")
+    ap.add_argument("--card-gib", type=float, default=23.5, help="PP: memory each GPU may use (a 24 GB card's share)")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the cost of eager TP decode)")
     args = ap.parse_args()
-    ctx = ParallelContext.from_env()
-    rank0 = ctx.rank == 0
-    cfg = full_size_config()
-    full = random_model(cfg)  # the same seed on every rank: equal weights
-    lm_bytes = sum(p.numel() * p.element_size() for k, p in full.named_parameters()
-                   if "vision" not in k and "embed_tokens" not in k)
-    tp = shard_model(full, ctx)
-    if rank0:
-        size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters()) / 2**30  # noqa: E731
-        print(f"TP={ctx.world_size}: per-rank weights {size(tp):.1f} GiB (full {size(full):.1f} GiB)")
-    ids, pos, vis, lang, slots = image_prompt(cfg)
-    pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, device="cuda",
-                         generator=torch.Generator("cuda").manual_seed(0)).to(torch.bfloat16)
-    with torch.inference_mode():
-        tp_tokens, tp_first = greedy(tp, (ids, pos, vis, lang, slots), pixels)
-    if not rank0:
-        del full
-        gc.collect()
-        torch.cuda.empty_cache()
-    rows = measure(tp, f"TP={ctx.world_size}", lm_bytes)
-    del tp
-    gc.collect()
-    torch.cuda.empty_cache()
-    dist.barrier()
-    if rank0:
-        with torch.inference_mode():
-            one_tokens, one_first = greedy(full, (ids, pos, vis, lang, slots), pixels)
-        err = (tp_first - one_first).abs().max().item()
-        scale = one_first.abs().max().item()
-        same = sum(a == b for a, b in zip(tp_tokens, one_tokens))
-        print(f"bf16 TP={ctx.world_size} vs TP=1: first logits max |diff| {err:.3g} (max |logit| {scale:.3g}), "
-              f"greedy tokens equal {same}/{len(one_tokens)} ({tp_tokens} vs {one_tokens})")
-        rows = measure(full, "TP=1", lm_bytes) + rows
-        report(rows, args.out)
-        by = {r["name"]: r["value"] for r in rows}
-        for what in ("TTFT, one image (vision + prefill + logits)", "decode step, batch 1, 2330 ctx, CUDA graph",
-                     "decode step, batch 32, 2330 ctx, CUDA graph", f"LM prefill, {len(ids)} tokens"):
-            one, two = by[f"TP=1 {what}"], by[f"TP={ctx.world_size} {what}"]
-            print(f"speed-up TP={ctx.world_size} / TP=1, {what}: {one / two:.2f}x ({one:.2f} -> {two:.2f} ms)")
-        vit = by[f"TP={ctx.world_size} vision encoder, one 1344² image (replicated)"]
-        print(f"replicated vision tower: {vit:.1f} ms of the TP={ctx.world_size} TTFT "
-              f"({vit / by[f'TP={ctx.world_size} TTFT, one image (vision + prefill + logits)']:.0%})")
-        print(f"peak GPU memory rank 0 {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    dist.barrier()
-    dist.destroy_process_group()
+    only = set(args.only.split(","))
+    gpu = not args.tiny
+    if gpu and torch.cuda.device_count() < args.tp:
+        sys.exit(f"needs {args.tp} GPUs (or --tiny)")
+    t_start = time.perf_counter()
+    factory = RandomModel(tiny=args.tiny)
+    mcfg = factory.config()
+    proc = Processor(mcfg, Tokenizer(bundled_tokenizer_path()))
+    with torch.device("meta"):  # the byte counts of the floors: no weights needed
+        shape = CogVLM2ForCausalLM(mcfg)
+    elem = 2 if gpu else 4
+    model_bytes = {"lang": sum(p.numel() * elem for k, p in shape.named_parameters()
+                               if "vision" not in k and "embed_tokens" not in k),
+                   "vit_params": sum(p.numel() for k, p in shape.named_parameters() if k.startswith("model.vision."))}
+    floors = Floors(mcfg, model_bytes, gpu)
+    sizes = Sizes(args.tiny)
+    engine_cfg = dict(max_num_seqs=64, max_num_batched_tokens=8192, gpu_memory_utilization=0.9) if gpu else \
+        dict(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=256)
+    engine_cfg["enforce_eager"] = args.enforce_eager
+    device, dtype = ("cuda", "bfloat16") if gpu else ("cpu", "float32")
+    runs = [("TP=1", 1, False)] + [(f"TP={args.tp} {v} vision", args.tp, v == "sharded")
+                                   for v in args.vision.split(",") if v in ("replicated", "sharded")]
+    rows, agree, reference = [], {}, None
+    for label, n, sharded in runs:
+        t0 = time.perf_counter()
+        spec = ModelSpec(factory, dtype, device, tensor_parallel_size=n, shard_vision=sharded)
+        engine = LLMEngine(spec, EngineConfig(**engine_cfg), proc)
+        print(f"{label}: engine up in {time.perf_counter() - t0:.0f} s; KV pool {engine.block_manager.num_blocks} "
+              f"blocks; graphs {engine.runner.graphs.sizes if engine.runner.graphs else None}", flush=True)
+        tokens = greedy_tokens(engine, proc(QUESTION, image=image(0)), sizes.agree_tokens)
+        reference = reference or tokens
+        agree[label] = sum(a == b for a, b in zip(tokens, reference))
+        print(f"  greedy tokens equal to TP=1's: {agree[label]}/{len(reference)}", flush=True)
+        rows += measure(engine, proc, label, n, sharded, only - ({"decode1", "decode32"} if sharded else set()),
+                        sizes, floors)
+        free(engine)
+    pp = None
+    if not args.no_pp:
+        pp = run_pp(factory, proc, ["cuda:0", "cuda:1"] if gpu else ["cpu", "cpu"], args.card_gib, sizes)
+    report(rows, args.out)
+    one = {r["name"][5:].split(" (")[0]: r for r in rows if r["name"].startswith("TP=1 ")}
+    for label, _, _ in runs[1:]:
+        for r in rows:
+            what = r["name"][len(label) + 1:].split(" (")[0]
+            if r["name"].startswith(label + " ") and what in one:
+                a, b = one[what]["value"], r["value"]
+                print(f"speed-up {label} / TP=1, {what}: {a / b if r['lower_is_better'] else b / a:.2f}x "
+                      f"({a:.2f} -> {b:.2f} {r['unit']})")
+    print(f"greedy agreement with TP=1: {agree}; total {time.perf_counter() - t_start:.0f} s")
+    if args.out:
+        import json
+
+        data = json.loads(Path(args.out).read_text())
+        data.update(agreement=agree, pp=pp)
+        Path(args.out).write_text(json.dumps(data, indent=2))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "nf4, fp4-dq / nf4-dq (8-bit absmax), 8 = LLM.int8 (bitsandbytes), int4 = group-wise int4, "
                         "fp8 = e4m3 (fast prefill on cc >= 8.9); the official int4 checkpoints need no flag "
                         "(fp4-dq compresses their absmax)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split every layer over N GPUs, one process each (N divides the 8 KV heads: 2, 4, 8); "
+                        "for speed; docs/parallel.md")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="N",
+                   help="consecutive layers on N GPUs in this process (e.g. the bf16 19B model on 2 x 24 GB cards); "
+                        "for fitting, not speed; docs/parallel.md")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:

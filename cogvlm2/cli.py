@@ -32,12 +32,43 @@ def _chat_parser(sub) -> None:
     p.set_defaults(func=run_chat)
 
 
+def engine_stream(engine, inputs, params):
+    """The text deltas of one answer from the engine (`chat --tensor-parallel-size N`). Ctrl-C ends the
+    answer between two steps (a step interrupted half-way would leave the tensor-parallel ranks out of
+    step) by raising KeyboardInterrupt."""
+    import signal
+
+    rid = f"chat-{id(inputs)}"
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    engine.add_request(rid, inputs, params)
+    try:
+        while engine.has_unfinished():
+            if interrupted:
+                engine.abort(rid)
+                while engine.has_unfinished():
+                    engine.step()
+                raise KeyboardInterrupt
+            for out in engine.step():
+                if out.error:
+                    raise RuntimeError(out.error)
+                if out.delta_text:
+                    yield out.delta_text
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     from .generation import stream_text
-    from .launch import load_from_args
+    from .launch import load_engine_for_chat, load_from_args
 
     params = sampling_params(args)
-    model, processor = load_from_args(args)
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        engine, processor = load_engine_for_chat(args)
+        stream = lambda inputs: engine_stream(engine, inputs, params)  # noqa: E731
+    else:
+        model, processor = load_from_args(args)
+        stream = lambda inputs: stream_text(model, processor.tokenizer, inputs, params)  # noqa: E731
     kind = processor.media_kinds[0]
 
     def answer(query: str, history, media) -> str:
@@ -46,7 +77,7 @@ def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
         parts = []
         try:
             inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
-            for delta in stream_text(model, processor.tokenizer, inputs, params):
+            for delta in stream(inputs):
                 parts.append(delta)
                 stdout.write(delta)
                 stdout.flush()

@@ -48,14 +48,20 @@ async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]
 
     device = resolve_device(args.device)
     adapters = parse_lora(getattr(args, "lora", None))
+    parallel = {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),  # the worker loads each rank's
+                "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1)}  # shard / stage
     engine = await asyncio.to_thread(AsyncLLM.from_pretrained, args.model, auto_dtype(args.dtype, device), device,
-                                     quant=getattr(args, "quant", None), adapters=adapters, **engine_kwargs(args))
+                                     quant=getattr(args, "quant", None), adapters=adapters, **parallel,
+                                     **engine_kwargs(args))
     folder = Path(engine.engine.model.checkpoint_path)
     name = tiny_name(folder)
     if name:  # each embedded model's own note (tiny-video's is about moving shapes)
         logger.warning("%s is the %s", args.model, note(name))
-    async with engine:
-        yield engine, engine.processor, folder
+    try:
+        async with engine:
+            yield engine, engine.processor, folder
+    finally:
+        engine.engine.shutdown()  # a tensor-parallel group's ranks
 
 
 def load_from_args(args):
@@ -63,6 +69,7 @@ def load_from_args(args):
     weights (device, config, tokenizer, --image / --video, --lora) is checked before they load."""
     from .config import ModelConfig
     from .devices import auto_dtype, resolve_device
+    from .engine.worker import ModelSpec
     from .model import load_model
     from .tiny import checkpoint_folder, note, tiny_name
 
@@ -78,8 +85,15 @@ def load_from_args(args):
 
         if importlib.util.find_spec("peft") is None:
             raise ModuleNotFoundError("--lora needs peft", name="peft")
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        raise ValueError(f"`cogvlm2 {getattr(args, 'command', 'eval')}` runs one process: --tensor-parallel-size "
+                         "needs the engine (chat, serve, web, generate, caption); use --pipeline-parallel-size to "
+                         "spread the model")
+    pipeline = getattr(args, "pipeline_parallel_size", 1)
     model = load_model(str(folder), dtype=auto_dtype(args.dtype, device), device=device,
-                       quant=getattr(args, "quant", None))
+                       quant=getattr(args, "quant", None),
+                       pipeline_devices=ModelSpec(str(folder), device=device, pipeline_parallel_size=pipeline)
+                       .pipeline_devices() if pipeline > 1 else None)
     if getattr(args, "lora", None):
         from .finetune.lora import load_with_adapter
 
@@ -88,3 +102,20 @@ def load_from_args(args):
     if name:
         print(f"note: {args.model} is the {note(name)}.", file=sys.stderr)
     return model, processor
+
+
+def load_engine_for_chat(args):
+    """(engine, processor) for `chat --tensor-parallel-size N`: the engine with one sequence at a time."""
+    from .devices import auto_dtype, resolve_device
+    from .llm import LLMEngine
+    from .tiny import note, tiny_name
+
+    if getattr(args, "lora", None):
+        raise ValueError("--lora is not supported with --tensor-parallel-size")
+    device = resolve_device(args.device)
+    engine = LLMEngine.from_pretrained(args.model, auto_dtype(args.dtype, device), device, quant=args.quant,
+                                       tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=1)
+    name = tiny_name(engine.model.checkpoint_path)
+    if name:
+        print(f"note: {args.model} is the {note(name)}.", file=sys.stderr)
+    return engine, engine.processor

@@ -81,10 +81,17 @@ class LLMEngine:
     def from_pretrained(cls, model: str | Path | nn.Module = "tiny", dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, attend: Attend | None = None,
                         quant: str | int | None = None, adapters: dict[str, str | Path] | None = None,
+                        tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, shard_vision: bool = False,
                         **engine_kwargs) -> "LLMEngine":
         """Build from a checkpoint (the worker loads it) or a loaded model; `adapters`: LoRA adapters
-        (name -> folder) that requests select by name."""
-        if isinstance(model, nn.Module):
+        (name -> folder) that requests select by name. tensor_parallel_size N: one process per GPU,
+        each holding 1/N of the model (shard_vision: the vision tower too); pipeline_parallel_size N:
+        consecutive layers on N GPUs in this process (docs/parallel.md)."""
+        if tensor_parallel_size > 1 or pipeline_parallel_size > 1 or shard_vision:
+            spec = ModelSpec(model, dtype, device, quant, dict(adapters or {}),
+                             tensor_parallel_size=tensor_parallel_size,
+                             pipeline_parallel_size=pipeline_parallel_size, shard_vision=shard_vision)
+        elif isinstance(model, nn.Module):
             if quant is not None:
                 from .quant import quantize_model
 
@@ -139,6 +146,10 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (tensor parallelism); also done at interpreter exit."""
+        self.core.shutdown()
 
     # requests -------------------------------------------------------------------------------------
 
@@ -199,7 +210,7 @@ class LLMEngine:
 
 class LLM:
     """LLM("tiny" | folder | hub id | loaded model, dtype=..., device=..., quant=..., adapters=...,
-    **EngineConfig fields).
+    tensor_parallel_size=N, pipeline_parallel_size=N, **EngineConfig fields).
 
     A prompt is EngineInputs (e.g. the processor's ModelInputs), a dict of Processor arguments
     ({"query", "image", "video", "history", "template"}), or a plain string (a text-only query).
@@ -207,8 +218,11 @@ class LLM:
 
     def __init__(self, model: str | Path | nn.Module = "tiny", dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, quant: str | int | None = None,
-                 adapters: dict[str, str | Path] | None = None, **engine_kwargs):
-        self.engine = LLMEngine.from_pretrained(model, dtype, device, quant=quant, adapters=adapters, **engine_kwargs)
+                 adapters: dict[str, str | Path] | None = None, tensor_parallel_size: int = 1,
+                 pipeline_parallel_size: int = 1, **engine_kwargs):
+        self.engine = LLMEngine.from_pretrained(model, dtype, device, quant=quant, adapters=adapters,
+                                                tensor_parallel_size=tensor_parallel_size,
+                                                pipeline_parallel_size=pipeline_parallel_size, **engine_kwargs)
         self.processor = self.engine.processor
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
@@ -254,3 +268,7 @@ class LLM:
                         done[out.request_id] = out
                         bar.update(1)
         return [done[i] for i in ids]
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (tensor parallelism); also done at interpreter exit."""
+        self.engine.shutdown()

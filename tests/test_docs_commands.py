@@ -43,6 +43,8 @@ SKIP = {  # first line of a block -> why it does not run here
         "needs a Ray cluster",
     "python benchmarks/soak.py --clients 64 --seconds 180":
         "a three-minute soak benchmark (BENCHMARKS.md), not a test",
+    "cogvlm2 serve --model THUDM/cogvlm2-llama3-chat-19B --tensor-parallel-size 2":
+        "needs 2 GPUs; tests/test_engine_parallel.py runs the engine at TP=2 and PP=2 on the CPU",
     "cogvlm2 eval textvqa":
         "needs the benchmark data (not bundled, never downloaded); tests/test_eval.py runs each benchmark on fixtures",
 }

@@ -83,7 +83,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 def _engine_kwargs(args) -> dict:
     return {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
             "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
-            "quant": args.quant}
+            "quant": args.quant, "tensor_parallel_size": args.tensor_parallel_size,
+            "pipeline_parallel_size": args.pipeline_parallel_size}
 
 
 def _follow(job, command: str, unit: str, disable: bool) -> None:
@@ -143,7 +144,10 @@ def run_generate(args: argparse.Namespace) -> int:
             yield generate_row(r)
 
     job = Job(read_prompts(args.input, args.allow_urls), rows, writer, total)
-    _follow(job, "generate", "prompts", args.no_progress)
+    try:
+        _follow(job, "generate", "prompts", args.no_progress)
+    finally:
+        engine.shutdown()  # a tensor-parallel group's ranks
     return 0
 
 

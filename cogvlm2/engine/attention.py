@@ -14,6 +14,8 @@ device tensors only.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from typing import Callable
 
 import torch
@@ -30,15 +32,25 @@ class KVCache:
 
     The extra last block is the null block: padded rows of a CUDA-graph batch write into it and
     padded block-table entries point to it; the block manager never hands it out.
+
+    device may be one device per layer (pipeline stages): each run of consecutive layers on one device
+    then gets its own [layers, 2, ...] tensor there, and `kv` is the first of them. `layers[i]` is layer
+    i's [2, num_blocks + 1, block_size, Hkv, d] either way.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str | list[torch.device]):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.null_block = num_blocks
-        self.kv = torch.zeros(num_layers, 2, num_blocks + 1, block_size, num_kv_heads, head_dim,
-                              dtype=dtype, device=device)
+        devices = [torch.device(d) for d in device] if isinstance(device, (list, tuple)) else \
+            [torch.device(device)] * num_layers
+        runs = [(d, len(list(g))) for d, g in itertools.groupby(devices)]
+        parts = [torch.zeros(n, 2, num_blocks + 1, block_size, num_kv_heads, head_dim, dtype=dtype, device=dev)
+                 for dev, n in runs]  # one allocation per run of layers on one device
+        self.kv = parts[0]
+        self.layers: list[torch.Tensor] = [layer for part in parts for layer in part.unbind(0)]
+        self.multi_device = len(parts) > 1
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -93,15 +105,31 @@ def default_attend(device: torch.device, max_model_len: int) -> Attend:
 
 
 class PagedAttention:
-    """The AttentionBackend of one step: writes the new K/V into their slots, then attends."""
+    """The AttentionBackend of one step: writes the new K/V into their slots, then attends.
+
+    Under pipeline stages a layer's cache may live on another device than the metadata: its
+    tensors are copied there once per step and device (the layer's q/k/v already are there)."""
 
     def __init__(self, cache: KVCache, meta: AttentionMetadata, attend: Attend = attend_reference):
         self.cache = cache
         self.meta = meta
         self.attend = attend
+        self._metas = {meta.slot_mapping.device: meta}
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache, v_cache = self.cache.kv[layer, 0], self.cache.kv[layer, 1]  # [num_blocks + 1, bs, Hkv, d]
-        k_cache.view(-1, *k.shape[1:]).index_copy_(0, self.meta.slot_mapping, k)
-        v_cache.view(-1, *v.shape[1:]).index_copy_(0, self.meta.slot_mapping, v)
-        return self.attend(q, k_cache, v_cache, self.meta)
+        kv = self.cache.layers[layer]
+        k_cache, v_cache = kv[0], kv[1]  # [num_blocks + 1, bs, Hkv, d]
+        meta = self._metas.get(kv.device) or self._meta_on(kv.device)
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
+        if not self.cache.multi_device or kv.device.type != "cuda":
+            return self.attend(q, k_cache, v_cache, meta)
+        with torch.cuda.device(kv.device):  # kernels launch on the current device
+            return self.attend(q, k_cache, v_cache, meta)
+
+    def _meta_on(self, device: torch.device) -> AttentionMetadata:
+        m = self.meta
+        moved = {f: getattr(m, f).to(device, non_blocking=device.type == "cuda")
+                 for f in ("slot_mapping", "block_tables", "context_lens", "query_start_loc")}
+        self._metas[device] = dataclasses.replace(m, **moved)
+        return self._metas[device]

@@ -47,7 +47,7 @@ from .protocol import EngineStats, RequestOutput
 from .runner import LaunchedStep
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
-from .worker import EngineWorker, ModelSpec, Worker
+from .worker import EngineWorker, ModelSpec, make_worker
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class EngineCore:
     def __init__(self, model: nn.Module | ModelSpec | EngineWorker, config: EngineConfig | None = None,
                  attend: Attend | None = None):
         """model: a built model, a ModelSpec (the worker builds it) or a worker (e.g. a group of ranks)."""
-        self.worker = model if hasattr(model, "launch") else Worker(model, attend)
+        self.worker = model if hasattr(model, "launch") else make_worker(model, attend)
         self.worker.load()
         cfg = self.worker.model_config
         self.config = (config or EngineConfig()).for_model(cfg)
@@ -266,6 +266,13 @@ class EngineCore:
             if out.finished:
                 self.scheduler.finish(seq)
                 del self.seqs[seq.request_id]
+
+    def shutdown(self) -> None:
+        """Stop the worker's processes (a tensor-parallel group's ranks); idempotent. The engine is
+        unusable afterwards."""
+        stop = getattr(self.worker, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),

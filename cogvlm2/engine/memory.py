@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from ..model.batch import ForwardBatch
@@ -12,16 +14,21 @@ from .config import CPU_KV_CACHE_BYTES, CPU_KV_CACHE_SEQS, EngineConfig
 
 def num_kv_blocks(model: CogVLM2ForCausalLM, config: EngineConfig, attend: Attend) -> int:
     """config.num_kv_blocks when given, else sized as above; raises unless one sequence of max_model_len fits
-    (the scheduler relies on it: the oldest running sequence can always make progress)."""
+    (the scheduler relies on it: the oldest running sequence can always make progress).
+
+    A block holds the model's own KV heads (1/N of them on a tensor-parallel rank); under pipeline stages
+    each device holds its layers' part of every block, and the device with the least room decides."""
     cfg = model.config
-    per_block = KVCache.bytes_per_block(cfg.num_hidden_layers, config.block_size, cfg.num_key_value_heads,
+    per_block = KVCache.bytes_per_block(cfg.num_hidden_layers, config.block_size, model.num_local_kv_heads,
                                         cfg.head_dim, model.dtype)
     if config.num_kv_blocks is not None:
         blocks = config.num_kv_blocks
     elif model.device.type != "cuda":
         blocks = min(CPU_KV_CACHE_BYTES // per_block, CPU_KV_CACHE_SEQS * config.max_blocks_per_seq)
     else:
-        blocks = int(_free_cuda_bytes_after_profile(model, config, attend) // per_block)
+        layers = Counter(model.layer_devices())
+        free = _free_cuda_bytes_after_profile(model, config, attend)
+        blocks = min(int(free[d] // (per_block * n / cfg.num_hidden_layers)) for d, n in layers.items())
     if blocks < config.max_blocks_per_seq:
         fix = "raise num_kv_blocks" if config.num_kv_blocks is not None else "raise gpu_memory_utilization"
         raise ValueError(f"the KV cache holds {blocks} blocks of {config.block_size} tokens, fewer than one sequence "
@@ -31,16 +38,20 @@ def num_kv_blocks(model: CogVLM2ForCausalLM, config: EngineConfig, attend: Atten
 
 
 @torch.inference_mode()
-def _free_cuda_bytes_after_profile(model: CogVLM2ForCausalLM, config: EngineConfig, attend: Attend) -> float:
+def _free_cuda_bytes_after_profile(model: CogVLM2ForCausalLM, config: EngineConfig,
+                                   attend: Attend) -> dict[torch.device, float]:
     """Run the largest step (max_num_batched_tokens prompt tokens, one image, max_num_seqs logits +
-    sort) on a throwaway cache, then budget = total * utilization - everything else at its peak."""
+    sort) on a throwaway cache, then per device holding layers: budget = total * utilization -
+    everything else at its peak."""
     cfg, device = model.config, model.device
-    torch.cuda.synchronize()
+    devices = sorted(set(model.layer_devices()) | {device}, key=str)
+    for d in devices:
+        torch.cuda.synchronize(d)
+        torch.cuda.reset_peak_memory_stats(d)
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     n = min(config.max_num_batched_tokens, config.max_model_len)
     scratch = KVCache(cfg.num_hidden_layers, -(-n // config.block_size), config.block_size,
-                      cfg.num_key_value_heads, cfg.head_dim, model.dtype, device)
+                      model.num_local_kv_heads, cfg.head_dim, model.dtype, model.layer_devices())
     blocks = torch.arange(scratch.num_blocks, device=device)
     meta = AttentionMetadata(torch.arange(n, device=device), blocks[None], torch.tensor([n], device=device),
                              torch.tensor([0, n], device=device), [n], [n])
@@ -50,10 +61,14 @@ def _free_cuda_bytes_after_profile(model: CogVLM2ForCausalLM, config: EngineConf
                                 PagedAttention(scratch, meta, attend)))
     rows = hidden[:1].expand(min(config.max_num_seqs, n), -1)
     model.compute_logits(rows).sort(dim=-1)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    budget = {}
+    for d in devices:
+        torch.cuda.synchronize(d)
+        budget[d] = torch.cuda.max_memory_allocated(d)
     del scratch, hidden, rows
     torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info()
-    used_elsewhere = (total - free) - torch.cuda.memory_allocated()  # other processes, CUDA context
-    return total * config.gpu_memory_utilization - used_elsewhere - peak
+    for d, peak in budget.items():
+        free, total = torch.cuda.mem_get_info(d)
+        used_elsewhere = (total - free) - torch.cuda.memory_allocated(d)  # other processes, CUDA context
+        budget[d] = total * config.gpu_memory_utilization - used_elsewhere - peak
+    return budget

@@ -59,8 +59,9 @@ class ModelRunner:
         self.attend = attend
         cfg = model.config
         blocks = num_blocks if num_blocks is not None else num_kv_blocks(model, config, attend)
-        self.kv = KVCache(cfg.num_hidden_layers, blocks, config.block_size, cfg.num_key_value_heads, cfg.head_dim,
-                          model.dtype, self.device)
+        # this rank's KV heads (tensor parallelism), each layer's cache on its stage's device (pipeline)
+        self.kv = KVCache(cfg.num_hidden_layers, blocks, config.block_size, model.num_local_kv_heads, cfg.head_dim,
+                          model.dtype, model.layer_devices())
         self.sampler = Sampler()
         self.vision_cache: dict[str, torch.Tensor] = {}  # vision hash -> features [num_vision_tokens, D]
         self.graphs = None
@@ -74,8 +75,8 @@ class ModelRunner:
 
     def capture_graphs(self) -> None:
         """(Re-)capture the decode CUDA graphs (CUDA, not enforce_eager, a model that supports them)."""
-        if self.device.type == "cuda" and not self.config.enforce_eager and \
-                getattr(self.model, "supports_cuda_graphs", True):
+        if self.device.type == "cuda" and not self.config.enforce_eager and not self.kv.multi_device and \
+                getattr(self.model, "supports_cuda_graphs", True):  # pipeline stages run eagerly
             self.graphs = None  # the old graphs' memory goes back to the pool first
             self.graphs = DecodeGraphs(self.model, self.kv, self.config, self.attend)
 
@@ -160,7 +161,7 @@ class ModelRunner:
         self._turn = (self._turn + 1) % len(self._landing)
         host = buffer[:sampled.numel()]
         host.copy_(sampled, non_blocking=True)
-        ready.record()
+        ready.record(torch.cuda.current_stream(sampled.device))  # the ids' device: the last stage's under PP
         return host, ready
 
     @staticmethod

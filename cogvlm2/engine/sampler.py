@@ -117,6 +117,12 @@ def filter_top_k_top_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor
 
 
 class Sampler:
+    """generator: draws the unseeded rows' noise (None: torch's global RNG). The ranks of a tensor-parallel
+    group each pass one seeded alike, so they sample the same ids whatever else uses the global RNG."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], pending: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V] float32 of the B sampling rows -> token ids [B] long (on the device).
         pending [B]: each row's latest id when it is not in the sequence's token_ids yet."""
@@ -128,7 +134,7 @@ class Sampler:
         probs = filter_top_k_top_p(_finite(logits / t.col(TEMPERATURE)), t).softmax(-1)
         valid = probs.isfinite().all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)  # [B, 1]
         probs = torch.where(valid, probs, torch.nn.functional.one_hot(argmax, probs.shape[1]).to(probs.dtype))
-        noise = torch.empty_like(probs).exponential_().clamp_min_(1e-10)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(1e-10)
         sampled = (probs / noise).argmax(-1)
         for i, s in enumerate(seqs):
             if s.params.seed is not None and not s.params.greedy:

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..devices import auto_device, auto_dtype
+from ..model.parallel import ParallelContext
 from .attention import Attend, default_attend
 from .config import EngineConfig
 from .memory import num_kv_blocks
@@ -41,22 +42,58 @@ from .scheduler import ScheduledBatch
 @dataclass(frozen=True)
 class ModelSpec:
     """What to build: a checkpoint ("tiny", a folder or a Hub id) and how to place it (or a model
-    already built, which is used as it is).
+    already built, which is used as it is, or a factory: a callable that builds it, called as
+    `factory(dtype=, device=, tensor_parallel=)` on every rank, so picklable under tensor parallelism:
+    full-size random weights for benchmarks).
+
+    tensor_parallel_size N > 1: N processes, one per GPU (`worker_group.py`), each loading its shard;
+    shard_vision: the vision tower sharded too (else replicated). pipeline_parallel_size N > 1:
+    consecutive layers on N GPUs in this process, each layer's KV cache on its GPU, run eagerly.
 
     dtype / device None: CUDA when available (bfloat16 from compute capability 8, else float16), else
     the CPU in float32. quant: quantize while loading (see cogvlm2.quant). adapters: LoRA adapters to
     load, name -> folder (peft format); requests select one by its name.
     """
 
-    model: str | Path | nn.Module
+    model: str | Path | nn.Module | Callable[..., nn.Module]
     dtype: str | torch.dtype | None = None
     device: str | torch.device | None = None
     quant: str | int | None = None
     adapters: dict[str, str | Path] = field(default_factory=dict)
     rope_mode: str = "official"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    shard_vision: bool = False
+
+    def __post_init__(self) -> None:
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        if tp < 1 or pp < 1:
+            raise ValueError(f"tensor_parallel_size ({tp}) and pipeline_parallel_size ({pp}) must be >= 1")
+        if tp > 1 and pp > 1:
+            raise ValueError("tensor and pipeline parallelism cannot be combined: choose one of "
+                             "tensor_parallel_size and pipeline_parallel_size")
+        if (tp > 1 or pp > 1) and isinstance(self.model, nn.Module):
+            raise ValueError("tensor / pipeline parallelism loads the model per device from a checkpoint: pass "
+                             "its name or folder, not a built model")
+        if (tp > 1 or pp > 1) and self.quant is not None:
+            raise ValueError("quantized models run on one device: drop quant for tensor / pipeline parallelism")
+        if self.shard_vision and tp == 1:
+            raise ValueError("shard_vision needs tensor_parallel_size > 1")
 
     def resolved_device(self) -> str:
         return auto_device(str(self.device) if self.device is not None else "auto")
+
+    def pipeline_devices(self) -> list[str]:
+        """One device per pipeline stage: cuda:0 .. cuda:N-1 on GPUs (a device index given in `device` is
+        the first), or N stages on the CPU (the same hand-overs, for tests)."""
+        device, n = torch.device(self.resolved_device()), self.pipeline_parallel_size
+        if device.type != "cuda":
+            return [str(device)] * n
+        first = device.index or 0
+        if first + n > torch.cuda.device_count():
+            raise ValueError(f"pipeline_parallel_size {n} from cuda:{first} needs {first + n} GPUs; "
+                             f"{torch.cuda.device_count()} visible")
+        return [f"cuda:{first + i}" for i in range(n)]
 
     def resolved_dtype(self) -> str | torch.dtype:
         return self.dtype or auto_dtype("auto", self.resolved_device())
@@ -93,9 +130,13 @@ class Worker:
     """The in-process worker of one device. `model` is a ModelSpec to build, or an already built
     CogVLM2ForCausalLM (tests and benchmarks; `quant` of a spec is then applied to it in place)."""
 
-    def __init__(self, model: ModelSpec | nn.Module, attend: Attend | None = None):
+    def __init__(self, model: ModelSpec | nn.Module, attend: Attend | None = None,
+                 tensor_parallel: ParallelContext | None = None):
+        """tensor_parallel: this rank's place in a tensor-parallel group (`worker_group.py` makes one per
+        rank): the worker then loads only the rank's shard, on the rank's device."""
         self.spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
         self.model: nn.Module | None = self.spec.model if isinstance(self.spec.model, nn.Module) else None
+        self.tensor_parallel = tensor_parallel
         self._attend = attend
         self.runner: ModelRunner | None = None
         self._config: EngineConfig | None = None
@@ -109,9 +150,17 @@ class Worker:
             from ..model import load_model
             from ..tiny import checkpoint_folder
 
-            spec = self.spec
-            self.model = load_model(str(checkpoint_folder(spec.model)), dtype=spec.resolved_dtype(),
-                                    device=spec.resolved_device(), quant=spec.quant, rope_mode=spec.rope_mode)
+            spec, tp = self.spec, self.tensor_parallel
+            device = spec.resolved_device() if tp is None else tp.device
+            pipeline = spec.pipeline_devices() if spec.pipeline_parallel_size > 1 else None
+            if callable(spec.model):
+                if pipeline is not None:
+                    raise ValueError("a model factory places its model itself: build the pipeline model and pass it")
+                self.model = spec.model(dtype=spec.resolved_dtype(), device=device, tensor_parallel=tp)
+            else:
+                self.model = load_model(str(checkpoint_folder(spec.model)), dtype=spec.resolved_dtype(), device=device,
+                                        quant=spec.quant, rope_mode=spec.rope_mode, tensor_parallel=tp,
+                                        pipeline_devices=pipeline, progress=tp is None or tp.rank == 0)
         for name, path in self.spec.adapters.items():
             self.add_adapter(name, path)
 
@@ -191,3 +240,13 @@ class Worker:
 
         unload_adapter(self.model, name)
         del self._adapters[name]
+
+
+def make_worker(model: ModelSpec | nn.Module, attend: Attend | None = None) -> EngineWorker:
+    """The worker of a spec: a group of processes for tensor parallelism, else the in-process Worker
+    (pipeline stages included: one process drives every stage)."""
+    if isinstance(model, ModelSpec) and model.tensor_parallel_size > 1:
+        from .worker_group import TensorParallelGroup
+
+        return TensorParallelGroup(model, attend)
+    return Worker(model, attend)

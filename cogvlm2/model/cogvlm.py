@@ -166,7 +166,7 @@ class CogVLMModel(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.vision = EVA2CLIPModel(cfg)
+        self.vision = EVA2CLIPModel(cfg, tp if tp is not None and tp.shard_vision else None)
 
 
 class CogVLM2ForCausalLM(nn.Module):
@@ -194,6 +194,15 @@ class CogVLM2ForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads this model (this rank's shard under tensor parallelism) keeps in a KV cache."""
+        return self.config.num_key_value_heads // tp_size(self.tp)
+
+    def layer_devices(self) -> list[torch.device]:
+        """The device of each decoder layer (several under pipeline stages): where its KV cache lives."""
+        return [layer.input_layernorm.weight.device for layer in self.model.layers]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] images or video frames -> [B, tokens_per_image, D] vision-token embeddings

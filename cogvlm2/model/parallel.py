@@ -16,8 +16,9 @@ Megatron-style sharding of the language model and its visual expert over N ranks
   the same sampler on the same numbers (see `ParallelContext.sync_rng`): no token broadcast, no rank-0-only
   path. Gathering to rank 0 instead would need a broadcast of the chosen tokens back (a second collective
   and a host sync per step) for the same bytes; the gather is B x V floats (0.5 MB per row).
-- the vision tower is replicated (every rank encodes the images; its output is identical on every rank).
-  Sharding it (16 heads) or splitting a video's frames over ranks are the alternatives to measure.
+- the vision tower is replicated (every rank encodes the images; its output is identical on every rank),
+  or with `shard_vision` its transformer is sharded the same way (QKV by its 16 heads and fc1
+  column-parallel, dense and fc2 row-parallel: two all-reduces per tower layer; `vision.py`).
 
 Parameter names stay the official keys (only shapes shrink), so the strict key check of the loader holds;
 `shard_slicer` tells the loader which slice of each key a rank reads (safetensors `get_slice`: the full
@@ -44,6 +45,9 @@ from ..config import ModelConfig
 
 __all__ = ["ParallelContext", "VocabParallelEmbedding", "shard_slicer", "tp_size"]
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass(frozen=True, eq=False)
 class ParallelContext:
@@ -56,6 +60,7 @@ class ParallelContext:
     rank: int
     world_size: int
     group: dist.ProcessGroup | None = None
+    shard_vision: bool = False  # shard the vision tower's transformer too (else every rank holds it whole)
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -104,12 +109,7 @@ class ParallelContext:
         return n // self.world_size
 
     def check(self, cfg: ModelConfig) -> None:
-        """Every sharded dimension of the model divides by world_size (KV heads: 8 in the official models,
-        so N = 1, 2, 4, 8)."""
-        self.shard(cfg.num_key_value_heads, "the number of KV heads")
-        self.shard(cfg.num_attention_heads, "the number of attention heads")
-        self.shard(cfg.intermediate_size, "intermediate_size")
-        self.shard(cfg.vocab_size, "vocab_size")
+        check_sizes(cfg, self.world_size, self.shard_vision)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place (what CUDA graphs capture); x is returned."""
@@ -123,7 +123,7 @@ class ParallelContext:
             return x
         x = x.contiguous()
         out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))  # one buffer, one collective
-        dist.all_gather_into_tensor(out, x, group=self.group)
+        _all_gather_single(out, x, group=self.group)
         return torch.cat(out.view(self.world_size, *x.shape).unbind(0), dim=dim)
 
     def broadcast_object(self, obj, src: int = 0):
@@ -145,6 +145,20 @@ class ParallelContext:
         seed = self.broadcast_object(int(torch.randint(0, 2**62, ()).item()))
         torch.manual_seed(seed)
         return seed
+
+
+def check_sizes(cfg: ModelConfig, world_size: int, shard_vision: bool = False) -> None:
+    """Every sharded dimension of the model divides by world_size (KV heads: 8 in the official models,
+    so N = 1, 2, 4, 8), or a ValueError naming the one that does not."""
+    dims = [(cfg.num_key_value_heads, "the number of KV heads"),
+            (cfg.num_attention_heads, "the number of attention heads"),
+            (cfg.intermediate_size, "intermediate_size"), (cfg.vocab_size, "vocab_size")]
+    if shard_vision:
+        dims += [(cfg.vision.num_heads, "the vision tower's heads"),
+                 (cfg.vision.intermediate_size, "the vision tower's intermediate_size")]
+    for n, what in dims:
+        if n % world_size:
+            raise ValueError(f"tensor parallel size {world_size} must divide {what} ({n})")
 
 
 def tp_size(ctx: ParallelContext | None) -> int:
@@ -182,6 +196,14 @@ _SHARDED = [
     (re.compile(r"^model\.layers\.\d+\.mlp\.(language|vision)_mlp\.(gate|up)_proj\.weight$"), 0, "rows"),
     (re.compile(r"^model\.layers\.\d+\.mlp\.(language|vision)_mlp\.down_proj\.weight$"), 1, "rows"),
 ]
+# the vision tower's transformer, with shard_vision (row-parallel biases stay whole: added once after the reduce)
+_VISION = "^model\\.vision\\.transformer\\.layers\\.\\d+\\."
+_SHARDED_VISION = [
+    (re.compile(_VISION + r"attention\.query_key_value\.(weight|bias)$"), 0, "vision_qkv"),
+    (re.compile(_VISION + r"attention\.dense\.weight$"), 1, "rows"),
+    (re.compile(_VISION + r"mlp\.fc1\.(weight|bias)$"), 0, "rows"),
+    (re.compile(_VISION + r"mlp\.fc2\.weight$"), 1, "rows"),
+]
 
 
 def qkv_ranges(cfg: ModelConfig, ctx: ParallelContext) -> list[tuple[int, int]]:
@@ -197,14 +219,18 @@ def shard_slicer(cfg: ModelConfig, ctx: ParallelContext):
     """key, full shape -> the `TensorSlice` rank `ctx.rank` reads, or None for a replicated tensor."""
     ctx.check(cfg)
     qkv = qkv_ranges(cfg, ctx)
+    dv = cfg.vision.hidden_size // ctx.world_size  # the vision heads' rows of each of q, k, v
+    vision_qkv = [(part * cfg.vision.hidden_size + ctx.rank * dv, part * cfg.vision.hidden_size + (ctx.rank + 1) * dv)
+                  for part in range(3)]
+    patterns = _SHARDED + (_SHARDED_VISION if ctx.shard_vision else [])
 
     def slicer(key: str, shape: tuple[int, ...]) -> TensorSlice | None:
         if ctx.world_size == 1:
             return None
-        for pattern, dim, kind in _SHARDED:
+        for pattern, dim, kind in patterns:
             if pattern.search(key):
-                if kind == "qkv":
-                    return TensorSlice(dim, qkv)
+                if kind in ("qkv", "vision_qkv"):
+                    return TensorSlice(dim, qkv if kind == "qkv" else vision_qkv)
                 n = ctx.shard(shape[dim], f"dim {dim} of {key}")
                 return TensorSlice(dim, [(ctx.rank * n, (ctx.rank + 1) * n)])
         return None

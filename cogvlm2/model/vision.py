@@ -3,6 +3,12 @@
 Parameter names equal the official checkpoint keys under `model.vision.`. The tower is post-norm
 (LayerNorm on each sub-layer's *output*, then the residual add), which is what the official
 EVA2-CLIP code does and what the weights were trained with.
+
+With a `ParallelContext` (tensor parallelism with `shard_vision`) the tower's transformer is sharded
+Megatron-style like the language model: QKV column-parallel by heads, attention dense row-parallel,
+fc1 column-parallel, fc2 row-parallel, one all-reduce after each attention and each MLP (126 for the
+63 layers of the 19B tower); the patch embedding, the 2x2 conv and the GLU adapter stay replicated.
+Every rank ends with the same features. Without it (the default) every rank holds the whole tower.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, VisionConfig
+from .parallel import ParallelContext, tp_size
 
 
 class PatchEmbedding(nn.Module):
@@ -29,12 +36,30 @@ class PatchEmbedding(nn.Module):
         return x + self.position_embedding.weight.unsqueeze(0)
 
 
+class RowParallelLinear(nn.Linear):
+    """A row-parallel linear (input features split over the ranks): partial products all-reduced, then
+    the bias, which every rank holds whole, added once."""
+
+    def __init__(self, in_features: int, out_features: int, tp: ParallelContext):
+        super().__init__(in_features, out_features)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight)) + self.bias
+
+
+def _linear(in_features: int, out_features: int, tp: ParallelContext | None) -> nn.Linear:
+    """A row-parallel linear under tensor parallelism (in_features already this rank's share), else nn.Linear."""
+    return nn.Linear(in_features, out_features) if tp is None else RowParallelLinear(in_features, out_features, tp)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, tp: ParallelContext | None = None):
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        n = tp_size(tp)  # this rank's heads
+        self.num_heads = cfg.num_heads // n
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size // n)
+        self.dense = _linear(cfg.hidden_size // n, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -45,21 +70,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, tp: ParallelContext | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        inter = cfg.intermediate_size // tp_size(tp)
+        self.fc1 = nn.Linear(cfg.hidden_size, inter)
+        self.fc2 = _linear(inter, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, tp: ParallelContext | None = None):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attention = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.attention = Attention(cfg, tp)
+        self.mlp = MLP(cfg, tp)
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,9 +94,9 @@ class TransformerLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, tp: ParallelContext | None = None):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(TransformerLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.gradient_checkpointing = False  # set by fine-tuning when the tower itself is trained
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,12 +125,13 @@ class GLU(nn.Module):
 
 
 class EVA2CLIPModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: ParallelContext | None = None):
+        """tp: shard the transformer over these ranks (None: the whole tower)."""
         super().__init__()
         v = cfg.vision
         self.grid = v.grid_size
         self.patch_embedding = PatchEmbedding(v)
-        self.transformer = Transformer(v)
+        self.transformer = Transformer(v, tp)
         self.linear_proj = GLU(cfg, in_features=v.hidden_size)
         self.conv = nn.Conv2d(v.hidden_size, v.hidden_size, kernel_size=2, stride=2)
         self.boi = nn.Parameter(torch.empty(1, 1, cfg.hidden_size))

@@ -1,0 +1,213 @@
+"""The engine over several devices: tensor parallelism (2 gloo ranks on the CPU, 2 NCCL ranks with 2 GPUs) and
+pipeline stages, against the one-device engine, on tiny-random in float32.
+
+The same schedule (staggered arrivals, an image prompt, a prefix-cache hit, an abort mid-decode, async
+scheduling's lookahead steps) gives the same greedy tokens with TP=2 (vision tower replicated or sharded) and
+PP=2 as with one device; a rank that dies stops the group with an error naming it, not a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from PIL import Image
+
+from cogvlm2.engine import LLMEngine
+from cogvlm2.engine.worker_group import WorkerGroupError
+from cogvlm2.sampling_params import SamplingParams
+
+MODEL = "tiny-random"
+ENGINE = dict(device="cpu", max_model_len=512, num_kv_blocks=96, block_size=16, max_num_batched_tokens=256)
+
+
+def image(seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (120, 160, 3), dtype=torch.uint8, generator=g).numpy())
+
+
+def schedule(engine: LLMEngine) -> list[tuple[int, str, object, SamplingParams]]:
+    """(arrival step, id, inputs, params): text and image prompts, a seeded sampled one; 'again' repeats 'img'
+    once it is cached."""
+    p = engine.processor
+    greedy = lambda n: SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)  # noqa: E731
+    return [
+        (0, "img", p("Describe the picture in detail.", image=image(1)), greedy(14)),
+        (0, "text", p("Tell me a long story about a red circle."), greedy(20)),
+        (1, "aborted", p("Count to one hundred."), greedy(30)),
+        (2, "other", p("What is in this image?", image=image(2)), greedy(10)),
+        # a seeded sampled row: every rank draws it with its own generator of that seed, so the ids (and what a
+        # lookahead step feeds back on each rank) equal one device's
+        (3, "seeded", p("Say random words."), SamplingParams(temperature=1.0, top_p=0.95, seed=5, max_new_tokens=12,
+                                                             ignore_eos=True)),
+        (6, "again", p("Describe the picture in detail.", image=image(1)), greedy(12)),
+    ]
+
+
+def run(engine: LLMEngine) -> dict:
+    """Step the schedule to the end (aborting 'aborted' at step 4); per request: (token ids, cached tokens)."""
+    pending, done, step = schedule(engine), {}, 0
+    while pending or engine.has_unfinished():
+        for arrival, rid, inputs, params in [r for r in pending if r[0] <= step]:
+            engine.add_request(rid, inputs, params)
+            pending.remove((arrival, rid, inputs, params))
+        if step == 4:
+            assert engine.abort("aborted")
+        for out in engine.step():
+            if out.finished:
+                assert out.error is None, out.error
+                done[out.request_id] = out.token_ids
+        step += 1
+        assert step < 200
+    return done
+
+
+@pytest.fixture(scope="module")
+def reference():
+    engine = LLMEngine.from_pretrained(MODEL, **ENGINE)
+    out = run(engine)
+    assert len(out["img"]) == 14 and 0 < len(out["aborted"]) < 30
+    assert out["img"] != out["other"][:10] and len(set(out["text"])) > 5  # not degenerate
+    return out
+
+
+def check_equal(got: dict, reference: dict) -> None:
+    assert got.keys() == reference.keys()
+    for rid, ids in reference.items():
+        assert got[rid] == ids, rid  # the abort too: the same steps run, so it stops after the same tokens
+
+
+def test_tp2_engine_equals_one_device(reference):
+    engine = LLMEngine.from_pretrained(MODEL, tensor_parallel_size=2, **ENGINE)
+    try:
+        cfg = engine.model.config
+        assert engine.runner.kv.kv.shape[-2] == cfg.num_key_value_heads // 2  # the driver holds half the KV heads
+        assert engine.model.lm_head.weight.shape[0] == cfg.vocab_size // 2
+        check_equal(run(engine), reference)
+        # the second image request hit the prefix cache: its prompt's KV came from the first one's blocks
+        engine.add_request("cached", engine.processor("Describe the picture in detail.", image=image(1)),
+                           SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True))
+        seq = engine.seqs["cached"]
+        while engine.has_unfinished():
+            engine.step()
+        assert seq.num_cached_tokens > 0
+    finally:
+        engine.shutdown()
+
+
+def test_tp2_sharded_vision_equals_one_device_and_a_dead_rank_is_an_error(reference):
+    engine = LLMEngine.from_pretrained(MODEL, tensor_parallel_size=2, shard_vision=True, **ENGINE)
+    try:
+        vision_qkv = engine.model.model.vision.transformer.layers[0].attention.query_key_value.weight
+        assert vision_qkv.shape[0] == 3 * engine.model.config.vision.hidden_size // 2
+        check_equal(run(engine), reference)
+        rank1 = engine.worker.procs[0]
+        kill_rank_mid_generation(engine)
+    finally:
+        engine.shutdown()
+    assert not rank1.is_alive()
+
+
+def kill_rank_mid_generation(engine: LLMEngine) -> None:
+    """Rank 1 dies mid-generation: the step's request fails with an error naming it (within a minute, not a
+    hang), and so does every later call."""
+    engine.add_request("victim", engine.processor("Keep talking."),
+                       SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True))
+    engine.step()
+    engine.step()
+    os.kill(engine.worker.procs[0].pid, signal.SIGKILL)
+
+    def hung(*_):
+        raise TimeoutError("the engine hung after a rank died")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        outputs = []
+        while engine.has_unfinished():
+            outputs += engine.step()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    (failed,) = [o for o in outputs if o.request_id == "victim"]
+    assert failed.finished and failed.finish_reason == "abort" and len(failed.token_ids) < 200
+    assert "tensor-parallel rank 1" in failed.error and "died" in failed.error, failed.error
+    with pytest.raises(WorkerGroupError, match="rank 1"):
+        engine.worker.launch(None)
+
+
+def test_pp2_engine_equals_one_device(reference):
+    engine = LLMEngine.from_pretrained(MODEL, pipeline_parallel_size=2, **ENGINE)
+    stages = engine.model.stages
+    assert len(stages.plan.devices) == 2 and stages.plan.stage_of["vision"] == 0
+    check_equal(run(engine), reference)
+
+
+def test_parallel_sizes_are_checked():
+    from cogvlm2.engine.worker import ModelSpec
+
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ModelSpec(MODEL, tensor_parallel_size=2, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match=">= 1"):
+        ModelSpec(MODEL, tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="shard_vision"):
+        ModelSpec(MODEL, shard_vision=True)
+    with pytest.raises(ValueError, match="quantized"):
+        ModelSpec(MODEL, quant="int8", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="must divide"):  # tiny-random has 2 KV heads
+        LLMEngine.from_pretrained(MODEL, tensor_parallel_size=4, **ENGINE)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(tensor_parallel_size=2, shard_vision=True),
+                                      dict(pipeline_parallel_size=2)])
+def test_two_gpus_equal_one(parallel):
+    """On 2 GPUs (NCCL, CUDA graphs for TP decode; PP eager with each layer's KV on its GPU), float32: the same
+    greedy tokens as one GPU."""
+    kw = dict(ENGINE, device="cuda", dtype="float32")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    one = run(LLMEngine.from_pretrained(MODEL, **kw))
+    engine = LLMEngine.from_pretrained(MODEL, **parallel, **kw)
+    try:
+        check_equal(run(engine), one)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_dead_rank_is_an_error():
+    """Over NCCL (decode in CUDA graphs) a dead rank's collectives never complete: the driver's watchdog sees
+    the death, aborts the communicator, and the request fails with an error naming the rank."""
+    engine = LLMEngine.from_pretrained(MODEL, tensor_parallel_size=2, **dict(ENGINE, device="cuda"))
+    try:
+        kill_rank_mid_generation(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_generate_cli_with_tensor_parallelism(tmp_path):
+    """`cogvlm2 generate --tensor-parallel-size 2` writes the rows the one-device run writes (image and text)."""
+    import json
+
+    from cogvlm2.cli import main
+
+    image(3).save(tmp_path / "a.png")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "i", "query": "What is it?", "image": "a.png"}) + "\n"
+                                       + json.dumps("Tell me a story.") + "\n")
+    rows = {}
+    for tp in (1, 2):
+        out = tmp_path / f"tp{tp}.jsonl"
+        argv = ["generate", str(tmp_path / "in.jsonl"), "-o", str(out), "--model", MODEL, "--device", "cpu",
+                "--max-model-len", "512", "--max-new-tokens", "8", "--no-progress", "--tensor-parallel-size", str(tp)]
+        assert main(argv) == 0
+        rows[tp] = {r["id"]: r["token_ids"] for r in map(json.loads, out.read_text().splitlines())}
+    assert rows[1] == rows[2] and len(rows[1]) == 2 and all(len(ids) == 8 for ids in rows[1].values())
+    with pytest.raises(ValueError, match="tensor-parallel-size needs the engine"):
+        from argparse import Namespace
+
+        from cogvlm2.cli import load_for_chat
+
+        load_for_chat(Namespace(model=MODEL, device="cpu", dtype="auto", tensor_parallel_size=2, command="eval"))
