@@ -48,7 +48,7 @@ SKIP = {  # first line of a block -> why it does not run here
     "cogvlm2 eval textvqa":
         "needs the benchmark data (not bundled, never downloaded); tests/test_eval.py runs each benchmark on fixtures",
 }
-SETUP = re.compile(r"^\s*(pip install|apt-get|pytest|python -m pytest)\b")
+SETUP = re.compile(r"^\s*(\w+=\S*\s+)*(pip install|apt-get|pytest|python -m pytest)\b")  # VAR=value prefixes too
 
 PRELUDE = r"""
 set -eo pipefail
@@ -106,7 +106,7 @@ def session(path: Path, ports: dict[str, str]) -> str:
                 line = line.replace(official, tiny)
             for port, free in ports.items():
                 line = re.sub(rf"\b{port}\b", free, line)
-            line = re.sub(r"^(pip install [^&]*&&\s*)+", "", line)
+            line = re.sub(r"^((\w+=\S*\s+)*pip install [^&]*&&\s*)+", "", line)
             if SETUP.match(line) or not line.strip() or line.lstrip().startswith("#"):
                 continue
             command = line.split("  #")[0].rstrip() if "<<" not in line else line
