@@ -208,6 +208,6 @@ def test_generate_cli_with_tensor_parallelism(tmp_path):
     with pytest.raises(ValueError, match="tensor-parallel-size needs the engine"):
         from argparse import Namespace
 
-        from cogvlm2.cli import load_for_chat
+        from cogvlm2.launch import load_from_args
 
-        load_for_chat(Namespace(model=MODEL, device="cpu", dtype="auto", tensor_parallel_size=2, command="eval"))
+        load_from_args(Namespace(model=MODEL, device="cpu", dtype="auto", tensor_parallel_size=2, command="eval"))

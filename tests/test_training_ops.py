@@ -19,12 +19,13 @@ from cogvlm2.finetune.toy import QUESTION, colour_image  # noqa: E402
 from cogvlm2.model import load_model, ops  # noqa: E402
 from cogvlm2.model.attention import PackedAttention  # noqa: E402
 from cogvlm2.processing import Processor  # noqa: E402
+from cogvlm2.tiny import checkpoint_folder  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def lora_model(device: str):
-    model = load_model("tiny", device=device, progress=False)
+    model = load_model(str(checkpoint_folder("tiny")), device=device, progress=False)
     apply_lora(model, ["vision_expert_qkv", "language_expert_qkv"], dropout=0.0)
     g = torch.Generator().manual_seed(0)
     for p in model.parameters():

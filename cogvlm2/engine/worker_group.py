@@ -95,7 +95,7 @@ class TensorParallelGroup:
         if spec.adapters:
             raise ValueError("LoRA adapters are not supported with tensor parallelism (merge the adapter into the "
                              "checkpoint, or serve on one GPU)")
-        from ..model import checkpoint_folder
+        from ..tiny import checkpoint_folder
 
         if not callable(spec.model):  # a factory's model is checked when each rank builds it
             check_sizes(ModelConfig.from_file(checkpoint_folder(str(spec.model)) / "config.json"), n, spec.shard_vision)
