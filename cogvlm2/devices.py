@@ -1,4 +1,4 @@
-"""Device and dtype defaults shared by the CLI, the engine and the servers (no argument parsing here)."""
+"""Device and dtype defaults and checks shared by the CLI, the engine and the servers (no argument parsing here)."""
 
 from __future__ import annotations
 
@@ -22,3 +22,23 @@ def auto_dtype(dtype: str = "auto", device: str = "cpu") -> str:
         return "float32"
     major, _ = torch.cuda.get_device_capability(dev)
     return "bfloat16" if major >= 8 else "float16"
+
+
+def resolve_device(device: str) -> str:
+    """"auto" as `auto_device`; any other value is checked here, before a model loads, so that `--device cuda`
+    without a GPU is one clear error instead of a failure deep inside loading."""
+    if device == "auto":
+        return auto_device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r}: unsupported; use auto, cpu, cuda or cuda:N")
+    return device

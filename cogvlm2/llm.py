@@ -40,7 +40,7 @@ def load_processor(model: str | Path | nn.Module) -> Processor | None:
     if isinstance(model, nn.Module):
         folder = getattr(model, "checkpoint_path", None)
         return Processor.from_pretrained(folder, model.config) if folder is not None else None
-    from .model import checkpoint_folder
+    from .tiny import checkpoint_folder
 
     return Processor.from_pretrained(checkpoint_folder(model))
 
@@ -53,9 +53,11 @@ def load_processor_and_model(model: str | Path | nn.Module, dtype: str | torch.d
     `quant` quantizes while loading (a loaded model: in place, see cogvlm2.quant)."""
     if not isinstance(model, nn.Module):
         from .model import load_model
+        from .tiny import checkpoint_folder
 
         spec = ModelSpec(model, dtype, device, quant)
-        model = load_model(str(model), dtype=spec.resolved_dtype(), device=spec.resolved_device(), quant=quant)
+        model = load_model(str(checkpoint_folder(model)), dtype=spec.resolved_dtype(), device=spec.resolved_device(),
+                           quant=quant)
     elif quant is not None:
         from .quant import quantize_model
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cogvlm2.checkpoint as checkpoint  # noqa: E402
 from cogvlm2.generation import generate_ids  # noqa: E402
 from cogvlm2.model import ParallelContext, load_model, shard_model  # noqa: E402
+from cogvlm2.tiny import checkpoint_folder  # noqa: E402
 from parallel_cases import run_cases  # noqa: E402
 
 
@@ -90,13 +91,13 @@ def main() -> None:
     device = ctx.device
     whole: list[str] = []
     checkpoint.safe_open = _Recording(checkpoint.safe_open, whole)
-    models = {name: load_model(name, device=device, progress=False, tensor_parallel=ctx)
+    models = {name: load_model(checkpoint_folder(name), device=device, progress=False, tensor_parallel=ctx)
               for name in ("tiny", "tiny-video")}
     checkpoint.safe_open = checkpoint.safe_open.real
     result = {"cases": run_cases(models), "whole_reads": whole,
               "shapes": {k: tuple(v.shape) for k, v in models["tiny"].state_dict().items()}}
     # sharding the whole model in memory gives the same shard as loading the slices
-    sharded = shard_model(load_model("tiny", device=device, progress=False), ctx).state_dict()
+    sharded = shard_model(load_model(checkpoint_folder("tiny"), device=device, progress=False), ctx).state_dict()
     loaded = models["tiny"].state_dict()
     result["shard_model_equal"] = sharded.keys() == loaded.keys() and all(
         torch.equal(sharded[k], loaded[k]) for k in loaded)

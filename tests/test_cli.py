@@ -1,6 +1,7 @@
 """`cogvlm2 chat`: a scripted session through stdin (text-only turn, image turn, clear) and one-shot use."""
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,16 @@ def test_one_shot_subprocess(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cogvlm2.cli", "chat", "--query", "x", "--model", "/no/such/dir"],
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     assert bad.returncode == 1 and "no such folder" in bad.stderr
+
+
+def test_every_model_flag_names_the_embedded_models():
+    """`--model` in every sub-command's --help lists the three embedded models, as the user sees it (wrapped)."""
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    with_model = {name: p for name, p in commands.items() if any("--model" in a.option_strings for a in p._actions)}
+    assert {"chat", "serve", "web", "generate", "caption", "eval", "finetune", "merge-lora"} <= set(with_model)
+    for name, p in with_model.items():
+        text = re.sub(r"-\s+", "-", " ".join(p.format_help().split()))  # argparse wraps after hyphens
+        model_help = text.split("--model MODEL", 2)[-1]  # the options section's entry, not the usage line
+        for embedded in ("'tiny'", "'tiny-video'", "'tiny-random'"):
+            assert embedded in model_help.split(" --", 1)[0], f"`cogvlm2 {name} --help`: --model lacks {embedded}"

@@ -15,13 +15,14 @@ from cogvlm2.finetune.lora import apply_lora, merge_lora, save_adapter  # noqa: 
 from cogvlm2.llm import LLM, LLMEngine, load_processor  # noqa: E402
 from cogvlm2.model import load_model  # noqa: E402
 from cogvlm2.sampling_params import SamplingParams  # noqa: E402
+from cogvlm2.tiny import checkpoint_folder  # noqa: E402
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
 TARGETS = ("language_expert_qkv", "vision_expert_qkv", "language_expert_mlp", "vision_expert_dense")
 
 
 def make_adapter(folder, seed: int, r: int, alpha: int, rslora: bool = False):
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     apply_lora(model, TARGETS, r=r, alpha=alpha, dropout=0.0, rslora=rslora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -34,7 +35,7 @@ def make_adapter(folder, seed: int, r: int, alpha: int, rslora: bool = False):
 def merged(folder):
     from cogvlm2.finetune.lora import load_adapter
 
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     load_adapter(model, folder)
     return merge_lora(model.eval())
 
@@ -57,7 +58,7 @@ def tokens(outputs) -> list[list[int]]:
 
 def test_unmerged_adapter_equals_merged_model(adapters, prompts):
     llm = LLM("tiny", "float32", "cpu", adapters=adapters)
-    base = LLM(load_model("tiny", progress=False))
+    base = LLM(load_model(checkpoint_folder("tiny"), progress=False))
     for name, folder in adapters.items():
         want = tokens(LLM(merged(folder)).generate(prompts, GREEDY, use_tqdm=False))
         got = tokens(llm.generate(prompts, GREEDY, use_tqdm=False, adapter=name))

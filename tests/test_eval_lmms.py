@@ -18,6 +18,7 @@ import torch
 from cogvlm2.eval.loglikelihood import loglikelihoods
 from cogvlm2.generation import generate_ids
 from cogvlm2.model import load_model
+from cogvlm2.tiny import checkpoint_folder
 from cogvlm2.processing import Processor
 from cogvlm2.sampling_params import SamplingParams
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = load_model("tiny", dtype="float32", device="cpu")
+    model = load_model(checkpoint_folder("tiny"), dtype="float32", device="cpu")
     return model, Processor.from_pretrained(model.checkpoint_path, model.config)
 
 
@@ -38,7 +39,7 @@ def test_loglikelihood_matches_reference_loop(tiny, tmp_path, device):
     """Teacher-forced log-probabilities of the greedy continuation equal the reference loop's logits."""
     model, proc = tiny
     if device != "cpu":
-        model = load_model("tiny", dtype="float32", device=device)
+        model = load_model(checkpoint_folder("tiny"), dtype="float32", device=device)
     (tmp_path / "a.png").write_bytes(F.png(F.COLOURS[0]))
     prompts = [proc("What colour is it?", image=tmp_path / "a.png"), proc("Say something.")]
     requests, expected = [], []

@@ -29,6 +29,7 @@ from cogvlm2.finetune.toy import COLOURS, QUESTION, colour_image, make_colour_da
 from cogvlm2.finetune.train import TrainConfig, lr_at, train  # noqa: E402
 from cogvlm2.generation import generate_ids  # noqa: E402
 from cogvlm2.model import load_model  # noqa: E402
+from cogvlm2.tiny import checkpoint_folder  # noqa: E402
 from cogvlm2.processing import Processor  # noqa: E402
 from cogvlm2.sampling_params import SamplingParams  # noqa: E402
 
@@ -80,7 +81,7 @@ def test_lora_learns_the_colour_task(trained):
     assert evals[-1]["eval/loss"] < 0.5
     assert evals[-1]["eval/perplexity"] == pytest.approx(math.exp(evals[-1]["eval/loss"]))
 
-    base = load_model("tiny", progress=False)
+    base = load_model(checkpoint_folder("tiny"), progress=False)
     proc = Processor.from_pretrained(base.checkpoint_path, base.config)
     before = accuracy(base, proc)
     tuned, aid = load_with_adapter(base, out / "adapter")
@@ -108,14 +109,14 @@ def test_logs_and_outputs(trained):
 def test_adapter_inference_equals_merged_checkpoint(trained, tmp_path):
     out, _ = trained
     merged = merge_adapter("tiny", out / "adapter", tmp_path / "merged", max_shard_bytes=20 * 2**20, progress=False)
-    base_folder = Path(load_model("tiny", progress=False).checkpoint_path)
+    base_folder = Path(load_model(checkpoint_folder("tiny"), progress=False).checkpoint_path)
     # official layout: config + tokenizer copied, sharded weights with an index
     assert (merged / "config.json").read_text() == (base_folder / "config.json").read_text()
     assert (merged / "tokenizer.json").read_bytes() == (base_folder / "tokenizer.json").read_bytes()
     index = json.loads((merged / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     m = load_model(str(merged), progress=False)  # strict key check: exactly the base's names
-    a, _ = load_with_adapter(load_model("tiny", progress=False), out / "adapter")
+    a, _ = load_with_adapter(load_model(checkpoint_folder("tiny"), progress=False), out / "adapter")
     proc = Processor.from_pretrained(merged, m.config)
     rng = random.Random(7)
     xs = [proc(QUESTION, image=colour_image("green", rng), answer="green"),
@@ -130,7 +131,7 @@ def test_adapter_inference_equals_merged_checkpoint(trained, tmp_path):
                 torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(CausalLMLoss(a)(pack(xs)), CausalLMLoss(m)(pack(xs)), rtol=1e-5, atol=1e-5)
     # a merge changed the weights that the adapter targets, and only those
-    base = load_model("tiny", progress=False).state_dict()
+    base = load_model(checkpoint_folder("tiny"), progress=False).state_dict()
     changed = {k for k, v in m.state_dict().items() if not torch.equal(v, base[k])}
     assert changed and all("query_key_value" in k or k == "lm_head.weight" for k in changed)
 
@@ -149,7 +150,7 @@ def test_adapter_id_and_mismatch(trained, tmp_path):
         json_cfg = json.loads((other / "adapter_config.json").read_text())
         json_cfg["target_modules"] = r"model\.layers\.\d+\.self_attn\.vision_expert_query_key_value"
         (other / "adapter_config.json").write_text(json.dumps(json_cfg))
-        load_adapter(load_model("tiny-video", progress=False), other)
+        load_adapter(load_model(checkpoint_folder("tiny-video"), progress=False), other)
 
 
 def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
@@ -172,7 +173,7 @@ def test_full_finetuning_trains_only_chosen_modules(data, tmp_path):
     regex = r"vision_expert_query_key_value|model\.norm\.weight"
     train(config(tmp_path, data, method="full", train_modules=regex, lora_targets=[], max_steps=3, lr=1e-3))
     tuned = load_model(str(tmp_path / "model"), progress=False)  # a complete checkpoint, official layout
-    base = load_model("tiny", progress=False).state_dict()
+    base = load_model(checkpoint_folder("tiny"), progress=False).state_dict()
     changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, base[k])}
     assert changed and all("vision_expert_query_key_value" in k or k == "model.norm.weight" for k in changed)
     assert "model.norm.weight" in changed
@@ -204,7 +205,7 @@ def test_video_manifest_trains(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(data):
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     from cogvlm2.finetune.lora import apply_lora
 
     apply_lora(model, ["vision_tower", "adapter", "language_expert_mlp"], dropout=0.0)

@@ -20,7 +20,7 @@ from cogvlm2.finetune.packing import pack  # noqa: E402
 from cogvlm2.finetune.toy import colour_image, make_colour_dataset  # noqa: E402
 from cogvlm2.model import load_model  # noqa: E402
 from cogvlm2.processing import Processor  # noqa: E402
-from cogvlm2.tiny import tiny_config  # noqa: E402
+from cogvlm2.tiny import checkpoint_folder, tiny_config  # noqa: E402
 
 CONFIG = tiny_config("tiny")
 USER, BOT = "user", "assistant"
@@ -150,7 +150,7 @@ def test_epoch_order_is_deterministic_and_sharded():
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     return model, Processor.from_pretrained(model.checkpoint_path, model.config)
 
 

@@ -34,6 +34,7 @@ from cogvlm2.finetune.packing import pack
 from cogvlm2.finetune.toy import colour_image
 from cogvlm2.finetune.train import loss_scale
 from cogvlm2.model import load_model
+from cogvlm2.tiny import checkpoint_folder
 from cogvlm2.processing import Processor
 
 def example(proc, n_answer, seed):
@@ -46,7 +47,7 @@ def example(proc, n_answer, seed):
 
 def model_and_examples():
     torch.manual_seed(0)
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     apply_lora(model, ["vision_expert_qkv", "language_expert_qkv", "lm_head"], dropout=0.0)
     for name, p in model.named_parameters():
         if p.requires_grad:

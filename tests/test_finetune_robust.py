@@ -34,7 +34,7 @@ from cogvlm2.finetune.toy import QUESTION, colour_image, make_colour_dataset  # 
 from cogvlm2.finetune.train import TrainConfig, train  # noqa: E402
 from cogvlm2.model import load_model  # noqa: E402
 from cogvlm2.processing import Processor  # noqa: E402
-from cogvlm2.tiny import tiny_config  # noqa: E402
+from cogvlm2.tiny import checkpoint_folder, tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["vision_expert_qkv", "language_expert_qkv", "lm_head"]
@@ -159,7 +159,7 @@ def test_stop_signal_saves_a_checkpoint(tmp_path, data, sig):
 
 @pytest.fixture(scope="module")
 def tiny_proc():
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     return model, Processor.from_pretrained(model.checkpoint_path, model.config)
 
 
@@ -292,7 +292,7 @@ def test_dataset_mixing_weights(tmp_path):
 # ---- what trains -----------------------------------------------------------------------------------------
 
 def test_vision_expert_part_is_the_whole_expert():
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     names = train_only(model, "vision_expert")
     kinds = {n.split(".")[3] + "." + n.split(".")[4] for n in names}
     assert kinds == {"self_attn.vision_expert_query_key_value", "self_attn.vision_expert_dense",
@@ -310,15 +310,15 @@ def test_lora_with_fully_trained_adapter_and_module_lrs(tmp_path, data):
     assert full and all(k.startswith("base_model.model.model.vision.linear_proj.") for k in full)
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert "model.vision.linear_proj.linear_proj" in cfg["modules_to_save"]
-    base = load_model("tiny", progress=False).state_dict()
-    tuned, _ = load_with_adapter(load_model("tiny", progress=False), out / "adapter")
+    base = load_model(checkpoint_folder("tiny"), progress=False).state_dict()
+    tuned, _ = load_with_adapter(load_model(checkpoint_folder("tiny"), progress=False), out / "adapter")
     key = "model.vision.linear_proj.dense_h_to_4h.weight"
     assert not torch.equal(tuned.get_parameter(key), base[key])
     torch.testing.assert_close(tuned.get_parameter(key), saved["base_model.model." + key])
     merged = merge_adapter("tiny", out / "adapter", tmp_path / "merged", progress=False)
     torch.testing.assert_close(load_model(str(merged), progress=False).get_parameter(key), saved["base_model.model." + key])
 
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     apply_lora(model, TARGETS)
     from cogvlm2.finetune.modules import also_train
 
@@ -333,7 +333,7 @@ def test_lora_with_fully_trained_adapter_and_module_lrs(tmp_path, data):
 def test_rslora_and_dora_merge_equals_unmerged(tmp_path, variant):
     from cogvlm2.finetune.lora import save_adapter
 
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     apply_lora(model, ["vision_expert_qkv", "language_expert_qkv"], r=4, alpha=8, dropout=0.0, **variant)
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -342,14 +342,14 @@ def test_rslora_and_dora_merge_equals_unmerged(tmp_path, variant):
     assert cfg["use_rslora" if "rslora" in variant else "use_dora"] is True
     proc = Processor.from_pretrained(model.checkpoint_path, model.config)
     batch = pack([proc(QUESTION, image=colour_image("red", random.Random(2)), answer="red")])
-    unmerged, _ = load_with_adapter(load_model("tiny", progress=False), tmp_path / "a")
+    unmerged, _ = load_with_adapter(load_model(checkpoint_folder("tiny"), progress=False), tmp_path / "a")
     merged = load_model(str(merge_adapter("tiny", tmp_path / "a", tmp_path / "m", progress=False)), progress=False)
     with torch.no_grad():
         torch.testing.assert_close(CausalLMLoss(merged)(batch), CausalLMLoss(unmerged)(batch), rtol=1e-5, atol=1e-4)
 
 
 def test_merged_checkpoint_has_inv_freq_and_no_tiny_readme(tmp_path):
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     apply_lora(model, ["language_expert_qkv"])
     from cogvlm2.finetune.lora import save_adapter
 

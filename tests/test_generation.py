@@ -8,6 +8,7 @@ from PIL import Image
 
 from cogvlm2.generation import apply_penalties, generate_ids, sample_token, stream_text
 from cogvlm2.model import load_model
+from cogvlm2.tiny import checkpoint_folder
 from cogvlm2.model.attention import PaddedKVCache
 from cogvlm2.model.batch import TokenSpan, flatten
 from cogvlm2.processing import Processor
@@ -16,14 +17,14 @@ from cogvlm2.sampling_params import SamplingParams
 
 @pytest.fixture(scope="module")
 def tiny():
-    m = load_model("tiny", progress=False)
+    m = load_model(checkpoint_folder("tiny"), progress=False)
     return m, Processor.from_pretrained(m.checkpoint_path, m.config)
 
 
 @pytest.fixture(scope="module")
 def tiny_random():
     """Random weights: long greedy outputs without EOS, for stop mechanics (the trained tiny says a few words)."""
-    m = load_model("tiny-random", progress=False)
+    m = load_model(checkpoint_folder("tiny-random"), progress=False)
     return m, Processor.from_pretrained(m.checkpoint_path, m.config)
 
 

@@ -18,10 +18,10 @@ import torch
 
 from cogvlm2.checkpoint import TensorSlice, load_weights
 from cogvlm2.config import ModelConfig
-from cogvlm2.model import ParallelContext, checkpoint_folder, load_model
+from cogvlm2.model import ParallelContext, load_model
 from cogvlm2.model.cogvlm import CogVLM2ForCausalLM
 from cogvlm2.model.parallel import qkv_ranges, shard_slicer
-from cogvlm2.tiny import tiny_config
+from cogvlm2.tiny import checkpoint_folder, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parallel_cases import run_cases  # noqa: E402
@@ -61,7 +61,7 @@ def launch(world_size: int, out: Path, device: str = "cpu", timeout: float = 240
 
 @pytest.fixture(scope="module")
 def reference():
-    models = {name: load_model(name, progress=False) for name in ("tiny", "tiny-video")}
+    models = {name: load_model(checkpoint_folder(name), progress=False) for name in ("tiny", "tiny-video")}
     return run_cases(models)
 
 
@@ -143,7 +143,7 @@ def test_sliced_loading_equals_slicing_the_full_tensor():
     """The loader's per-key hook: each rank's slice equals the same rows / columns of the full weights."""
     folder = checkpoint_folder("tiny")
     cfg = ModelConfig.from_file(folder)
-    full = load_model("tiny", progress=False).state_dict()
+    full = load_model(checkpoint_folder("tiny"), progress=False).state_dict()
     for rank in (0, 1):
         ctx = _ctx(rank, 2)
         with torch.device("meta"):
@@ -194,7 +194,7 @@ def test_tp1_context_is_the_plain_model(reference):
     """A one-rank context takes the sharded code path (vocab-parallel embedding, reduces) with nothing to
     reduce: the same tokens and bit-identical logits."""
     ctx = ParallelContext(0, 1)
-    models = {name: load_model(name, progress=False, tensor_parallel=ctx) for name in ("tiny", "tiny-video")}
+    models = {name: load_model(checkpoint_folder(name), progress=False, tensor_parallel=ctx) for name in ("tiny", "tiny-video")}
     got = run_cases(models)
     for name, (tokens, logits) in reference.items():
         assert got[name][0] == tokens and torch.equal(got[name][1], logits), name

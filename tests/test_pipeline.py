@@ -14,6 +14,7 @@ import torch
 
 from cogvlm2.config import ModelConfig
 from cogvlm2.model import load_model
+from cogvlm2.tiny import checkpoint_folder
 from cogvlm2.model.cogvlm import CogVLM2ForCausalLM
 from cogvlm2.model.pipeline import PipelineStages, place, plan_stages
 
@@ -62,12 +63,12 @@ def test_split_errors():
     with pytest.raises(ValueError, match="capacity"):
         plan_stages(model, ["cpu", "cpu"], capacities=[1])
     with pytest.raises(ValueError, match="cannot be combined"):
-        load_model("tiny", pipeline_devices=["cpu", "cpu"], tensor_parallel=object())
+        load_model(checkpoint_folder("tiny"), pipeline_devices=["cpu", "cpu"], tensor_parallel=object())
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_cases({name: load_model(name, progress=False) for name in ("tiny", "tiny-video")})
+    return run_cases({name: load_model(checkpoint_folder(name), progress=False) for name in ("tiny", "tiny-video")})
 
 
 def _count_moves(monkeypatch) -> list[torch.device]:
@@ -84,7 +85,7 @@ def _count_moves(monkeypatch) -> list[torch.device]:
 
 
 def test_pp2_equals_pp1(reference, monkeypatch):
-    models = {name: load_model(name, progress=False, pipeline_devices=["cpu", "cpu"])
+    models = {name: load_model(checkpoint_folder(name), progress=False, pipeline_devices=["cpu", "cpu"])
               for name in ("tiny", "tiny-video")}
     # vision + embed + layer 0 | layers 1-2 + head (the 128k-row embedding and head weigh the most)
     assert models["tiny"].stages.boundaries == {1: torch.device("cpu")}
@@ -98,13 +99,13 @@ def test_pp2_equals_pp1(reference, monkeypatch):
 
 def test_every_boundary_hands_over(reference, monkeypatch):
     """Five stages on the tiny model: vision | embed | layer 0 | layer 1 | head, so every hand-over runs."""
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     plan = plan_stages(model, ["cpu"] * 5)
     assert [plan.stage_of[u] for u in ("vision", "embed", "layer0", "layer1", "head")] == [0, 1, 2, 3, 4]
     place(model, plan)
     assert sorted(model.stages.boundaries) == [0, 1] and model.stages.head_boundary
     moves = _count_moves(monkeypatch)
-    tokens, logits = run_cases({"tiny": model, "tiny-video": load_model("tiny-video", progress=False)})["image+text"]
+    tokens, logits = run_cases({"tiny": model, "tiny-video": load_model(checkpoint_folder("tiny-video"), progress=False)})["image+text"]
     assert tokens == reference["image+text"][0] and torch.equal(logits, reference["image+text"][1])
     # prefill: pixels to the tower, 4 batch tensors to embed (ids, positions, vision embeddings and their slots;
     # routing is a host list), at each of 2 layer boundaries h, cos, sin and the 4 batch tensors, h to the head;
@@ -116,7 +117,7 @@ def test_every_boundary_hands_over(reference, monkeypatch):
 def test_cpu_gpu_pipeline_equals_one_device(reference):
     """Real transfers: the tower and first stage on the CPU, the rest on the GPU (float32, so close, not equal:
     GPU kernels round differently)."""
-    models = {name: load_model(name, progress=False, pipeline_devices=["cpu", "cuda"])
+    models = {name: load_model(checkpoint_folder(name), progress=False, pipeline_devices=["cpu", "cuda"])
               for name in ("tiny", "tiny-video")}
     assert models["tiny"].lm_head.weight.is_cuda and not models["tiny"].model.vision.conv.weight.is_cuda
     got = run_cases(models)
@@ -127,8 +128,8 @@ def test_cpu_gpu_pipeline_equals_one_device(reference):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpu_pipeline_equals_one_gpu():
-    one = {name: load_model(name, progress=False, device="cuda:0") for name in ("tiny", "tiny-video")}
-    two = {name: load_model(name, progress=False, pipeline_devices=["cuda:0", "cuda:1"])
+    one = {name: load_model(checkpoint_folder(name), progress=False, device="cuda:0") for name in ("tiny", "tiny-video")}
+    two = {name: load_model(checkpoint_folder(name), progress=False, pipeline_devices=["cuda:0", "cuda:1"])
            for name in ("tiny", "tiny-video")}
     ref, got = run_cases(one), run_cases(two)
     for name, (tokens, logits) in ref.items():

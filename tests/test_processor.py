@@ -10,6 +10,7 @@ from PIL import Image
 
 from cogvlm2.config import VISION_TOKEN_ID
 from cogvlm2.model import load_model
+from cogvlm2.tiny import checkpoint_folder
 from cogvlm2.processing import ImageError, Processor
 from cogvlm2.processing.detokenizer import IncrementalDetokenizer
 from cogvlm2.processing.prompt import format_prompt, position_ids, vision_expert_mask
@@ -17,13 +18,13 @@ from cogvlm2.processing.prompt import format_prompt, position_ids, vision_expert
 
 @pytest.fixture(scope="module")
 def image_proc():
-    m = load_model("tiny", progress=False)
+    m = load_model(checkpoint_folder("tiny"), progress=False)
     return Processor.from_pretrained(m.checkpoint_path, m.config)
 
 
 @pytest.fixture(scope="module")
 def video_proc():
-    m = load_model("tiny-video", progress=False)
+    m = load_model(checkpoint_folder("tiny-video"), progress=False)
     return Processor.from_pretrained(m.checkpoint_path, m.config)
 
 

@@ -14,6 +14,7 @@ from cogvlm2.checkpoint import CheckpointError, weight_files
 from cogvlm2.engine import LLM
 from cogvlm2.generation import generate_ids
 from cogvlm2.model import load_model
+from cogvlm2.tiny import checkpoint_folder
 from cogvlm2.processing import Processor
 from cogvlm2.quant import Fp4Linear, Fp8Linear, Int4Linear, formats, normalize_quant, quantize_model
 from cogvlm2.sampling_params import SamplingParams
@@ -246,7 +247,7 @@ def test_normalize_quant():
 
 @pytest.fixture(scope="module")
 def tiny_float():
-    return load_model("tiny-random", dtype="float32")
+    return load_model(checkpoint_folder("tiny-random"), dtype="float32")
 
 
 def _first_logits(model, processor, x) -> torch.Tensor:
@@ -263,7 +264,7 @@ def test_quant_modes_on_tiny(tiny_float, mode, cls, max_err):
     from PIL import Image
 
     x = processor("what is this?", image=Image.new("RGB", (50, 40), (10, 120, 30)))
-    model = load_model("tiny-random", dtype="float32", quant=mode)
+    model = load_model(checkpoint_folder("tiny-random"), dtype="float32", quant=mode)
     quantized = [n for n, m in model.named_modules() if type(m) is not torch.nn.Linear and hasattr(m, "in_features")]
     assert len(quantized) >= 10 and "lm_head" not in quantized
     if cls is not None:

@@ -26,7 +26,7 @@ import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cogvlm2.serving import limits  # noqa: E402
-from cogvlm2.serving.background import BackgroundServer  # noqa: E402
+from background_server import BackgroundServer  # noqa: E402
 
 KEY = "k-hardening"
 MAX_LEN = 512

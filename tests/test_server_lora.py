@@ -11,18 +11,20 @@ pytest.importorskip("peft")
 openai = pytest.importorskip("openai")
 
 from cogvlm2.finetune.lora import apply_lora, save_adapter  # noqa: E402
+from cogvlm2.launch import parse_lora  # noqa: E402
 from cogvlm2.llm import LLM  # noqa: E402
 from cogvlm2.model import load_model  # noqa: E402
 from cogvlm2.sampling_params import SamplingParams  # noqa: E402
-from cogvlm2.serving.background import BackgroundServer  # noqa: E402
-from cogvlm2.serving.launch import parse_lora  # noqa: E402
+from cogvlm2.tiny import checkpoint_folder  # noqa: E402
+
+from background_server import BackgroundServer  # noqa: E402
 
 QUESTION = "Tell me a joke."
 
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     apply_lora(model, ("language_expert_qkv", "language_expert_mlp"), r=4, alpha=8, dropout=0.0)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():

@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from cogvlm2.processing import Processor  # noqa: E402
-from cogvlm2.serving.background import BackgroundServer  # noqa: E402
+from background_server import BackgroundServer  # noqa: E402
 from cogvlm2.tiny import resolve_tiny  # noqa: E402
 
 KEY = "test-key"

@@ -10,7 +10,7 @@ schemathesis = pytest.importorskip("schemathesis")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from cogvlm2.serving.background import BackgroundServer  # noqa: E402
+from background_server import BackgroundServer  # noqa: E402
 
 KEY = "k-schema"
 AUTH = {"Authorization": f"Bearer {KEY}"}

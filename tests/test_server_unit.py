@@ -38,7 +38,7 @@ def test_multi_turn_maps_to_history_with_system_on_first_query():
         {"role": "user", "content": [{"type": "text", "text": "What is it?"}, image_part("data:image/png;base64,A1")]},
         {"role": "assistant", "content": "A cat."},
         {"role": "user", "content": "Its colour?"},
-    ), is_video=False)
+    ), media_kinds=("image",))
     assert conv.history == [("Be brief.\nWhat is it?", "A cat.")]
     assert conv.query == "Its colour?"
     assert (conv.media_kind, conv.media_url) == ("image", "data:image/png;base64,A1")
@@ -51,13 +51,13 @@ def test_latest_image_wins_and_consecutive_user_messages_are_turns():
         {"role": "user", "content": "first"},
         {"role": "assistant", "content": None},
         {"role": "user", "content": [{"type": "text", "text": "again"}, image_part("data:image/png;base64,NEW")]},
-    ), is_video=False)
+    ), media_kinds=("image",))
     assert conv.media_url.endswith("NEW") and conv.num_media_ignored == 1
     assert conv.history == [("", ""), ("first", "")]
     assert conv.query == "again"
     conv = parse_messages(msgs({"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                                {"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"},
-                               {"role": "user", "content": "c"}), is_video=False)
+                               {"role": "user", "content": "c"}), media_kinds=("image",))
     assert conv.history == [("a", ""), ("b", "x\ny")] and conv.query == "c"
 
 
@@ -69,16 +69,16 @@ def test_latest_image_wins_and_consecutive_user_messages_are_turns():
 ])
 def test_conversations_the_model_cannot_take(messages, match):
     with pytest.raises(APIError, match=match) as e:
-        parse_messages(msgs(*messages), is_video=False)
+        parse_messages(msgs(*messages), media_kinds=("image",))
     assert e.value.status == 400
 
 
 def test_video_model_takes_video_parts_only():
     video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AA"}}
-    conv = parse_messages(msgs({"role": "user", "content": [video, {"type": "text", "text": "what happens?"}]}), True)
+    conv = parse_messages(msgs({"role": "user", "content": [video, {"type": "text", "text": "what happens?"}]}), ("video",))
     assert conv.media_kind == "video" and conv.query == "what happens?"
     with pytest.raises(APIError, match="video model"):
-        parse_messages(msgs({"role": "user", "content": [image_part()]}), is_video=True)
+        parse_messages(msgs({"role": "user", "content": [image_part()]}), media_kinds=("video",))
 
 
 # --------------------------------------------------------------------------- request -> SamplingParams

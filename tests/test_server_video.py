@@ -15,7 +15,7 @@ import av  # noqa: E402
 import httpx  # noqa: E402
 
 from cogvlm2.processing import Processor  # noqa: E402
-from cogvlm2.serving.background import BackgroundServer  # noqa: E402
+from background_server import BackgroundServer  # noqa: E402
 from cogvlm2.tiny import resolve_tiny  # noqa: E402
 
 MAX_LEN = 400  # 3 frames x 18 tokens + text fit; answers stay short

@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 
 from PIL import Image  # noqa: E402
 
-from cogvlm2.serving.background import BackgroundServer  # noqa: E402
+from background_server import BackgroundServer  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
@@ -237,3 +237,134 @@ def test_a_corrupt_upload_is_a_short_readable_error(web, page, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "web_ui_corrupt_upload.png"), full_page=True)
     assert "could not be read" in text and "not an image" in text
     assert "/tmp" not in text and "gradio" not in text.lower() and "Traceback" not in text
+
+
+# --------------------------------------------------------------------------- the engine after Stop / Clear
+
+
+def engine_of(server):
+    """The in-process engine (AsyncLLM) behind a `web` BackgroundServer: its app keeps the backend."""
+    return server._server.config.app.state.backend.engine
+
+
+def live_request_ids(engine) -> set[str]:
+    """Requests the engine holds anywhere: its table, the scheduler's running and waiting queues."""
+    llm = engine.engine
+    return set(llm.seqs) | {s.request_id for s in (*llm.scheduler.running, *llm.scheduler.waiting)}
+
+
+def wait_engine_idle(engine, timeout: float):
+    """The engine's stats once no request runs or waits and every KV block is free (AssertionError after
+    `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = engine.stats()
+        if s.num_running == s.num_waiting == 0 and s.kv_blocks_free == s.kv_blocks_total:
+            return s
+        assert time.monotonic() < deadline, f"the engine still holds a request after {timeout} s: {s}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("button", ["stop", "clear"])
+def test_stop_and_clear_free_the_engines_kv_blocks(chatty_web, page, button, monkeypatch):
+    """Stop (or Clear) mid-stream aborts the engine request: its KV blocks are all free again and the
+    scheduler forgets it, well before the 1,500-token answer could have finished on its own."""
+    engine = engine_of(chatty_web)
+    wait_engine_idle(engine, timeout=120)  # an earlier test's answer is over
+    llm, aborted = engine.engine, []
+    abort = llm.abort
+
+    def recording_abort(request_id):  # the engine thread calls it for a request left mid-stream
+        aborted.append((request_id, abort(request_id)))
+        return aborted[-1][1]
+
+    monkeypatch.setattr(llm, "abort", recording_abort)
+    page.goto(chatty_web.url)
+    page.wait_for_selector("#message textarea")
+    start_long_answer(page, f"A long answer, then {button}.")
+    busy = engine.stats()
+    (request_id,) = live_request_ids(engine)
+    assert busy.num_running == 1 and busy.kv_blocks_free < busy.kv_blocks_total  # the answer holds KV blocks
+    page.locator(f"#{button}").click()
+    idle = wait_engine_idle(engine, timeout=15)
+    assert aborted == [(request_id, True)]  # aborted while running (a finished request is not aborted)
+    assert live_request_ids(engine) == set()
+    assert llm.block_manager.num_free == llm.block_manager.num_blocks == idle.kv_blocks_total
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"web_ui_{button}_freed.png"), full_page=True)
+
+
+# --------------------------------------------------------------------------- the uploaders' icons
+
+
+@pytest.fixture(scope="module")
+def video_web():
+    with BackgroundServer(["web", "--model", "tiny-video", "--max-model-len", "1024"]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory) -> Path:
+    import random
+
+    from cogvlm2.tiny import shapes
+
+    path = tmp_path_factory.mktemp("clip") / "shapes.mp4"
+    shapes.write_video(shapes.render_video_frames(shapes.random_motion(random.Random(0))), path)
+    return path
+
+
+# Every visible icon (svg) and icon button of the uploader block `sel`: its box, and each box that clips it (the
+# block, and any element between them whose overflow is not visible).
+ICON_BOXES = """(sel) => {
+  const root = document.querySelector(sel);
+  const box = (e) => { const b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; };
+  return [...root.querySelectorAll('svg, button')].filter((e) => e.checkVisibility()).map((e) => {
+    const clips = [];
+    for (let p = e.parentElement; p; p = p.parentElement) {
+      if (p === root || getComputedStyle(p).overflow !== 'visible') clips.push([p.className.baseVal ?? p.className, box(p)]);
+      if (p === root) break;
+    }
+    const name = e.getAttribute('aria-label') || e.getAttribute('title') || (e.className.baseVal ?? e.className);
+    return {tag: e.tagName.toLowerCase(), name: name, box: box(e), clips: clips};
+  });
+}"""
+
+
+def assert_icons_inside(page, selector: str) -> int:
+    """Each icon of the uploader is drawn whole: not zero-size and inside every box that clips it. The count."""
+    icons = page.evaluate(ICON_BOXES, selector)
+    for icon in icons:
+        left, top, right, bottom = icon["box"]
+        assert right - left >= 4 and bottom - top >= 4, f"{selector} {icon['tag']} {icon['name']!r} is {icon['box']}"
+        for name, (cl, ct, cr, cb) in icon["clips"]:
+            assert cl - 0.5 <= left and ct - 0.5 <= top and right <= cr + 0.5 and bottom <= cb + 0.5, \
+                f"{selector} {icon['tag']} {icon['name']!r} at {icon['box']} is clipped by {name!r} at {[cl, ct, cr, cb]}"
+    assert sum(icon["tag"] == "svg" for icon in icons) >= 3  # the measurement saw the icons
+    return len(icons)
+
+
+@pytest.mark.parametrize("width", [1280, 700])
+def test_the_video_uploaders_icons_are_not_clipped(video_web, page, clip_file, width):
+    """Empty (drop zone + upload / webcam buttons) and with a clip loaded (player and edit buttons)."""
+    page.set_viewport_size({"width": width, "height": 900})
+    page.goto(video_web.url)
+    page.wait_for_selector("#video-input .source-selection button")
+    assert page.locator("#image-input").count() == 0 or not page.locator("#image-input").is_visible()
+    assert_icons_inside(page, "#video-input")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#video-input").screenshot(path=str(ARTIFACTS / f"web_ui_video_uploader_{width}.png"))
+    page.locator("#video-input input[type=file]").set_input_files(str(clip_file))
+    page.wait_for_selector("#video-input video")
+    page.wait_for_selector("#video-input button[aria-label='Clear']")
+    assert_icons_inside(page, "#video-input")
+    page.screenshot(path=str(ARTIFACTS / f"web_ui_video_loaded_{width}.png"), full_page=True)
+
+
+def test_the_image_uploaders_icons_are_not_clipped(web, page, image_file):
+    page.goto(web.url)
+    page.wait_for_selector("#image-input .source-selection button")
+    assert_icons_inside(page, "#image-input")
+    page.locator("#image-input input[type=file]").set_input_files(str(image_file))
+    page.wait_for_selector("#image-input img")
+    assert_icons_inside(page, "#image-input")

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from ..config import ModelConfig
 from ..processing import CAPTION_PROMPT, Processor
 from ..sampling_params import SamplingParams
 from .items import Item, media_kind
 from .job import Job
 from .preprocess import Preprocessor
+from .rows import CAPTION_SCHEMA, result_row
 from .sources import Source, open_source
 from .writers import DEFAULT_CHUNK_ROWS, DEFAULT_CHUNK_SECONDS, open_writer
 
@@ -27,26 +27,15 @@ VIDEO_PROMPT = CAPTION_PROMPT
 IMAGE_PROMPT = "Please describe this image in detail."
 DEFAULT_MAX_NEW_TOKENS = 2048  # the official caption demo's budget; captions end at EOS well before
 
-CAPTION_SCHEMA = {"id": "string", "path": "string", "caption": "string", "model": "string", "prompt": "string",
-                  "template": "string", "tokens": "int64", "prompt_tokens": "int64", "finish_reason": "string",
-                  "seconds": "float64", "error": "string"}
+
+def default_prompt(media_kinds: tuple[str, ...]) -> str:
+    """The caption prompt of a checkpoint that takes `media_kinds` (`Processor.media_kinds`)."""
+    return VIDEO_PROMPT if "video" in media_kinds else IMAGE_PROMPT
 
 
-def default_prompt(config: ModelConfig) -> str:
-    return VIDEO_PROMPT if config.is_video else IMAGE_PROMPT
-
-
-def native_media(config: ModelConfig) -> tuple[str, ...]:
+def native_media(media_kinds: tuple[str, ...]) -> tuple[str, ...]:
     """What a folder scan picks up: video checkpoints read videos and stills (as one-frame clips)."""
-    return ("image", "video") if config.is_video else ("image",)
-
-
-def caption_row(item: Item, model: str, prompt: str | None, template: str | None, caption: str | None = None,
-                tokens: int = 0, prompt_tokens: int = 0, finish_reason: str | None = None, seconds: float = 0.0,
-                error: str | None = None) -> dict:
-    return {"id": item.id, "path": item.path, "caption": caption, "model": model, "prompt": prompt,
-            "template": template, "tokens": tokens, "prompt_tokens": prompt_tokens, "finish_reason": finish_reason,
-            "seconds": round(seconds, 4), "error": error}
+    return ("image", "video") if "video" in media_kinds else media_kinds
 
 
 def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny",
@@ -78,13 +67,12 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
         if isinstance(engine, LLMEngine):
             processor = engine.processor
         else:
-            from ..model import checkpoint_folder
+            from ..tiny import checkpoint_folder
 
             processor = Processor.from_pretrained(checkpoint_folder(model))
-    config = processor.config
-    prompt = prompt or default_prompt(config)
+    prompt = prompt or default_prompt(processor.media_kinds)
     prep = Preprocessor(processor, prompt, template, video_strategy)
-    source = _source(inputs, tuple(media) if media else native_media(config), allow_urls)
+    source = _source(inputs, tuple(media) if media else native_media(processor.media_kinds), allow_urls)
     writer = open_writer(output, CAPTION_SCHEMA, overwrite, chunk_rows, chunk_seconds) if output is not None else None
 
     if ray:
@@ -115,19 +103,6 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
             for r in drive(engine, items, prep, params, workers, lookahead):
                 yield result_row(r.item, prep, str(model), r.output, r.error, r.seconds)
     return Job(source, rows, writer, source.total)
-
-
-def result_row(item: Item, prep: Preprocessor, model: str, output, error: str | None, seconds: float) -> dict:
-    """The caption row of a finished (output) or failed (error) item."""
-    try:
-        query = prep.query_for(item)
-    except ValueError:
-        query = None
-    template = prep.template_for(item)
-    if output is None:
-        return caption_row(item, model, query, template, seconds=seconds, error=error)
-    return caption_row(item, model, query, template, caption=output.text.strip(), tokens=len(output.token_ids),
-                       prompt_tokens=output.prompt_len, finish_reason=output.finish_reason, seconds=seconds)
 
 
 def _source(inputs, kinds: tuple[str, ...], allow_urls: bool) -> Source:

@@ -29,7 +29,7 @@ in OUTPUT; a kill loses at most the chunk being written."""
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import add_model_arguments, add_sampling_arguments
+    from ..arguments import add_model_arguments, add_sampling_arguments
 
     p = subparsers.add_parser("generate", help="batch generation over a JSONL file of prompts (streamed, resumable)",
                               description=GENERATE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,7 +118,7 @@ def _follow(job, command: str, unit: str, disable: bool) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from ..cli import sampling_params
+    from ..arguments import sampling_params
     from ..devices import auto_device, auto_dtype
     from ..llm import LLMEngine
     from .driver import drive
@@ -165,7 +165,7 @@ def generate_row(r) -> dict:
 
 
 def run_caption(args: argparse.Namespace) -> int:
-    from ..cli import sampling_params
+    from ..arguments import sampling_params
     from ..devices import auto_device, auto_dtype
     from .caption import caption
 

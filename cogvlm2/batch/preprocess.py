@@ -42,7 +42,7 @@ class Preprocessor:
         if item.error is not None:
             raise ValueError(item.error)
         query, template = self.query_for(item), item.template or self.template  # None: the Processor's default
-        if item.image is not None and self.processor.config.is_video:
+        if item.image is not None and "image" not in self.processor.media_kinds:  # a still as a one-frame clip
             frames = torch.from_numpy(np.array(load_image(read_source(item.image)))).permute(2, 0, 1)
             return self.processor(query, item.history, video=frames.unsqueeze(1).contiguous(), template=template)
         image = None if item.image is None else read_source(item.image)

@@ -25,6 +25,7 @@ from ..llm import LLMEngine
 from ..sampling_params import SamplingParams
 from .items import Item, MissingExtraError
 from .preprocess import Preprocessor
+from .rows import result_row
 
 
 def _prepare(batch: dict, prep: Preprocessor) -> dict:
@@ -64,8 +65,6 @@ class _EngineActor:
         return {"row": [json.dumps(r, ensure_ascii=False) for r in rows]}
 
     async def _one(self, item: Item, inputs: bytes, error: str, seconds: float) -> dict:
-        from .caption import result_row
-
         start = time.perf_counter()
         out = None
         if not error:
@@ -99,8 +98,6 @@ def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngi
     except ModuleNotFoundError:
         raise MissingExtraError("the Ray path needs Ray Data: pip install -e '.[ray]' (from a checkout) or "
                                 "pip install 'cogvlm2[ray]'") from None
-    from .caption import result_row
-
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     ctx = ray.data.DataContext.get_current()

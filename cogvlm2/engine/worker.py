@@ -107,10 +107,11 @@ class Worker:
         """Build the model on its device (a no-op for a given nn.Module), then load the spec's adapters."""
         if self.model is None:
             from ..model import load_model
+            from ..tiny import checkpoint_folder
 
             spec = self.spec
-            self.model = load_model(str(spec.model), dtype=spec.resolved_dtype(), device=spec.resolved_device(),
-                                    quant=spec.quant, rope_mode=spec.rope_mode)
+            self.model = load_model(str(checkpoint_folder(spec.model)), dtype=spec.resolved_dtype(),
+                                    device=spec.resolved_device(), quant=spec.quant, rope_mode=spec.rope_mode)
         for name, path in self.spec.adapters.items():
             self.add_adapter(name, path)
 

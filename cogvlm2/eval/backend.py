@@ -14,10 +14,10 @@ from .data import DataError
 
 def load_llm(args: argparse.Namespace, **engine_kwargs) -> LLM:
     """`args` carries the shared model arguments (model, dtype, device, lora, and whatever else
-    `cogvlm2.cli.add_model_arguments` defines); the model is loaded as `cogvlm2 chat` loads it."""
-    from ..cli import load_for_chat
+    `cogvlm2.arguments.add_model_arguments` defines); the model is loaded as `cogvlm2 chat` loads it."""
+    from ..launch import load_from_args
 
-    model, _ = load_for_chat(args)
+    model, _ = load_from_args(args)
     return LLM(model, adapter_id=getattr(model, "adapter_id", None), **engine_kwargs)
 
 

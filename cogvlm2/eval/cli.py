@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import add_model_arguments
+    from ..arguments import add_lora_argument, add_model_arguments
     from .tasks import STYLES, TASKS
 
     p = subparsers.add_parser("eval", help="evaluate on a benchmark (TextVQA, DocVQA, ChartQA, OCRBench, MMBench, ...)",
@@ -40,14 +40,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.set_defaults(func=run_eval)
-
-
-def add_lora_argument(p: argparse.ArgumentParser) -> None:
-    """--lora, unless the shared model arguments already define it."""
-    try:
-        p.add_argument("--lora", help="LoRA adapter folder (peft format) applied without merging")
-    except argparse.ArgumentError:
-        pass
 
 
 def default_output(task: str, model: str) -> Path:

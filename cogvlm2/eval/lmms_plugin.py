@@ -41,8 +41,7 @@ def manifest():
 
 def _model_namespace(pretrained: str, overrides: dict) -> argparse.Namespace:
     """The shared model arguments of `cogvlm2 chat` with their defaults, overridden by model_args."""
-    from ..cli import add_model_arguments
-    from .cli import add_lora_argument
+    from ..arguments import add_lora_argument, add_model_arguments
 
     p = argparse.ArgumentParser()
     add_model_arguments(p)

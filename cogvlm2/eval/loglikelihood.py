@@ -14,6 +14,7 @@ import torch
 
 from ..finetune.packing import IGNORE, pack
 from ..model.cogvlm import CogVLM2ForCausalLM
+from ..model.registry import family_of
 from ..processing.prompt import LANGUAGE, ModelInputs
 
 
@@ -29,7 +30,7 @@ def with_continuation(prompt: ModelInputs, continuation: Sequence[int]) -> Model
 
 @torch.inference_mode()
 def _score_packed(model: CogVLM2ForCausalLM, examples: list[ModelInputs]) -> list[tuple[float, bool]]:
-    batch = pack(examples, has_vision_expert=model.config.has_vision_expert).to(model.device)
+    batch = pack(examples, has_vision_expert=family_of(model.config).vision_expert).to(model.device)
     embeds = None
     if batch.pixel_values is not None:
         unique: dict[str, int] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import dtype_type
+from ..arguments import EMBEDDED_MODELS, dtype_type
 
 LORA_TARGET_HELP = ("vision_expert_qkv, language_expert_qkv, vision_expert_dense, language_expert_dense, "
                     "vision_expert_mlp, language_expert_mlp, adapter (the GLU vision adapter), vision_tower, "
@@ -40,7 +40,8 @@ def _size(value: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `finetune` flags (names match TrainConfig fields)."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", required=True, help="base checkpoint: folder, Hugging Face repo id, 'tiny' or 'tiny-video'")
+    g.add_argument("--model", required=True,
+                   help=f"base checkpoint: folder, Hugging Face repo id, or an embedded model: {EMBEDDED_MODELS}")
     g.add_argument("--data", required=True, nargs="+", metavar="DATA",
                    help="folder in the official layout (images/ + labels_en/) or a .jsonl manifest; several are mixed")
     g.add_argument("--data-weights", type=_floats, metavar="W,W,...",
@@ -131,7 +132,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base checkpoint the adapter was trained on")
+    p.add_argument("--model", required=True, help="base checkpoint the adapter was trained on: folder, Hugging Face "
+                                                  f"repo id, or an embedded model: {EMBEDDED_MODELS}")
     p.add_argument("--adapter", required=True, help="LoRA adapter folder (peft format)")
     p.add_argument("--output", required=True, help="folder for the merged checkpoint")
     p.add_argument("--dtype", type=dtype_type("float32", "bfloat16", "float16"),
@@ -159,7 +161,7 @@ def validate(cfg) -> int:
     from pathlib import Path
 
     from ..config import ModelConfig
-    from ..model import checkpoint_folder
+    from ..tiny import checkpoint_folder
     from .data import load_mixture
     from .train import check_max_length
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import TEMPLATES, ModelConfig
+from ..model.registry import family_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 MAX_REPORTED = 20  # problems listed in one DataError; the count of the rest follows
@@ -184,9 +185,10 @@ def _check_media(conv: Conversation, config: ModelConfig) -> str | None:
         return None
     if not media.is_file():
         return f"{conv.source}: missing {'image' if conv.image else 'video'} {media}"
-    if conv.image is not None and config.is_video:
+    kinds = family_of(config).media_kinds
+    if conv.image is not None and "image" not in kinds:
         return f"{conv.source}: has an image but the checkpoint is a video model (use 'video')"
-    if conv.video is not None and not config.is_video:
+    if conv.video is not None and "video" not in kinds:
         return f"{conv.source}: has a video but the checkpoint is an image model (use 'image')"
     try:
         if conv.image is not None:

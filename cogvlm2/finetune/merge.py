@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 from ..checkpoint import copy_non_weight_files, parse_dtype, save_weights, weight_files
 from ..config import ModelConfig
-from ..model import checkpoint_folder, load_model
-from ..tiny import TINY_NOTE
+from ..model import load_model
+from ..tiny import TINY_NOTE, checkpoint_folder
 from .lora import load_adapter, merge_lora
 
 ROTARY_KEY = "model.layers.{}.self_attn.rotary_emb.inv_freq"

@@ -26,9 +26,10 @@ from torch import nn
 
 from ..checkpoint import save_weights
 from ..config import ModelConfig
-from ..model import checkpoint_folder, load_model
+from ..model import family_of, load_model
 from ..model.ops import compile_training_ops
 from ..processing import Processor
+from ..tiny import checkpoint_folder
 from . import checkpointing as ckpt
 from . import distributed as dist
 from .data import load_mixture
@@ -431,7 +432,7 @@ def train(cfg: TrainConfig) -> dict:
         eval_set = FinetuneDataset(eval_convs, train_set.processor, cfg.seed, cfg.history, cfg.template,
                                    cfg.max_length, cfg.overlong)
         batches, n_eval_real = eval_batches(len(eval_set), cfg.batch_size, rank, world, cfg.eval_batches)
-        eval_loader = make_loader(eval_set, batches, cfg, config.has_vision_expert, pin)
+        eval_loader = make_loader(eval_set, batches, cfg, family_of(config).vision_expert, pin)
 
     if cfg.eval_generate and sharded:
         raise ValueError("--eval-generate decodes with the whole model on the main process; it is not available "
@@ -488,7 +489,7 @@ def train(cfg: TrainConfig) -> dict:
 
     step = state["step"]
     batches = [b for _, b in islice(order.stream(step * cfg.grad_accum), (total_steps - step) * cfg.grad_accum)]
-    stream = iter(make_loader(train_set, batches, cfg, config.has_vision_expert, pin))
+    stream = iter(make_loader(train_set, batches, cfg, family_of(config).vision_expert, pin))
     bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=not (main and cfg.progress), dynamic_ncols=True)
     base_model = str(cfg.model)
     lora = lora_config is not None

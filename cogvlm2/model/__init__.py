@@ -8,19 +8,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, load_weights, parse_dtype, read_matching, resolve_model_path
-from ..config import ModelConfig
 from .cogvlm import CogVLM2ForCausalLM
 from .parallel import ParallelContext, shard_slicer
 from .pipeline import place, plan_stages
+from .registry import FAMILIES, ModelFamily, family_of, read_config
 
-__all__ = ["CogVLM2ForCausalLM", "ParallelContext", "checkpoint_folder", "load_model", "shard_model"]
-
-
-def checkpoint_folder(name_or_path: str | Path) -> Path:
-    """The local folder of an embedded tiny model (built on first use), a checkpoint folder or a Hub repo id."""
-    from ..tiny import resolve_tiny
-
-    return resolve_tiny(name_or_path) or resolve_model_path(name_or_path)
+__all__ = ["CogVLM2ForCausalLM", "FAMILIES", "ModelFamily", "ParallelContext", "family_of", "load_model",
+           "read_config", "shard_model"]
 
 
 INV_FREQ_KEYS = r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"
@@ -31,7 +25,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
                tensor_parallel: ParallelContext | None = None,
                pipeline_devices: Sequence[str | torch.device] | None = None,
                pipeline_capacities: Sequence[float] | None = None) -> CogVLM2ForCausalLM:
-    """A local folder, a Hugging Face repo id, or an embedded tiny model name ("tiny", "tiny-video").
+    """A local checkpoint folder or a Hugging Face repo id (an embedded model's name, "tiny", "tiny-video",
+    "tiny-random", resolves to its folder through `cogvlm2.tiny.checkpoint_folder` first).
 
     The model is built on the meta device and every tensor is loaded once, directly in `dtype` on
     `device`; the key set must match the official checkpoint exactly. A bitsandbytes 4-bit checkpoint
@@ -51,8 +46,9 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
 
     if tensor_parallel is not None and pipeline_devices is not None:
         raise ValueError("tensor_parallel and pipeline_devices cannot be combined")
-    folder = checkpoint_folder(name_or_path)
-    config = ModelConfig.from_file(folder / "config.json")
+    folder = resolve_model_path(name_or_path)
+    config = read_config(folder)
+    family = family_of(config)
     mode = q.normalize_quant(quant)
     stored = q.checkpoint_quant_type(config.raw)
     if stored is not None and mode not in (None, stored, stored + "-dq"):
@@ -60,7 +56,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
                          f"drop --quant (or use {stored.removesuffix('-dq')}-dq for 8-bit absmax) or use the bf16 "
                          "checkpoint")
     with torch.device("meta"):
-        model = CogVLM2ForCausalLM(config, tp=tensor_parallel)
+        model = family.model_class(config, tp=tensor_parallel)
     dtype = parse_dtype(dtype)
     if (stored is not None or mode is not None) and (tensor_parallel is not None or pipeline_devices is not None):
         raise ValueError("quantized models run on one device: tensor_parallel / pipeline_devices need a bf16, fp16 "
@@ -94,7 +90,7 @@ def shard_model(model: CogVLM2ForCausalLM, tensor_parallel: ParallelContext) -> 
     slices `load_model(..., tensor_parallel=...)` reads from a checkpoint, on the model's devices. Replicated
     tensors (the vision tower, norms) are shared with `model`, sharded ones copied."""
     with torch.device("meta"):
-        out = CogVLM2ForCausalLM(model.config, tp=tensor_parallel)
+        out = family_of(model.config).model_class(model.config, tp=tensor_parallel)
     slicer = shard_slicer(model.config, tensor_parallel)
     state = {}
     for key, t in model.state_dict().items():

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from ..config import ModelConfig
+from ..model.registry import ModelFamily, family_of, read_config
 from .image import ImageError, load_image, transform_image
 from .prompt import History, ModelInputs, build_inputs, format_prompt
 from .tokenizer import Tokenizer
@@ -48,12 +49,17 @@ class Processor:
         self.checkpoint_name = str(checkpoint_name)
         self.default_template = default_template(config, self.checkpoint_name)
         self.default_query = default_query(config, self.checkpoint_name)
+        self.family: ModelFamily = family_of(config)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, config: ModelConfig | None = None) -> "Processor":
         folder = Path(folder)
-        return cls(config or ModelConfig.from_file(folder / "config.json"), Tokenizer(folder / "tokenizer.json"),
-                   folder)
+        return cls(config or read_config(folder), Tokenizer(folder / "tokenizer.json"), folder)
+
+    @property
+    def media_kinds(self) -> tuple[str, ...]:
+        """What a prompt may carry: ("image",) or ("video",) (the model family's)."""
+        return self.family.media_kinds
 
     def __call__(
         self,
@@ -75,11 +81,11 @@ class Processor:
         if image is not None and video is not None:
             raise ValueError("give an image or a video, not both")
         if image is not None:
-            if self.config.is_video:
+            if "image" not in self.media_kinds:
                 raise ValueError("this is a video checkpoint: pass a video, not an image")
             pixels, digest = transform_image(load_image(image), size)
         elif video is not None:
-            if not self.config.is_video:
+            if "video" not in self.media_kinds:
                 raise ValueError("this is an image checkpoint: pass an image, not a video")
             from .video import frames_digest, transform_video, video_pixels
 

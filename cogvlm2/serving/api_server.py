@@ -143,7 +143,7 @@ async def run_server(args, sock=None, on_started=None) -> None:
     """
     import uvicorn
 
-    from .launch import open_engine
+    from ..launch import open_engine
 
     api_key = resolve_api_key(args)
     if sock is None:

@@ -1,38 +1,12 @@
-"""`cogvlm2 serve` (the OpenAI-compatible server) and `cogvlm2 web` (the Gradio app): parse, then call the library.
+"""`cogvlm2 serve` (the OpenAI-compatible server): parse, then call the library.
 
-Only the standard library is imported at module level: the top-level CLI lists these sub-commands even
-when the `serve` / `web` extras are not installed; running one without its extra says what to install.
+Only the standard library is imported at module level: the top-level CLI lists this sub-command even
+when the `serve` extra is not installed; running it without the extra says what to install.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-
-
-def _require(extra: str, *modules: str) -> None:
-    import importlib.util
-
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        from ..cli import install_hint
-
-        raise SystemExit(f"cogvlm2: error: `cogvlm2 {extra}` needs {', '.join(missing)}: {install_hint(extra)}")
-
-
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_model_arguments
-
-    add_model_arguments(p)
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + output tokens per request, the KV budget (default: max_position_embeddings + the tokens "
-                        "that share positions in one image / 24 video frames); positions are checked too")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together in one step")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache pool size in blocks (default: sized automatically)")
-    p.add_argument("--lora", action="append", default=None, metavar="NAME=PATH",
-                   help="serve a LoRA adapter (peft format, e.g. from `cogvlm2 finetune`) unmerged next to the base "
-                        "model; requests select it by NAME as their `model` (PATH alone: NAME is the folder's name); "
-                        "repeatable")
+from ..arguments import add_engine_arguments, require_extra
 
 
 def add_parser(subparsers) -> None:
@@ -64,33 +38,12 @@ def add_parser(subparsers) -> None:
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(func=run_serve)
 
-    web = subparsers.add_parser(
-        "web", help="Gradio web app: upload an image or video and chat (in-process engine or a running server)",
-        description="A browser UI. By default it runs the engine in-process; with --server-url it talks to a "
-                    "running `cogvlm2 serve` through the OpenAI API.")
-    add_engine_arguments(web)
-    web.add_argument("--server-url", default=None, help="e.g. http://127.0.0.1:8000/v1: use that server, load no model")
-    web.add_argument("--api-key", default=os.environ.get("COGVLM2_API_KEY"), help="the server's API key (with --server-url)")
-    web.add_argument("--host", default="127.0.0.1")
-    web.add_argument("--port", type=int, default=7860)
-    web.set_defaults(func=run_web)
-
 
 def run_serve(args) -> int:
-    _require("serve", "fastapi", "uvicorn", "pydantic", "multipart", "prometheus_client", "httpx")
+    require_extra("serve", "fastapi", "uvicorn", "pydantic", "multipart", "prometheus_client", "httpx")
     import asyncio
 
     from .api_server import run_server
 
     asyncio.run(run_server(args))
-    return 0
-
-
-def run_web(args) -> int:
-    _require("web", "gradio", "httpx")
-    import asyncio
-
-    from ..web.app import run_web_app
-
-    asyncio.run(run_web_app(args))
     return 0

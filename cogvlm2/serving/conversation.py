@@ -33,12 +33,12 @@ def _text(content) -> str:
     return " ".join(p.text for p in content if isinstance(p, TextPart))
 
 
-def parse_messages(messages: list[Message], is_video: bool) -> Conversation:
-    """Raises APIError (400) for conversations the model cannot take."""
+def parse_messages(messages: list[Message], media_kinds: tuple[str, ...]) -> Conversation:
+    """Raises APIError (400) for conversations the model cannot take (media_kinds: the processor's)."""
+    kind = "video" if "video" in media_kinds else "image"
     if not isinstance(messages[-1], UserMessage):
         raise APIError(f"the last message must be from the user, got role {messages[-1].role!r}", param="messages")
-    wanted, other = (VideoPart, ImagePart) if is_video else (ImagePart, VideoPart)
-    kind = "video" if is_video else "image"
+    wanted, other = (VideoPart, ImagePart) if kind == "video" else (ImagePart, VideoPart)
     system: list[str] = []
     turns: list[list[str]] = []  # [query, answer]; the last one has no answer yet
     media: list[str] = []
@@ -49,10 +49,10 @@ def parse_messages(messages: list[Message], is_video: bool) -> Conversation:
             if isinstance(message.content, list):
                 for part in message.content:
                     if isinstance(part, other):
-                        raise APIError(f"messages.{i}: this is {'a video' if is_video else 'an image'} model; "
+                        raise APIError(f"messages.{i}: this is {'a video' if kind == 'video' else 'an image'} model; "
                                        f"send {kind}_url parts, not {part.type}", param=f"messages.{i}.content")
                     if isinstance(part, wanted):
-                        media.append(part.video_url.url if is_video else part.image_url.url)
+                        media.append(part.video_url.url if kind == "video" else part.image_url.url)
             if turns and len(turns[-1]) == 1:
                 turns[-1].append("")  # an unanswered question stays a turn of its own
             turns.append([_text(message.content)])

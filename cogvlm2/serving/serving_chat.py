@@ -48,7 +48,7 @@ class OpenAIServingChat(OpenAIServing):
         return await self.complete(request_id, model, inputs, params)
 
     async def prepare_inputs(self, request: ChatCompletionRequest) -> ModelInputs:
-        conv = parse_messages(request.messages, self.ctx.config.is_video)
+        conv = parse_messages(request.messages, self.ctx.media_kinds)
         media = {}
         if conv.media_url is not None:
             limit = MAX_VIDEO_BYTES if conv.media_kind == "video" else MAX_IMAGE_BYTES

@@ -105,6 +105,10 @@ class ServerContext:
         return self.processor.config
 
     @property
+    def media_kinds(self) -> tuple[str, ...]:
+        return self.processor.media_kinds
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 

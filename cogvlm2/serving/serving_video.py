@@ -20,7 +20,7 @@ MAX_NEW_TOKENS = 2048
 
 class ServingVideoQA(OpenAIServing):
     async def answer(self, video: bytes, question: str | None, temperature: float | None) -> VideoQAResponse:
-        if not self.ctx.config.is_video:
+        if "video" not in self.ctx.media_kinds:
             raise APIError("/video_qa needs a video checkpoint; this server runs an image model "
                            "(use /v1/chat/completions with image_url parts)", param="video")
         if not video:

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_weights
+from ..checkpoint import bundled_tokenizer_path, resolve_model_path, save_weights
 from ..config import IMAGE_ARCH, VIDEO_ARCH, ModelConfig
 from ..model.random_init import init_random_
-from ..processing.tokenizer import bundled_tokenizer_path
 
 NAMES = ("tiny", "tiny-video")
 RANDOM_NAME = "tiny-random"
@@ -166,6 +165,13 @@ def resolve_tiny(name: str) -> Path | None:
     data = weights_file(str(name)).read_bytes()
     folder = cache_dir() / f"{name}-{hashlib.sha256(data).hexdigest()[:12]}"
     return folder if (folder / "config.json").is_file() else build_tiny(str(name), folder, data)
+
+
+def checkpoint_folder(name_or_path: str | Path) -> Path:
+    """The local folder of an embedded model ("tiny", "tiny-video", "tiny-random"; built on first use), a
+    checkpoint folder or a Hub repo id: what `cogvlm2.model.load_model` is given. Every place that takes a
+    user's model name resolves it here first; the model package itself knows only folders and repo ids."""
+    return resolve_tiny(name_or_path) or resolve_model_path(name_or_path)
 
 
 def is_tiny(path: str | Path) -> bool:

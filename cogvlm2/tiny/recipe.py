@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import lzma
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
+from ..model import INV_FREQ_KEYS
 from ..processing import Processor
 from ..processing.tokenizer import Tokenizer, bundled_tokenizer_path
 from . import ROW_KEYS, shapes
@@ -33,6 +35,10 @@ RECIPES = {
     "tiny-video": {"conversations": 800, "data_seed": 1, "init_seed": 1, "seed": 0, "steps": 700, "batch_size": 16,
                    "lr": 3e-3, "warmup_steps": 30},
 }
+# A reduced recipe (the same code path, a minute on a CPU) whose determinism tests/test_tiny.py checks: trained
+# twice, it gives bit-identical weights. `python -m cogvlm2.tiny train --conversations 48 --steps 6 --batch-size 4
+# --warmup-steps 1`.
+REDUCED = {"conversations": 48, "steps": 6, "batch_size": 4, "warmup_steps": 1}
 # What trains: everything but the vision tower (patch embedding, transformer, 2 x 2 conv), which keeps its
 # random initial weights. Random features already tell images apart; training the tower from scratch
 # together with the language model on this little data collapsed it to a constant (every image got the
@@ -76,15 +82,37 @@ def initial_checkpoint(name: str, folder: Path, used_ids: list[int], seed: int) 
     return folder
 
 
-def pack(state: dict[str, torch.Tensor], config: ModelConfig, used_ids: list[int], note: str) -> bytes:
-    """Trained weights -> the shipped bytes: float16, used rows only, lzma-compressed safetensors."""
+def recipe_record(recipe: dict) -> dict:
+    """What a packed file records about how it was made: the recipe (data size and seed, initial-weights seed,
+    optimisation) and what trained."""
+    return {**recipe, "train_modules": TRAIN_MODULES}
+
+
+def pack(state: dict[str, torch.Tensor], config: ModelConfig, used_ids: list[int], note: str,
+         recipe: dict | None = None) -> bytes:
+    """Trained weights -> the shipped bytes: float16, used rows only, lzma-compressed safetensors; the
+    metadata holds the config, the note and (`recipe`) `recipe_record(recipe)`."""
     from safetensors.torch import save
 
     ids = torch.tensor(used_ids, dtype=torch.int64)
-    out = {k: (v[ids] if k in ROW_KEYS else v).to(torch.float16).contiguous() for k, v in state.items()}
+    # not the rotary inv_freq buffers the trainer saves as the official files do: they follow from the config,
+    # and in float16 they would turn the float32 formula the model trained with into a rounded table
+    out = {k: (v[ids] if k in ROW_KEYS else v).to(torch.float16).contiguous() for k, v in state.items()
+           if not re.match(INV_FREQ_KEYS, k)}
     out["used_token_ids"] = ids.to(torch.int32)
-    raw = save(out, metadata={"config": json.dumps(config.to_dict()), "note": note})
+    metadata = {"config": json.dumps(config.to_dict()), "note": note}
+    if recipe is not None:
+        metadata["recipe"] = json.dumps(recipe_record(recipe), sort_keys=True)
+    raw = save(out, metadata=metadata)
     return lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+
+
+def packed_recipe(data: bytes) -> dict | None:
+    """The recipe a packed file records (None for a file packed without one)."""
+    from . import _header
+
+    text = _header(lzma.decompress(data)).get("__metadata__", {}).get("recipe")
+    return json.loads(text) if text else None
 
 
 def used_token_ids_file(workdir: Path) -> Path:
@@ -96,12 +124,13 @@ def dataset(name: str, folder: Path, n: int, seed: int) -> Path:
     return shapes.make_dataset(folder / "train.jsonl", n, seed, video=name == "tiny-video")
 
 
-def train_checkpoint(name: str, workdir: Path, steps: int | None = None, progress: bool = True) -> tuple[Path, Path]:
-    """Steps 1-3 of the recipe in `workdir`; returns (trained checkpoint folder, data manifest)."""
+def train_checkpoint(name: str, workdir: Path, recipe: dict | None = None, progress: bool = True) -> tuple[Path, Path]:
+    """Steps 1-3 of the recipe (default: `RECIPES[name]`) in `workdir`; returns (trained checkpoint folder,
+    data manifest)."""
     from ..finetune.train import TrainConfig, train
     from . import tiny_config
 
-    recipe = RECIPES[name]
+    recipe = recipe or RECIPES[name]
     workdir.mkdir(parents=True, exist_ok=True)
     manifest = dataset(name, workdir / "data", recipe["conversations"], recipe["data_seed"])
     config = tiny_config(name)
@@ -111,16 +140,16 @@ def train_checkpoint(name: str, workdir: Path, steps: int | None = None, progres
     run = workdir / "run"
     shutil.rmtree(run, ignore_errors=True)
     train(TrainConfig(model=str(init), data=str(manifest), output=str(run), method="full", train_modules=TRAIN_MODULES,
-                      max_steps=steps or recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
+                      max_steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
                       warmup_steps=recipe["warmup_steps"], schedule="cosine", min_lr_ratio=0.05, dtype="fp32",
                       gradient_checkpointing=False, seed=recipe["seed"], num_workers=0, tensorboard=False,
                       progress=progress, log_every=10))
     return run / "model", manifest
 
 
-def evaluate(folder: Path, name: str, n: int = 100, seed: int = 12345) -> dict:
-    """Greedy exact-match accuracy of the checkpoint in `folder` on every round of `n` fresh conversations
-    (another seed, no history), per question type (`shapes.question_type`)."""
+def greedy_answers(folder: Path, name: str, n: int = 100, seed: int = 12345) -> list[tuple[str, str, str]]:
+    """(question, right answer, greedy answer of the checkpoint in `folder`) for every round of `n` fresh
+    conversations (another seed, no history)."""
     from ..generation import generate_ids
     from ..model import load_model
     from ..sampling_params import SamplingParams
@@ -130,8 +159,7 @@ def evaluate(folder: Path, name: str, n: int = 100, seed: int = 12345) -> dict:
     model = load_model(str(folder), progress=False)
     processor = Processor.from_pretrained(folder, model.config)
     params = SamplingParams(max_new_tokens=32, temperature=0)
-    stats: dict[str, list[int]] = {}
-    failures = []
+    out = []
     for line in manifest.read_text().splitlines():
         record = json.loads(line)
         msgs = record["conversations"]
@@ -140,11 +168,54 @@ def evaluate(folder: Path, name: str, n: int = 100, seed: int = 12345) -> dict:
             query, answer = msgs[k]["content"], msgs[k + 1]["content"]
             inputs = processor(query, template=record["template"], **media)
             ids = [t for (t,) in generate_ids(model, [inputs], params)]
-            got = processor.tokenizer.decode(ids).strip()
-            ok = got == answer
-            stats.setdefault(shapes.question_type(query), []).append(ok)
-            if not ok:
-                failures.append((query, answer, got))
+            out.append((query, answer, processor.tokenizer.decode(ids).strip()))
+    return out
+
+
+def evaluate(folder: Path, name: str, n: int = 100, seed: int = 12345) -> dict:
+    """Greedy exact-match accuracy of the checkpoint in `folder` on every round of `n` fresh conversations
+    (another seed, no history), per question type (`shapes.question_type`)."""
+    stats: dict[str, list[int]] = {}
+    failures = []
+    for query, answer, got in greedy_answers(folder, name, n, seed):
+        ok = got == answer
+        stats.setdefault(shapes.question_type(query), []).append(ok)
+        if not ok:
+            failures.append((query, answer, got))
     total = sum(sum(v) for v in stats.values()) / sum(len(v) for v in stats.values())
     return {"accuracy": round(total, 3), "per_type": {k: f"{sum(v)}/{len(v)}" for k, v in sorted(stats.items())},
             "failures": failures[:10]}
+
+
+def compare(retrained: bytes, shipped: bytes, workdir: Path, name: str, n: int = 100, seed: int = 12345) -> dict:
+    """How far a retrained packed checkpoint reproduces the shipped one: their tensors, and their greedy answers
+    on the README's question (`tiny`) and every round of `n` fresh conversations."""
+    from . import build_tiny, unpack
+
+    new, old = unpack(retrained)[1], unpack(shipped)[1]
+    same_weights = new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    answers = []
+    for label, data in (("retrained", retrained), ("shipped", shipped)):
+        shutil.rmtree(workdir / label, ignore_errors=True)
+        folder = build_tiny(name, workdir / label, data)
+        answers.append([got for _, _, got in greedy_answers(folder, name, n, seed)])
+        if name == "tiny":  # the README's question on assets/example.png (shapes.EXAMPLE)
+            example = shapes.render_shapes(shapes.EXAMPLE)
+            answers[-1].append(readme_answer(folder, example))
+    differ = [i for i, (a, b) in enumerate(zip(*answers)) if a != b]
+    total = len(answers[0])
+    return {"weights_identical": same_weights, "answers_identical": f"{total - len(differ)}/{total}",
+            "differing": [(answers[0][i], answers[1][i]) for i in differ[:10]]}
+
+
+def readme_answer(folder: Path, image) -> str:
+    """The greedy answer of the checkpoint in `folder` to the README's question about `image`."""
+    from ..generation import generate_ids
+    from ..model import load_model
+    from ..sampling_params import SamplingParams
+
+    model = load_model(str(folder), progress=False)
+    processor = Processor.from_pretrained(folder, model.config)
+    inputs = processor(shapes.EXAMPLE_QUESTION, image=image)
+    ids = [t for (t,) in generate_ids(model, [inputs], SamplingParams(max_new_tokens=32, temperature=0))]
+    return processor.tokenizer.decode(ids).strip()

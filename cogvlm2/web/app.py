@@ -65,11 +65,15 @@ def tiny_notice(backend) -> str:
             "to chat about real photos and videos.")
 
 
-# The video uploader's buttons keep their size in a narrow column (Gradio's default clips the icons).
+# The uploaders' buttons keep their size in a narrow column (Gradio's default squeezes the icons). The empty
+# video uploader's drop zone takes the block's whole height in Gradio, which pushes the source buttons (upload,
+# webcam) past the block's bottom edge, where its overflow: hidden clips them: the drop zone shrinks instead.
 CSS = """
 #video-input button, #image-input button { min-width: 2rem; }
 #video-input .icon-buttons, #image-input .icon-buttons { flex-wrap: nowrap; overflow: visible; }
 #video-input svg, #image-input svg { flex-shrink: 0; }
+#video-input .video-container { display: flex; flex-direction: column; }
+#video-input .upload-container { flex: 1 1 auto; min-height: 0; }
 """
 
 
@@ -174,7 +178,7 @@ async def open_backend(args):
         await backend.connect()
         yield backend
         return
-    from ..serving.launch import open_engine
+    from ..launch import open_engine
     from ..tiny import is_tiny
 
     async with open_engine(args) as (engine, processor, model_path):
@@ -211,6 +215,7 @@ async def run_web_app(args, sock=None, on_started=None) -> None:
         ui = build_ui(backend)
         app = gr.mount_gradio_app(FastAPI(), ui, path="/", ssr_mode=False, theme=ui.theme_for_mount, css=CSS,
                                   footer_links=[], enable_monitoring=False, mcp_server=False, pwa=False)
+        app.state.backend = backend  # as `serve` keeps its context: in-process callers (tests) reach the engine
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                                timeout_graceful_shutdown=5))
 

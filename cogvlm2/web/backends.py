@@ -51,7 +51,7 @@ class LocalBackend:
     def __init__(self, engine, processor, model_name: str, tiny: bool):
         self.engine, self.processor = engine, processor
         self.model_name, self.tiny = model_name, tiny
-        self.media_kinds = ("video",) if processor.config.is_video else ("image",)
+        self.media_kinds = processor.media_kinds
 
     def check_media(self, kind: str, path: str) -> str | None:
         return check_media_file(kind, path)
@@ -165,10 +165,10 @@ def remote_media_kinds(card: dict) -> tuple[str, ...]:
     if root in (*NAMES, RANDOM_NAME):  # the server names an embedded model, not its folder
         root = str(resolve_tiny(root))
     if root and (Path(root) / "config.json").is_file():
-        from ..config import ModelConfig
+        from ..model.registry import family_of, read_config
 
         try:
-            return ("video",) if ModelConfig.from_file(Path(root) / "config.json").is_video else ("image",)
+            return family_of(read_config(root)).media_kinds
         except (OSError, ValueError):
             pass
     return ("image", "video")

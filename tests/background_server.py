@@ -1,4 +1,4 @@
-"""Run `cogvlm2 serve` or `cogvlm2 web` in a background thread of this process (tests, notebooks).
+"""Test harness: run `cogvlm2 serve` or `cogvlm2 web` in a background thread of the test process.
 
     with BackgroundServer(["serve", "--model", "tiny"]) as server:
         openai.OpenAI(base_url=server.url + "/v1", api_key="none")...
@@ -14,11 +14,11 @@ import socket
 import threading
 import time
 
+from cogvlm2.cli import build_parser
+
 
 class BackgroundServer:
     def __init__(self, argv: list[str], startup_timeout: float = 120):
-        from ..cli import build_parser
-
         self.args = build_parser().parse_args(argv)
         self.command = self.args.command
         self.startup_timeout = startup_timeout
@@ -37,11 +37,11 @@ class BackgroundServer:
 
         try:
             if self.command == "serve":
-                from .api_server import run_server
+                from cogvlm2.serving.api_server import run_server
 
                 asyncio.run(run_server(self.args, sock=self.sock, on_started=started))
             else:
-                from ..web.app import run_web_app
+                from cogvlm2.web.app import run_web_app
 
                 asyncio.run(run_web_app(self.args, sock=self.sock, on_started=started))
         except BaseException as e:  # noqa: BLE001 - reported by start()
