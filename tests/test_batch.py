@@ -15,6 +15,7 @@ from cogvlm2.model.batch import ForwardBatch, TokenSpan, clip_segments, compleme
 from cogvlm2.model.cogvlm import route
 from cogvlm2.processing import Processor
 from cogvlm2.sampling_params import SamplingParams
+from cogvlm2.tiny import checkpoint_folder
 
 
 def test_flatten_offsets_and_joins_runs():
@@ -77,7 +78,7 @@ def test_route_calls_each_expert_once_and_keeps_token_order(segments):
 def test_packed_forward_calls_each_expert_once_per_layer():
     """ZeRO-3 gathers an expert's shards at each call: a packed batch of several images must call every expert
     module once per forward, whatever the number of images (and give the same loss as one example at a time)."""
-    model = load_model("tiny", progress=False)
+    model = load_model(checkpoint_folder("tiny"), progress=False)
     proc = Processor.from_pretrained(model.checkpoint_path, model.config)
     rng = random.Random(0)
     xs = [proc(q, image=_image(rng), answer=a) for q, a in (("Colour?", "red"), ("And this?", "blue"),
