@@ -14,7 +14,8 @@ import torch
 
 from benchmarks.common import ceilings, copy_bandwidth, matmul_flops, cuda_time, full_size_config, random_model, report
 from cogvlm2.model.attention import PaddedKVCache
-from cogvlm2.model.batch import ForwardBatch, expert_indices
+from cogvlm2.engine.inputs import mask_to_segments
+from cogvlm2.model.batch import ForwardBatch
 from cogvlm2.processing.prompt import position_ids, vision_expert_mask
 
 
@@ -44,15 +45,14 @@ def main() -> None:
     n_text = 24
     types = [0] + [1] * v.tokens_per_image + [0] * n_text
     n = len(types)
-    mask = torch.tensor(vision_expert_mask(types), device="cuda")
-    vis, lang = expert_indices(mask)
+    segments = mask_to_segments(vision_expert_mask(types))
     ids = torch.randint(0, 128000, (n,), device="cuda")
     pos = torch.tensor(position_ids(types), device="cuda")
 
     def prefill():
         cache = PaddedKVCache(1, cfg.num_hidden_layers)
         cache.begin_step(torch.ones(1, n, dtype=torch.bool, device="cuda"))
-        h = model(ForwardBatch(ids, pos, cache, vis, lang))
+        h = model(ForwardBatch(ids, pos, cache, expert_segments=segments))
         return cache, model.compute_logits(h[-1:])
 
     with torch.inference_mode():

@@ -41,7 +41,7 @@ from benchmarks.engine_gpu import QUESTION, first_token_time, image, run_until_d
 from cogvlm2.engine.config import EngineConfig
 from cogvlm2.llm import LLMEngine
 from cogvlm2.model.attention import PaddedKVCache
-from cogvlm2.model.batch import ForwardBatch, expert_indices
+from cogvlm2.model.batch import ForwardBatch
 from cogvlm2.processing import Processor
 from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
 from cogvlm2.quant import formats, quantize_model, weight_bytes
@@ -169,8 +169,6 @@ def prefill_outputs(model, x, capture: dict | None = None):
     [L][N, D], vision embeddings); with `capture`, the inputs / outputs of SAMPLED_LINEARS (first 512 rows)."""
     cfg, dev = model.config, DEVICE
     n = len(x)
-    mask = torch.tensor(x.vision_expert_mask, device=dev)
-    vis, lang = expert_indices(mask)
     cache = PaddedKVCache(1, cfg.num_hidden_layers)
     cache.begin_step(torch.ones(1, n, dtype=torch.bool, device=dev))
     embeds = model.encode_images(x.pixel_values.to(dev))
@@ -185,7 +183,7 @@ def prefill_outputs(model, x, capture: dict | None = None):
             hooks.append(model.get_submodule(name).register_forward_hook(hook))
     try:
         h, hidden = model(ForwardBatch(torch.tensor(x.input_ids, device=dev), torch.tensor(x.position_ids, device=dev),
-                                       cache, vis, lang, embeds.reshape(-1, embeds.shape[-1]), idx),
+                                       cache, embeds.reshape(-1, embeds.shape[-1]), idx, x.expert_segments),
                           output_hidden_states=True)
     finally:
         for hk in hooks:

@@ -32,7 +32,8 @@ from benchmarks.common import copy_bandwidth, cuda_time, full_size_config, matmu
 from cogvlm2.engine.kernels.decode_attention import paged_decode_attention  # noqa: E402
 from cogvlm2.model import ParallelContext, shard_model  # noqa: E402
 from cogvlm2.model.attention import PaddedKVCache  # noqa: E402
-from cogvlm2.model.batch import ForwardBatch, expert_indices  # noqa: E402
+from cogvlm2.engine.inputs import mask_to_segments  # noqa: E402
+from cogvlm2.model.batch import ForwardBatch  # noqa: E402
 from cogvlm2.model.parallel import tp_size  # noqa: E402
 from cogvlm2.processing.prompt import position_ids, vision_expert_mask  # noqa: E402
 
@@ -63,21 +64,21 @@ class PagedDecode:
 
 
 def image_prompt(cfg):
-    """One image + 24 text tokens: ids, positions, expert routing, vision slots (on the GPU)."""
+    """One image + 24 text tokens: ids, positions, vision slots (on the GPU), expert segments (host)."""
     types = [0] + [1] * cfg.vision.tokens_per_image + [0] * 24
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 128000, (len(types),), generator=g).cuda()
     pos = torch.tensor(position_ids(types), device="cuda")
-    vis, lang = expert_indices(torch.tensor(vision_expert_mask(types), device="cuda"))
+    segments = mask_to_segments(vision_expert_mask(types))
     slots = torch.tensor(types, device="cuda").nonzero().squeeze(1)
-    return ids, pos, vis, lang, slots
+    return ids, pos, slots, segments
 
 
 def prefill(model, prompt, embeds=None):
-    ids, pos, vis, lang, slots = prompt
+    ids, pos, slots, segments = prompt
     cache = PaddedKVCache(1, model.config.num_hidden_layers)
     cache.begin_step(torch.ones(1, len(ids), dtype=torch.bool, device="cuda"))
-    batch = ForwardBatch(ids, pos, cache, vis, lang, embeds, None if embeds is None else slots)
+    batch = ForwardBatch(ids, pos, cache, embeds, None if embeds is None else slots, segments)
     return cache, model.compute_logits(model(batch)[-1:])
 
 
@@ -184,11 +185,11 @@ def main() -> None:
     if rank0:
         size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters()) / 2**30  # noqa: E731
         print(f"TP={ctx.world_size}: per-rank weights {size(tp):.1f} GiB (full {size(full):.1f} GiB)")
-    ids, pos, vis, lang, slots = image_prompt(cfg)
+    prompt = image_prompt(cfg)
     pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, device="cuda",
                          generator=torch.Generator("cuda").manual_seed(0)).to(torch.bfloat16)
     with torch.inference_mode():
-        tp_tokens, tp_first = greedy(tp, (ids, pos, vis, lang, slots), pixels)
+        tp_tokens, tp_first = greedy(tp, prompt, pixels)
     if not rank0:
         del full
         gc.collect()
@@ -200,7 +201,7 @@ def main() -> None:
     dist.barrier()
     if rank0:
         with torch.inference_mode():
-            one_tokens, one_first = greedy(full, (ids, pos, vis, lang, slots), pixels)
+            one_tokens, one_first = greedy(full, prompt, pixels)
         err = (tp_first - one_first).abs().max().item()
         scale = one_first.abs().max().item()
         same = sum(a == b for a, b in zip(tp_tokens, one_tokens))
@@ -210,7 +211,7 @@ def main() -> None:
         report(rows, args.out)
         by = {r["name"]: r["value"] for r in rows}
         for what in ("TTFT, one image (vision + prefill + logits)", "decode step, batch 1, 2330 ctx, CUDA graph",
-                     "decode step, batch 32, 2330 ctx, CUDA graph", f"LM prefill, {len(ids)} tokens"):
+                     "decode step, batch 32, 2330 ctx, CUDA graph", f"LM prefill, {len(prompt[0])} tokens"):
             one, two = by[f"TP=1 {what}"], by[f"TP={ctx.world_size} {what}"]
             print(f"speed-up TP={ctx.world_size} / TP=1, {what}: {one / two:.2f}x ({one:.2f} -> {two:.2f} ms)")
         vit = by[f"TP={ctx.world_size} vision encoder, one 1344² image (replicated)"]

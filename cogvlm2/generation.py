@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
 from .model.attention import PaddedKVCache
-from .model.batch import ForwardBatch, expert_indices
+from .model.batch import ForwardBatch, TokenSpan, flatten
 from .model.cogvlm import CogVLM2ForCausalLM
 from .processing.detokenizer import IncrementalDetokenizer
-from .processing.prompt import ModelInputs, position_ids, vision_expert_mask
+from .processing.prompt import ModelInputs, position_ids
 from .processing.tokenizer import Tokenizer
 from .sampling_params import SamplingParams
 
@@ -65,28 +64,13 @@ def clamp_to_positions(params: SamplingParams, next_position: int, max_position_
     return dataclasses.replace(params, max_new_tokens=budget)
 
 
-@dataclass
-class _Padded:
-    ids: torch.Tensor  # [B, L]
-    valid: torch.Tensor  # [B, L] bool
-    positions: torch.Tensor  # [B, L]
-    expert: torch.Tensor  # [B, L] bool
-    vision_slots: torch.Tensor  # [B, L] bool
-
-
-def _pad(batch: Sequence[ModelInputs], pad_id: int) -> _Padded:
-    width = max(len(x) for x in batch)
-    ids, valid, pos, expert, slots = [], [], [], [], []
-    for x in batch:
-        n_pad = width - len(x)
-        types = x.token_type_ids + [0] * n_pad
-        ok = [True] * len(x) + [False] * n_pad
-        ids.append(x.input_ids + [pad_id] * n_pad)
-        valid.append(ok)
-        pos.append(position_ids(types, ok))
-        expert.append(vision_expert_mask(types))
-        slots.append([t == 1 for t in types])
-    return _Padded(*(torch.tensor(a) for a in (ids, valid, pos, expert, slots)))
+def _padded(x: ModelInputs, width: int, pad_id: int) -> TokenSpan:
+    """A prompt right-padded to `width` as the official batch demo pads it: pad ids that do not advance
+    the position, use the language weights and are masked out of attention."""
+    s, n_pad = x.span(), width - len(x)
+    ok = [True] * len(x) + [False] * n_pad
+    return TokenSpan(s.input_ids + [pad_id] * n_pad, position_ids(x.token_type_ids + [0] * n_pad, ok),
+                     s.expert_segments, s.vision_slots)
 
 
 @torch.inference_mode()
@@ -101,23 +85,21 @@ def generate_ids(model: CogVLM2ForCausalLM, batch: Sequence[ModelInputs], params
     """
     cfg, device = model.config, model.device
     b = len(batch)
-    pad = _pad(batch, pad_id=cfg.eos_token_ids[0])
-    params = clamp_to_positions(params, int(pad.positions.max()) + 1, cfg.max_position_embeddings)
+    width = max(len(x) for x in batch)
+    rows = flatten(_padded(x, width, pad_id=cfg.eos_token_ids[0]) for x in batch)
+    positions = torch.tensor(rows.positions).view(b, width)
+    params = clamp_to_positions(params, int(positions.max()) + 1, cfg.max_position_embeddings)
     cache = PaddedKVCache(b, cfg.num_hidden_layers)
-    cache.begin_step(pad.valid.to(device))
-    vision_idx, language_idx = expert_indices(pad.expert.flatten()) if cfg.has_vision_expert else (None, None)
-    embeds = embed_idx = None
+    valid = torch.arange(width)[None, :] < torch.tensor([len(x) for x in batch])[:, None]  # [B, L]
+    cache.begin_step(valid.to(device))
+    embeds = None
     pixels = [x.pixel_values for x in batch if x.pixel_values is not None]
     if pixels:
         feats = model.encode_images(torch.cat(pixels).to(device))  # [n_images_or_frames, per, D]
         embeds = feats.reshape(-1, feats.shape[-1])
-        embed_idx = pad.vision_slots.flatten().nonzero().squeeze(1).to(device)
-    fb = ForwardBatch(pad.ids.flatten().to(device), pad.positions.flatten().to(device), cache,
-                      None if vision_idx is None else vision_idx.to(device),
-                      None if language_idx is None else language_idx.to(device), embeds, embed_idx)
-    hidden = model(fb).view(b, -1, cfg.hidden_size)
+    hidden = model(rows.to_batch(cache, embeds, device)).view(b, -1, cfg.hidden_size)
     logits = model.compute_logits(hidden[:, -1])  # [B, V]: the last column, as the official demo
-    next_pos = pad.positions.max(dim=1).values + 1  # [B]
+    next_pos = positions.max(dim=1).values + 1  # [B]
     stops = params.stop_ids(cfg.eos_token_ids)
     generators = [torch.Generator(device=logits.device).manual_seed(params.seed + i) if params.seed is not None
                   else None for i in range(b)]

@@ -169,9 +169,9 @@ def test_pack_layout(tiny):
     offsets = [0, lens[0], lens[0] + lens[1]]
     want = [(o + t - 1, x.labels[t]) for o, x in zip(offsets, xs) for t in range(len(x)) if x.labels[t] != -100]
     assert list(zip(b.target_idx.tolist(), b.target_ids.tolist())) == want
-    assert b.vision_idx.numel() == 2 * (model.config.vision.tokens_per_image - 1)  # boi + patches, not eoi
-    routed = [i for a, e, v in b.expert_segments if v for i in range(a, e)]
-    assert routed == b.vision_idx.tolist() and b.expert_segments[-1][1] == sum(lens)
+    routed = [i for a, e in b.expert_segments for i in range(a, e)]
+    assert len(routed) == 2 * (model.config.vision.tokens_per_image - 1)  # boi + patches, not eoi
+    assert routed == [offsets[k] + i for k, x in enumerate(xs) for i, v in enumerate(x.vision_expert_mask) if v]
     with pytest.raises(ValueError, match="labels"):
         pack([proc("q")])
 

@@ -10,7 +10,7 @@ from cogvlm2.generation import apply_penalties, generate_ids, sample_token, stre
 from cogvlm2.model import load_model
 from cogvlm2.tiny import checkpoint_folder
 from cogvlm2.model.attention import PaddedKVCache
-from cogvlm2.model.batch import ForwardBatch, expert_indices
+from cogvlm2.model.batch import TokenSpan, flatten
 from cogvlm2.processing import Processor
 from cogvlm2.sampling_params import SamplingParams
 
@@ -43,13 +43,11 @@ def test_kv_cache_matches_full_recompute(tiny):
     for t in tokens:
         n = len(ids)
         pos = x.position_ids + list(range(x.next_position, x.next_position + n - len(x)))
-        mask = x.vision_expert_mask + [False] * (n - len(x))
         cache = PaddedKVCache(1, model.config.num_hidden_layers)
         cache.begin_step(torch.ones(1, n, dtype=torch.bool))
-        vis, lang = expert_indices(torch.tensor(mask))
-        slots = torch.tensor(x.token_type_ids).nonzero().squeeze(1)
+        span = TokenSpan(ids, pos, x.expert_segments, x.span().vision_slots)  # generated tokens: language weights
         with torch.no_grad():
-            h = model(ForwardBatch(torch.tensor(ids), torch.tensor(pos), cache, vis, lang, feats, slots))
+            h = model(flatten([span]).to_batch(cache, feats))
         assert int(model.compute_logits(h[-1:]).argmax()) == t
         ids.append(t)
 

@@ -20,7 +20,7 @@ import torch
 from cogvlm2.generation import generate_ids
 from cogvlm2.model import load_model
 from cogvlm2.model.attention import PaddedKVCache
-from cogvlm2.model.batch import ForwardBatch, expert_indices
+from cogvlm2.model.batch import ForwardBatch, flatten
 from cogvlm2.processing.image import load_image, transform_image
 from cogvlm2.processing.prompt import build_inputs
 from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
@@ -131,17 +131,13 @@ def _check_decode(model, inputs, ref: dict, batch_axis: bool):
 def _prefill(model, x, pixels: torch.Tensor | None, device: str, hidden_states: bool):
     """One full-prompt forward pass with a fresh cache: (vision features, hidden states, logits [L, V], cache)."""
     cfg = model.config
-    feats = embeds = embed_idx = None
+    feats = embeds = None
     if pixels is not None:
         feats = model.encode_images(pixels.to(device))
         embeds = feats.reshape(-1, feats.shape[-1])
-        embed_idx = torch.tensor(x.token_type_ids).nonzero().squeeze(1).to(device)
     cache = PaddedKVCache(1, cfg.num_hidden_layers)
     cache.begin_step(torch.ones(1, len(x), dtype=torch.bool, device=device))
-    mask = torch.tensor(x.vision_expert_mask, device=device)
-    vis, lang = expert_indices(mask) if cfg.has_vision_expert else (None, None)
-    batch = ForwardBatch(torch.tensor(x.input_ids, device=device), torch.tensor(x.position_ids, device=device), cache,
-                         vis, lang, embeds, embed_idx)
+    batch = flatten([x.span()]).to_batch(cache, embeds, device)
     if hidden_states:
         final, hidden = model(batch, output_hidden_states=True)
     else:

@@ -67,3 +67,25 @@ def test_lora_flag_errors(tmp_path):
         parse_lora([f"x={tmp_path / 'missing'}"])
     with pytest.raises(ValueError, match="given twice"):
         parse_lora([f"x={tmp_path}", f"x={tmp_path}"])
+
+
+def test_web_ui_backend_lists_and_selects_the_served_adapters(client, adapter):
+    """`cogvlm2 web --server-url`: the model dropdown offers the base model and the served adapters, and an
+    answer asked of an adapter is that adapter's."""
+    import asyncio
+
+    pytest.importorskip("httpx")
+    from cogvlm2.web.backends import RemoteBackend
+
+    backend = RemoteBackend(str(client.base_url))
+    asyncio.run(backend.connect())
+    assert backend.models == ["tiny", "pirate"] and backend.model_name == "tiny"
+
+    async def answer(model):
+        return "".join([d async for d in backend.stream(QUESTION, [], None, 0.0, 1.0, 8, model)])
+
+    for model in ("tiny", "pirate"):
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
+                                               max_tokens=8)
+        assert asyncio.run(answer(model)) == reply.choices[0].message.content
+    assert asyncio.run(answer("pirate")) != asyncio.run(answer(None))

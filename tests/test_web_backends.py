@@ -21,11 +21,14 @@ class RecordingEngine:
 
     max_model_len = 1024
 
-    def __init__(self):
+    def __init__(self, adapters=()):
         self.calls = []
+        self.adapters = {name: f"{name}-id" for name in adapters}
+        self.adapter_calls = []
 
-    async def generate(self, request_id, inputs, params):
+    async def generate(self, request_id, inputs, params, adapter=None):
         self.calls.append((inputs, params))
+        self.adapter_calls.append(adapter)
         for i, t in enumerate("ab"):
             yield RequestOutput(request_id, len(inputs), [i], "ab"[: i + 1], [i], t, i == 1, "length" if i else None)
 
@@ -107,3 +110,33 @@ def test_local_backend_takes_a_video_file_on_video_models(tmp_path):
     inputs, _ = engine.calls[0]
     expected = processor("what happens?", video=str(path))
     assert inputs.input_ids == expected.input_ids and inputs.num_vision_tokens >= 2 * processor.config.vision.tokens_per_image
+
+
+def test_local_backend_offers_the_base_model_and_its_adapters(processor):
+    engine = RecordingEngine(adapters=("pirate", "poet"))
+    backend = LocalBackend(engine, processor, "tiny", tiny=True)
+    assert backend.models == ["tiny", "pirate", "poet"]
+    for model in (None, "tiny", "pirate", "poet"):
+        asyncio.run(collect(backend.stream("hi", [], None, 0.0, 1.0, 2, model)))
+    assert engine.adapter_calls == [None, None, "pirate", "poet"]
+    with pytest.raises(BackendError, match="unknown model 'bard'; choose one of tiny, pirate, poet"):
+        asyncio.run(collect(backend.stream("hi", [], None, 0.0, 1.0, 2, "bard")))
+    assert LocalBackend(RecordingEngine(), processor, "tiny", tiny=True).models == ["tiny"]
+
+
+def test_model_dropdown_lists_adapters_and_feeds_every_answer(processor):
+    """The UI's model choice goes to every answer (send and retry), and shows only when there is a choice."""
+    pytest.importorskip("gradio")
+    from cogvlm2.web.app import build_ui
+
+    def dropdown(backend):
+        ui = build_ui(backend)
+        (found,) = [b for b in ui.blocks.values() if getattr(b, "elem_id", None) == "model"]
+        return ui, found
+
+    ui, model = dropdown(LocalBackend(RecordingEngine(adapters=("pirate",)), processor, "tiny", tiny=True))
+    assert [value for _, value in model.choices] == ["tiny", "pirate"] and model.value == "tiny" and model.visible
+    answers = [d for d in ui.config["dependencies"] if d["outputs"] and len(d["inputs"]) >= 6]
+    assert answers and all(model._id in d["inputs"] for d in answers)
+    _, model = dropdown(LocalBackend(RecordingEngine(), processor, "tiny", tiny=True))
+    assert not model.visible

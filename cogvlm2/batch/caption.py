@@ -16,7 +16,7 @@ from ..sampling_params import SamplingParams
 from .items import Item, media_kind
 from .job import Job
 from .preprocess import Preprocessor
-from .rows import CAPTION_SCHEMA, result_row
+from .rows import CAPTION_SCHEMA, model_label, result_row
 from .sources import Source, open_source
 from .writers import DEFAULT_CHUNK_ROWS, DEFAULT_CHUNK_SECONDS, open_writer
 
@@ -46,7 +46,7 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
             lookahead: int | None = None, overwrite: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS,
             chunk_seconds: float = DEFAULT_CHUNK_SECONDS, ray: bool = False, ray_address: str | None = None,
             ray_actors: tuple[int, int] | int = 1, ray_gpus_per_actor: float | None = None,
-            ray_batch_size: int = 16, **engine_kwargs) -> Job:
+            ray_batch_size: int = 16, adapter: str | None = None, **engine_kwargs) -> Job:
     """Caption `inputs`: a folder, manifest (.txt/.jsonl/.csv/.parquet), `.tar` shards, or a list of paths
     / Items. Returns a Job: iterate it for the rows (it runs as you iterate); it also counts them.
 
@@ -56,7 +56,9 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
     from `model`) preprocesses. prompt: default per checkpoint (`default_prompt`); template and
     video_strategy: the checkpoint's. sampling_params: default greedy, 2,048 new tokens at most (the
     official caption demo). media: the kinds a folder scan takes (default: what the checkpoint reads).
-    engine_kwargs: EngineConfig fields (max_num_seqs, gpu_memory_utilization, ...).
+    adapter: the LoRA adapter every item is captioned with, by name: one of engine_kwargs' `adapters`
+    ({name: folder}) or of the given engine's (None: the base model); rows name the model MODEL+ADAPTER.
+    engine_kwargs: EngineConfig fields (max_num_seqs, gpu_memory_utilization, ...) and `adapters`.
     Ray: ray_actors = n or (min, max) engines (autoscaling between), ray_gpus_per_actor (default 1 when
     the cluster has GPUs, else CPU actors), ray_address (default: a running cluster or a local one).
     """
@@ -70,6 +72,12 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
             from ..tiny import checkpoint_folder
 
             processor = Processor.from_pretrained(checkpoint_folder(model))
+    if adapter is not None and isinstance(engine, LLMEngine) and adapter not in engine.adapters:
+        loaded = ", ".join(engine.adapters) or "none"
+        raise ValueError(f"adapter {adapter!r} is not loaded in the engine; loaded: {loaded}")
+    if adapter is not None and engine is None and adapter not in (engine_kwargs.get("adapters") or {}):
+        raise ValueError(f"adapter {adapter!r}: pass its folder in adapters={{name: folder}}")
+    label = model_label(model, adapter)
     prompt = prompt or default_prompt(processor.media_kinds)
     prep = Preprocessor(processor, prompt, template, video_strategy)
     source = _source(inputs, tuple(media) if media else native_media(processor.media_kinds), allow_urls)
@@ -83,9 +91,9 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
                              "not a loaded engine")
 
         def rows(items):
-            return ray_rows(items, model=str(model), factory=engine, prep=prep, params=params, dtype=dtype,
-                            device=device, address=ray_address, actors=ray_actors, gpus_per_actor=ray_gpus_per_actor,
-                            batch_size=ray_batch_size, engine_kwargs=engine_kwargs)
+            return ray_rows(items, model=str(model), factory=engine, prep=prep, params=params, adapter=adapter,
+                            dtype=dtype, device=device, address=ray_address, actors=ray_actors,
+                            gpus_per_actor=ray_gpus_per_actor, batch_size=ray_batch_size, engine_kwargs=engine_kwargs)
     else:
         try:
             if engine is None:
@@ -100,8 +108,8 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
         def rows(items):
             from .driver import drive
 
-            for r in drive(engine, items, prep, params, workers, lookahead):
-                yield result_row(r.item, prep, str(model), r.output, r.error, r.seconds)
+            for r in drive(engine, items, prep, params, workers, lookahead, adapter):
+                yield result_row(r.item, prep, label, r.output, r.error, r.seconds)
     return Job(source, rows, writer, source.total)
 
 

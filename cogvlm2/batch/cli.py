@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .items import adapter_for
 from .writers import DEFAULT_CHUNK_ROWS, DEFAULT_CHUNK_SECONDS
 
 GENERATE_DESCRIPTION = """\
-Each input line is a JSON object {"id", "query", "image" | "video", "history", "template"} (only "query"
-is required; media paths are relative to the input file) or a JSON string (a text-only query). Each
+Each input line is a JSON object {"id", "query", "image" | "video", "history", "template", "adapter"}
+(only "query" is required; media paths are relative to the input file; "adapter": a --lora adapter's
+name, null for the base model, absent for --adapter's choice) or a JSON string (a text-only query). Each
 output row, written as soon as its answer finishes: {"id" (the prompt's, else its line number), "line",
-"image" | "video" (as given), "text", "finish_reason", "token_ids", "prompt_tokens", "cached_tokens",
-"seconds", "error"}. Rerunning with the same output skips the ids already there; a bad line or a missing
+"image" | "video" (as given), "adapter" (null: the base model), "text", "finish_reason", "token_ids",
+"prompt_tokens", "cached_tokens", "seconds", "error"}. Rerunning with the same output skips the ids already there; a bad line or a missing
 image gives a row with its error instead of stopping the batch."""
 
 CAPTION_DESCRIPTION = """\
@@ -24,7 +26,7 @@ INPUT: a folder (recursive; the images and/or videos the checkpoint reads), a ma
 line, .jsonl / .csv / .parquet with a path|image|video|url column and optional id and prompt columns), or
 WebDataset shards (shard-{0000..0099}.tar, a glob, or a .txt list of .tar files). OUTPUT: .jsonl (one
 file) or .parquet (a folder of parts), one row per item: id, path, caption, model, prompt, template,
-tokens, prompt_tokens, finish_reason, seconds, error. Rerunning the same command skips the ids already
+tokens, prompt_tokens, finish_reason, seconds, error (model: MODEL+ADAPTER when a LoRA adapter captions). Rerunning the same command skips the ids already
 in OUTPUT; a kill loses at most the chunk being written."""
 
 
@@ -78,13 +80,31 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=PATH",
+                   help="load a LoRA adapter (peft format, e.g. from `cogvlm2 finetune`) unmerged next to the base "
+                        "model (PATH alone: NAME is the folder's name); repeatable")
+    p.add_argument("--adapter", metavar="NAME", default=None,
+                   help="the --lora adapter of items that name none (default: the adapter when exactly one --lora "
+                        "is given, else the base model)")
 
 
 def _engine_kwargs(args) -> dict:
+    from ..launch import parse_lora
+
     return {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
             "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
             "quant": args.quant, "tensor_parallel_size": args.tensor_parallel_size,
-            "pipeline_parallel_size": args.pipeline_parallel_size}
+            "pipeline_parallel_size": args.pipeline_parallel_size, "adapters": parse_lora(args.lora)}
+
+
+def default_adapter(args, adapters: dict) -> str | None:
+    """--adapter, checked against the --lora names before anything loads; else the one --lora adapter, if one."""
+    if args.adapter is not None:
+        if args.adapter not in adapters:
+            known = ", ".join(adapters) or "none (pass --lora NAME=PATH)"
+            raise ValueError(f"--adapter {args.adapter}: no such --lora adapter; given: {known}")
+        return args.adapter
+    return next(iter(adapters)) if len(adapters) == 1 else None
 
 
 def _follow(job, command: str, unit: str, disable: bool) -> None:
@@ -130,18 +150,20 @@ def run_generate(args: argparse.Namespace) -> int:
 
     params = sampling_params(args)
     total = count_prompts(args.input)  # also: a missing input fails before anything is created
+    kwargs = _engine_kwargs(args)
+    adapter = default_adapter(args, kwargs["adapters"])
     writer = open_writer(args.output, GENERATE_SCHEMA, args.overwrite)
     device = auto_device(args.device)
     try:
-        engine = LLMEngine.from_pretrained(args.model, auto_dtype(args.dtype, device), device, **_engine_kwargs(args))
+        engine = LLMEngine.from_pretrained(args.model, auto_dtype(args.dtype, device), device, **kwargs)
     except BaseException:
         writer.close()
         raise
     prep = Preprocessor(engine.processor)
 
     def rows(items):
-        for r in drive(engine, items, prep, params, args.workers):
-            yield generate_row(r)
+        for r in drive(engine, items, prep, params, args.workers, adapter=adapter):
+            yield generate_row(r, adapter)
 
     job = Job(read_prompts(args.input, args.allow_urls), rows, writer, total)
     try:
@@ -151,17 +173,19 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-GENERATE_SCHEMA = {"id": "string", "line": "int64", "image": "string", "video": "string", "text": "string",
+GENERATE_SCHEMA = {"id": "string", "line": "int64", "image": "string", "video": "string", "adapter": "string",
+                   "text": "string",
                    "finish_reason": "string", "token_ids": "list<int64>", "prompt_tokens": "int64",
                    "cached_tokens": "int64", "seconds": "float64", "error": "string"}
 
 
-def generate_row(r) -> dict:
+def generate_row(r, default_adapter: str | None = None) -> dict:
     item, out = r.item, r.output
     row = {"id": item.id, "line": item.line}
     if item.image is not None or item.video is not None:
         row["video" if item.video is not None else "image"] = item.path
-    row.update({"text": out.text if out else None, "finish_reason": out.finish_reason if out else None,
+    row.update({"adapter": adapter_for(item, default_adapter), "text": out.text if out else None,
+                "finish_reason": out.finish_reason if out else None,
                 "token_ids": list(out.token_ids) if out else [], "prompt_tokens": out.prompt_len if out else 0,
                 "cached_tokens": out.num_cached_tokens if out else 0, "seconds": round(r.seconds, 4),
                 "error": r.error})
@@ -182,13 +206,14 @@ def run_caption(args: argparse.Namespace) -> int:
         device = None if args.device == "auto" else args.device
         dtype = None if args.dtype == "auto" else args.dtype
     media = None if args.media is None else ("image", "video") if args.media == "all" else (args.media,)
+    kwargs = _engine_kwargs(args)
     job = caption(args.input, args.model, args.output, prompt=args.prompt, template=args.template,
                   video_strategy=args.video_strategy, media=media, allow_urls=args.allow_urls,
                   sampling_params=sampling_params(args), dtype=dtype, device=device, workers=args.workers,
                   overwrite=args.overwrite, chunk_rows=args.chunk_rows, chunk_seconds=args.chunk_seconds,
                   ray=use_ray, ray_address=args.ray_address, ray_actors=_actors(args.ray_actors),
                   ray_gpus_per_actor=args.ray_gpus_per_actor, ray_batch_size=args.ray_batch_size,
-                  **_engine_kwargs(args))
+                  adapter=default_adapter(args, kwargs["adapters"]), **kwargs)
     print(f"cogvlm2 caption: {job.items.describe} -> {args.output}"
           + (f" ({len(job.done)} ids already there: skipped)" if job.done else ""), file=sys.stderr)
     _follow(job, "caption", "items", args.no_progress)

@@ -23,7 +23,7 @@ from ..llm import LLMEngine
 from ..engine.protocol import RequestOutput
 from ..processing.prompt import ModelInputs
 from ..sampling_params import SamplingParams
-from .items import Item
+from .items import Item, adapter_for
 
 
 def default_workers() -> int:
@@ -41,8 +41,10 @@ class Result:
 
 
 def drive(engine: LLMEngine, items: Iterable[Item], prepare: Callable[[Item], ModelInputs],
-          params: SamplingParams, workers: int | None = None, lookahead: int | None = None) -> Iterator[Result]:
-    """Results of all items (finish order). Closing the iterator early aborts what is still running."""
+          params: SamplingParams, workers: int | None = None, lookahead: int | None = None,
+          adapter: str | None = None) -> Iterator[Result]:
+    """Results of all items (finish order). Closing the iterator early aborts what is still running.
+    adapter: the LoRA adapter of items that name none (None: the base model); an unknown name fails its item."""
     workers = workers or default_workers()
     lookahead = lookahead or 2 * workers
     max_queued = engine.config.max_num_seqs + lookahead
@@ -68,7 +70,7 @@ def drive(engine: LLMEngine, items: Iterable[Item], prepare: Callable[[Item], Mo
                     item, future, start = entry
                     try:
                         request_id = f"item-{id(item)}-{start}"
-                        engine.add_request(request_id, future.result(), params)
+                        engine.add_request(request_id, future.result(), params, adapter=adapter_for(item, adapter))
                         running[request_id] = (item, start)
                     except Exception as e:  # noqa: BLE001 - an unreadable or invalid item fails alone
                         yield Result(item, None, _message(e), time.perf_counter() - start)

@@ -15,6 +15,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv"})
 URL_SCHEMES = ("http://", "https://")
 URL_TIMEOUT_S = 60
+BASE_MODEL = ""  # Item.adapter of an item that asks for the base model (no LoRA adapter) by name
 
 
 def media_kind(name: str) -> str | None:
@@ -34,6 +35,8 @@ class Item:
     image / video: a path, an http(s) URL or the file's bytes (at most one of them). path: the name
     reported in the output row (a path, URL or `shard.tar/key.ext`). line: 1-based line of the input
     that defined it, when there is one. error: why the item cannot run (it becomes an error row).
+    adapter: the LoRA adapter it runs with (a loaded adapter's name; BASE_MODEL: none; None: the run's
+    default, see `adapter_for`).
     """
 
     id: str | int
@@ -45,11 +48,19 @@ class Item:
     path: str | None = None
     line: int | None = None
     error: str | None = None
+    adapter: str | None = None
 
     @property
     def key(self) -> str:
         """The id as the resume rule compares it (outputs store ids as given: 7 and "7" are one id)."""
         return str(self.id)
+
+
+def adapter_for(item: Item, default: str | None) -> str | None:
+    """The LoRA adapter an item runs with: its own, else the run's default (None: the base model)."""
+    if item.adapter is None:
+        return default
+    return item.adapter or None
 
 
 class MissingExtraError(ImportError, ValueError):

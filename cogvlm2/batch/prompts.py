@@ -1,6 +1,7 @@
 """`generate`'s input: a JSONL file of prompts -> Items, streamed line by line, each checked on its own.
 
-A line is a JSON object of Processor arguments plus an optional id, or a JSON string (a text-only query).
+A line is a JSON object of Processor arguments plus an optional id and LoRA adapter, or a JSON string (a
+text-only query).
 Media paths are relative to the input file. A line that is not valid JSON, has an unknown key or a value
 of the wrong type becomes an Item carrying its error (an error row with the line number), never an
 abort of the whole batch. Without an `id`, the line number is the id (resume assumes the same file).
@@ -14,9 +15,9 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import TEMPLATES
-from .items import Item, is_url
+from .items import BASE_MODEL, Item, is_url
 
-KEYS = ("id", "query", "image", "video", "history", "template")
+KEYS = ("id", "query", "image", "video", "history", "template", "adapter")
 
 
 def read_prompts(path: str, allow_urls: bool = False) -> Iterator[Item]:
@@ -93,4 +94,9 @@ def _check_fields(obj: dict, root: Path, allow_urls: bool) -> dict:
         if obj["template"] not in TEMPLATES:
             raise ValueError(f"'template' must be one of {', '.join(TEMPLATES)}, got {obj['template']!r}")
         fields["template"] = obj["template"]
+    if "adapter" in obj:  # a --lora adapter's name; null: the base model
+        adapter = obj["adapter"]
+        if adapter is not None and (not isinstance(adapter, str) or not adapter):
+            raise ValueError(f"'adapter' must be a --lora adapter's name or null (the base model), got {adapter!r}")
+        fields["adapter"] = BASE_MODEL if adapter is None else adapter
     return fields

@@ -25,7 +25,7 @@ from ..llm import LLMEngine
 from ..sampling_params import SamplingParams
 from .items import Item, MissingExtraError
 from .preprocess import Preprocessor
-from .rows import result_row
+from .rows import model_label, result_row
 
 
 def _prepare(batch: dict, prep: Preprocessor) -> dict:
@@ -51,12 +51,12 @@ class _EngineActor:
     """One engine (one GPU, or the CPU) serving many batches concurrently."""
 
     def __init__(self, model: str, factory: Callable[[], LLMEngine] | None, dtype: str | None, device: str | None,
-                 engine_kwargs: dict, params: SamplingParams, prep: Preprocessor):
+                 engine_kwargs: dict, params: SamplingParams, prep: Preprocessor, adapter: str | None = None):
         from ..async_llm import AsyncLLM
 
         engine = factory() if factory is not None else LLMEngine.from_pretrained(model, dtype, device, **engine_kwargs)
         self.llm = AsyncLLM(engine).start()
-        self.params, self.prep, self.model_name = params, prep, model
+        self.params, self.prep, self.model_name, self.adapter = params, prep, model_label(model, adapter), adapter
         self._n = 0
 
     async def __call__(self, batch: dict) -> dict:
@@ -70,7 +70,8 @@ class _EngineActor:
         if not error:
             self._n += 1
             try:
-                async for out in self.llm.generate(f"ray-{self._n}", pickle.loads(inputs), self.params):
+                async for out in self.llm.generate(f"ray-{self._n}", pickle.loads(inputs), self.params,
+                                                  adapter=self.adapter):
                     pass
             except (ValueError, RuntimeError) as e:
                 error, out = str(e), None
@@ -88,7 +89,7 @@ def _actor_cpus(on_gpu: bool, max_actors: int, cluster_cpus: float) -> float:
 
 
 def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngine] | None, prep: Preprocessor,
-             params: SamplingParams, dtype: str | None, device: str | None, address: str | None,
+             params: SamplingParams, adapter: str | None, dtype: str | None, device: str | None, address: str | None,
              actors: int | tuple[int, int], gpus_per_actor: float | None, batch_size: int,
              engine_kwargs: dict) -> Iterator[dict]:
     """Rows of `items` computed on Ray (connects to `address`, a running cluster, or starts a local one)."""
@@ -111,7 +112,7 @@ def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngi
     todo = []
     for item in items:
         if item.error is not None:  # known bad before any work: reported here
-            yield result_row(item, prep, model, None, item.error, 0.0)
+            yield result_row(item, prep, model_label(model, adapter), None, item.error, 0.0)
         else:
             todo.append({"item": pickle.dumps(item)})
     if not todo:
@@ -129,7 +130,8 @@ def ray_rows(items: Iterable[Item], *, model: str, factory: Callable[[], LLMEngi
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=calls,
                                            max_concurrent_calls_per_actor=calls),
         fn_constructor_kwargs={"model": model, "factory": factory, "dtype": dtype, "device": device,
-                               "engine_kwargs": engine_kwargs, "params": params, "prep": prep})
+                               "engine_kwargs": engine_kwargs, "params": params, "prep": prep,
+                               "adapter": adapter})
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for row in batch["row"]:
             yield json.loads(row)

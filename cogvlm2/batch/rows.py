@@ -10,6 +10,11 @@ CAPTION_SCHEMA = {"id": "string", "path": "string", "caption": "string", "model"
                   "seconds": "float64", "error": "string"}
 
 
+def model_label(model: str, adapter: str | None) -> str:
+    """The `model` column: the model's name, +ADAPTER when a LoRA adapter captions."""
+    return str(model) if adapter is None else f"{model}+{adapter}"
+
+
 def caption_row(item: Item, model: str, prompt: str | None, template: str | None, caption: str | None = None,
                 tokens: int = 0, prompt_tokens: int = 0, finish_reason: str | None = None, seconds: float = 0.0,
                 error: str | None = None) -> dict:

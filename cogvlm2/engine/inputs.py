@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.batch import TokenSpan, clip_segments
+
 VISION_SLOT = 1  # token_type_ids value of a token whose embedding a media feature replaces
 
 
@@ -48,6 +50,13 @@ class EngineInputs:
         for a, b in self.expert_segments or ():
             mask[a:b] = [True] * (b - a)
         return mask
+
+    def span(self, start: int = 0, end: int | None = None) -> TokenSpan:
+        """Prompt tokens [start, end) (default: all) as the batch builder takes them."""
+        end = len(self) if end is None else end
+        slots = [i - start for i in range(start, end) if self.token_type_ids[i] == VISION_SLOT]
+        return TokenSpan(self.input_ids[start:end], self.position_ids[start:end],
+                         clip_segments(self.expert_segments, start, end), slots)
 
     @property
     def next_position(self) -> int:

@@ -2,9 +2,10 @@
 
 Per step, all integer metadata (ids, positions, KV slots, block tables, lengths, vision indices) is
 built in host lists, packed into one tensor and copied to the device once (pinned, non_blocking on
-CUDA). Visual-expert routing stays on the host: contiguous runs cut from the prompt's precomputed
-mask, so the experts run on row slices. Image / video features are encoded once per vision hash and kept until no
-unfinished sequence has vision tokens left to prefill, so chunked prefill never re-encodes an image
+CUDA). The tokens are laid out by the one batch builder (`model.batch.flatten`); visual-expert routing
+stays on the host: the runs of the prompts' precomputed segments that fall in this step. Image / video
+features are encoded once per vision hash and kept until no unfinished sequence has vision tokens left
+to prefill, so chunked prefill never re-encodes an image
 and concurrent requests with the same image share one encoding. Pure-decode steps take a shorter
 path (one token per sequence, no routing) and replay a CUDA graph when one was captured for a large
 enough batch size.
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.batch import ForwardBatch, expert_segments
+from ..model.batch import FlatTokens, ForwardBatch, flatten
 from ..model.cogvlm import CogVLM2ForCausalLM
 from .attention import Attend, AttentionMetadata, KVCache, PagedAttention, attend_reference
 from .config import EngineConfig
@@ -187,12 +188,13 @@ class ModelRunner:
     def _forward_eager(self, batch: ScheduledBatch) -> torch.Tensor:
         """Hidden states of the sampling rows [n_sample, D]."""
         h = HostInputs.build(batch, self.config.block_size, self.kv.null_block)
+        t = h.tokens
         (ids, pos, slots, qsl, ctx, tables, logits_idx, embed_idx) = self._to_device(
-            [h.ids, h.positions, h.slots, h.query_start, h.context, h.tables, h.logits_idx, h.embed_idx])
+            [t.input_ids, t.positions, h.slots, t.cu_seqlens, h.context, h.tables, h.logits_idx, t.vision_embed_idx])
         meta = AttentionMetadata(slots, tables.view(len(batch), -1), ctx, qsl, batch.num_new_tokens, h.context)
         fb = ForwardBatch(ids, pos, PagedAttention(self.kv, meta, self.attend),
                           vision_embeds=self._vision_embeds(h.vision_parts) if h.vision_parts else None,
-                          vision_embed_idx=embed_idx if h.vision_parts else None, expert_segments=h.segments)
+                          vision_embed_idx=embed_idx if h.vision_parts else None, expert_segments=t.expert_segments)
         return self.model(fb).index_select(0, logits_idx)
 
     def _decode_rows(self, batch: ScheduledBatch, source: torch.Tensor | None) -> DecodeRows:
@@ -245,38 +247,29 @@ class ModelRunner:
 
 @dataclass
 class HostInputs:
-    """A step's integer metadata as host lists (flat token index = offset of its sequence + i)."""
+    """A step's metadata as host lists: the flat tokens (laid out by the batch builder) and their KV cache."""
 
-    ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
+    tokens: FlatTokens = field(default_factory=FlatTokens)  # ids, positions, cu_seqlens, routing, vision slots
     slots: list[int] = field(default_factory=list)  # KV cache slot of each new token
-    query_start: list[int] = field(default_factory=lambda: [0])  # cu_seqlens of the new tokens
     context: list[int] = field(default_factory=list)  # cached tokens per sequence after the step
     tables: list[int] = field(default_factory=list)  # [B * W] block tables padded with the null block
     logits_idx: list[int] = field(default_factory=list)  # last token of each sampling sequence
-    embed_idx: list[int] = field(default_factory=list)  # tokens whose embedding a vision feature replaces
-    # visual-expert routing as contiguous runs (None: no token routed); ignored by models without the expert
-    segments: list[tuple[int, int, bool]] | None = None
     vision_parts: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, feature rows a:b)
 
     @classmethod
     def build(cls, batch: ScheduledBatch, block_size: int, null_block: int) -> "HostInputs":
-        h, expert = cls(), []
+        h = cls(tokens=flatten(seq.span(start, start + n) for seq, start, n in
+                               zip(batch.seqs, batch.starts, batch.num_new_tokens)))
         width = max(len(s.block_table) for s in batch.seqs)
-        for seq, start, n, sample in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples):
-            end, offset, table = start + n, h.query_start[-1], seq.block_table
-            h.ids += seq.token_ids[start:end]
-            h.positions += seq.positions(start, end)
+        for seq, start, n, sample, end_offset in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples,
+                                                     h.tokens.cu_seqlens[1:]):
+            end, table = start + n, seq.block_table
             h.slots += [table[t // block_size] * block_size + t % block_size for t in range(start, end)]
             h.tables += table + [null_block] * (width - len(table))
             h.context.append(end)
-            h.query_start.append(offset + n)
             if sample:
-                h.logits_idx.append(offset + n - 1)
-            expert += seq.expert_mask(start, end)
+                h.logits_idx.append(end_offset - 1)
             a, b = seq.vision_range(start, end)
             if b > a:
-                h.embed_idx += [offset + seq.vision_token_idx[r] - start for r in range(a, b)]
                 h.vision_parts.append((seq, a, b))
-        h.segments = expert_segments(expert) if any(expert) else None
         return h

@@ -16,6 +16,7 @@ import bisect
 import enum
 import time
 
+from ..model.batch import TokenSpan
 from ..sampling_params import SamplingParams
 from .inputs import VISION_SLOT, EngineInputs
 from .protocol import RequestMetrics
@@ -91,6 +92,13 @@ class Sequence:
         n = self.num_prompt_tokens
         prompt = self.inputs.position_ids[start:min(end, n)]
         return prompt + list(range(self.next_position + max(start, n) - n, self.next_position + end - n))
+
+    def span(self, start: int, end: int) -> TokenSpan:
+        """Tokens start..end-1 (prompt and generated) as the batch builder takes them."""
+        n = self.num_prompt_tokens
+        prompt = self.inputs.span(min(start, n), min(end, n))  # generated tokens: no routing, no vision
+        return TokenSpan(self.token_ids[start:end], self.positions(start, end), prompt.expert_segments,
+                         prompt.vision_slots)
 
     def token_types(self, start: int, end: int) -> list[int]:
         return self._prompt_slice(self.inputs.token_type_ids, start, end, 0)

@@ -13,8 +13,6 @@ from typing import Sequence
 import torch
 
 from ..finetune.packing import IGNORE, pack
-from ..model.attention import PackedAttention
-from ..model.batch import ForwardBatch
 from ..model.cogvlm import CogVLM2ForCausalLM
 from ..model.registry import family_of
 from ..processing.prompt import LANGUAGE, ModelInputs
@@ -48,10 +46,7 @@ def _score_packed(model: CogVLM2ForCausalLM, examples: list[ModelInputs]) -> lis
         feats = model.encode_images(torch.cat(pixels).to(model.device))  # [n_unique (x frames), tokens, D]
         per = [feats[sum(p.shape[0] for p in pixels[:i]):][:pixels[i].shape[0]] for i in range(len(pixels))]
         embeds = torch.cat([per[i].reshape(-1, feats.shape[-1]) for i in order])  # [M, D] in token order
-    fb = ForwardBatch(batch.input_ids, batch.positions, PackedAttention(batch.cu_seqlens), batch.vision_idx,
-                      batch.language_idx, embeds, batch.embed_idx if embeds is not None else None,
-                      batch.expert_segments)
-    logits = model.compute_logits(model(fb).index_select(0, batch.target_idx))  # [T, V] float32
+    logits = model.compute_logits(model(batch.forward_batch(embeds)).index_select(0, batch.target_idx))  # [T, V] float32
     logprobs = logits.log_softmax(-1).gather(1, batch.target_ids[:, None]).squeeze(1)  # [T]
     greedy = logits.argmax(-1) == batch.target_ids
     owner = torch.bucketize(batch.target_idx, batch.cu_seqlens[1:], right=True)  # example of each target

@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.attention import PackedAttention
-from ..model.batch import ForwardBatch
 from ..model.cogvlm import CogVLM2ForCausalLM
 from .packing import PackedBatch
 
@@ -30,9 +28,6 @@ class CausalLMLoss(nn.Module):
         if batch.pixel_values is not None:
             feats = m.encode_images(batch.pixel_values)  # [n, tokens_per_image, D]
             embeds = feats.reshape(-1, feats.shape[-1])  # [M, D]
-        fb = ForwardBatch(batch.input_ids, batch.positions, PackedAttention(batch.cu_seqlens),
-                          batch.vision_idx, batch.language_idx,
-                          embeds, batch.embed_idx if embeds is not None else None, batch.expert_segments)
-        hidden = m(fb)  # [N, D]
+        hidden = m(batch.forward_batch(embeds))  # [N, D]
         logits = m.compute_logits(hidden.index_select(0, batch.target_idx))  # [T, V] float32, labelled rows only
         return F.cross_entropy(logits, batch.target_ids, reduction="sum")

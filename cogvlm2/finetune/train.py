@@ -199,11 +199,11 @@ def split_eval(conversations: list, fraction: float, seed: int) -> tuple[list, l
     return [conversations[i] for i in order[n_eval:]], [conversations[i] for i in order[:n_eval]]
 
 
-def make_loader(dataset, batches: list, cfg: TrainConfig, has_vision_expert: bool, pin: bool, segments: bool = True):
+def make_loader(dataset, batches: list, cfg: TrainConfig, has_vision_expert: bool, pin: bool):
     """A DataLoader over precomputed micro-batches; its own generator keeps the global RNG untouched."""
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin,
-        collate_fn=functools.partial(pack, has_vision_expert=has_vision_expert, segments=segments),
+        collate_fn=functools.partial(pack, has_vision_expert=has_vision_expert),
         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.num_workers > 0,
         worker_init_fn=_worker_ignores_stop_signals)
 
@@ -426,14 +426,13 @@ def train(cfg: TrainConfig) -> dict:
     sharded = dist.shards_weights(accelerator)
     if sharded:
         check_media_everywhere(train_convs + eval_convs)
-    segments = dist.zero_stage(accelerator) != 3
     pin = accelerator.device.type == "cuda"
     eval_loader, n_eval_real = None, 0
     if eval_convs:
         eval_set = FinetuneDataset(eval_convs, train_set.processor, cfg.seed, cfg.history, cfg.template,
                                    cfg.max_length, cfg.overlong)
         batches, n_eval_real = eval_batches(len(eval_set), cfg.batch_size, rank, world, cfg.eval_batches)
-        eval_loader = make_loader(eval_set, batches, cfg, family_of(config).vision_expert, pin, segments)
+        eval_loader = make_loader(eval_set, batches, cfg, family_of(config).vision_expert, pin)
 
     if cfg.eval_generate and sharded:
         raise ValueError("--eval-generate decodes with the whole model on the main process; it is not available "
@@ -490,7 +489,7 @@ def train(cfg: TrainConfig) -> dict:
 
     step = state["step"]
     batches = [b for _, b in islice(order.stream(step * cfg.grad_accum), (total_steps - step) * cfg.grad_accum)]
-    stream = iter(make_loader(train_set, batches, cfg, family_of(config).vision_expert, pin, segments))
+    stream = iter(make_loader(train_set, batches, cfg, family_of(config).vision_expert, pin))
     bar = tqdm(total=total_steps, initial=step, desc="finetune", disable=not (main and cfg.progress), dynamic_ncols=True)
     base_model = str(cfg.model)
     lora = lora_config is not None

@@ -48,18 +48,26 @@ class MLP(nn.Module):
 
 
 def route(x: torch.Tensor, batch: ForwardBatch, language: Callable, vision: Callable | None) -> torch.Tensor:
-    """Apply `language` to language tokens and `vision` to visual-expert tokens of x [N, ...]."""
-    if vision is None:
+    """Apply `language` to the language tokens and `vision` to the visual-expert tokens of x [N, ...].
+
+    Each expert is called once, on the joined rows of its segments (a row slice, no copy, when they are
+    one run), and the outputs are put back in token order: DeepSpeed ZeRO-3 gathers an expert's shards
+    at each call, so every rank must make the same calls however many images its batch holds.
+    """
+    if vision is None or not batch.expert_segments:
         return language(x)
-    if batch.expert_segments is not None:
-        return torch.cat([(vision if v else language)(x[a:b]) for a, b, v in batch.expert_segments])
-    if batch.vision_idx is None:
-        return language(x)
-    y_lang = language(x.index_select(0, batch.language_idx))
-    y_vis = vision(x.index_select(0, batch.vision_idx))
-    out = y_lang.new_empty((x.shape[0], *y_lang.shape[1:]))
-    out = out.index_copy(0, batch.language_idx, y_lang)
-    return out.index_copy(0, batch.vision_idx, y_vis)
+    y_vis = vision(_rows(x, batch.expert_segments))
+    if not batch.language_segments:
+        return y_vis
+    y_lang = language(_rows(x, batch.language_segments))
+    return torch.cat([(y_vis if v else y_lang)[o:o + n] for v, o, n in batch.routed_runs])
+
+
+def _rows(x: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+    """The rows of x in the segments, in order."""
+    if len(segments) == 1:
+        return x[segments[0][0]:segments[0][1]]
+    return torch.cat([x[a:b] for a, b in segments])
 
 
 class VisionExpertAttention(nn.Module):

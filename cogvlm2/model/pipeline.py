@@ -160,7 +160,7 @@ class PipelineStages:
 
     def batch_to(self, batch: ForwardBatch, device: torch.device) -> ForwardBatch:
         """The batch with its tensors on `device` (the attention backend and host segments are shared)."""
-        fields = ("input_ids", "positions", "vision_idx", "language_idx", "vision_embeds", "vision_embed_idx")
+        fields = ("input_ids", "positions", "vision_embeds", "vision_embed_idx")
         return dataclasses.replace(batch, **{f: self.move(getattr(batch, f), device) for f in fields})
 
     def enter_layer(self, i: int, h: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor):

@@ -94,6 +94,9 @@ def build_ui(backend):
                                  elem_id="image-input", height=260)
                 video = gr.Video(label="Video", visible="video" in backend.media_kinds, elem_id="video-input",
                                  height=260, min_width=320)
+                model = gr.Dropdown(backend.models, value=backend.model_name or None, elem_id="model",
+                                    label="Model (base or LoRA adapter)", visible=len(backend.models) > 1,
+                                    interactive=True)
                 temperature = gr.Slider(0, 2, DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0 = greedy)",
                                         elem_id="temperature")
                 top_p = gr.Slider(0.05, 1, DEFAULT_TOP_P, step=0.05, label="Top-p", elem_id="top-p")
@@ -113,7 +116,7 @@ def build_ui(backend):
         def render(pairs: list[tuple[str, str]]) -> list[dict]:
             return [m for q, a in pairs for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
-        async def respond(pairs, query, image_value, video_value, t, p, n):
+        async def respond(pairs, query, image_value, video_value, t, p, n, chosen):
             """Answer `query` after the conversation so far; yields (chatbot, conversation) as it streams.
             A stopped answer keeps what was shown (the conversation state is updated on every yield)."""
             if not query or not query.strip():
@@ -125,7 +128,7 @@ def build_ui(backend):
             pairs = history + [(query, "")]
             yield render(pairs), pairs
             try:
-                async for delta in backend.stream(query, history, media, float(t), float(p), int(n)):
+                async for delta in backend.stream(query, history, media, float(t), float(p), int(n), chosen or None):
                     pairs = history + [(query, pairs[-1][1] + delta)]
                     yield render(pairs), pairs
             except BackendError as e:
@@ -136,12 +139,12 @@ def build_ui(backend):
             """The first step of a send: the box is emptied once, here; later typing is never overwritten."""
             return "", query
 
-        async def on_retry(pairs, image_value, video_value, t, p, n):
+        async def on_retry(pairs, image_value, video_value, t, p, n, chosen):
             if not pairs:
                 yield [], []
                 return
             query = pairs[-1][0]
-            async for out in respond(pairs[:-1], query, image_value, video_value, t, p, n):
+            async for out in respond(pairs[:-1], query, image_value, video_value, t, p, n, chosen):
                 yield out
 
         def check_upload(value, kind: str):
@@ -153,7 +156,7 @@ def build_ui(backend):
                 return None
             return gr.skip()
 
-        controls = [image, video, temperature, top_p, max_tokens]
+        controls = [image, video, temperature, top_p, max_tokens, model]  # model: the adapter of the next answer
         no_pre = {"preprocess": False}  # media reach respond() as uploaded: our own errors, not Gradio's
         answer = {"fn": respond, "inputs": [conversation, asked, *controls], "outputs": [chatbot, conversation], **no_pre}
         # "multiple": a send while an answer streams is queued (Gradio runs it after the running one)

@@ -52,12 +52,19 @@ class LocalBackend:
         self.engine, self.processor = engine, processor
         self.model_name, self.tiny = model_name, tiny
         self.media_kinds = processor.media_kinds
+        # what a conversation can run with: the base model, then the engine's LoRA adapters (`web --lora`)
+        self.models = [model_name, *getattr(engine, "adapters", {})]
 
     def check_media(self, kind: str, path: str) -> str | None:
         return check_media_file(kind, path)
 
     async def stream(self, query: str, history: list[tuple[str, str]], media: tuple[str, str] | None,
-                     temperature: float, top_p: float, max_tokens: int) -> AsyncIterator[str]:
+                     temperature: float, top_p: float, max_tokens: int,
+                     model: str | None = None) -> AsyncIterator[str]:
+        """Answer deltas; model: one of `models` (None or the base model's name: no adapter)."""
+        if model not in (None, *self.models):
+            raise BackendError(f"unknown model {model!r}; choose one of {', '.join(self.models)}")
+        adapter = None if model in (None, self.model_name) else model
         kw = {media[0]: media[1]} if media else {}
         try:
             inputs = await asyncio.to_thread(self.processor, query, history, **kw)
@@ -68,7 +75,7 @@ class LocalBackend:
             raise BackendError(f"the conversation is {len(inputs)} tokens long, the context holds "
                                f"{self.engine.max_model_len}: clear it to start over")
         params = SamplingParams(max_new_tokens=min(max_tokens, budget), temperature=temperature, top_p=top_p)
-        async for out in self.engine.generate(f"web-{uuid.uuid4().hex}", inputs, params):
+        async for out in self.engine.generate(f"web-{uuid.uuid4().hex}", inputs, params, adapter=adapter):
             if out.delta_text:
                 yield out.delta_text
 
@@ -87,6 +94,7 @@ class RemoteBackend:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.model_name, self.tiny = model_name or "", False
         self.media_kinds = ("image", "video")  # the server refuses the kind its model does not take
+        self.models = [self.model_name] if self.model_name else []  # filled from /v1/models by connect()
         self.timeout = timeout
 
     async def connect(self) -> None:
@@ -106,10 +114,14 @@ class RemoteBackend:
                                   "pass its key with --api-key or $COGVLM2_API_KEY")
         try:
             r.raise_for_status()
-            card = r.json()["data"][0]
+            cards = r.json()["data"]
+            card = cards[0]
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
             raise ConnectionError(f"{url} did not answer as an OpenAI-compatible server (HTTP {r.status_code})") from None
         self.model_name = self.model_name or card["id"]
+        # the base model, then the LoRA adapters the server lists (cards with a "parent", as vLLM's)
+        adapters = [c.get("id") for c in cards[1:] if isinstance(c, dict) and c.get("parent") == card["id"]]
+        self.models = [self.model_name, *adapters] if self.model_name == card["id"] else [self.model_name]
         root = card.get("root") or ""  # the server's --model value (a local folder: its name only)
         self.tiny = root in (*NAMES, RANDOM_NAME) or (bool(root) and is_tiny(root))
         self.media_kinds = remote_media_kinds(card)
@@ -129,10 +141,12 @@ class RemoteBackend:
         return out
 
     async def stream(self, query: str, history: list[tuple[str, str]], media: tuple[str, str] | None,
-                     temperature: float, top_p: float, max_tokens: int) -> AsyncIterator[str]:
+                     temperature: float, top_p: float, max_tokens: int,
+                     model: str | None = None) -> AsyncIterator[str]:
+        """Answer deltas; model: the served model or adapter to ask (None: the base model)."""
         import httpx
 
-        body = {"model": self.model_name or None, "messages": self.messages(query, history, media), "stream": True,
+        body = {"model": model or self.model_name or None, "messages": self.messages(query, history, media), "stream": True,
                 "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
         async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=10), trust_env=False) as client:
             async with client.stream("POST", f"{self.base_url}/chat/completions", json=body, headers=self.headers) as r:
