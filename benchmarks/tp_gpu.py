@@ -145,12 +145,13 @@ def measure(engine: LLMEngine, proc: Processor, label: str, n: int, sharded: boo
     return rows
 
 
-def free(engine: LLMEngine) -> None:
-    engine.shutdown()
-    del engine
+def release_memory() -> None:
+    """After the caller dropped its last reference to an engine: collect it (cycles included), hand its
+    blocks back to CUDA and say what is left (the next engine sizes its KV pool from free memory)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        print(f"  memory still allocated on GPU 0: {torch.cuda.memory_allocated(0) / 2**30:.2f} GiB", flush=True)
 
 
 def run_pp(factory: RandomModel, proc: Processor, devices: list[str], card_gib: float, sizes: Sizes) -> dict:
@@ -179,8 +180,9 @@ def run_pp(factory: RandomModel, proc: Processor, devices: list[str], card_gib: 
     peak = f", peak {out['peak_gib'][0]:.1f} / {out['peak_gib'][1]:.1f} GiB" if gpu else ""
     print(f"PP=2 ({where}): TTFT {out['ttft_ms']:.0f} ms, decode {out['decode_tok_s']:.1f} tok/s "
           f"(engine, eager, batch 1){peak}")
-    free(engine)
-    del model
+    engine.shutdown()
+    del engine, model
+    release_memory()
     return out
 
 
@@ -231,7 +233,9 @@ def main() -> None:
         print(f"  greedy tokens equal to TP=1's: {agree[label]}/{len(reference)}", flush=True)
         rows += measure(engine, proc, label, n, sharded, only - ({"decode1", "decode32"} if sharded else set()),
                         sizes, floors)
-        free(engine)
+        engine.shutdown()  # a tensor-parallel group's ranks
+        del engine  # the loop's own reference: the next engine must not be built beside this one
+        release_memory()
     pp = None
     if not args.no_pp:
         pp = run_pp(factory, proc, ["cuda:0", "cuda:1"] if gpu else ["cpu", "cpu"], args.card_gib, sizes)
