@@ -47,7 +47,8 @@ from .protocol import EngineStats, RequestOutput
 from .runner import LaunchedStep
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Sequence, SequenceStatus
-from .worker import EngineWorker, ModelSpec, make_worker
+from .worker import EngineWorker, ModelSpec
+from .worker_group import make_worker
 
 logger = logging.getLogger(__name__)
 

@@ -241,12 +241,3 @@ class Worker:
         unload_adapter(self.model, name)
         del self._adapters[name]
 
-
-def make_worker(model: ModelSpec | nn.Module, attend: Attend | None = None) -> EngineWorker:
-    """The worker of a spec: a group of processes for tensor parallelism, else the in-process Worker
-    (pipeline stages included: one process drives every stage)."""
-    if isinstance(model, ModelSpec) and model.tensor_parallel_size > 1:
-        from .worker_group import TensorParallelGroup
-
-        return TensorParallelGroup(model, attend)
-    return Worker(model, attend)

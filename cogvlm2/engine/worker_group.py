@@ -51,6 +51,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from ..config import ModelConfig
 from ..model.parallel import ParallelContext, check_sizes
@@ -60,7 +61,7 @@ from .runner import LaunchedStep
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
-from .worker import ModelSpec, Worker
+from .worker import EngineWorker, ModelSpec, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -483,3 +484,12 @@ class _Rank:
         self.in_flight.append(self.worker.launch(batch, source))
         if len(self.in_flight) > 2:  # as the driver: a step's buffers are reused two launches later
             self.worker.collect(self.in_flight.pop(0))
+
+
+def make_worker(model: ModelSpec | nn.Module, attend: Attend | None = None) -> EngineWorker:
+    """The worker of a spec: a group of processes for tensor parallelism, else the in-process Worker
+    (pipeline stages included: one process drives every stage). Lives here, above both, so that
+    worker.py never imports this file back."""
+    if isinstance(model, ModelSpec) and model.tensor_parallel_size > 1:
+        return TensorParallelGroup(model, attend)
+    return Worker(model, attend)
