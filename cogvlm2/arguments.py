@@ -61,9 +61,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split every layer over N GPUs, one process each (N divides the 8 KV heads: 2, 4, 8); "
                         "for speed; docs/parallel.md")
+    p.add_argument("--vision-parallel", default=None, choices=["sharded", "replicated"],
+                   help="under --tensor-parallel-size: shard the vision tower over the GPUs too (the default: "
+                        "faster time to first token and captioning) or replicate it on every GPU (no "
+                        "collectives in the tower; each GPU holds all of it); docs/parallel.md")
     p.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="N",
                    help="consecutive layers on N GPUs in this process (e.g. the bf16 19B model on 2 x 24 GB cards); "
                         "for fitting, not speed; docs/parallel.md")
+
+
+def shard_vision(args) -> bool | None:
+    """--vision-parallel as the engine's shard_vision: True (sharded), False (replicated) or None (the default:
+    sharded under tensor parallelism)."""
+    return {"sharded": True, "replicated": False, None: None}[getattr(args, "vision_parallel", None)]
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:

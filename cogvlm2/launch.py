@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
+from .arguments import shard_vision
 from .processing import Processor
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ async def open_engine(args) -> AsyncIterator[tuple["AsyncLLM", Processor, Path]]
     device = resolve_device(args.device)
     adapters = parse_lora(getattr(args, "lora", None))
     parallel = {"tensor_parallel_size": getattr(args, "tensor_parallel_size", 1),  # the worker loads each rank's
-                "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1)}  # shard / stage
+                "pipeline_parallel_size": getattr(args, "pipeline_parallel_size", 1),  # shard / stage
+                "shard_vision": shard_vision(args)}
     engine = await asyncio.to_thread(AsyncLLM.from_pretrained, args.model, auto_dtype(args.dtype, device), device,
                                      quant=getattr(args, "quant", None), adapters=adapters, **parallel,
                                      **engine_kwargs(args))
@@ -89,6 +91,8 @@ def load_from_args(args):
         raise ValueError(f"`cogvlm2 {getattr(args, 'command', 'eval')}` runs one process: --tensor-parallel-size "
                          "needs the engine (chat, serve, web, generate, caption); use --pipeline-parallel-size to "
                          "spread the model")
+    if shard_vision(args):
+        raise ValueError("--vision-parallel sharded needs --tensor-parallel-size > 1")
     pipeline = getattr(args, "pipeline_parallel_size", 1)
     model = load_model(str(folder), dtype=auto_dtype(args.dtype, device), device=device,
                        quant=getattr(args, "quant", None),
@@ -114,7 +118,8 @@ def load_engine_for_chat(args):
         raise ValueError("--lora is not supported with --tensor-parallel-size")
     device = resolve_device(args.device)
     engine = LLMEngine.from_pretrained(args.model, auto_dtype(args.dtype, device), device, quant=args.quant,
-                                       tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=1)
+                                       tensor_parallel_size=args.tensor_parallel_size,
+                                       shard_vision=shard_vision(args), max_num_seqs=1)
     name = tiny_name(engine.model.checkpoint_path)
     if name:
         print(f"note: {args.model} is the {note(name)}.", file=sys.stderr)

@@ -81,12 +81,13 @@ class LLMEngine:
     def from_pretrained(cls, model: str | Path | nn.Module = "tiny", dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, attend: Attend | None = None,
                         quant: str | int | None = None, adapters: dict[str, str | Path] | None = None,
-                        tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, shard_vision: bool = False,
-                        **engine_kwargs) -> "LLMEngine":
+                        tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                        shard_vision: bool | None = None, **engine_kwargs) -> "LLMEngine":
         """Build from a checkpoint (the worker loads it) or a loaded model; `adapters`: LoRA adapters
         (name -> folder) that requests select by name. tensor_parallel_size N: one process per GPU,
-        each holding 1/N of the model (shard_vision: the vision tower too); pipeline_parallel_size N:
-        consecutive layers on N GPUs in this process (docs/parallel.md)."""
+        each holding 1/N of the model, the vision tower included (shard_vision=False: replicate the tower
+        on every rank instead); pipeline_parallel_size N: consecutive layers on N GPUs in this process
+        (docs/parallel.md)."""
         if tensor_parallel_size > 1 or pipeline_parallel_size > 1 or shard_vision:
             spec = ModelSpec(model, dtype, device, quant, dict(adapters or {}),
                              tensor_parallel_size=tensor_parallel_size,
@@ -210,7 +211,7 @@ class LLMEngine:
 
 class LLM:
     """LLM("tiny" | folder | hub id | loaded model, dtype=..., device=..., quant=..., adapters=...,
-    tensor_parallel_size=N, pipeline_parallel_size=N, **EngineConfig fields).
+    tensor_parallel_size=N, shard_vision=None | bool, pipeline_parallel_size=N, **EngineConfig fields).
 
     A prompt is EngineInputs (e.g. the processor's ModelInputs), a dict of Processor arguments
     ({"query", "image", "video", "history", "template"}), or a plain string (a text-only query).
@@ -219,10 +220,11 @@ class LLM:
     def __init__(self, model: str | Path | nn.Module = "tiny", dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, quant: str | int | None = None,
                  adapters: dict[str, str | Path] | None = None, tensor_parallel_size: int = 1,
-                 pipeline_parallel_size: int = 1, **engine_kwargs):
+                 pipeline_parallel_size: int = 1, shard_vision: bool | None = None, **engine_kwargs):
         self.engine = LLMEngine.from_pretrained(model, dtype, device, quant=quant, adapters=adapters,
                                                 tensor_parallel_size=tensor_parallel_size,
-                                                pipeline_parallel_size=pipeline_parallel_size, **engine_kwargs)
+                                                pipeline_parallel_size=pipeline_parallel_size,
+                                                shard_vision=shard_vision, **engine_kwargs)
         self.processor = self.engine.processor
         self.tokenizer = self.engine.tokenizer
         self._counter = 0

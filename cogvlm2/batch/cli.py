@@ -89,12 +89,14 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_kwargs(args) -> dict:
+    from ..arguments import shard_vision
     from ..launch import parse_lora
 
     return {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
             "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
             "quant": args.quant, "tensor_parallel_size": args.tensor_parallel_size,
-            "pipeline_parallel_size": args.pipeline_parallel_size, "adapters": parse_lora(args.lora)}
+            "pipeline_parallel_size": args.pipeline_parallel_size, "shard_vision": shard_vision(args),
+            "adapters": parse_lora(args.lora)}
 
 
 def default_adapter(args, adapters: dict) -> str | None:

@@ -47,7 +47,9 @@ class ModelSpec:
     full-size random weights for benchmarks).
 
     tensor_parallel_size N > 1: N processes, one per GPU (`worker_group.py`), each loading its shard;
-    shard_vision: the vision tower sharded too (else replicated). pipeline_parallel_size N > 1:
+    shard_vision: the vision tower sharded too (True) or replicated on every rank (False); None (the
+    default) shards it under tensor parallelism, measured faster (docs/parallel.md), and is False after
+    construction without it. pipeline_parallel_size N > 1:
     consecutive layers on N GPUs in this process, each layer's KV cache on its GPU, run eagerly.
 
     dtype / device None: CUDA when available (bfloat16 from compute capability 8, else float16), else
@@ -63,7 +65,7 @@ class ModelSpec:
     rope_mode: str = "official"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    shard_vision: bool = False
+    shard_vision: bool | None = None
 
     def __post_init__(self) -> None:
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
@@ -78,7 +80,9 @@ class ModelSpec:
         if (tp > 1 or pp > 1) and self.quant is not None:
             raise ValueError("quantized models run on one device: drop quant for tensor / pipeline parallelism")
         if self.shard_vision and tp == 1:
-            raise ValueError("shard_vision needs tensor_parallel_size > 1")
+            raise ValueError("shard_vision (--vision-parallel sharded) needs tensor_parallel_size > 1")
+        if self.shard_vision is None:  # frozen: set the resolved default once
+            object.__setattr__(self, "shard_vision", tp > 1)
 
     def resolved_device(self) -> str:
         return auto_device(str(self.device) if self.device is not None else "auto")

@@ -31,6 +31,19 @@ leaves the ranks out of step, so the group stops: that call and every later one 
 `WorkerGroupError` naming the rank (the engine then fails the requests with that error). Ranks ignore
 SIGINT (Ctrl-C reaches the driver, whose exit stops the group) and exit when the driver's process
 disappears. LoRA adapters are not sharded and are refused.
+
+Every wait is bounded, NCCL and CUDA graphs included:
+- the driver waits for a step's ids by polling its CUDA event (never blocking inside CUDA, so the GIL
+  stays free for the watchdog), for at most `timeout_s`: NCCL's own watchdog does not time collectives
+  captured in a CUDA graph, so a rank that is alive but stuck would otherwise hang the replay forever;
+- the process groups are created with TORCH_NCCL_ASYNC_ERROR_HANDLING=0: PyTorch's NCCL watchdog would
+  otherwise tear the whole driver process down (the server with it) when it sees the dead peer's error
+  before our watchdog aborts the communicator, and `_abort_process_group` is documented for that mode;
+- after a failure the communicator is aborted (once, under a lock: the watchdog and the driver's stop may
+  race) before the driver frees its model and CUDA graphs, and the group is never `destroy`ed then (a
+  destroy may wait for the collectives that will never complete);
+- ranks get `SHUTDOWN_S` to exit (1 s after a failure), then are killed; replies wait at most
+  STARTUP_TIMEOUT_S while their rank lives; `_blame` waits 2 s for a death to show.
 """
 
 from __future__ import annotations
@@ -66,7 +79,8 @@ from .worker import EngineWorker, ModelSpec, Worker
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 900.0  # spawning, importing and loading a rank (the 19B shard from a slow disk)
-COLLECTIVE_TIMEOUT_S = 300.0  # a collective waiting longer than this for a rank fails (gloo; NCCL's watchdog)
+COLLECTIVE_TIMEOUT_S = 300.0  # a collective or a step waiting longer than this for a rank fails the group
+SHUTDOWN_S = 10.0  # a clean shutdown waits this long for the ranks to exit before killing them (1 s after a failure)
 POLL_S = 0.05  # replies, start-up
 SPIN_S, POLL_STEP_S = 0.002, 50e-6  # waiting for a step's ids on a GPU
 
@@ -109,6 +123,8 @@ class TensorParallelGroup:
         self._sent: dict[str, _Sent] = {}
         self._release: set[str] | None = None  # vision features the ranks drop before the next step
         self._died = threading.Event()  # set by the watchdog
+        self._abort_lock = threading.Lock()
+        self._aborted = False
         self.procs, self.conns = [], []
         store = dist.TCPStore("127.0.0.1", 0, n, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=timeout_s))
@@ -126,9 +142,10 @@ class TensorParallelGroup:
             self._wait_until_joined(store)
             if self.backend == "nccl":
                 torch.cuda.set_device(0)
-            dist.init_process_group(self.backend, store=store, rank=0, world_size=n,
-                                    timeout=timedelta(seconds=timeout_s),
-                                    device_id=torch.device("cuda", 0) if self.backend == "nccl" else None)
+            with _no_nccl_teardown():
+                dist.init_process_group(self.backend, store=store, rank=0, world_size=n,
+                                        timeout=timedelta(seconds=timeout_s),
+                                        device_id=torch.device("cuda", 0) if self.backend == "nccl" else None)
         except BaseException:
             self.shutdown()
             raise
@@ -223,12 +240,16 @@ class TensorParallelGroup:
 
     def _wait(self, ready: torch.cuda.Event) -> None:
         """Wait for a step's ids without blocking inside CUDA, so that a rank dying meanwhile (whose collective
-        would never complete) is seen: spin (yielding the GIL) for SPIN_S, then poll every POLL_STEP_S."""
+        would never complete) is seen: spin (yielding the GIL) for SPIN_S, then poll every POLL_STEP_S, for at
+        most timeout_s (a collective inside a CUDA graph has no other timeout)."""
         start = time.perf_counter()
         while not ready.query():
             if self._died.is_set():
                 raise self._stop(self._blame("a rank died during a step"))
-            time.sleep(0 if time.perf_counter() - start < SPIN_S else POLL_STEP_S)
+            waited = time.perf_counter() - start
+            if waited > self.timeout_s:
+                raise self._stop(f"a step did not complete within {self.timeout_s:.0f} s (a rank is stuck)")
+            time.sleep(0 if waited < SPIN_S else POLL_STEP_S)
 
     def release_vision(self, keep: Callable[[], set[str]]) -> None:
         runner = self.local.runner
@@ -339,9 +360,17 @@ class TensorParallelGroup:
         wait_any([p.sentinel for p in self.procs])
         if self._closing:
             return
-        self._died.set()
         logger.error("a tensor-parallel rank died: %s", [self._death(r) for r in range(1, self.size)])
-        if self.backend == "nccl":  # gloo raises by itself once the peer's sockets close
+        self._abort()  # before _died: the driver, woken by it, frees the model only once the kernels can end
+        self._died.set()
+
+    def _abort(self) -> None:
+        """Abort the NCCL communicator (once), so that collectives waiting for a dead or stuck rank return;
+        gloo raises by itself once the peer's sockets close."""
+        with self._abort_lock:
+            if self._aborted or self.backend != "nccl" or not dist.is_initialized():
+                return
+            self._aborted = True
             try:
                 dist.distributed_c10d._abort_process_group()
             except Exception:  # noqa: BLE001 - best effort: the sentinel check still reports the death
@@ -366,6 +395,8 @@ class TensorParallelGroup:
             return
         self._closing = True
         atexit.unregister(self.shutdown)
+        if self._error is not None:
+            self._abort()  # the kernels of an unfinished collective end before their buffers are freed
         local = getattr(self, "local", None)
         if local is not None:
             local.model = local.runner = None
@@ -374,7 +405,7 @@ class TensorParallelGroup:
                 conn.send(("shutdown",))
             except (BrokenPipeError, ConnectionError, EOFError, OSError):
                 pass
-        deadline = time.monotonic() + (10 if self._error is None else 1)
+        deadline = time.monotonic() + (SHUTDOWN_S if self._error is None else 1.0)
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
@@ -382,7 +413,7 @@ class TensorParallelGroup:
                 proc.join(5)
         for conn in self.conns:
             conn.close()
-        if dist.is_initialized():
+        if dist.is_initialized() and not self._aborted:  # an aborted group is already gone
             try:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a broken communicator may refuse; the process is leaving it
@@ -396,6 +427,23 @@ def _init_cache(worker: Worker, config: EngineConfig, num_blocks: int, seed: int
 
 
 # the ranks ---------------------------------------------------------------------------------------
+
+class _no_nccl_teardown:
+    """Create process groups with TORCH_NCCL_ASYNC_ERROR_HANDLING=0 (read when a ProcessGroupNCCL is built; the
+    previous value is restored after): the group handles NCCL errors itself (see the module docstring)."""
+
+    KEY = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+
+    def __enter__(self) -> None:
+        self.previous = os.environ.get(self.KEY)
+        os.environ[self.KEY] = "0"
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is None:
+            os.environ.pop(self.KEY, None)
+        else:
+            os.environ[self.KEY] = self.previous
+
 
 def _tf32_flags() -> tuple[bool, bool]:
     return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -415,8 +463,9 @@ def _rank_main(rank: int, size: int, port: int, backend: str, spec: ModelSpec, a
             device_id = torch.device("cuda", rank)
         store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=timedelta(seconds=timeout_s))
         store.add("joined", 1)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=size,
-                                timeout=timedelta(seconds=timeout_s), device_id=device_id)
+        with _no_nccl_teardown():
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size,
+                                    timeout=timedelta(seconds=timeout_s), device_id=device_id)
         _Rank(Worker(spec, attend, ParallelContext(rank, size, shard_vision=spec.shard_vision)), conn).serve()
     except Exception as e:  # noqa: BLE001 - reported to the driver, then the rank exits
         try:

@@ -1,10 +1,26 @@
-"""Triton kernels behind `model.ops` on CUDA: RMSNorm, SiLU-and-multiply, in-place rotary on fused QKV."""
+"""Triton kernels behind `model.ops` on CUDA: RMSNorm, SiLU-and-multiply, in-place rotary on fused QKV.
+
+Triton launches a kernel on the *current* CUDA device and its current stream, whatever device its tensors are
+on. Under pipeline stages the layers of a later stage live on another GPU than the current one, so each
+wrapper makes its tensors' device current for the launch (`_on`): the kernel then runs on that GPU, in order
+with the torch ops around it on that GPU's stream. Without it the kernel ran on GPU 0, reaching GPU 1's memory
+over peer access, unordered with GPU 1's stream (a race: wrong values, or an illegal-address error without
+peer access).
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
+
+
+def _on(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make x's GPU current for a launch (a no-op when it already is: one device, or the current stage)."""
+    index = x.get_device()
+    return torch.cuda.device(index) if index != torch.cuda.current_device() else contextlib.nullcontext()
 
 
 @triton.jit
@@ -26,8 +42,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = triton.next_power_of_2(shape[-1])
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), shape[-1], eps, BLOCK=block,
-                                         num_warps=min(16, max(1, block // 256)))
+        with _on(x2):
+            _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), shape[-1], eps, BLOCK=block,
+                                             num_warps=min(16, max(1, block // 256)))
     return out.view(shape)
 
 
@@ -47,7 +64,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        _silu_mul_kernel[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024)
+        with _on(gate):
+            _silu_mul_kernel[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024)
     return out
 
 
@@ -69,6 +87,7 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, stride_x, stride_c, HALF: tl.constex
 def rotary_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_rotated_heads: int, head_dim: int) -> None:
     """Rotate the first `num_rotated_heads` heads (q then k) of each row of qkv [N, W] in place."""
     if qkv.shape[0]:
-        _rotary_kernel[(qkv.shape[0], num_rotated_heads)](qkv, cos.contiguous(), sin.contiguous(), qkv.stride(0),
-                                                         head_dim // 2, HALF=head_dim // 2,
-                                                         BLOCK=triton.next_power_of_2(head_dim // 2))
+        with _on(qkv):
+            _rotary_kernel[(qkv.shape[0], num_rotated_heads)](qkv, cos.contiguous(), sin.contiguous(), qkv.stride(0),
+                                                             head_dim // 2, HALF=head_dim // 2,
+                                                             BLOCK=triton.next_power_of_2(head_dim // 2))
