@@ -32,7 +32,15 @@ def chatty(tmp_path_factory) -> Path:
     """An untrained checkpoint: sampling from it rambles for thousands of tokens (EOS is one id in 128k)."""
     from cogvlm2.tiny.recipe import initial_checkpoint
 
-    return initial_checkpoint("tiny", tmp_path_factory.mktemp("random") / "ckpt", list(range(128256)), seed=0)
+    import json
+
+    folder = initial_checkpoint("tiny", tmp_path_factory.mktemp("random") / "ckpt", list(range(128256)), seed=0)
+    # its end of answer is a reserved id instead of Llama-3's two: a sampled answer then ends only by length (or,
+    # one token in 128k, by chance), never by an early EOS before the test's Ctrl-C lands
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = 128255
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def test_ctrl_c_stops_an_answer_and_a_second_quits(chatty):
