@@ -68,10 +68,27 @@ def steady_step_time(engine: LLMEngine, prompts, new_tokens: int) -> float:
     return float(np.median(np.diff(stamps)))
 
 
+def profile_second_turn(engine: LLMEngine, second, path: str) -> None:
+    """Where a second turn's time goes: host ops (self CPU time) and GPU kernels, one profiled call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    first_token_time(engine, "turn2-prewarm", second)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=False) as prof:
+        t = first_token_time(engine, "turn2-profiled", second)
+    table = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(f"second turn under the profiler: {t * 1e3:.1f} ms\n\n")
+        f.write(table.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n")
+        f.write(table.table(sort_by="self_cuda_time_total", row_limit=25) + "\n")
+    prof.export_chrome_trace(path + ".json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--only", default="ttft,decode1,decode32,caption")
+    ap.add_argument("--profile-turn2", metavar="FILE",
+                    help="also profile one second turn (torch.profiler): a kernel/op table to FILE and a trace to FILE.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
     cfg = full_size_config()
@@ -106,6 +123,8 @@ def main() -> None:
                       image=image(100))
         new_tokens = len(second) - len(first)
         t2 = [first_token_time(engine, f"turn2-{i}", second) for i in range(3)]
+        if args.profile_turn2:
+            profile_second_turn(engine, second, args.profile_turn2)
         rows.append(dict(name=f"TTFT second turn, same image (prefix cache, ~{new_tokens} new tokens)",
                          value=float(np.median(t2)) * 1e3, unit="ms", lower_is_better=True,
                          floor=lang_bytes / copy_bandwidth() * 1e3, floor_how="one pass over the language weights"))
