@@ -153,7 +153,8 @@ def bench_ray(n: int, workers: int | None, tmp: Path) -> list[dict]:
     write_files(folder, n, "image")
     gpus = torch.cuda.device_count()
     ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                 [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}})
     try:
         ray_rate, ray_steady, failed = end_to_end(folder, tmp / "ray.parquet", model=IMAGE_MODEL, engine=_image_engine,
                                                   processor=Processor(full_size_config(IMAGE_MODEL),
