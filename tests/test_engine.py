@@ -261,6 +261,51 @@ def test_decode_graph_buffers_eagerly(tiny):
     assert {3, 4} & set(used) and max(used) <= 4  # padded buckets were exercised
 
 
+def test_text_chunks_replay_the_decode_graph_buffers(tiny):
+    """Steps whose tokens are all text (a second turn over a cached image, a short text prompt, with
+    decoding sequences beside them) run as decode-shaped rows through the graph buffers (eager on the
+    CPU): one row per token, each with its own context. Same tokens as the reference; longer or
+    image-bearing chunks still take the eager path."""
+    from cogvlm2.engine.cuda_graph import DecodeGraphs
+
+    model, processor = tiny
+    config = EngineConfig(max_model_len=256, cuda_graph_batch_sizes=(1, 2, 4, 8, 16, 32), max_num_seqs=32,
+                          block_size=8)
+    engine = LLMEngine(model, config, processor)
+    graphs = DecodeGraphs(model, engine.runner.kv, engine.config, engine.runner.attend, capture=False)
+    rows_per_run = []
+    run_graph = graphs.run
+    graphs.run = lambda rows: rows_per_run.append(rows[1]) or run_graph(rows)
+    engine.runner.graphs = graphs
+    eager = []
+    forward_eager = engine.runner._forward_eager
+    engine.runner._forward_eager = lambda batch: eager.append(sum(batch.num_new_tokens)) or forward_eager(batch)
+    p = SamplingParams(max_new_tokens=6, **GREEDY)
+    first = processor("Describe the picture.", image=image(21))
+    out = run(engine, [(0, "turn1", first, p)])["turn1"]
+    assert out.token_ids == reference(model, first, p)
+    assert eager  # the image-bearing prompt ran eagerly
+    answer = processor.tokenizer.decode(out.token_ids)
+    second = processor("And the colours?", history=[("Describe the picture.", answer)], image=image(21))
+    text_only = processor("Hi")
+    rows_per_run.clear(), eager.clear()
+    requests = [(0, "turn2", second, p), (2, "text", text_only, SamplingParams(max_new_tokens=5, **GREEDY))]
+    done = run(engine, requests)
+    for _, rid, x, q in requests:
+        assert done[rid].token_ids == reference(model, x, q), rid
+    assert done["turn2"].num_cached_tokens >= len(first) - config.block_size
+    new = len(second) - done["turn2"].num_cached_tokens
+    assert 1 < new <= 32
+    # the second turn's new tokens: one run whose rows are that many consecutive positions
+    assert any(len(r) >= new and r[:new] == list(range(r[0], r[0] + new)) for r in rows_per_run), rows_per_run
+    assert not eager, eager  # nothing of these requests ran eagerly
+    # a text chunk longer than the largest graph (32 rows) takes the eager path
+    long_text = processor("word " * 40)
+    eager.clear()
+    done = run(engine, [(0, "long", long_text, p)])
+    assert done["long"].token_ids == reference(model, long_text, p) and eager and max(eager) > 32
+
+
 def test_prefix_hit_ending_inside_the_image(tiny):
     """Only the first blocks of an image survive in the cache (evicted tail): the request resumes
     mid-image, encoding the image for the remaining vision tokens."""

@@ -144,3 +144,30 @@ def test_fsdp_without_cuda_is_refused_not_ddp(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="FSDP was requested .* no CUDA device"):
         make_accelerator(None, 1, 1.0, "no")
+
+
+def test_zero3_bf16_full_finetune_trains_only_the_chosen_modules(data, tmp_path):
+    """ZeRO-3 in bf16 with fully trained modules (the 19B visual expert + GLU recipe on the tiny model):
+    the trainer's fp32 trainable weights used to meet bf16 activations in a matmul ("expected mat1 and
+    mat2 to have the same dtype", found on 2 H200s). Now DeepSpeed holds the fp32 master copy and the
+    module is bf16: it trains, and the saved model differs from the base in the adapter alone."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    from cogvlm2.tiny import checkpoint_folder
+
+    out = tmp_path / "full"
+    r = torchrun("-m", "cogvlm2.finetune", "finetune", "--model", "tiny", "--data", str(data), "--output", str(out),
+                 "--method", "full", "--train-modules", "adapter", "--dtype", "bf16", "--lr", "1e-2",
+                 "--max-steps", "2", "--batch-size", "2", "--deepspeed", str(CONFIGS / "ds_zero3.json"),
+                 "--num-workers", "0", "--no-progress", "--no-tensorboard", "--eval-fraction", "0", port=29571)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["sharded_loading"] == "zero3" and len(state["history"]) == 2
+    saved = load_file(out / "model" / "model.safetensors")
+    base = {}
+    for f in Path(checkpoint_folder("tiny")).glob("*.safetensors"):
+        base.update(load_file(f))
+    changed = {k for k in base if not torch.equal(saved[k], base[k].to(torch.bfloat16))}
+    assert changed and all(k.startswith("model.vision.linear_proj.") for k in changed), sorted(changed)
+    assert all(v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all() for v in saved.values())

@@ -8,7 +8,9 @@ features are encoded once per vision hash and kept until no unfinished sequence 
 to prefill, so chunked prefill never re-encodes an image
 and concurrent requests with the same image share one encoding. Pure-decode steps take a shorter
 path (one token per sequence, no routing) and replay a CUDA graph when one was captured for a large
-enough batch size.
+enough batch size. A step whose tokens are all text (no vision features, no visual-expert
+routing) and fit a captured batch size, e.g. a later chat turn over a cached image, also replays a
+decode graph: each of its tokens becomes a decode-shaped row with its own context length.
 
 A step is `launch`ed (everything enqueued, the sampled ids copied into a pinned buffer behind a CUDA
 event) and later `collect`ed (wait for the event, read the ids): the only host sync of a step. In
@@ -102,6 +104,14 @@ class ModelRunner:
                 hidden = self.graphs.run(rows)
             else:
                 hidden = self._forward_decode(rows)
+        elif source is None and self.graphs is not None and self._is_plain_text(batch) \
+                and self.graphs.fits(sum(batch.num_new_tokens)):
+            # short text-only chunks (a later turn over a cached image, a short text prompt): every
+            # token is a decode-shaped row, so the step replays a decode graph instead of ~30 eager
+            # ops per layer
+            self._activate(batch.seqs[0].adapter_slot)
+            rows, last = self._text_rows(batch)
+            hidden = self._rows_of(self.graphs.run(rows), last)
         else:
             self._activate(batch.seqs[0].adapter_slot)
             hidden = self._forward_eager(batch)
@@ -172,6 +182,42 @@ class ModelRunner:
         num_computed_tokens, which lags by one step for a lookahead batch."""
         return batch.is_decode and all(not s.vision_token_idx or start > s.vision_token_idx[-1]
                                        for s, start in zip(batch.seqs, batch.starts))
+
+    @staticmethod
+    def _is_plain_text(batch: ScheduledBatch) -> bool:
+        """Every token of the step is a language-expert text token with no vision features (any
+        chunk length): the step is plain Llama, like decode."""
+        for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new_tokens):
+            a, b = seq.vision_range(start, start + n)
+            if b > a or any(seq.expert_mask(start, start + n)):
+                return False
+        return True
+
+    def _text_rows(self, batch: ScheduledBatch) -> tuple[DecodeRows, list[int]]:
+        """A plain-text step as decode rows, one per token: token t of a sequence attends to its
+        first t + 1 cached tokens, which include this step's earlier rows (every row's K/V is
+        written before any row attends). Also the row of each sampling sequence's last token."""
+        bs = self.config.block_size
+        ids, pos, slots, context, tables, last = [], [], [], [], [], []
+        for seq, start, n, sample in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples):
+            end, table = start + n, seq.block_table
+            ids += seq.token_ids[start:end]
+            pos += seq.positions(start, end)
+            slots += [table[t // bs] * bs + t % bs for t in range(start, end)]
+            context += range(start + 1, end + 1)
+            tables += [table] * n
+            if sample:
+                last.append(len(pos) - 1)
+        return (ids, pos, slots, context, tables), last
+
+    def _rows_of(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """hidden[rows] (a slice, without a host-to-device copy, when the rows are consecutive)."""
+        if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+            return hidden[rows[0]:rows[0] + len(rows)]
+        if not rows:
+            return hidden[:0]
+        (index,) = self._to_device([rows])
+        return hidden.index_select(0, index)
 
     def _forward_decode(self, rows: DecodeRows) -> torch.Tensor:
         """Hidden states [n, D] of a pure-decode batch, eagerly (no CUDA graph): plain Llama, no routing."""

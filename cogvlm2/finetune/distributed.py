@@ -108,6 +108,14 @@ def shard_for_zero3(model: nn.Module, accelerator) -> nn.Module:
     cfg = resolved_ds_config(accelerator)
     dtype = torch.bfloat16 if cfg.get("bf16", {}).get("enabled") else (
         torch.float16 if cfg.get("fp16", {}).get("enabled") else torch.float32)
+    if dtype != torch.float32:
+        # DeepSpeed keeps the fp32 master copy of a bf16 / fp16 run in its optimizer; the module's own
+        # parameters are in the compute dtype (ZeRO-1/2's engine casts the module itself, ZeRO-3 does
+        # not cast a module partitioned here), else the trainer's fp32 trainable weights meet bf16
+        # activations in a matmul
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
     deepspeed.zero.Init(module=model, config_dict_or_path=cfg, dtype=dtype)
     return model
 
