@@ -9,7 +9,10 @@ Full-size architectures with random bf16 weights (as engine_gpu.py), 128 new tok
   --only video  mp4 files of 24 s (640x360, 8 fps; 24 frames at 224^2 per video, chat strategy);
                 cogvlm2-llama3-caption's architecture: videos/s end to end and for the engine alone.
   --only ray    (2-GPU machine) the same JPEGs through Ray Data with 2 engine actors, one per GPU, against
-                one GPU in one process. Goal: >= 1.9x.
+                one GPU in one process. Goal: >= 1.9x. Each engine is built before its clock starts: the
+                one-GPU run times caption() on a built engine, the Ray run from the moment the first
+                actor's engine is up (the second actor's later start counts against Ray) to the last row;
+                the whole run with Ray's start-up is reported beside it.
 
 Each mode fits one device call of 8 minutes on an H200 (the ray mode on nvidia-h200-x2):
 
@@ -97,14 +100,12 @@ def engine_alone(engine: LLMEngine, inputs: list) -> float:
 
 
 def end_to_end(folder: Path, out: Path, **kwargs) -> tuple[float, float, int]:
-    """(items/s over the whole run, items/s after the first 10% of rows (start-up excluded; Ray returns
-    rows a batch at a time), failures) of caption()."""
+    """(items/s over the whole run, wall-clock time.time() of the last row, failures) of caption()."""
     job = caption(folder, kwargs.pop("model"), out, sampling_params=PARAMS, overwrite=True, **kwargs)
-    stamps = [time.perf_counter() for _ in job]
-    i0 = len(stamps) // 10
-    steady = (len(stamps) - 1 - i0) / (stamps[-1] - stamps[i0]) if stamps[-1] > stamps[i0] else 0.0
+    for _ in job:
+        pass
     print(f"  {job.summary('items')}")
-    return (job.succeeded + job.failed) / job.seconds, steady, job.failed
+    return (job.succeeded + job.failed) / job.seconds, time.time(), job.failed
 
 
 def bench_local(kind: str, n: int, n_alone: int, workers: int | None, tmp: Path) -> list[dict]:
@@ -122,15 +123,13 @@ def bench_local(kind: str, n: int, n_alone: int, workers: int | None, tmp: Path)
     engine_alone(engine, inputs[:8])  # warm-up: cuDNN plans, allocator
     alone = engine_alone(engine, inputs[8:])
     del inputs
-    rate, steady, failed = end_to_end(folder, tmp / f"{kind}.parquet", model=name, engine=engine, workers=workers)
+    rate, _, failed = end_to_end(folder, tmp / f"{kind}.parquet", model=name, engine=engine, workers=workers)
     assert failed == 0, "benchmark items failed"
     unit = "img/s" if kind == "image" else "videos/s"
     what = f"{n} {'JPEGs (1600x1200)' if kind == 'image' else 'mp4s (24 s, 640x360, 24 frames)'} x 128 new tokens"
     return [
         dict(name=f"caption() end to end, {what}", value=rate, unit=unit, floor=alone,
              floor_how=f"the engine alone on {n_alone} pre-processed inputs (goal >= 95%)"),
-        dict(name="  same, steady state (after the first 10% of rows)", value=steady, unit=unit, floor=alone,
-             floor_how="the engine alone"),
         dict(name="  preprocessing in one thread (reference)", value=prep_rate, unit=unit, floor=alone,
              floor_how="what one thread must beat to feed the engine alone"),
     ]
@@ -143,7 +142,12 @@ def caption_prompt(kind: str) -> str:
 
 
 def _image_engine() -> LLMEngine:  # picklable by value (defined in __main__): built inside each Ray actor
-    return build_engine(IMAGE_MODEL)
+    engine = build_engine(IMAGE_MODEL)
+    ready = os.environ.get("CAPTION_BENCH_READY")
+    if ready:  # when this actor's engine could take work (the actors share the driver's host)
+        with open(ready, "a") as f:
+            f.write(f"{time.time()}\n")
+    return engine
 
 
 def bench_ray(n: int, workers: int | None, tmp: Path) -> list[dict]:
@@ -152,26 +156,36 @@ def bench_ray(n: int, workers: int | None, tmp: Path) -> list[dict]:
     folder = tmp / "image"
     write_files(folder, n, "image")
     gpus = torch.cuda.device_count()
-    ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                 [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}})
+    ready_file = tmp / "engines_ready.txt"
+    paths = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {"PYTHONPATH": os.pathsep.join(paths), "CAPTION_BENCH_READY": str(ready_file)}
+    ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     try:
-        ray_rate, ray_steady, failed = end_to_end(folder, tmp / "ray.parquet", model=IMAGE_MODEL, engine=_image_engine,
-                                                  processor=Processor(full_size_config(IMAGE_MODEL),
-                                                                      Tokenizer(bundled_tokenizer_path())),
-                                                  ray=True, ray_actors=gpus, ray_batch_size=8,
-                                                  max_num_seqs=ENGINE["max_num_seqs"])
+        t_start = time.time()
+        ray_rate, t_end, failed = end_to_end(folder, tmp / "ray.parquet", model=IMAGE_MODEL, engine=_image_engine,
+                                             processor=Processor(full_size_config(IMAGE_MODEL),
+                                                                 Tokenizer(bundled_tokenizer_path())),
+                                             ray=True, ray_actors=gpus, ray_batch_size=8,
+                                             max_num_seqs=ENGINE["max_num_seqs"])
         assert failed == 0
     finally:
         ray.shutdown()
+    ready = sorted(float(line) for line in ready_file.read_text().split())
+    assert len(ready) == gpus, ready
+    print(f"  engines ready {ready[0] - t_start:.1f} s / {ready[-1] - t_start:.1f} s after the start; "
+          f"last row at {t_end - t_start:.1f} s")
+    # every item is captioned after the first engine is up: from then to the last row, with the
+    # later actor's start-up counted against Ray
+    ray_up = n / (t_end - ready[0])
     gc.collect()
-    engine = build_engine(IMAGE_MODEL)
-    one_rate, one_steady, _ = end_to_end(folder, tmp / "one.parquet", model=IMAGE_MODEL, engine=engine, workers=workers)
+    engine = build_engine(IMAGE_MODEL)  # built before the clock starts, like an actor's engine above
+    one_rate, _, _ = end_to_end(folder, tmp / "one.parquet", model=IMAGE_MODEL, engine=engine, workers=workers)
     return [
-        dict(name=f"Ray, {gpus} engine actors, {n} JPEGs x 128 tokens (whole run)", value=ray_rate, unit="img/s",
-             floor=gpus * one_rate, floor_how=f"{gpus} x one GPU in one process ({one_rate:.2f} img/s); goal >= 95%"),
-        dict(name="  same, steady state (after the first 10% of rows)", value=ray_steady, unit="img/s",
-             floor=gpus * one_steady, floor_how=f"{gpus} x one GPU steady ({one_steady:.2f} img/s)"),
+        dict(name=f"Ray, {gpus} engine actors, {n} JPEGs x 128 tokens, from the first engine up to the last row",
+             value=ray_up, unit="img/s", floor=gpus * one_rate,
+             floor_how=f"{gpus} x one GPU in one process, engine built ({one_rate:.2f} img/s); goal >= 95% (1.9x)"),
+        dict(name="  same, whole run (Ray start-up and the engines' builds included)", value=ray_rate, unit="img/s",
+             floor=gpus * one_rate, floor_how=f"{gpus} x one GPU in one process"),
     ]
 
 

@@ -146,6 +146,43 @@ def kill_rank_mid_generation(engine: LLMEngine, limit_s: int = 30) -> None:
         engine.worker.launch(None)
 
 
+def test_a_reset_pipe_before_the_exit_is_seen_names_the_dead_rank():
+    """On 2 H200s a SIGKILLed rank's pipe reset (ConnectionResetError) while the process still looked alive:
+    the raw error escaped and the request failed with "EOFError". Now the group waits for the death and
+    names it (a rank process and its pipe stood in by fakes: the race cannot be forced otherwise)."""
+    import time
+
+    from cogvlm2.engine.worker_group import TensorParallelGroup
+
+    class DyingRank:
+        pid, exitcode = 4242, None
+        gone = time.monotonic() + 0.3  # the exit is seen a moment after the pipe reset
+
+        def is_alive(self):
+            if time.monotonic() < self.gone:
+                return True
+            self.exitcode = -9
+            return False
+
+        def join(self, timeout=None):
+            pass
+
+    class ResetPipe:
+        def poll(self, timeout=0):
+            return True
+
+        def recv(self):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    group = object.__new__(TensorParallelGroup)
+    group.procs, group.conns, group.size = [DyingRank()], [ResetPipe()], 2
+    group._error, group._closing, group.shutdown = None, False, lambda: None
+    with pytest.raises(WorkerGroupError, match=r"tensor-parallel rank 1 \(pid 4242\) died \(exit code -9\)"):
+        group._check()
+    with pytest.raises(WorkerGroupError, match="died"):  # and every later call
+        group._check()
+
+
 def test_pp2_engine_equals_one_device(reference):
     engine = LLMEngine.from_pretrained(MODEL, pipeline_parallel_size=2, **ENGINE)
     stages = engine.model.stages

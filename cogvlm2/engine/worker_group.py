@@ -333,9 +333,13 @@ class TensorParallelGroup:
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), 1):
             if not proc.is_alive():
                 raise self._stop(self._death(rank))
-            if conn.poll():  # ranks only speak during a step to report an error
-                status, value = conn.recv()
-                raise self._stop(f"rank {rank} failed: {value}")
+            try:
+                if not conn.poll():
+                    continue
+                status, value = conn.recv()  # ranks only speak during a step to report an error
+            except (EOFError, OSError):  # a killed rank's pipe closes before its exit is seen
+                raise self._stop(self._blame(f"rank {rank} closed its pipe")) from None
+            raise self._stop(f"rank {rank} failed: {value}")
 
     def _stop(self, message: str) -> WorkerGroupError:
         """Stop the group (its ranks may be out of step); the error to raise, now and on every later call."""
