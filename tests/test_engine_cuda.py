@@ -83,3 +83,32 @@ def test_engine_cuda_async_equals_sync():
         assert tokens == expect[:len(tokens)], rid
     assert results[True]["abort-mid"][0] == [t[0] for t in generate_ids(model, [requests[-1][2]], requests[-1][3])][:6]
     assert results[True]["stop-id"][2:] == ("stop", ref[3])
+
+
+def test_engine_cuda_second_turn_replays_the_decode_graph():
+    """A second turn over a cached image: its text tokens run as decode-shaped rows in a captured CUDA
+    graph (Triton paged decode, one context length per row), and the answer equals the reference's."""
+    from cogvlm2.engine import EngineConfig, LLMEngine
+    from cogvlm2.llm import load_processor_and_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, processor = load_processor_and_model("tiny-random", dtype="float32", device="cuda")
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=16), processor)
+    graphs = engine.runner.graphs
+    assert graphs is not None and graphs.sizes[-1] == 32
+    rows = []
+    replay = graphs.run
+    graphs.run = lambda r: rows.append(len(r[1])) or replay(r)
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    img = Image.new("RGB", (64, 48), (200, 30, 90))
+    first = processor("Describe the image.", image=img)
+    second = processor("And its colour?", history=[("Describe the image.", "A square.")], image=img)
+    for x in (first, second):
+        rows.clear()
+        engine.add_request("r", x, params)
+        while engine.has_unfinished():
+            outs = engine.step()
+            if outs and outs[0].finished:
+                out = outs[0]
+        assert out.token_ids == [t[0] for t in generate_ids(model, [x], params)]
+    assert out.num_cached_tokens > 0 and max(rows) > 1  # the second turn's new tokens: one graph run
