@@ -410,3 +410,24 @@ def test_sharded_backends_refuse_text_only_examples():
     with pytest.raises(ValueError, match="1 conversation.*m.jsonl:3"):
         check_media_everywhere([Conversation("a.json", (("q", "a"),), image=Path("a.jpg")),
                                 Conversation("m.jsonl:3", (("q", "a"),))])
+
+
+def test_compiled_ops_default_on_for_one_process_only(monkeypatch):
+    """--compiled-ops defaults to on in a one-process run (measured on the 19B) and off under several
+    processes (not measured there yet); --compiled-ops / --no-compiled-ops decide either way."""
+    import argparse
+
+    from cogvlm2.finetune.cli import add_arguments
+    from cogvlm2.finetune.train import TrainConfig, compiled_ops_enabled
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["--model", "tiny", "--data", "d", "--output", "o"]
+    given = [p.parse_args(base + flags).compiled_ops for flags in ([], ["--compiled-ops"], ["--no-compiled-ops"])]
+    assert given == [None, True, False]
+    for world, auto in (("1", True), ("2", False)):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert [compiled_ops_enabled(TrainConfig(model="tiny", data="d", output="o", compiled_ops=v))
+                for v in given] == [auto, True, False]
+    monkeypatch.delenv("WORLD_SIZE")
+    assert compiled_ops_enabled(TrainConfig(model="tiny", data="d", output="o"))

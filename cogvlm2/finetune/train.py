@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import signal
 import time
 from collections import Counter
@@ -79,7 +80,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     dtype: str = "auto"  # auto: bf16 on CUDA (fp16 before Ampere), fp32 on CPU
     gradient_checkpointing: bool = True
-    compiled_ops: bool = False  # RMSNorm / rotary / SiLU-and-multiply fused by torch.compile on CUDA (model.ops)
+    # RMSNorm / rotary / SiLU-and-multiply fused by torch.compile on CUDA (model.ops); None: on in a
+    # one-process run (measured: 19B LoRA on one H200, 731 -> 666 ms per step, loss equal to 7e-6), off
+    # under several processes, where it has not been measured yet
+    compiled_ops: bool | None = None
     max_length: int | None = None
     overlong: str = "truncate"  # what to do with examples longer than max_length (dataset.OVERLONG)
     history: str = "official"
@@ -179,8 +183,15 @@ def build_model(cfg: TrainConfig, folder: Path, device: torch.device, dtype: tor
             p.data = p.data.float()  # fp32 master weights; bf16 compute comes from autocast
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.model.vision.transformer.gradient_checkpointing = cfg.gradient_checkpointing
-    compile_training_ops(cfg.compiled_ops)
+    compile_training_ops(compiled_ops_enabled(cfg))
     return model, lora_config
+
+
+def compiled_ops_enabled(cfg: TrainConfig) -> bool:
+    """--compiled-ops as given, else on for one process only (WORLD_SIZE from the launchers)."""
+    if cfg.compiled_ops is not None:
+        return cfg.compiled_ops
+    return int(os.environ.get("WORLD_SIZE", "1")) == 1
 
 
 def check_bitsandbytes() -> None:
