@@ -42,7 +42,7 @@ class AsyncLLM:
         self.processor = engine.processor
         self.adapters = engine.adapters  # LoRA adapters requests may select: name -> adapter id
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = {}  # + final_only
         self._stats = engine.stats()
         self._thread: threading.Thread | None = None
 
@@ -81,13 +81,16 @@ class AsyncLLM:
     # EngineClient --------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, inputs: EngineInputs, params: SamplingParams | None = None,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter: str | None = None, final_only: bool = False) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as the engine produces them; final_only: the finished one alone (its
+        text and token_ids are whole), so a consumer that does not stream (batch captioning) costs the
+        engine thread one hand-over per request instead of one per token."""
         if not self.is_running:
             raise RuntimeError("the engine is not running: call start() or use `async with`")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._streams[request_id] = (asyncio.get_running_loop(), stream, final_only)
         self._commands.put(("add", request_id, self._compact(inputs), params or SamplingParams(), adapter))
         finished = False
         try:
@@ -170,7 +173,9 @@ class AsyncLLM:
         target = self._streams.get(request_id)
         if target is None:  # the caller left (or never listened): drop it
             return
-        loop, stream = target
+        loop, stream, final_only = target
+        if final_only and isinstance(item, RequestOutput) and not item.finished:
+            return
         try:
             loop.call_soon_threadsafe(stream.put_nowait, item)
         except RuntimeError:  # its event loop is closed

@@ -85,3 +85,27 @@ def test_async_streams(tiny):
             assert llm.max_model_len == cfg.max_position_embeddings + cfg.vision.tokens_per_image - 3
 
     asyncio.run(main())
+
+
+def test_final_only_delivers_one_whole_output(tiny):
+    """final_only (batch captioning on Ray): one output per request, the finished one, equal to the last
+    output of the same request streamed; the engine thread hands over one item instead of one per token."""
+    model, processor = tiny
+
+    async def main():
+        async with AsyncLLM(LLMEngine(model, EngineConfig(max_num_batched_tokens=64), processor)) as llm:
+            delivered = []
+            deliver = llm._deliver
+            llm._deliver = lambda rid, item: delivered.append(rid) or deliver(rid, item)
+            p = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+            x = processor("Say something long")
+            streamed = await collect(llm, "streamed", x, p)
+            finals = [o async for o in llm.generate("final", x, p, final_only=True)]
+            assert len(streamed) == 16 and len(finals) == 1
+            (final,) = finals
+            assert final.finished and final.token_ids == streamed[-1].token_ids and final.text == streamed[-1].text
+            # the engine thread still produced every step's output; only the finished one crossed over
+            assert delivered.count("streamed") == 16 and delivered.count("final") == 16
+            await wait_idle(llm)
+
+    asyncio.run(main())

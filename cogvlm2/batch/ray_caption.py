@@ -71,7 +71,7 @@ class _EngineActor:
             self._n += 1
             try:
                 async for out in self.llm.generate(f"ray-{self._n}", pickle.loads(inputs), self.params,
-                                                  adapter=self.adapter):
+                                                  adapter=self.adapter, final_only=True):
                     pass
             except (ValueError, RuntimeError) as e:
                 error, out = str(e), None
