@@ -59,7 +59,7 @@ class TensorSlice:
         return full[:self.dim] + (sum(b - a for a, b in self.ranges),) + full[self.dim + 1:]
 
     def read(self, view) -> torch.Tensor:
-        """``view``: a safetensors ``get_slice`` handle of the full tensor."""
+        """``view``: a safetensors ``get_slice`` handle of the full tensor, or the full tensor itself."""
         head = (slice(None),) * self.dim
         parts = [view[head + (slice(a, b),)] for a, b in self.ranges]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)

@@ -32,7 +32,7 @@ def _chat_parser(sub) -> None:
     p.set_defaults(func=run_chat)
 
 
-def engine_stream(engine, inputs, params):
+def engine_stream(engine, inputs, params, adapter: str | None = None):
     """The text deltas of one answer from the engine (`chat --tensor-parallel-size N`). Ctrl-C ends the
     answer between two steps (a step interrupted half-way would leave the tensor-parallel ranks out of
     step) by raising KeyboardInterrupt."""
@@ -41,7 +41,7 @@ def engine_stream(engine, inputs, params):
     rid = f"chat-{id(inputs)}"
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    engine.add_request(rid, inputs, params)
+    engine.add_request(rid, inputs, params, adapter=adapter)
     try:
         while engine.has_unfinished():
             if interrupted:
@@ -60,69 +60,75 @@ def engine_stream(engine, inputs, params):
 
 def run_chat(args, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     from .generation import stream_text
-    from .launch import load_engine_for_chat, load_from_args
+    from .launch import CHAT_ADAPTER, load_engine_for_chat, load_from_args
 
     params = sampling_params(args)
+    engine = None
     if getattr(args, "tensor_parallel_size", 1) > 1:
         engine, processor = load_engine_for_chat(args)
-        stream = lambda inputs: engine_stream(engine, inputs, params)  # noqa: E731
+        adapter = CHAT_ADAPTER if getattr(args, "lora", None) else None
+        stream = lambda inputs: engine_stream(engine, inputs, params, adapter)  # noqa: E731
     else:
         model, processor = load_from_args(args)
         stream = lambda inputs: stream_text(model, processor.tokenizer, inputs, params)  # noqa: E731
-    kind = processor.media_kinds[0]
+    try:
+        kind = processor.media_kinds[0]
 
-    def answer(query: str, history, media) -> str:
-        """Stream one answer; Ctrl-C stops it, also while the prompt is prepared (what was printed so far
-        is the answer)."""
-        parts = []
-        try:
-            inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
-            for delta in stream(inputs):
-                parts.append(delta)
-                stdout.write(delta)
-                stdout.flush()
-        except KeyboardInterrupt:
-            if args.query is not None:
-                raise
-            stdout.write(" [stopped]")
-        stdout.write("\n")
-        stdout.flush()
-        return "".join(parts)
-
-    media = {k: v for k, v in (("image", args.image), ("video", args.video)) if v}
-    query = args.query if args.query is not None else (processor.default_query if args.video else None)
-    if query is not None:
-        answer(query, [], media)
-        return 0
-    read = _Reader(stdin, stdout)
-    if read.interactive:
-        stdout.write("Ctrl-C stops an answer (at the prompt: quits), Ctrl-D quits, 'clear' starts over.\n")
-    first = True
-    while True:  # one conversation per pass: choose the media, then ask until 'clear'
-        if not (first and media):
-            path = read(f"{kind} path (Enter for text only) >>>>> ")
-            if path is None:
-                return 0
-            media = {kind: media_path(path)} if path.strip() else {}
-        first = False
-        try:
-            processor("", video_strategy=args.video_strategy, **media)  # fail early on an unreadable file
-        except (OSError, ValueError) as e:
-            stdout.write(f"error: {e}\n")
-            media = {}
-            continue
-        history: list[tuple[str, str]] = []
-        while True:
-            query = read("Human: ")
-            if query is None:
-                return 0
-            if query.strip() == "clear":
-                break
-            if not query.strip():
-                continue
-            stdout.write("CogVLM2: ")
+        def answer(query: str, history, media) -> str:
+            """Stream one answer; Ctrl-C stops it, also while the prompt is prepared (what was printed so far
+            is the answer)."""
+            parts = []
+            try:
+                inputs = processor(query, history, template=args.template, video_strategy=args.video_strategy, **media)
+                for delta in stream(inputs):
+                    parts.append(delta)
+                    stdout.write(delta)
+                    stdout.flush()
+            except KeyboardInterrupt:
+                if args.query is not None:
+                    raise
+                stdout.write(" [stopped]")
+            stdout.write("\n")
             stdout.flush()
-            history.append((query, answer(query, history, media)))
+            return "".join(parts)
+
+        media = {k: v for k, v in (("image", args.image), ("video", args.video)) if v}
+        query = args.query if args.query is not None else (processor.default_query if args.video else None)
+        if query is not None:
+            answer(query, [], media)
+            return 0
+        read = _Reader(stdin, stdout)
+        if read.interactive:
+            stdout.write("Ctrl-C stops an answer (at the prompt: quits), Ctrl-D quits, 'clear' starts over.\n")
+        first = True
+        while True:  # one conversation per pass: choose the media, then ask until 'clear'
+            if not (first and media):
+                path = read(f"{kind} path (Enter for text only) >>>>> ")
+                if path is None:
+                    return 0
+                media = {kind: media_path(path)} if path.strip() else {}
+            first = False
+            try:
+                processor("", video_strategy=args.video_strategy, **media)  # fail early on an unreadable file
+            except (OSError, ValueError) as e:
+                stdout.write(f"error: {e}\n")
+                media = {}
+                continue
+            history: list[tuple[str, str]] = []
+            while True:
+                query = read("Human: ")
+                if query is None:
+                    return 0
+                if query.strip() == "clear":
+                    break
+                if not query.strip():
+                    continue
+                stdout.write("CogVLM2: ")
+                stdout.flush()
+                history.append((query, answer(query, history, media)))
+    finally:
+        if engine is not None:
+            engine.shutdown()  # a tensor-parallel group's ranks
 
 
 def media_path(text: str) -> str:

@@ -108,16 +108,20 @@ def load_from_args(args):
     return model, processor
 
 
+CHAT_ADAPTER = "lora"  # the name `chat --lora PATH` gives its adapter in the engine
+
+
 def load_engine_for_chat(args):
-    """(engine, processor) for `chat --tensor-parallel-size N`: the engine with one sequence at a time."""
+    """(engine, processor) for `chat --tensor-parallel-size N`: the engine with one sequence at a time
+    (with --lora, its adapter loaded on every rank: requests name CHAT_ADAPTER)."""
     from .devices import auto_dtype, resolve_device
     from .llm import LLMEngine
     from .tiny import note, tiny_name
 
-    if getattr(args, "lora", None):
-        raise ValueError("--lora is not supported with --tensor-parallel-size")
     device = resolve_device(args.device)
+    lora = getattr(args, "lora", None)  # chat's --lora: one adapter folder, served unmerged as CHAT_ADAPTER
     engine = LLMEngine.from_pretrained(args.model, auto_dtype(args.dtype, device), device, quant=args.quant,
+                                       adapters={CHAT_ADAPTER: lora} if lora else None,
                                        tensor_parallel_size=args.tensor_parallel_size,
                                        shard_vision=shard_vision(args), max_num_seqs=1)
     name = tiny_name(engine.model.checkpoint_path)

@@ -21,9 +21,9 @@ GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
 TARGETS = ("language_expert_qkv", "vision_expert_qkv", "language_expert_mlp", "vision_expert_dense")
 
 
-def make_adapter(folder, seed: int, r: int, alpha: int, rslora: bool = False):
+def make_adapter(folder, seed: int, r: int, alpha: int, rslora: bool = False, targets=TARGETS):
     model = load_model(checkpoint_folder("tiny"), progress=False)
-    apply_lora(model, TARGETS, r=r, alpha=alpha, dropout=0.0, rslora=rslora)
+    apply_lora(model, targets, r=r, alpha=alpha, dropout=0.0, rslora=rslora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -93,6 +93,33 @@ def test_mixed_adapters_in_one_batch_and_prefix_cache(adapters, prompts):
     # the same prompt under another adapter never reuses the KV blocks computed under the one before
     assert len(prompts[0]) > 2 * engine.config.block_size and all(o.num_cached_tokens == 0 for o in alone.values())
     assert engine.adapters.keys() == {"a", "b"} and engine.adapters["a"] != engine.adapters["b"]
+
+
+def test_an_adapter_on_lm_head_in_a_mixed_batch(adapters, prompts, tmp_path):
+    """An adapter that targets lm_head, in one step with the base model and another adapter: each row's
+    logits come from its own adapter (they were all computed after the last group's forward, i.e. with the
+    last adapter's lm_head, which changed the other rows' tokens). Each row equals its request run alone."""
+    head = make_adapter(tmp_path / "head", 3, r=4, alpha=8, targets=("lm_head", "language_expert_dense"))
+    engine = LLMEngine(ModelSpec("tiny", "float32", "cpu", adapters={"a": adapters["a"], "head": head}),
+                       EngineConfig(enable_prefix_caching=False), load_processor("tiny"))
+    names = (None, "a", "head")
+
+    def run(batch: list[str | None]) -> dict:
+        done = {}
+        for name in batch:
+            for i, x in enumerate(prompts):
+                engine.add_request(f"{name}-{i}-{len(batch)}", x, GREEDY, adapter=name)
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id.rsplit("-", 1)[0]] = out.token_ids
+        return done
+
+    alone = {}
+    for name in names:
+        alone.update(run([name]))
+    assert run(list(names)) == alone
+    assert alone["head-0"] != alone["None-0"] and alone["head-0"] != alone["a-0"]
 
 
 def test_adapter_errors(adapters, prompts, tmp_path):

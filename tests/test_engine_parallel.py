@@ -118,6 +118,103 @@ def test_tp2_replicated_vision_equals_one_device_and_a_dead_rank_is_an_error(ref
     assert not rank1.is_alive()
 
 
+def lora_adapter(folder, seed: int, targets: tuple[str, ...]):
+    """A random LoRA adapter for tiny-random (both factors non-zero, so it changes the answers)."""
+    from cogvlm2.finetune.lora import apply_lora, save_adapter
+    from cogvlm2.model import load_model
+    from cogvlm2.tiny import checkpoint_folder
+
+    model = load_model(checkpoint_folder(MODEL), progress=False)
+    apply_lora(model, targets, r=4, alpha=8, dropout=0.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return save_adapter(model, folder)
+
+
+def lora_run(engine: LLMEngine, names: list[str | None]) -> list[list[int]]:
+    """An image and a text prompt per adapter name (None: the base model), all in one batch."""
+    p, greedy = engine.processor, SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    prompts = [p("Describe the picture.", image=image(3)), p("Tell me about circles.")]
+    ids = []
+    for name in names:
+        for i, x in enumerate(prompts):
+            ids.append(f"{name}-{i}")
+            engine.add_request(ids[-1], x, greedy, adapter=name)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                assert out.error is None, out.error
+                done[out.request_id] = out.token_ids
+    return [done[i] for i in ids]
+
+
+def test_tp2_lora_adapters_equal_one_device(tmp_path):
+    """LoRA under TP=2: each rank holds its part of A and B (column-parallel QKV and gate / up: rows of B;
+    row-parallel dense and down_proj: columns of A, whose partial products join the layer's all-reduce),
+    adapters mixed with the base model in one batch, one loaded at start-up and one added later on every rank:
+    the tokens of one device. A folder that does not fit is refused with the group intact."""
+    pytest.importorskip("peft")
+    a = lora_adapter(tmp_path / "a", 1, ("language_expert_qkv", "vision_expert_qkv", "language_expert_mlp",
+                                         "vision_expert_dense"))
+    b = lora_adapter(tmp_path / "b", 2, ("language_expert_dense", "vision_expert_mlp", "lm_head"))
+    one = LLMEngine.from_pretrained(MODEL, adapters={"a": a}, **ENGINE)
+    one.core.add_adapter("b", b)
+    want = lora_run(one, [None, "a", "b"])
+    assert want[0] != want[2] and want[1] != want[3] and want[2] != want[4]  # the adapters change the answers
+    engine = LLMEngine.from_pretrained(MODEL, adapters={"a": a}, tensor_parallel_size=2, **ENGINE)
+    try:
+        lm_qkv = engine.model.model.layers[0].self_attn.language_expert_query_key_value
+        assert lm_qkv.lora_B.shape[1] == lm_qkv.base.out_features  # this rank's rows of B
+        engine.core.add_adapter("b", b)
+        assert engine.worker.adapters.keys() == {"a", "b"}
+        assert lora_run(engine, [None, "a", "b"]) == want
+        with pytest.raises(ValueError, match="does not fit"):
+            engine.core.add_adapter("c", lora_adapter_for_other_shapes(tmp_path / "c"))
+        engine.core.remove_adapter("b")
+        with pytest.raises(ValueError, match="unknown LoRA adapter"):
+            engine.add_request("gone", engine.processor("Hi"), adapter="b")
+        assert lora_run(engine, ["a"]) == want[2:4]
+    finally:
+        engine.shutdown()
+
+
+def test_chat_with_tensor_parallelism_and_lora(tmp_path):
+    """`cogvlm2 chat --tensor-parallel-size 2 --lora PATH` answers as the one-device chat with the same adapter."""
+    pytest.importorskip("peft")
+    import io
+
+    from cogvlm2.cli import build_parser, run_chat
+
+    folder = lora_adapter(tmp_path / "adapter", 4, ("language_expert_qkv", "language_expert_mlp"))
+    image(5).save(tmp_path / "a.png")
+    answers = {}
+    for tp in (1, 2):
+        argv = ["chat", "--model", MODEL, "--device", "cpu", "--lora", str(folder), "--image", str(tmp_path / "a.png"),
+                "--query", "What is in the image?", "--max-new-tokens", "8", "--tensor-parallel-size", str(tp)]
+        out = io.StringIO()
+        assert run_chat(build_parser().parse_args(argv), stdout=out) == 0
+        answers[tp] = out.getvalue()
+    assert answers[1] == answers[2] and answers[1].strip()
+
+
+def lora_adapter_for_other_shapes(folder):
+    """A peft-format folder whose QKV factors have the wrong input width for tiny-random."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    key = "base_model.model.model.layers.0.self_attn.language_expert_query_key_value"
+    save_file({f"{key}.lora_A.weight": torch.zeros(2, 7), f"{key}.lora_B.weight": torch.zeros(5, 2)},
+              str(folder / "adapter_model.safetensors"))
+    return folder
+
+
 def kill_rank_mid_generation(engine: LLMEngine, limit_s: int = 30) -> None:
     """Rank 1 dies mid-generation: the step's request fails with an error naming it (within limit_s, not a
     hang), and so does every later call."""

@@ -92,8 +92,9 @@ class ModelRunner:
         sampling = [s for s, sample in zip(batch.seqs, batch.samples) if sample]
         groups = self._adapter_groups(batch)
         pending = None  # a lookahead batch's input ids: each sequence's latest id, still on the device
+        logits = None
         if len(groups) > 1:  # several LoRA adapters: one forward per adapter (eager), rows put back in order
-            hidden = self._forward_groups(batch, groups, source)
+            logits = self._logits_of_groups(batch, groups, source)
             if source is not None:
                 pending = self._lookahead_ids(batch.input_rows, source)
         elif self._is_plain_decode(batch):
@@ -117,7 +118,9 @@ class ModelRunner:
             hidden = self._forward_eager(batch)
         if not sampling:
             return LaunchedStep(batch)
-        sampled = self.sampler(self.model.compute_logits(hidden), sampling, pending)  # [n_sample] on the device
+        if logits is None:
+            logits = self.model.compute_logits(hidden)
+        sampled = self.sampler(logits, sampling, pending)  # [n_sample] on the device
         return LaunchedStep(batch, sampled, *self._to_host(sampled))
 
     @staticmethod
@@ -133,23 +136,25 @@ class ModelRunner:
             self.model.lora_slots.activate(slot)
             self._active_slot = slot
 
-    def _forward_groups(self, batch: ScheduledBatch, groups: dict[int, list[int]],
-                        source: torch.Tensor | None) -> torch.Tensor:
-        """Hidden states of the sampling rows [n_sample, D], in batch order, one eager forward per adapter."""
-        hidden, order = [], []
+    def _logits_of_groups(self, batch: ScheduledBatch, groups: dict[int, list[int]],
+                          source: torch.Tensor | None) -> torch.Tensor:
+        """Logits of the sampling rows [n_sample, V], in batch order: per adapter, its forward and its
+        logits while its slot is active (an adapter may target lm_head too)."""
+        logits, order = [], []
         for slot, rows in groups.items():
             sub = ScheduledBatch([batch.seqs[i] for i in rows], [batch.starts[i] for i in rows],
                                  [batch.num_new_tokens[i] for i in rows], [batch.samples[i] for i in rows],
                                  input_rows=None if source is None else [batch.input_rows[i] for i in rows])
             self._activate(slot)
             if self._is_plain_decode(sub):
-                hidden.append(self._forward_decode(self._decode_rows(sub, source)))
+                hidden = self._forward_decode(self._decode_rows(sub, source))
             else:
-                hidden.append(self._forward_eager(sub))
+                hidden = self._forward_eager(sub)
+            logits.append(self.model.compute_logits(hidden))
             order += [i for i in rows if batch.samples[i]]
         position = {row: k for k, row in enumerate(order)}  # batch row -> its row in the concatenation
         (index,) = self._to_device([[position[i] for i in range(len(batch)) if batch.samples[i]]])
-        return torch.cat(hidden).index_select(0, index)
+        return torch.cat(logits).index_select(0, index)
 
     def collect(self, step: LaunchedStep) -> list[int | None]:
         """Wait for a launched step's ids: one per sequence, None for those that do not sample."""

@@ -11,6 +11,7 @@ Control. Every driver call goes to every rank over its pipe with the same argume
 same code on the same inputs, so their collectives pair up:
 
     load / num_kv_blocks / init_cache     request and reply (num_kv_blocks: the minimum over the ranks)
+    add_adapter / remove_adapter          request and reply (every rank, same order: same slots)
     launch(batch)                         one message per rank per step, no reply
 
 A step's message is the ScheduledBatch's host metadata as plain ints: per row (request id, start,
@@ -30,7 +31,8 @@ sentinels and, on NCCL, aborts the communicator so that a collective waiting for
 leaves the ranks out of step, so the group stops: that call and every later one raise
 `WorkerGroupError` naming the rank (the engine then fails the requests with that error). Ranks ignore
 SIGINT (Ctrl-C reaches the driver, whose exit stops the group) and exit when the driver's process
-disappears. LoRA adapters are not sharded and are refused.
+disappears. LoRA adapters are loaded by every rank, each keeping its part of A and B (add / remove go to
+every rank like load).
 
 Every wait is bounded, NCCL and CUDA graphs included:
 - the driver waits for a step's ids by polling its CUDA event (never blocking inside CUDA, so the GIL
@@ -107,9 +109,6 @@ class TensorParallelGroup:
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         if self.backend == "nccl" and torch.cuda.device_count() < n:
             raise ValueError(f"tensor_parallel_size {n} needs {n} GPUs; {torch.cuda.device_count()} visible")
-        if spec.adapters:
-            raise ValueError("LoRA adapters are not supported with tensor parallelism (merge the adapter into the "
-                             "checkpoint, or serve on one GPU)")
         from ..tiny import checkpoint_folder
 
         if not callable(spec.model):  # a factory's model is checked when each rank builds it
@@ -177,20 +176,30 @@ class TensorParallelGroup:
     def dtype(self) -> torch.dtype:
         return self.local.dtype
 
+    # LoRA adapters: every rank loads its part of each (model.lora.shard_adapter) into the same slot ------
+
     @property
     def adapters(self) -> dict[str, str]:
-        return {}
+        return self.local.adapters
 
     def adapter_slot(self, name: str | None) -> int:
-        if name is not None:
-            raise ValueError(f"unknown LoRA adapter {name!r}: adapters are not supported with tensor parallelism")
-        return 0
+        return self.local.adapter_slot(name)
 
     def add_adapter(self, name: str, path: str | Path) -> str:
-        raise ValueError("LoRA adapters are not supported with tensor parallelism")
+        """On every rank in the same order (equal slots; the decode graphs, captured again when the slot
+        tables grow, are captured on every rank together). A bad adapter is refused on rank 0 before any
+        rank changes."""
+        from ..model.lora import prepare_adapter
+
+        self._check()
+        if not name or name in self.local.adapters:
+            raise ValueError(f"adapter name {name!r} is empty or already loaded")
+        prepare_adapter(self.local.model, path)  # AdapterError (a ValueError) if it does not fit: nothing sent
+        return self._call("add_adapter", self.local.add_adapter, name, str(path))[0]
 
     def remove_adapter(self, name: str) -> None:
-        raise ValueError(f"unknown LoRA adapter {name!r}")
+        self.local.adapter_slot(name)  # ValueError for an unknown name, before any rank changes
+        self._call("remove_adapter", self.local.remove_adapter, name)
 
     # load, memory, cache: every rank, same arguments ---------------------------------------------
 
@@ -510,7 +519,9 @@ class _Rank:
                 continue
             try:
                 result = {"load": self.worker.load, "num_kv_blocks": self.worker.num_kv_blocks,
-                          "init_cache": lambda *a: _init_cache(self.worker, *a)}[command](*args)
+                          "init_cache": lambda *a: _init_cache(self.worker, *a),
+                          "add_adapter": self.worker.add_adapter,
+                          "remove_adapter": self.worker.remove_adapter}[command](*args)
             except Exception as e:  # noqa: BLE001 - the driver raises it
                 self.conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
                 continue

@@ -195,13 +195,15 @@ class CogVLM2ForCausalLM(nn.Module):
         self.stages = None
         self.gradient_checkpointing = False
 
+    # the final norm's weight: on the last stage with lm_head, in the compute dtype, and a plain parameter
+    # whatever wraps lm_head (a LoRA target, a quantized linear)
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     @property
     def num_local_kv_heads(self) -> int:

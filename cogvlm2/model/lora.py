@@ -10,7 +10,8 @@ is a device write, never a host sync, and a captured CUDA graph follows it.
 
 Served unmerged, an adapter computes y = x W^T + (x A^T) B^T; `merge-lora` folds the same product into W.
 DoRA adapters and adapters with fully trained modules (modules_to_save) change the base weights
-themselves: merge those with `cogvlm2 merge-lora` and serve the merged checkpoint.
+themselves: merge those with `cogvlm2 merge-lora` and serve the merged checkpoint. Under tensor
+parallelism each rank keeps its part of A and B, cut like the base weight (`shard_adapter`).
 """
 
 from __future__ import annotations
@@ -161,10 +162,13 @@ def enable_lora(model: nn.Module, targets: set[str], num_slots: int, max_rank: i
     return slots
 
 
-def load_adapter_into(model: nn.Module, name: str, folder: str | Path, num_slots: int) -> int:
-    """Load the adapter in `folder` into a free slot of `model` under `name`; its slot. The model's
-    target linears are wrapped on first use (room for num_slots adapters)."""
+def prepare_adapter(model: nn.Module, folder: str | Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(config, {module: (A, B)}) of the adapter in `folder` as `model` holds it (this tensor-parallel
+    rank's part), checked to fit: AdapterError before anything changes."""
     config, weights = read_adapter(folder)
+    tp = getattr(model, "tp", None)
+    if tp is not None and tp.world_size > 1:
+        weights = shard_adapter(weights, model, tp)
     modules = dict(model.named_modules())
     for module_name, (a, b) in weights.items():
         base = modules.get(module_name)
@@ -173,6 +177,13 @@ def load_adapter_into(model: nn.Module, name: str, folder: str | Path, num_slots
                 or tuple(b.shape[:1]) != (base.out_features,) or a.shape[0] != b.shape[1]:
             raise AdapterError(f"adapter {folder}: {module_name} does not fit this model "
                                f"(A {tuple(a.shape)}, B {tuple(b.shape)})")
+    return config, weights
+
+
+def load_adapter_into(model: nn.Module, name: str, folder: str | Path, num_slots: int) -> int:
+    """Load the adapter in `folder` into a free slot of `model` under `name`; its slot. The model's
+    target linears are wrapped on first use (room for num_slots adapters)."""
+    config, weights = prepare_adapter(model, folder)
     rank = max(a.shape[0] for a, _ in weights.values())
     slots = getattr(model, "lora_slots", None)
     if name in (slots.names if slots else {}):
@@ -186,6 +197,27 @@ def load_adapter_into(model: nn.Module, name: str, folder: str | Path, num_slots
         layer.set_slot(slot, a, b, adapter_scale(config, a.shape[0]) if a is not None else 0.0)
     slots.names[name] = slot
     return slot
+
+
+def shard_adapter(weights: dict[str, tuple[torch.Tensor, torch.Tensor]], model: nn.Module,
+                  tp) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """This tensor-parallel rank's part of each (A [r, in], B [out, r]), cut like its base weight:
+    a column-parallel linear (rows of W split: QKV by heads, gate / up, lm_head) keeps A whole and the
+    same rows of B; a row-parallel one (input features split: dense, down_proj) keeps the same columns of
+    A and B whole, so its partial product B (A_r x_r) joins the base's partial sum before the one
+    all-reduce that follows the layer (sum_r B A_r x_r = B A x). Replicated linears keep both whole."""
+    from .parallel import shard_slicer
+
+    slicer = shard_slicer(model.config, tp)
+    out = {}
+    for name, (a, b) in weights.items():
+        part = slicer(f"{name}.weight", (b.shape[0], a.shape[1]))  # the full base weight [out, in]
+        if part is not None and part.dim == 0:
+            b = part.read(b)
+        elif part is not None and part.dim == 1:
+            a = part.read(a)
+        out[name] = (a.contiguous(), b.contiguous())
+    return out
 
 
 def unload_adapter(model: nn.Module, name: str) -> None:
