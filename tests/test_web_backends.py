@@ -140,3 +140,41 @@ def test_model_dropdown_lists_adapters_and_feeds_every_answer(processor):
     assert answers and all(model._id in d["inputs"] for d in answers)
     _, model = dropdown(LocalBackend(RecordingEngine(), processor, "tiny", tiny=True))
     assert not model.visible
+
+
+def test_local_backend_stop_aborts_the_sessions_answers_now(processor):
+    """Stop / Clear call backend.stop(session): the session's engine requests are aborted at once (not when
+    the suspended stream is garbage-collected), another session's answer goes on."""
+
+    class SlowEngine(RecordingEngine):
+        def __init__(self):
+            super().__init__()
+            self.aborted, self.running = [], {}
+
+        async def generate(self, request_id, inputs, params, adapter=None):
+            self.running[request_id] = asyncio.Event()
+            for i in range(1000):
+                if self.running[request_id].is_set():
+                    yield RequestOutput(request_id, len(inputs), [], "", [], "", True, "abort")
+                    return
+                yield RequestOutput(request_id, len(inputs), [i], "x", [i], "x", False, None)
+                await asyncio.sleep(0.001)
+
+        async def abort(self, request_id):
+            self.aborted.append(request_id)
+            self.running[request_id].set()
+
+    async def main():
+        engine = SlowEngine()
+        backend = LocalBackend(engine, processor, "tiny", tiny=True)
+        mine, other = backend.stream("q", [], None, 1, 1, 5, session="s1"), backend.stream("q", [], None, 1, 1, 5,
+                                                                                          session="s2")
+        assert await anext(mine) == "x" and await anext(other) == "x"  # both streaming, then suspended
+        await backend.stop("s1")
+        assert len(engine.aborted) == 1 and list(backend._active) == ["s2"]
+        assert [d async for d in mine] == []  # the aborted answer ends: its final output carries no text
+        assert await anext(other) == "x"  # the other session's answer goes on
+        await other.aclose()
+        await backend.stop("nobody")  # a session with nothing running: nothing to do
+
+    asyncio.run(main())

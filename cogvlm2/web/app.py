@@ -116,7 +116,7 @@ def build_ui(backend):
         def render(pairs: list[tuple[str, str]]) -> list[dict]:
             return [m for q, a in pairs for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
-        async def respond(pairs, query, image_value, video_value, t, p, n, chosen):
+        async def respond(pairs, query, image_value, video_value, t, p, n, chosen, request: gr.Request):
             """Answer `query` after the conversation so far; yields (chatbot, conversation) as it streams.
             A stopped answer keeps what was shown (the conversation state is updated on every yield)."""
             if not query or not query.strip():
@@ -128,7 +128,8 @@ def build_ui(backend):
             pairs = history + [(query, "")]
             yield render(pairs), pairs
             try:
-                async for delta in backend.stream(query, history, media, float(t), float(p), int(n), chosen or None):
+                async for delta in backend.stream(query, history, media, float(t), float(p), int(n), chosen or None,
+                                                  session=request.session_hash):
                     pairs = history + [(query, pairs[-1][1] + delta)]
                     yield render(pairs), pairs
             except BackendError as e:
@@ -139,13 +140,18 @@ def build_ui(backend):
             """The first step of a send: the box is emptied once, here; later typing is never overwritten."""
             return "", query
 
-        async def on_retry(pairs, image_value, video_value, t, p, n, chosen):
+        async def on_retry(pairs, image_value, video_value, t, p, n, chosen, request: gr.Request):
             if not pairs:
                 yield [], []
                 return
             query = pairs[-1][0]
-            async for out in respond(pairs[:-1], query, image_value, video_value, t, p, n, chosen):
+            async for out in respond(pairs[:-1], query, image_value, video_value, t, p, n, chosen, request):
                 yield out
+
+        async def stop_answers(request: gr.Request):
+            """Stop / Clear: the backend aborts this session's answers at once (cancelling the UI's task
+            alone leaves a stream suspended between two deltas running until it is garbage-collected)."""
+            await backend.stop(request.session_hash)
 
         def check_upload(value, kind: str):
             """Open an upload as the model will, at once: a corrupt file is a short message, and is removed."""
@@ -156,6 +162,8 @@ def build_ui(backend):
                 return None
             return gr.skip()
 
+        for fn in (respond, on_retry, stop_answers):  # Gradio passes gr.Request by the annotation's class (this
+            fn.__annotations__["request"] = gr.Request  # module's annotations are strings, and gr is a local)
         controls = [image, video, temperature, top_p, max_tokens, model]  # model: the adapter of the next answer
         no_pre = {"preprocess": False}  # media reach respond() as uploaded: our own errors, not Gradio's
         answer = {"fn": respond, "inputs": [conversation, asked, *controls], "outputs": [chatbot, conversation], **no_pre}
@@ -164,9 +172,9 @@ def build_ui(backend):
                  for trigger in (message.submit, send.click)]
         retrying = retry.click(on_retry, [conversation, *controls], [chatbot, conversation], **no_pre)
         running = [*sends, retrying]
-        stop.click(None, None, None, cancels=running)
+        stop.click(stop_answers, None, None, cancels=running, queue=False)
         # cancel first, then empty: a cancelled stream's last update cannot land after the reset
-        clear.click(None, None, None, cancels=running).then(
+        clear.click(stop_answers, None, None, cancels=running, queue=False).then(
             lambda: ([], [], None, None, ""), None, [chatbot, conversation, image, video, message])
         image.upload(lambda v: check_upload(v, "image"), image, image, **no_pre)
         video.upload(lambda v: check_upload(v, "video"), video, video, **no_pre)

@@ -54,14 +54,22 @@ class LocalBackend:
         self.media_kinds = processor.media_kinds
         # what a conversation can run with: the base model, then the engine's LoRA adapters (`web --lora`)
         self.models = [model_name, *getattr(engine, "adapters", {})]
+        self._active: dict[str, set[str]] = {}  # session -> its engine requests still streaming
+
+    async def stop(self, session: str) -> None:
+        """Abort the session's answers now (Stop / Clear). Cancelling the UI's task alone does not: a
+        stream suspended between two deltas is only closed whenever it is garbage-collected."""
+        for request_id in self._active.pop(session, set()):
+            await self.engine.abort(request_id)
 
     def check_media(self, kind: str, path: str) -> str | None:
         return check_media_file(kind, path)
 
     async def stream(self, query: str, history: list[tuple[str, str]], media: tuple[str, str] | None,
                      temperature: float, top_p: float, max_tokens: int,
-                     model: str | None = None) -> AsyncIterator[str]:
-        """Answer deltas; model: one of `models` (None or the base model's name: no adapter)."""
+                     model: str | None = None, session: str | None = None) -> AsyncIterator[str]:
+        """Answer deltas; model: one of `models` (None or the base model's name: no adapter); session:
+        the key `stop` aborts it by."""
         if model not in (None, *self.models):
             raise BackendError(f"unknown model {model!r}; choose one of {', '.join(self.models)}")
         adapter = None if model in (None, self.model_name) else model
@@ -75,9 +83,15 @@ class LocalBackend:
             raise BackendError(f"the conversation is {len(inputs)} tokens long, the context holds "
                                f"{self.engine.max_model_len}: clear it to start over")
         params = SamplingParams(max_new_tokens=min(max_tokens, budget), temperature=temperature, top_p=top_p)
-        async for out in self.engine.generate(f"web-{uuid.uuid4().hex}", inputs, params, adapter=adapter):
-            if out.delta_text:
-                yield out.delta_text
+        request_id = f"web-{uuid.uuid4().hex}"
+        active = self._active.setdefault(session, set()) if session is not None else set()
+        active.add(request_id)
+        try:
+            async for out in self.engine.generate(request_id, inputs, params, adapter=adapter):
+                if out.delta_text:
+                    yield out.delta_text
+        finally:
+            active.discard(request_id)
 
 
 def data_uri(path: str | Path, kind: str) -> str:
@@ -96,6 +110,7 @@ class RemoteBackend:
         self.media_kinds = ("image", "video")  # the server refuses the kind its model does not take
         self.models = [self.model_name] if self.model_name else []  # filled from /v1/models by connect()
         self.timeout = timeout
+        self._active: dict[str, set] = {}  # session -> its responses still streaming
 
     async def connect(self) -> None:
         """Ask the server which model it serves, whether it is the embedded tiny one and which media it
@@ -140,32 +155,55 @@ class RemoteBackend:
         out.append({"role": "user", "content": content})
         return out
 
+    async def stop(self, session: str) -> None:
+        """Close the session's streaming responses now (the server aborts a request whose client left)."""
+        responses = self._active.pop(session, set())
+        for response in list(responses):
+            responses.discard(response)  # marks it stopped for its stream
+            await response.aclose()
+
     async def stream(self, query: str, history: list[tuple[str, str]], media: tuple[str, str] | None,
                      temperature: float, top_p: float, max_tokens: int,
-                     model: str | None = None) -> AsyncIterator[str]:
-        """Answer deltas; model: the served model or adapter to ask (None: the base model)."""
+                     model: str | None = None, session: str | None = None) -> AsyncIterator[str]:
+        """Answer deltas; model: the served model or adapter to ask (None: the base model); session: the
+        key `stop` closes it by."""
         import httpx
 
         body = {"model": model or self.model_name or None, "messages": self.messages(query, history, media), "stream": True,
                 "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
         async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout, connect=10), trust_env=False) as client:
             async with client.stream("POST", f"{self.base_url}/chat/completions", json=body, headers=self.headers) as r:
-                if r.status_code != 200:
-                    await r.aread()
-                    raise BackendError(_error_message(r.text, r.status_code))
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:].strip()
-                    if data == "[DONE]":
-                        return
-                    event = json.loads(data)
-                    if "error" in event:
-                        raise BackendError(event["error"].get("message", "server error"))
-                    for choice in event.get("choices", []):
-                        delta = choice.get("delta", {}).get("content")
-                        if delta:
-                            yield delta
+                active = self._active.setdefault(session, set()) if session is not None else set()
+                active.add(r)
+                try:
+                    async for delta in self._deltas(r):
+                        yield delta
+                except Exception:
+                    if r in active:
+                        raise
+                    return  # stopped: `stop` closed the response under it
+                finally:
+                    active.discard(r)
+
+    @staticmethod
+    async def _deltas(r) -> AsyncIterator[str]:
+        """The answer deltas of one streaming chat completion (an error event is a BackendError)."""
+        if r.status_code != 200:
+            await r.aread()
+            raise BackendError(_error_message(r.text, r.status_code))
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:].strip()
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise BackendError(event["error"].get("message", "server error"))
+            for choice in event.get("choices", []):
+                delta = choice.get("delta", {}).get("content")
+                if delta:
+                    yield delta
 
 
 def remote_media_kinds(card: dict) -> tuple[str, ...]:
