@@ -413,8 +413,8 @@ def test_sharded_backends_refuse_text_only_examples():
 
 
 def test_compiled_ops_default_on_for_one_process_only(monkeypatch):
-    """--compiled-ops defaults to on in a one-process run (measured on the 19B) and off under several
-    processes (not measured there yet); --compiled-ops / --no-compiled-ops decide either way."""
+    """--compiled-ops defaults to on in a one-process run (measured on the 19B) with Triton installed, and
+    off under several processes (not measured there yet); --compiled-ops / --no-compiled-ops decide."""
     import argparse
 
     from cogvlm2.finetune.cli import add_arguments
@@ -425,9 +425,13 @@ def test_compiled_ops_default_on_for_one_process_only(monkeypatch):
     base = ["--model", "tiny", "--data", "d", "--output", "o"]
     given = [p.parse_args(base + flags).compiled_ops for flags in ([], ["--compiled-ops"], ["--no-compiled-ops"])]
     assert given == [None, True, False]
+    monkeypatch.setattr("cogvlm2.finetune.train._has_triton", lambda: True)
     for world, auto in (("1", True), ("2", False)):
         monkeypatch.setenv("WORLD_SIZE", world)
         assert [compiled_ops_enabled(TrainConfig(model="tiny", data="d", output="o", compiled_ops=v))
                 for v in given] == [auto, True, False]
     monkeypatch.delenv("WORLD_SIZE")
     assert compiled_ops_enabled(TrainConfig(model="tiny", data="d", output="o"))
+    monkeypatch.setattr("cogvlm2.finetune.train._has_triton", lambda: False)  # torch.compile could not build kernels
+    assert not compiled_ops_enabled(TrainConfig(model="tiny", data="d", output="o"))
+    assert compiled_ops_enabled(TrainConfig(model="tiny", data="d", output="o", compiled_ops=True))

@@ -188,10 +188,17 @@ def build_model(cfg: TrainConfig, folder: Path, device: torch.device, dtype: tor
 
 
 def compiled_ops_enabled(cfg: TrainConfig) -> bool:
-    """--compiled-ops as given, else on for one process only (WORLD_SIZE from the launchers)."""
+    """--compiled-ops as given, else on for one process only (WORLD_SIZE from the launchers) where Triton,
+    which torch.compile's GPU kernels need, is installed."""
     if cfg.compiled_ops is not None:
         return cfg.compiled_ops
-    return int(os.environ.get("WORLD_SIZE", "1")) == 1
+    return int(os.environ.get("WORLD_SIZE", "1")) == 1 and _has_triton()
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def check_bitsandbytes() -> None:
