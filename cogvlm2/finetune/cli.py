@@ -100,8 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--compiled-ops", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse RMSNorm, rotary and SiLU-and-multiply with torch.compile on CUDA (the same math, "
-                        "fewer memory passes; the first steps compile). Default: on in a one-process run with Triton (measured "
-                        "on the 19B: 9%% faster per LoRA step, same loss), off under several processes")
+                        "fewer memory passes; the first steps compile). Default: on in a one-process run with "
+                        "Triton (measured on the 19B: 9%% faster per LoRA step, same loss), off under several processes")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--num-workers", type=int, default=2, help="data loader processes (image decoding)")
     g.add_argument("--deepspeed", help="DeepSpeed JSON config, for the `deepspeed` / torchrun launchers "
