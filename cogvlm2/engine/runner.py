@@ -96,7 +96,7 @@ class ModelRunner:
         if len(groups) > 1:  # several LoRA adapters: one forward per adapter (eager), rows put back in order
             logits = self._logits_of_groups(batch, groups, source)
             if source is not None:
-                pending = self._lookahead_ids(batch.input_rows, source)
+                pending = self._take(source, batch.input_rows)
         elif self._is_plain_decode(batch):
             self._activate(batch.seqs[0].adapter_slot)
             rows = self._decode_rows(batch, source)
@@ -105,14 +105,14 @@ class ModelRunner:
                 hidden = self.graphs.run(rows)
             else:
                 hidden = self._forward_decode(rows)
-        elif source is None and self.graphs is not None and self._is_plain_text(batch) \
-                and self.graphs.fits(sum(batch.num_new_tokens)):
+        elif source is None and self.graphs is not None and self.graphs.fits(sum(batch.num_new_tokens)) \
+                and self._is_plain_text(batch):
             # short text-only chunks (a later turn over a cached image, a short text prompt): every
             # token is a decode-shaped row, so the step replays a decode graph instead of ~30 eager
             # ops per layer
             self._activate(batch.seqs[0].adapter_slot)
             rows, last = self._text_rows(batch)
-            hidden = self._rows_of(self.graphs.run(rows), last)
+            hidden = self._take(self.graphs.run(rows), last)
         else:
             self._activate(batch.seqs[0].adapter_slot)
             hidden = self._forward_eager(batch)
@@ -215,15 +215,6 @@ class ModelRunner:
                 last.append(len(pos) - 1)
         return (ids, pos, slots, context, tables), last
 
-    def _rows_of(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """hidden[rows] (a slice, without a host-to-device copy, when the rows are consecutive)."""
-        if rows and rows == list(range(rows[0], rows[0] + len(rows))):
-            return hidden[rows[0]:rows[0] + len(rows)]
-        if not rows:
-            return hidden[:0]
-        (index,) = self._to_device([rows])
-        return hidden.index_select(0, index)
-
     def _forward_decode(self, rows: DecodeRows) -> torch.Tensor:
         """Hidden states [n, D] of a pure-decode batch, eagerly (no CUDA graph): plain Llama, no routing."""
         ids, pos, slots, context, tables = rows
@@ -257,17 +248,20 @@ class ModelRunner:
             pos += seq.positions(start, start + 1)
             slots.append(seq.block_table[start // bs] * bs + start % bs)
         if source is not None:
-            ids = self._lookahead_ids(batch.input_rows, source)
+            ids = self._take(source, batch.input_rows)
         else:
             ids = [seq.token_ids[start] for seq, start in zip(batch.seqs, batch.starts)]
         return ids, pos, slots, [start + 1 for start in batch.starts], [s.block_table for s in batch.seqs]
 
-    def _lookahead_ids(self, rows: list[int], source: torch.Tensor) -> torch.Tensor:
-        """source[rows] on the device: source itself in the steady state (every row kept, in order)."""
-        if rows == list(range(source.shape[0])):
-            return source
+    def _take(self, t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """t[rows] on the device; consecutive rows are a view, with no host-to-device copy (a lookahead
+        step's ids in steady decode: every row of the previous step's, in order)."""
+        if not rows:
+            return t[:0]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return t[rows[0]:rows[0] + len(rows)]
         (index,) = self._to_device([rows])
-        return source.index_select(0, index)
+        return t.index_select(0, index)
 
     def _to_device(self, arrays: list[list[int]]) -> list[torch.Tensor]:
         """Many host int lists -> device long tensors with ONE host-to-device copy."""

@@ -230,14 +230,25 @@ class Worker:
         (more adapters or a higher rank than they hold), the decode CUDA graphs are captured again."""
         from ..model.lora import adapter_id, load_adapter_into
 
-        if not name or name in self._adapters:
-            raise ValueError(f"adapter name {name!r} is empty or already loaded")
+        self._check_adapter_name(name)
         before = getattr(self.model, "lora_slots", None)
         load_adapter_into(self.model, name, path, max(len(self.spec.adapters), len(self._adapters) + 1))
         self._adapters[name] = adapter_id(path)
         if self.runner is not None and self.runner.graphs is not None and self.model.lora_slots is not before:
             self.runner.capture_graphs()
         return self._adapters[name]
+
+    def check_adapter(self, name: str, path: str | Path) -> None:
+        """ValueError (AdapterError) unless the adapter in `path` can be added as `name` (the name is free,
+        the weights fit this model): what a tensor-parallel group asks before any rank changes."""
+        from ..model.lora import prepare_adapter
+
+        self._check_adapter_name(name)
+        prepare_adapter(self.model, path)
+
+    def _check_adapter_name(self, name: str) -> None:
+        if not name or name in self._adapters:
+            raise ValueError(f"adapter name {name!r} is empty or already loaded")
 
     def remove_adapter(self, name: str) -> None:
         from ..model.lora import unload_adapter

@@ -189,12 +189,8 @@ class TensorParallelGroup:
         """On every rank in the same order (equal slots; the decode graphs, captured again when the slot
         tables grow, are captured on every rank together). A bad adapter is refused on rank 0 before any
         rank changes."""
-        from ..model.lora import prepare_adapter
-
         self._check()
-        if not name or name in self.local.adapters:
-            raise ValueError(f"adapter name {name!r} is empty or already loaded")
-        prepare_adapter(self.local.model, path)  # AdapterError (a ValueError) if it does not fit: nothing sent
+        self.local.check_adapter(name, path)  # a ValueError here: nothing sent, no rank changed
         return self._call("add_adapter", self.local.add_adapter, name, str(path))[0]
 
     def remove_adapter(self, name: str) -> None:
