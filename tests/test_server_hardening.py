@@ -420,7 +420,7 @@ def test_cors_only_for_allowed_origins(server):
 
 @pytest.fixture(scope="module")
 def busy_server():
-    argv = ["serve", "--model", "tiny-random", "--max-model-len", "1024", "--max-num-seqs", "1", "--max-waiting", "2",
+    argv = ["serve", "--model", "tiny-random", "--max-model-len", "8192", "--max-num-seqs", "1", "--max-waiting", "2",
             "--log-level", "warning"]
     with BackgroundServer(argv) as s:
         yield s
@@ -433,10 +433,14 @@ def test_8_queue_is_bounded_with_503_and_retry_after(busy_server):
     results = {}
 
     def long_stream():
-        body = chat("long", max_tokens=900, temperature=1.0, stream=True)
+        # ~8,000 tokens keep the only slot busy for far longer than the test needs (900 took ~7 s on a
+        # loaded 2-core CI machine and the slot came free before the refused request was sent); the
+        # stream is closed right after, which aborts it
+        body = chat("long", max_tokens=8000, temperature=1.0, stream=True)
         with httpx.stream("POST", url, json=body, timeout=120) as r:
-            for line in r.iter_lines():
-                first.set()
+            for n, line in enumerate(line for line in r.iter_lines() if line):
+                if n >= 2:  # line 0 is the role chunk, sent before the engine's first output (until then
+                    first.set()  # the request counts as waiting); lines 1.. carry generated text
                 if results.get("stop"):
                     break
 
