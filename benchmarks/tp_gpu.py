@@ -2,6 +2,7 @@
 simulated 24 GB cards.
 
     python benchmarks/tp_gpu.py [--out tp.json] [--vision replicated,sharded] [--only ttft,decode1,decode32,caption]
+                                [--all-reduce nccl,peer]
                                 [--no-pp] [--card-gib 23.5]
     python benchmarks/tp_gpu.py --tiny          # the same code path on the CPU (gloo, the tiny architecture)
     python benchmarks/tp_gpu.py --enforce-eager --only decode1,decode32 --vision replicated --no-pp   # no graphs
@@ -196,6 +197,8 @@ def main() -> None:
     ap.add_argument("--only", default="ttft,decode1,decode32,caption")
     ap.add_argument("--no-pp", action="store_true", help="skip the PP=2 run on simulated 24 GB cards")
     ap.add_argument("--card-gib", type=float, default=23.5, help="PP: memory each GPU may use (a 24 GB card's share)")
+    ap.add_argument("--all-reduce", default="nccl", help="TP runs by all-reduce of small messages: nccl (the engine's "
+                    "default), peer (the one-shot peer-to-peer kernel, ModelSpec.peer_all_reduce), or both (nccl,peer)")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the cost of eager TP decode)")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -218,12 +221,14 @@ def main() -> None:
         dict(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=256)
     engine_cfg["enforce_eager"] = args.enforce_eager
     device, dtype = ("cuda", "bfloat16") if gpu else ("cpu", "float32")
-    runs = [("TP=1", 1, False)] + [(f"TP={args.tp} {v} vision", args.tp, v == "sharded")
-                                   for v in args.vision.split(",") if v in ("replicated", "sharded")]
+    runs = [("TP=1", 1, False, True)] + [
+        (f"TP={args.tp} {v} vision" + ("" if ar == "nccl" else f" {ar} all-reduce"), args.tp, v == "sharded",
+         ar == "peer")
+        for v in args.vision.split(",") if v in ("replicated", "sharded") for ar in args.all_reduce.split(",")]
     rows, agree, reference = [], {}, None
-    for label, n, sharded in runs:
+    for label, n, sharded, peer in runs:
         t0 = time.perf_counter()
-        spec = ModelSpec(factory, dtype, device, tensor_parallel_size=n, shard_vision=sharded)
+        spec = ModelSpec(factory, dtype, device, tensor_parallel_size=n, shard_vision=sharded, peer_all_reduce=peer)
         engine = LLMEngine(spec, EngineConfig(**engine_cfg), proc)
         print(f"{label}: engine up in {time.perf_counter() - t0:.0f} s; KV pool {engine.block_manager.num_blocks} "
               f"blocks; graphs {engine.runner.graphs.sizes if engine.runner.graphs else None}", flush=True)
@@ -241,7 +246,7 @@ def main() -> None:
         pp = run_pp(factory, proc, ["cuda:0", "cuda:1"] if gpu else ["cpu", "cpu"], args.card_gib, sizes)
     report(rows, args.out)
     one = {r["name"][5:].split(" (")[0]: r for r in rows if r["name"].startswith("TP=1 ")}
-    for label, _, _ in runs[1:]:
+    for label, *_ in runs[1:]:
         for r in rows:
             what = r["name"][len(label) + 1:].split(" (")[0]
             if r["name"].startswith(label + " ") and what in one:

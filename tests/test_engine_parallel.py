@@ -352,18 +352,43 @@ def test_two_gpus_equal_one(parallel):
         engine.shutdown()
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_peer_all_reduce_equals_nccl():
+    """TP=2 with the one-shot peer-to-peer all-reduce for decode's small messages (ModelSpec.peer_all_reduce;
+    prefill's large ones stay on NCCL) gives NCCL's greedy tokens, in CUDA graphs, float32."""
+    from cogvlm2.engine.config import EngineConfig
+    from cogvlm2.engine.worker import ModelSpec
+    from cogvlm2.llm import load_processor
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    config = {k: v for k, v in ENGINE.items() if k != "device"}
+    results = {}
+    for peer in (False, True):
+        spec = ModelSpec(MODEL, "float32", "cuda", tensor_parallel_size=2, peer_all_reduce=peer)
+        engine = LLMEngine(spec, EngineConfig(**config), load_processor(MODEL))
+        try:
+            assert (engine.worker.ctx.peer is not None) == peer and engine.runner.graphs is not None
+            results[peer] = run(engine)
+        finally:
+            engine.shutdown()
+    check_equal(results[True], results[False])
+
+
 DEAD_RANK_LIMIT_S = 55  # the whole test: start-up (spawn, NCCL, graph capture), the kill and the error
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_gpus_dead_rank_is_an_error():
+@pytest.mark.parametrize("all_reduce", ["nccl", "peer"])
+def test_two_gpus_dead_rank_is_an_error(all_reduce):
     """Over NCCL (decode in CUDA graphs) a dead rank's collectives never complete: the driver's watchdog sees
     the death, aborts the communicator, and the request fails with an error naming the rank.
 
     It runs in its own process (this file as a script), bounded from outside: an in-process alarm cannot
     interrupt a call blocked inside CUDA or NCCL. The child dumps every thread's stack shortly before the
-    limit, so a hang fails with where it hung."""
-    cmd = [sys.executable, __file__, "dead-rank", str(DEAD_RANK_LIMIT_S - 8)]
+    limit, so a hang fails with where it hung. With the peer-to-peer all-reduce, whose barrier has no timeout,
+    the driver's kernels waiting for the dead rank are released by `PeerAllReduce.unblock`."""
+    cmd = [sys.executable, __file__, "dead-rank", str(DEAD_RANK_LIMIT_S - 8), all_reduce]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=DEAD_RANK_LIMIT_S)
@@ -374,13 +399,20 @@ def test_two_gpus_dead_rank_is_an_error():
     assert proc.returncode == 0 and "dead rank reported" in out, out[-6000:]
 
 
-def _dead_rank_main(dump_after_s: int) -> None:
-    """`python tests/test_engine_parallel.py dead-rank S`: the NCCL dead-rank scenario, stacks dumped after S s."""
+def _dead_rank_main(dump_after_s: int, all_reduce: str) -> None:
+    """`python tests/test_engine_parallel.py dead-rank S nccl|peer`: the dead-rank scenario on GPUs, stacks
+    dumped after S s."""
     import faulthandler
 
+    from cogvlm2.engine.config import EngineConfig
+    from cogvlm2.engine.worker import ModelSpec
+    from cogvlm2.llm import load_processor
+
     faulthandler.dump_traceback_later(dump_after_s, exit=True)
-    engine = LLMEngine.from_pretrained(MODEL, tensor_parallel_size=2,
-                                       **dict(ENGINE, device="cuda", max_num_seqs=8, cuda_graph_batch_sizes=(1, 2, 4, 8)))
+    config = {k: v for k, v in ENGINE.items() if k != "device"}
+    spec = ModelSpec(MODEL, device="cuda", tensor_parallel_size=2, peer_all_reduce=all_reduce == "peer")
+    engine = LLMEngine(spec, EngineConfig(**config, max_num_seqs=8, cuda_graph_batch_sizes=(1, 2, 4, 8)),
+                       load_processor(MODEL))
     try:
         kill_rank_mid_generation(engine, limit_s=20)
     finally:
@@ -414,4 +446,4 @@ def test_generate_cli_with_tensor_parallelism(tmp_path):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["dead-rank"]:
-    _dead_rank_main(int(sys.argv[2]))
+    _dead_rank_main(int(sys.argv[2]), sys.argv[3])

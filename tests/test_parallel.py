@@ -198,3 +198,12 @@ def test_tp1_context_is_the_plain_model(reference):
     got = run_cases(models)
     for name, (tokens, logits) in reference.items():
         assert got[name][0] == tokens and torch.equal(got[name][1], logits), name
+
+
+def test_peer_all_reduce_is_for_gpu_groups_only():
+    """The one-shot peer-to-peer all-reduce needs GPUs that map each other's memory: a one-rank context or a CPU
+    (gloo) group keeps torch.distributed's all-reduce (the GPU twin: test_two_gpus_peer_all_reduce_equals_nccl)."""
+    ctx = ParallelContext(0, 1)
+    assert ctx.use_peer_all_reduce(torch.bfloat16) is False and ctx.peer is None
+    x = torch.ones(3)
+    assert ctx.all_reduce(x) is x and torch.equal(x, torch.ones(3))

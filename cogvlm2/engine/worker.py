@@ -54,7 +54,10 @@ class ModelSpec:
 
     dtype / device None: CUDA when available (bfloat16 from compute capability 8, else float16), else
     the CPU in float32. quant: quantize while loading (see cogvlm2.quant). adapters: LoRA adapters to
-    load, name -> folder (peft format); requests select one by its name.
+    load, name -> folder (peft format); requests select one by its name. peer_all_reduce: under tensor
+    parallelism on GPUs, the small all-reduces of decode use the one-shot peer-to-peer kernel
+    (`model/peer_all_reduce.py`) instead of NCCL; off (NCCL for all) until measured on GPUs
+    (`benchmarks/allreduce_gpu.py`, `benchmarks/tp_gpu.py --all-reduce nccl,peer`).
     """
 
     model: str | Path | nn.Module | Callable[..., nn.Module]
@@ -66,6 +69,7 @@ class ModelSpec:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     shard_vision: bool | None = None
+    peer_all_reduce: bool = False
 
     def __post_init__(self) -> None:
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
@@ -165,6 +169,8 @@ class Worker:
                 self.model = load_model(str(checkpoint_folder(spec.model)), dtype=spec.resolved_dtype(), device=device,
                                         quant=spec.quant, rope_mode=spec.rope_mode, tensor_parallel=tp,
                                         pipeline_devices=pipeline, progress=tp is None or tp.rank == 0)
+            if tp is not None and spec.peer_all_reduce:
+                tp.use_peer_all_reduce(self.model.dtype)
         for name, path in self.spec.adapters.items():
             self.add_adapter(name, path)
 

@@ -384,6 +384,9 @@ class TensorParallelGroup:
                 dist.distributed_c10d._abort_process_group()
             except Exception:  # noqa: BLE001 - best effort: the sentinel check still reports the death
                 logger.exception("could not abort the NCCL communicator")
+            ctx = getattr(self, "ctx", None)
+            if ctx is not None and ctx.peer is not None:  # its barrier would wait for the dead rank forever
+                ctx.peer.unblock()
 
     def _wait_until_joined(self, store: dist.TCPStore) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -25,7 +25,9 @@ Parameter names stay the official keys (only shapes shrink), so the strict key c
 tensor is never read).
 
 All communication is `torch.distributed` on an explicit group: NCCL on GPUs (in-place all-reduce, which
-CUDA graphs capture) and gloo on the CPU (the multi-process tests). Inference only: the collectives are
+CUDA graphs capture; the small all-reduces of decode go through a one-shot peer-to-peer kernel over
+symmetric memory once `use_peer_all_reduce` is called, `peer_all_reduce.py`) and gloo on the CPU (the
+multi-process tests). Inference only: the collectives are
 not differentiable.
 """
 
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -42,6 +44,7 @@ from torch import nn
 
 from ..checkpoint import TensorSlice
 from ..config import ModelConfig
+from .peer_all_reduce import DEFAULT_MAX_BYTES, PeerAllReduce
 
 __all__ = ["ParallelContext", "VocabParallelEmbedding", "shard_slicer", "tp_size"]
 
@@ -61,6 +64,7 @@ class ParallelContext:
     world_size: int
     group: dist.ProcessGroup | None = None
     shard_vision: bool = False  # shard the vision tower's transformer too (else every rank holds it whole)
+    peer: "PeerAllReduce | None" = field(default=None, init=False, repr=False)  # see use_peer_all_reduce
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -111,9 +115,20 @@ class ParallelContext:
     def check(self, cfg: ModelConfig) -> None:
         check_sizes(cfg, self.world_size, self.shard_vision)
 
+    def use_peer_all_reduce(self, dtype: torch.dtype, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
+        """From now on, all-reduce messages of `dtype` up to max_bytes with the one-shot peer-to-peer
+        kernel (`peer_all_reduce.py`), the rest with NCCL. Collective (every rank calls it); GPUs only.
+        False (NCCL for everything, with a warning) where the GPUs cannot map each other's memory."""
+        if self.world_size == 1 or self.device.type != "cuda":
+            return False
+        object.__setattr__(self, "peer", PeerAllReduce.try_build(self.group, self.device, dtype, max_bytes))
+        return self.peer is not None
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place (what CUDA graphs capture); x is returned."""
         if self.world_size > 1:
+            if self.peer is not None and self.peer.takes(x):
+                return self.peer(x)
             dist.all_reduce(x, group=self.group)
         return x
 
