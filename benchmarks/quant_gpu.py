@@ -373,19 +373,30 @@ def kernel_sweep(run: Run) -> None:
 
 def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
     """The language model's linears of one decode step (32 layers x 5 shapes, distinct weights: 3.7 GB of int4,
-    4.1 GB of fp4, 14 GB of bf16) in one CUDA graph, at each batch: ms and GB/s of weights, beside bf16 cuBLAS."""
+    4.1 GB of fp4, 14 GB of bf16) in one CUDA graph, at each batch: ms and GB/s of weights, beside bf16 cuBLAS
+    and the same int4 weights through torch's own int4 kernel ("tinygemm", `aten._weight_int4pack_mm`: a
+    candidate for the int4 decode path, not used by the engine until it measures faster)."""
     from cogvlm2.quant import triton_kernels as tk
 
     lut = formats.code_table("fp4", "cuda")
     table = tk.pair_table(lut, torch.bfloat16, True)
     res = run.data.setdefault("lm_step", {})
-    for fmt in ("int4", "fp4", "bf16"):
+    for fmt in ("int4", "fp4", "bf16", "tinygemm"):
         if run.left() < 25:
             run.data["skipped"].append(f"lm_step {fmt}")
             continue
         if fmt == "bf16":
             layers = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in LM_SHAPES] for _ in range(32)]
             nbytes = sum(t.numel() * 2 for layer in layers for t in layer)
+        elif fmt == "tinygemm":  # the int4 weights in torch's own int4 kernel's layout (formats.int4_to_tinygemm)
+            layers = []
+            for i in range(32):
+                layer = []
+                for j, (n, k) in enumerate(LM_SHAPES):
+                    codes, sz = formats.int4_to_tinygemm(*_packed("int4", n, k, 5 * i + j))
+                    layer.append((formats.tinygemm_pack(codes), sz))
+                layers.append(layer)
+            nbytes = sum(_nbytes(t) for layer in layers for t in layer)
         else:
             layers = [[_packed(fmt, n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
@@ -396,6 +407,8 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
                 for (n, k), wt in zip(LM_SHAPES, layer):
                     if fmt == "bf16":
                         calls.append(lambda x=xs[k], wt=wt: torch.nn.functional.linear(x, wt))
+                    elif fmt == "tinygemm":
+                        calls.append(lambda x=xs[k], wt=wt: formats.tinygemm_linear(x, *wt, 128))
                     else:
                         calls.append(lambda x=xs[k], wt=wt, n=n: _call(fmt, x, wt, n, lut, table))
             t = _graph_time(calls)

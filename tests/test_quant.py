@@ -325,6 +325,22 @@ def test_int4_layout_is_gptq_compatible():
     assert torch.equal(formats.dequantize_int4(qweight, qzeros, scales, torch.float32), ((q - z) * scales).t())
 
 
+def test_int4_as_torchs_tinygemm_layout():
+    """The group-wise int4 weights in the layout of torch's own int4 kernel (gpt-fast's "tinygemm", a candidate
+    decode kernel benchmarked in benchmarks/quant_gpu.py): its CPU twin computes x @ W^T with W the reference
+    dequantization, to bf16 rounding (the CUDA kernel's byte packing: test_quant_kernels.py)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 512, generator=g) / 16
+    qweight, qzeros, scales = formats.quantize_int4(w)
+    scales = scales.bfloat16()
+    codes, scales_and_zeros = formats.int4_to_tinygemm(qweight, qzeros, scales)
+    assert codes.shape == (256, 512) and scales_and_zeros.shape == (4, 256, 2) and int(codes.max()) <= 15
+    x = torch.randn(3, 512, generator=g).bfloat16()
+    y = formats.tinygemm_linear(x, formats.tinygemm_pack(codes), scales_and_zeros, formats.INT4_GROUP)
+    ref = x.float() @ formats.dequantize_int4(qweight, qzeros, scales, torch.float32).t()
+    assert y.shape == (3, 256) and (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
 def test_hub_download_falls_back_to_pytorch_model_bin(official, tmp_path, monkeypatch):
     """A repo without safetensors (the official int4 ones) is fetched again with pytorch_model*.bin allowed."""
     import huggingface_hub

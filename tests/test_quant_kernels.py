@@ -222,6 +222,20 @@ def test_kernels_cuda_graph_replay():
 
 
 @cuda
+def test_tinygemm_layout_cuda():
+    """The CUDA packing of `formats.tinygemm_pack` (two codes per byte) gives the CPU kernel's product."""
+    from cogvlm2.quant import formats
+
+    g = torch.Generator().manual_seed(1)
+    qweight, qzeros, scales = formats.quantize_int4(torch.randn(256, 1024, generator=g) / 16)
+    codes, sz = formats.int4_to_tinygemm(qweight, qzeros, scales.bfloat16())
+    x = torch.randn(5, 1024, generator=g).bfloat16()
+    cpu = formats.tinygemm_linear(x, formats.tinygemm_pack(codes), sz, formats.INT4_GROUP)
+    gpu = formats.tinygemm_linear(x.cuda(), formats.tinygemm_pack(codes.cuda()), sz.cuda(), formats.INT4_GROUP)
+    assert _rel(gpu.cpu(), cpu) < 1e-2
+
+
+@cuda
 def test_fp8_scaled_mm_matches_reference():
     from cogvlm2.quant import Fp8Linear
 

@@ -153,6 +153,33 @@ def dequantize_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     return w.reshape(q.shape).t().to(dtype)
 
 
+def int4_to_tinygemm(qweight: torch.Tensor, qzeros: torch.Tensor,
+                     scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group-wise int4 layout above as torch's own int4 kernel (`aten._weight_int4pack_mm`, gpt-fast's
+    and torchao's "tinygemm") reads it: (codes int32 [N, K], scales_and_zeros [K/G, N, 2] in the scales'
+    dtype). tinygemm dequantizes (q - 8) * s + zero with a float zero per group, so zero = (8 - z) * s gives
+    our (q - z) * s (the zero rounded once to the scales' dtype)."""
+    q = _unpack_rows(qweight).t().contiguous()  # [N, K]
+    z = _unpack_rows(qzeros.t().contiguous()).t().float()  # [K/G, N]
+    zero = (8 - z) * scales.float()
+    return q, torch.stack([scales.float(), zero], dim=-1).to(scales.dtype).contiguous()
+
+
+def tinygemm_pack(codes: torch.Tensor, inner_k_tiles: int = 8) -> torch.Tensor:
+    """codes int32 [N, K] (0..15) packed for `aten._weight_int4pack_mm` on the codes' device: on CUDA from
+    bytes holding two codes each (the even column in the high nibble), on the CPU from the int32 codes."""
+    if codes.is_cuda:
+        pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), inner_k_tiles)
+
+
+def tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] (bf16) @ the packed int4 weight^T -> [M, N] with torch's int4 kernel of x's device."""
+    op = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+    return op(x, packed, group, scales_and_zeros)
+
+
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (float8_e4m3fn [N, K], float32 scale [N]); w ~ q * scale[:, None]."""
     scale = (w.float().abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
