@@ -43,7 +43,8 @@ def run_until_done(engine: LLMEngine, ids: set[str], on_output=None) -> None:
 
 
 def first_token_time(engine: LLMEngine, rid: str, inputs, max_new_tokens: int = 1) -> float:
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     engine.add_request(rid, inputs, SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True))
     while not any(out.request_id == rid for out in engine.step()):
@@ -68,16 +69,19 @@ def steady_step_time(engine: LLMEngine, prompts, new_tokens: int) -> float:
     return float(np.median(np.diff(stamps)))
 
 
-def profile_second_turn(engine: LLMEngine, second, path: str) -> None:
-    """Where a second turn's time goes: host ops (self CPU time) and GPU kernels, one profiled call."""
+def profile_first_token(engine: LLMEngine, inputs, path: str, what: str, warm: bool = True) -> None:
+    """Where one request's time to first token goes: host ops (self CPU time) and GPU kernels of one profiled
+    call (after a warm-up call with the same inputs when `warm`), tables to `path`, a trace to path.json."""
     from torch.profiler import ProfilerActivity, profile
 
-    first_token_time(engine, "turn2-prewarm", second)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=False) as prof:
-        t = first_token_time(engine, "turn2-profiled", second)
+    if warm:
+        first_token_time(engine, f"{what}-prewarm", inputs)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        t = first_token_time(engine, f"{what}-profiled", inputs)
     table = prof.key_averages()
     with open(path, "w") as f:
-        f.write(f"second turn under the profiler: {t * 1e3:.1f} ms\n\n")
+        f.write(f"{what} under the profiler: {t * 1e3:.1f} ms\n\n")
         f.write(table.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n")
         f.write(table.table(sort_by="self_cuda_time_total", row_limit=25) + "\n")
     prof.export_chrome_trace(path + ".json")
@@ -124,7 +128,7 @@ def main() -> None:
         new_tokens = len(second) - len(first)
         t2 = [first_token_time(engine, f"turn2-{i}", second) for i in range(3)]
         if args.profile_turn2:
-            profile_second_turn(engine, second, args.profile_turn2)
+            profile_first_token(engine, second, args.profile_turn2, "second turn")
         rows.append(dict(name=f"TTFT second turn, same image (prefix cache, ~{new_tokens} new tokens)",
                          value=float(np.median(t2)) * 1e3, unit="ms", lower_is_better=True,
                          floor=lang_bytes / copy_bandwidth() * 1e3, floor_how="one pass over the language weights"))

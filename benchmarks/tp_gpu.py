@@ -37,7 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RandomModel, copy_bandwidth, matmul_flops, report  # noqa: E402
-from benchmarks.engine_gpu import QUESTION, image, run_until_done, steady_step_time  # noqa: E402
+from benchmarks.engine_gpu import (QUESTION, image, profile_first_token, run_until_done,  # noqa: E402
+                                   steady_step_time)
 from cogvlm2.engine.config import EngineConfig  # noqa: E402
 from cogvlm2.engine.worker import ModelSpec  # noqa: E402
 from cogvlm2.llm import LLMEngine  # noqa: E402
@@ -107,7 +108,7 @@ class Floors:
 
 
 def measure(engine: LLMEngine, proc: Processor, label: str, n: int, sharded: bool, only: set[str], sizes: Sizes,
-            floors: Floors) -> list[dict]:
+            floors: Floors, profile_dir: str | None = None) -> list[dict]:
     rows, cfg = [], floors.cfg
     x = proc(QUESTION, image=image(0))
     vision = "sharded" if sharded else "replicated"
@@ -118,6 +119,9 @@ def measure(engine: LLMEngine, proc: Processor, label: str, n: int, sharded: boo
         rows.append(floors.row(f"{label} TTFT, one image (vision {vision})", ttft * 1e3, "ms",
                                *floors.ttft(n, sharded)))
         print(f"  {rows[-1]['name']}: {ttft * 1e3:.1f} ms", flush=True)
+        if profile_dir:  # the driver's (rank 0's) host ops and GPU kernels of one more new image
+            path = Path(profile_dir) / ("ttft_" + "".join(c if c.isalnum() else "_" for c in label) + ".txt")
+            profile_first_token(engine, proc(QUESTION, image=image(150)), str(path), f"{label} TTFT", warm=False)
     if "decode1" in only:
         t = steady_step_time(engine, [x], sizes.decode1)
         kv = len(x) * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
@@ -199,6 +203,8 @@ def main() -> None:
     ap.add_argument("--card-gib", type=float, default=23.5, help="PP: memory each GPU may use (a 24 GB card's share)")
     ap.add_argument("--all-reduce", default="nccl", help="TP runs by all-reduce of small messages: nccl (the engine's "
                     "default), peer (the one-shot peer-to-peer kernel, ModelSpec.peer_all_reduce), or both (nccl,peer)")
+    ap.add_argument("--profile-ttft", metavar="DIR", help="also profile one TTFT per configuration (torch.profiler "
+                    "on the driver, rank 0): kernel / op tables and a trace per configuration into DIR")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the cost of eager TP decode)")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -237,7 +243,7 @@ def main() -> None:
         agree[label] = sum(a == b for a, b in zip(tokens, reference))
         print(f"  greedy tokens equal to TP=1's: {agree[label]}/{len(reference)}", flush=True)
         rows += measure(engine, proc, label, n, sharded, only - ({"decode1", "decode32"} if sharded else set()),
-                        sizes, floors)
+                        sizes, floors, args.profile_ttft)
         engine.shutdown()  # a tensor-parallel group's ranks
         del engine  # the loop's own reference: the next engine must not be built beside this one
         release_memory()
