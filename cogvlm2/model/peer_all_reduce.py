@@ -40,6 +40,7 @@ class PeerAllReduce:
 
         # one-shot reads peers with plain loads; never ask for a multicast object (machines may forbid it)
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        self._op = torch.ops.symm_mem.one_shot_all_reduce_copy_out  # AttributeError in a torch without it
         group = group if group is not None else dist.group.WORLD
         self.group_name = group.group_name
         self.dtype, self.max_bytes = dtype, max_bytes
@@ -60,10 +61,16 @@ class PeerAllReduce:
             reducer = cls(group, device, dtype, max_bytes)
         except Exception as e:  # noqa: BLE001 - no symm_mem in this torch, no P2P between the GPUs, ...
             error = f"{type(e).__name__}: {e}"
-        ok = torch.tensor([0 if reducer is None else 1], device=device, dtype=torch.int32)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-        if int(ok.item()) == 1:
-            return reducer
+        if _everyone(reducer is not None, group, device):  # then a first sum, checked on every rank
+            rank, size = dist.get_rank(group), dist.get_world_size(group)
+            probe, right = torch.full((64,), float(rank + 1), device=device, dtype=dtype), False
+            try:
+                right = bool((reducer(probe) == size * (size + 1) / 2).all())
+                error = "" if right else "its first sum was wrong"
+            except Exception as e:  # noqa: BLE001 - e.g. a kernel this GPU cannot run
+                error = f"{type(e).__name__}: {e}"
+            if _everyone(right, group, device):
+                return reducer
         logger.warning("tensor parallelism: the peer-to-peer all-reduce is unavailable (%s); NCCL does every "
                        "all-reduce", error or "another rank could not build it")
         return None
@@ -76,8 +83,7 @@ class PeerAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x summed over the ranks, in place (x must pass `takes`)."""
         flat = x.view(-1)
-        torch.ops.symm_mem.one_shot_all_reduce_copy_out(self.buffer[: flat.numel()], flat, "sum",
-                                                        self.group_name, flat)
+        self._op(self.buffer[: flat.numel()], flat, "sum", self.group_name, flat)
         return x
 
     def unblock(self, seconds: float = 10.0) -> None:
@@ -102,3 +108,10 @@ class PeerAllReduce:
                     time.sleep(0.001)
 
         threading.Thread(target=mark, name="cogvlm2-peer-unblock", daemon=True).start()
+
+
+def _everyone(ok: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """Whether ok holds on every rank (NCCL: a MIN all-reduce)."""
+    flag = torch.tensor([int(ok)], device=device, dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
