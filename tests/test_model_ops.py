@@ -23,6 +23,16 @@ def check_ops(device: str) -> None:
         with torch.enable_grad():  # the torch reference path
             ref = ops.rms_norm(x, w, 1e-5)
         assert (triton_ops.rms_norm(x, w, 1e-5).float() - ref.float()).abs().max() <= tol * ref.abs().max()
+        # the residual add fused into the RMSNorm: bit for bit the add (rounded as torch does) then rms_norm;
+        # Triton's CPU interpreter rounds float32 -> bfloat16 by truncation (the GPU rounds to nearest even, as
+        # torch does), so there bfloat16 agrees to one rounding
+        d = (3 * torch.randn(7, 96, generator=g)).to(device, dtype)
+        total, normed = triton_ops.add_rms_norm(x, d, w, 1e-5)
+        ref_total, ref_normed = x + d, triton_ops.rms_norm(x + d, w, 1e-5)
+        if device == "cuda" or dtype == torch.float32:
+            assert torch.equal(total, ref_total) and torch.equal(normed, ref_normed)
+        for a, b in ((total, ref_total), (normed, ref_normed)):
+            assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
         gate, up = (torch.randn(5, 300, generator=g).to(device, dtype) for _ in range(2))
         ref = torch.nn.functional.silu(gate) * up
         assert (triton_ops.silu_mul(gate, up).float() - ref.float()).abs().max() <= tol * ref.abs().max()
@@ -54,3 +64,29 @@ def test_ops_cuda():
 if __name__ == "__main__":
     check_ops("cpu")
     print("ops ok")
+
+
+def test_residual_stream_equals_the_layer_loop():
+    """The decoder on the residual stream (the 64 residual adds of the 19B model fused into the RMSNorms after
+    them, which CUDA inference takes) gives the plain layer loop's logits bit for bit, in prefill (image and
+    text tokens routed to their experts) and in decode steps (here both with the torch ops; the kernel's
+    equality to them: check_ops)."""
+    from PIL import Image
+
+    from cogvlm2.generation import generate_ids
+    from cogvlm2.model import load_model
+    from cogvlm2.processing import Processor
+    from cogvlm2.sampling_params import SamplingParams
+    from cogvlm2.tiny import checkpoint_folder
+
+    folder = checkpoint_folder("tiny-random")
+    model = load_model(str(folder), progress=False)
+    proc = Processor.from_pretrained(folder)
+    batch = [proc("What is it?", image=Image.new("RGB", (40, 30), (200, 10, 10))), proc("Tell me a story.")]
+    logits = {}
+    with torch.inference_mode():
+        for stream in (False, True):
+            model.residual_stream, logits[stream] = stream, []
+            list(generate_ids(model, batch, SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True),
+                              output_logits=logits[stream]))
+    assert len(logits[True]) == 4 and all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))

@@ -121,6 +121,14 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x), batch)
 
+    def forward_residual(self, x: torch.Tensor, normed: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor,
+                         sin: torch.Tensor, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same layer on the residual stream: x is its input and `normed` its input_layernorm(x); returns
+        (output, next_norm(output)), each residual add done in one kernel with the RMSNorm after it."""
+        x, h = ops.add_rms_norm(x, self.self_attn(normed, batch, cos, sin), self.post_attention_layernorm.weight,
+                                self.post_attention_layernorm.eps)
+        return ops.add_rms_norm(x, self.mlp(h, batch), next_norm.weight, next_norm.eps)
+
 
 class RotaryEmbedding(nn.Module):
     """Rotary frequencies and the cos/sin of a step's positions (no state_dict entry: loaded by `load_model`).
@@ -194,6 +202,9 @@ class CogVLM2ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg)
         self.stages = None
         self.gradient_checkpointing = False
+        # layers on the residual stream (DecoderLayer.forward_residual: 64 residual adds of a step fused into the
+        # RMSNorms after them); None: where the fused kernels run (CUDA inference), as computed there bit for bit
+        self.residual_stream: bool | None = None
 
     # the final norm's weight: on the last stage with lm_head, in the compute dtype, and a plain parameter
     # whatever wraps lm_head (a LoRA target, a quantized linear)
@@ -225,7 +236,9 @@ class CogVLM2ForCausalLM(nn.Module):
         """Flat batch -> final hidden states [N, D] (after the last RMSNorm).
 
         With output_hidden_states, also returns the list the official code reports: input
-        embeddings, the output of every layer but the last, then the final normed output.
+        embeddings, the output of every layer but the last, then the final normed output. On one device
+        with the fused kernels (or `residual_stream` True) the layers run on the residual stream
+        (`DecoderLayer.forward_residual`), which computes the same numbers.
         """
         if self.stages is not None:
             batch = self.stages.batch_to(batch, self.stages.embed_device)
@@ -233,6 +246,15 @@ class CogVLM2ForCausalLM(nn.Module):
         if batch.vision_embeds is not None:
             h = h.index_copy(0, batch.vision_embed_idx, batch.vision_embeds.to(h.dtype))
         cos, sin = self.rotary(batch.positions, self.dtype)  # [N, head_dim/2] float32
+        residual_stream = self.residual_stream if self.residual_stream is not None else ops.fused(h)
+        if residual_stream and self.stages is None and not output_hidden_states and not (
+                self.gradient_checkpointing and self.training):
+            layers = self.model.layers
+            normed = layers[0].input_layernorm(h)
+            for i, layer in enumerate(layers):
+                nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+                h, normed = layer.forward_residual(h, normed, batch, cos, sin, nxt)
+            return normed
         hidden = [h]
         for i, layer in enumerate(self.model.layers):
             if self.stages is not None:  # explicit hand-over at a stage boundary (no-op inside a stage)

@@ -1,4 +1,5 @@
-"""Triton kernels behind `model.ops` on CUDA: RMSNorm, SiLU-and-multiply, in-place rotary on fused QKV.
+"""Triton kernels behind `model.ops` on CUDA: RMSNorm (alone and after a residual add), SiLU-and-multiply,
+in-place rotary on fused QKV.
 
 Triton launches a kernel on the *current* CUDA device and its current stream, whatever device its tensors are
 on. Under pipeline stages the layers of a later stage live on another GPU than the current one, so each
@@ -48,6 +49,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), shape[-1], eps, BLOCK=block,
                                              num_warps=min(16, max(1, block // 256)))
     return out.view(shape)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_d, stride_s, stride_o, dim, eps,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < dim
+    a = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(d_ptr + row * stride_d + cols, mask=ok, other=0.0).to(tl.float32)
+    s = (a + b).to(sum_ptr.dtype.element_ty)  # the residual add as torch rounds it
+    tl.store(sum_ptr + row * stride_s + cols, s, mask=ok)
+    x = s.to(tl.float32)  # then _rms_norm_kernel's arithmetic on the rounded sum
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (w * (x * r)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)) in one pass: the sum rounded to x's dtype, then normed exactly as
+    `rms_norm` norms it (so the pair equals the two separate ops bit for bit)."""
+    shape = x.shape
+    x2, d2 = x.reshape(-1, shape[-1]), delta.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if d2.stride(-1) != 1:
+        d2 = d2.contiguous()
+    total = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(total)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(shape[-1])
+        with _on(x2):
+            _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, total, out, x2.stride(0), d2.stride(0),
+                                                 total.stride(0), out.stride(0), shape[-1], eps, BLOCK=block,
+                                                 num_warps=min(16, max(1, block // 256)))
+    return total.view(shape), out.view(shape)
 
 
 @triton.jit
