@@ -1,11 +1,14 @@
-"""Where the engine's time goes on the full-size model: kernel table of a prefill, and decode steps split
-into the CUDA-graph replay (GPU) versus everything else in a step (sampling, scheduling, host work).
+"""Where the engine's time goes on the full-size model: kernel table of a prefill, decode steps split
+into the CUDA-graph replay (GPU) versus everything else in a step (sampling, scheduling, host work), and a
+captioning run (16 images x 32 new tokens, the engine benchmark's workload scaled down): its kernel table and
+how much of its wall time the GPU was busy.
 
-    PYTHONPATH=. python benchmarks/profile_gpu.py
+    PYTHONPATH=. python benchmarks/profile_gpu.py [--only prefill,decode,caption] [--trace-dir DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import numpy as np
@@ -21,7 +24,42 @@ from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
 from cogvlm2.sampling_params import SamplingParams
 
 
+def busy_fraction(prof, wall_s: float) -> float:
+    """Share of wall_s during which some GPU kernel ran (union of the kernels' intervals)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / 1e6 / wall_s
+
+
+def profile_caption(engine: LLMEngine, proc: Processor, trace_dir: str | None) -> None:
+    prompts = [proc("Describe this image.", image=image(300 + i)) for i in range(16)]
+    params = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for i, p in enumerate(prompts):
+            engine.add_request(f"cap{i}", p, params)
+        run_until_done(engine, {f"cap{i}" for i in range(16)})
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    print(f"captioning 16 images x 32 tokens under the profiler: {wall:.2f} s ({16 / wall:.2f} img/s), GPU busy "
+          f"{busy_fraction(prof, wall):.0%} of it")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    if trace_dir:
+        prof.export_chrome_trace(f"{trace_dir}/caption_trace.json")
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="prefill,decode,caption")
+    ap.add_argument("--trace-dir", help="write the captioning run's chrome trace here")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
     cfg = full_size_config()
     model = random_model(cfg)
     proc = Processor(cfg, Tokenizer(bundled_tokenizer_path()))
@@ -31,14 +69,17 @@ def main() -> None:
     run_until_done(engine, {"warm"})
 
     x = proc(QUESTION, image=image(2))
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        engine.add_request("p", x, greedy)
-        run_until_done(engine, {"p"})
+    if "prefill" in only:
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            engine.add_request("p", x, greedy)
+            run_until_done(engine, {"p"})
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    if "caption" in only:
+        profile_caption(engine, proc, args.trace_dir)
 
-    for b in (1, 32):
+    for b in ((1, 32) if "decode" in only else ()):
         ids = [f"d{b}-{i}" for i in range(b)]
         for i, rid in enumerate(ids):
             engine.add_request(rid, proc(QUESTION, image=image(10 + i)),
