@@ -48,6 +48,27 @@ def check_decode_kernel(device: str) -> None:
         assert err < 1e-4, (hq, hkv, lens, err)
 
 
+def check_store_kv(device: str) -> None:
+    """The one-launch K/V write equals the two index_copy_ it replaces, K / V being views of a fused QKV."""
+    from cogvlm2.engine.kernels import kv_store
+
+    g = torch.Generator().manual_seed(3)
+    for hq, hkv, d, dtype in [(8, 2, 64, torch.float32), (4, 2, 24, torch.float32), (32, 8, 128, torch.bfloat16)]:
+        n, blocks, bs = 5, 6, 4
+        qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(device, dtype)
+        _, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        k, v = k.view(n, hkv, d), v.view(n, hkv, d)
+        slots = torch.randperm(blocks * bs, generator=g)[:n].to(device)
+        caches = [torch.randn(blocks, bs, hkv, d, generator=g).to(device, dtype) for _ in range(2)]
+        caches += [c.clone() for c in caches]
+        assert kv_store.fits(k, v, caches[0])
+        kv_store.store_kv(caches[0], caches[1], slots, k, v)
+        caches[2].view(-1, hkv, d).index_copy_(0, slots, k)
+        caches[3].view(-1, hkv, d).index_copy_(0, slots, v)
+        assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert not kv_store.fits(k.transpose(1, 2), v, caches[0])  # rows that are not contiguous: index_copy_
+
+
 def test_decode_kernel_interpreted():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
@@ -61,6 +82,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 def test_decode_kernel_cuda():
     check_decode_kernel("cuda")
+
+
+@cuda
+def test_store_kv_cuda():
+    check_store_kv("cuda")
 
 
 @cuda
@@ -85,4 +111,5 @@ def test_cuda_attend_mixed_batch(dtype):
 
 if __name__ == "__main__":
     check_decode_kernel("cpu")
+    check_store_kv("cpu")
     print("decode kernel ok")

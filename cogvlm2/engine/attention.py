@@ -23,6 +23,11 @@ import torch.nn.functional as F
 
 from .attention_metadata import AttentionMetadata
 
+try:  # Triton is optional: CPU installs never need it
+    from .kernels import kv_store
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    kv_store = None
+
 __all__ = ["Attend", "AttentionMetadata", "KVCache", "PagedAttention", "attend_decode_batched", "attend_reference",
            "default_attend"]
 
@@ -120,12 +125,22 @@ class PagedAttention:
         kv = self.cache.layers[layer]
         k_cache, v_cache = kv[0], kv[1]  # [num_blocks + 1, bs, Hkv, d]
         meta = self._metas.get(kv.device) or self._meta_on(kv.device)
-        k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
         if not self.cache.multi_device or kv.device.type != "cuda":
+            self._store(k_cache, v_cache, meta.slot_mapping, k, v)
             return self.attend(q, k_cache, v_cache, meta)
         with torch.cuda.device(kv.device):  # kernels launch on the current device
+            self._store(k_cache, v_cache, meta.slot_mapping, k, v)
             return self.attend(q, k_cache, v_cache, meta)
+
+    @staticmethod
+    def _store(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> None:
+        """The new K / V into their slots: one Triton launch on CUDA, two index_copy_ elsewhere."""
+        if k_cache.is_cuda and kv_store is not None and kv_store.fits(k, v, k_cache):
+            kv_store.store_kv(k_cache, v_cache, slots, k, v)
+            return
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
 
     def _meta_on(self, device: torch.device) -> AttentionMetadata:
         m = self.meta
