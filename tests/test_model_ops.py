@@ -81,6 +81,7 @@ def check_fused_model() -> None:
     with torch.inference_mode():
         for fused in (False, True):  # what ops._fused answers for a CUDA tensor, here for the CPU ones
             ops._fused = (lambda x: not torch.is_grad_enabled()) if fused else (lambda x: False)
+            model.residual_stream = fused  # the plain loop and torch ops, against the engine's fused path
             logits = []
             params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
             runs[fused] = list(generate_ids(model, batch, params, output_logits=logits)), logits
@@ -105,10 +106,10 @@ elif __name__ == "__main__":
 
 
 def test_residual_stream_equals_the_layer_loop():
-    """The decoder on the residual stream (the 64 residual adds of the 19B model fused into the RMSNorms after
-    them, which CUDA inference takes) gives the plain layer loop's logits bit for bit, in prefill (image and
-    text tokens routed to their experts) and in decode steps (here both with the torch ops; the kernel's
-    equality to them: check_ops)."""
+    """The decoder on the residual stream (the engine's: the 64 residual adds of the 19B model fused into the
+    RMSNorms after them where the kernels run) gives the plain layer loop's logits bit for bit, in prefill (image
+    and text tokens routed to their experts) and in decode steps (here both with the torch ops; the kernel's
+    equality to them: check_ops); only the engine's Worker turns it on."""
     from PIL import Image
 
     from cogvlm2.generation import generate_ids
@@ -128,3 +129,10 @@ def test_residual_stream_equals_the_layer_loop():
             list(generate_ids(model, batch, SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True),
                               output_logits=logits[stream]))
     assert len(logits[True]) == 4 and all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))
+    from cogvlm2.engine.worker import Worker
+
+    assert not load_model(str(folder), progress=False).residual_stream  # training, the reference loop: plain
+    worker = Worker(model)
+    model.residual_stream = False
+    worker.load()
+    assert model.residual_stream

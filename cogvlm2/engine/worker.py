@@ -171,6 +171,7 @@ class Worker:
                                         pipeline_devices=pipeline, progress=tp is None or tp.rank == 0)
             if tp is not None and spec.peer_all_reduce:
                 tp.use_peer_all_reduce(self.model.dtype)
+        self.model.residual_stream = True  # an inference engine's model (cogvlm.py: the residual adds fused on CUDA)
         for name, path in self.spec.adapters.items():
             self.add_adapter(name, path)
 

@@ -202,9 +202,12 @@ class CogVLM2ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg)
         self.stages = None
         self.gradient_checkpointing = False
-        # layers on the residual stream (DecoderLayer.forward_residual: 64 residual adds of a step fused into the
-        # RMSNorms after them); None: where the fused kernels run (CUDA inference), as computed there bit for bit
-        self.residual_stream: bool | None = None
+        # the layers on the residual stream (DecoderLayer.forward_residual): where the fused kernels run (CUDA,
+        # autograd off) the 64 residual adds of a step are fused into the RMSNorms after them, elsewhere the same
+        # torch ops run in the same order; the same numbers bit for bit either way. Set by the engine's Worker,
+        # which owns the model; off for everything else: a layer of a model sharded for training (FSDP, ZeRO-3)
+        # is gathered by hooks on its own call, and forward_residual reads the next layer's norm weight
+        self.residual_stream = False
 
     # the final norm's weight: on the last stage with lm_head, in the compute dtype, and a plain parameter
     # whatever wraps lm_head (a LoRA target, a quantized linear)
@@ -237,7 +240,7 @@ class CogVLM2ForCausalLM(nn.Module):
 
         With output_hidden_states, also returns the list the official code reports: input
         embeddings, the output of every layer but the last, then the final normed output. On one device
-        with the fused kernels (or `residual_stream` True) the layers run on the residual stream
+        with `residual_stream` set (the engine) the layers run on the residual stream
         (`DecoderLayer.forward_residual`), which computes the same numbers.
         """
         if self.stages is not None:
@@ -246,8 +249,7 @@ class CogVLM2ForCausalLM(nn.Module):
         if batch.vision_embeds is not None:
             h = h.index_copy(0, batch.vision_embed_idx, batch.vision_embeds.to(h.dtype))
         cos, sin = self.rotary(batch.positions, self.dtype)  # [N, head_dim/2] float32
-        residual_stream = self.residual_stream if self.residual_stream is not None else ops.fused(h)
-        if residual_stream and self.stages is None and not output_hidden_states and not (
+        if self.residual_stream and self.stages is None and not output_hidden_states and not (
                 self.gradient_checkpointing and self.training):
             layers = self.model.layers
             normed = layers[0].input_layernorm(h)
