@@ -61,55 +61,9 @@ def test_ops_cuda():
     check_ops("cuda")
 
 
-def check_fused_model() -> None:
-    """The tiny model through every fused op of the CUDA inference path (Triton kernels, here interpreted on
-    the CPU, and the residual stream) against the plain torch path: the same greedy tokens, logits equal to
-    float32 rounding, in prefill (image and text rows) and decode."""
-    from PIL import Image
-
-    from cogvlm2.generation import generate_ids
-    from cogvlm2.model import load_model, ops
-    from cogvlm2.processing import Processor
-    from cogvlm2.sampling_params import SamplingParams
-    from cogvlm2.tiny import checkpoint_folder
-
-    folder = checkpoint_folder("tiny-random")
-    model = load_model(str(folder), progress=False)
-    proc = Processor.from_pretrained(folder)
-    batch = [proc("What is it?", image=Image.new("RGB", (40, 30), (200, 10, 10))), proc("Tell me a story.")]
-    runs = {}
-    with torch.inference_mode():
-        for fused in (False, True):  # what ops._fused answers for a CUDA tensor, here for the CPU ones
-            ops._fused = (lambda x: not torch.is_grad_enabled()) if fused else (lambda x: False)
-            model.residual_stream = fused  # the plain loop and torch ops, against the engine's fused path
-            logits = []
-            params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
-            runs[fused] = list(generate_ids(model, batch, params, output_logits=logits)), logits
-    (tokens, fused_logits), (ref_tokens, ref_logits) = runs[True], runs[False]
-    assert tokens == ref_tokens
-    assert max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(fused_logits, ref_logits)) < 1e-5
-
-
-def test_fused_model_path_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([sys.executable, __file__, "model"], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "fused model ok" in run.stdout
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["model"]:
-    check_fused_model()
-    print("fused model ok")
-elif __name__ == "__main__":
-    check_ops("cpu")
-    print("ops ok")
-
-
-def test_residual_stream_equals_the_layer_loop():
-    """The decoder on the residual stream (the engine's: the 64 residual adds of the 19B model fused into the
-    RMSNorms after them where the kernels run) gives the plain layer loop's logits bit for bit, in prefill (image
-    and text tokens routed to their experts) and in decode steps (here both with the torch ops; the kernel's
-    equality to them: check_ops); only the engine's Worker turns it on."""
+def tiny_greedy_runs(setups: dict, max_new_tokens: int) -> dict:
+    """{name: (greedy tokens, logits of each step)} of tiny-random over an image prompt and a text prompt, once
+    per setup (a function that prepares the model and the ops)."""
     from PIL import Image
 
     from cogvlm2.generation import generate_ids
@@ -122,17 +76,64 @@ def test_residual_stream_equals_the_layer_loop():
     model = load_model(str(folder), progress=False)
     proc = Processor.from_pretrained(folder)
     batch = [proc("What is it?", image=Image.new("RGB", (40, 30), (200, 10, 10))), proc("Tell me a story.")]
-    logits = {}
+    params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True)
+    runs = {}
     with torch.inference_mode():
-        for stream in (False, True):
-            model.residual_stream, logits[stream] = stream, []
-            list(generate_ids(model, batch, SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True),
-                              output_logits=logits[stream]))
-    assert len(logits[True]) == 4 and all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))
-    from cogvlm2.engine.worker import Worker
+        for name, setup in setups.items():
+            setup(model)
+            logits = []
+            runs[name] = list(generate_ids(model, batch, params, output_logits=logits)), logits
+    return runs
 
-    assert not load_model(str(folder), progress=False).residual_stream  # training, the reference loop: plain
-    worker = Worker(model)
-    model.residual_stream = False
-    worker.load()
+
+def check_fused_model() -> None:
+    """The tiny model through every fused op of the CUDA inference path (Triton kernels, here interpreted on
+    the CPU, and the residual stream) against the plain torch path: the same greedy tokens, logits equal to
+    float32 rounding, in prefill (image and text rows) and decode."""
+    from cogvlm2.model import ops
+
+    def setup(fused: bool):
+        def prepare(model):
+            # what ops._fused answers for a CUDA tensor, here for the CPU ones
+            ops._fused = (lambda x: not torch.is_grad_enabled()) if fused else (lambda x: False)
+            model.residual_stream = fused
+        return prepare
+
+    runs = tiny_greedy_runs({"plain": setup(False), "fused": setup(True)}, max_new_tokens=6)
+    (tokens, fused_logits), (ref_tokens, ref_logits) = runs["fused"], runs["plain"]
+    assert tokens == ref_tokens
+    assert max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(fused_logits, ref_logits)) < 1e-5
+
+
+def test_fused_model_path_interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, __file__, "model"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "fused model ok" in run.stdout
+
+
+def test_residual_stream_equals_the_layer_loop():
+    """The decoder on the residual stream (the engine's: the 64 residual adds of the 19B model fused into the
+    RMSNorms after them where the kernels run) gives the plain layer loop's logits bit for bit, in prefill (image
+    and text tokens routed to their experts) and in decode steps (here both with the torch ops; the kernel's
+    equality to them: check_ops); only the engine's Worker turns it on."""
+    from cogvlm2.engine.worker import Worker
+    from cogvlm2.model import load_model
+    from cogvlm2.tiny import checkpoint_folder
+
+    runs = tiny_greedy_runs({stream: (lambda model, s=stream: setattr(model, "residual_stream", s))
+                             for stream in (False, True)}, max_new_tokens=4)
+    (_, stream), (_, plain) = runs[True], runs[False]
+    assert len(stream) == 4 and all(torch.equal(a, b) for a, b in zip(stream, plain))
+    model = load_model(str(checkpoint_folder("tiny-random")), progress=False)
+    assert not model.residual_stream  # training, the reference loop: the plain layer loop
+    Worker(model).load()
     assert model.residual_stream
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["model"]:
+    check_fused_model()
+    print("fused model ok")
+elif __name__ == "__main__":
+    check_ops("cpu")
+    print("ops ok")
