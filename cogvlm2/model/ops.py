@@ -71,11 +71,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _rms_norm(x, weight, eps)
 
 
-def fused(x: torch.Tensor) -> bool:
-    """Whether the ops on x run as fused Triton kernels (CUDA, autograd off)."""
-    return _fused(x)
-
-
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, rms_norm(x + delta, weight)): a residual add and the RMSNorm after it, one kernel on CUDA

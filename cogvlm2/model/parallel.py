@@ -27,8 +27,7 @@ tensor is never read).
 All communication is `torch.distributed` on an explicit group: NCCL on GPUs (in-place all-reduce, which
 CUDA graphs capture; the small all-reduces of decode go through a one-shot peer-to-peer kernel over
 symmetric memory once `use_peer_all_reduce` is called, `peer_all_reduce.py`) and gloo on the CPU (the
-multi-process tests). Inference only: the collectives are
-not differentiable.
+multi-process tests). Inference only: the collectives are not differentiable.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A one-shot all-reduce over symmetric memory for the small messages of tensor-parallel decode.
 
 A decode step of the 19B model at TP=2 holds 65 all-reduces of B x 4096 activations (8 KB at batch 1).
-NCCL's latency for such messages (~20-30 us each inside a CUDA graph) is most of what separates the step
-from its bandwidth floor. Here every rank owns one buffer of a symmetric-memory allocation that the others
+NCCL's latency for such messages (estimated at ~20-30 us each inside a CUDA graph, not yet timed alone) is
+the likely bulk of what separates the step (4.04 ms at the model level on 2 x H200) from its ~1.8 ms
+weight-read floor. Here every rank owns one buffer of a symmetric-memory allocation that the others
 map (peer-to-peer over NVLink), and one kernel per all-reduce (PyTorch's `symm_mem.one_shot_all_reduce_copy_out`)
 copies the local partial sum into the rank's buffer, meets the other ranks at a barrier, reads every
 rank's buffer, sums in a fixed rank order (so all ranks hold bit-identical results) and meets them again
@@ -26,7 +27,8 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-# measured on 2 x H200 (benchmarks/allreduce_gpu.py, BENCHMARKS.md): one-shot beats NCCL up to here
+# decode's B x 4096 bf16 activations up to batch 64; not yet measured: benchmarks/allreduce_gpu.py times both
+# all-reduces per size on 2 GPUs, and this bound moves to where one-shot stops beating NCCL
 DEFAULT_MAX_BYTES = 512 * 1024
 
 
