@@ -103,8 +103,12 @@ def test_engine_cuda_second_turn_replays_the_decode_graph():
     graphs.run = lambda r: rows.append(len(r[1])) or replay(r)
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     img = Image.new("RGB", (64, 48), (200, 30, 90))
-    first = processor("Describe the image.", image=img)
-    second = processor("And its colour?", history=[("Describe the image.", "A square.")], image=img)
+    # a first question long enough that the cached whole blocks cover every image token (the tiny
+    # model's image ends at position 66; "Describe the image." would cache 64 and leave 3 vision tokens
+    # for the second turn, which then needs the eager path)
+    question = "Describe the image in great detail, with its colours, shapes and size."
+    first = processor(question, image=img)
+    second = processor("And its colour?", history=[(question, "A square.")], image=img)
     for x in (first, second):
         rows.clear()
         engine.add_request("r", x, params)
@@ -113,4 +117,6 @@ def test_engine_cuda_second_turn_replays_the_decode_graph():
             if outs and outs[0].finished:
                 out = outs[0]
         assert out.token_ids == [t[0] for t in generate_ids(model, [x], params)]
-    assert out.num_cached_tokens > 0 and max(rows) > 1  # the second turn's new tokens: one graph run
+    last_vision = max(i for i, t in enumerate(second.token_type_ids) if t)
+    assert out.num_cached_tokens > last_vision  # the second turn's new tokens are text only
+    assert max(rows) == out.prompt_len - out.num_cached_tokens  # ... and ran as one graph replay

@@ -253,10 +253,13 @@ def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexp
 @triton.jit
 def _fp4_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk, n_ok, NESTED: tl.constexpr):
     """float32 absmax of flat blocks blk (NESTED: nmap[a8] * nabs[blk // 256] + offset)."""
+    # one return: Triton 3.6 type-checks every return of a function, even one behind a constexpr branch
     if NESTED:
         a8 = tl.load(absmax_ptr + blk, mask=n_ok, other=0)
-        return tl.load(nmap_ptr + a8.to(tl.int32)) * tl.load(nabs_ptr + blk // 256, mask=n_ok, other=0.0) + offset
-    return tl.load(absmax_ptr + blk, mask=n_ok, other=0.0)
+        scale = tl.load(nmap_ptr + a8.to(tl.int32)) * tl.load(nabs_ptr + blk // 256, mask=n_ok, other=0.0) + offset
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=n_ok, other=0.0)
+    return scale
 
 
 @triton.jit
