@@ -380,13 +380,15 @@ class TensorParallelGroup:
             if self._aborted or self.backend != "nccl" or not dist.is_initialized():
                 return
             self._aborted = True
+            # the peer all-reduce first: its barrier would wait for the dead rank forever, and aborting
+            # NCCL frees memory, which waits for the device, spinning kernel included (found on 2 H200s)
+            ctx = getattr(self, "ctx", None)
+            if ctx is not None and ctx.peer is not None:
+                ctx.peer.unblock()
             try:
                 dist.distributed_c10d._abort_process_group()
             except Exception:  # noqa: BLE001 - best effort: the sentinel check still reports the death
                 logger.exception("could not abort the NCCL communicator")
-            ctx = getattr(self, "ctx", None)
-            if ctx is not None and ctx.peer is not None:  # its barrier would wait for the dead rank forever
-                ctx.peer.unblock()
 
     def _wait_until_joined(self, store: dist.TCPStore) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
