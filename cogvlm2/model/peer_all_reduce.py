@@ -3,8 +3,9 @@
 A decode step of the 19B model at TP=2 holds 65 all-reduces of B x 4096 activations (8 KB at batch 1).
 NCCL takes 12.8 us for such a message on 2 H200s (`benchmarks/allreduce_gpu.py`); the one-shot kernel here
 takes 6.6 us, bit-equal, which made TP=2 decode 3% faster (225 -> 232 tok/s; the rest of the distance from the
-4.3 ms step to its ~1.8 ms weight-read floor is not communication: 65 x 6.6 us is 0.43 ms). Here every rank owns one buffer of a symmetric-memory allocation that the others
-map (peer-to-peer over NVLink), and one kernel per all-reduce (PyTorch's `symm_mem.one_shot_all_reduce_copy_out`)
+4.3 ms step to its ~1.8 ms weight-read floor is not communication: 65 x 6.6 us is 0.43 ms). Here every
+rank owns one buffer of a symmetric-memory allocation that the others map (peer-to-peer over NVLink), and
+one kernel per all-reduce (PyTorch's `symm_mem.one_shot_all_reduce_copy_out`)
 copies the local partial sum into the rank's buffer, meets the other ranks at a barrier, reads every
 rank's buffer, sums in a fixed rank order (so all ranks hold bit-identical results) and meets them again
 (so the buffer can be reused by the next all-reduce). No NVLink multicast is used (the kernel reads peers
