@@ -84,15 +84,20 @@ def main() -> None:
         for i, rid in enumerate(ids):
             engine.add_request(rid, proc(QUESTION, image=image(10 + i)),
                                SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
+        # the interval between consecutive step returns, with no sync in between: with async scheduling a
+        # step launches the next one and returns the previous one's tokens, so in steady decode the returns
+        # are paced by the GPU (timing one step between two syncs would time only its host part)
         steps = []
         remaining = set(ids)
+        torch.cuda.synchronize()
+        last = time.perf_counter()
         while remaining:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
             outs = engine.step()
-            steps.append((time.perf_counter() - t0, len(outs)))
+            now = time.perf_counter()
+            steps.append((now - last, len(outs)))
+            last = now
             remaining -= {o.request_id for o in outs if o.finished}
-        decode = [t for t, n in steps[-20:] if n == b]
+        decode = [t for t, n in steps[-20:-1] if n == b]
         replay_fn = engine.runner.graphs.replay[next(s for s in engine.runner.graphs.sizes if s >= b)]
         replay = cuda_time(replay_fn, iters=10)
         print(f"batch {b}: step {np.median(decode) * 1e3:.2f} ms, of which graph replay (model forward) "
