@@ -1,5 +1,6 @@
-"""Where the engine's time goes on the full-size model: kernel table of a prefill, decode steps split
-into the CUDA-graph replay (GPU) versus everything else in a step (sampling, scheduling, host work), and a
+"""Where the engine's time goes on the full-size model: kernel table of a prefill, steady decode steps at
+batch 1 and 32 (the step against the CUDA-graph replay alone, then a dozen steps under the profiler: GPU-busy
+share, kernels inside and outside the graph, host ops), and a
 captioning run (16 images x 32 new tokens, the engine benchmark's workload scaled down): its kernel table and
 how much of its wall time the GPU was busy.
 
@@ -57,7 +58,7 @@ def profile_caption(engine: LLMEngine, proc: Processor, trace_dir: str | None) -
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="prefill,decode,caption")
-    ap.add_argument("--trace-dir", help="write the captioning run's chrome trace here")
+    ap.add_argument("--trace-dir", help="write the captioning run's and the decode steps' chrome traces here")
     args = ap.parse_args()
     only = set(args.only.split(","))
     cfg = full_size_config()
@@ -80,34 +81,53 @@ def main() -> None:
         profile_caption(engine, proc, args.trace_dir)
 
     for b in ((1, 32) if "decode" in only else ()):
-        ids = [f"d{b}-{i}" for i in range(b)]
-        for i, rid in enumerate(ids):
-            engine.add_request(rid, proc(QUESTION, image=image(10 + i)),
-                               SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
-        # the interval between consecutive step returns, with no sync in between: with async scheduling a
-        # step launches the next one and returns the previous one's tokens, so in steady decode the returns
-        # are paced by the GPU (timing one step between two syncs would time only its host part)
-        steps = []
-        remaining = set(ids)
-        torch.cuda.synchronize()
-        last = time.perf_counter()
-        while remaining:
-            outs = engine.step()
-            now = time.perf_counter()
-            steps.append((now - last, len(outs)))
-            last = now
-            remaining -= {o.request_id for o in outs if o.finished}
-        decode = [t for t, n in steps[-20:-1] if n == b]
-        replay_fn = engine.runner.graphs.replay[next(s for s in engine.runner.graphs.sizes if s >= b)]
-        replay = cuda_time(replay_fn, iters=10)
-        print(f"batch {b}: step {np.median(decode) * 1e3:.2f} ms, of which graph replay (model forward) "
-              f"{replay * 1e3:.2f} ms; rest (logits, sampling, scheduling, host) "
-              f"{(np.median(decode) - replay) * 1e3:.2f} ms")
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            engine.add_request(f"prof{b}", x, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
-            run_until_done(engine, {f"prof{b}"})
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=50))
+        profile_decode(engine, proc, b, args.trace_dir)
 
+
+def profile_decode(engine: LLMEngine, proc: Processor, b: int, trace_dir: str | None, steps: int = 12) -> None:
+    """b requests of 2.3K context decoding together: the step (the interval between step returns, no sync in
+    between: with async scheduling a step launches the next one and returns the previous one's tokens, so in
+    steady decode the returns are paced by the GPU), the decode graph's replay alone, and `steps` steady steps
+    under the profiler: how busy the GPU was and which kernels ran outside the graph."""
+    ids = [f"d{b}-{i}" for i in range(b)]
+    for i, rid in enumerate(ids):
+        engine.add_request(rid, proc(QUESTION, image=image(10 + i)),
+                           SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True))
+    intervals, remaining, prof, wall = [], set(ids), None, 0.0
+    torch.cuda.synchronize()
+    last = time.perf_counter()
+    while remaining:
+        outs = engine.step()
+        now = time.perf_counter()
+        steady = len(outs) == b and all(len(o.token_ids) > 1 for o in outs)
+        if steady:
+            intervals.append(now - last)
+        if steady and prof is None and len(intervals) == 20:  # profile steps 21.. of steady decode
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            prof.__enter__()
+            t_prof, n_prof = now, 0
+        elif prof is not None and n_prof >= 0:
+            n_prof += 1
+            if n_prof == steps:
+                wall = now - t_prof
+                prof.__exit__(None, None, None)
+                n_prof = -1
+        last = now
+        remaining -= {o.request_id for o in outs if o.finished}
+    step = float(np.median(intervals[:20]))
+    replay = cuda_time(engine.runner.graphs.replay[next(s for s in engine.runner.graphs.sizes if s >= b)], iters=10)
+    print(f"batch {b}: step {step * 1e3:.2f} ms (median of 20 steady steps), of which the decode graph's replay "
+          f"alone {replay * 1e3:.2f} ms; the rest {(step - replay) * 1e3:.2f} ms (logits, sampling, staging, "
+          "GPU idle)")
+    if prof is None or wall == 0.0:
+        print(f"batch {b}: too few steady steps to profile")
+        return
+    print(f"batch {b}: {steps} steady steps under the profiler: {wall / steps * 1e3:.2f} ms per step, GPU busy "
+          f"{busy_fraction(prof, wall):.0%} of it")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
+    if trace_dir:
+        prof.export_chrome_trace(f"{trace_dir}/decode{b}_trace.json")
 
 if __name__ == "__main__":
     main()
