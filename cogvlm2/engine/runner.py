@@ -288,7 +288,7 @@ class ModelRunner:
         """The images / frames of a step, joined, on the device. On CUDA they are joined into pinned memory:
         a copy from pageable memory blocks the host until the GPU has run everything queued before it
         (22 MB of float32 per 1344^2 image), so the host could not prepare the next step meanwhile."""
-        if self.device.type != "cuda" or len({p.dtype for p in pixels}) > 1:
+        if self.device.type != "cuda" or len({p.dtype for p in pixels}) > 1 or any(p.is_cuda for p in pixels):
             return torch.cat(pixels).to(self.device, non_blocking=True)
         host = torch.empty((sum(p.shape[0] for p in pixels), *pixels[0].shape[1:]), dtype=pixels[0].dtype,
                            pin_memory=True)
