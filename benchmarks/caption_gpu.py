@@ -167,7 +167,7 @@ def bench_ray(n: int, workers: int | None, tmp: Path, one_rate: float | None = N
         ray_rate, t_end, failed = end_to_end(folder, tmp / "ray.parquet", model=IMAGE_MODEL, engine=_image_engine,
                                              processor=Processor(full_size_config(IMAGE_MODEL),
                                                                  Tokenizer(bundled_tokenizer_path())),
-                                             ray=True, ray_actors=gpus, ray_batch_size=8,
+                                             ray=True, ray_actors=gpus, ray_batch_size=8, dtype="bfloat16",
                                              max_num_seqs=ENGINE["max_num_seqs"])
         assert failed == 0
     finally:

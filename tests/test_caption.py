@@ -254,3 +254,34 @@ def test_ray_actor_cpus_leave_room_for_preprocessing():
     assert _actor_cpus(on_gpu=False, max_actors=2, cluster_cpus=8) == 2  # distinct from a task's 1: no fusion
     assert _actor_cpus(on_gpu=False, max_actors=1, cluster_cpus=2) == 1  # a 2-core laptop: one CPU stays free
     assert 2 * _actor_cpus(on_gpu=True, max_actors=2, cluster_cpus=2) < 2
+
+
+def test_ray_pixels_travel_in_the_engines_16bit_dtype():
+    """A named 16-bit dtype sends the pixels to the Ray actors in it (half the bytes): the engine casts pixels
+    to its dtype first thing, so the tokens are those of float32 pixels; a dtype that is not the engine's is
+    refused at the actor's start instead of losing precision on the way; unknown dtypes keep float32."""
+    import pickle
+
+    import torch
+
+    from cogvlm2.batch.items import Item
+    from cogvlm2.batch.preprocess import Preprocessor
+    from cogvlm2.batch.ray_caption import _EngineActor, _prepare, transfer_dtype
+    from cogvlm2.generation import generate_ids
+
+    assert transfer_dtype("bfloat16") is torch.bfloat16 and transfer_dtype(torch.float16) is torch.float16
+    assert transfer_dtype(None) is None and transfer_dtype("auto") is None and transfer_dtype("float32") is None
+    engine = LLMEngine.from_pretrained("tiny", "bfloat16", "cpu", **ENGINE)
+    prep = Preprocessor(engine.processor, IMAGE_PROMPT)
+    item = Item("a", image=png(5))
+    sent = pickle.loads(_prepare({"item": [pickle.dumps(item)]}, prep, torch.bfloat16)["inputs"][0])
+    full = prep(item)
+    assert full.pixel_values.dtype == torch.float32 and sent.pixel_values.dtype == torch.bfloat16
+    assert torch.equal(sent.pixel_values, full.pixel_values.to(torch.bfloat16))
+    kept = pickle.loads(_prepare({"item": [pickle.dumps(item)]}, prep)["inputs"][0])
+    assert torch.equal(kept.pixel_values, full.pixel_values)
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    assert list(generate_ids(engine.model, [sent], params)) == list(generate_ids(engine.model, [full], params))
+    factory = functools.partial(LLMEngine.from_pretrained, "tiny", "float32", "cpu", **ENGINE)
+    with pytest.raises(ValueError, match="computes in torch.float32"):
+        _EngineActor("tiny", factory, "bfloat16", "cpu", {}, params, prep)

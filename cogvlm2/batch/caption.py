@@ -60,7 +60,9 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
     ({name: folder}) or of the given engine's (None: the base model); rows name the model MODEL+ADAPTER.
     engine_kwargs: EngineConfig fields (max_num_seqs, gpu_memory_utilization, ...) and `adapters`.
     Ray: ray_actors = n or (min, max) engines (autoscaling between), ray_gpus_per_actor (default 1 when
-    the cluster has GPUs, else CPU actors), ray_address (default: a running cluster or a local one).
+    the cluster has GPUs, else CPU actors), ray_address (default: a running cluster or a local one). A 16-bit
+    dtype ("bfloat16", "float16") also sends the pixels to the actors in it (half the bytes; with an engine
+    factory, name the dtype it builds in to get this).
     """
     from ..llm import LLMEngine
 
