@@ -91,6 +91,32 @@ def test_bad_pixels_fail_alone_at_add_request(tiny):
     assert not engine.has_unfinished()
 
 
+def test_processor_pixels_skip_the_finiteness_sum_until_changed(tiny, monkeypatch):
+    """The Processor's pixels are finite by construction (normalized 8-bit media): the engine does not sum
+    them on the way to the first token. Changed in place or replaced, they are checked again."""
+    model, processor = tiny
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=64, max_model_len=512), processor)
+    from PIL import Image
+
+    sums = []
+    real_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda t, *a, **k: sums.append(t.shape) or real_sum(t, *a, **k))
+    x = processor("what?", image=Image.new("RGB", (16, 16), "navy"))
+    assert x.pixels_known_finite
+    engine.core.validate("a", x)
+    assert x.pixel_values.shape not in sums
+    z = processor("what?", image=Image.new("RGB", (16, 16), "teal"))
+    z.pixel_values[0, 0, 0, 0] = float("inf")  # in place: the version counter moves
+    assert not z.pixels_known_finite
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        engine.core.validate("b", z)
+    y = processor("what?", image=Image.new("RGB", (16, 16), "olive"))
+    y.pixel_values = y.pixel_values.clone()  # replaced: a tensor the Processor did not make
+    assert not y.pixels_known_finite
+    engine.core.validate("c", y)
+    assert y.pixel_values.shape in sums
+
+
 @pytest.mark.parametrize("device, async_scheduling", [
     ("cpu", False), ("cpu", True),
     pytest.param("cuda", True, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),

@@ -94,7 +94,9 @@ class Processor:
                 pixels, digest = transform_video(video, size), frames_digest(video)
             else:  # decoded and transformed frame by frame (bounded memory), same pixels
                 pixels, digest = video_pixels(video, size, strategy)
-        return build_inputs(self.tokenizer, self.config, query, history, pixels, digest, template, answer)
+        inputs = build_inputs(self.tokenizer, self.config, query, history, pixels, digest, template, answer)
+        inputs.mark_pixels_finite()  # normalized 8-bit media: finite by construction
+        return inputs
 
     @property
     def video_strategy(self) -> str:
