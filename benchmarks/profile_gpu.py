@@ -104,14 +104,13 @@ def profile_decode(engine: LLMEngine, proc: Processor, b: int, trace_dir: str | 
             intervals.append(now - last)
         if steady and prof is None and len(intervals) == 20:  # profile steps 21.. of steady decode
             prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-            prof.__enter__()
+            prof.start()
             t_prof, n_prof = now, 0
-        elif prof is not None and n_prof >= 0:
+        elif prof is not None and wall == 0.0:  # profiling
             n_prof += 1
             if n_prof == steps:
                 wall = now - t_prof
-                prof.__exit__(None, None, None)
-                n_prof = -1
+                prof.stop()
         last = now
         remaining -= {o.request_id for o in outs if o.finished}
     step = float(np.median(intervals[:20]))

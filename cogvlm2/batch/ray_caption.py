@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from ..checkpoint import parse_dtype
 from ..engine.config import EngineConfig
 from ..llm import LLMEngine
 from ..sampling_params import SamplingParams
@@ -98,9 +99,9 @@ def transfer_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     instead of 22 MB per 1344² image; the engine casts pixels to its dtype before the vision tower, so
     casting earlier rounds identically). None (float32 as preprocessed) when the dtype is not known: an
     "auto" or absent dtype resolves on the actor's GPU, and a factory builds whatever it builds."""
-    if isinstance(dtype, str):
-        dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                 "fp16": torch.float16, "half": torch.float16}.get(dtype)
+    if dtype is None or dtype == "auto":
+        return None
+    dtype = parse_dtype(dtype)
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 

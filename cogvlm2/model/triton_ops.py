@@ -37,11 +37,15 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, dim, eps, BLOCK:
     tl.store(out_ptr + row * stride_o + cols, (w * (x * r)).to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last dim] with unit stride along the last dim (what the row kernels index)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = triton.next_power_of_2(shape[-1])
@@ -72,11 +76,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     """(x + delta, rms_norm(x + delta)) in one pass: the sum rounded to x's dtype, then normed exactly as
     `rms_norm` norms it (so the pair equals the two separate ops bit for bit)."""
     shape = x.shape
-    x2, d2 = x.reshape(-1, shape[-1]), delta.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if d2.stride(-1) != 1:
-        d2 = d2.contiguous()
+    x2, d2 = _rows(x), _rows(delta)
     total = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     out = torch.empty_like(total)
     if x2.shape[0]:
