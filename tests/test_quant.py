@@ -275,6 +275,58 @@ def test_quant_modes_on_tiny(tiny_float, mode, cls, max_err):
     assert len(list(generate_ids(model, [x], GREEDY))) == GREEDY.max_new_tokens
 
 
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("mode,max_err", [("4", 0.35), ("nf4", 0.3), ("fp4-dq", 0.35), ("int4", 0.3), ("fp8", 0.1),
+                                          ("8", 0.05)])
+def test_quant_modes_end_to_end_cuda(tiny_float, mode, max_err):
+    """Every --quant mode on the GPU (the Triton kernels, torch._scaled_mm, bitsandbytes' LLM.int8): the engine
+    (CUDA graphs where the mode allows them) equals the reference loop over the same quantized model token for
+    token, and its first logits are quantized (not the float model's) and close to the float model's."""
+    from PIL import Image
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    llm = LLM("tiny-random", dtype="float32", device="cuda", quant=mode, num_kv_blocks=64, max_model_len=512)
+    model = llm.engine.model
+    assert model.quantization == normalize_quant(mode)
+    prompts = [llm.processor("what is this?", image=Image.new("RGB", (50, 40), (10, 120, 30))),
+               llm.processor("hello there")]
+    for x in prompts:
+        (out,) = llm.generate([x], GREEDY, use_tqdm=False)
+        assert out.token_ids == [t for (t,) in generate_ids(model, [x], GREEDY)]
+    ref, got = _first_logits(tiny_float, None, prompts[0]), _first_logits(model, None, prompts[0]).cpu()
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < err < max_err, err
+
+
+@cuda
+def test_official_int4_on_cuda(official):
+    """The official fp4 checkpoint on the GPU: the engine equals the reference loop, and the Triton kernels'
+    logits equal the CPU's (bitsandbytes' dequantization) up to float rounding."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    folder = str(official["bin"][0])
+    llm = LLM(folder, dtype="float32", device="cuda", num_kv_blocks=64, max_model_len=512)
+    x = llm.processor("hello")
+    (out,) = llm.generate([x], GREEDY, use_tqdm=False)
+    assert out.token_ids == [t for (t,) in generate_ids(llm.engine.model, [x], GREEDY)]
+    cpu = load_model(folder, dtype="float32", device="cpu")
+    ref, got = _first_logits(cpu, None, x), _first_logits(llm.engine.model, None, x).cpu()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+@cuda
+def test_cli_chat_with_quant_cuda():
+    from cogvlm2.cli import build_parser, run_chat
+
+    for quant in ("4", "8"):
+        args = build_parser().parse_args(["chat", "--model", "tiny-random", "--quant", quant, "--device", "cuda",
+                                          "--query", "hi", "--max-new-tokens", "3", "--temperature", "0"])
+        out = io.StringIO()
+        assert run_chat(args, stdout=out) == 0 and out.getvalue().endswith("\n")
+
+
 def test_quantize_model_in_place_frees_the_float_weights():
     lin = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 32))
     lin.append(torch.nn.Linear(32, 36))
