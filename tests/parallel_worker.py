@@ -111,6 +111,10 @@ def main() -> None:
     result["sampled"] = [t[0] for t in generate_ids(model, [proc("Tell me a story.")], params)]
     if device.type == "cuda":
         result["graph_equal"] = graph_replay_equals_eager(model)
+    # the peer all-reduce's agreement check (GPU-only reducer; the check itself is any group's collective)
+    from cogvlm2.model.peer_all_reduce import _same_everywhere
+
+    result["same_everywhere"] = [_same_everywhere(v, ctx.group, device) for v in (7, ctx.rank, -ctx.rank)]
     torch.save(result, Path(args.out) / f"rank{ctx.rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -352,27 +352,52 @@ def test_two_gpus_equal_one(parallel):
         engine.shutdown()
 
 
+PEER_LIMIT_S = 150  # three TP=2 engines, one after the other (spawn, NCCL, symmetric memory, graph capture)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_peer_all_reduce_equals_nccl():
     """TP=2 with the one-shot peer-to-peer all-reduce for decode's small messages (ModelSpec.peer_all_reduce;
-    prefill's large ones stay on NCCL) gives NCCL's greedy tokens, in CUDA graphs, float32."""
+    prefill's large ones stay on NCCL) gives NCCL's greedy tokens, in CUDA graphs, float32. A later peer engine in
+    the same process (whose ranks are spawned afresh) falls back to NCCL instead of hanging in torch's
+    symmetric-memory rendezvous, and gives the same tokens.
+
+    It runs in a process of its own: which engine is a process's first must not depend on which tests ran before."""
+    cmd = [sys.executable, __file__, "peer-equals-nccl"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PEER_LIMIT_S, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the peer all-reduce run did not finish within {PEER_LIMIT_S} s:\n{str(e.stdout)[-6000:]}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "peer equals nccl" in proc.stdout, out[-6000:]
+    assert "NCCL does every all-reduce" in out  # the third engine said why it fell back
+
+
+def _peer_equals_nccl_main() -> None:
+    """`python tests/test_engine_parallel.py peer-equals-nccl`: NCCL, then peer (this process's first symmetric-memory
+    rendezvous), then peer asked for again (refused: NCCL), all equal."""
+    import faulthandler
+
     from cogvlm2.engine.config import EngineConfig
     from cogvlm2.engine.worker import ModelSpec
     from cogvlm2.llm import load_processor
 
+    faulthandler.dump_traceback_later(PEER_LIMIT_S - 10, exit=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     config = {k: v for k, v in ENGINE.items() if k != "device"}
-    results = {}
-    for peer in (False, True):
+    results = []
+    for peer, expect in ((False, False), (True, True), (True, False)):
         spec = ModelSpec(MODEL, "float32", "cuda", tensor_parallel_size=2, peer_all_reduce=peer)
         engine = LLMEngine(spec, EngineConfig(**config), load_processor(MODEL))
         try:
-            assert (engine.worker.ctx.peer is not None) == peer and engine.runner.graphs is not None
-            results[peer] = run(engine)
+            assert (engine.worker.ctx.peer is not None) == expect and engine.runner.graphs is not None
+            results.append(run(engine))
         finally:
             engine.shutdown()
-    check_equal(results[True], results[False])
+    check_equal(results[1], results[0])
+    check_equal(results[2], results[0])
+    print("peer equals nccl", flush=True)
 
 
 DEAD_RANK_LIMIT_S = 55  # the whole test: start-up (spawn, NCCL, graph capture), the kill and the error
@@ -447,3 +472,5 @@ def test_generate_cli_with_tensor_parallelism(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["dead-rank"]:
     _dead_rank_main(int(sys.argv[2]), sys.argv[3])
+elif __name__ == "__main__" and sys.argv[1:2] == ["peer-equals-nccl"]:
+    _peer_equals_nccl_main()

@@ -103,6 +103,12 @@ def test_tp2_ranks_hold_and_read_only_their_shards(tp2):
         assert whole and all(k.startswith("model.vision.") or "norm" in k for k in whole), sorted(whole)[:5]
 
 
+def test_ranks_see_whether_a_value_is_the_same_everywhere(tp2):
+    """The check that keeps ranks whose processes made different numbers of symmetric-memory rendezvous from
+    waiting on each other's keys (`peer_all_reduce._same_everywhere`): equal on every rank or not."""
+    assert [rank["same_everywhere"] for rank in tp2] == [[True, False, False]] * 2
+
+
 def test_unseeded_sampling_agrees_across_ranks(tp2):
     assert tp2[0]["sampled"] == tp2[1]["sampled"]
     assert len(set(tp2[0]["sampled"])) > 1

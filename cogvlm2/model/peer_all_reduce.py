@@ -32,6 +32,13 @@ logger = logging.getLogger(__name__)
 # one-shot beats NCCL up to 4 MiB (1.9x at 8 KiB, 1.5x at 512 KiB, 1.1x at 4 MiB) and loses at 18 MiB
 DEFAULT_MAX_BYTES = 512 * 1024
 
+# symmetric-memory rendezvous this process has made. torch numbers the store keys of a rendezvous by a counter of
+# its own per process, so ranks whose processes made different numbers of them wait on different keys forever:
+# a driver that served an earlier tensor-parallel engine (rank 0 lives in it) with freshly spawned ranks.
+# `try_build` compares the counts first and falls back to NCCL when they differ (measured on 2 H200s: the
+# second TP engine of one process hung in `rendezvous`)
+_rendezvous_made = 0
+
 
 class PeerAllReduce:
     """The symmetric buffer of one tensor-parallel group and the dtype it reduces; call it on a tensor to
@@ -48,6 +55,8 @@ class PeerAllReduce:
         self.group_name = group.group_name
         self.dtype, self.max_bytes = dtype, max_bytes
         self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
+        global _rendezvous_made
+        _rendezvous_made += 1  # before the call: one that fails part-way then makes the counts differ (a fallback)
         handle = symm_mem.rendezvous(self.buffer, self.group_name)
         # the barrier's flags: a rank's arrivals land in the others' pads (`unblock`)
         self._own_pad = handle.get_signal_pad(handle.rank, dtype=torch.int32)
@@ -60,6 +69,12 @@ class PeerAllReduce:
         """The all-reduce, or None (with a warning; NCCL then does every all-reduce) where symmetric memory
         or peer access is unavailable. Every rank agrees: a rank that failed makes all of them fall back."""
         reducer, error = None, ""
+        if not _same_everywhere(_rendezvous_made, group, device):
+            error = ("the ranks' processes made different numbers of symmetric-memory rendezvous (an earlier "
+                     "tensor-parallel engine in this process), whose keys would never meet")
+            logger.warning("tensor parallelism: the peer-to-peer all-reduce is unavailable (%s); NCCL does every "
+                           "all-reduce", error)
+            return None
         try:
             reducer = cls(group, device, dtype, max_bytes)
         except Exception as e:  # noqa: BLE001 - no symm_mem in this torch, no P2P between the GPUs, ...
@@ -111,6 +126,15 @@ class PeerAllReduce:
                     time.sleep(0.001)
 
         threading.Thread(target=mark, name="cogvlm2-peer-unblock", daemon=True).start()
+
+
+def _same_everywhere(value: int, group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """Whether every rank passes the same value (its MIN and MAX over the ranks agree)."""
+    lo = torch.tensor([value], device=device, dtype=torch.int64)
+    hi = lo.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    return bool(lo.item() == hi.item())
 
 
 def _everyone(ok: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:
