@@ -11,7 +11,6 @@ gets an EngineRequestError; the loop never dies.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -115,7 +114,7 @@ class AsyncLLM:
         if (pixels is None or not pixels.is_floating_point() or not dtype.is_floating_point
                 or pixels.element_size() <= torch.finfo(dtype).bits // 8):
             return inputs
-        return dataclasses.replace(inputs, pixel_values=pixels.to(dtype))
+        return inputs.with_pixels_in(dtype)  # the Processor's finiteness mark kept: no pixel sum in the engine
 
     async def abort(self, request_id: str) -> None:
         """Its stream (if still read) ends with a finish_reason "abort" output."""

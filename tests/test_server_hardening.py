@@ -481,6 +481,9 @@ def test_8_queued_pixels_are_held_in_the_model_dtype():
     assert x.pixel_values.dtype == torch.float32 and compact.pixel_values.dtype == torch.bfloat16
     assert torch.equal(compact.pixel_values, x.pixel_values.to(torch.bfloat16))  # what the tower computes on anyway
     assert compact.input_ids == x.input_ids and compact.vision_hash == x.vision_hash
+    assert x.pixels_known_finite and compact.pixels_known_finite  # the engine need not sum the cast pixels either
+    x.pixel_values = x.pixel_values.clone()  # not the Processor's tensor any more: the cast is not vouched for
+    assert not llm._compact(x).pixels_known_finite
 
 
 # --------------------------------------------------------------------------- 9. SSRF: IPv6 wrappings of private IPv4

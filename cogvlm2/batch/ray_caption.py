@@ -41,10 +41,7 @@ def _prepare(batch: dict, prep: Preprocessor, pixel_dtype: torch.dtype | None = 
         try:
             inputs = prep(item)
             if pixel_dtype is not None and inputs.pixel_values is not None:
-                finite = inputs.pixels_known_finite
-                inputs.pixel_values = inputs.pixel_values.to(pixel_dtype)
-                if finite:  # normalized pixels lie within a few units: finite in any 16-bit float too
-                    inputs.mark_pixels_finite()
+                inputs = inputs.with_pixels_in(pixel_dtype)  # keeps the Processor's finiteness mark
             inputs, error = pickle.dumps(inputs), ""
         except Exception as e:  # noqa: BLE001 - an unreadable item fails alone
             from .driver import _message

@@ -8,6 +8,7 @@ embedding replaces, which positions tokens share, which tokens use the visual ex
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,14 @@ class EngineInputs:
         self._finite = None
         if known:
             self.mark_pixels_finite()
+
+    def with_pixels_in(self, dtype: torch.dtype) -> "EngineInputs":
+        """A copy whose pixel_values are cast to the floating `dtype` (the rest shared). A finiteness mark carries
+        over to a 16-bit or wider float: the Processor's normalized pixels lie within a few units of zero."""
+        cast = dataclasses.replace(self, pixel_values=self.pixel_values.to(dtype))
+        if self.pixels_known_finite and torch.finfo(dtype).max > 1e4:
+            cast.mark_pixels_finite()
+        return cast
 
     @property
     def pixels_known_finite(self) -> bool:
