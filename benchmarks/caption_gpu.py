@@ -152,7 +152,7 @@ def _image_engine() -> LLMEngine:  # picklable by value (defined in __main__): b
     return engine
 
 
-def bench_ray(n: int, workers: int | None, tmp: Path, one_rate: float | None = None) -> list[dict]:
+def bench_ray(n: int, workers: int | None, tmp: Path, one_rate: float | None = None, batch_size: int = 8) -> list[dict]:
     import ray
 
     folder = tmp / "image"
@@ -167,7 +167,7 @@ def bench_ray(n: int, workers: int | None, tmp: Path, one_rate: float | None = N
         ray_rate, t_end, failed = end_to_end(folder, tmp / "ray.parquet", model=IMAGE_MODEL, engine=_image_engine,
                                              processor=Processor(full_size_config(IMAGE_MODEL),
                                                                  Tokenizer(bundled_tokenizer_path())),
-                                             ray=True, ray_actors=gpus, ray_batch_size=8, dtype="bfloat16",
+                                             ray=True, ray_actors=gpus, ray_batch_size=batch_size, dtype="bfloat16",
                                              max_num_seqs=ENGINE["max_num_seqs"])
         assert failed == 0
     finally:
@@ -206,6 +206,8 @@ def main() -> None:
                     help="ray: the one-GPU img/s of an `--only image` run on the same number of JPEGs (measured "
                          "on this machine kind) instead of measuring it after the Ray run; lets 1,000 JPEGs fit "
                          "one device call")
+    ap.add_argument("--ray-batch-size", type=int, default=8,
+                    help="items per Ray batch (smaller: the two actors' last batches end closer together)")
     ap.add_argument("--out")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="caption-bench-") as tmp:
@@ -215,7 +217,7 @@ def main() -> None:
         elif args.only == "video":
             rows = bench_local("video", args.num_videos, min(args.engine_alone, args.num_videos), args.workers, tmp)
         else:
-            rows = bench_ray(args.num_images, args.workers, tmp, args.one_gpu_rate)
+            rows = bench_ray(args.num_images, args.workers, tmp, args.one_gpu_rate, args.ray_batch_size)
     report(rows, args.out)
 
 

@@ -1,6 +1,6 @@
 """Tuning sweep: the paged decode kernel's launch parameters, and SDPA backends for the ViT attention.
 
-    PYTHONPATH=. python benchmarks/kernels_gpu.py
+    PYTHONPATH=. python benchmarks/kernels_gpu.py [--only vit,decode] [--max-context 10495]
 """
 
 from __future__ import annotations
@@ -24,30 +24,46 @@ def graph_time(fn, iters: int = 20) -> float:
     return cuda_time(g.replay, warmup=3, iters=iters)
 
 
-def decode_sweep() -> None:
-    hq, hkv, d, bs, ctx = 32, 8, 128, 16, 2330
-    for b in (1, 32):
-        nblk = b * (ctx // bs + 1)
-        kc = torch.randn(nblk, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+def decode_sweep(max_context: int = 10495) -> None:
+    """The paged decode kernel's tiles at engine_gpu.py's shapes: 2,355 tokens of context per sequence (its decode
+    figures' mid-run length), blocks of 16 laid out as the block manager hands them to a fresh batch (each
+    sequence's run of blocks consecutive), a grid bounded by max_context (the engine's max_model_len: its CUDA graphs
+    size the grid for it). Prints the five best (split, block_n, warps, stages, context-bound loop, kv heads as the
+    fastest grid axis) per batch, each with its share of copy bandwidth for the KV it must read, and where the tuned
+    default ranks."""
+    from cogvlm2.engine.kernels import decode_attention as da
+
+    hq, hkv, d, bs, ctx = 32, 8, 128, 16, 2355
+    bw = copy_bandwidth()
+    for b in (1, 32, 64):
+        width = ctx // bs + 1
+        kc = torch.randn(b * width + 1, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
-        bt = torch.randperm(nblk, device="cuda").view(b, -1)
-        lens = torch.full((b,), ctx, device="cuda", dtype=torch.long)
+        bt = torch.arange(b * width, device="cuda").view(b, width)  # long, as the engine's tables
+        lens = torch.full((b,), ctx, device="cuda")
         q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
-        floor = 2 * b * ctx * hkv * d * 2 / copy_bandwidth() * 1e6
+        floor = 2 * b * ctx * hkv * d * 2 / bw * 1e6
+        default = graph_time(lambda: da.paged_decode_attention(q, kc, vc, bt, lens, d**-0.5, max_context)) * 1e6
         results = []
-        for split, block_n, warps, stages in itertools.product((128, 256, 512), (32, 64, 128), (4, 8), (2, 3)):
+        for split, block_n, warps, stages, bound, heads in itertools.product((128, 256, 512, 1024), (32, 64), (4, 8),
+                                                                             (2, 3), (False, True), (False, True)):
             if block_n > split:
                 continue
             try:
-                t = graph_time(lambda: paged_decode_attention(q, kc, vc, bt, lens, d**-0.5, 8192, split=split,
-                                                              block_n=block_n, num_warps=warps, num_stages=stages))
+                t = graph_time(lambda: da.paged_decode_attention(q, kc, vc, bt, lens, d**-0.5, max_context, split=split,
+                                                                 block_n=block_n, num_warps=warps, num_stages=stages,
+                                                                 context_bound=bound, heads_first=heads))
             except Exception as e:  # noqa: BLE001 - a config that does not compile is just skipped
-                print("skip", split, block_n, warps, stages, type(e).__name__)
+                print("skip", split, block_n, warps, stages, bound, heads, type(e).__name__)
                 continue
-            results.append((t * 1e6, split, block_n, warps, stages))
+            results.append((t * 1e6, split, block_n, warps, stages, bound, heads))
         results.sort()
+        rank = sum(r[0] < default for r in results) + 1
+        print(f"decode b={b:<3} default {default:8.1f} us = {floor / default:.0%} of copy bandwidth "
+              f"(floor {floor:.1f} us, rank {rank} of {len(results)})")
         for r in results[:5]:
-            print(f"decode b={b:<3} {r[0]:8.1f} us (floor {floor:.1f}) split={r[1]} block_n={r[2]} warps={r[3]} stages={r[4]}")
+            print(f"decode b={b:<3} {r[0]:8.1f} us ({floor / r[0]:.0%}) split={r[1]} block_n={r[2]} warps={r[3]} "
+                  f"stages={r[4]} context_bound={r[5]} heads_first={r[6]}")
 
 
 def vit_attention_backends() -> None:
@@ -76,5 +92,13 @@ def vit_attention_backends() -> None:
 
 
 if __name__ == "__main__":
-    vit_attention_backends()
-    decode_sweep()
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="vit,decode", help="vit, decode or both (comma-separated)")
+    X
+    args = ap.parse_args()
+    if "vit" in args.only:
+        vit_attention_backends()
+    if "decode" in args.only:
+        decode_sweep(args.max_context)

@@ -43,9 +43,14 @@ def check_decode_kernel(device: str) -> None:
                              (4, 2, [1, 40, 130], 24)]:
         q, k, v, meta = _random_paged(len(lens), lens, [1] * len(lens), hq=hq, hkv=hkv, d=d, device=device)
         ref = attend_reference(q, k, v, meta)
-        out = paged_decode_attention(q, k, v, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5, 1024)
-        err = (out - ref).abs().max().item()
-        assert err < 1e-4, (hq, hkv, lens, err)
+        # the tuned tiles, and the tuning sweep's other shapes: short splits, wide tiles, the context-bound loop
+        for tiles in (dict(), dict(split=128, block_n=32, context_bound=True),
+                      dict(split=256, block_n=64, heads_first=True),
+                      dict(split=512, block_n=128, context_bound=True, heads_first=True)):
+            out = paged_decode_attention(q, k, v, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5, 1024,
+                                         **tiles)
+            err = (out - ref).abs().max().item()
+            assert err < 1e-4, (hq, hkv, lens, tiles, err)
 
 
 def check_store_kv(device: str) -> None:

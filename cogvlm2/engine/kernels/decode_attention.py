@@ -20,15 +20,22 @@ SPLIT = 512  # context tokens per stage-1 program
 BLOCK_N = 32  # context tokens per inner iteration
 NUM_WARPS = 4
 NUM_STAGES = 3
+SMALL_BATCH = 8  # below it: (split, block_n, num_stages) = SMALL_TILES
+SMALL_TILES = (128, 64, 2)
 
 
 @triton.jit
 def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
             sq_b, sq_h, sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, sbt_b, so_b, so_h, so_s, sl_b, sl_h,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr,
+            CONTEXT_BOUND: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    if HEADS_FIRST:  # the kv heads of one (sequence, chunk) run side by side: they read one token row's 2 KB
+        kvh = tl.program_id(0)
+        b = tl.program_id(1)
+    else:
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
     s = tl.program_id(2)
     ctx = tl.load(lens_ptr + b)
     start = s * SPLIT_TOKENS
@@ -44,7 +51,10 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
     acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
     end = tl.minimum(start + SPLIT_TOKENS, ctx)
     if start < ctx:
-        for i in range(0, SPLIT_TOKENS, BLOCK_N):  # constant trip count; tokens past `end` are masked
+        # CONTEXT_BOUND: iterate up to the context only (a run-time trip count) instead of over the whole split
+        # with the tokens past `end` masked (a constant one)
+        stop = end - start if CONTEXT_BOUND else SPLIT_TOKENS
+        for i in range(0, stop, BLOCK_N):
             tok = start + i + tl.arange(0, BLOCK_N)
             ok = tok < end
             blk = tl.load(bt_ptr + b * sbt_b + tok // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
@@ -86,23 +96,26 @@ def _stage2(part_ptr, lse_ptr, out_ptr, so_b, so_h, so_s, sl_b, sl_h, sout_b, so
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context: int,
-                           out: torch.Tensor | None = None, split: int = SPLIT, block_n: int = BLOCK_N,
-                           num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
+                           out: torch.Tensor | None = None, split: int | None = None, block_n: int | None = None,
+                           num_warps: int = NUM_WARPS, num_stages: int | None = None,
+                           context_bound: bool = False, heads_first: bool = False) -> torch.Tensor:
     """q [B, Hq, d]; k/v_cache [num_blocks, block_size, Hkv, d] (any strides, last dim contiguous);
     block_tables [B, max_blocks] int32; context_lens [B] int32 (tokens to attend, the current one
     included, already written to the cache). max_context bounds every context_lens (sets the grid).
-    Returns [B, Hq, d] in q's dtype."""
+    split / block_n / num_stages: None takes the tuned tiles for this batch size; context_bound and
+    heads_first: see `_stage1` (tuning options, off by default until measured). Returns [B, Hq, d] in q's dtype."""
     b, hq, dim = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
-    if b < 8 and split == SPLIT:
-        split, block_n, num_stages = 128, 64, 2
+    tuned = SMALL_TILES if b < SMALL_BATCH else (SPLIT, BLOCK_N, NUM_STAGES)
+    split, block_n, num_stages = (tuned[0] if split is None else split, tuned[1] if block_n is None else block_n,
+                                  tuned[2] if num_stages is None else num_stages)
     splits = max(1, triton.cdiv(max_context, split))
     head_pad = max(16, triton.next_power_of_2(dim))  # tl.arange needs a power of 2, tl.dot at least 16
     part = torch.empty(b, hq, splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
-    _stage1[(b, hkv, splits)](
+    _stage1[(hkv, b, splits) if heads_first else (b, hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -110,7 +123,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, HEAD_PAD=head_pad,
         BLOCK_SIZE=block_size,
         BLOCK_N=min(block_n, split), SPLIT_TOKENS=split,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CONTEXT_BOUND=context_bound,
+        HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages)
     _stage2[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
                      out.stride(0), out.stride(1), NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
                      HEAD_DIM=dim, HEAD_PAD=head_pad)
