@@ -37,12 +37,13 @@ def busy_fraction(prof, wall_s: float) -> float:
     return busy / 1e6 / wall_s
 
 
-KERNEL_KINDS = (("attention", ("_stage1", "_stage2", "flash", "fmha", "attention")),
-                ("GEMM", ("nvjet", "gemm", "splitKreduce", "cutlass", "sm90_xmma")))
+KERNEL_KINDS = (("attention", ("_stage1", "_stage2", "flash", "fmha", "sdpa", "attention")),
+                ("GEMM", ("nvjet", "gemm", "splitKreduce", "cutlass", "sm90_xmma")),
+                ("norms+activations", ("layer_norm", "rms_norm", "gelu", "GeluCUDA", "silu")))
 
 
 def kernel_seconds(prof) -> dict[str, float]:
-    """GPU kernel time by kind (attention, GEMM, other) over the profiled events, in seconds."""
+    """GPU kernel time by kind (attention, GEMM, norms and activations, other) over the profiled events, in seconds."""
     out = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA or e.time_range.end <= e.time_range.start:
@@ -50,6 +51,13 @@ def kernel_seconds(prof) -> dict[str, float]:
         kind = next((k for k, keys in KERNEL_KINDS if any(key in e.name for key in keys)), "other")
         out[kind] += (e.time_range.end - e.time_range.start) / 1e6
     return out
+
+
+def kinds_line(prof, per: float = 1.0, unit: str = "ms") -> str:
+    """'total X: kind a, kind b, ...' in ms (per: divide by this many steps / images)."""
+    k = kernel_seconds(prof)
+    items = sorted(k.items(), key=lambda kv: -kv[1])
+    return f"{sum(k.values()) / per * 1e3:.2f} {unit}: " + ", ".join(f"{n} {v / per * 1e3:.2f}" for n, v in items)
 
 
 def profile_caption(engine: LLMEngine, proc: Processor, trace_dir: str | None) -> None:
@@ -64,7 +72,7 @@ def profile_caption(engine: LLMEngine, proc: Processor, trace_dir: str | None) -
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     print(f"captioning 16 images x 32 tokens under the profiler: {wall:.2f} s ({16 / wall:.2f} img/s), GPU busy "
-          f"{busy_fraction(prof, wall):.0%} of it")
+          f"{busy_fraction(prof, wall):.0%} of it; kernel time per image {kinds_line(prof, 16)}")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
     if trace_dir:
         prof.export_chrome_trace(f"{trace_dir}/caption_trace.json")
@@ -88,9 +96,13 @@ def main() -> None:
     if "prefill" in only:
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
             engine.add_request("p", x, greedy)
             run_until_done(engine, {"p"})
             torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        print(f"prefill (TTFT) of one image + question under the profiler: {wall * 1e3:.1f} ms, GPU busy "
+              f"{busy_fraction(prof, wall):.0%} of it; kernel time {kinds_line(prof)}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     if "caption" in only:
         profile_caption(engine, proc, args.trace_dir)
@@ -143,10 +155,8 @@ def profile_decode(engine: LLMEngine, proc: Processor, b: int, trace_dir: str | 
     print(f"batch {b}: step {step * 1e3:.2f} ms (median of 20 steady steps), of which the decode graph's replay "
           f"alone (mid-run) {replay * 1e3:.2f} ms; the rest {(step - replay) * 1e3:.2f} ms (logits, sampling, "
           "staging, GPU idle)")
-    kernels = kernel_seconds(prof)
     print(f"batch {b}: {steps} steady steps under the profiler: {wall / steps * 1e3:.2f} ms per step, GPU busy "
-          f"{busy_fraction(prof, wall):.0%} of it; kernel time per step {sum(kernels.values()) / steps * 1e3:.2f} ms: "
-          + ", ".join(f"{k} {v / steps * 1e3:.2f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])))
+          f"{busy_fraction(prof, wall):.0%} of it; kernel time per step {kinds_line(prof, steps)}")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
     if trace_dir:
