@@ -364,12 +364,14 @@ def test_two_gpus_peer_all_reduce_equals_nccl():
 
     It runs in a process of its own: which engine is a process's first must not depend on which tests ran before."""
     cmd = [sys.executable, __file__, "peer-equals-nccl"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PEER_LIMIT_S, start_new_session=True)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the peer all-reduce run did not finish within {PEER_LIMIT_S} s:\n{str(e.stdout)[-6000:]}")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "peer equals nccl" in proc.stdout, out[-6000:]
+        out, _ = proc.communicate(timeout=PEER_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child and its ranks
+        out, _ = proc.communicate()
+        pytest.fail(f"the peer all-reduce run did not finish within {PEER_LIMIT_S} s:\n{out[-6000:]}")
+    assert proc.returncode == 0 and "peer equals nccl" in out, out[-6000:]
     assert "NCCL does every all-reduce" in out  # the third engine said why it fell back
 
 
