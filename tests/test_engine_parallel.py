@@ -363,16 +363,23 @@ def test_two_gpus_peer_all_reduce_equals_nccl():
     symmetric-memory rendezvous, and gives the same tokens.
 
     It runs in a process of its own: which engine is a process's first must not depend on which tests ran before."""
-    cmd = [sys.executable, __file__, "peer-equals-nccl"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=PEER_LIMIT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the child and its ranks
-        out, _ = proc.communicate()
-        pytest.fail(f"the peer all-reduce run did not finish within {PEER_LIMIT_S} s:\n{out[-6000:]}")
-    assert proc.returncode == 0 and "peer equals nccl" in out, out[-6000:]
+    out = _run_script(["peer-equals-nccl"], PEER_LIMIT_S, "peer equals nccl")
     assert "NCCL does every all-reduce" in out  # the third engine said why it fell back
+
+
+def _run_script(args: list[str], limit_s: float, success: str) -> str:
+    """Run this file as a script with `args` in a session of its own; its output, which must end well (exit code 0
+    and `success` printed) within limit_s. On a timeout the whole group (the child and its ranks) is killed."""
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"`{' '.join(args)}` did not finish within {limit_s} s:\n{out[-6000:]}")
+    assert proc.returncode == 0 and success in out, out[-6000:]
+    return out
 
 
 def _peer_equals_nccl_main() -> None:
@@ -415,15 +422,7 @@ def test_two_gpus_dead_rank_is_an_error(all_reduce):
     interrupt a call blocked inside CUDA or NCCL. The child dumps every thread's stack shortly before the
     limit, so a hang fails with where it hung. With the peer-to-peer all-reduce, whose barrier has no timeout,
     the driver's kernels waiting for the dead rank are released by `PeerAllReduce.unblock`."""
-    cmd = [sys.executable, __file__, "dead-rank", str(DEAD_RANK_LIMIT_S - 8), all_reduce]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=DEAD_RANK_LIMIT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the child and its rank
-        out, _ = proc.communicate()
-        pytest.fail(f"the dead-rank run did not finish within {DEAD_RANK_LIMIT_S} s:\n{out[-6000:]}")
-    assert proc.returncode == 0 and "dead rank reported" in out, out[-6000:]
+    _run_script(["dead-rank", str(DEAD_RANK_LIMIT_S - 8), all_reduce], DEAD_RANK_LIMIT_S, "dead rank reported")
 
 
 def _dead_rank_main(dump_after_s: int, all_reduce: str) -> None:

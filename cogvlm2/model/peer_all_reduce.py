@@ -69,16 +69,14 @@ class PeerAllReduce:
         """The all-reduce, or None (with a warning; NCCL then does every all-reduce) where symmetric memory
         or peer access is unavailable. Every rank agrees: a rank that failed makes all of them fall back."""
         reducer, error = None, ""
-        if not _same_everywhere(_rendezvous_made, group, device):
+        if not _same_everywhere(_rendezvous_made, group, device):  # the same answer on every rank: none builds
             error = ("the ranks' processes made different numbers of symmetric-memory rendezvous (an earlier "
                      "tensor-parallel engine in this process), whose keys would never meet")
-            logger.warning("tensor parallelism: the peer-to-peer all-reduce is unavailable (%s); NCCL does every "
-                           "all-reduce", error)
-            return None
-        try:
-            reducer = cls(group, device, dtype, max_bytes)
-        except Exception as e:  # noqa: BLE001 - no symm_mem in this torch, no P2P between the GPUs, ...
-            error = f"{type(e).__name__}: {e}"
+        else:
+            try:
+                reducer = cls(group, device, dtype, max_bytes)
+            except Exception as e:  # noqa: BLE001 - no symm_mem in this torch, no P2P between the GPUs, ...
+                error = f"{type(e).__name__}: {e}"
         if _everyone(reducer is not None, group, device):  # then a first sum, checked on every rank
             rank, size = dist.get_rank(group), dist.get_world_size(group)
             probe, right = torch.full((64,), float(rank + 1), device=device, dtype=dtype), False
