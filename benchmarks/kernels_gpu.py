@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import copy_bandwidth, cuda_time
-from cogvlm2.engine.kernels.decode_attention import paged_decode_attention
 
 
 def graph_time(fn, iters: int = 20) -> float:
@@ -96,7 +95,8 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="vit,decode", help="vit, decode or both (comma-separated)")
-    X
+    ap.add_argument("--max-context", type=int, default=10495,
+                    help="the engine's max_model_len: its CUDA graphs size the decode grid for it")
     args = ap.parse_args()
     if "vit" in args.only:
         vit_attention_backends()
