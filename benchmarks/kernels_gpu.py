@@ -1,6 +1,6 @@
 """Tuning sweep: the paged decode kernel's launch parameters, and SDPA backends for the ViT attention.
 
-    PYTHONPATH=. python benchmarks/kernels_gpu.py [--only vit,decode] [--max-context 10495]
+    PYTHONPATH=. python benchmarks/kernels_gpu.py [--only vit,decode] [--max-context 10495] [--batches 1,32,64]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def graph_time(fn, iters: int = 20) -> float:
     return cuda_time(g.replay, warmup=3, iters=iters)
 
 
-def decode_sweep(max_context: int = 10495) -> None:
+def decode_sweep(max_context: int = 10495, batches: tuple[int, ...] = (1, 32, 64)) -> None:
     """The paged decode kernel's tiles at engine_gpu.py's shapes: 2,355 tokens of context per sequence (its decode
     figures' mid-run length), blocks of 16 laid out as the block manager hands them to a fresh batch (each
     sequence's run of blocks consecutive), a grid bounded by max_context (the engine's max_model_len: its CUDA graphs
@@ -34,7 +34,7 @@ def decode_sweep(max_context: int = 10495) -> None:
 
     hq, hkv, d, bs, ctx = 32, 8, 128, 16, 2355
     bw = copy_bandwidth()
-    for b in (1, 32, 64):
+    for b in batches:
         width = ctx // bs + 1
         kc = torch.randn(b * width + 1, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
@@ -97,8 +97,9 @@ if __name__ == "__main__":
     ap.add_argument("--only", default="vit,decode", help="vit, decode or both (comma-separated)")
     ap.add_argument("--max-context", type=int, default=10495,
                     help="the engine's max_model_len: its CUDA graphs size the decode grid for it")
+    ap.add_argument("--batches", default="1,32,64", help="decode batch sizes to sweep (comma-separated)")
     args = ap.parse_args()
     if "vit" in args.only:
         vit_attention_backends()
     if "decode" in args.only:
-        decode_sweep(args.max_context)
+        decode_sweep(args.max_context, tuple(int(b) for b in args.batches.split(",")))

@@ -35,18 +35,32 @@ def _random_paged(batch: int, lens: list[int], q_lens: list[int], hq=8, hkv=2, d
     return q, k, v, meta
 
 
+def _runtime_trip_counts() -> bool:
+    """Whether this Triton runs a loop with a run-time trip count (the context-bound tiles): compiled always; its
+    interpreter only from 3.7 on (3.6 casts the bound with int() on a 1-element array, which NumPy 2 refuses)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return True
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7)
+
+
 def check_decode_kernel(device: str) -> None:
-    from cogvlm2.engine.kernels.decode_attention import paged_decode_attention
+    from cogvlm2.engine.kernels.decode_attention import LARGE_TILES, paged_decode_attention
+
+    # the tuned tiles (the batches here are small: the large-batch ones are passed), and the tuning sweep's other
+    # shapes: short splits, wide tiles, the context-bound loop
+    large = dict(zip(("split", "block_n", "num_stages", "context_bound"), LARGE_TILES))
+    shapes = [dict(), large, dict(split=128, block_n=32, context_bound=True), dict(split=256, block_n=64,
+              heads_first=True), dict(split=512, block_n=128, context_bound=True, heads_first=True)]
+    if not _runtime_trip_counts():
+        shapes = [t for t in shapes if not t.get("context_bound")]
+        print(f"Triton {triton.__version__}'s interpreter: the context-bound tiles are checked compiled only")
 
     # d=24: the tiny model's head dim, no power of 2 (the kernel pads it)
     for hq, hkv, lens, d in [(8, 2, [1, 17, 300, 517], 64), (4, 4, [5, 256, 257], 64), (12, 4, [1000], 64),
                              (4, 2, [1, 40, 130], 24)]:
         q, k, v, meta = _random_paged(len(lens), lens, [1] * len(lens), hq=hq, hkv=hkv, d=d, device=device)
         ref = attend_reference(q, k, v, meta)
-        # the tuned tiles, and the tuning sweep's other shapes: short splits, wide tiles, the context-bound loop
-        for tiles in (dict(), dict(split=128, block_n=32, context_bound=True),
-                      dict(split=256, block_n=64, heads_first=True),
-                      dict(split=512, block_n=128, context_bound=True, heads_first=True)):
+        for tiles in shapes:
             out = paged_decode_attention(q, k, v, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5, 1024,
                                          **tiles)
             err = (out - ref).abs().max().item()

@@ -14,14 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Tuned on H100 (benchmarks/kernels_gpu.py): long splits with narrow tiles for large batches, short
-# splits for small batches where (sequence, kv head) pairs alone cannot fill 132 SMs.
-SPLIT = 512  # context tokens per stage-1 program
-BLOCK_N = 32  # context tokens per inner iteration
+# Tuned on an H200 (benchmarks/kernels_gpu.py --only decode, 2,355-token contexts): (split, block_n, num_stages,
+# context_bound) per batch size. Small batches take short splits: (sequence, kv head) pairs alone cannot fill 132
+# SMs. From SMALL_BATCH on, long splits whose loop stops at the context: 89 us at batch 32 where the H100's tiles
+# (512, 32, 3, masked to the split's end) took 110 (83% of copy bandwidth instead of 67%); batch 64 89% (75%).
 NUM_WARPS = 4
-NUM_STAGES = 3
-SMALL_BATCH = 8  # below it: (split, block_n, num_stages) = SMALL_TILES
-SMALL_TILES = (128, 64, 2)
+SMALL_BATCH = 8
+SMALL_TILES = (128, 64, 2, False)
+LARGE_TILES = (1024, 64, 2, True)
 
 
 @triton.jit
@@ -53,8 +53,8 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
     if start < ctx:
         # CONTEXT_BOUND: iterate up to the context only (a run-time trip count) instead of over the whole split
         # with the tokens past `end` masked (a constant one)
-        stop = end - start if CONTEXT_BOUND else SPLIT_TOKENS
-        for i in range(0, stop, BLOCK_N):
+        # (the bound inline: Triton 3.6's interpreter turns every assigned value into a tensor, a loop bound included)
+        for i in range(0, end - start if CONTEXT_BOUND else SPLIT_TOKENS, BLOCK_N):
             tok = start + i + tl.arange(0, BLOCK_N)
             ok = tok < end
             blk = tl.load(bt_ptr + b * sbt_b + tok // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
@@ -98,18 +98,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            context_lens: torch.Tensor, scale: float, max_context: int,
                            out: torch.Tensor | None = None, split: int | None = None, block_n: int | None = None,
                            num_warps: int = NUM_WARPS, num_stages: int | None = None,
-                           context_bound: bool = False, heads_first: bool = False) -> torch.Tensor:
+                           context_bound: bool | None = None, heads_first: bool = False) -> torch.Tensor:
     """q [B, Hq, d]; k/v_cache [num_blocks, block_size, Hkv, d] (any strides, last dim contiguous);
     block_tables [B, max_blocks] int32; context_lens [B] int32 (tokens to attend, the current one
     included, already written to the cache). max_context bounds every context_lens (sets the grid).
-    split / block_n / num_stages: None takes the tuned tiles for this batch size; context_bound and
-    heads_first: see `_stage1` (tuning options, off by default until measured). Returns [B, Hq, d] in q's dtype."""
+    split / block_n / num_stages / context_bound: None takes the tuned tiles for this batch size; context_bound
+    and heads_first (off: it did not win on the H200): see `_stage1`. Returns [B, Hq, d] in q's dtype."""
     b, hq, dim = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
-    tuned = SMALL_TILES if b < SMALL_BATCH else (SPLIT, BLOCK_N, NUM_STAGES)
-    split, block_n, num_stages = (tuned[0] if split is None else split, tuned[1] if block_n is None else block_n,
-                                  tuned[2] if num_stages is None else num_stages)
+    tuned = SMALL_TILES if b < SMALL_BATCH else LARGE_TILES
+    split, block_n, num_stages, context_bound = (
+        tuned[0] if split is None else split, tuned[1] if block_n is None else block_n,
+        tuned[2] if num_stages is None else num_stages, tuned[3] if context_bound is None else context_bound)
     splits = max(1, triton.cdiv(max_context, split))
     head_pad = max(16, triton.next_power_of_2(dim))  # tl.arange needs a power of 2, tl.dot at least 16
     part = torch.empty(b, hq, splits, dim, dtype=torch.float32, device=q.device)
