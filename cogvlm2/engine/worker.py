@@ -56,8 +56,10 @@ class ModelSpec:
     the CPU in float32. quant: quantize while loading (see cogvlm2.quant). adapters: LoRA adapters to
     load, name -> folder (peft format); requests select one by its name. peer_all_reduce: under tensor
     parallelism on GPUs, the small all-reduces of decode use the one-shot peer-to-peer kernel
-    (`model/peer_all_reduce.py`) instead of NCCL (the default: 1.5-1.9x faster than NCCL up to 512 KiB on
-    2 H200s, decode +3%; GPUs that cannot map each other's memory fall back to NCCL); False: NCCL for all.
+    (`model/peer_all_reduce.py`) instead of NCCL (1.5-1.9x faster than NCCL up to 512 KiB on 2 H200s, decode
+    +3%; GPUs that cannot map each other's memory fall back to NCCL). Off by default: a rank that dies under it
+    leaves the driver's CUDA context unusable (2 H200s: the request fails, naming the dead rank, after > 20 s,
+    and the process then aborts), where NCCL's driver lives on.
     """
 
     model: str | Path | nn.Module | Callable[..., nn.Module]
@@ -69,7 +71,7 @@ class ModelSpec:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     shard_vision: bool | None = None
-    peer_all_reduce: bool = True
+    peer_all_reduce: bool = False
 
     def __post_init__(self) -> None:
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
