@@ -286,3 +286,22 @@ def test_ray_pixels_travel_in_the_engines_16bit_dtype():
     factory = functools.partial(LLMEngine.from_pretrained, "tiny", "float32", "cpu", **ENGINE)
     with pytest.raises(ValueError, match="computes in torch.float32"):
         _EngineActor("tiny", factory, "bfloat16", "cpu", {}, params, prep)
+
+
+def test_ray_benchmark_mechanics_on_the_tiny_model(tmp_path):
+    """benchmarks/caption_gpu.py --only ray --pair --dry-run: Ray's actors, the one-process-per-GPU pair and the
+    one-GPU run each caption every JPEG with the tiny model on the CPU, and the per-engine timelines (ready, first
+    request, last row) the GPU run explains its ratio with come out for every engine that worked."""
+    pytest.importorskip("ray.data")
+    root = Path(__file__).parents[1]
+    out = tmp_path / "ray.json"
+    run = subprocess.run([sys.executable, "benchmarks/caption_gpu.py", "--only", "ray", "--pair", "--dry-run",
+                          "--num-images", "4", "--ray-batch-size", "2", "--out", str(out)], cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert len(re.findall(r"^  actor \d+: ready", run.stdout, re.M)) == 2
+    pair = re.findall(r"^  pair process \d+: .* (\d+) items", run.stdout, re.M)
+    assert sorted(map(int, pair)) == [2, 2]  # the files split over the two processes
+    assert re.search(r"^  one GPU 0: .* 4 items", run.stdout, re.M)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 5 and all(r["value"] > 0 and r["floor"] > 0 for r in rows)
