@@ -1,11 +1,11 @@
 """Paged decode attention in Triton (flash-decoding): one query token per sequence, KV read from paged blocks.
 
-Stage 1 splits every sequence's context into chunks of SPLIT tokens; a program handles one
+Stage 1 splits every sequence's context into chunks of `split` tokens; a program handles one
 (sequence, kv head, chunk) and all the query heads that share that kv head (grouped-query attention:
 the KV chunk is read once for the whole group). Stage 2 merges the chunks with their log-sum-exp.
 Splitting keeps the GPU busy at batch 1, where (sequence, kv head) alone gives only 8 programs.
 The grid depends only on (batch, max_splits), so a captured CUDA graph can replay it for any
-context lengths up to max_splits * SPLIT.
+context lengths up to max_splits * split.
 """
 
 from __future__ import annotations
