@@ -279,7 +279,8 @@ def test_text_chunks_replay_the_decode_graph_buffers(tiny):
     engine.runner.graphs = graphs
     eager = []
     forward_eager = engine.runner._forward_eager
-    engine.runner._forward_eager = lambda batch: eager.append(sum(batch.num_new_tokens)) or forward_eager(batch)
+    engine.runner._forward_eager = (lambda batch, source=None: eager.append(sum(batch.num_new_tokens))
+                                    or forward_eager(batch, source))
     p = SamplingParams(max_new_tokens=6, **GREEDY)
     first = processor("Describe the picture.", image=image(21))
     out = run(engine, [(0, "turn1", first, p)])["turn1"]

@@ -1,6 +1,6 @@
-"""Async scheduling (one step in flight, the next decode launched from its ids on the device) against
-the synchronous engine: the same tokens, text, finish reasons and stream deltas on mixed workloads
-(text / image / video, chunked prefill, preemption, aborts mid-stream, stop ids and strings, seeds),
+"""Async scheduling (one step in flight, the next decode launched from its ids on the device, arrivals
+admitted beside it) against the synchronous engine: the same tokens, text, finish reasons and stream deltas on
+mixed workloads (text / image / video, chunked prefill, preemption, aborts mid-stream, stop ids and strings, seeds),
 every KV block back at the end; and a randomised scheduler simulation of the lookahead with stops
 it cannot foresee and aborts while a step is in flight.
 """
@@ -23,13 +23,15 @@ from cogvlm2.sampling_params import SamplingParams
 
 
 def count_lookaheads(engine: LLMEngine) -> dict[str, int]:
-    """Count the scheduler's lookahead decisions (launched / declined) from now on."""
-    counts = {"lookahead": 0, "fallback": 0}
+    """Count the scheduler's lookahead decisions (launched / declined) from now on, and the launched ones that
+    admitted a waiting sequence."""
+    counts = {"lookahead": 0, "fallback": 0, "admitted": 0}
     plan = engine.scheduler.schedule_lookahead
 
     def counted(prev, done):
         batch = plan(prev, done)
         counts["lookahead" if batch is not None else "fallback"] += 1
+        counts["admitted"] += batch is not None and (batch.input_rows is None or None in batch.input_rows)
         return batch
 
     engine.scheduler.schedule_lookahead = counted
@@ -138,9 +140,9 @@ def test_async_video_chunked(tiny_video):
     assert counts["lookahead"] > 0
 
 
-def test_penalties_overlap_admissions_fall_back(tiny):
-    """Penalties count the id still on the device, so they overlap; a request arriving mid-decode is
-    admitted by the synchronous path, then decoding overlaps again."""
+def test_penalties_and_admissions_overlap(tiny):
+    """Penalties count the id still on the device, so they overlap; requests arriving mid-decode are admitted
+    into lookahead steps (prefill beside the decoding rows, whose ids stay on the device), penalised ones too."""
     model, processor = tiny
     engine = LLMEngine(model, EngineConfig(), processor)
     counts = count_lookaheads(engine)
@@ -150,12 +152,14 @@ def test_penalties_overlap_admissions_fall_back(tiny):
     out = stream(engine, [(0, "pen", x, p)])["pen"][-1]
     assert counts["lookahead"] >= 10 and out.token_ids == reference(model, x, p)
     counts = count_lookaheads(engine)
-    requests = [(0, "a", processor("first"), SamplingParams(max_new_tokens=12, **GREEDY)),
-                (4, "b", processor("second"), SamplingParams(max_new_tokens=6, **GREEDY))]
+    requests = [(0, "a", processor("first"), p),
+                (4, "b", processor("second"), SamplingParams(max_new_tokens=6, **GREEDY)),
+                (6, "c", processor("third", image=image(2)), p),
+                (6, "d", processor("fourth"), SamplingParams(max_new_tokens=5, repetition_penalty=1.5, temperature=0))]
     done = stream(engine, requests)
-    assert counts["fallback"] >= 2 and counts["lookahead"] >= 8
-    for _, rid, x, p in requests:
-        assert done[rid][-1].token_ids == reference(model, x, p)
+    assert counts["admitted"] >= 2 and counts["fallback"] <= 1 and counts["lookahead"] >= 10
+    for _, rid, x, q in requests:
+        assert done[rid][-1].token_ids == reference(model, x, q), rid
 
 
 def test_sampler_pending_ids_equal_host_ids():
@@ -272,9 +276,10 @@ def test_llm_generate_both_modes(tiny):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_random_simulation_lookahead(seed: int, prefix_caching: bool):
-    """The engine's async step loop over the scheduler alone: random arrivals, aborts while a step is
-    in flight, EOS-like stops the lookahead cannot foresee, a tiny pool. The fake KV store records
-    which (sequence, token) wrote each slot; a token still on the device is known only to its writer."""
+    """The engine's async step loop over the scheduler alone: random arrivals (admitted into lookahead steps
+    too), aborts while a step is in flight, EOS-like stops the lookahead cannot foresee, a tiny pool. The fake KV
+    store records which (sequence, token) wrote each slot; a token still on the device is known only to its
+    writer."""
     rng = random.Random(100 + seed)
     block_size, max_len = 4, 80
     config = EngineConfig(block_size=block_size, max_num_seqs=rng.choice([4, 8]),
@@ -284,7 +289,7 @@ def test_random_simulation_lookahead(seed: int, prefix_caching: bool):
     stems = [[rng.randrange(10, 20) for _ in range(n)] for n in (0, 9, 17, 30)]
     kv: dict[int, tuple[Sequence, int]] = {}
     live: dict[str, Sequence] = {}
-    stats = dict(finished=0, aborted_in_flight=0, lookahead=0, discarded=0)
+    stats = dict(finished=0, aborted_in_flight=0, lookahead=0, discarded=0, admitted=0)
 
     def slot(seq: Sequence, t: int) -> int:
         return seq.block_table[t // block_size] * block_size + t % block_size
@@ -330,9 +335,14 @@ def test_random_simulation_lookahead(seed: int, prefix_caching: bool):
         if prev is not None:
             batch = sched.schedule_lookahead(prev[0], done)
             if batch is not None:
-                assert batch.is_decode and batch.num_tokens <= config.max_num_batched_tokens
+                assert batch.num_tokens <= config.max_num_batched_tokens and not batch.preempted
+                for seq, start, n, row in zip(batch.seqs, batch.starts, batch.num_new_tokens,
+                                              batch.input_rows or [None] * len(batch)):
+                    # a decoding sequence computes the token in flight; an admitted one starts where it was cached
+                    assert (n, start) == (1, len(seq)) if row is not None else start == seq.num_computed_tokens
                 in_flight = launch(batch)
                 stats["lookahead"] += 1
+                stats["admitted"] += batch.input_rows is None or None in batch.input_rows
             collect(prev)
         if in_flight is None:
             batch = sched.schedule()
@@ -343,4 +353,4 @@ def test_random_simulation_lookahead(seed: int, prefix_caching: bool):
             break
     assert not live and bm.num_free == bm.num_blocks
     assert stats["finished"] > 300 and stats["aborted_in_flight"] > 5 and stats["discarded"] > 50
-    assert stats["lookahead"] > 500 and sched.num_preemptions > 0
+    assert stats["lookahead"] > 500 and stats["admitted"] > 100 and sched.num_preemptions > 0

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.batch import FlatTokens, ForwardBatch, flatten
+from ..model.batch import FlatTokens, ForwardBatch, TokenSpan, flatten
 from ..model.cogvlm import CogVLM2ForCausalLM
 from .attention import Attend, AttentionMetadata, KVCache, PagedAttention, attend_reference
 from .config import EngineConfig
@@ -88,38 +88,35 @@ class ModelRunner:
         """Enqueue one step (forward, lm_head, sampler, the ids' copy to the host) without waiting for
         the device. A lookahead batch (input_rows set) reads its input ids from `source`, the
         previous step's `sampled`."""
-        assert (batch.input_rows is None) == (source is None), "source goes with a lookahead batch"
+        assert batch.input_rows is None or source is not None, "a lookahead batch reads source"
+        source = None if batch.input_rows is None else source  # a lookahead of admitted sequences only reads none
         sampling = [s for s, sample in zip(batch.seqs, batch.samples) if sample]
         groups = self._adapter_groups(batch)
-        pending = None  # a lookahead batch's input ids: each sequence's latest id, still on the device
         logits = None
         if len(groups) > 1:  # several LoRA adapters: one forward per adapter (eager), rows put back in order
             logits = self._logits_of_groups(batch, groups, source)
-            if source is not None:
-                pending = self._take(source, batch.input_rows)
         elif self._is_plain_decode(batch):
             self._activate(batch.seqs[0].adapter_slot)
             rows = self._decode_rows(batch, source)
-            pending = rows[0] if source is not None else None
             if self.graphs is not None and self.graphs.fits(len(batch)):
                 hidden = self.graphs.run(rows)
             else:
                 hidden = self._forward_decode(rows)
-        elif source is None and self.graphs is not None and self.graphs.fits(sum(batch.num_new_tokens)) \
-                and self._is_plain_text(batch):
+        elif self.graphs is not None and self.graphs.fits(sum(batch.num_new_tokens)) and self._is_plain_text(batch):
             # short text-only chunks (a later turn over a cached image, a short text prompt): every
             # token is a decode-shaped row, so the step replays a decode graph instead of ~30 eager
             # ops per layer
             self._activate(batch.seqs[0].adapter_slot)
-            rows, last = self._text_rows(batch)
+            rows, last = self._text_rows(batch, source)
             hidden = self._take(self.graphs.run(rows), last)
         else:
             self._activate(batch.seqs[0].adapter_slot)
-            hidden = self._forward_eager(batch)
+            hidden = self._forward_eager(batch, source)
         if not sampling:
             return LaunchedStep(batch)
         if logits is None:
             logits = self.model.compute_logits(hidden)
+        pending = None if source is None else self._pending(batch, source, logits.shape[1])
         sampled = self.sampler(logits, sampling, pending)  # [n_sample] on the device
         return LaunchedStep(batch, sampled, *self._to_host(sampled))
 
@@ -149,7 +146,7 @@ class ModelRunner:
             if self._is_plain_decode(sub):
                 hidden = self._forward_decode(self._decode_rows(sub, source))
             else:
-                hidden = self._forward_eager(sub)
+                hidden = self._forward_eager(sub, source)
             logits.append(self.model.compute_logits(hidden))
             order += [i for i in rows if batch.samples[i]]
         position = {row: k for k, row in enumerate(order)}  # batch row -> its row in the concatenation
@@ -198,22 +195,30 @@ class ModelRunner:
                 return False
         return True
 
-    def _text_rows(self, batch: ScheduledBatch) -> tuple[DecodeRows, list[int]]:
+    def _text_rows(self, batch: ScheduledBatch, source: torch.Tensor | None = None) -> tuple[DecodeRows, list[int]]:
         """A plain-text step as decode rows, one per token: token t of a sequence attends to its
         first t + 1 cached tokens, which include this step's earlier rows (every row's K/V is
-        written before any row attends). Also the row of each sampling sequence's last token."""
+        written before any row attends). Also the row of each sampling sequence's last token.
+        In a lookahead step the decoding sequences' ids come from `source` on the device."""
         bs = self.config.block_size
         ids, pos, slots, context, tables, last = [], [], [], [], [], []
-        for seq, start, n, sample in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples):
+        at, in_flight = [], []
+        for seq, start, n, sample, r in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples,
+                                            batch.input_rows or [None] * len(batch)):
             end, table = start + n, seq.block_table
-            ids += seq.token_ids[start:end]
+            if r is not None:
+                at.append(len(ids))
+                in_flight.append(r)
+                ids.append(0)
+            else:
+                ids += seq.token_ids[start:end]
             pos += seq.positions(start, end)
             slots += [table[t // bs] * bs + t % bs for t in range(start, end)]
             context += range(start + 1, end + 1)
             tables += [table] * n
             if sample:
                 last.append(len(pos) - 1)
-        return (ids, pos, slots, context, tables), last
+        return (self._with_in_flight(ids, at, in_flight, source), pos, slots, context, tables), last
 
     def _forward_decode(self, rows: DecodeRows) -> torch.Tensor:
         """Hidden states [n, D] of a pure-decode batch, eagerly (no CUDA graph): plain Llama, no routing."""
@@ -227,12 +232,16 @@ class ModelRunner:
         meta = AttentionMetadata(slots_d, tables_d.view(n, w), ctx_d, qsl_d, [1] * n, context)
         return self.model(ForwardBatch(ids_d, pos_d, PagedAttention(self.kv, meta, self.attend)))
 
-    def _forward_eager(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Hidden states of the sampling rows [n_sample, D]."""
+    def _forward_eager(self, batch: ScheduledBatch, source: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of the sampling rows [n_sample, D]. A lookahead batch's decoding sequences take their
+        id from `source` on the device."""
         h = HostInputs.build(batch, self.config.block_size, self.kv.null_block)
         t = h.tokens
-        (ids, pos, slots, qsl, ctx, tables, logits_idx, embed_idx) = self._to_device(
-            [t.input_ids, t.positions, h.slots, t.cu_seqlens, h.context, h.tables, h.logits_idx, t.vision_embed_idx])
+        (ids, pos, slots, qsl, ctx, tables, logits_idx, embed_idx, at, rows) = self._to_device(
+            [t.input_ids, t.positions, h.slots, t.cu_seqlens, h.context, h.tables, h.logits_idx, t.vision_embed_idx,
+             h.in_flight, h.in_flight_rows])
+        if h.in_flight:
+            ids.index_copy_(0, at, source.index_select(0, rows))
         meta = AttentionMetadata(slots, tables.view(len(batch), -1), ctx, qsl, batch.num_new_tokens, h.context)
         fb = ForwardBatch(ids, pos, PagedAttention(self.kv, meta, self.attend),
                           vision_embeds=self._vision_embeds(h.vision_parts) if h.vision_parts else None,
@@ -247,11 +256,37 @@ class ModelRunner:
         for seq, start in zip(batch.seqs, batch.starts):
             pos += seq.positions(start, start + 1)
             slots.append(seq.block_table[start // bs] * bs + start % bs)
-        if source is not None:
+        if source is not None and None not in batch.input_rows:
             ids = self._take(source, batch.input_rows)
-        else:
-            ids = [seq.token_ids[start] for seq, start in zip(batch.seqs, batch.starts)]
+        else:  # host ids; in a lookahead step that admitted sequences, the decoding ones' come from source
+            rows = batch.input_rows or [None] * len(batch)
+            at = [i for i, r in enumerate(rows) if r is not None]
+            ids = self._with_in_flight([0 if r is not None else seq.token_ids[start] for seq, start, r in
+                                        zip(batch.seqs, batch.starts, rows)], at, [rows[i] for i in at], source)
         return ids, pos, slots, [start + 1 for start in batch.starts], [s.block_table for s in batch.seqs]
+
+    def _with_in_flight(self, ids: list[int], at: list[int], rows: list[int],
+                        source: torch.Tensor | None) -> list[int] | torch.Tensor:
+        """ids as they are (a host list) when none is in flight, else on the device with ids[at[j]] =
+        source[rows[j]] (a lookahead step's decoding sequences, whose ids never visit the host)."""
+        if not at:
+            return ids
+        ids_d, at_d, rows_d = self._to_device([ids, at, rows])
+        return ids_d.index_copy_(0, at_d, source.index_select(0, rows_d))
+
+    def _pending(self, batch: ScheduledBatch, source: torch.Tensor, vocab: int) -> torch.Tensor:
+        """A lookahead step's ids still on the device, one per sampling sequence (the sampler's penalties count
+        them): the decoding sequences' rows of `source`; `vocab`, the pad the penalties ignore, for sequences
+        admitted into the step (their ids are all on the host)."""
+        rows = [r for r, sample in zip(batch.input_rows, batch.samples) if sample]
+        if None not in rows:
+            return self._take(source, rows)
+        at = [i for i, r in enumerate(rows) if r is not None]
+        out = torch.full((len(rows),), vocab, dtype=torch.long, device=source.device)
+        if at:
+            at_d, rows_d = self._to_device([at, [rows[i] for i in at]])
+            out.index_copy_(0, at_d, source.index_select(0, rows_d))
+        return out
 
     def _take(self, t: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """t[rows] on the device; consecutive rows are a view, with no host-to-device copy (a lookahead
@@ -310,14 +345,20 @@ class HostInputs:
     tables: list[int] = field(default_factory=list)  # [B * W] block tables padded with the null block
     logits_idx: list[int] = field(default_factory=list)  # last token of each sampling sequence
     vision_parts: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, feature rows a:b)
+    in_flight: list[int] = field(default_factory=list)  # a lookahead step's tokens still on the device: flat index
+    in_flight_rows: list[int] = field(default_factory=list)  # ... and row of the previous step's sampled ids
 
     @classmethod
     def build(cls, batch: ScheduledBatch, block_size: int, null_block: int) -> "HostInputs":
-        h = cls(tokens=flatten(seq.span(start, start + n) for seq, start, n in
-                               zip(batch.seqs, batch.starts, batch.num_new_tokens)))
+        rows = batch.input_rows or [None] * len(batch)
+        h = cls(tokens=flatten(_span(seq, start, n, r is not None) for seq, start, n, r in
+                               zip(batch.seqs, batch.starts, batch.num_new_tokens, rows)))
         width = max(len(s.block_table) for s in batch.seqs)
-        for seq, start, n, sample, end_offset in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples,
-                                                     h.tokens.cu_seqlens[1:]):
+        for seq, start, n, sample, end_offset, r in zip(batch.seqs, batch.starts, batch.num_new_tokens,
+                                                        batch.samples, h.tokens.cu_seqlens[1:], rows):
+            if r is not None:
+                h.in_flight.append(end_offset - 1)
+                h.in_flight_rows.append(r)
             end, table = start + n, seq.block_table
             h.slots += [table[t // block_size] * block_size + t % block_size for t in range(start, end)]
             h.tables += table + [null_block] * (width - len(table))
@@ -328,3 +369,12 @@ class HostInputs:
             if b > a:
                 h.vision_parts.append((seq, a, b))
         return h
+
+
+def _span(seq: Sequence, start: int, n: int, in_flight: bool) -> TokenSpan:
+    """Tokens start..start+n-1 of seq; in_flight: its one token is a lookahead step's, still on the device (not in
+    token_ids yet): a placeholder id that the runner overwrites on the device."""
+    span = seq.span(start, start + n)
+    if in_flight:
+        span.input_ids = [0]
+    return span

@@ -7,10 +7,12 @@ sequence is preempted: its blocks are freed and it goes back to the front of the
 prefilled again later (prompt + generated tokens, prefix cache permitting). The oldest running
 sequence can always make progress because one sequence of max_model_len fits in the pool.
 
-Async scheduling adds `schedule_lookahead`: in the steady decode state the next step is built
-before the previous step's sampled ids reach the host (each running sequence then decodes the id
-still on the device). It never preempts nor admits; whenever either could happen it declines and
-the engine falls back to `schedule` after collecting the previous step.
+Async scheduling adds `schedule_lookahead`: when every running sequence sampled in the previous
+step, the next step is built before that step's sampled ids reach the host (each running sequence
+then decodes the id still on the device) and waiting sequences are admitted into it as `schedule`
+admits them (their tokens are on the host). It never preempts; whenever it would have to (or a
+running sequence is in the middle of its prefill) it declines and the engine falls back to
+`schedule` after collecting the previous step.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ class ScheduledBatch:
     """One step: seqs[i] computes tokens starts[i] : starts[i] + num_new_tokens[i] and, when
     samples[i], samples its next token from the last of them.
 
-    A lookahead batch (input_rows set) is pure decode launched before the previous step was
-    collected: token starts[i] == len(seqs[i]) is not in token_ids yet; it is row input_rows[i] of
-    the previous step's sampled ids, which the runner reads on the device."""
+    A lookahead batch (input_rows set) is launched before the previous step was collected. Where
+    input_rows[i] is a row, seqs[i] decodes: token starts[i] == len(seqs[i]) is not in token_ids yet;
+    it is that row of the previous step's sampled ids, which the runner reads on the device. Where it
+    is None, seqs[i] was admitted into this step and its tokens are on the host."""
 
     seqs: list[Sequence] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
@@ -46,6 +49,8 @@ class ScheduledBatch:
         self.starts.append(seq.num_computed_tokens)
         self.num_new_tokens.append(n)
         self.samples.append(seq.num_computed_tokens + n == len(seq))
+        if self.input_rows is not None:
+            self.input_rows.append(None)  # its tokens are on the host
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -86,6 +91,12 @@ class Scheduler:
             batch.add(seq, n)
             budget -= n
             i += 1
+        self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        """Waiting sequences in arrival order into batch, within budget tokens and max_num_seqs, while the
+        pool holds them without preempting."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not batch.preempted:
             seq = self.waiting[0]
             prefix = self.blocks.lookup(seq)
@@ -101,23 +112,22 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n
-        return batch
 
     def schedule_lookahead(self, prev: ScheduledBatch, done: Callable[[Sequence], bool]) -> ScheduledBatch | None:
-        """The decode step after `prev`, built before prev's sampled ids reach the host; None (and
-        nothing changed) unless this is the steady decode state:
+        """The step after `prev`, built before prev's sampled ids reach the host: every running sequence
+        decodes the id it sampled in prev, then waiting sequences are admitted with the tokens left of the
+        budget (as `schedule` admits them, never preempting). None (and nothing changed) unless
           - every running sequence sampled in prev (no prefill in progress, none left out by the budget),
-          - no waiting sequence could be admitted (the queue is empty or the batch is full),
-          - the pool holds the next token of every sequence without preempting.
+          - the pool holds the next token of every running sequence without preempting,
+          - the step has work: a running sequence to decode or a waiting one admitted.
         A sequence for which done(seq) (prev's token ends it whatever its value: a length limit)
         sits out. One that prev's token stops (EOS, stop string) cannot be foreseen: it decodes one
         token too many, which the engine discards."""
         rows = {id(s): i for i, s in enumerate(s for s, sample in zip(prev.seqs, prev.samples) if sample)}
-        if not self.running or any(id(s) not in rows for s in self.running):
+        if any(id(s) not in rows for s in self.running) or not (self.running or self.waiting):
             return None
         seqs = [s for s in self.running if not done(s)]
-        if (not seqs or len(seqs) > self.config.max_num_batched_tokens
-                or (self.waiting and len(seqs) < self.config.max_num_seqs)):
+        if len(seqs) > self.config.max_num_batched_tokens:
             return None
         short = [s for s in seqs if not self._holds(s, len(s) + 1)]  # typically one in block_size
         if sum(self.blocks.blocks_needed(len(s) + 1) - len(s.block_table) for s in short) > self.blocks.num_free:
@@ -126,7 +136,12 @@ class Scheduler:
             ok = self.blocks.allocate(seq, len(seq) + 1 - seq.num_computed_tokens)
             assert ok, "lookahead allocation was checked"
         n = len(seqs)
-        return ScheduledBatch(seqs, [len(s) for s in seqs], [1] * n, [True] * n, input_rows=[rows[id(s)] for s in seqs])
+        batch = ScheduledBatch(seqs, [len(s) for s in seqs], [1] * n, [True] * n,
+                               input_rows=[rows[id(s)] for s in seqs])
+        self._admit(batch, self.config.max_num_batched_tokens - n)
+        if not seqs:  # admitted sequences only: nothing reads the previous step's ids
+            batch.input_rows = None
+        return batch if batch.seqs else None
 
     def _holds(self, seq: Sequence, num_tokens: int) -> bool:
         """seq's blocks already cover its first num_tokens tokens (allocate would be a no-op)."""
