@@ -39,9 +39,9 @@ def test_engine_cuda_half_precision_runs_and_is_deterministic(dtype):
 
 def test_engine_cuda_async_equals_sync():
     """Async scheduling on CUDA with graphs (lookahead decode fed the sampled ids on the device, pinned
-    landing buffers behind CUDA events, staging buffers used in turn, persistent graph block tables)
-    against the synchronous engine: the same streams, greedy rows equal to the reference; stop id,
-    stop string, penalties, a seed and an abort mid-stream included."""
+    landing buffers behind CUDA events, staging buffers used in turn, persistent graph block tables,
+    arrivals admitted into lookahead steps) against the synchronous engine: the same streams, greedy rows
+    equal to the reference; stop id, stop string, penalties, a seed and an abort mid-stream included."""
     from test_engine_overlap import count_lookaheads, stream, summary
 
     from cogvlm2.engine import EngineConfig, LLMEngine
@@ -63,6 +63,11 @@ def test_engine_cuda_async_equals_sync():
         (2, "seeded", processor("Tell me a joke."),
          SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True)),
         (3, "abort-mid", processor("What is two plus two?"), SamplingParams(max_new_tokens=40, **greedy)),
+        # arrivals mid-decode, admitted into lookahead steps: a short text (the decode-graph text rows, the
+        # decoding rows' ids from the device) and an image (eager)
+        (8, "late-text", processor("Hi there"), SamplingParams(max_new_tokens=6, **greedy)),
+        (9, "late-image", processor("And this one?", image=Image.new("RGB", (40, 40), (9, 99, 199))),
+         SamplingParams(max_new_tokens=6, **greedy)),
     ]
     results = {}
     for async_scheduling in (False, True):
@@ -73,7 +78,7 @@ def test_engine_cuda_async_equals_sync():
         counts = count_lookaheads(engine)
         results[async_scheduling] = {rid: summary(o) for rid, o in
                                      stream(engine, requests, abort_at={"abort-mid": 6}).items()}
-    assert counts["lookahead"] > 10
+    assert counts["lookahead"] > 10 and counts["admitted"] >= 2
     assert results[True] == results[False]
     for _, rid, xi, p in requests:
         if rid == "seeded":
@@ -81,7 +86,8 @@ def test_engine_cuda_async_equals_sync():
         expect = [t[0] for t in generate_ids(model, [xi], p)]
         tokens = results[True][rid][0]
         assert tokens == expect[:len(tokens)], rid
-    assert results[True]["abort-mid"][0] == [t[0] for t in generate_ids(model, [requests[-1][2]], requests[-1][3])][:6]
+    (_, _, xa, pa), = [r for r in requests if r[1] == "abort-mid"]
+    assert results[True]["abort-mid"][0] == [t[0] for t in generate_ids(model, [xa], pa)][:6]
     assert results[True]["stop-id"][2:] == ("stop", ref[3])
 
 
