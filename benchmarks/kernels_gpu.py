@@ -1,6 +1,6 @@
 """Tuning sweep: the paged decode kernel's launch parameters, and SDPA backends for the ViT attention.
 
-    PYTHONPATH=. python benchmarks/kernels_gpu.py [--only vit,decode] [--max-context 10495] [--batches 1,32,64]
+    PYTHONPATH=. python benchmarks/kernels_gpu.py [--only vit,decode] [--max-context 10495] [--batches 1,32,64] [--quick]
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ def graph_time(fn, iters: int = 20) -> float:
     return cuda_time(g.replay, warmup=3, iters=iters)
 
 
-def decode_sweep(max_context: int = 10495, batches: tuple[int, ...] = (1, 32, 64)) -> None:
+QUICK = [(128, 64, 4, 2, False, False), (256, 64, 4, 2, True, False), (512, 64, 4, 2, True, False),
+         (1024, 64, 4, 2, True, False)]  # --quick: the two tuned tile sets and the context-bound splits between
+
+
+def decode_sweep(max_context: int = 10495, batches: tuple[int, ...] = (1, 32, 64), quick: bool = False) -> None:
     """The paged decode kernel's tiles at engine_gpu.py's shapes: 2,355 tokens of context per sequence (its decode
     figures' mid-run length), blocks of 16 laid out as the block manager hands them to a fresh batch (each
     sequence's run of blocks consecutive), a grid bounded by max_context (the engine's max_model_len: its CUDA graphs
     size the grid for it). Prints the five best (split, block_n, warps, stages, context-bound loop, kv heads as the
-    fastest grid axis) per batch, each with its share of copy bandwidth for the KV it must read, and where the tuned
-    default ranks."""
+    fastest grid axis) per batch (quick: the four QUICK ones), each with its share of copy bandwidth for the KV it
+    must read, and where the tuned default ranks."""
     from cogvlm2.engine.kernels import decode_attention as da
 
     hq, hkv, d, bs, ctx = 32, 8, 128, 16, 2355
@@ -44,8 +48,9 @@ def decode_sweep(max_context: int = 10495, batches: tuple[int, ...] = (1, 32, 64
         floor = 2 * b * ctx * hkv * d * 2 / bw * 1e6
         default = graph_time(lambda: da.paged_decode_attention(q, kc, vc, bt, lens, d**-0.5, max_context)) * 1e6
         results = []
-        for split, block_n, warps, stages, bound, heads in itertools.product((128, 256, 512, 1024), (32, 64), (4, 8),
-                                                                             (2, 3), (False, True), (False, True)):
+        configs = QUICK if quick else itertools.product((128, 256, 512, 1024), (32, 64), (4, 8), (2, 3),
+                                                        (False, True), (False, True))
+        for split, block_n, warps, stages, bound, heads in configs:
             if block_n > split:
                 continue
             try:
@@ -60,7 +65,7 @@ def decode_sweep(max_context: int = 10495, batches: tuple[int, ...] = (1, 32, 64
         rank = sum(r[0] < default for r in results) + 1
         print(f"decode b={b:<3} default {default:8.1f} us = {floor / default:.0%} of copy bandwidth "
               f"(floor {floor:.1f} us, rank {rank} of {len(results)})")
-        for r in results[:5]:
+        for r in results if quick else results[:5]:
             print(f"decode b={b:<3} {r[0]:8.1f} us ({floor / r[0]:.0%}) split={r[1]} block_n={r[2]} warps={r[3]} "
                   f"stages={r[4]} context_bound={r[5]} heads_first={r[6]}")
 
@@ -98,8 +103,10 @@ if __name__ == "__main__":
     ap.add_argument("--max-context", type=int, default=10495,
                     help="the engine's max_model_len: its CUDA graphs size the decode grid for it")
     ap.add_argument("--batches", default="1,32,64", help="decode batch sizes to sweep (comma-separated)")
+    ap.add_argument("--quick", action="store_true", help="decode: only the tuned tiles and the context-bound splits "
+                    "between them, all printed (where SMALL_BATCH belongs: --batches 8,16,24)")
     args = ap.parse_args()
     if "vit" in args.only:
         vit_attention_backends()
     if "decode" in args.only:
-        decode_sweep(args.max_context, tuple(int(b) for b in args.batches.split(",")))
+        decode_sweep(args.max_context, tuple(int(b) for b in args.batches.split(",")), args.quick)
