@@ -22,7 +22,7 @@ Each mode fits one device call of 8 minutes on an H200 (the ray mode on nvidia-h
     PYTHONPATH=. python benchmarks/caption_gpu.py --only image --out $OUT/caption_image.json
     PYTHONPATH=. python benchmarks/caption_gpu.py --only video --out $OUT/caption_video.json
     PYTHONPATH=. python benchmarks/caption_gpu.py --only ray --num-images 400 --out $OUT/caption_ray.json
-    PYTHONPATH=. python benchmarks/caption_gpu.py --only ray --pair --num-images 600 --out ...  (~7.5 min)
+    PYTHONPATH=. python benchmarks/caption_gpu.py --only ray --pair --num-images 600 --out ...  (~8 min, estimated)
     PYTHONPATH=. python benchmarks/caption_gpu.py --only ray --num-images 1000 --one-gpu-rate R --out ...
                   (R: the img/s of an `--only image` run of 1,000 JPEGs; the pair does not fit one call)
 """

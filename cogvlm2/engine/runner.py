@@ -240,7 +240,7 @@ class ModelRunner:
         (ids, pos, slots, qsl, ctx, tables, logits_idx, embed_idx, at, rows) = self._to_device(
             [t.input_ids, t.positions, h.slots, t.cu_seqlens, h.context, h.tables, h.logits_idx, t.vision_embed_idx,
              h.in_flight, h.in_flight_rows])
-        if h.in_flight:
+        if h.in_flight:  # as `_with_in_flight`, on the indices uploaded with the rest
             ids.index_copy_(0, at, source.index_select(0, rows))
         meta = AttentionMetadata(slots, tables.view(len(batch), -1), ctx, qsl, batch.num_new_tokens, h.context)
         fb = ForwardBatch(ids, pos, PagedAttention(self.kv, meta, self.attend),
@@ -274,19 +274,15 @@ class ModelRunner:
         ids_d, at_d, rows_d = self._to_device([ids, at, rows])
         return ids_d.index_copy_(0, at_d, source.index_select(0, rows_d))
 
-    def _pending(self, batch: ScheduledBatch, source: torch.Tensor, vocab: int) -> torch.Tensor:
+    def _pending(self, batch: ScheduledBatch, source: torch.Tensor, vocab: int) -> torch.Tensor | None:
         """A lookahead step's ids still on the device, one per sampling sequence (the sampler's penalties count
         them): the decoding sequences' rows of `source`; `vocab`, the pad the penalties ignore, for sequences
-        admitted into the step (their ids are all on the host)."""
+        admitted into the step (their ids are all on the host). None when no sampling sequence decodes."""
         rows = [r for r, sample in zip(batch.input_rows, batch.samples) if sample]
-        if None not in rows:
-            return self._take(source, rows)
         at = [i for i, r in enumerate(rows) if r is not None]
-        out = torch.full((len(rows),), vocab, dtype=torch.long, device=source.device)
-        if at:
-            at_d, rows_d = self._to_device([at, [rows[i] for i in at]])
-            out.index_copy_(0, at_d, source.index_select(0, rows_d))
-        return out
+        if len(at) == len(rows):
+            return self._take(source, rows)
+        return self._with_in_flight([vocab] * len(rows), at, [rows[i] for i in at], source) if at else None
 
     def _take(self, t: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """t[rows] on the device; consecutive rows are a view, with no host-to-device copy (a lookahead
