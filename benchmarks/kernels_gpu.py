@@ -24,7 +24,7 @@ def graph_time(fn, iters: int = 20) -> float:
 
 
 QUICK = [(128, 64, 4, 2, False, False), (256, 64, 4, 2, True, False), (512, 64, 4, 2, True, False),
-         (1024, 64, 4, 2, True, False)]  # --quick: the two tuned tile sets and the context-bound splits between
+         (1024, 64, 4, 2, True, False)]  # --quick: the tuned tile sets (decode_attention.TILES)
 
 
 def decode_sweep(max_context: int = 10495, batches: tuple[int, ...] = (1, 32, 64), quick: bool = False) -> None:
@@ -103,8 +103,8 @@ if __name__ == "__main__":
     ap.add_argument("--max-context", type=int, default=10495,
                     help="the engine's max_model_len: its CUDA graphs size the decode grid for it")
     ap.add_argument("--batches", default="1,32,64", help="decode batch sizes to sweep (comma-separated)")
-    ap.add_argument("--quick", action="store_true", help="decode: only the tuned tiles and the context-bound splits "
-                    "between them, all printed (where SMALL_BATCH belongs: --batches 8,16,24)")
+    ap.add_argument("--quick", action="store_true", help="decode: only the tuned tile sets, all printed (where each "
+                    "batch size's tiles start: --batches 8,16,24)")
     args = ap.parse_args()
     if "vit" in args.only:
         vit_attention_backends()

@@ -44,12 +44,13 @@ def _runtime_trip_counts() -> bool:
 
 
 def check_decode_kernel(device: str) -> None:
-    from cogvlm2.engine.kernels.decode_attention import LARGE_TILES, paged_decode_attention
+    from cogvlm2.engine.kernels.decode_attention import TILES, paged_decode_attention, tuned_tiles
 
-    # the tuned tiles (the batches here are small: the large-batch ones are passed), and the tuning sweep's other
-    # shapes: short splits, wide tiles, the context-bound loop
-    large = dict(zip(("split", "block_n", "num_stages", "context_bound"), LARGE_TILES))
-    shapes = [dict(), large, dict(split=128, block_n=32, context_bound=True), dict(split=256, block_n=64,
+    # every tuned tile set (the batches here are small: the larger batches' sets are passed), and the tuning sweep's
+    # other shapes: short splits, wide tiles, the context-bound loop
+    assert [tuned_tiles(b) for b in (1, 7, 8, 15, 16, 23, 24, 64)] == [TILES[i][1] for i in (0, 0, 1, 1, 2, 2, 3, 3)]
+    tuned = [dict(zip(("split", "block_n", "num_stages", "context_bound"), tiles)) for _, tiles in TILES]
+    shapes = [dict(), *tuned, dict(split=128, block_n=32, context_bound=True), dict(split=256, block_n=64,
               heads_first=True), dict(split=512, block_n=128, context_bound=True, heads_first=True)]
     if not _runtime_trip_counts():
         shapes = [t for t in shapes if not t.get("context_bound")]

@@ -15,13 +15,18 @@ import triton
 import triton.language as tl
 
 # Tuned on an H200 (benchmarks/kernels_gpu.py --only decode, 2,355-token contexts): (split, block_n, num_stages,
-# context_bound) per batch size. Small batches take short splits: (sequence, kv head) pairs alone cannot fill 132
-# SMs. From SMALL_BATCH on, long splits whose loop stops at the context: 89 us at batch 32 where the H100's tiles
-# (512, 32, 3, masked to the split's end) took 110 (83% of copy bandwidth instead of 67%); batch 64 89% (75%).
+# context_bound) from each batch size on. Small batches take short splits: (sequence, kv head) pairs alone cannot
+# fill 132 SMs. Larger ones take longer splits whose loop stops at the context, so that ~600-800 programs hold
+# tokens: 36 us at batch 8 where 1024-token splits took 55; 55 us at batch 16 (66); 89 us at batch 32 where the H100's
+# tiles (512, 32, 3, masked to the split's end) took 110 (83% of copy bandwidth instead of 67%); batch 64 89% (75%).
 NUM_WARPS = 4
-SMALL_BATCH = 8
-SMALL_TILES = (128, 64, 2, False)
-LARGE_TILES = (1024, 64, 2, True)
+TILES = ((1, (128, 64, 2, False)), (8, (256, 64, 2, True)), (16, (512, 64, 2, True)), (24, (1024, 64, 2, True)))
+LARGE_TILES = TILES[-1][1]
+
+
+def tuned_tiles(batch: int) -> tuple[int, int, int, bool]:
+    """(split, block_n, num_stages, context_bound) for a batch of `batch` sequences."""
+    return [tiles for first, tiles in TILES if batch >= first][-1]
 
 
 @triton.jit
@@ -107,7 +112,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     b, hq, dim = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
-    tuned = SMALL_TILES if b < SMALL_BATCH else LARGE_TILES
+    tuned = tuned_tiles(b)
     split, block_n, num_stages, context_bound = (
         tuned[0] if split is None else split, tuned[1] if block_n is None else block_n,
         tuned[2] if num_stages is None else num_stages, tuned[3] if context_bound is None else context_bound)
