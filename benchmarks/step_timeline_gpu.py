@@ -151,6 +151,8 @@ def main() -> None:
     ap.add_argument("--num-images", type=int, default=64)
     ap.add_argument("--out", help="every step of every run, and the summaries, as JSON")
     ap.add_argument("--dry-run", action="store_true", help="the tiny model on the CPU, 8 images x 8 tokens")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="warn at every operation that makes the host wait for the GPU (once per code location)")
     args = ap.parse_args()
     if args.dry_run:
         engine = LLMEngine.from_pretrained("tiny")
@@ -170,9 +172,12 @@ def main() -> None:
     warm = [proc("Describe this image.", image=image(900 + i).resize((size, size))) for i in range(4)]
     caption_run(engine, warm, "warm")  # cuDNN plans, the Triton kernels, the allocator
     results = {}
-    for budget in (int(b) for b in args.budgets.split(",")):
+    if args.sync_debug and torch.cuda.is_available():
+        torch.cuda.set_sync_debug_mode("warn")
+    for run, budget in enumerate(int(b) for b in args.budgets.split(",")):
         engine.config.max_num_batched_tokens = engine.scheduler.config.max_num_batched_tokens = budget
-        prompts = [proc("Describe this image.", image=image(300 + i).resize((size, size))) for i in range(n)]
+        prompts = [proc("Describe this image.", image=image(1000 * run + i).resize((size, size)))
+                   for i in range(n)]  # new images each run: no prefix-cache hits
         steps, wall = caption_run(engine, prompts, f"b{budget}")
         summary = summarize(steps, wall, n)
         results[budget] = dict(summary=summary, steps=[asdict(s) for s in steps])

@@ -18,26 +18,24 @@ from .decode_attention import paged_decode_attention
 
 
 class CudaAttend:
+    """Every decode launch sizes its grid for max_model_len (the captured graphs', too): the kernels compile
+    once per tile set instead of once per context length met in a mixed step (a Triton JIT of ~0.5 s each)."""
+
     def __init__(self, max_model_len: int):
-        self.max_model_len = max_model_len  # bounds every context: fixes the decode grid for CUDA graphs
+        self.max_model_len = max_model_len  # bounds every context: fixes the decode grid
+        self._rows: tuple[AttentionMetadata, tuple[torch.Tensor, ...]] | None = None
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         scale = q.shape[-1] ** -0.5
-        if meta.query_lens is None:  # CUDA-graph decode: one query per sequence
+        if meta.query_lens is None or all(n == 1 for n in meta.query_lens):  # decode rows only (a graph's, too)
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                           self.max_model_len)
-        if all(n == 1 for n in meta.query_lens):
-            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                          max(meta.context_lens_host))
         out = torch.empty_like(q)
-        decode_rows = [b for b, n in enumerate(meta.query_lens) if n == 1]
-        if decode_rows:
-            rows = torch.tensor(decode_rows, device=q.device)
-            tokens = meta.query_start_loc.index_select(0, rows)
-            out[tokens] = paged_decode_attention(
-                q.index_select(0, tokens), k_cache, v_cache, meta.block_tables.index_select(0, rows),
-                meta.context_lens.index_select(0, rows), scale, max(meta.context_lens_host[b] for b in decode_rows))
+        if any(n == 1 for n in meta.query_lens):
+            tokens, tables, lens = self._decode_rows(meta)
+            out[tokens] = paged_decode_attention(q.index_select(0, tokens), k_cache, v_cache, tables, lens, scale,
+                                                 self.max_model_len)
         block_size = k_cache.shape[1]
         group = q.shape[1] // k_cache.shape[2]
         start = 0
@@ -55,3 +53,14 @@ class CudaAttend:
                 out[start:start + q_len] = o[0].transpose(0, 1)
             start += q_len
         return out
+
+    def _decode_rows(self, meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
+        """A mixed step's one-token rows (their flat tokens, block tables, context lengths), gathered on the device
+        once per step (every layer shares the step's metadata), from indices copied without a host sync."""
+        if self._rows is None or self._rows[0] is not meta:
+            rows = [b for b, n in enumerate(meta.query_lens) if n == 1]
+            index = torch.tensor(rows, dtype=torch.long, pin_memory=True).to(meta.block_tables.device,
+                                                                               non_blocking=True)
+            self._rows = meta, (meta.query_start_loc.index_select(0, index), meta.block_tables.index_select(0, index),
+                                meta.context_lens.index_select(0, index))
+        return self._rows[1]
