@@ -10,7 +10,9 @@ how much of its wall time the GPU was busy.
 from __future__ import annotations
 
 import argparse
+import bisect
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -35,6 +37,36 @@ def busy_fraction(prof, wall_s: float) -> float:
             busy += b - max(a, end)
             end = b
     return busy / 1e6 / wall_s
+
+
+def idle_gaps(prof, min_ms: float = 0.2, top: int = 8) -> str:
+    """The GPU's idle gaps of at least min_ms, summed by what the host was doing: the innermost CPU op running
+    when the GPU went idle, and the one that launched the work ending the gap (the host code running late)."""
+    gpu = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    cpu = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CPU), key=lambda t: t[0])
+    starts = [c[0] for c in cpu]
+
+    def innermost(t: float) -> str:
+        best = None
+        for j in range(bisect.bisect_right(starts, t) - 1, max(-1, bisect.bisect_right(starts, t) - 4000), -1):
+            a, b, name = cpu[j]
+            if a <= t <= b and (best is None or b - a < best[0]):
+                best = (b - a, name)
+        return best[1] if best else "(no CPU op)"
+
+    at_start, at_end, end, total = defaultdict(float), defaultdict(float), None, 0.0
+    for a, b in gpu:
+        if end is not None and a - end >= min_ms * 1e3:
+            ms = (a - end) / 1e3
+            total += ms
+            at_start[innermost(end)] += ms
+            at_end[innermost(a - 1)] += ms
+        end = b if end is None else max(end, b)
+    fmt = lambda d: ", ".join(f"{n[:50]} {v:.1f}" for n, v in sorted(d.items(), key=lambda kv: -kv[1])[:top])  # noqa
+    return f"{total:.1f} ms idle in gaps >= {min_ms} ms; by the op running when it began: {fmt(at_start)}; " \
+           f"by the op running just before it ended: {fmt(at_end)}"
 
 
 KERNEL_KINDS = (("attention", ("_stage1", "_stage2", "flash", "fmha", "sdpa", "attention")),
@@ -73,6 +105,7 @@ def profile_caption(engine: LLMEngine, proc: Processor, trace_dir: str | None) -
         wall = time.perf_counter() - t0
     print(f"captioning 16 images x 32 tokens under the profiler: {wall:.2f} s ({16 / wall:.2f} img/s), GPU busy "
           f"{busy_fraction(prof, wall):.0%} of it; kernel time per image {kinds_line(prof, 16)}")
+    print(f"captioning: {idle_gaps(prof)}")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
     if trace_dir:
         prof.export_chrome_trace(f"{trace_dir}/caption_trace.json")
@@ -103,6 +136,7 @@ def main() -> None:
             wall = time.perf_counter() - t0
         print(f"prefill (TTFT) of one image + question under the profiler: {wall * 1e3:.1f} ms, GPU busy "
               f"{busy_fraction(prof, wall):.0%} of it; kernel time {kinds_line(prof)}")
+        print(f"prefill: {idle_gaps(prof, min_ms=0.05)}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     if "caption" in only:
         profile_caption(engine, proc, args.trace_dir)

@@ -35,9 +35,16 @@ class Step:
     prefill_tokens: int
     decode_rows: int
     host_ms: float  # schedule + launch on the host
+    mallocs: int = 0  # cudaMalloc calls of the caching allocator during the launch
+    alloc_retries: int = 0  # ... and times it freed its whole cache to retry an allocation (a device sync)
     gpu_start_ms: float = 0.0
     gpu_end_ms: float = 0.0
     idle_before_ms: float = 0.0
+
+
+def _allocator() -> tuple[int, int]:
+    stats = torch.cuda.memory_stats()
+    return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
 
 
 class Timeline:
@@ -64,6 +71,7 @@ class Timeline:
             missing = {s.vision_hash for s, st, n in zip(batch.seqs, batch.starts, batch.num_new_tokens)
                        if s.vision_range(st, st + n)[1] > s.vision_range(st, st + n)[0]} - set(cache)
             start = end = None
+            before = _allocator() if self.cuda else (0, 0)
             if self.cuda:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -74,7 +82,9 @@ class Timeline:
             prefill = sum(n for n in batch.num_new_tokens if n > 1)
             kind = ("prefill" if prefill else "decode") + ("+ahead" if batch.input_rows is not None else "")
             host = (time.perf_counter() - t0 + self._t_sched) * 1e3
-            self.steps.append(Step(kind, len(missing), prefill, sum(1 for n in batch.num_new_tokens if n == 1), host))
+            after = _allocator() if self.cuda else (0, 0)
+            self.steps.append(Step(kind, len(missing), prefill, sum(1 for n in batch.num_new_tokens if n == 1), host,
+                                   after[0] - before[0], after[1] - before[1]))
             self.events.append((start, end, t0, time.perf_counter()))
             self._t_sched = 0.0
             return out
@@ -192,6 +202,12 @@ def main() -> None:
         for g in summary["largest_gaps"][:6]:
             print(f"  gap {g['ms']:.1f} ms before step {g['i']} ({g['kind']}, {g['images']} images, "
                   f"{g['prefill_tokens']} prefill tokens, {g['decode_rows']} decoding, host {g['host_ms']:.1f} ms)")
+        slow = sorted(steps, key=lambda st: -(st.gpu_end_ms - st.gpu_start_ms) / max(st.images, 1))[:4]
+        print("  slowest steps per image: " + "; ".join(
+            f"{st.gpu_end_ms - st.gpu_start_ms:.0f} ms for {st.images} images ({st.kind}, {st.prefill_tokens} tokens, "
+            f"{st.mallocs} cudaMalloc, {st.alloc_retries} allocator retries)" for st in slow))
+        print(f"  cudaMalloc calls during launches: {sum(st.mallocs for st in steps)}, "
+              f"allocator retries: {sum(st.alloc_retries for st in steps)}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f)
