@@ -23,15 +23,20 @@ from cogvlm2.sampling_params import SamplingParams
 
 
 def count_lookaheads(engine: LLMEngine) -> dict[str, int]:
-    """Count the scheduler's lookahead decisions (launched / declined) from now on, and the launched ones that
-    admitted a waiting sequence."""
-    counts = {"lookahead": 0, "fallback": 0, "admitted": 0}
+    """Count the scheduler's lookahead decisions (launched / declined) from now on, the launched ones that
+    admitted a waiting sequence, and those that continued a prefill still in flight."""
+    counts = {"lookahead": 0, "fallback": 0, "admitted": 0, "resumed": 0}
     plan = engine.scheduler.schedule_lookahead
 
     def counted(prev, done):
         batch = plan(prev, done)
         counts["lookahead" if batch is not None else "fallback"] += 1
-        counts["admitted"] += batch is not None and (batch.input_rows is None or None in batch.input_rows)
+        if batch is not None:
+            rows = batch.input_rows or [None] * len(batch)
+            counts["admitted"] += any(r is None and a == s.num_computed_tokens for s, a, r in zip(batch.seqs,
+                                                                                                  batch.starts, rows))
+            counts["resumed"] += any(r is None and a > s.num_computed_tokens for s, a, r in zip(batch.seqs,
+                                                                                                 batch.starts, rows))
         return batch
 
     engine.scheduler.schedule_lookahead = counted
@@ -111,6 +116,8 @@ def test_async_equals_sync_mixed(tiny, name):
             assert tokens == reference(model, xi, p)[:len(tokens)], rid
     assert done["stop-id"][2:] == ("stop", ref[3]) and done["stop-str"][2:] == ("stop", stop_text)
     assert counts["lookahead"] >= 5 and counts["fallback"] > 0
+    if name == "chunked":  # prompts of several chunks: each chunk after the first launched ahead
+        assert counts["resumed"] >= 3, counts
 
 
 def test_async_equals_sync_preemption_counts(tiny):
@@ -137,7 +144,7 @@ def test_async_video_chunked(tiny_video):
     done, counts = both_modes(model, processor, dict(max_num_batched_tokens=40, block_size=16), requests)
     for _, rid, x, p in requests:
         assert done[rid][0] == reference(model, x, p), rid
-    assert counts["lookahead"] > 0
+    assert counts["lookahead"] > 0 and counts["resumed"] > 0, counts
 
 
 def test_penalties_and_admissions_overlap(tiny):
@@ -289,7 +296,7 @@ def test_random_simulation_lookahead(seed: int, prefix_caching: bool):
     stems = [[rng.randrange(10, 20) for _ in range(n)] for n in (0, 9, 17, 30)]
     kv: dict[int, tuple[Sequence, int]] = {}
     live: dict[str, Sequence] = {}
-    stats = dict(finished=0, aborted_in_flight=0, lookahead=0, discarded=0, admitted=0)
+    stats = dict(finished=0, aborted_in_flight=0, lookahead=0, discarded=0, admitted=0, resumed=0)
 
     def slot(seq: Sequence, t: int) -> int:
         return seq.block_table[t // block_size] * block_size + t % block_size
@@ -336,10 +343,17 @@ def test_random_simulation_lookahead(seed: int, prefix_caching: bool):
             batch = sched.schedule_lookahead(prev[0], done)
             if batch is not None:
                 assert batch.num_tokens <= config.max_num_batched_tokens and not batch.preempted
+                resumes = {id(s): a + k for s, a, k, sample in zip(*(getattr(prev[0], f) for f in (
+                    "seqs", "starts", "num_new_tokens", "samples"))) if not sample}
                 for seq, start, n, row in zip(batch.seqs, batch.starts, batch.num_new_tokens,
                                               batch.input_rows or [None] * len(batch)):
-                    # a decoding sequence computes the token in flight; an admitted one starts where it was cached
-                    assert (n, start) == (1, len(seq)) if row is not None else start == seq.num_computed_tokens
+                    # a decoding sequence computes the token in flight; a prefilling one its next chunk, from
+                    # where the step in flight leaves it; an admitted one starts where it was cached
+                    if row is not None:
+                        assert (n, start) == (1, len(seq))
+                    else:
+                        assert start == resumes.get(id(seq), seq.num_computed_tokens)
+                        stats["resumed"] += id(seq) in resumes
                 in_flight = launch(batch)
                 stats["lookahead"] += 1
                 stats["admitted"] += batch.input_rows is None or None in batch.input_rows
@@ -354,3 +368,4 @@ def test_random_simulation_lookahead(seed: int, prefix_caching: bool):
     assert not live and bm.num_free == bm.num_blocks
     assert stats["finished"] > 300 and stats["aborted_in_flight"] > 5 and stats["discarded"] > 50
     assert stats["lookahead"] > 500 and stats["admitted"] > 100 and sched.num_preemptions > 0
+    assert stats["resumed"] > (100 if config.max_num_batched_tokens < 64 else 5), stats  # prefills continued ahead

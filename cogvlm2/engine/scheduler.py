@@ -7,12 +7,11 @@ sequence is preempted: its blocks are freed and it goes back to the front of the
 prefilled again later (prompt + generated tokens, prefix cache permitting). The oldest running
 sequence can always make progress because one sequence of max_model_len fits in the pool.
 
-Async scheduling adds `schedule_lookahead`: when every running sequence sampled in the previous
-step, the next step is built before that step's sampled ids reach the host (each running sequence
-then decodes the id still on the device) and waiting sequences are admitted into it as `schedule`
-admits them (their tokens are on the host). It never preempts; whenever it would have to (or a
-running sequence is in the middle of its prefill) it declines and the engine falls back to
-`schedule` after collecting the previous step.
+Async scheduling adds `schedule_lookahead`: the next step is built before the previous step's sampled ids
+reach the host. Each running sequence that sampled in it decodes the id still on the device, each one in the
+middle of its prefill computes its next chunk (its tokens are on the host), and waiting sequences are admitted
+as `schedule` admits them. It never preempts; whenever it would have to (or a running sequence sat out the
+previous step) it declines and the engine falls back to `schedule` after collecting the previous step.
 """
 
 from __future__ import annotations
@@ -44,11 +43,14 @@ class ScheduledBatch:
     preempted: list[Sequence] = field(default_factory=list)
     input_rows: list[int] | None = None
 
-    def add(self, seq: Sequence, n: int) -> None:
+    def add(self, seq: Sequence, n: int, start: int | None = None) -> None:
+        """seq computes n tokens from `start` (None: from its computed ones; a lookahead step continues a prefill
+        from where the step in flight leaves it)."""
+        start = seq.num_computed_tokens if start is None else start
         self.seqs.append(seq)
-        self.starts.append(seq.num_computed_tokens)
+        self.starts.append(start)
         self.num_new_tokens.append(n)
-        self.samples.append(seq.num_computed_tokens + n == len(seq))
+        self.samples.append(start + n == len(seq))
         if self.input_rows is not None:
             self.input_rows.append(None)  # its tokens are on the host
 
@@ -114,32 +116,46 @@ class Scheduler:
             budget -= n
 
     def schedule_lookahead(self, prev: ScheduledBatch, done: Callable[[Sequence], bool]) -> ScheduledBatch | None:
-        """The step after `prev`, built before prev's sampled ids reach the host: every running sequence
-        decodes the id it sampled in prev, then waiting sequences are admitted with the tokens left of the
+        """The step after `prev`, built before prev's sampled ids reach the host: every running sequence that
+        sampled in prev decodes that id, every one in the middle of its prefill computes its next chunk (as
+        `schedule` would once prev is applied), then waiting sequences are admitted with the tokens left of the
         budget (as `schedule` admits them, never preempting). None (and nothing changed) unless
-          - every running sequence sampled in prev (no prefill in progress, none left out by the budget),
-          - the pool holds the next token of every running sequence without preempting,
-          - the step has work: a running sequence to decode or a waiting one admitted.
+          - every running sequence was in prev (none left out by the budget),
+          - the pool holds the next token of every decoding sequence and the next chunk of every prefilling
+            one without preempting,
+          - the step has work: a running sequence to decode or prefill, or a waiting one admitted.
         A sequence for which done(seq) (prev's token ends it whatever its value: a length limit)
         sits out. One that prev's token stops (EOS, stop string) cannot be foreseen: it decodes one
         token too many, which the engine discards."""
         rows = {id(s): i for i, s in enumerate(s for s, sample in zip(prev.seqs, prev.samples) if sample)}
-        if any(id(s) not in rows for s in self.running) or not (self.running or self.waiting):
+        resume = {id(s): start + n for s, start, n, sample in zip(prev.seqs, prev.starts, prev.num_new_tokens,
+                                                                   prev.samples) if not sample}
+        if any(id(s) not in rows and id(s) not in resume for s in self.running) or not (self.running or self.waiting):
             return None
-        seqs = [s for s in self.running if not done(s)]
-        if len(seqs) > self.config.max_num_batched_tokens:
+        decoding = [s for s in self.running if id(s) in rows and not done(s)]
+        budget = self.config.max_num_batched_tokens - len(decoding)
+        if budget < 0:
             return None
-        short = [s for s in seqs if not self._holds(s, len(s) + 1)]  # typically one in block_size
-        if sum(self.blocks.blocks_needed(len(s) + 1) - len(s.block_table) for s in short) > self.blocks.num_free:
+        chunks = []  # (seq, start, n) of the prefills in progress, in running order, within the budget
+        for s in self.running:
+            if id(s) in resume and budget > 0:
+                n = min(len(s) - resume[id(s)], budget)
+                chunks.append((s, resume[id(s)], n))
+                budget -= n
+        grow = [(s, len(s) + 1) for s in decoding if not self._holds(s, len(s) + 1)]  # typically one in block_size
+        grow += [(s, start + n) for s, start, n in chunks if not self._holds(s, start + n)]
+        if sum(self.blocks.blocks_needed(t) - len(s.block_table) for s, t in grow) > self.blocks.num_free:
             return None
-        for seq in short:
-            ok = self.blocks.allocate(seq, len(seq) + 1 - seq.num_computed_tokens)
+        for seq, t in grow:
+            ok = self.blocks.allocate(seq, t - seq.num_computed_tokens)
             assert ok, "lookahead allocation was checked"
-        n = len(seqs)
-        batch = ScheduledBatch(seqs, [len(s) for s in seqs], [1] * n, [True] * n,
-                               input_rows=[rows[id(s)] for s in seqs])
-        self._admit(batch, self.config.max_num_batched_tokens - n)
-        if not seqs:  # admitted sequences only: nothing reads the previous step's ids
+        n = len(decoding)
+        batch = ScheduledBatch(decoding, [len(s) for s in decoding], [1] * n, [True] * n,
+                               input_rows=[rows[id(s)] for s in decoding])
+        for seq, start, k in chunks:
+            batch.add(seq, k, start)
+        self._admit(batch, budget)
+        if not decoding:  # prefill chunks and admitted sequences only: nothing reads the previous step's ids
             batch.input_rows = None
         return batch if batch.seqs else None
 
