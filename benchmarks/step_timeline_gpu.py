@@ -37,6 +37,7 @@ class Step:
     host_ms: float  # schedule + launch on the host
     mallocs: int = 0  # cudaMalloc calls of the caching allocator during the launch
     alloc_retries: int = 0  # ... and times it freed its whole cache to retry an allocation (a device sync)
+    compiles: str = ""  # Triton kernels compiled (a new specialization) during the launch
     gpu_start_ms: float = 0.0
     gpu_end_ms: float = 0.0
     idle_before_ms: float = 0.0
@@ -84,11 +85,19 @@ class Timeline:
             host = (time.perf_counter() - t0 + self._t_sched) * 1e3
             after = _allocator() if self.cuda else (0, 0)
             self.steps.append(Step(kind, len(missing), prefill, sum(1 for n in batch.num_new_tokens if n == 1), host,
-                                   after[0] - before[0], after[1] - before[1]))
+                                   after[0] - before[0], after[1] - before[1], ",".join(compiled)))
+            compiled.clear()
             self.events.append((start, end, t0, time.perf_counter()))
             self._t_sched = 0.0
             return out
 
+        compiled: list[str] = []
+        try:
+            import triton
+
+            triton.knobs.runtime.jit_post_compile_hook = lambda **kw: compiled.append(kw["fn"].name)
+        except (ImportError, AttributeError):  # no Triton (CPU) or one without knobs
+            pass
         sched.schedule = lambda: timed_schedule()
         sched.schedule_lookahead = lambda prev, done: timed_schedule(prev, done)
         worker.launch = timed_launch
@@ -206,6 +215,8 @@ def main() -> None:
         print("  slowest steps per image: " + "; ".join(
             f"{st.gpu_end_ms - st.gpu_start_ms:.0f} ms for {st.images} images ({st.kind}, {st.prefill_tokens} tokens, "
             f"{st.mallocs} cudaMalloc, {st.alloc_retries} allocator retries)" for st in slow))
+        print("  Triton compiles: " + ("; ".join(f"step {i} ({st.gpu_end_ms - st.gpu_start_ms:.0f} ms): {st.compiles}"
+                                                 for i, st in enumerate(steps) if st.compiles) or "none"))
         print(f"  cudaMalloc calls during launches: {sum(st.mallocs for st in steps)}, "
               f"allocator retries: {sum(st.alloc_retries for st in steps)}")
     if args.out:

@@ -324,3 +324,34 @@ def test_prefix_hit_ending_inside_the_image(tiny):
     out = run(engine, [(0, "b", x, p)])["b"]
     assert out.num_cached_tokens == 8 and x.token_type_ids[8] == 1
     assert out.token_ids == reference(model, x, p)
+
+
+def test_new_question_on_a_cached_image_reuses_its_tail(tiny):
+    """A second prompt over the same image (another question) hits the cached blocks up to a few tokens before
+    the image ends: those vision rows come from the kept tail of the first encoding, the tower does not run
+    again, and the answer equals the reference. Once the tail is evicted the image is encoded again."""
+    from cogvlm2.engine import runner as runner_module
+
+    model, processor = tiny
+    engine = LLMEngine(model, EngineConfig(block_size=8), processor)
+    p = SamplingParams(max_new_tokens=5, **GREEDY)
+    prompts = [processor(q, image=image(12)) for q in ("What is this?", "Describe it briefly.", "Anything else?")]
+    expected = [reference(model, x, p) for x in prompts]
+    encodes = []
+    encode = model.encode_images
+    model.encode_images = lambda pixels: encodes.append(len(pixels)) or encode(pixels)
+    try:
+        run(engine, [(0, "first", prompts[0], p)])
+        assert encodes == [1] and not engine.runner.vision_cache  # the features themselves are released
+        out = run(engine, [(0, "second", prompts[1], p)])["second"]
+        vision = [i for i, t in enumerate(prompts[1].token_type_ids) if t == 1]
+        assert vision[0] < out.num_cached_tokens <= vision[-1]  # the hit ends inside the image
+        assert encodes == [1] and out.token_ids == expected[1]
+        # evicted (other images since): the same image is encoded again, and the answer is still the reference
+        for h in list(engine.runner.vision_tails):
+            del engine.runner.vision_tails[h]
+        out = run(engine, [(0, "third", prompts[2], p)])["third"]
+        assert encodes == [1, 1] and out.token_ids == expected[2]
+        assert len(engine.runner.vision_tails) == 1 and runner_module.VISION_TAILS >= 64
+    finally:
+        del model.encode_images

@@ -6,7 +6,10 @@ CUDA). The tokens are laid out by the one batch builder (`model.batch.flatten`);
 stays on the host: the runs of the prompts' precomputed segments that fall in this step. Image / video
 features are encoded once per vision hash and kept until no unfinished sequence has vision tokens left
 to prefill, so chunked prefill never re-encodes an image
-and concurrent requests with the same image share one encoding. Pure-decode steps take a shorter
+and concurrent requests with the same image share one encoding. The last block_size feature rows of the
+VISION_TAILS most recently encoded images outlive that: a later prompt over the same image (a new
+question, a regenerated answer) whose cached KV blocks end a few tokens before the image does needs only
+those rows, not a second pass of the vision tower. Pure-decode steps take a shorter
 path (one token per sequence, no routing) and replay a CUDA graph when one was captured for a large
 enough batch size. A step whose tokens are all text (no vision features, no visual-expert
 routing) and fit a captured batch size, e.g. a later chat turn over a cached image, also replays a
@@ -21,6 +24,7 @@ on the device. On the CPU launch runs synchronously and collect only reads the i
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +71,8 @@ class ModelRunner:
                           model.dtype, model.layer_devices())
         self.sampler = Sampler()
         self.vision_cache: dict[str, torch.Tensor] = {}  # vision hash -> features [num_vision_tokens, D]
+        # vision hash -> (first row, the last block_size rows of its features), least recently used first
+        self.vision_tails: OrderedDict[str, tuple[int, torch.Tensor]] = OrderedDict()
         self.graphs = None
         self._landing: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         self._turn = 0
@@ -302,18 +308,34 @@ class ModelRunner:
         return list(flat.to(self.device, non_blocking=True).split([len(a) for a in arrays]))
 
     def _vision_embeds(self, parts: list[tuple[Sequence, int, int]]) -> torch.Tensor:
-        """Features [M, D] for the vision tokens of this step, encoding each missing image once."""
+        """Features [M, D] for the vision tokens of this step, encoding each missing image once (none whose
+        rows this step needs are all in its cached tail)."""
         missing: dict[str, torch.Tensor] = {}
-        for seq, _, _ in parts:
-            if seq.vision_hash not in self.vision_cache:
-                missing.setdefault(seq.vision_hash, seq.inputs.pixel_values)
+        for seq, a, _ in parts:
+            h = seq.vision_hash
+            if h not in self.vision_cache and not (h in self.vision_tails and a >= self.vision_tails[h][0]):
+                missing.setdefault(h, seq.inputs.pixel_values)
         if missing:
             pixels = self._upload(list(missing.values()))
             feats = self.model.encode_images(pixels)  # [frames, tokens_per_image, D]
             frames = [p.shape[0] for p in missing.values()]
             for h, f in zip(missing, feats.split(frames)):
-                self.vision_cache[h] = f.reshape(-1, f.shape[-1])
-        return torch.cat([self.vision_cache[seq.vision_hash][a:b] for seq, a, b in parts])
+                f = self.vision_cache[h] = f.reshape(-1, f.shape[-1])
+                start = max(0, len(f) - self.config.block_size)
+                self.vision_tails[h] = (start, f[start:].clone())
+                while len(self.vision_tails) > VISION_TAILS:
+                    self.vision_tails.popitem(last=False)
+        rows = []
+        for seq, a, b in parts:
+            h = seq.vision_hash
+            if h in self.vision_cache:
+                rows.append(self.vision_cache[h][a:b])
+            else:
+                start, tail = self.vision_tails[h]
+                rows.append(tail[a - start:b - start])
+            if h in self.vision_tails:
+                self.vision_tails.move_to_end(h)
+        return torch.cat(rows)
 
     def _upload(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """The images / frames of a step, joined, on the device. On CUDA they are joined into pinned memory:
@@ -329,6 +351,9 @@ class ModelRunner:
         """Drop cached features that no unfinished sequence still needs."""
         for h in [h for h in self.vision_cache if h not in keep]:
             del self.vision_cache[h]
+
+
+VISION_TAILS = 512  # images whose last feature rows the runner keeps (block_size x hidden each: 128 KB for the 19B)
 
 
 @dataclass

@@ -29,7 +29,10 @@ def tuned_tiles(batch: int) -> tuple[int, int, int, bool]:
     return [tiles for first, tiles in TILES if batch >= first][-1]
 
 
-@triton.jit
+# sbt_b, the block tables' row stride, is their width: fixed under the CUDA graphs, the step's widest table in a
+# mixed step. Specializing on it (divisible by 16 or not) would compile a second variant of every tile set the first
+# time a mixed step's width is not a multiple of 16 (~0.4 s of host time each, with the GPU idle).
+@triton.jit(do_not_specialize=["sbt_b"])
 def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
             sq_b, sq_h, sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, sbt_b, so_b, so_h, so_s, sl_b, sl_h,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
