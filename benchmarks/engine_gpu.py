@@ -2,8 +2,8 @@
 
 Prints the issue's table: decode tok/s at batch 1 (2.3K context), decode step at batch 32 (2.3K
 context each), time to first token for one 1344² image + a 20-token question, TTFT of the second
-turn (prefix cache), TTFT of a new question over the same image, captioning throughput (64 images, 128 new tokens each), peak GPU memory —
-each next to its floor and how that floor is computed.
+turn (prefix cache), TTFT of a new question over the same image, captioning throughput (64 images,
+128 new tokens each), peak GPU memory — each next to its floor and how that floor is computed.
 
     PYTHONPATH=. python benchmarks/engine_gpu.py [--out engine.json] [--only ttft,decode1,...]
 """
