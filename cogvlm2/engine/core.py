@@ -15,11 +15,12 @@ the host work of a step overlaps the device's work on the next:
                     collect step k, append its ids, check stop ids and lengths, free finished sequences
                     -> outputs of step k        (meanwhile the device computes step k+1)
 
-The lookahead is built whenever every running sequence sampled in step k (`Scheduler.schedule_lookahead`
-states the rule): they decode, and waiting requests are admitted beside them (their prefill chunks are
-on the host), so arrivals under load do not stall the device. Otherwise (a prefill in progress, or a
-step that would have to preempt) the call collects step k first and schedules step k+1 as the
-synchronous engine would, leaving it in flight. A sequence that step k stops
+The lookahead is built whenever every running sequence took part in step k (`Scheduler.schedule_lookahead`
+states the rule): those that sampled decode, those in the middle of a prefill compute their next chunk
+(its tokens are on the host), and waiting requests are admitted beside them, so neither arrivals under
+load nor long chunked prefills (captioning) stall the device. Otherwise (a sequence the budget left out
+of step k, or a step that would have to preempt) the call collects step k first and schedules step k+1
+as the synchronous engine would, leaving it in flight. A sequence that step k stops
 or that is aborted meanwhile also ran in step k+1: that token is discarded when step k+1 is
 collected, so every token is reported once, in order. Outputs arrive one call later than without
 async scheduling; the tokens are the same.
