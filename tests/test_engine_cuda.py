@@ -42,7 +42,7 @@ def test_engine_cuda_async_equals_sync():
     landing buffers behind CUDA events, staging buffers used in turn, persistent graph block tables,
     arrivals admitted into lookahead steps) against the synchronous engine: the same streams, greedy rows
     equal to the reference; stop id, stop string, penalties, a seed and an abort mid-stream included."""
-    from test_engine_overlap import count_lookaheads, stream, summary
+    from test_engine_overlap import _raise, count_lookaheads, stream, summary
 
     from cogvlm2.engine import EngineConfig, LLMEngine
     from cogvlm2.llm import load_processor_and_model
@@ -68,6 +68,8 @@ def test_engine_cuda_async_equals_sync():
         (8, "late-text", processor("Hi there"), SamplingParams(max_new_tokens=6, **greedy)),
         (9, "late-image", processor("And this one?", image=Image.new("RGB", (40, 40), (9, 99, 199))),
          SamplingParams(max_new_tokens=6, **greedy)),
+        # a prompt of several 96-token chunks: each after the first launched ahead of the previous step's ids
+        (10, "long", processor("one two three four " * 60), SamplingParams(max_new_tokens=6, **greedy)),
     ]
     results = {}
     for async_scheduling in (False, True):
@@ -76,9 +78,10 @@ def test_engine_cuda_async_equals_sync():
                                                async_scheduling=async_scheduling), processor)
         assert engine.runner.graphs is not None
         counts = count_lookaheads(engine)
+        engine.core._recover = _raise  # no step may fail (a retry alone would hide it: same tokens, slower)
         results[async_scheduling] = {rid: summary(o) for rid, o in
                                      stream(engine, requests, abort_at={"abort-mid": 6}).items()}
-    assert counts["lookahead"] > 10 and counts["admitted"] >= 2
+    assert counts["lookahead"] > 10 and counts["admitted"] >= 2 and counts["resumed"] >= 2, counts
     assert results[True] == results[False]
     for _, rid, xi, p in requests:
         if rid == "seeded":

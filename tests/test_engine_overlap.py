@@ -7,7 +7,12 @@ it cannot foresee and aborts while a step is in flight.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,12 +77,17 @@ def summary(outs: list) -> tuple:
     return final.token_ids, final.text, final.finish_reason, final.stop_reason
 
 
+def _raise(error: Exception) -> None:
+    raise error
+
+
 def both_modes(model, processor, config: dict, requests, abort_at=None) -> tuple[dict, dict[str, int]]:
     """Run the requests with and without async scheduling; assert equal summaries; (summaries, counts)."""
     results = {}
     for async_scheduling in (False, True):
         engine = LLMEngine(model, EngineConfig(async_scheduling=async_scheduling, **config), processor)
         counts = count_lookaheads(engine)
+        engine.core._recover = _raise  # no step may fail (a retry alone would hide it: same tokens, slower)
         results[async_scheduling] = {rid: summary(o) for rid, o in stream(engine, requests, abort_at).items()}
         if not async_scheduling:
             assert counts["lookahead"] == counts["fallback"] == 0  # the synchronous path never plans ahead
@@ -369,3 +379,23 @@ def test_random_simulation_lookahead(seed: int, prefix_caching: bool):
     assert stats["finished"] > 300 and stats["aborted_in_flight"] > 5 and stats["discarded"] > 50
     assert stats["lookahead"] > 500 and stats["admitted"] > 100 and sched.num_preemptions > 0
     assert stats["resumed"] > (100 if config.max_num_batched_tokens < 64 else 5), stats  # prefills continued ahead
+
+
+def test_step_timeline_benchmark_mechanics(tmp_path):
+    """benchmarks/step_timeline_gpu.py --dry-run: captioning on the tiny model, step by step, with a budget that
+    chunks every prompt: the later chunks are launched ahead ("prefill+ahead"), no step fails, and every step of
+    the JSON holds what the GPU run reads (kind, images, tokens, timings)."""
+    root = Path(__file__).parents[1]
+    out = tmp_path / "timeline.json"
+    run = subprocess.run([sys.executable, "benchmarks/step_timeline_gpu.py", "--dry-run", "--budgets", "16,8192",
+                          "--out", str(out)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "engine step failed" not in run.stderr, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    chunked, whole = data["16"], data["8192"]
+    kinds = {s["kind"] for s in chunked["steps"]}
+    assert {"prefill", "prefill+ahead", "decode+ahead"} <= kinds, kinds
+    assert sum(s["images"] for s in chunked["steps"]) == 8 == sum(s["images"] for s in whole["steps"])
+    assert whole["summary"]["images_per_encoding_step"] == 8  # all eight prompts fit one step
+    assert all(s["gpu_end_ms"] >= s["gpu_start_ms"] >= 0 for s in chunked["steps"])
+    assert "budget 16: 8 images in" in run.stdout

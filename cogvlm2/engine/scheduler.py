@@ -150,8 +150,8 @@ class Scheduler:
             ok = self.blocks.allocate(seq, t - seq.num_computed_tokens)
             assert ok, "lookahead allocation was checked"
         n = len(decoding)
-        batch = ScheduledBatch(decoding, [len(s) for s in decoding], [1] * n, [True] * n,
-                               input_rows=[rows[id(s)] for s in decoding])
+        batch = ScheduledBatch(list(decoding), [len(s) for s in decoding], [1] * n, [True] * n,
+                               input_rows=[rows[id(s)] for s in decoding])  # a copy: add() and _admit() append
         for seq, start, k in chunks:
             batch.add(seq, k, start)
         self._admit(batch, budget)
