@@ -355,3 +355,26 @@ def test_new_question_on_a_cached_image_reuses_its_tail(tiny):
         assert len(engine.runner.vision_tails) == 1 and runner_module.VISION_TAILS >= 64
     finally:
         del model.encode_images
+
+
+def test_a_burst_of_images_is_encoded_in_bounded_tower_passes(tiny, monkeypatch):
+    """One step admitting several new images runs the vision tower in passes of at most VISION_PIXELS pixels
+    (here: two images a pass), so its activations do not grow with the burst; the answers equal the reference."""
+    from cogvlm2.engine import runner as runner_module
+
+    model, processor = tiny
+    prompts = [processor(f"Question {i}?", image=image(40 + i)) for i in range(5)]
+    side = prompts[0].pixel_values.shape[-1]
+    monkeypatch.setattr(runner_module, "VISION_PIXELS", 2 * side * side)
+    p = SamplingParams(max_new_tokens=4, **GREEDY)
+    expected = [reference(model, x, p) for x in prompts]
+    engine = LLMEngine(model, EngineConfig(), processor)
+    passes = []
+    encode = model.encode_images
+    model.encode_images = lambda pixels: passes.append(len(pixels)) or encode(pixels)
+    try:
+        done = run(engine, [(0, f"r{i}", x, p) for i, x in enumerate(prompts)])
+    finally:
+        del model.encode_images
+    assert passes == [2, 2, 1]  # all five admitted into one step, encoded two at a time
+    assert [done[f"r{i}"].token_ids for i in range(5)] == expected

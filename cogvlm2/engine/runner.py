@@ -9,7 +9,8 @@ to prefill, so chunked prefill never re-encodes an image
 and concurrent requests with the same image share one encoding. The last block_size feature rows of the
 VISION_TAILS most recently encoded images outlive that: a later prompt over the same image (a new
 question, a regenerated answer) whose cached KV blocks end a few tokens before the image does needs only
-those rows, not a second pass of the vision tower. Pure-decode steps take a shorter
+those rows, not a second pass of the vision tower. A step that must encode many media runs the tower in passes
+of at most VISION_PIXELS pixels. Pure-decode steps take a shorter
 path (one token per sequence, no routing) and replay a CUDA graph when one was captured for a large
 enough batch size. A step whose tokens are all text (no vision features, no visual-expert
 routing) and fit a captured batch size, e.g. a later chat turn over a cached image, also replays a
@@ -315,11 +316,10 @@ class ModelRunner:
             h = seq.vision_hash
             if h not in self.vision_cache and not (h in self.vision_tails and a >= self.vision_tails[h][0]):
                 missing.setdefault(h, seq.inputs.pixel_values)
-        if missing:
-            pixels = self._upload(list(missing.values()))
+        for group in _tower_passes(list(missing.items())):
+            pixels = self._upload([p for _, p in group])
             feats = self.model.encode_images(pixels)  # [frames, tokens_per_image, D]
-            frames = [p.shape[0] for p in missing.values()]
-            for h, f in zip(missing, feats.split(frames)):
+            for (h, p), f in zip(group, feats.split([p.shape[0] for _, p in group])):
                 f = self.vision_cache[h] = f.reshape(-1, f.shape[-1])
                 start = max(0, len(f) - self.config.block_size)
                 self.vision_tails[h] = (start, f[start:].clone())
@@ -354,6 +354,25 @@ class ModelRunner:
 
 
 VISION_TAILS = 512  # images whose last feature rows the runner keeps (block_size x hidden each: 128 KB for the 19B)
+# Pixels one pass of the vision tower takes (four 1344^2 images; 144 video frames at 224^2): a step that must encode
+# more (a burst of prompts whose cached KV ends inside their images) runs the tower several times, so its
+# activations stay those of four images (~4 GB for the 19B) instead of growing with the burst.
+VISION_PIXELS = 4 * 1344 * 1344
+
+
+def _tower_passes(media: list[tuple[str, torch.Tensor]]) -> list[list[tuple[str, torch.Tensor]]]:
+    """(vision hash, pixels [frames, 3, H, W]) in order, cut into runs of at most VISION_PIXELS pixels (a medium
+    larger than that alone)."""
+    groups: list[list[tuple[str, torch.Tensor]]] = []
+    size = VISION_PIXELS
+    for h, p in media:
+        n = p.shape[0] * p.shape[-1] * p.shape[-2]
+        if not groups or size + n > VISION_PIXELS:
+            groups.append([])
+            size = 0
+        groups[-1].append((h, p))
+        size += n
+    return groups
 
 
 @dataclass
