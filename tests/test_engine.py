@@ -378,3 +378,19 @@ def test_a_burst_of_images_is_encoded_in_bounded_tower_passes(tiny, monkeypatch)
         del model.encode_images
     assert passes == [2, 2, 1]  # all five admitted into one step, encoded two at a time
     assert [done[f"r{i}"].token_ids for i in range(5)] == expected
+
+
+def test_the_kv_pool_profile_covers_the_largest_tower_pass():
+    """memory.tower_pass (what the KV pool's sizing encodes) is the largest pass the runner makes: four 1344^2
+    images, 144 video frames at 224^2 (six 24-frame videos), fewer when the step's sequences cannot bring more."""
+    from cogvlm2.engine.memory import tower_pass
+    from cogvlm2.engine.runner import _tower_passes
+
+    assert tower_pass(1344, 1, EngineConfig(max_num_seqs=64)) == 4
+    assert tower_pass(224, 24, EngineConfig(max_num_seqs=64)) == 144
+    assert tower_pass(224, 24, EngineConfig(max_num_seqs=2)) == 48
+    assert tower_pass(4096, 1, EngineConfig()) == 1  # an image past the budget is still encoded, alone
+    for size, frames, seqs in [(1344, 1, 64), (224, 24, 64), (224, 24, 2), (64, 1, 8)]:
+        media = [(f"m{i}", torch.zeros(frames, 3, size, size)) for i in range(seqs)]
+        largest = max(sum(p.shape[0] for _, p in group) for group in _tower_passes(media))
+        assert largest <= tower_pass(size, frames, EngineConfig(max_num_seqs=seqs)), (size, frames, seqs)

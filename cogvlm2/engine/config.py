@@ -9,6 +9,10 @@ from ..config import ModelConfig
 
 CPU_KV_CACHE_BYTES = 2 << 30  # on CPU the pool is capped at this many bytes (no memory profiling there)
 CPU_KV_CACHE_SEQS = 4  # ... and otherwise holds this many sequences of max_model_len tokens
+# Pixels one pass of the vision tower takes (four 1344^2 images; 144 video frames at 224^2): a step that must encode
+# more (a burst of prompts whose cached KV ends inside their images) runs the tower several times, so its
+# activations stay those of one such pass (~4 GB for the 19B), which is what the KV pool's sizing profiles.
+VISION_PIXELS = 4 * 1344 * 1344
 
 
 def default_graph_batch_sizes(max_num_seqs: int) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ import torch
 from ..model.batch import ForwardBatch
 from ..model.cogvlm import CogVLM2ForCausalLM
 from .attention import Attend, AttentionMetadata, KVCache, PagedAttention
-from .config import CPU_KV_CACHE_BYTES, CPU_KV_CACHE_SEQS, EngineConfig
+from .config import CPU_KV_CACHE_BYTES, CPU_KV_CACHE_SEQS, VISION_PIXELS, EngineConfig
 
 
 def num_kv_blocks(model: CogVLM2ForCausalLM, config: EngineConfig, attend: Attend) -> int:
@@ -40,8 +40,8 @@ def num_kv_blocks(model: CogVLM2ForCausalLM, config: EngineConfig, attend: Atten
 @torch.inference_mode()
 def _free_cuda_bytes_after_profile(model: CogVLM2ForCausalLM, config: EngineConfig,
                                    attend: Attend) -> dict[torch.device, float]:
-    """Run the largest step (max_num_batched_tokens prompt tokens, one image, max_num_seqs logits +
-    sort) on a throwaway cache, then per device holding layers: budget = total * utilization -
+    """Run the largest step (the vision tower's largest pass, max_num_batched_tokens prompt tokens,
+    max_num_seqs logits + sort) on a throwaway cache, then per device holding layers: budget = total * utilization -
     everything else at its peak."""
     cfg, device = model.config, model.device
     devices = sorted(set(model.layer_devices()) | {device}, key=str)
@@ -55,8 +55,8 @@ def _free_cuda_bytes_after_profile(model: CogVLM2ForCausalLM, config: EngineConf
     blocks = torch.arange(scratch.num_blocks, device=device)
     meta = AttentionMetadata(torch.arange(n, device=device), blocks[None], torch.tensor([n], device=device),
                              torch.tensor([0, n], device=device), [n], [n])
-    size = cfg.vision.image_size
-    model.encode_images(torch.zeros(1, 3, size, size, device=device))
+    size = cfg.vision.image_size  # the largest pass of the tower a step makes (runner: VISION_PIXELS)
+    model.encode_images(torch.zeros(tower_pass(size, cfg.max_media_items, config), 3, size, size, device=device))
     hidden = model(ForwardBatch(torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device),
                                 PagedAttention(scratch, meta, attend)))
     rows = hidden[:1].expand(min(config.max_num_seqs, n), -1)
@@ -72,3 +72,10 @@ def _free_cuda_bytes_after_profile(model: CogVLM2ForCausalLM, config: EngineConf
         used_elsewhere = (total - free) - torch.cuda.memory_allocated(d)  # other processes, CUDA context
         budget[d] = total * config.gpu_memory_utilization - used_elsewhere - peak
     return budget
+
+
+def tower_pass(image_size: int, max_media_items: int, config: EngineConfig) -> int:
+    """Images (or video frames) of image_size^2 in the largest pass of the vision tower a step can make: as many as
+    VISION_PIXELS holds, no more than the step's sequences can bring (max_num_seqs prompts of at most
+    max_media_items images or frames each), at least one."""
+    return max(1, min(VISION_PIXELS // (image_size * image_size), config.max_num_seqs * max_media_items))

@@ -33,7 +33,7 @@ import torch
 from ..model.batch import FlatTokens, ForwardBatch, TokenSpan, flatten
 from ..model.cogvlm import CogVLM2ForCausalLM
 from .attention import Attend, AttentionMetadata, KVCache, PagedAttention, attend_reference
-from .config import EngineConfig
+from .config import VISION_PIXELS, EngineConfig
 from .cuda_graph import DecodeGraphs, DecodeRows
 from .memory import num_kv_blocks
 from .sampler import Sampler
@@ -354,10 +354,6 @@ class ModelRunner:
 
 
 VISION_TAILS = 512  # images whose last feature rows the runner keeps (block_size x hidden each: 128 KB for the 19B)
-# Pixels one pass of the vision tower takes (four 1344^2 images; 144 video frames at 224^2): a step that must encode
-# more (a burst of prompts whose cached KV ends inside their images) runs the tower several times, so its
-# activations stay those of four images (~4 GB for the 19B) instead of growing with the burst.
-VISION_PIXELS = 4 * 1344 * 1344
 
 
 def _tower_passes(media: list[tuple[str, torch.Tensor]]) -> list[list[tuple[str, torch.Tensor]]]:
