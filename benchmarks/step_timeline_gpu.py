@@ -69,7 +69,7 @@ class Timeline:
         def timed_launch(batch, source=None):
             t0 = time.perf_counter()
             cache = getattr(getattr(worker, "runner", None), "vision_cache", {})
-            missing = {s.vision_hash for s, st, n in zip(batch.seqs, batch.starts, batch.num_new_tokens)
+            missing = {(s.vision_hash, s.adapter_id) for s, st, n in zip(batch.seqs, batch.starts, batch.num_new_tokens)
                        if s.vision_range(st, st + n)[1] > s.vision_range(st, st + n)[0]} - set(cache)
             start = end = None
             before = _allocator() if self.cuda else (0, 0)

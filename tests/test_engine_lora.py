@@ -122,6 +122,43 @@ def test_an_adapter_on_lm_head_in_a_mixed_batch(adapters, prompts, tmp_path):
     assert alone["head-0"] != alone["None-0"] and alone["head-0"] != alone["a-0"]
 
 
+def test_an_adapter_on_the_vision_tower_and_the_same_image(adapters, prompts, tmp_path):
+    """An adapter that changes the vision tower (and its GLU adapter), with the base model and an adapter that
+    does not, all over the same image: each gets features from its own tower, in one step (no prefix cache) and
+    when a new question hits the KV its own adapter cached a few tokens before the image ends (the image's kept
+    last rows are kept per adapter): each answer equals its request run alone on a fresh engine."""
+    tower = make_adapter(tmp_path / "tower", 4, r=4, alpha=8, targets=("vision_tower", "adapter"))
+    spec = ModelSpec("tiny", "float32", "cpu", adapters={"a": adapters["a"], "tower": tower})
+    proc = load_processor("tiny")
+    image = Image.new("RGB", (40, 30), (20, 130, 90))
+    asks = [proc(q, image=image) for q in ("What is this?", "Describe it briefly.")]
+    names = (None, "a", "tower")
+
+    def run(engine, requests) -> dict:
+        done = {}
+        for rid, x, name in requests:
+            engine.add_request(rid, x, GREEDY, adapter=name)
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = (out.token_ids, out.num_cached_tokens)
+        return done
+
+    alone = {(name, i): run(LLMEngine(spec, EngineConfig(block_size=8), proc), [("r", x, name)])["r"][0]
+             for name in names for i, x in enumerate(asks)}
+    assert alone[("tower", 0)] != alone[(None, 0)]  # the tower's adapter matters
+    together = run(LLMEngine(spec, EngineConfig(block_size=8, enable_prefix_caching=False), proc),
+                   [(f"{name}", asks[0], name) for name in names])
+    assert {name: together[f"{name}"][0] for name in names} == {name: alone[(name, 0)] for name in names}
+    engine = LLMEngine(spec, EngineConfig(block_size=8), proc)
+    for name in ("tower", None):  # the tower first, then the base model encodes the same image last
+        run(engine, [(f"first-{name}", asks[0], name)])
+    second = run(engine, [("second-tower", asks[1], "tower")])["second-tower"]
+    vision = [i for i, t in enumerate(asks[1].token_type_ids) if t == 1]
+    assert vision[0] < second[1] <= vision[-1]  # its own cached KV ends inside the image
+    assert second[0] == alone[("tower", 1)]
+
+
 def test_adapter_errors(adapters, prompts, tmp_path):
     engine = LLMEngine(ModelSpec("tiny", "float32", "cpu", adapters={"a": adapters["a"]}),
                        processor=load_processor("tiny"))

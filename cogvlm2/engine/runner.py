@@ -71,9 +71,10 @@ class ModelRunner:
         self.kv = KVCache(cfg.num_hidden_layers, blocks, config.block_size, model.num_local_kv_heads, cfg.head_dim,
                           model.dtype, model.layer_devices())
         self.sampler = Sampler()
-        self.vision_cache: dict[str, torch.Tensor] = {}  # vision hash -> features [num_vision_tokens, D]
-        # vision hash -> (first row, the last block_size rows of its features), least recently used first
-        self.vision_tails: OrderedDict[str, tuple[int, torch.Tensor]] = OrderedDict()
+        # (vision hash, adapter id) -> features [num_vision_tokens, D]
+        self.vision_cache: dict[tuple[str, str | None], torch.Tensor] = {}
+        # (vision hash, adapter id) -> (first row, the last block_size rows of its features), least recently used first
+        self.vision_tails: OrderedDict[tuple[str, str | None], tuple[int, torch.Tensor]] = OrderedDict()
         self.graphs = None
         self._landing: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         self._turn = 0
@@ -310,31 +311,32 @@ class ModelRunner:
 
     def _vision_embeds(self, parts: list[tuple[Sequence, int, int]]) -> torch.Tensor:
         """Features [M, D] for the vision tokens of this step, encoding each missing image once (none whose
-        rows this step needs are all in its cached tail)."""
-        missing: dict[str, torch.Tensor] = {}
+        rows this step needs are all in its cached tail). Features are kept per (vision hash, adapter id): a
+        LoRA adapter may change the vision tower."""
+        missing: dict[tuple[str, str | None], torch.Tensor] = {}
         for seq, a, _ in parts:
-            h = seq.vision_hash
-            if h not in self.vision_cache and not (h in self.vision_tails and a >= self.vision_tails[h][0]):
-                missing.setdefault(h, seq.inputs.pixel_values)
+            key = (seq.vision_hash, seq.adapter_id)
+            if key not in self.vision_cache and not (key in self.vision_tails and a >= self.vision_tails[key][0]):
+                missing.setdefault(key, seq.inputs.pixel_values)
         for group in _tower_passes(list(missing.items())):
             pixels = self._upload([p for _, p in group])
             feats = self.model.encode_images(pixels)  # [frames, tokens_per_image, D]
-            for (h, p), f in zip(group, feats.split([p.shape[0] for _, p in group])):
-                f = self.vision_cache[h] = f.reshape(-1, f.shape[-1])
+            for (key, p), f in zip(group, feats.split([p.shape[0] for _, p in group])):
+                f = self.vision_cache[key] = f.reshape(-1, f.shape[-1])
                 start = max(0, len(f) - self.config.block_size)
-                self.vision_tails[h] = (start, f[start:].clone())
+                self.vision_tails[key] = (start, f[start:].clone())
                 while len(self.vision_tails) > VISION_TAILS:
                     self.vision_tails.popitem(last=False)
         rows = []
         for seq, a, b in parts:
-            h = seq.vision_hash
-            if h in self.vision_cache:
-                rows.append(self.vision_cache[h][a:b])
+            key = (seq.vision_hash, seq.adapter_id)
+            if key in self.vision_cache:
+                rows.append(self.vision_cache[key][a:b])
             else:
-                start, tail = self.vision_tails[h]
+                start, tail = self.vision_tails[key]
                 rows.append(tail[a - start:b - start])
-            if h in self.vision_tails:
-                self.vision_tails.move_to_end(h)
+            if key in self.vision_tails:
+                self.vision_tails.move_to_end(key)
         return torch.cat(rows)
 
     def _upload(self, pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -348,9 +350,9 @@ class ModelRunner:
         return torch.cat(pixels, out=host).to(self.device, non_blocking=True)
 
     def release_vision(self, keep: set[str]) -> None:
-        """Drop cached features that no unfinished sequence still needs."""
-        for h in [h for h in self.vision_cache if h not in keep]:
-            del self.vision_cache[h]
+        """Drop cached features whose vision hash no unfinished sequence still needs."""
+        for key in [key for key in self.vision_cache if key[0] not in keep]:
+            del self.vision_cache[key]
 
 
 VISION_TAILS = 512  # images whose last feature rows the runner keeps (block_size x hidden each: 128 KB for the 19B)

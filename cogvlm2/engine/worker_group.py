@@ -273,7 +273,7 @@ class TensorParallelGroup:
         for seq, start, n, sample in zip(batch.seqs, batch.starts, batch.num_new_tokens, batch.samples):
             sent = self._sent.get(seq.request_id)
             if sent is None or sent.seq is not seq:  # a new request (or a new one reusing a finished one's id)
-                news.append((seq.request_id, seq.inputs, seq.params, seq.adapter_slot))
+                news.append((seq.request_id, seq.inputs, seq.params, seq.adapter_slot, seq.adapter_id))
                 sent = self._sent[seq.request_id] = _Sent(seq, seq.num_prompt_tokens)
             tokens = seq.token_ids[sent.num_tokens:]
             sent.num_tokens = len(seq.token_ids)
@@ -529,8 +529,8 @@ class _Rank:
             self.conn.send(("ok", result))
 
     def step(self, news, drops, release, rows, input_rows) -> None:
-        for rid, inputs, params, slot in news:
-            self.seqs[rid] = Sequence(rid, inputs, params, adapter_slot=slot)
+        for rid, inputs, params, slot, adapter_id in news:  # the adapter id keys its image features, as on rank 0
+            self.seqs[rid] = Sequence(rid, inputs, params, adapter_slot=slot, adapter_id=adapter_id)
         for rid in drops:
             self.seqs.pop(rid, None)
         if release is not None:
