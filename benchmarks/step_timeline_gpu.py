@@ -38,9 +38,18 @@ class Step:
     mallocs: int = 0  # cudaMalloc calls of the caching allocator during the launch
     alloc_retries: int = 0  # ... and times it freed its whole cache to retry an allocation (a device sync)
     compiles: str = ""  # Triton kernels compiled (a new specialization) during the launch
+    sm_clock_mhz: int = 0  # the SM clock nvidia-smi reports at the launch (0: no NVML here)
     gpu_start_ms: float = 0.0
     gpu_end_ms: float = 0.0
     idle_before_ms: float = 0.0
+
+
+def _sm_clock() -> int:
+    """The SM clock in MHz (NVML's last sample), 0 without NVML: sustained load runs below the clock of a burst."""
+    try:
+        return int(torch.cuda.clock_rate())
+    except Exception:  # noqa: BLE001 - no pynvml / NVML on this machine
+        return 0
 
 
 def _allocator() -> tuple[int, int]:
@@ -59,10 +68,15 @@ class Timeline:
         launch, schedule, lookahead = worker.launch, sched.schedule, sched.schedule_lookahead
         self._t_sched = 0.0
 
+        ahead: set[int] = set()  # ids of the batches schedule_lookahead built (launched before the previous collect)
+
         def timed_schedule(*a, **k):
             t0 = time.perf_counter()
             try:
-                return (lookahead if a else schedule)(*a, **k)
+                batch = (lookahead if a else schedule)(*a, **k)
+                if a and batch is not None:
+                    ahead.add(id(batch))
+                return batch
             finally:
                 self._t_sched = time.perf_counter() - t0
 
@@ -81,11 +95,13 @@ class Timeline:
                 end = torch.cuda.Event(enable_timing=True)
                 end.record()
             prefill = sum(n for n in batch.num_new_tokens if n > 1)
-            kind = ("prefill" if prefill else "decode") + ("+ahead" if batch.input_rows is not None else "")
+            kind = ("prefill" if prefill else "decode") + ("+ahead" if id(batch) in ahead else "")
+            ahead.discard(id(batch))
             host = (time.perf_counter() - t0 + self._t_sched) * 1e3
             after = _allocator() if self.cuda else (0, 0)
             self.steps.append(Step(kind, len(missing), prefill, sum(1 for n in batch.num_new_tokens if n == 1), host,
-                                   after[0] - before[0], after[1] - before[1], ",".join(compiled)))
+                                   after[0] - before[0], after[1] - before[1], ",".join(compiled),
+                                   _sm_clock() if self.cuda and prefill else 0))
             compiled.clear()
             self.events.append((start, end, t0, time.perf_counter()))
             self._t_sched = 0.0
@@ -217,6 +233,9 @@ def main() -> None:
             f"{st.mallocs} cudaMalloc, {st.alloc_retries} allocator retries)" for st in slow))
         print("  Triton compiles: " + ("; ".join(f"step {i} ({st.gpu_end_ms - st.gpu_start_ms:.0f} ms): {st.compiles}"
                                                  for i, st in enumerate(steps) if st.compiles) or "none"))
+        clocks = sorted(st.sm_clock_mhz for st in steps if st.sm_clock_mhz)
+        if clocks:
+            print(f"  SM clock at prefill launches: {clocks[0]}-{clocks[-1]} MHz, median {clocks[len(clocks) // 2]}")
         print(f"  cudaMalloc calls during launches: {sum(st.mallocs for st in steps)}, "
               f"allocator retries: {sum(st.alloc_retries for st in steps)}")
     if args.out:

@@ -395,6 +395,7 @@ def test_step_timeline_benchmark_mechanics(tmp_path):
     chunked, whole = data["16"], data["8192"]
     kinds = {s["kind"] for s in chunked["steps"]}
     assert {"prefill", "prefill+ahead", "decode+ahead"} <= kinds, kinds
+    assert [s["kind"] for s in chunked["steps"]].count("prefill") == 1  # every step after the first launched ahead
     assert sum(s["images"] for s in chunked["steps"]) == 8 == sum(s["images"] for s in whole["steps"])
     assert whole["summary"]["images_per_encoding_step"] == 8  # all eight prompts fit one step
     assert all(s["gpu_end_ms"] >= s["gpu_start_ms"] >= 0 for s in chunked["steps"])
