@@ -49,6 +49,7 @@ def check_decode_kernel(device: str) -> None:
     # every tuned tile set (the batches here are small: the larger batches' sets are passed), and the tuning sweep's
     # other shapes: short splits, wide tiles, the context-bound loop
     assert [tuned_tiles(b) for b in (1, 7, 8, 15, 16, 23, 24, 64)] == [TILES[i][1] for i in (0, 0, 1, 1, 2, 2, 3, 3)]
+    assert tuned_tiles(32, kv_heads=4) == tuned_tiles(16) and tuned_tiles(1, kv_heads=2) == TILES[0][1]  # TP ranks
     tuned = [dict(zip(("split", "block_n", "num_stages", "context_bound"), tiles)) for _, tiles in TILES]
     shapes = [dict(), *tuned, dict(split=128, block_n=32, context_bound=True), dict(split=256, block_n=64,
               heads_first=True), dict(split=512, block_n=128, context_bound=True, heads_first=True)]

@@ -24,9 +24,15 @@ TILES = ((1, (128, 64, 2, False)), (8, (256, 64, 2, True)), (16, (512, 64, 2, Tr
 LARGE_TILES = TILES[-1][1]
 
 
-def tuned_tiles(batch: int) -> tuple[int, int, int, bool]:
-    """(split, block_n, num_stages, context_bound) for a batch of `batch` sequences."""
-    return [tiles for first, tiles in TILES if batch >= first][-1]
+SWEEP_KV_HEADS = 8  # the sweep's kv heads (Llama-3-8B); the grid has batch x kv heads x splits programs
+
+
+def tuned_tiles(batch: int, kv_heads: int = SWEEP_KV_HEADS) -> tuple[int, int, int, bool]:
+    """(split, block_n, num_stages, context_bound) for a batch of `batch` sequences with `kv_heads` kv heads on this
+    GPU: the tiles the sweep found for the batch that gives as many (sequence, kv head) pairs, so a tensor-parallel
+    rank holding 4 of the 8 heads takes at batch 32 the tiles of batch 16 (the same programs, each as long)."""
+    pairs = max(1, batch * kv_heads // SWEEP_KV_HEADS)
+    return [tiles for first, tiles in TILES if pairs >= first][-1]
 
 
 # sbt_b, the block tables' row stride, is their width: fixed under the CUDA graphs, the step's widest table in a
@@ -115,7 +121,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     b, hq, dim = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
-    tuned = tuned_tiles(b)
+    tuned = tuned_tiles(b, hkv)
     split, block_n, num_stages, context_bound = (
         tuned[0] if split is None else split, tuned[1] if block_n is None else block_n,
         tuned[2] if num_stages is None else num_stages, tuned[3] if context_bound is None else context_bound)
