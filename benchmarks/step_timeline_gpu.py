@@ -159,14 +159,14 @@ def summarize(steps: list[Step], wall_s: float, n_images: int) -> dict:
     )
 
 
-def caption_run(engine: LLMEngine, prompts, tag: str) -> tuple[list[Step], float]:
+def caption_run(engine: LLMEngine, prompts, tag: str, new_tokens: int = 128) -> tuple[list[Step], float]:
     timeline = Timeline(engine)
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
     if timeline.cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, SamplingParams(max_new_tokens=PARAMS_NEW, temperature=0, ignore_eos=True))
+        engine.add_request(rid, p, SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
     run_until_done(engine, set(ids))
     if timeline.cuda:
         torch.cuda.synchronize()
@@ -176,11 +176,8 @@ def caption_run(engine: LLMEngine, prompts, tag: str) -> tuple[list[Step], float
     return timeline.steps, wall
 
 
-PARAMS_NEW = 128
-
 
 def main() -> None:
-    global PARAMS_NEW
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", default="8192", help="max_num_batched_tokens values, one run each")
     ap.add_argument("--num-images", type=int, default=64)
@@ -191,7 +188,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.dry_run:
         engine = LLMEngine.from_pretrained("tiny")
-        n, PARAMS_NEW = min(args.num_images, 8), 8
+        n, new_tokens = min(args.num_images, 8), 8
     else:
         from benchmarks.common import full_size_config, random_model
         from cogvlm2.processing import Processor
@@ -201,11 +198,11 @@ def main() -> None:
         engine = LLMEngine(random_model(cfg), EngineConfig(max_num_seqs=64, max_num_batched_tokens=8192,
                                                            gpu_memory_utilization=0.9),
                            Processor(cfg, Tokenizer(bundled_tokenizer_path())))
-        n = args.num_images
+        n, new_tokens = args.num_images, 128
     proc = engine.processor
     size = proc.config.vision.image_size
     warm = [proc("Describe this image.", image=image(900 + i).resize((size, size))) for i in range(4)]
-    caption_run(engine, warm, "warm")  # cuDNN plans, the Triton kernels, the allocator
+    caption_run(engine, warm, "warm", new_tokens)  # cuDNN plans, the Triton kernels, the allocator
     results = {}
     if args.sync_debug and torch.cuda.is_available():
         torch.cuda.set_sync_debug_mode("warn")
@@ -213,7 +210,7 @@ def main() -> None:
         engine.config.max_num_batched_tokens = engine.scheduler.config.max_num_batched_tokens = budget
         prompts = [proc("Describe this image.", image=image(1000 * run + i).resize((size, size)))
                    for i in range(n)]  # new images each run: no prefix-cache hits
-        steps, wall = caption_run(engine, prompts, f"b{budget}")
+        steps, wall = caption_run(engine, prompts, f"b{budget}", new_tokens)
         summary = summarize(steps, wall, n)
         results[budget] = dict(summary=summary, steps=[asdict(s) for s in steps])
         kinds = ", ".join(f"{k}: {v['steps']} steps, GPU {v['gpu_s']:.2f} s, idle before {v['idle_before_s']:.2f} s"

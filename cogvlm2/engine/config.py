@@ -36,9 +36,9 @@ class EngineConfig:
     enforce_eager             no CUDA graphs (debugging); CPU is always eager
     cuda_graph_batch_sizes    decode batch sizes captured as CUDA graphs (None: default buckets)
     adapter_id                part of every prefix hash: a LoRA adapter changes the KV of equal tokens
-    async_scheduling          when every running sequence decodes, launch the next step (with waiting
-                              requests admitted) before collecting the previous one, overlapping host work
-                              (outputs, stops, scheduling) with the device (see core.py); False: every
+    async_scheduling          launch the next step (decoding rows, the next chunks of prefills in progress,
+                              waiting requests admitted) before collecting the previous one, overlapping host
+                              work (outputs, stops, scheduling) with the device (see core.py); False: every
                               step waits for its ids
     """
 

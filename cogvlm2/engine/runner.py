@@ -4,8 +4,8 @@ Per step, all integer metadata (ids, positions, KV slots, block tables, lengths,
 built in host lists, packed into one tensor and copied to the device once (pinned, non_blocking on
 CUDA). The tokens are laid out by the one batch builder (`model.batch.flatten`); visual-expert routing
 stays on the host: the runs of the prompts' precomputed segments that fall in this step. Image / video
-features are encoded once per vision hash and kept until no unfinished sequence has vision tokens left
-to prefill, so chunked prefill never re-encodes an image
+features are encoded once per (vision hash, LoRA adapter) and kept until no unfinished sequence has vision
+tokens left to prefill, so chunked prefill never re-encodes an image
 and concurrent requests with the same image share one encoding. The last block_size feature rows of the
 VISION_TAILS most recently encoded images outlive that: a later prompt over the same image (a new
 question, a regenerated answer) whose cached KV blocks end a few tokens before the image does needs only
@@ -358,10 +358,10 @@ class ModelRunner:
 VISION_TAILS = 512  # images whose last feature rows the runner keeps (block_size x hidden each: 128 KB for the 19B)
 
 
-def _tower_passes(media: list[tuple[str, torch.Tensor]]) -> list[list[tuple[str, torch.Tensor]]]:
-    """(vision hash, pixels [frames, 3, H, W]) in order, cut into runs of at most VISION_PIXELS pixels (a medium
+def _tower_passes(media: list[tuple[object, torch.Tensor]]) -> list[list[tuple[object, torch.Tensor]]]:
+    """(feature key, pixels [frames, 3, H, W]) in order, cut into runs of at most VISION_PIXELS pixels (a medium
     larger than that alone)."""
-    groups: list[list[tuple[str, torch.Tensor]]] = []
+    groups: list[list[tuple[object, torch.Tensor]]] = []
     size = VISION_PIXELS
     for h, p in media:
         n = p.shape[0] * p.shape[-1] * p.shape[-2]

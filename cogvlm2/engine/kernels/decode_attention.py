@@ -21,9 +21,6 @@ import triton.language as tl
 # tiles (512, 32, 3, masked to the split's end) took 110 (83% of copy bandwidth instead of 67%); batch 64 89% (75%).
 NUM_WARPS = 4
 TILES = ((1, (128, 64, 2, False)), (8, (256, 64, 2, True)), (16, (512, 64, 2, True)), (24, (1024, 64, 2, True)))
-LARGE_TILES = TILES[-1][1]
-
-
 SWEEP_KV_HEADS = 8  # the sweep's kv heads (Llama-3-8B); the grid has batch x kv heads x splits programs
 
 
@@ -37,7 +34,8 @@ def tuned_tiles(batch: int, kv_heads: int = SWEEP_KV_HEADS) -> tuple[int, int, i
 
 # sbt_b, the block tables' row stride, is their width: fixed under the CUDA graphs, the step's widest table in a
 # mixed step. Specializing on it (divisible by 16 or not) would compile a second variant of every tile set the first
-# time a mixed step's width is not a multiple of 16 (~0.4 s of host time each, with the GPU idle).
+# time a mixed step's width is not a multiple of 16 (inferred: two +300-400 ms captioning steps went with it; none
+# with a compile since, benchmarks/step_timeline_gpu.py).
 @triton.jit(do_not_specialize=["sbt_b"])
 def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
             sq_b, sq_h, sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, sbt_b, so_b, so_h, so_s, sl_b, sl_h,
