@@ -46,7 +46,7 @@ def caption(inputs: str | os.PathLike | Iterable[str | Item], model: str = "tiny
             lookahead: int | None = None, overwrite: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS,
             chunk_seconds: float = DEFAULT_CHUNK_SECONDS, ray: bool = False, ray_address: str | None = None,
             ray_actors: tuple[int, int] | int = 1, ray_gpus_per_actor: float | None = None,
-            ray_batch_size: int = 16, adapter: str | None = None, **engine_kwargs) -> Job:
+            ray_batch_size: int = 8, adapter: str | None = None, **engine_kwargs) -> Job:
     """Caption `inputs`: a folder, manifest (.txt/.jsonl/.csv/.parquet), `.tar` shards, or a list of paths
     / Items. Returns a Job: iterate it for the rows (it runs as you iterate); it also counts them.
 

@@ -66,7 +66,9 @@ def add_parser(subparsers) -> None:
     ray.add_argument("--ray-actors", default="1", help="engines: N, or MIN:MAX to autoscale (default %(default)s)")
     ray.add_argument("--ray-gpus-per-actor", type=float, default=None, help="default: 1 if the cluster has GPUs, "
                                                                              "else 0 (CPU actors)")
-    ray.add_argument("--ray-batch-size", type=int, default=16, help="items per preprocessing task and engine call")
+    ray.add_argument("--ray-batch-size", type=int, default=8,
+                     help="items per engine call (the run ends with each actor's last calls: smaller calls even out "
+                          "when the actors finish)")
     add_sampling_arguments(p, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     p.set_defaults(func=run_caption, temperature=0.0)
 
