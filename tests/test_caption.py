@@ -247,6 +247,24 @@ def test_ray_path_equals_single_process(folder, video_engine, tmp_path):
         ray.shutdown()
 
 
+def test_ray_actor_can_be_a_tensor_parallel_group(folder, video_engine):
+    """ray_gpus_per_actor=N with tensor_parallel_size=N: each actor's engine is a TP group (the actor is rank
+    0 and spawns the other ranks; on the CPU they meet over gloo), same greedy rows as one process."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    single = comparable(cogvlm2.caption(folder, "tiny-video", engine=video_engine, sampling_params=GREEDY))
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = list(cogvlm2.caption(folder, "tiny-video", ray=True, ray_actors=1, tensor_parallel_size=2,
+                                    dtype="float32", device="cpu", sampling_params=GREEDY, **ENGINE))
+        assert comparable(rows) == single
+        with pytest.raises(Exception, match="tensor parallel size 3"):  # the size reaches the actors' engines
+            list(cogvlm2.caption(folder, "tiny-video", ray=True, ray_actors=1, tensor_parallel_size=3,
+                                 dtype="float32", device="cpu", sampling_params=GREEDY, **ENGINE))
+    finally:
+        ray.shutdown()
+
+
 def test_ray_actor_cpus_leave_room_for_preprocessing():
     from cogvlm2.batch.ray_caption import _actor_cpus
 
