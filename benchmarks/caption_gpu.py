@@ -15,6 +15,7 @@ Full-size architectures with random bf16 weights (as engine_gpu.py), 128 new tok
                 the whole run with Ray's start-up is reported beside it. Every engine logs when it is ready and
                 when each request comes and goes: per actor, its start lag, its tail and its own rate.
                 --pair: also one caption() process per GPU at once, no Ray (the host's share of the gap).
+                --tp N: each actor a tensor-parallel group of N GPUs (GPUs / N actors), same one-GPU reference.
   --dry-run     the ray mode's mechanics with the tiny model on the CPU (tests/test_caption.py runs it).
 
 Each mode fits one device call of 8 minutes on an H200 (the ray mode on nvidia-h200-x2):
@@ -101,12 +102,27 @@ def image_processor() -> Processor:
     return Processor(full_size_config(IMAGE_MODEL), Tokenizer(bundled_tokenizer_path()))
 
 
+def tensor_parallel() -> int:
+    """--tp (inherited by the Ray actors): each engine a tensor-parallel group of this many GPUs."""
+    return int(os.environ.get("CAPTION_BENCH_TP") or 1)
+
+
 def build_engine(name: str) -> LLMEngine:
-    """The full-size architecture `name` with random weights on this process's GPU (a Ray actor's too)."""
+    """The full-size architecture `name` with random weights on this process's GPU (a Ray actor's too), or
+    on its `tensor_parallel()` GPUs (this process is rank 0 and spawns the others, each building its shard)."""
+    tp = tensor_parallel()
     if dry():
-        return LLMEngine.from_pretrained("tiny", "float32", "cpu", max_num_seqs=8, max_model_len=1024)
+        return LLMEngine.from_pretrained("tiny", "float32", "cpu", max_num_seqs=8, max_model_len=1024,
+                                         tensor_parallel_size=tp)
     cfg = full_size_config(name)
-    return LLMEngine(random_model(cfg), EngineConfig(**ENGINE), Processor(cfg, Tokenizer(bundled_tokenizer_path())))
+    processor = Processor(cfg, Tokenizer(bundled_tokenizer_path()))
+    if tp > 1:
+        from benchmarks.common import RandomModel
+        from cogvlm2.engine.worker import ModelSpec
+
+        return LLMEngine(ModelSpec(RandomModel(name), "bfloat16", "cuda", tensor_parallel_size=tp),
+                         EngineConfig(**ENGINE), processor)
+    return LLMEngine(random_model(cfg), EngineConfig(**ENGINE), processor)
 
 
 def engine_alone(engine: LLMEngine, inputs: list) -> float:
@@ -278,7 +294,7 @@ def bench_pair(folder: Path, tmp: Path, workers: int | None) -> float:
 
 
 def bench_ray(n: int, workers: int | None, tmp: Path, one_rate: float | None = None, batch_size: int = 8,
-              pair: bool = False) -> list[dict]:
+              pair: bool = False, tp: int = 1) -> list[dict]:
     import ray
 
     folder = tmp / "image"
@@ -287,20 +303,23 @@ def bench_ray(n: int, workers: int | None, tmp: Path, one_rate: float | None = N
     log = tmp / "ray_timeline.txt"
     paths = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {"PYTHONPATH": os.pathsep.join(paths), "CAPTION_BENCH_LOG": str(log),
-           "CAPTION_BENCH_DRY": os.environ.get("CAPTION_BENCH_DRY", "")}
+           "CAPTION_BENCH_DRY": os.environ.get("CAPTION_BENCH_DRY", ""), "CAPTION_BENCH_TP": str(tp)}
+    actors = gpus // tp  # each a tensor-parallel group of tp GPUs (the one-GPU reference below stays one GPU)
+    assert actors >= 1, f"--tp {tp} needs {tp} GPUs, this machine has {gpus}"
     ray.init(num_gpus=0 if dry() else gpus, num_cpus=6 if dry() else None, include_dashboard=False,
              log_to_driver=False, runtime_env={"env_vars": env})
     try:
         t_start = time.time()
         ray_rate, t_end, failed = end_to_end(folder, tmp / "ray.parquet", model=IMAGE_MODEL, engine=_image_engine,
-                                             processor=image_processor(), ray=True, ray_actors=gpus,
+                                             processor=image_processor(), ray=True, ray_actors=actors,
+                                             ray_gpus_per_actor=0 if dry() else tp,
                                              ray_batch_size=batch_size, dtype=None if dry() else "bfloat16",
                                              max_num_seqs=ENGINE["max_num_seqs"])
         assert failed == 0
     finally:
         ray.shutdown()
     lines = timelines(log)
-    assert len(lines) == gpus, lines
+    assert len(lines) == actors, lines
     print(f"  Ray: last row at {t_end - t_start:.1f} s after the start; per engine actor:")
     print_timelines(lines, t_start, "actor")
     # every item is captioned after the first engine is up: from then to the last row, with the
@@ -316,7 +335,7 @@ def bench_ray(n: int, workers: int | None, tmp: Path, one_rate: float | None = N
     else:
         print(f"  one GPU: {one_rate:.2f} img/s, given (--one-gpu-rate: an `--only image` run of the same images)")
     rows = [
-        dict(name=f"Ray, {gpus} engine actors, {n} JPEGs x 128 tokens, from the first engine up to the last row",
+        dict(name=f"Ray, {actors} engine actors" + (f" of TP={tp}" if tp > 1 else "") + f", {n} JPEGs x 128 tokens, from the first engine up to the last row",
              value=ray_up, unit="img/s", floor=gpus * one_rate,
              floor_how=f"{gpus} x one GPU in one process, engine built ({one_rate:.2f} img/s); goal >= 95% (1.9x)"),
         dict(name="  same, whole run (Ray start-up and the engines' builds included)", value=ray_rate, unit="img/s",
@@ -349,6 +368,8 @@ def main() -> None:
     ap.add_argument("--ray-batch-size", type=int, default=8,
                     help="items per engine call (default: caption()'s; with preprocessing in tasks of 16 items, "
                          "4, 8 and 16 gave 1.87x, 1.89x, 1.88x)")
+    ap.add_argument("--tp", type=int, default=1, help="ray: each engine actor a tensor-parallel group of this many "
+                    "GPUs (the one-GPU reference stays one GPU)")
     ap.add_argument("--pair", action="store_true",
                     help="ray: also one caption() process per GPU at once without Ray, on the same files")
     ap.add_argument("--dry-run", action="store_true", help="the tiny model on the CPU: the mechanics, no figures")
@@ -364,7 +385,7 @@ def main() -> None:
             rows = bench_local("video", args.num_videos, min(args.engine_alone, args.num_videos), args.workers, tmp)
         else:
             rows = bench_ray(args.num_images, args.workers, tmp, args.one_gpu_rate, args.ray_batch_size,
-                             args.pair)
+                             args.pair, args.tp)
     report(rows, args.out)
 
 
