@@ -335,7 +335,8 @@ def bench_ray(n: int, workers: int | None, tmp: Path, one_rate: float | None = N
     else:
         print(f"  one GPU: {one_rate:.2f} img/s, given (--one-gpu-rate: an `--only image` run of the same images)")
     rows = [
-        dict(name=f"Ray, {actors} engine actors" + (f" of TP={tp}" if tp > 1 else "") + f", {n} JPEGs x 128 tokens, from the first engine up to the last row",
+        dict(name=f"Ray, {actors} engine actors" + (f" of TP={tp}" if tp > 1 else "")
+             + f", {n} JPEGs x 128 tokens, from the first engine up to the last row",
              value=ray_up, unit="img/s", floor=gpus * one_rate,
              floor_how=f"{gpus} x one GPU in one process, engine built ({one_rate:.2f} img/s); goal >= 95% (1.9x)"),
         dict(name="  same, whole run (Ray start-up and the engines' builds included)", value=ray_rate, unit="img/s",
