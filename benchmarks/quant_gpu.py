@@ -115,6 +115,8 @@ def markdown(d: dict) -> str:
                             ("decode tok/s, batch 1, 2.3K context", "decode1_tok_s", "{:.0f}"),
                             ("decode step, batch 32 (ms)", "decode32_step_ms", "{:.2f}"),
                             ("TTFT, one 1344² image + question (ms)", "ttft_ms", "{:.0f}"),
+                            ("TTFT, fp8 without the bias / GELU fusions (ms)", "ttft_ms_unfused", "{:.0f}"),
+                            ("TTFT, fp8 with fast accumulation (ms)", "ttft_ms_fast_accum", "{:.0f}"),
                             ("captioning img/s (64 x 128 tokens)", "caption_img_s", "{:.2f}")]:
         lines.append(f"| {title} | " + " | ".join(cell(k, key, fmt) for k in modes) + " |")
     if e:
@@ -233,11 +235,24 @@ def peak_chat(run: Run, mode: str, model, proc, x) -> None:
 def engine_figures(run: Run, mode: str, model, proc, x, want: set[str]) -> None:
     engine = engine_for(model, proc)
     if "ttft" in want:
-        def ttft():
-            first_token_time(engine, "warm", proc(QUESTION, image=image(99)))
-            t = [first_token_time(engine, f"ttft{i}", proc(QUESTION, image=image(100 + i))) for i in range(3)]
-            run.put(mode, "ttft_ms", float(np.median(t)) * 1e3)
+        def ttft(key="ttft_ms", seed=100):
+            first_token_time(engine, f"warm{seed}", proc(QUESTION, image=image(seed - 1)))
+            t = [first_token_time(engine, f"ttft{seed + i}", proc(QUESTION, image=image(seed + i))) for i in range(3)]
+            run.put(mode, key, float(np.median(t)) * 1e3)
         run.section(f"{mode}: TTFT", ttft, 10)
+        if mode == "fp8":  # the fp8 knobs, one at a time, on the same engine (prefill runs eager: no graph to redo)
+            from cogvlm2.quant import linear as quant_linear
+
+            def variant(knob, value, key, seed):
+                saved = getattr(quant_linear, knob)
+                setattr(quant_linear, knob, value)
+                try:
+                    ttft(key, seed)
+                finally:
+                    setattr(quant_linear, knob, saved)
+            run.section("fp8: TTFT unfused", lambda: variant("FP8_FUSE", False, "ttft_ms_unfused", 110), 10)
+            run.section("fp8: TTFT fast accumulation",
+                        lambda: variant("FP8_FAST_ACCUM", True, "ttft_ms_fast_accum", 120), 10)
     if "decode1" in want:
         run.section(f"{mode}: decode batch 1",
                     lambda: run.put(mode, "decode1_tok_s", 1.0 / steady_step_time(engine, [x], 129)), 10)

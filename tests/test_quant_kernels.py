@@ -106,6 +106,13 @@ def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5)
         if device == "cuda":  # Triton's interpreter emulates the float8 cast wrongly (126.9 -> 64), hardware does not
             same = (q.float() == rq.float()).float().mean().item()  # a division may round differently, rarely
             assert same > 0.999 and torch.allclose(q.float(), rq.float(), rtol=0.13, atol=2**-9), (m, k, same)
+        # the vision MLP's GELU in the same pass: the rows of F.gelu(x), the GELU rounded to x's dtype first
+        q, s = tk.fp8_quantize_rows(x, gelu=True)
+        rq, rs = formats.quantize_fp8_rows(torch.nn.functional.gelu(x))
+        assert torch.allclose(s, rs, rtol=1e-6 if device == "cuda" else 1e-2), (m, k)
+        if device == "cuda":
+            same = (q.float() == rq.float()).float().mean().item()
+            assert same > 0.999 and torch.allclose(q.float(), rq.float(), rtol=0.13, atol=2**-9), (m, k, same)
     x3 = torch.randn(2, 3, 256, generator=g).to(device, dtype)  # leading dims and a non-contiguous view
     packed, absmax = formats.quantize_4bit(torch.randn(48, 256, generator=g).to(device))
     lut = formats.code_table("fp4", device)
@@ -246,6 +253,21 @@ def test_fp8_scaled_mm_matches_reference():
         cpu = layer(x)
         gpu = layer.cuda()(x.cuda()).cpu()
     assert _rel(gpu, cpu) < 1e-2 and _rel(cpu, lin(x)) < 0.05
+    # the fusions (bias in _scaled_mm's epilogue, the GELU in the quantizing pass) and fast accumulation
+    # against the unfused product on the GPU
+    from unittest import mock
+
+    from cogvlm2.quant import linear as quant_linear
+
+    xg = x.cuda()
+    with torch.inference_mode():
+        fused, fused_gelu = layer(xg), layer.forward_gelu(xg)
+        with mock.patch.object(quant_linear, "FP8_FUSE", False):
+            plain, plain_gelu = layer(xg), layer(torch.nn.functional.gelu(xg))
+        with mock.patch.object(quant_linear, "FP8_FAST_ACCUM", True):
+            fast = layer(xg)
+    assert _rel(fused, plain) < 1e-2 and _rel(fused_gelu, plain_gelu) < 1e-2 and _rel(fast, plain) < 1e-2
+    assert _rel(plain_gelu, lin(torch.nn.functional.gelu(x)).cuda()) < 0.05
 
 
 @cuda

@@ -77,7 +77,10 @@ class MLP(nn.Module):
         self.fc2 = _linear(inter, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+        h = self.fc1(x)
+        if hasattr(type(self.fc2), "forward_gelu"):  # a quantized fc2 applies the GELU in its own input pass
+            return self.fc2.forward_gelu(h)  # (looked up on the class: a wrapper, e.g. LoRA, never forwards it)
+        return self.fc2(F.gelu(h))  # exact (erf) GELU
 
 
 class TransformerLayer(nn.Module):

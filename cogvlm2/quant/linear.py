@@ -55,6 +55,11 @@ class QuantLinear(nn.Module):
         y = self.matmul(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def forward_gelu(self, h: torch.Tensor) -> torch.Tensor:
+        """self(F.gelu(h)) with the exact GELU: the vision MLP's second linear calls this, so a layer that can
+        apply the GELU inside its own input pass (Fp8Linear) does."""
+        return self(F.gelu(h))
+
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
@@ -234,6 +239,14 @@ class Int4Linear(QuantLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
+# fp8 knobs that benchmarks/quant_gpu.py times against each other: FP8_FUSE puts the bias into _scaled_mm's
+# epilogue and the vision MLP's GELU into the activation-quantizing pass (each saves a pass over the output:
+# for the ViT's fc1, 9,217 x 15,360 bf16 per image and layer); FP8_FAST_ACCUM: _scaled_mm's fast accumulation
+# (Hopper's fp8 MMA without periodic promotion to float32)
+FP8_FUSE = True
+FP8_FAST_ACCUM = False
+
+
 def _scaled_mm_ok(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 9)
 
@@ -268,19 +281,36 @@ class Fp8Linear(QuantLinear):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+        """x @ W^T (+ bias); gelu: of F.gelu(x). With _scaled_mm the bias is added in its epilogue (one
+        rounding to the output dtype), and the GELU is applied by the quantizing kernel."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] == 0:
             return x.new_empty(*shape[:-1], self.out_features)
         fused = _kernel_ok(x) and torch.cuda.get_device_capability(x.device) >= (8, 9)  # Triton's fp8 casts
-        quantize = triton_kernels.fp8_quantize_rows if fused else formats.quantize_fp8_rows
-        qx, sx = quantize(x2)  # [M, K], [M, 1]
+        if fused:
+            qx, sx = triton_kernels.fp8_quantize_rows(x2, gelu=gelu)  # [M, K], [M, 1]
+        else:
+            qx, sx = formats.quantize_fp8_rows(F.gelu(x2) if gelu else x2)
         if _scaled_mm_ok(x):
             y = torch._scaled_mm(qx, self.weight.t(), scale_a=sx, scale_b=self.weight_scale[None, :],
-                                 out_dtype=x.dtype)
-        elif x.is_cuda:  # no fp8 tensor cores (cc < 8.9): the fp8 values are exact in bf16 / fp16
+                                 bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype,
+                                 use_fast_accum=FP8_FAST_ACCUM)
+            return y.view(*shape[:-1], self.out_features)
+        if x.is_cuda:  # no fp8 tensor cores (cc < 8.9): the fp8 values are exact in bf16 / fp16
             y = (F.linear(qx.to(x.dtype), self.weight.to(x.dtype)) * sx * self.weight_scale[None, :]).to(x.dtype)
         else:
             y = ((qx.float() @ self.weight.float().t()) * sx * self.weight_scale[None, :]).to(x.dtype)
+        y = y if bias is None else y + bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if FP8_FUSE and self.bias is not None and _scaled_mm_ok(x):
+            return self.matmul(x, bias=self.bias)
+        return super().forward(x)
+
+    def forward_gelu(self, h: torch.Tensor) -> torch.Tensor:
+        if FP8_FUSE and _kernel_ok(h) and _scaled_mm_ok(h):
+            return self.matmul(h, bias=self.bias, gelu=True)
+        return super().forward_gelu(h)

@@ -582,19 +582,23 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
 
 
 @triton.jit
-def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr,
+                     GELU: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    if GELU:  # exact (erf) GELU in float32, rounded to the input dtype as F.gelu's output is
+        x = (0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))).to(x_ptr.dtype.element_ty).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, 1e-12)
     q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
     tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
     tl.store(s_ptr + row, scale)
 
 
-def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (float8_e4m3fn [M, K], float32 [M, 1]) in one pass (formats.quantize_fp8_rows fused)."""
+def fp8_quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8_e4m3fn [M, K], float32 [M, 1]) in one pass (formats.quantize_fp8_rows fused);
+    gelu: of F.gelu(x) (exact), computed in the same pass (the GELU's output never goes to memory)."""
     m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -602,6 +606,6 @@ def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
         block = triton.next_power_of_2(k)
-        _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), FP8_MAX=448.0, BLOCK=block,
+        _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), FP8_MAX=448.0, BLOCK=block, GELU=gelu,
                                num_warps=min(16, max(4, block // 1024)))
     return q, s
