@@ -100,6 +100,25 @@ def vit_attention_backends() -> None:
                       f"({images * flops / t128 / 1e12:4.0f} useful TFLOP/s)")
             except RuntimeError as e:
                 print(f"ViT attention {images} image(s) {name}: unavailable ({str(e)[:80]})")
+    # --quant fp8's candidate: both products on the fp8 tensor cores (cogvlm2.quant.fp8_attention), quantizing
+    # pass included; its error against cuDNN's bf16 output, and a few tile shapes
+    from cogvlm2.quant.fp8_attention import CONFIG, fp8_attention
+
+    configs = [CONFIG, (128, 64, 4, 3), (128, 128, 4, 2), (64, 128, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2)]
+    for images in (1, 4):
+        qs, ks, vs = (t_.expand(images, -1, -1, -1).contiguous() for t_ in (q, k, v))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            ref = F.scaled_dot_product_attention(qs, ks, vs).float()
+        for config in configs:
+            try:
+                out = fp8_attention(qs, ks, vs, config=config)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                t8 = cuda_time(lambda: fp8_attention(qs, ks, vs, config=config), iters=10)
+                print(f"ViT attention {images} image(s) fp8 {config}: {t8 / images * 1e3:6.3f} ms an image "
+                      f"({images * flops / t8 / 1e12:4.0f} useful TFLOP/s, quantizing included), rel. error vs "
+                      f"bf16 {err:.4f}")
+            except Exception as e:  # noqa: BLE001 - a tile shape this GPU cannot run (shared memory)
+                print(f"ViT attention fp8 {config}: failed ({type(e).__name__}: {str(e)[:100]})")
     # LM prefill attention: 2331 tokens, 32 heads of 128, causal
     q, k, v = (torch.randn(1, 32, 2331, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for name, backend in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]:

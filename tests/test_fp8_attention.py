@@ -1,0 +1,88 @@
+"""The vision tower's fp8 attention kernel (`cogvlm2.quant.fp8_attention`) against torch's SDPA.
+
+On the CPU the kernels run in Triton's interpreter (a subprocess with TRITON_INTERPRET=1) with 16-bit floats in
+place of e4m3 (the interpreter emulates the float8 cast wrongly): the tiling, the padding of tokens and head dim,
+the online softmax, the scales and the output layout are checked there; on a GPU the real fp8 path is checked
+against bf16 SDPA, and the 16-bit path against it tightly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+# (images, heads, tokens, head dim, (BLOCK_M, BLOCK_N, warps, stages)): tokens not a multiple of the blocks, a
+# head dim padded (24 -> 32, the ViT's 112 -> 128), a single partial tile, blocks of different sizes
+SHAPES = [(2, 3, 77, 24, (32, 16, 4, 1)), (1, 2, 64, 32, (16, 32, 4, 1)), (1, 1, 5, 8, (16, 16, 4, 1)),
+          (1, 2, 40, 112, (16, 16, 4, 1))]
+
+
+def _qkv(b: int, h: int, n: int, d: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """q, k, v as the tower makes them: views of one [B, N, 3, H, D] projection (strided, d contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(b, n, 3, h, d, generator=g) * torch.tensor([2.0, 1.0, 0.5]).view(1, 1, 3, 1, 1))
+    return qkv.to(device, dtype).permute(2, 0, 3, 1, 4)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check(device: str, dtype: torch.dtype, qdtype: torch.dtype, tol: float, shapes=SHAPES) -> None:
+    from cogvlm2.quant.fp8_attention import fp8_attention, quantize_heads
+
+    for b, h, n, d, config in shapes:
+        q, k, v = _qkv(b, h, n, d, device, dtype)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        out = fp8_attention(q, k, v, qdtype=qdtype, config=config)
+        assert out.shape == (b, h, n, d) and out.dtype == dtype, out.shape
+        # a transposed view of a [B, N, H, D] buffer: the tower's reshape to [B, N, H * D] copies nothing
+        assert out.transpose(1, 2).reshape(b, n, h * d).data_ptr() == out.data_ptr()
+        err = _rel(out, ref)
+        assert err < tol, (b, h, n, d, config, err)
+    # the quantizing pass: per (image, head) scale, zero padding of tokens and head dim, v transposed
+    q, _, v = _qkv(2, 3, 10, 24, device, dtype, seed=1)
+    qq, scale = quantize_heads(q, qdtype, pad_to=16)
+    vt, vscale = quantize_heads(v, qdtype, transpose=True, pad_to=16)
+    assert qq.shape == (2, 3, 16, 32) and vt.shape == (2, 3, 32, 16) and scale.shape == (6,)
+    assert torch.equal(scale, (q.float().abs().amax(dim=(2, 3)) / 448).reshape(-1))
+    assert not qq[:, :, 10:].float().any() and not qq[..., 24:].float().any() and not vt[:, :, :, 10:].float().any()
+    back = qq[:, :, :10, :24].float() * scale.view(2, 3, 1, 1)
+    assert _rel(back, q) < (0.04 if qdtype.itemsize == 1 else 1e-3)
+    assert _rel(vt[:, :, :24, :10].float().transpose(-1, -2) * vscale.view(2, 3, 1, 1), v) < (
+        0.04 if qdtype.itemsize == 1 else 1e-3)
+
+
+def test_fp8_attention_interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "fp8 attention ok" in run.stdout
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_fp8_attention_cuda():
+    from cogvlm2.quant.fp8_attention import CONFIG
+
+    shapes = SHAPES + [(2, 16, 1000, 112, CONFIG), (1, 16, 9217, 112, CONFIG)]  # the ViT's shape last
+    # the kernels with 16-bit operands (tiles of 64 keys, 2 stages: 16-bit tiles of the fp8 shape would not fit
+    # shared memory)
+    check("cuda", torch.bfloat16, torch.float16, 1e-2, [s[:4] + ((128, 64, 8, 2),) if s[4] == CONFIG else s
+                                                        for s in shapes])
+    check("cuda", torch.bfloat16, torch.float8_e4m3fn, 0.06, shapes)  # e4m3 q, k, v and probabilities
+
+
+if __name__ == "__main__":  # run by test_fp8_attention_interpreted under TRITON_INTERPRET=1
+    check("cpu", torch.float32, torch.float16, 2e-3)
+    print("fp8 attention ok")
