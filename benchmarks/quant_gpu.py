@@ -117,6 +117,7 @@ def markdown(d: dict) -> str:
                             ("TTFT, one 1344² image + question (ms)", "ttft_ms", "{:.0f}"),
                             ("TTFT, fp8 without the bias / GELU fusions (ms)", "ttft_ms_unfused", "{:.0f}"),
                             ("TTFT, fp8 with fast accumulation (ms)", "ttft_ms_fast_accum", "{:.0f}"),
+                            ("TTFT, fp8 with the vision attention in fp8 (ms)", "ttft_ms_fp8_attention", "{:.0f}"),
                             ("captioning img/s (64 x 128 tokens)", "caption_img_s", "{:.2f}")]:
         lines.append(f"| {title} | " + " | ".join(cell(k, key, fmt) for k in modes) + " |")
     if e:
@@ -253,6 +254,8 @@ def engine_figures(run: Run, mode: str, model, proc, x, want: set[str]) -> None:
             run.section("fp8: TTFT unfused", lambda: variant("FP8_FUSE", False, "ttft_ms_unfused", 110), 10)
             run.section("fp8: TTFT fast accumulation",
                         lambda: variant("FP8_FAST_ACCUM", True, "ttft_ms_fast_accum", 120), 10)
+            run.section("fp8: TTFT fp8 vision attention",
+                        lambda: variant("FP8_ATTENTION", True, "ttft_ms_fp8_attention", 130), 10)
     if "decode1" in want:
         run.section(f"{mode}: decode batch 1",
                     lambda: run.put(mode, "decode1_tok_s", 1.0 / steady_step_time(engine, [x], 129)), 10)

@@ -83,6 +83,23 @@ def test_fp8_attention_cuda():
     check("cuda", torch.bfloat16, torch.float8_e4m3fn, 0.06, shapes)  # e4m3 q, k, v and probabilities
 
 
+@cuda
+def test_fp8_projection_attends_in_fp8_when_enabled():
+    """The tower attends through its QKV projection's class: an Fp8Linear's attention is SDPA until
+    FP8_ATTENTION is set, then the fp8 kernels."""
+    from unittest import mock
+
+    from cogvlm2.quant import Fp8Linear
+    from cogvlm2.quant import linear as quant_linear
+
+    q, k, v = _qkv(1, 4, 300, 112, "cuda", torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(Fp8Linear.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+        with mock.patch.object(quant_linear, "FP8_ATTENTION", True):
+            fp8 = Fp8Linear.attention(q, k, v)
+    assert _rel(fp8, F.scaled_dot_product_attention(q.float(), k.float(), v.float())) < 0.06
+
+
 if __name__ == "__main__":  # run by test_fp8_attention_interpreted under TRITON_INTERPRET=1
     check("cpu", torch.float32, torch.float16, 2e-3)
     print("fp8 attention ok")

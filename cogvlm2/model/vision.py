@@ -64,8 +64,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.query_key_value(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, N, d]
-        # Full (non-causal) attention, scale head_dim**-0.5 (SDPA's default).
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, H, N, d]
+        # Full (non-causal) attention, scale head_dim**-0.5 (SDPA's default). A quantized projection's class may
+        # say how to attend over its outputs (fp8: `Fp8Linear.attention`)
+        attend = getattr(type(self.query_key_value), "attention", None) or F.scaled_dot_product_attention
+        out = attend(qkv[0], qkv[1], qkv[2])  # [B, H, N, d]
         return self.dense(out.transpose(1, 2).reshape(b, n, -1))
 
 

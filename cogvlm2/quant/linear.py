@@ -245,6 +245,9 @@ class Int4Linear(QuantLinear):
 # (Hopper's fp8 MMA without periodic promotion to float32)
 FP8_FUSE = True
 FP8_FAST_ACCUM = False
+# FP8_ATTENTION: the vision tower's attention on e4m3 tensor cores too (`Fp8Linear.attention`,
+# fp8_attention.py); off until benchmarks/quant_gpu.py has measured its speed and error on a GPU
+FP8_ATTENTION = False
 
 
 def _scaled_mm_ok(x: torch.Tensor) -> bool:
@@ -314,3 +317,14 @@ class Fp8Linear(QuantLinear):
         if FP8_FUSE and _kernel_ok(h) and _scaled_mm_ok(h):
             return self.matmul(h, bias=self.bias, gelu=True)
         return super().forward_gelu(h)
+
+    @staticmethod
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The vision tower's attention over the outputs of an fp8 QKV projection (the tower looks this up on
+        its projection's class): softmax(q k^T / sqrt(d)) v, with both products in e4m3 when FP8_ATTENTION
+        is set and the GPU has fp8 tensor cores, else torch's SDPA."""
+        if FP8_ATTENTION and _kernel_ok(q) and _scaled_mm_ok(q):
+            from .fp8_attention import fp8_attention
+
+            return fp8_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v)
