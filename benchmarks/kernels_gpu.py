@@ -1,6 +1,7 @@
 """Tuning sweep: the paged decode kernel's launch parameters, and SDPA backends for the ViT attention.
 
-    PYTHONPATH=. python benchmarks/kernels_gpu.py [--only vit,decode] [--max-context 10495] [--batches 1,32,64] [--quick]
+    PYTHONPATH=. python benchmarks/kernels_gpu.py [--only vit,decode,gemm] [--max-context 10495] [--batches 1,32,64]
+                                                  [--quick]
 """
 
 from __future__ import annotations
@@ -130,11 +131,54 @@ def vit_attention_backends() -> None:
             print(f"LM attention {name}: unavailable ({str(e)[:80]})")
 
 
+# [M, K] x [K, N] of a one-image prefill: the ViT's qkv, dense, fc1, fc2 (9,217 tokens) and the language model's
+# qkv, gate+up, down (2,328 tokens), with how many of each a one-image prefill runs
+PREFILL_GEMMS = [("vit qkv", 9217, 1792, 5376, 63), ("vit dense", 9217, 1792, 1792, 63),
+                 ("vit fc1", 9217, 1792, 15360, 63), ("vit fc2", 9217, 15360, 1792, 63),
+                 ("lm qkv", 2328, 4096, 6144, 32), ("lm gate+up", 2328, 4096, 28672, 32),
+                 ("lm down", 2328, 14336, 4096, 32)]
+
+
+def fp8_gemms() -> None:
+    """The prefill's GEMMs in bf16 (cuBLAS) against fp8 `torch._scaled_mm`: row-wise scales (per token x per
+    output channel, what --quant fp8 runs) and tensor-wise scales, each with and without fast accumulation,
+    plus the activation-quantizing pass --quant fp8 adds per linear. TFLOP/s of each, and the one-image total."""
+    from cogvlm2.quant.triton_kernels import fp8_quantize_rows
+
+    totals: dict[str, float] = {}
+    for name, m, k, n, count in PREFILL_GEMMS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        qx, sx = fp8_quantize_rows(x)
+        qw = w.to(torch.float8_e4m3fn)
+        sw = torch.ones(1, n, device="cuda")
+        one = torch.ones((), device="cuda")
+        flops = 2 * m * k * n
+        runs = {"bf16": lambda: x @ w.t(), "quantize x": lambda: fp8_quantize_rows(x)}
+        for fast in (False, True):
+            runs[f"fp8 rowwise{' fast' if fast else ''}"] = lambda fast=fast: torch._scaled_mm(
+                qx, qw.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=fast)
+            runs[f"fp8 tensorwise{' fast' if fast else ''}"] = lambda fast=fast: torch._scaled_mm(
+                qx, qw.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=fast)
+        line = []
+        for label, fn in runs.items():
+            try:
+                t = cuda_time(fn, iters=20)
+            except RuntimeError as e:
+                line.append(f"{label}: unavailable ({str(e)[:60]})")
+                continue
+            totals[label] = totals.get(label, 0.0) + t * count
+            line.append(f"{label} {t * 1e3:.3f} ms" + ("" if label == "quantize x" else f" ({flops / t / 1e12:.0f})"))
+        print(f"{name:<11} [{m} x {k}] x [{k} x {n}]: " + ", ".join(line))
+    print("one-image prefill, all of these GEMMs: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in totals.items()))
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="vit,decode", help="vit, decode or both (comma-separated)")
+    ap.add_argument("--only", default="vit,decode", help="vit, decode, gemm (comma-separated; gemm: the prefill's "
+                    "GEMMs in bf16 and fp8)")
     ap.add_argument("--max-context", type=int, default=10495,
                     help="the engine's max_model_len: its CUDA graphs size the decode grid for it")
     ap.add_argument("--batches", default="1,32,64", help="decode batch sizes to sweep (comma-separated)")
@@ -143,5 +187,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if "vit" in args.only:
         vit_attention_backends()
+    if "gemm" in args.only:
+        fp8_gemms()
     if "decode" in args.only:
         decode_sweep(args.max_context, tuple(int(b) for b in args.batches.split(",")), args.quick)
