@@ -200,7 +200,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def errors(run: Run, mode: str, model, ref: dict, x) -> None:
+def errors(run: Run, mode: str, model, ref: dict, x, knob: tuple[str, object] | None = None) -> None:
+    """mode's error against bf16; knob (name, value): with that setting of cogvlm2.quant.linear (an fp8 variant),
+    recorded as 'mode +name'."""
+    if knob is not None:
+        from cogvlm2.quant import linear as quant_linear
+
+        saved = getattr(quant_linear, knob[0])
+        setattr(quant_linear, knob[0], knob[1])
+        try:
+            return errors(run, f"{mode} +{knob[0]}", model, ref, x)
+        finally:
+            setattr(quant_linear, knob[0], saved)
     top1, logits, hidden, embeds = prefill_outputs(model, x)
     r = {"positions": int(top1.numel()), "top1_agreement": (top1 == ref["top1"]).float().mean().item(),
          "logits_rel_err": rel(logits, ref["logits"]), "vision_rel_err": rel(embeds, ref["embeds"]),
@@ -510,6 +521,10 @@ def main() -> None:
             run.section("bf16: reference outputs", reference)
         elif ref and "errors" in sections:
             run.section(f"{mode}: error vs bf16", lambda: errors(run, mode, model, ref, probe))
+            if mode == "fp8":  # the knobs that are off until their error is known
+                for knob in (("FP8_FAST_ACCUM", True), ("FP8_ATTENTION", True)):
+                    run.section(f"fp8 +{knob[0]}: error vs bf16", lambda knob=knob: errors(run, mode, model, ref,
+                                                                                          probe, knob))
         free()
         if "peak" in plan[mode]:
             run.section(f"{mode}: peak memory of a 2.3K-token chat",
