@@ -161,6 +161,17 @@ def check_split_k(device: str, dtype: torch.dtype, g: torch.Generator, tol: floa
                     assert got.dtype == dtype and _rel(got, x.float() @ ref_int4.t()) < tol, ("int4", m, split, block_k)
 
 
+def test_tile_split_covers_the_sms_the_asked_number_of_times():
+    from cogvlm2.quant import triton_kernels as tk
+
+    cpu = torch.device("cpu")  # 8 "SMs" (the interpreter's stand-in)
+    assert tk._tile_split(3, 10, cpu) == 3  # given
+    assert tk._tile_split(0, 2, cpu) == 4  # 2 programs x 4 slices cover 8 SMs once
+    assert tk._tile_split(-2, 2, cpu) == 8  # twice
+    assert tk._tile_split(-4, 1, cpu) == 16  # four times would take 32 slices: at most 16
+    assert tk._tile_split(0, 20, cpu) == 1
+
+
 def test_kernels_interpreted():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)

@@ -373,7 +373,10 @@ def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
 # gemv / tile: (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K); dequant: (BLOCK_N, BLOCK_K, warps, stages).
 # SPLIT_K > 1 cuts K into that many slices run by separate programs (more loads in flight when N gives too
 # few programs); their float32 partials are added by a second small kernel in a fixed order. SPLIT_K = 0: as
-# many slices (a power of two, at most 16) as it takes for the programs to cover every SM once (N decides).
+# many slices (a power of two, at most 16) as it takes for the programs to cover every SM once (N decides);
+# SPLIT_K = -w (tiles): as many as cover every SM w times (more warps per SM to hide latency; the tiles' grids of
+# ~1.5-2 programs of 4 warps per SM looked latency-bound: their code issues ~3.4 instructions per 4-bit code,
+# under the issue limit, yet they streamed ~500 GB/s at batch 16).
 # ONE_ROW[fmt]: the kernel for a single row: "gemv" (CUDA cores) or "tile" (the tensor-core tile, 16 rows).
 # FP4_ARITH: the fp4 GEMV decodes codes arithmetically instead of with the 16-entry table (fp4 layers only).
 CONFIGS = {
@@ -394,11 +397,12 @@ CANDIDATES = {
     ("fp4", "gemv"): [(8, 2048, 8, 2, 1), (4, 1024, 4, 2, 1), (4, 4096, 8, 2, 1), (8, 1024, 8, 2, 1),
                       (4, 1024, 4, 2, 2)],
     ("fp4", "tile"): [(128, 64, 4, 6, 0), (128, 64, 4, 4, 0), (64, 64, 4, 6, 0), (256, 64, 8, 4, 0), (128, 32, 4, 8, 0),
-                      (128, 64, 8, 6, 0)],
+                      (128, 64, 8, 6, 0), (128, 64, 4, 6, -2), (128, 64, 4, 4, -4)],
     ("int4", "gemv"): [(32, 1024, 4, 2, 2), (16, 1024, 4, 2, 2), (32, 1024, 4, 2, 1), (32, 512, 4, 2, 4),
                        (64, 512, 8, 2, 2)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
-                       (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2)],
+                       (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2), (128, 128, 4, 4, -2),
+                       (128, 128, 4, 3, -4), (64, 128, 4, 4, -2)],
 }
 
 
@@ -430,11 +434,13 @@ def _split(k: int, split: int, want: int, unit: int) -> tuple[int, int]:
 
 
 def _tile_split(split: int, programs: int, device: torch.device) -> int:
-    """SPLIT_K of a tile config: as given, or (0) the power of two <= 16 that makes `programs` cover the SMs."""
-    if split:
+    """SPLIT_K of a tile config: as given (> 0), or the power of two <= 16 that makes `programs` cover the SMs
+    once (0) or -split times (< 0: more programs per SM hide more memory latency, at the price of more float32
+    partials to add)."""
+    if split > 0:
         return split
-    split, sms = 1, _sm_count(device)
-    while split < 16 and programs * split < sms:
+    waves, split, sms = max(1, -split), 1, _sm_count(device)
+    while split < 16 and programs * split < waves * sms:
         split *= 2
     return split
 
