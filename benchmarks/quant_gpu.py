@@ -393,7 +393,13 @@ def kernel_sweep(run: Run) -> None:
             table_gemv = sweep(fmt, "gemv", 1, [gemv["config"]], "fp4 gemv table (batch 1)", FP4_ARITH={"gemv": False})
             tk.FP4_ARITH["gemv"] = table_gemv["GBps"] < gemv["GBps"]
             gemv = max(gemv, table_gemv, key=lambda r: r["GBps"])
-        tk.ONE_ROW[fmt] = "tile" if one_tile["GBps"] > gemv["GBps"] else "gemv"
+        best_one = {"tile": one_tile, "gemv": gemv}
+        if fmt == "int4":  # W4A8: int8 activations per group, integer dot products (its error is printed beside)
+            a8 = sweep(fmt, "gemv-a8", 1, tk.CANDIDATES[(fmt, "gemv-a8")], "int4 gemv-a8 (batch 1)",
+                       ONE_ROW={fmt: "gemv-a8"})
+            tk.CONFIGS[(fmt, "gemv-a8")] = tuple(a8["config"])
+            best_one["gemv-a8"] = a8
+        tk.ONE_ROW[fmt] = max(best_one, key=lambda path: best_one[path]["GBps"])
         tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])  # chosen at 32 rows
     run.data["kernel_configs"] = {f"{f} {p}": list(c) for (f, p), c in tk.CONFIGS.items()}
     run.data["one_row"], run.data["fp4_arith"] = dict(tk.ONE_ROW), dict(tk.FP4_ARITH)
@@ -410,11 +416,16 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
     lut = formats.code_table("fp4", "cuda")
     table = tk.pair_table(lut, torch.bfloat16, True)
     res = run.data.setdefault("lm_step", {})
-    for fmt in ("int4", "fp4", "bf16", "tinygemm"):
+    for fmt in ("int4", "int4-a8", "fp4", "bf16", "tinygemm"):
         if run.left() < 25:
             run.data["skipped"].append(f"lm_step {fmt}")
             continue
-        if fmt == "bf16":
+        one_row = dict(tk.ONE_ROW)
+        if fmt == "int4-a8":  # the int4 weights through the W4A8 GEMV (batch 1 only: it is a one-row kernel)
+            tk.ONE_ROW["int4"] = "gemv-a8"
+            layers = [[_packed("int4", n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
+            nbytes = sum(_nbytes(t) for layer in layers for t in layer)
+        elif fmt == "bf16":
             layers = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in LM_SHAPES] for _ in range(32)]
             nbytes = sum(t.numel() * 2 for layer in layers for t in layer)
         elif fmt == "tinygemm":  # the int4 weights in torch's own int4 kernel's layout (formats.int4_to_tinygemm)
@@ -429,7 +440,7 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
         else:
             layers = [[_packed(fmt, n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
-        for m in batches:
+        for m in (1,) if fmt == "int4-a8" else batches:
             xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
             calls = []
             for layer in layers:
@@ -439,11 +450,12 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
                     elif fmt == "tinygemm":
                         calls.append(lambda x=xs[k], wt=wt: formats.tinygemm_linear(x, *wt, 128))
                     else:
-                        calls.append(lambda x=xs[k], wt=wt, n=n: _call(fmt, x, wt, n, lut, table))
+                        calls.append(lambda x=xs[k], wt=wt, n=n: _call(fmt.removesuffix("-a8"), x, wt, n, lut, table))
             t = _graph_time(calls)
             res.setdefault(fmt, {})[f"batch {m}"] = {"ms": t * 1e3, "GBps": nbytes / t / 1e9, "GB": nbytes / 1e9}
             print(f"    LM linears {fmt:<5} batch {m:<3} {t * 1e3:7.3f} ms  {nbytes / t / 1e9:6.0f} GB/s "
                   f"({nbytes / 1e9:.2f} GB)", flush=True)
+        tk.ONE_ROW.update(one_row)
         layers = calls = xs = None
         free()
 

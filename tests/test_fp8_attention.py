@@ -72,30 +72,15 @@ def test_fp8_attention_compiles_for_hopper():
     """Without a GPU: the kernels compile for sm_90 (Triton's own ptxas) with e4m3 wgmma, key / value loads
     pipelined through shared memory (cp.async), no register spills, within the 227 KB of shared memory a block
     may use, for every tile shape the benchmark tries."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from cogvlm2.quant import fp8_attention as fa
+    from tests.hopper_compile import compile_for_hopper
 
-    names = ["q_ptr", "k_ptr", "vt_ptr", "o_ptr", "sq_ptr", "sk_ptr", "sv_ptr", "H", "softmax_scale", "sob", "soh",
-             "son"]
-    types = ["*fp8e4nv"] * 3 + ["*bf16"] + ["*fp32"] * 3 + ["i32", "fp32", "i32", "i32", "i32"]
-    consts = dict(N=9217, NP=9344, D=112, DP=128)
-    # what Triton's launcher specializes at run time: 16-byte aligned pointers, strides divisible by 16
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")
-               or n in ("sob", "soh", "son")}
+    signature = {"q_ptr": "*fp8e4nv", "k_ptr": "*fp8e4nv", "vt_ptr": "*fp8e4nv", "o_ptr": "*bf16", "sq_ptr": "*fp32",
+                 "sk_ptr": "*fp32", "sv_ptr": "*fp32", "H": "i32", "softmax_scale": "fp32", "sob": "i32", "soh": "i32",
+                 "son": "i32"}
     for block_m, block_n, warps, stages in {fa.CONFIG, (128, 64, 4, 3), (128, 128, 4, 2), (64, 128, 4, 3)}:
-        sig = dict(zip(names, types)) | {k: "constexpr" for k in (*consts, "BLOCK_M", "BLOCK_N")}
-        src = ASTSource(fn=fa._attention_kernel, signature=sig, attrs=aligned,
-                        constexprs=consts | dict(BLOCK_M=block_m, BLOCK_N=block_n))
-        try:
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                    options=dict(num_warps=warps, num_stages=stages))
-        except RuntimeError as e:
-            if "ptxas" in str(e).lower() and "not found" in str(e).lower():
-                pytest.skip(f"this Triton install has no ptxas: {e}")
-            raise
+        kernel = compile_for_hopper(fa._attention_kernel, signature, dict(N=9217, NP=9344, D=112, DP=128,
+                                    BLOCK_M=block_m, BLOCK_N=block_n), num_warps=warps, num_stages=stages)
         ptx = kernel.asm["ptx"]
         assert "wgmma.mma_async" in ptx and "e4m3" in ptx, (block_m, block_n)
         assert "cp.async" in ptx and "ld.local" not in ptx, (block_m, block_n)

@@ -97,6 +97,12 @@ def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5)
                     assert got.shape == (m, n) and got.dtype == dtype
                     err = _rel(got, x.float() @ ref_w.float().t())
                     assert err < tol, ("int4", kernel, n, k, group, m, err)
+                if m == 1:  # W4A8: x quantized to int8 per group of the weight's, ~0.3% of error
+                    with _settings(tk, ONE_ROW={"int4": "gemv-a8"}):
+                        got = tk.int4_linear(x, qweight, qzeros, scales, group)
+                    err = _rel(got, x.float() @ ref_w.float().t())
+                    assert got.shape == (1, n) and got.dtype == dtype and err < max(tol, 1e-2), (
+                        "int4 gemv-a8", n, k, group, err)
     for m, k in [(1, 64), (7, 4096), (3, 5000)]:
         x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10).to(device, dtype)
         x[0, :] = 0 if m > 1 else x[0, :]  # an all-zero token keeps a finite scale
@@ -172,6 +178,21 @@ def test_tile_split_covers_the_sms_the_asked_number_of_times():
     assert tk._tile_split(0, 20, cpu) == 1
 
 
+def test_w4a8_gemv_compiles_for_hopper():
+    """The W4A8 GEMV's GPU path (inline PTX dp4a, which Triton's interpreter cannot run) compiles for sm_90 into
+    integer dot products without register spills, for every launch config the benchmark sweeps."""
+    from cogvlm2.quant import triton_kernels as tk
+    from tests.hopper_compile import compile_for_hopper
+
+    signature = {"xe_ptr": "*i32", "xo_ptr": "*i32", "sx_ptr": "*fp32", "sq_ptr": "*i32", "qw_ptr": "*i32",
+                 "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "N": "i32"}
+    for block_n, _, warps, stages, split in tk.CANDIDATES[("int4", "gemv-a8")]:
+        kernel = compile_for_hopper(tk._int4_gemv_a8_kernel, signature, dict(K=4096, BLOCK_N=block_n, GROUP=128,
+                                    SPLIT_K=abs(split) or 1, ASM=True), num_warps=warps, num_stages=stages)
+        ptx = kernel.asm["ptx"]
+        assert "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, warps)
+
+
 def test_kernels_interpreted():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
@@ -203,7 +224,7 @@ def test_every_candidate_config_cuda():
         scales = scales.to(torch.bfloat16)
         ref_int4 = formats.dequantize_int4(qweight, qzeros, scales, torch.bfloat16).float()
         for (fmt, path), configs in tk.CANDIDATES.items():
-            for m in (1,) if path == "gemv" else (1, 24, 64):
+            for m in (1,) if path.startswith("gemv") else (1, 24, 64):
                 x = torch.randn(m, k, generator=g).cuda().bfloat16()
                 for config in configs:
                     for arith in (True, False) if (fmt, path) == ("fp4", "gemv") else (False,):

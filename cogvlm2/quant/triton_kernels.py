@@ -169,6 +169,71 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr,
 
 
 @triton.jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + sum_i a.byte[i] * b.byte[i] over the 4 bytes of int32 words, a's bytes unsigned and b's signed: one
+    IDP4A on the GPU (ASM), the same sum by shifts and masks elsewhere (Triton's interpreter has no inline PTX)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    for i in tl.static_range(4):
+        c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+    return c
+
+
+@triton.jit
+def _quantize_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, GROUP: tl.constexpr):
+    """One group of a row x for the W4A8 GEMV: int8 xq = round(x / sx) with sx = |x| max / 127 (a group of the
+    weight's size keeps an outlier channel from flattening the rest), packed four to a word as the weight's
+    codes come out of its words: even k (8p, 8p+2, 8p+4, 8p+6) in xe[p], odd k in xo[p]; and sum_k xq."""
+    g = tl.program_id(0)
+    RP: tl.constexpr = GROUP // 8
+    xg = tl.load(x_ptr + g * GROUP + tl.arange(0, GROUP)).to(tl.float32)
+    sx = tl.maximum(tl.max(tl.abs(xg), axis=0) / 127.0, 1e-30)
+    xs = xg / sx
+    xq = (xs + tl.where(xs >= 0, 0.5, -0.5)).to(tl.int32)  # round half away from zero, |xq| <= 127
+    even, odd = tl.split(tl.reshape(xq, (RP, 4, 2)))  # [RP, 4]: k = 8p + 2i (+ 1)
+    shifts = (tl.arange(0, 4) * 8)[None, :]
+    p = g * RP + tl.arange(0, RP)
+    tl.store(xe_ptr + p, tl.sum((even & 0xFF) << shifts, axis=1))  # disjoint bits: the sum is an OR
+    tl.store(xo_ptr + p, tl.sum((odd & 0xFF) << shifts, axis=1))
+    tl.store(sx_ptr + g, sx)
+    tl.store(sq_ptr + g, tl.sum(xq, axis=0))
+
+
+@triton.jit
+def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr,
+                         BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr):
+    """One row, group-wise int4 weights times int8 activations (W4A8, as llama.cpp's q4 x q8 dot products; x
+    quantized by _quantize_a8_kernel). Word p of a column holds k = 8p + j in nibble j: the word masked with
+    0x0F0F0F0F holds the even k as four bytes, shifted by 4 first the odd ones, so 8 codes cost one shift, two
+    ANDs and two IDP4A against xe[p] / xo[p]; per group sum_k (q - z) s x ~= s sx (sum_k q xq - z sum_k xq)."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_ok = offs_n < N
+    RP: tl.constexpr = GROUP // 8  # packed rows of a group
+    KS: tl.constexpr = K // SPLIT_K
+    r = tl.arange(0, RP)
+    zshift = ((offs_n % 8) * 4).to(tl.int32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    p0 = tl.program_id(1) * (KS // 8)  # first packed row of this slice
+    w_ptrs = qw_ptr + ((p0 + r).to(tl.int64) * N)[:, None] + offs_n[None, :]  # advanced a group a step
+    for i in range(0, KS, GROUP):
+        k0 = tl.program_id(1) * KS + i
+        g = k0 // GROUP
+        xe = tl.load(xe_ptr + k0 // 8 + r)
+        xo = tl.load(xo_ptr + k0 // 8 + r)
+        words = tl.load(w_ptrs, mask=n_ok[None, :], other=0)  # [RP, BN]
+        w_ptrs += RP * N
+        d = _dp4a(words & 0x0F0F0F0F, xe[:, None], tl.zeros((RP, BLOCK_N), dtype=tl.int32), ASM)
+        d = _dp4a((words >> 4) & 0x0F0F0F0F, xo[:, None], d, ASM)
+        dot = tl.sum(d, axis=0).to(tl.float32)  # [BN], exact (|dot| <= GROUP * 15 * 127)
+        zp, sw = _int4_stats(qz_ptr, s_ptr, g, offs_n, n_ok, N)
+        z = ((zp >> zshift) & 0xF).to(tl.float32)
+        acc += (sw * tl.load(sx_ptr + g)) * (dot - z * tl.load(sq_ptr + g).to(tl.float32))
+    _store(out_ptr, acc[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0, 1, N, SPLIT_K,
+           tl.program_id(1))
+
+
+@triton.jit
 def _halves(u, DT: tl.constexpr):
     """int32 u holding two 16-bit floats (bits 0..15 and 16..31) -> (low, high) in DT, by reinterpreting the bits:
     no conversion instruction, and the pair usually stays in its register all the way into the MMA operand."""
@@ -377,7 +442,8 @@ def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
 # SPLIT_K = -w (tiles): as many as cover every SM w times (more warps per SM to hide latency; the tiles' grids of
 # ~1.5-2 programs of 4 warps per SM looked latency-bound: their code issues ~3.4 instructions per 4-bit code,
 # under the issue limit, yet they streamed ~500 GB/s at batch 16).
-# ONE_ROW[fmt]: the kernel for a single row: "gemv" (CUDA cores) or "tile" (the tensor-core tile, 16 rows).
+# ONE_ROW[fmt]: the kernel for a single row: "gemv" (CUDA cores) or "tile" (the tensor-core tile, 16 rows);
+# int4 also "gemv-a8" (x quantized to int8 per group by a small kernel first, then integer dot products).
 # FP4_ARITH: the fp4 GEMV decodes codes arithmetically instead of with the 16-entry table (fp4 layers only).
 CONFIGS = {
     # one row: 8 rows x 2048 codes (8 KB) a step in flight per program, ~4 programs per SM (~32 KB in flight)
@@ -386,6 +452,10 @@ CONFIGS = {
     ("fp4", "tile"): (128, 64, 4, 6, 0),
     ("fp4", "dequant"): (16, 256, 4, 1),
     ("int4", "gemv"): (32, 1024, 4, 2, 2),  # 16 KB a step; K in two slices: 256 programs for N = 4096
+    # W4A8 (ONE_ROW "gemv-a8", not the default until measured): one group of 128 k (64 B a column) a step, K
+    # split so the programs cover the SMs 4 times (its loads go to registers: occupancy hides their latency).
+    # Compiled for sm_90, a step issues ~1.7 instructions per code (the float GEMV above: ~6.5)
+    ("int4", "gemv-a8"): (64, 128, 4, 4, -4),
     ("int4", "tile"): (128, 128, 4, 4, 0),  # one group (8 KB of codes) a step, 4 in flight
     ("int4", "dequant"): (64, 128, 4, 1),
 }
@@ -400,6 +470,8 @@ CANDIDATES = {
                       (128, 64, 8, 6, 0), (128, 64, 4, 6, -2), (128, 64, 4, 4, -4)],
     ("int4", "gemv"): [(32, 1024, 4, 2, 2), (16, 1024, 4, 2, 2), (32, 1024, 4, 2, 1), (32, 512, 4, 2, 4),
                        (64, 512, 8, 2, 2)],
+    ("int4", "gemv-a8"): [(64, 128, 4, 4, -4), (128, 128, 4, 4, -4), (32, 128, 4, 4, -4), (64, 128, 4, 4, -2),
+                          (64, 128, 8, 4, -4), (128, 128, 4, 4, 2)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
                        (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2), (128, 128, 4, 4, -2),
                        (128, 128, 4, 3, -4), (64, 128, 4, 4, -2)],
@@ -574,6 +646,16 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         _int4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x2, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
             num_warps=warps, num_stages=stages)
+    elif m == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1:  # int8 activations, one group a step
+        block_n, _, warps, stages, split = CONFIGS[("int4", "gemv-a8")]
+        split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
+        out, part = _outputs(m, n, split, x)
+        xe = torch.empty(2, k // 8, dtype=torch.int32, device=x.device)
+        sx, sq = torch.empty(k // group, dtype=torch.float32, device=x.device), torch.empty_like(xe[0, : k // group])
+        _quantize_a8_kernel[(k // group,)](x2, xe[0], xe[1], sx, sq, GROUP=group, num_warps=4)
+        _int4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
+            xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, GROUP=group, SPLIT_K=split,
+            ASM=x.is_cuda, num_warps=warps, num_stages=stages)
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("int4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
