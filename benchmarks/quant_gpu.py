@@ -32,6 +32,7 @@ import os
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from cogvlm2.model.batch import ForwardBatch
 from cogvlm2.processing import Processor
 from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
 from cogvlm2.quant import formats, quantize_model, weight_bytes
+from cogvlm2.quant import linear as quant_linear
 from cogvlm2.sampling_params import SamplingParams
 
 T0 = time.perf_counter()
@@ -204,14 +206,8 @@ def errors(run: Run, mode: str, model, ref: dict, x, knob: tuple[str, object] | 
     """mode's error against bf16; knob (name, value): with that setting of cogvlm2.quant.linear (an fp8 variant),
     recorded as 'mode +name'."""
     if knob is not None:
-        from cogvlm2.quant import linear as quant_linear
-
-        saved = getattr(quant_linear, knob[0])
-        setattr(quant_linear, knob[0], knob[1])
-        try:
+        with mock.patch.object(quant_linear, *knob):
             return errors(run, f"{mode} +{knob[0]}", model, ref, x)
-        finally:
-            setattr(quant_linear, knob[0], saved)
     top1, logits, hidden, embeds = prefill_outputs(model, x)
     r = {"positions": int(top1.numel()), "top1_agreement": (top1 == ref["top1"]).float().mean().item(),
          "logits_rel_err": rel(logits, ref["logits"]), "vision_rel_err": rel(embeds, ref["embeds"]),
@@ -253,15 +249,9 @@ def engine_figures(run: Run, mode: str, model, proc, x, want: set[str]) -> None:
             run.put(mode, key, float(np.median(t)) * 1e3)
         run.section(f"{mode}: TTFT", ttft, 10)
         if mode == "fp8":  # the fp8 knobs, one at a time, on the same engine (prefill runs eager: no graph to redo)
-            from cogvlm2.quant import linear as quant_linear
-
             def variant(knob, value, key, seed):
-                saved = getattr(quant_linear, knob)
-                setattr(quant_linear, knob, value)
-                try:
+                with mock.patch.object(quant_linear, knob, value):
                     ttft(key, seed)
-                finally:
-                    setattr(quant_linear, knob, saved)
             run.section("fp8: TTFT unfused", lambda: variant("FP8_FUSE", False, "ttft_ms_unfused", 110), 10)
             run.section("fp8: TTFT fast accumulation",
                         lambda: variant("FP8_FAST_ACCUM", True, "ttft_ms_fast_accum", 120), 10)

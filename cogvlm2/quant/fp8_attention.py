@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
+from .formats import FP8_MAX
+
 # BLOCK_M query rows x BLOCK_N keys per step, warps, stages (FlashAttention's usual Hopper shape for d = 128)
 CONFIG = (128, 128, 8, 3)
 

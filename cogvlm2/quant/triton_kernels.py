@@ -650,8 +650,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         block_n, _, warps, stages, split = CONFIGS[("int4", "gemv-a8")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
         out, part = _outputs(m, n, split, x)
-        xe = torch.empty(2, k // 8, dtype=torch.int32, device=x.device)
-        sx, sq = torch.empty(k // group, dtype=torch.float32, device=x.device), torch.empty_like(xe[0, : k // group])
+        xe = torch.empty(2, k // 8, dtype=torch.int32, device=x.device)  # even / odd k, four int8 a word
+        sx = torch.empty(k // group, dtype=torch.float32, device=x.device)
+        sq = torch.empty(k // group, dtype=torch.int32, device=x.device)
         _quantize_a8_kernel[(k // group,)](x2, xe[0], xe[1], sx, sq, GROUP=group, num_warps=4)
         _int4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
             xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, GROUP=group, SPLIT_K=split,
