@@ -143,6 +143,9 @@ def fp8_gemms() -> None:
     """The prefill's GEMMs in bf16 (cuBLAS) against fp8 `torch._scaled_mm`: row-wise scales (per token x per
     output channel, what --quant fp8 runs) and tensor-wise scales, each with and without fast accumulation,
     plus the activation-quantizing pass --quant fp8 adds per linear. TFLOP/s of each, and the one-image total."""
+    from unittest import mock
+
+    from cogvlm2.quant import triton_kernels as tk
     from cogvlm2.quant.triton_kernels import fp8_quantize_rows
 
     totals: dict[str, float] = {}
@@ -154,7 +157,16 @@ def fp8_gemms() -> None:
         sw = torch.ones(1, n, device="cuda")
         one = torch.ones((), device="cuda")
         flops = 2 * m * k * n
-        runs = {"bf16": lambda: x @ w.t(), "quantize x": lambda: fp8_quantize_rows(x)}
+        runs = {"bf16": lambda: x @ w.t()}
+        # the quantizing pass in a CUDA graph (eager, Triton's launch on the host would be timed), with the
+        # vision MLP's GELU where --quant fp8 applies it (fc2's input), at several row counts a program
+        gelu, qlines = name == "vit fc2", []
+        for elems in (tk.FP8_ROW_ELEMENTS, 1, 4096, 16384):
+            with mock.patch.object(tk, "FP8_ROW_ELEMENTS", elems):
+                t = graph_time(lambda: fp8_quantize_rows(x, gelu=gelu), iters=50)
+            label = "quantize x" + ("" if elems == tk.FP8_ROW_ELEMENTS else f" ({elems} a program)")
+            qlines.append(f"{label} {t * 1e3:.3f} ms ({x.numel() * 3 / t / 1e9:.0f} GB/s)")
+            totals[label] = totals.get(label, 0.0) + t * count
         for fast in (False, True):
             runs[f"fp8 rowwise{' fast' if fast else ''}"] = lambda fast=fast: torch._scaled_mm(
                 qx, qw.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=fast)
@@ -168,8 +180,8 @@ def fp8_gemms() -> None:
                 line.append(f"{label}: unavailable ({str(e)[:60]})")
                 continue
             totals[label] = totals.get(label, 0.0) + t * count
-            line.append(f"{label} {t * 1e3:.3f} ms" + ("" if label == "quantize x" else f" ({flops / t / 1e12:.0f})"))
-        print(f"{name:<11} [{m} x {k}] x [{k} x {n}]: " + ", ".join(line))
+            line.append(f"{label} {t * 1e3:.3f} ms ({flops / t / 1e12:.0f})")
+        print(f"{name:<11} [{m} x {k}] x [{k} x {n}]: " + ", ".join(line + qlines))
     print("one-image prefill, all of these GEMMs: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in totals.items()))
 
 

@@ -4,7 +4,7 @@ share, kernels inside and outside the graph, host ops), and a
 captioning run (16 images x 32 new tokens, the engine benchmark's workload scaled down): its kernel table and
 how much of its wall time the GPU was busy.
 
-    PYTHONPATH=. python benchmarks/profile_gpu.py [--only prefill,decode,caption] [--trace-dir DIR]
+    PYTHONPATH=. python benchmarks/profile_gpu.py [--only prefill,decode,caption] [--trace-dir DIR] [--quant fp8]
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def idle_gaps(prof, min_ms: float = 0.2, top: int = 8) -> str:
            f"by the op running just before it ended: {fmt(at_end)}"
 
 
-KERNEL_KINDS = (("attention", ("_stage1", "_stage2", "flash", "fmha", "sdpa", "attention")),
+KERNEL_KINDS = (("fp8 quantize", ("_fp8_rows", "_quantize_heads")),
+                ("attention", ("_stage1", "_stage2", "flash", "fmha", "sdpa", "attention")),
                 ("GEMM", ("nvjet", "gemm", "splitKreduce", "cutlass", "sm90_xmma")),
                 ("norms+activations", ("layer_norm", "rms_norm", "gelu", "GeluCUDA", "silu")))
 
@@ -115,10 +116,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="prefill,decode,caption")
     ap.add_argument("--trace-dir", help="write the captioning run's and the decode steps' chrome traces here")
+    ap.add_argument("--quant", help="profile the model quantized to this mode (cogvlm2.quant.quantize_model)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     cfg = full_size_config()
     model = random_model(cfg)
+    if args.quant:
+        from cogvlm2.quant import quantize_model
+
+        quantize_model(model, args.quant, "cuda", use_bitsandbytes=False if args.quant != "int8" else None)
+        torch.cuda.empty_cache()
     proc = Processor(cfg, Tokenizer(bundled_tokenizer_path()))
     engine = LLMEngine(model, EngineConfig(max_num_seqs=32, gpu_memory_utilization=0.9), proc)
     greedy = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)

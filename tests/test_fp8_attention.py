@@ -36,8 +36,29 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def emulated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qdtype: torch.dtype, block_n: int) -> torch.Tensor:
+    """What the kernels compute, in torch: q, k, v rounded to qdtype per (image, head), the online softmax over
+    tiles of block_n keys with each tile's probabilities rounded to qdtype relative to the running maximum."""
+    def rounded(x):
+        s = (x.float().abs().amax(dim=(2, 3), keepdim=True) / 448).clamp(min=1e-12)
+        return (x.float() / s).clamp(-448, 448).to(qdtype).float(), s
+
+    (qq, sq), (kq, sk), (vq, sv) = rounded(q), rounded(k), rounded(v)
+    s = (qq @ kq.transpose(-1, -2)) * (sq * sk / q.shape[-1] ** 0.5 * 1.4426950408889634)  # log2 units
+    m = torch.full(s.shape[:-1], float("-inf"), device=s.device)
+    l, acc = torch.zeros_like(m), torch.zeros(*s.shape[:-1], q.shape[-1], device=s.device)
+    for t in range(0, s.shape[-1], block_n):
+        tile = s[..., t:t + block_n]
+        m_new = torch.maximum(m, tile.amax(-1))
+        p, alpha = torch.exp2(tile - m_new[..., None]), torch.exp2(m - m_new)
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + p.to(qdtype).float() @ vq[..., t:t + block_n, :]
+        m = m_new
+    return acc * sv / l[..., None]
+
+
 def check(device: str, dtype: torch.dtype, qdtype: torch.dtype, tol: float, shapes=SHAPES) -> None:
-    from cogvlm2.quant.fp8_attention import fp8_attention, quantize_heads
+    from cogvlm2.quant.fp8_attention import fp8_attention, min_k, quantize_heads
 
     for b, h, n, d, config in shapes:
         q, k, v = _qkv(b, h, n, d, device, dtype)
@@ -48,6 +69,9 @@ def check(device: str, dtype: torch.dtype, qdtype: torch.dtype, tol: float, shap
         assert out.transpose(1, 2).reshape(b, n, h * d).data_ptr() == out.data_ptr()
         err = _rel(out, ref)
         assert err < tol, (b, h, n, d, config, err)
+        if n <= 1000:  # and what it computes, rounding included, against the same steps in torch
+            em = emulated(q, k, v, qdtype, max(config[1], min_k(qdtype)))
+            assert _rel(out, em) < 1e-2, (b, h, n, d, config, _rel(out, em))
     # the quantizing pass: per (image, head) scale, zero padding of tokens and head dim, v transposed
     q, _, v = _qkv(2, 3, 10, 24, device, dtype, seed=1)
     qq, scale = quantize_heads(q, qdtype, pad_to=16)
@@ -99,7 +123,9 @@ def test_fp8_attention_cuda():
     # shared memory)
     check("cuda", torch.bfloat16, torch.float16, 1e-2, [s[:4] + ((128, 64, 8, 2),) if s[4] == CONFIG else s
                                                         for s in shapes])
-    check("cuda", torch.bfloat16, torch.float8_e4m3fn, 0.06, shapes)  # e4m3 q, k, v and probabilities
+    # e4m3 q, k, v and probabilities: ~5-8% from exact attention on these inputs (q twice k's scale: sharp
+    # softmax), almost all of it q and k's rounding; the emulation checks the rest to 1%
+    check("cuda", torch.bfloat16, torch.float8_e4m3fn, 0.1, shapes)
 
 
 @cuda
@@ -116,7 +142,10 @@ def test_fp8_projection_attends_in_fp8_when_enabled():
         assert torch.equal(Fp8Linear.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
         with mock.patch.object(quant_linear, "FP8_ATTENTION", True):
             fp8 = Fp8Linear.attention(q, k, v)
-    assert _rel(fp8, F.scaled_dot_product_attention(q.float(), k.float(), v.float())) < 0.06
+    assert _rel(fp8, F.scaled_dot_product_attention(q.float(), k.float(), v.float())) < 0.1
+    from cogvlm2.quant.fp8_attention import CONFIG
+
+    assert _rel(fp8, emulated(q, k, v, torch.float8_e4m3fn, CONFIG[1])) < 1e-2
 
 
 if __name__ == "__main__":  # run by test_fp8_attention_interpreted under TRITON_INTERPRET=1

@@ -448,8 +448,9 @@ def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
 CONFIGS = {
     # one row: 8 rows x 2048 codes (8 KB) a step in flight per program, ~4 programs per SM (~32 KB in flight)
     ("fp4", "gemv"): (8, 2048, 8, 2, 1),
-    # 1..64 rows: 128 rows of W x one absmax block (4 KB of codes) a step, 6 in flight, K split to cover the SMs
-    ("fp4", "tile"): (128, 64, 4, 6, 0),
+    # 1..64 rows: 128 rows of W x one absmax block (4 KB of codes) a step, 4 in flight, K split so the programs
+    # cover the SMs 4 times (H200, 1172c92: 536 GB/s of codes at 32 rows; one wave, 6 in flight: 516)
+    ("fp4", "tile"): (128, 64, 4, 4, -4),
     ("fp4", "dequant"): (16, 256, 4, 1),
     ("int4", "gemv"): (32, 1024, 4, 2, 2),  # 16 KB a step; K in two slices: 256 programs for N = 4096
     # W4A8 (ONE_ROW "gemv-a8", not the default until measured): one group of 128 k (64 B a column) a step, K
@@ -466,10 +467,10 @@ FP4_ARITH = {"gemv": True}
 CANDIDATES = {
     ("fp4", "gemv"): [(8, 2048, 8, 2, 1), (4, 1024, 4, 2, 1), (4, 4096, 8, 2, 1), (8, 1024, 8, 2, 1),
                       (4, 1024, 4, 2, 2)],
-    ("fp4", "tile"): [(128, 64, 4, 6, 0), (128, 64, 4, 4, 0), (64, 64, 4, 6, 0), (256, 64, 8, 4, 0), (128, 32, 4, 8, 0),
-                      (128, 64, 8, 6, 0), (128, 64, 4, 6, -2), (128, 64, 4, 4, -4)],
+    ("fp4", "tile"): [(128, 64, 4, 4, -4), (128, 64, 4, 6, 0), (128, 64, 4, 4, 0), (64, 64, 4, 6, 0),
+                      (256, 64, 8, 4, 0), (128, 32, 4, 8, 0), (128, 64, 8, 6, 0), (128, 64, 4, 6, -2)],
     ("int4", "gemv"): [(32, 1024, 4, 2, 2), (16, 1024, 4, 2, 2), (32, 1024, 4, 2, 1), (32, 512, 4, 2, 4),
-                       (64, 512, 8, 2, 2)],
+                       (64, 512, 8, 2, 2), (64, 512, 4, 2, 4), (128, 256, 4, 2, 4), (128, 256, 4, 2, 8)],
     ("int4", "gemv-a8"): [(64, 128, 4, 4, -4), (128, 128, 4, 4, -4), (32, 128, 4, 4, -4), (64, 128, 4, 4, -2),
                           (64, 128, 8, 4, -4), (128, 128, 4, 4, 2)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
@@ -671,18 +672,24 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
 
 
 @triton.jit
-def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr,
-                     GELU: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, FP8_MAX: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK: tl.constexpr, GELU: tl.constexpr):
+    """ROWS rows of x a program, each scaled by its own largest |value| (one load, one store per element)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, BLOCK)
-    ok = offs < K
-    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    ok = (rows[:, None] < M) & (offs[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=ok, other=0.0).to(tl.float32)
     if GELU:  # exact (erf) GELU in float32, rounded to the input dtype as F.gelu's output is
         x = (0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))).to(x_ptr.dtype.element_ty).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, 1e-12)
-    q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
-    tl.store(s_ptr + row, scale)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FP8_MAX, 1e-12)
+    q = tl.minimum(tl.maximum(x / scale[:, None], -FP8_MAX), FP8_MAX)
+    tl.store(q_ptr + rows[:, None] * K + offs[None, :], q.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.store(s_ptr + rows, scale, mask=rows < M)
+
+
+# elements (rows x the row's power-of-two block) of x one program of fp8_quantize_rows takes: narrow rows (the
+# ViT's 1,792) several to a program; benchmarks/kernels_gpu.py --only gemm times the choices
+FP8_ROW_ELEMENTS = 8192
 
 
 def fp8_quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -695,6 +702,7 @@ def fp8_quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
         block = triton.next_power_of_2(k)
-        _fp8_rows_kernel[(m,)](x, q, s, k, x.stride(0), FP8_MAX=448.0, BLOCK=block, GELU=gelu,
-                               num_warps=min(16, max(4, block // 1024)))
+        rows = min(16, max(1, FP8_ROW_ELEMENTS // block))
+        _fp8_rows_kernel[(triton.cdiv(m, rows),)](x, q, s, m, k, x.stride(0), FP8_MAX=448.0, ROWS=rows, BLOCK=block,
+                                                  GELU=gelu, num_warps=min(16, max(4, rows * block // 1024)))
     return q, s
