@@ -130,22 +130,33 @@ def test_fp8_attention_cuda():
 
 @cuda
 def test_fp8_projection_attends_in_fp8_when_enabled():
-    """The tower attends through its QKV projection's class: an Fp8Linear's attention is SDPA until
-    FP8_ATTENTION is set, then the fp8 kernels."""
+    """The tower attends through its QKV projection's class: an Fp8Linear's attention is the fp8 kernels while
+    FP8_ATTENTION is set (the default; COGVLM2_FP8_ATTENTION=0 clears it), else SDPA."""
     from unittest import mock
 
     from cogvlm2.quant import Fp8Linear
     from cogvlm2.quant import linear as quant_linear
+    from cogvlm2.quant.fp8_attention import CONFIG
 
     q, k, v = _qkv(1, 4, 300, 112, "cuda", torch.bfloat16)
     with torch.inference_mode():
-        assert torch.equal(Fp8Linear.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+        with mock.patch.object(quant_linear, "FP8_ATTENTION", False):
+            assert torch.equal(Fp8Linear.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
         with mock.patch.object(quant_linear, "FP8_ATTENTION", True):
             fp8 = Fp8Linear.attention(q, k, v)
     assert _rel(fp8, F.scaled_dot_product_attention(q.float(), k.float(), v.float())) < 0.1
-    from cogvlm2.quant.fp8_attention import CONFIG
-
     assert _rel(fp8, emulated(q, k, v, torch.float8_e4m3fn, CONFIG[1])) < 1e-2
+
+
+def test_fp8_attention_default_and_opt_out():
+    """On by default; the environment variable turns it off at import (a fresh interpreter)."""
+    code = "from cogvlm2.quant import linear; print(linear.FP8_ATTENTION)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("COGVLM2_FP8_ATTENTION", None)
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "COGVLM2_FP8_ATTENTION": "0"},
+                         capture_output=True, text=True, timeout=120)
+    assert (on.stdout.strip(), off.stdout.strip()) == ("True", "False"), (on.stderr, off.stderr)
 
 
 if __name__ == "__main__":  # run by test_fp8_attention_interpreted under TRITON_INTERPRET=1
