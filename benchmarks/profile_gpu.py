@@ -69,7 +69,8 @@ def idle_gaps(prof, min_ms: float = 0.2, top: int = 8) -> str:
            f"by the op running just before it ended: {fmt(at_end)}"
 
 
-KERNEL_KINDS = (("fp8 quantize", ("_fp8_rows", "_quantize_heads")),
+KERNEL_KINDS = (("all-reduce", ("nccl", "all_reduce", "allreduce", "AllReduce")),
+                ("fp8 quantize", ("_fp8_rows", "_quantize_heads")),
                 ("attention", ("_stage1", "_stage2", "flash", "fmha", "sdpa", "attention")),
                 ("GEMM", ("nvjet", "gemm", "splitKreduce", "cutlass", "sm90_xmma")),
                 ("norms+activations", ("layer_norm", "rms_norm", "gelu", "GeluCUDA", "silu")))

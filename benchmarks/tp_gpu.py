@@ -107,6 +107,31 @@ class Floors:
         return b / copy_bandwidth(), f"{b / 1e9:.1f} GB per rank at {copy_bandwidth() / 1e9:,.0f} GB/s"
 
 
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label)
+
+
+def profile_decode(engine: LLMEngine, x, path: Path, what: str, steps: int = 32) -> None:
+    """GPU time per decode step by kernel kind (all-reduces apart) and the kernel table, on the driver (rank 0):
+    one request whose prompt the prefix cache holds, `steps` tokens under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.profile_gpu import busy_fraction, kinds_line
+
+    gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        t0 = time.perf_counter()
+        step = steady_step_time(engine, [x], steps)
+        sync()
+        wall = time.perf_counter() - t0
+    line = (f"{what} under the profiler: step {step * 1e3:.2f} ms, GPU busy {busy_fraction(prof, wall):.0%}; kernel "
+            f"time per step {kinds_line(prof, steps)}")
+    print(f"  {line}", flush=True)
+    path.write_text(line + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30) + "\n")
+
+
 def measure(engine: LLMEngine, proc: Processor, label: str, n: int, sharded: bool, only: set[str], sizes: Sizes,
             floors: Floors, profile_dir: str | None = None) -> list[dict]:
     rows, cfg = [], floors.cfg
@@ -120,7 +145,7 @@ def measure(engine: LLMEngine, proc: Processor, label: str, n: int, sharded: boo
                                *floors.ttft(n, sharded)))
         print(f"  {rows[-1]['name']}: {ttft * 1e3:.1f} ms", flush=True)
         if profile_dir:  # the driver's (rank 0's) host ops and GPU kernels of one more new image
-            path = Path(profile_dir) / ("ttft_" + "".join(c if c.isalnum() else "_" for c in label) + ".txt")
+            path = Path(profile_dir) / f"ttft_{_slug(label)}.txt"
             profile_first_token(engine, proc(QUESTION, image=image(150)), str(path), f"{label} TTFT", warm=False)
     if "decode1" in only:
         t = steady_step_time(engine, [x], sizes.decode1)
@@ -128,6 +153,8 @@ def measure(engine: LLMEngine, proc: Processor, label: str, n: int, sharded: boo
         s, how = floors.decode(n, kv)
         rows.append(floors.row(f"{label} decode tokens/s, batch 1, {len(x)} ctx", 1 / t, "tok/s", s, how, lower=False))
         print(f"  {rows[-1]['name']}: {1 / t:.1f} tok/s", flush=True)
+        if profile_dir:  # the driver's kernels (inside the CUDA graphs too) over 32 more batch-1 steps
+            profile_decode(engine, x, Path(profile_dir) / f"decode1_{_slug(label)}.txt", f"{label} decode, batch 1")
     if "decode32" in only:
         prompts = [proc(QUESTION, image=image(200 + i)) for i in range(sizes.batch)]
         t = steady_step_time(engine, prompts, sizes.decode32)
@@ -203,8 +230,8 @@ def main() -> None:
     ap.add_argument("--card-gib", type=float, default=23.5, help="PP: memory each GPU may use (a 24 GB card's share)")
     ap.add_argument("--all-reduce", default="nccl", help="TP runs by all-reduce of small messages: nccl (the engine's "
                     "default), peer (the one-shot peer-to-peer kernel, ModelSpec.peer_all_reduce), or both (nccl,peer)")
-    ap.add_argument("--profile-ttft", metavar="DIR", help="also profile one TTFT per configuration (torch.profiler "
-                    "on the driver, rank 0): kernel / op tables and a trace per configuration into DIR")
+    ap.add_argument("--profile-ttft", metavar="DIR", help="also profile one TTFT and 32 batch-1 decode steps per "
+                    "configuration (torch.profiler on the driver, rank 0): kernel / op tables (and TTFT traces) into DIR")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the cost of eager TP decode)")
     args = ap.parse_args()
     only = set(args.only.split(","))
