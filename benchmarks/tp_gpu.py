@@ -230,8 +230,9 @@ def main() -> None:
     ap.add_argument("--card-gib", type=float, default=23.5, help="PP: memory each GPU may use (a 24 GB card's share)")
     ap.add_argument("--all-reduce", default="nccl", help="TP runs by all-reduce of small messages: nccl (the engine's "
                     "default), peer (the one-shot peer-to-peer kernel, ModelSpec.peer_all_reduce), or both (nccl,peer)")
-    ap.add_argument("--profile-ttft", metavar="DIR", help="also profile one TTFT and 32 batch-1 decode steps "
-                    "per configuration (torch.profiler on the driver, rank 0): kernel / op tables (TTFT: traces) into DIR")
+    ap.add_argument("--profile-ttft", metavar="DIR",
+                    help="also profile one TTFT and 32 batch-1 decode steps per configuration (torch.profiler on the "
+                    "driver, rank 0): kernel / op tables (TTFT: traces) into DIR")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the cost of eager TP decode)")
     args = ap.parse_args()
     only = set(args.only.split(","))
