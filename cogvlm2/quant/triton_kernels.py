@@ -701,9 +701,10 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, FP8_MAX: tl.constexpr,
     tl.store(s_ptr + rows, scale, mask=rows < M)
 
 
-# elements (rows x the row's power-of-two block) of x one program of fp8_quantize_rows takes: narrow rows (the
-# ViT's 1,792) several to a program; benchmarks/kernels_gpu.py --only gemm times the choices
-FP8_ROW_ELEMENTS = 8192
+# elements (rows x the row's power-of-two block) of x one program of fp8_quantize_rows takes (1: a row a program).
+# benchmarks/kernels_gpu.py --only gemm times the choices: on an H200 several narrow rows a program gained nothing
+# (0.018 ms a row a program against 0.020-0.023 for the ViT's 9,217 x 1,792; fc2's GELU pass 0.208 against 0.222)
+FP8_ROW_ELEMENTS = 1
 
 
 def fp8_quantize_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
