@@ -72,6 +72,11 @@ def check(device: str, dtype: torch.dtype, qdtype: torch.dtype, tol: float, shap
         if n <= 1000:  # and what it computes, rounding included, against the same steps in torch
             em = emulated(q, k, v, qdtype, max(config[1], min_k(qdtype)))
             assert _rel(out, em) < 1e-2, (b, h, n, d, config, _rel(out, em))
+    # the scales' maxima, read in place from the strided views over several tiles of tokens
+    from cogvlm2.quant.fp8_attention import head_amax
+
+    for x in _qkv(2, 3, 200, 112, device, dtype, seed=2):
+        assert torch.equal(head_amax(x), x.float().abs().amax(dim=(2, 3)).reshape(-1))
     # the quantizing pass: per (image, head) scale, zero padding of tokens and head dim, v transposed
     q, _, v = _qkv(2, 3, 10, 24, device, dtype, seed=1)
     qq, scale = quantize_heads(q, qdtype, pad_to=16)

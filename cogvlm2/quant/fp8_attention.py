@@ -11,7 +11,7 @@ its products run on the fp8 tensor cores, as FlashAttention-3's fp8 path does:
                [0, 1], relative to the running row maximum); O = (P v) sv / l, in the input dtype
 
 The quantizing pass reads q, k, v once and writes them at half their size; the scales come from one
-max-reduction per tensor (`torch.linalg.vector_norm(ord=inf)`, no |x| copy). On the CPU (and in tests) the
+max-reduction per tensor read in place (`head_amax`: a tile a program, one atomic max each). On the CPU (and in tests) the
 same kernels run in Triton's interpreter with `qdtype` a 16-bit float instead of e4m3 (the interpreter emulates
 the float8 cast wrongly), which checks everything but the fp8 rounding; the CUDA test checks that too.
 
@@ -52,6 +52,32 @@ def _quantize_heads_kernel(x_ptr, out_ptr, scale_ptr, H, sxb, sxh, sxn, son, sod
              q.to(out_ptr.dtype.element_ty), mask=rows[:, None] < NP)
 
 
+@triton.jit
+def _amax_heads_kernel(x_ptr, amax_ptr, H, sxb, sxh, sxn, N: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """The largest |x| of each (image, head) of x [B, H, N, D] (any strides, d contiguous) into amax [B * H]
+    (zeroed by the caller): one [BLOCK, D] tile a program, one atomic max per tile."""
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, DP)
+    x = tl.load(x_ptr + b.to(tl.int64) * sxb + h * sxh + rows[:, None].to(tl.int64) * sxn + d[None, :],
+                mask=(rows[:, None] < N) & (d[None, :] < D), other=0.0)
+    tl.atomic_max(amax_ptr + bh, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0))
+
+
+def head_amax(x: torch.Tensor) -> torch.Tensor:
+    """float32 [B * H]: the largest |x| of each (image, head) of x [B, H, N, D] (d contiguous), read in place: the
+    q, k and v the tower hands over are strided views of one projection, where a torch reduction over (N, D) of
+    the view is slow."""
+    b, h, n, d = x.shape
+    amax = torch.zeros(b * h, dtype=torch.float32, device=x.device)
+    block = 64
+    _amax_heads_kernel[(triton.cdiv(n, block), b * h)](x, amax, h, x.stride(0), x.stride(1), x.stride(2), N=n, D=d,
+                                                        DP=triton.next_power_of_2(d), BLOCK=block, num_warps=4)
+    return amax
+
+
 def min_k(qdtype: torch.dtype) -> int:
     """The tensor cores' smallest reduction dim: 32 for one-byte operands, 16 for two-byte ones."""
     return 32 if qdtype.itemsize == 1 else 16
@@ -66,8 +92,7 @@ def quantize_heads(x: torch.Tensor, qdtype: torch.dtype = torch.float8_e4m3fn, t
     if x.stride(-1) != 1:
         x = x.contiguous()
     dp, np_ = max(triton.next_power_of_2(d), min_k(qdtype)), triton.cdiv(n, pad_to) * pad_to
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=(2, 3), dtype=torch.float32)  # [B, H]
-    scale = (amax / FP8_MAX).clamp_(min=1e-12).reshape(-1)
+    scale = (head_amax(x) / FP8_MAX).clamp_(min=1e-12)
     out = torch.empty((b, h, dp, np_) if transpose else (b, h, np_, dp), dtype=qdtype, device=x.device)
     son, sod = (1, np_) if transpose else (dp, 1)
     block = 64
