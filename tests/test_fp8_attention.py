@@ -114,6 +114,10 @@ def test_fp8_attention_compiles_for_hopper():
         assert "wgmma.mma_async" in ptx and "e4m3" in ptx, (block_m, block_n)
         assert "cp.async" in ptx and "ld.local" not in ptx, (block_m, block_n)
         assert kernel.metadata.shared <= 232448, (block_m, block_n, kernel.metadata.shared)
+    amax = compile_for_hopper(fa._amax_heads_kernel, {"x_ptr": "*bf16", "amax_ptr": "*fp32", "H": "i32", "sxb": "i32",
+                                                     "sxh": "i32", "sxn": "i32"},
+                              dict(N=9217, D=112, DP=128, BLOCK=64), num_warps=4)
+    assert "atom.global" in amax.asm["ptx"] and "ld.local" not in amax.asm["ptx"]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
