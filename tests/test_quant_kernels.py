@@ -192,9 +192,32 @@ def test_w4a8_gemv_compiles_for_hopper():
                  "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "N": "i32"}
     for block_n, _, warps, stages, split in tk.CANDIDATES[("int4", "gemv-a8")]:
         kernel = compile_for_hopper(tk._int4_gemv_a8_kernel, signature, dict(K=4096, BLOCK_N=block_n, GROUP=128,
-                                    SPLIT_K=abs(split) or 1, ASM=True), num_warps=warps, num_stages=stages)
+                                    SPLIT_K=abs(split) or 1, ASM=True, STAGES=stages), num_warps=warps,
+                                    num_stages=stages)
         ptx = kernel.asm["ptx"]
         assert "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, warps)
+        assert ("cp.async" in ptx) == (stages > 1), (block_n, warps, stages)  # prefetched steps ahead
+
+
+def test_gemv_prefetch_compiles_for_hopper():
+    """The one-row GEMVs for sm_90 at every swept config: stages > 1 pipelines the code loads through shared memory
+    (cp.async, within the 227 KB a block may use), stages = 1 keeps them as plain loads, never a register spill."""
+    from cogvlm2.quant import triton_kernels as tk
+    from tests.hopper_compile import compile_for_hopper
+
+    int4 = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "N": "i32"}
+    fp4 = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*fp32", "lut_ptr": "*fp32", "nabs_ptr": "*fp32",
+           "nmap_ptr": "*fp32", "offset": "fp32", "out_ptr": "*fp32", "N": "i32"}
+    for fmt, fn, signature in [("int4", tk._int4_gemv_kernel, int4), ("fp4", tk._fp4_gemv_kernel, fp4)]:
+        for block_n, block_k, warps, stages, split in tk.CANDIDATES[(fmt, "gemv")]:
+            split, block_k = tk._split(4096, split, block_k, 128 if fmt == "int4" else 64)
+            extra = dict(GROUP=128) if fmt == "int4" else dict(BLOCKSIZE=64, ARITH=True, NESTED=False)
+            kernel = compile_for_hopper(fn, signature, dict(K=4096, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+                                                            STAGES=stages, **extra), num_warps=warps,
+                                        num_stages=stages)
+            ptx, config = kernel.asm["ptx"], (fmt, block_n, block_k, warps, stages, split)
+            assert ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, config
+            assert kernel.metadata.shared <= 232448, (config, kernel.metadata.shared)
 
 
 def test_kernels_interpreted():

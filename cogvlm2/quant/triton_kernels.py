@@ -88,7 +88,7 @@ def _splitk_sum_kernel(part_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.c
 @triton.jit
 def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, N, K: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr,
-                     NESTED: tl.constexpr, SPLIT_K: tl.constexpr):
+                     NESTED: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr):
     """One row: out[n] = sum_k x[k] W[n, k]. The packed weight is read as int32 words ([N, K/8], 8 codes a
     word, 16-byte vector loads along K); per absmax block the products are summed first and scaled once.
     Byte t of a word holds k = 8w + 2t in its high nibble and 8w + 2t + 1 in its low nibble."""
@@ -100,7 +100,7 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offs
     b = tl.arange(0, NB)
     wi = tl.arange(0, WB)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for i in range(0, KS, BLOCK_K):
+    for i in tl.range(0, KS, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
         k0 = tl.program_id(1) * KS + i
         word_col = k0 // 8 + b[:, None] * WB + wi[None, :]  # [NB, WB]
         words = tl.load(w_ptr + offs_n[:, None, None] * (K // 8) + word_col[None, :, :], mask=n_ok[:, None, None],
@@ -130,7 +130,7 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offs
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr):
     """One row, group-wise int4: per group sum_k (q - z) s x = s (sum_k q x - z sum_k x); nibble j of a word is
     taken in place (q 16^j in the mantissa of 2^23, x scaled by 16^-j, both exact), so a code costs one
     logic op, one add and one FMA."""
@@ -142,7 +142,7 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr,
     g = tl.arange(0, NG)
     r = tl.arange(0, RP)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for i in range(0, KS, BLOCK_K):
+    for i in tl.range(0, KS, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
         k0 = tl.program_id(1) * KS + i
         prow = k0 // 8 + g[:, None] * RP + r[None, :]  # [NG, RP]
         words = tl.load(qw_ptr + prow[:, :, None].to(tl.int64) * N + offs_n[None, None, :],
@@ -202,7 +202,8 @@ def _quantize_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, GROUP: tl.constex
 
 @triton.jit
 def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr,
-                         BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr):
+                         BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr,
+                         STAGES: tl.constexpr):
     """One row, group-wise int4 weights times int8 activations (W4A8, as llama.cpp's q4 x q8 dot products; x
     quantized by _quantize_a8_kernel). Word p of a column holds k = 8p + j in nibble j: the word masked with
     0x0F0F0F0F holds the even k as four bytes, shifted by 4 first the odd ones, so 8 codes cost one shift, two
@@ -216,7 +217,7 @@ def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, 
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     p0 = tl.program_id(1) * (KS // 8)  # first packed row of this slice
     w_ptrs = qw_ptr + ((p0 + r).to(tl.int64) * N)[:, None] + offs_n[None, :]  # advanced a group a step
-    for i in range(0, KS, GROUP):
+    for i in tl.range(0, KS, GROUP, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
         k0 = tl.program_id(1) * KS + i
         g = k0 // GROUP
         xe = tl.load(xe_ptr + k0 // 8 + r)
@@ -446,18 +447,23 @@ def _int4_dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, K,
 # int4 also "gemv-a8" (x quantized to int8 per group by a small kernel first, then integer dot products).
 # FP4_ARITH: the fp4 GEMV decodes codes arithmetically instead of with the 16-entry table (fp4 layers only).
 CONFIGS = {
+    # The GEMVs' stages: 1 loads a step's codes into registers and then decodes them (every figure measured up to
+    # 90db7e6 ran so: their loads were never pipelined, whatever the launch's num_stages); > 1 prefetches that many
+    # steps ahead through shared memory (cp.async, `tl.range(num_stages=...)`), keeping loads in flight while the
+    # codes are decoded: the 4-bit GEMVs streamed ~1.2 TB/s whether they issued 1.7 or 6.5 instructions a code,
+    # i.e. they looked bound by the bytes in flight, not by issue (candidates below; not measured yet).
     # one row: 8 rows x 1024 codes (4 KB) a step per program (H200, 45709e9: 910 GB/s of codes on the LM's
     # shapes; 8 x 2048, the default until then: 706)
-    ("fp4", "gemv"): (8, 1024, 8, 2, 1),
+    ("fp4", "gemv"): (8, 1024, 8, 1, 1),
     # 1..64 rows: 128 rows of W x one absmax block (4 KB of codes) a step, 4 in flight, K split so the programs
     # cover the SMs 4 times (H200, 1172c92: 536 GB/s of codes at 32 rows; one wave, 6 in flight: 516)
     ("fp4", "tile"): (128, 64, 4, 4, -4),
     ("fp4", "dequant"): (16, 256, 4, 1),
-    ("int4", "gemv"): (32, 1024, 4, 2, 2),  # 16 KB a step; K in two slices: 256 programs for N = 4096
+    ("int4", "gemv"): (32, 1024, 4, 1, 2),  # 16 KB a step; K in two slices: 256 programs for N = 4096
     # W4A8 (ONE_ROW "gemv-a8", not the default until measured): one group of 128 k (64 B a column) a step, K
     # split so the programs cover the SMs 4 times (its loads go to registers: occupancy hides their latency).
     # Compiled for sm_90, a step issues ~1.7 instructions per code (the float GEMV above: ~6.5)
-    ("int4", "gemv-a8"): (64, 128, 4, 4, -4),
+    ("int4", "gemv-a8"): (64, 128, 4, 1, -4),
     ("int4", "tile"): (128, 128, 4, 4, 0),  # one group (8 KB of codes) a step, 4 in flight
     ("int4", "dequant"): (64, 128, 4, 1),
 }
@@ -466,14 +472,14 @@ FP4_ARITH = {"gemv": True}
 # The alternatives benchmarks/quant_gpu.py times on the real shapes (the first of each is the default above);
 # test_quant_kernels runs every one of them on the GPU.
 CANDIDATES = {
-    ("fp4", "gemv"): [(8, 1024, 8, 2, 1), (4, 1024, 4, 2, 1), (4, 4096, 8, 2, 1), (8, 2048, 8, 2, 1),
-                      (4, 1024, 4, 2, 2)],
+    ("fp4", "gemv"): [(8, 1024, 8, 1, 1), (8, 1024, 8, 3, 1), (8, 2048, 8, 3, 1), (4, 1024, 4, 3, 1),
+                      (8, 1024, 8, 4, 1), (16, 1024, 8, 3, 1), (4, 1024, 4, 1, 1)],
     ("fp4", "tile"): [(128, 64, 4, 4, -4), (128, 64, 4, 6, 0), (128, 64, 4, 4, 0), (64, 64, 4, 6, 0),
                       (256, 64, 8, 4, 0), (128, 32, 4, 8, 0), (128, 64, 8, 6, 0), (128, 64, 4, 6, -2)],
-    ("int4", "gemv"): [(32, 1024, 4, 2, 2), (16, 1024, 4, 2, 2), (32, 1024, 4, 2, 1), (32, 512, 4, 2, 4),
-                       (64, 512, 8, 2, 2), (64, 512, 4, 2, 4), (128, 256, 4, 2, 4), (128, 256, 4, 2, 8)],
-    ("int4", "gemv-a8"): [(64, 128, 4, 4, -4), (128, 128, 4, 4, -4), (32, 128, 4, 4, -4), (64, 128, 4, 4, -2),
-                          (64, 128, 8, 4, -4), (128, 128, 4, 4, 2)],
+    ("int4", "gemv"): [(32, 1024, 4, 1, 2), (32, 1024, 4, 2, 2), (32, 1024, 4, 3, 2), (32, 512, 4, 3, 2),
+                       (32, 512, 4, 4, 4), (16, 1024, 4, 3, 2), (64, 512, 4, 3, 2), (16, 1024, 4, 1, 2)],
+    ("int4", "gemv-a8"): [(64, 128, 4, 1, -4), (64, 128, 4, 3, -4), (64, 128, 4, 4, -2), (128, 128, 4, 3, -2),
+                          (32, 128, 4, 4, -4), (128, 128, 4, 1, -4)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
                        (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2), (128, 128, 4, 4, -2),
                        (128, 128, 4, 3, -4), (64, 128, 4, 4, -2)],
@@ -592,7 +598,7 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
         _fp4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x2, packed.view(-1).view(torch.int32), a, lut, nabs, nmap, offset, part, n, k, BLOCK_N=block_n,
             BLOCK_K=block_k, BLOCKSIZE=blocksize, ARITH=is_fp4 and FP4_ARITH["gemv"], NESTED=is_nested,
-            SPLIT_K=split, num_warps=warps, num_stages=stages)
+            SPLIT_K=split, STAGES=stages, num_warps=warps, num_stages=stages)
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
@@ -647,7 +653,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         out, part = _outputs(m, n, split, x)
         _int4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x2, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
-            num_warps=warps, num_stages=stages)
+            STAGES=stages, num_warps=warps, num_stages=stages)
     elif m == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1:  # int8 activations, one group a step
         block_n, _, warps, stages, split = CONFIGS[("int4", "gemv-a8")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
@@ -658,7 +664,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         _quantize_a8_kernel[(k // group,)](x2, xe[0], xe[1], sx, sq, GROUP=group, num_warps=4)
         _int4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
             xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, GROUP=group, SPLIT_K=split,
-            ASM=x.is_cuda, num_warps=warps, num_stages=stages)
+            ASM=x.is_cuda, STAGES=stages, num_warps=warps, num_stages=stages)
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("int4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
