@@ -192,12 +192,39 @@ def fp8_gemms() -> None:
     print("one-image prefill, all of these GEMMs: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in totals.items()))
 
 
+def decode_gemvs() -> None:
+    """Batch-1 decode's language linears (32 layers x qkv, dense, gate, up, down, distinct weights: more than the
+    L2 holds) in one CUDA graph at TP=1 and at TP=2's per-rank shapes: cuBLAS (F.linear) against the one-row Triton
+    GEMV (cogvlm2.model.gemv) at each of its candidate configs; ms and GB/s of weights beside copy bandwidth."""
+    from cogvlm2.model.gemv import CANDIDATES, gemv
+
+    copy = copy_bandwidth()
+    for tp in (1, 2):
+        shapes = [(6144 // tp, 4096), (4096, 4096 // tp), (14336 // tp, 4096), (14336 // tp, 4096), (4096, 14336 // tp)]
+        layers = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes]
+                  for _ in range(32)]
+        nbytes = sum(w.numel() * 2 for layer in layers for w in layer)
+        xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
+        ref = [F.linear(xs[w.shape[1]], w).float() for w in layers[0]]
+        runs = {"cuBLAS": lambda x, w: F.linear(x, w)}
+        runs |= {f"gemv {c}": (lambda x, w, c=c: gemv(x, w, c)) for c in CANDIDATES}
+        line = []
+        for label, fn in runs.items():
+            err = max(((fn(xs[w.shape[1]], w).float() - r).norm() / r.norm()).item() for w, r in zip(layers[0], ref))
+            t = graph_time(lambda: [fn(xs[w.shape[1]], w) for layer in layers for w in layer], iters=10)
+            line.append(f"{label} {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s = {nbytes / t / copy:.0%} of copy, "
+                        f"err {err:.1e})")
+        print(f"decode linears, batch 1, TP={tp} shapes ({nbytes / 1e9:.1f} GB): " + "; ".join(line), flush=True)
+        layers = xs = None
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="vit,decode", help="vit, decode, gemm (comma-separated; gemm: the prefill's "
-                    "GEMMs in bf16 and fp8)")
+    ap.add_argument("--only", default="vit,decode", help="vit, decode, gemm, gemv (comma-separated; gemm: the "
+                    "prefill's GEMMs in bf16 and fp8; gemv: batch-1 decode's linears, cuBLAS against the Triton GEMV)")
     ap.add_argument("--max-context", type=int, default=10495,
                     help="the engine's max_model_len: its CUDA graphs size the decode grid for it")
     ap.add_argument("--batches", default="1,32,64", help="decode batch sizes to sweep (comma-separated)")
@@ -208,5 +235,7 @@ if __name__ == "__main__":
         vit_attention_backends()
     if "gemm" in args.only:
         fp8_gemms()
+    if "gemv" in args.only:
+        decode_gemvs()
     if "decode" in args.only:
         decode_sweep(args.max_context, tuple(int(b) for b in args.batches.split(",")), args.quick)

@@ -1,0 +1,57 @@
+"""A one-row bf16 / fp16 GEMV in Triton for batch-1 decode (not wired into the model yet: measured first).
+
+At batch 1 a decode step is the language weights streamed once (15 GB on one H200, 7.7 GB per rank at TP=2). The
+profiles of `benchmarks/profile_gpu.py` and `tp_gpu.py --profile-ttft` put cuBLAS's GEMVs at 3.6 TB/s on one GPU
+(87% of copy bandwidth) and at ~3.0 TB/s on the TP=2 shapes, where it also splits K and adds a reduce launch per
+linear. This kernel keeps every program on whole rows: BLOCK_N rows of W [N, K] (K contiguous) times x, K walked
+in BLOCK_K steps that are prefetched STAGES - 1 steps ahead through shared memory (cp.async, `tl.range(num_stages)`),
+so the loads stay in flight while the products are summed; no split of K, so no partials and no second launch,
+and the sum's order does not depend on scheduling. `benchmarks/kernels_gpu.py --only gemv` times it against cuBLAS
+on the language model's decode shapes at TP=1 and TP=2; wiring it into the linears waits for that figure.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_N, BLOCK_K, warps, stages): 8 rows x 512 columns (8 KB of bf16) a step, 3 steps in flight; N = 4,096
+# gives 512 programs, ~4 per SM
+CONFIG = (8, 512, 4, 3)
+# what the benchmark sweeps (the first is CONFIG)
+CANDIDATES = [CONFIG, (8, 512, 4, 4), (16, 256, 4, 3), (4, 1024, 4, 3), (16, 512, 8, 3), (8, 1024, 8, 3),
+              (8, 512, 4, 1)]
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 STAGES: tl.constexpr):
+    """out[n] = sum_k W[n, k] x[k] for BLOCK_N rows: products summed per lane in float32 over the K steps, then
+    across the lanes once."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        k_ok = (k0 + offs_k) < K
+        w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] = CONFIG) -> torch.Tensor:
+    """x [..., K] with one row in all (a decode token) @ weight [N, K]^T -> [..., N] in x's dtype."""
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"gemv takes one row, got x of shape {tuple(x.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k or weight.stride(-1) != 1:
+        raise ValueError(f"gemv: x [..., {x.shape[-1]}] against a weight [{n}, {k}] with stride {weight.stride()}")
+    x1 = x.reshape(k).contiguous()
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, stages = config
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x1, weight, out, n, weight.stride(0), K=k, BLOCK_N=block_n,
+                                             BLOCK_K=block_k, STAGES=stages, num_warps=warps, num_stages=stages)
+    return out.view(*x.shape[:-1], n)

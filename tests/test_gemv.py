@@ -1,0 +1,78 @@
+"""The one-row GEMV (`cogvlm2.model.gemv`) against torch: in Triton's interpreter on the CPU (float32, exact up to
+summation order), compiled for sm_90 without a GPU (the K steps prefetched through shared memory), and on CUDA in
+bf16 against cuBLAS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+# (N, K, config): rows and columns that are not multiples of the blocks, K shorter than one block, the decode
+# shapes' aspect (K = 4,096) at a small N
+SHAPES = [(37, 200, (8, 64, 4, 2)), (16, 40, (8, 64, 4, 1)), (50, 4096, (16, 512, 4, 3)), (3, 129, (4, 32, 4, 3))]
+
+
+def check(device: str, dtype: torch.dtype, tol: float) -> None:
+    from cogvlm2.model.gemv import gemv
+
+    g = torch.Generator().manual_seed(0)
+    for n, k, config in SHAPES:
+        w = torch.randn(n, k, generator=g).to(device, dtype)
+        x = torch.randn(1, 1, k, generator=g).to(device, dtype)
+        out = gemv(x, w, config)
+        ref = x.float() @ w.float().t()
+        assert out.shape == (1, 1, n) and out.dtype == dtype
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < tol, (n, k, config, err)
+    w = torch.randn(8, 64, generator=g).to(device, dtype)
+    with pytest.raises(ValueError, match="one row"):
+        gemv(torch.zeros(2, 64, dtype=dtype, device=device), w)
+    with pytest.raises(ValueError, match="against a weight"):
+        gemv(torch.zeros(1, 32, dtype=dtype, device=device), w)
+
+
+def test_gemv_interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "gemv ok" in run.stdout
+
+
+def test_gemv_compiles_for_hopper():
+    """Every swept config compiles for sm_90: stages > 1 pipelines the weight tiles (cp.async), no spills, shared
+    memory within the 227 KB a block may use."""
+    from cogvlm2.model import gemv as gm
+    from tests.hopper_compile import compile_for_hopper
+
+    signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_wn": "i32"}
+    for block_n, block_k, warps, stages in gm.CANDIDATES:
+        kernel = compile_for_hopper(gm._gemv_kernel, signature, dict(K=4096, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                                     STAGES=stages), num_warps=warps,
+                                    num_stages=stages)
+        ptx = kernel.asm["ptx"]
+        assert ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, (block_n, block_k, warps, stages)
+        assert kernel.metadata.shared <= 232448, (block_n, block_k, kernel.metadata.shared)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gemv_cuda():
+    check("cuda", torch.bfloat16, 1e-2)
+    from cogvlm2.model.gemv import CANDIDATES, gemv
+
+    w = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16) / 120
+    x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
+    ref = (x @ w.t()).float()
+    for config in CANDIDATES:
+        assert ((gemv(x, w, config).float() - ref).norm() / ref.norm()).item() < 1e-2, config
+
+
+if __name__ == "__main__":  # run by test_gemv_interpreted under TRITON_INTERPRET=1
+    check("cpu", torch.float32, 1e-5)
+    print("gemv ok")
