@@ -12,6 +12,7 @@ the activations at each stage boundary.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -44,7 +45,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return ops.linear(self.down_proj, ops.silu_mul(ops.linear(self.gate_proj, x), ops.linear(self.up_proj, x)))
 
 
 def route(x: torch.Tensor, batch: ForwardBatch, language: Callable, vision: Callable | None) -> torch.Tensor:
@@ -88,11 +89,12 @@ class VisionExpertAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         vis_qkv = getattr(self, "vision_expert_query_key_value", None)
-        qkv = route(x, batch, self.language_expert_query_key_value, vis_qkv)  # [N, (Hq + 2 Hkv) d]
+        qkv = route(x, batch, partial(ops.linear, self.language_expert_query_key_value), vis_qkv)  # [N, (Hq+2Hkv) d]
         # q [N, Hq, d], k / v [N, Hkv, d]; q and k rotated
         q, k, v = ops.rotary_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
         out = batch.attention(self.layer_idx, q, k, v).reshape(n, self.num_heads * self.head_dim)
-        out = route(out, batch, self.language_expert_dense, getattr(self, "vision_expert_dense", None))
+        dense = partial(ops.linear, self.language_expert_dense)
+        out = route(out, batch, dense, getattr(self, "vision_expert_dense", None))
         return out if self.tp is None else self.tp.all_reduce(out)  # one reduce for both experts
 
 
@@ -275,5 +277,5 @@ class CogVLM2ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, D] -> float32 logits [B, V] (under tensor parallelism: gathered, equal on every rank)."""
-        logits = self.lm_head(hidden).float()
+        logits = ops.linear(self.lm_head, hidden).float()
         return logits if self.tp is None else self.tp.all_gather(logits, dim=-1)

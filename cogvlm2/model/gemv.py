@@ -1,4 +1,5 @@
-"""A one-row bf16 / fp16 GEMV in Triton for batch-1 decode (not wired into the model yet: measured first).
+"""A one-row GEMV in Triton for batch-1 decode (`ops.linear` uses it when `ops.DECODE_GEMV` is set: off until
+measured on a GPU).
 
 At batch 1 a decode step is the language weights streamed once (15 GB on one H200, 7.7 GB per rank at TP=2). The
 profiles of `benchmarks/profile_gpu.py` and `tp_gpu.py --profile-ttft` put cuBLAS's GEMVs at 3.6 TB/s on one GPU
@@ -7,7 +8,7 @@ linear. This kernel keeps every program on whole rows: BLOCK_N rows of W [N, K] 
 in BLOCK_K steps that are prefetched STAGES - 1 steps ahead through shared memory (cp.async, `tl.range(num_stages)`),
 so the loads stay in flight while the products are summed; no split of K, so no partials and no second launch,
 and the sum's order does not depend on scheduling. `benchmarks/kernels_gpu.py --only gemv` times it against cuBLAS
-on the language model's decode shapes at TP=1 and TP=2; wiring it into the linears waits for that figure.
+on the language model's decode shapes at TP=1 and TP=2; `engine_gpu.py --decode-gemv` the engine with it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .triton_ops import _on
 
 # (BLOCK_N, BLOCK_K, warps, stages): 8 rows x 512 columns (8 KB of bf16) a step, 3 steps in flight; N = 4,096
 # gives 512 programs, ~4 per SM
@@ -52,6 +55,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int
     x1 = x.reshape(k).contiguous()
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x1, weight, out, n, weight.stride(0), K=k, BLOCK_N=block_n,
-                                             BLOCK_K=block_k, STAGES=stages, num_warps=warps, num_stages=stages)
+    with _on(x):  # the launch on x's GPU (pipeline stages: a later stage's layers live on another GPU)
+        _gemv_kernel[(triton.cdiv(n, block_n),)](x1, weight, out, n, weight.stride(0), K=k, BLOCK_N=block_n,
+                                                 BLOCK_K=block_k, STAGES=stages, num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], n)

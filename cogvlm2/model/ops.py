@@ -16,14 +16,21 @@ math is the eager code's; tests/test_model_ops.py checks losses and gradients ag
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
 try:  # Triton is optional: CPU installs and training never need it
+    from . import gemv as gemv_kernel
     from . import triton_ops
 except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton_ops = None
+    gemv_kernel = triton_ops = None
+
+# Batch-1 decode's plain linears (no bias, CUDA, autograd off: the language expert's QKV and dense, the MLP, the
+# lm_head) through the one-row Triton GEMV of gemv.py instead of cuBLAS. Off until benchmarks/kernels_gpu.py
+# --only gemv and engine_gpu.py measure it faster on a GPU; COGVLM2_DECODE_GEMV=1 turns it on at import
+DECODE_GEMV = os.environ.get("COGVLM2_DECODE_GEMV", "0") == "1"
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -91,6 +98,15 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if _compiled_training(gate):
         return _compiled(_silu_mul)(gate, up)
     return _silu_mul(gate, up)
+
+
+def linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x); a single row through a plain bias-free nn.Linear goes through the Triton GEMV when DECODE_GEMV
+    is set (any other layer, a LoRA wrapper or a quantized linear included, is called as is)."""
+    if (DECODE_GEMV and type(layer) is torch.nn.Linear and layer.bias is None and gemv_kernel is not None
+            and x.is_cuda and x.numel() == x.shape[-1] and not torch.is_grad_enabled()):
+        return gemv_kernel.gemv(x, layer.weight)
+    return layer(x)
 
 
 ROPE_MODES = ("official", "exact")
