@@ -301,15 +301,25 @@ def test_stop_and_clear_free_the_engines_kv_blocks(chatty_web, page, button, mon
         await stop(session)
 
     monkeypatch.setattr(backend, "stop", recording_stop)
-    page.goto(chatty_web.url)
-    page.wait_for_selector("#message textarea")
-    start_long_answer(page, f"A long answer, then {button}.")
-    busy = engine.stats()
-    (request_id,) = live_request_ids(engine)
-    assert busy.num_running == 1 and busy.kv_blocks_free < busy.kv_blocks_total  # the answer holds KV blocks
-    clicks = click_until_heard(page, f"#{button}", heard)
-    idle = wait_engine_idle(engine, timeout=15)
-    assert aborted == [(request_id, True)]  # aborted while running (a finished request is not aborted)
+    for _ in range(3):
+        aborted.clear(), heard.clear()
+        page.goto(chatty_web.url)
+        page.wait_for_selector("#message textarea")
+        start_long_answer(page, f"A long answer, then {button}.")
+        busy = engine.stats()
+        (request_id,) = live_request_ids(engine)
+        assert busy.num_running == 1 and busy.kv_blocks_free < busy.kv_blocks_total  # the answer holds KV blocks
+        click_until_heard(page, f"#{button}", heard)
+        idle = wait_engine_idle(engine, timeout=15)
+        if aborted[:1] != [(request_id, False)]:
+            break
+        # the rambling answer ended on its own before the click reached the engine (it does, about one run in four
+        # on a busy 2-core machine: random text can hold a stop string, where the detokenizer ends the request), so
+        # nothing was left to abort: again; a bug that never finds a running request fails all three times
+    # aborted while running (a finished request is not aborted). A click Gradio's frontend acts on (cancelling the
+    # stream, so the server aborts the request) can still reach the backend's handler late; the next click's handler
+    # then aborts the same id again and finds nothing: only the first abort finds it running
+    assert aborted[0] == (request_id, True) and all(a == (request_id, False) for a in aborted[1:]), aborted
     assert live_request_ids(engine) == set()
     assert llm.block_manager.num_free == llm.block_manager.num_blocks == idle.kv_blocks_total
     ARTIFACTS.mkdir(exist_ok=True)
