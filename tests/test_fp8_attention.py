@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from tests.interpreted import run_interpreted  # noqa: E402
+
 # (images, heads, tokens, head dim, (BLOCK_M, BLOCK_N, warps, stages)): tokens not a multiple of the blocks, a
 # head dim padded (24 -> 32, the ViT's 112 -> 128), a single partial tile, blocks of different sizes
 SHAPES = [(2, 3, 77, 24, (32, 16, 4, 1)), (1, 2, 64, 32, (16, 32, 4, 1)), (1, 1, 5, 8, (16, 16, 4, 1)),
@@ -91,10 +93,7 @@ def check(device: str, dtype: torch.dtype, qdtype: torch.dtype, tol: float, shap
 
 
 def test_fp8_attention_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "fp8 attention ok" in run.stdout
+    run_interpreted(__file__, "fp8 attention ok")
 
 
 def test_fp8_attention_compiles_for_hopper():

@@ -4,15 +4,12 @@ bf16 against cuBLAS."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
+
+from tests.interpreted import run_interpreted  # noqa: E402
 
 # (N, K, config): rows and columns that are not multiples of the blocks, K shorter than one block, the decode
 # shapes' aspect (K = 4,096) at a small N
@@ -39,10 +36,7 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
 
 
 def test_gemv_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "gemv ok" in run.stdout
+    run_interpreted(__file__, "gemv ok")
 
 
 def test_gemv_compiles_for_hopper():

@@ -8,9 +8,6 @@ compared with `attend_reference`.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from cogvlm2.engine.attention import AttentionMetadata, attend_reference  # noqa: E402
+from tests.interpreted import run_interpreted  # noqa: E402
 
 
 def _random_paged(batch: int, lens: list[int], q_lens: list[int], hq=8, hkv=2, d=64, bs=16, device="cpu",
@@ -91,10 +89,7 @@ def check_store_kv(device: str) -> None:
 
 
 def test_decode_kernel_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "decode kernel ok" in run.stdout
+    run_interpreted(__file__, "decode kernel ok")
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

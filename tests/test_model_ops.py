@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+
+from tests.interpreted import run_interpreted  # noqa: E402
 
 
 def check_ops(device: str) -> None:
@@ -50,10 +49,7 @@ def check_ops(device: str) -> None:
 
 
 def test_ops_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "ops ok" in run.stdout
+    run_interpreted(__file__, "ops ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -106,10 +102,7 @@ def check_fused_model() -> None:
 
 
 def test_fused_model_path_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([sys.executable, __file__, "model"], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "fused model ok" in run.stdout
+    run_interpreted(__file__, "fused model ok", "model", timeout=600)
 
 
 def test_residual_stream_equals_the_layer_loop():

@@ -9,10 +9,6 @@ compiled in bf16, under CUDA graphs, and inside the engine (graphs against eager
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -21,6 +17,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from cogvlm2.quant import formats  # noqa: E402
+from tests.interpreted import run_interpreted  # noqa: E402
 
 SHAPES = [(48, 256), (40, 192), (72, 512)]  # [N, K]: N not a multiple of the tile, K of 64 (fp4) / 128 (int4)
 
@@ -221,10 +218,7 @@ def test_gemv_prefetch_compiles_for_hopper():
 
 
 def test_kernels_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "quant kernels ok" in run.stdout
+    run_interpreted(__file__, "quant kernels ok")
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -3,12 +3,12 @@ measured on a GPU).
 
 At batch 1 a decode step is the language weights streamed once (15 GB on one H200, 7.7 GB per rank at TP=2). The
 profiles of `benchmarks/profile_gpu.py` and `tp_gpu.py --profile-ttft` put cuBLAS's GEMVs at 3.6 TB/s on one GPU
-(87% of copy bandwidth) and at ~3.0 TB/s on the TP=2 shapes, where it also splits K and adds a reduce launch per
-linear. This kernel keeps every program on whole rows: BLOCK_N rows of W [N, K] (K contiguous) times x, K walked
-in BLOCK_K steps that are prefetched STAGES - 1 steps ahead through shared memory (cp.async, `tl.range(num_stages)`),
+(87% of copy bandwidth) and at ~3.0 TB/s on the TP=2 shapes, where it also splits K (128 reduce launches a step).
+This kernel keeps every program on whole rows: BLOCK_N rows of W [N, K] (K contiguous) times x, K walked in BLOCK_K
+steps that are prefetched STAGES - 1 steps ahead through shared memory (cp.async, `tl.range(num_stages)`),
 so the loads stay in flight while the products are summed; no split of K, so no partials and no second launch,
 and the sum's order does not depend on scheduling. `benchmarks/kernels_gpu.py --only gemv` times it against cuBLAS
-on the language model's decode shapes at TP=1 and TP=2; `engine_gpu.py --decode-gemv` the engine with it.
+on the language model's decode shapes at TP=1 and TP=2; `COGVLM2_DECODE_GEMV=1 benchmarks/engine_gpu.py` the engine.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ its products run on the fp8 tensor cores, as FlashAttention-3's fp8 path does:
                [0, 1], relative to the running row maximum); O = (P v) sv / l, in the input dtype
 
 The quantizing pass reads q, k, v once and writes them at half their size; the scales come from one
-max-reduction per tensor read in place (`head_amax`: a tile a program, one atomic max each). On the CPU (and in tests) the
-same kernels run in Triton's interpreter with `qdtype` a 16-bit float instead of e4m3 (the interpreter emulates
-the float8 cast wrongly), which checks everything but the fp8 rounding; the CUDA test checks that too.
+max-reduction per tensor read in place (`head_amax`: a tile a program, one atomic max each). On the CPU (and in
+tests) the same kernels run in Triton's interpreter with `qdtype` a 16-bit float instead of e4m3 (the interpreter
+emulates the float8 cast wrongly), which checks everything but the fp8 rounding; the CUDA test checks that too.
 
 The tower uses it under `--quant fp8` when `cogvlm2.quant.linear.FP8_ATTENTION` is set (`Fp8Linear.attention`).
 Its error is e4m3's: ~5% relative to exact attention on random ViT-shaped inputs, almost all of it from q and k
@@ -68,8 +68,8 @@ def _amax_heads_kernel(x_ptr, amax_ptr, H, sxb, sxh, sxn, N: tl.constexpr, D: tl
 
 def head_amax(x: torch.Tensor) -> torch.Tensor:
     """float32 [B * H]: the largest |x| of each (image, head) of x [B, H, N, D] (d contiguous), read in place: the
-    q, k and v the tower hands over are strided views of one projection, where a torch reduction over (N, D) of
-    the view is slow."""
+    q, k and v the tower hands over are strided views of one projection (it replaced a torch reduction over the
+    views' (N, D); which is faster is not measured yet: `benchmarks/kernels_gpu.py --only vit` times the quantizing)."""
     b, h, n, d = x.shape
     amax = torch.zeros(b * h, dtype=torch.float32, device=x.device)
     block = 64
