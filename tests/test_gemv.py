@@ -105,8 +105,23 @@ def test_engine_with_decode_gemv_equals_reference_cuda():
         prompts = [llm.processor("Count with me"), llm.processor("Describe.", image=Image.new("RGB", (64, 48)))]
         outs = [llm.generate([x], params, use_tqdm=False)[0].token_ids for x in prompts]
     assert calls  # the decode linears (and lm_head) went through it
-    # the reference loop with cuBLAS (the GEMV off)
-    assert outs == [[t[0] for t in generate_ids(llm.engine.model, [x], params)] for x in prompts]
+    with mock.patch.object(ops, "DECODE_GEMV", False):  # the reference loop with cuBLAS (the GEMV off)
+        assert outs == [[t[0] for t in generate_ids(llm.engine.model, [x], params)] for x in prompts]
+
+
+def test_decode_gemv_default_and_opt_out():
+    """On by default; COGVLM2_DECODE_GEMV=0 in the environment (read at import) keeps cuBLAS."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from cogvlm2.model import ops; print(ops.DECODE_GEMV)"
+    for value, expected in ((None, "True"), ("0", "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "COGVLM2_DECODE_GEMV"}
+        if value is not None:
+            env["COGVLM2_DECODE_GEMV"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)
 
 
 if __name__ == "__main__":  # run by test_gemv_interpreted under TRITON_INTERPRET=1
