@@ -195,8 +195,9 @@ def fp8_gemms() -> None:
 def decode_gemvs() -> None:
     """Batch-1 decode's language linears (32 layers x qkv, dense, gate, up, down, distinct weights: more than the
     L2 holds) in one CUDA graph at TP=1 and at TP=2's per-rank shapes: cuBLAS (F.linear) against the one-row Triton
-    GEMV (cogvlm2.model.gemv) at each of its candidate configs; ms and GB/s of weights beside copy bandwidth."""
-    from cogvlm2.model.gemv import CANDIDATES, gemv
+    GEMV (cogvlm2.model.gemv) at each of its candidate configs, then at CONFIG with the MLP's gate / up / SiLU in one
+    kernel (gemv_silu_mul, as the model runs it); ms and GB/s of weights beside copy bandwidth."""
+    from cogvlm2.model.gemv import CANDIDATES, CONFIG, gemv, gemv_silu_mul
 
     copy = copy_bandwidth()
     for tp in (1, 2):
@@ -214,6 +215,11 @@ def decode_gemvs() -> None:
             t = graph_time(lambda: [fn(xs[w.shape[1]], w) for layer in layers for w in layer], iters=10)
             line.append(f"{label} {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s = {nbytes / t / copy:.0%} of copy, "
                         f"err {err:.1e})")
+        fused = lambda: [(gemv(xs[4096], qkv), gemv(xs[dense.shape[1]], dense), gemv_silu_mul(xs[4096], g, u),
+                          gemv(xs[down.shape[1]], down)) for qkv, dense, g, u, down in layers]
+        t = graph_time(fused, iters=10)
+        line.append(f"gemv {CONFIG} with gate / up / SiLU fused {t * 1e3:.3f} ms ({nbytes / t / 1e9:.0f} GB/s = "
+                    f"{nbytes / t / copy:.0%} of copy)")
         print(f"decode linears, batch 1, TP={tp} shapes ({nbytes / 1e9:.1f} GB): " + "; ".join(line), flush=True)
         layers = xs = None
         torch.cuda.empty_cache()

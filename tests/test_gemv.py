@@ -17,7 +17,7 @@ SHAPES = [(37, 200, (8, 64, 4, 2)), (16, 40, (8, 64, 4, 1)), (50, 4096, (16, 512
 
 
 def check(device: str, dtype: torch.dtype, tol: float) -> None:
-    from cogvlm2.model.gemv import gemv
+    from cogvlm2.model.gemv import gemv, gemv_silu_mul
 
     g = torch.Generator().manual_seed(0)
     for n, k, config in SHAPES:
@@ -28,6 +28,16 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
         assert out.shape == (1, 1, n) and out.dtype == dtype
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert err < tol, (n, k, config, err)
+    for n, k, config in SHAPES:  # the MLP's gate and up in one kernel
+        gate, up = (torch.randn(n, k, generator=g).to(device, dtype) for _ in range(2))
+        x = torch.randn(1, k, generator=g).to(device, dtype)
+        out = gemv_silu_mul(x, gate, up, config)
+        ref = torch.nn.functional.silu(x.float() @ gate.float().t()) * (x.float() @ up.float().t())
+        assert out.shape == (1, n) and out.dtype == dtype
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < tol, (n, k, config, err)
+    with pytest.raises(ValueError, match="against gate"):
+        gemv_silu_mul(torch.zeros(1, 64, dtype=dtype, device=device), gate[:, :1], up[:, :1])
     w = torch.randn(8, 64, generator=g).to(device, dtype)
     with pytest.raises(ValueError, match="one row"):
         gemv(torch.zeros(2, 64, dtype=dtype, device=device), w)
@@ -46,13 +56,15 @@ def test_gemv_compiles_for_hopper():
     from tests.hopper_compile import compile_for_hopper
 
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_wn": "i32"}
+    fused = {"x_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_gn": "i32",
+             "stride_un": "i32"}
     for block_n, block_k, warps, stages in gm.CANDIDATES:
-        kernel = compile_for_hopper(gm._gemv_kernel, signature, dict(K=4096, BLOCK_N=block_n, BLOCK_K=block_k,
-                                                                     STAGES=stages), num_warps=warps,
-                                    num_stages=stages)
-        ptx = kernel.asm["ptx"]
-        assert ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, (block_n, block_k, warps, stages)
-        assert kernel.metadata.shared <= 232448, (block_n, block_k, kernel.metadata.shared)
+        for fn, sig in ((gm._gemv_kernel, signature), (gm._gemv_silu_mul_kernel, fused)):
+            kernel = compile_for_hopper(fn, sig, dict(K=4096, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages),
+                                        num_warps=warps, num_stages=stages)
+            ptx = kernel.asm["ptx"]
+            assert ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, (fn, block_n, block_k, stages)
+            assert kernel.metadata.shared <= 232448, (fn, block_n, block_k, kernel.metadata.shared)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -65,6 +77,14 @@ def test_gemv_cuda():
     ref = (x @ w.t()).float()
     for config in CANDIDATES:
         assert ((gemv(x, w, config).float() - ref).norm() / ref.norm()).item() < 1e-2, config
+    # the fused gate / up / SiLU-and-multiply equals the three kernels it replaces bit for bit
+    from cogvlm2.model.gemv import gemv_silu_mul
+    from cogvlm2.model.triton_ops import silu_mul
+
+    gate, up = (torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(2))
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    for config in CANDIDATES:
+        assert torch.equal(gemv_silu_mul(x, gate, up, config), silu_mul(gemv(x, gate, config), gemv(x, up, config)))
 
 
 def test_linear_dispatch_falls_back_off_the_gpu_and_for_other_layers():
@@ -80,12 +100,14 @@ def test_linear_dispatch_falls_back_off_the_gpu_and_for_other_layers():
         for layer in (plain, biased):
             for rows in (x, torch.randn(3, 64, generator=g)):
                 assert torch.equal(ops.linear(layer, rows), layer(rows))
+                gated = ops.gate_up_silu_mul(layer, plain, rows)
+                assert torch.equal(gated, torch.nn.functional.silu(layer(rows)) * plain(rows))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_engine_with_decode_gemv_equals_reference_cuda():
-    """The engine with batch-1 decode's linears through the GEMV (CUDA graphs captured with it) gives the
-    reference loop's greedy tokens in float32 (where only the summation order differs from cuBLAS)."""
+    """The engine with batch-1 decode's linears (the MLP's gate / up fused) through the GEMV (CUDA graphs captured
+    with it) gives the reference loop's greedy tokens in float32 (only the summation order differs from cuBLAS)."""
     from unittest import mock
 
     from PIL import Image
@@ -96,15 +118,17 @@ def test_engine_with_decode_gemv_equals_reference_cuda():
     from cogvlm2.sampling_params import SamplingParams
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    calls = []
-    real = ops.gemv_kernel.gemv
+    calls, fused = [], []
+    real, real_fused = ops.gemv_kernel.gemv, ops.gemv_kernel.gemv_silu_mul
     with mock.patch.object(ops, "DECODE_GEMV", True), \
-            mock.patch.object(ops.gemv_kernel, "gemv", lambda x, w: calls.append(w.shape) or real(x, w)):
+            mock.patch.object(ops.gemv_kernel, "gemv", lambda x, w: calls.append(w.shape) or real(x, w)), \
+            mock.patch.object(ops.gemv_kernel, "gemv_silu_mul",
+                              lambda x, g, u: fused.append(g.shape) or real_fused(x, g, u)):
         llm = LLM("tiny-random", dtype="float32", device="cuda", max_num_seqs=4)
         params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
         prompts = [llm.processor("Count with me"), llm.processor("Describe.", image=Image.new("RGB", (64, 48)))]
         outs = [llm.generate([x], params, use_tqdm=False)[0].token_ids for x in prompts]
-    assert calls  # the decode linears (and lm_head) went through it
+    assert calls and fused  # the decode linears, lm_head and the MLP's gate / up went through them
     with mock.patch.object(ops, "DECODE_GEMV", False):  # the reference loop with cuBLAS (the GEMV off)
         assert outs == [[t[0] for t in generate_ids(llm.engine.model, [x], params)] for x in prompts]
 

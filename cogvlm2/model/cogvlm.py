@@ -45,7 +45,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(self.down_proj, ops.silu_mul(ops.linear(self.gate_proj, x), ops.linear(self.up_proj, x)))
+        return ops.linear(self.down_proj, ops.gate_up_silu_mul(self.gate_proj, self.up_proj, x))
 
 
 def route(x: torch.Tensor, batch: ForwardBatch, language: Callable, vision: Callable | None) -> torch.Tensor:

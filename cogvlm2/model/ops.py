@@ -101,13 +101,25 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _silu_mul(gate, up)
 
 
+def _gemv_applies(layer: torch.nn.Module, x: torch.Tensor) -> bool:
+    return (DECODE_GEMV and type(layer) is torch.nn.Linear and layer.bias is None and gemv_kernel is not None
+            and x.is_cuda and x.numel() == x.shape[-1] and not torch.is_grad_enabled())
+
+
 def linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """layer(x); a single row through a plain bias-free nn.Linear goes through the Triton GEMV when DECODE_GEMV
     is set (any other layer, a LoRA wrapper or a quantized linear included, is called as is)."""
-    if (DECODE_GEMV and type(layer) is torch.nn.Linear and layer.bias is None and gemv_kernel is not None
-            and x.is_cuda and x.numel() == x.shape[-1] and not torch.is_grad_enabled()):
+    if _gemv_applies(layer, x):
         return gemv_kernel.gemv(x, layer.weight)
     return layer(x)
+
+
+def gate_up_silu_mul(gate: torch.nn.Module, up: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """silu_mul(gate(x), up(x)): where the GEMV applies to both layers, one kernel computes both rows and the
+    activation (the same numbers as the three calls, bit for bit)."""
+    if _gemv_applies(gate, x) and _gemv_applies(up, x):
+        return gemv_kernel.gemv_silu_mul(x, gate.weight, up.weight)
+    return silu_mul(linear(gate, x), linear(up, x))
 
 
 ROPE_MODES = ("official", "exact")
