@@ -72,7 +72,7 @@ def idle_gaps(prof, min_ms: float = 0.2, top: int = 8) -> str:
 KERNEL_KINDS = (("all-reduce", ("nccl", "all_reduce", "allreduce", "AllReduce")),
                 ("fp8 quantize", ("_fp8_rows", "_quantize_heads")),
                 ("attention", ("_stage1", "_stage2", "flash", "fmha", "sdpa", "attention")),
-                ("GEMM", ("nvjet", "gemm", "splitKreduce", "cutlass", "sm90_xmma")),
+                ("GEMM", ("nvjet", "gemm", "gemv", "splitKreduce", "cutlass", "sm90_xmma")),  # gemv: the Triton GEMVs
                 ("norms+activations", ("layer_norm", "rms_norm", "gelu", "GeluCUDA", "silu")))
 
 

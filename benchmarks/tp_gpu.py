@@ -129,6 +129,7 @@ def profile_decode(engine: LLMEngine, x, path: Path, what: str, steps: int = 32)
     line = (f"{what} under the profiler: step {step * 1e3:.2f} ms, GPU busy {busy_fraction(prof, wall):.0%}; kernel "
             f"time per step {kinds_line(prof, steps)}")
     print(f"  {line}", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(line + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30) + "\n")
 
 
