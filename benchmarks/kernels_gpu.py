@@ -225,12 +225,43 @@ def decode_gemvs() -> None:
         torch.cuda.empty_cache()
 
 
+def decode_skinny(batches: tuple[int, ...]) -> None:
+    """Batched decode's language linears (32 layers, distinct weights) in one CUDA graph at TP=1 and TP=2 shapes, at
+    each batch size: cuBLAS (F.linear) against the skinny tensor-core GEMM (cogvlm2.model.gemv.skinny) at each
+    candidate config; ms and GB/s of weights beside copy bandwidth (KV not included: the linears alone)."""
+    from cogvlm2.model.gemv import SKINNY_CANDIDATES, SKINNY_CONFIGS, SKINNY_MAX_ROWS, skinny
+
+    copy = copy_bandwidth()
+    for tp in (1, 2):
+        shapes = [(6144 // tp, 4096), (4096, 4096 // tp), (14336 // tp, 4096), (14336 // tp, 4096), (4096, 14336 // tp)]
+        layers = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes]
+                  for _ in range(32)]
+        nbytes = sum(w.numel() * 2 for layer in layers for w in layer)
+        for m in (b for b in batches if 1 < b <= SKINNY_MAX_ROWS):
+            xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
+            ref = [F.linear(xs[w.shape[1]], w).float() for w in layers[0]]
+            runs = {"cuBLAS": lambda x, w: F.linear(x, w)}
+            runs |= {f"skinny {c}": (lambda x, w, c=c: skinny(x, w, c)) for c in SKINNY_CANDIDATES}
+            line = []
+            for label, fn in runs.items():
+                err = max(((fn(xs[w.shape[1]], w).float() - r).norm() / r.norm()).item()
+                          for w, r in zip(layers[0], ref))
+                t = graph_time(lambda: [fn(xs[w.shape[1]], w) for layer in layers for w in layer], iters=10)
+                line.append(f"{label} {t * 1e3:.3f} ms ({nbytes / t / copy:.0%} of copy, err {err:.1e})")
+            block_m = max(16, 1 << (m - 1).bit_length())
+            print(f"decode linears, batch {m}, TP={tp} shapes ({nbytes / 1e9:.1f} GB; default for {block_m} rows "
+                  f"{SKINNY_CONFIGS[block_m]}): " + "; ".join(line), flush=True)
+        layers = xs = None
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="vit,decode", help="vit, decode, gemm, gemv (comma-separated; gemm: the "
-                    "prefill's GEMMs in bf16 and fp8; gemv: batch-1 decode's linears, cuBLAS against the Triton GEMV)")
+    ap.add_argument("--only", default="vit,decode", help="vit, decode, gemm, gemv, skinny (comma-separated; gemm: "
+                    "the prefill's GEMMs in bf16 and fp8; gemv: batch-1 decode's linears, cuBLAS against the Triton "
+                    "GEMV; skinny: batched decode's linears at --batches, cuBLAS against the skinny GEMM)")
     ap.add_argument("--max-context", type=int, default=10495,
                     help="the engine's max_model_len: its CUDA graphs size the decode grid for it")
     ap.add_argument("--batches", default="1,32,64", help="decode batch sizes to sweep (comma-separated)")
@@ -243,5 +274,7 @@ if __name__ == "__main__":
         fp8_gemms()
     if "gemv" in args.only:
         decode_gemvs()
+    if "skinny" in args.only:
+        decode_skinny(tuple(int(b) for b in args.batches.split(",")))
     if "decode" in args.only:
         decode_sweep(args.max_context, tuple(int(b) for b in args.batches.split(",")), args.quick)

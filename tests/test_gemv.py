@@ -14,10 +14,13 @@ from tests.interpreted import run_interpreted  # noqa: E402
 # (N, K, config): rows and columns that are not multiples of the blocks, K shorter than one block, the decode
 # shapes' aspect (K = 4,096) at a small N
 SHAPES = [(37, 200, (8, 64, 4, 2)), (16, 40, (8, 64, 4, 1)), (50, 4096, (16, 512, 4, 3)), (3, 129, (4, 32, 4, 3))]
+# (M, N, K, config) for the skinny GEMM: rows padded to 16 / 32 / 64, N and K off the blocks, K shorter than a block
+SKINNY_SHAPES = [(2, 37, 200, (16, 64, 4, 2)), (5, 50, 300, (32, 128, 4, 3)), (17, 33, 64, (16, 32, 4, 1)),
+                 (64, 16, 40, (16, 64, 4, 2)), (32, 70, 1000, (64, 128, 4, 3))]
 
 
 def check(device: str, dtype: torch.dtype, tol: float) -> None:
-    from cogvlm2.model.gemv import gemv, gemv_silu_mul
+    from cogvlm2.model.gemv import gemv, gemv_silu_mul, skinny
 
     g = torch.Generator().manual_seed(0)
     for n, k, config in SHAPES:
@@ -38,6 +41,17 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
         assert err < tol, (n, k, config, err)
     with pytest.raises(ValueError, match="against gate"):
         gemv_silu_mul(torch.zeros(1, 64, dtype=dtype, device=device), gate[:, :1], up[:, :1])
+    for m, n, k, config in SKINNY_SHAPES:  # a few rows on the tensor cores
+        w = torch.randn(n, k, generator=g).to(device, dtype)
+        x = torch.randn(m, k, generator=g).to(device, dtype)
+        out = skinny(x, w, config)
+        ref = x.float() @ w.float().t()
+        assert out.shape == (m, n) and out.dtype == dtype
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < tol, (m, n, k, config, err)
+    assert skinny(x.view(m, 1, k), w).shape == (m, 1, n)  # leading dims kept; the default config of 64 rows
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        skinny(torch.zeros(65, 8, dtype=dtype, device=device), w)
     w = torch.randn(8, 64, generator=g).to(device, dtype)
     with pytest.raises(ValueError, match="one row"):
         gemv(torch.zeros(2, 64, dtype=dtype, device=device), w)
@@ -65,6 +79,18 @@ def test_gemv_compiles_for_hopper():
             ptx = kernel.asm["ptx"]
             assert ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, (fn, block_n, block_k, stages)
             assert kernel.metadata.shared <= 232448, (fn, block_n, block_k, kernel.metadata.shared)
+    skinny = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32", "stride_xm": "i32",
+              "stride_wn": "i32", "stride_om": "i32"}
+    for block_m in (16, 32, 64):  # every candidate at every padded row count: tensor cores, prefetch, no spills
+        for block_n, block_k, warps, stages in gm.SKINNY_CANDIDATES:
+            kernel = compile_for_hopper(gm._skinny_kernel, skinny, dict(K=4096, BLOCK_N=block_n, BLOCK_M=block_m,
+                                                                        BLOCK_K=block_k, STAGES=stages,
+                                                                        PRECISION="tf32"),
+                                        num_warps=warps, num_stages=stages)
+            ptx, where = kernel.asm["ptx"], (block_m, block_n, block_k, warps, stages)
+            assert "mma" in ptx and ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, where
+            assert kernel.metadata.shared <= 232448, (where, kernel.metadata.shared)
+    assert set(gm.SKINNY_CONFIGS) == {16, 32, 64}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -85,10 +111,19 @@ def test_gemv_cuda():
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     for config in CANDIDATES:
         assert torch.equal(gemv_silu_mul(x, gate, up, config), silu_mul(gemv(x, gate, config), gemv(x, up, config)))
+    # the skinny GEMM at batched decode's row counts, every candidate, against cuBLAS
+    from cogvlm2.model.gemv import SKINNY_CANDIDATES, skinny
+
+    for m in (2, 8, 24, 32, 64):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        ref = (x @ gate.t()).float()
+        for config in SKINNY_CANDIDATES + [None]:
+            err = ((skinny(x, gate, config).float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (m, config, err)
 
 
 def test_linear_dispatch_falls_back_off_the_gpu_and_for_other_layers():
-    """ops.linear is the layer's own call wherever the GEMV does not apply (CPU, several rows, a bias, autograd)."""
+    """ops.linear is the layer's own call wherever the GEMV or the skinny GEMM does not apply (CPU, a bias)."""
     from unittest import mock
 
     from cogvlm2.model import ops
@@ -96,7 +131,8 @@ def test_linear_dispatch_falls_back_off_the_gpu_and_for_other_layers():
     g = torch.Generator().manual_seed(1)
     plain, biased = torch.nn.Linear(64, 8, bias=False), torch.nn.Linear(64, 8)
     x = torch.randn(1, 64, generator=g)
-    with mock.patch.object(ops, "DECODE_GEMV", True), torch.inference_mode():
+    with mock.patch.object(ops, "DECODE_GEMV", True), mock.patch.object(ops, "DECODE_SKINNY", True), \
+            torch.inference_mode():
         for layer in (plain, biased):
             for rows in (x, torch.randn(3, 64, generator=g)):
                 assert torch.equal(ops.linear(layer, rows), layer(rows))
@@ -130,6 +166,35 @@ def test_engine_with_decode_gemv_equals_reference_cuda():
         outs = [llm.generate([x], params, use_tqdm=False)[0].token_ids for x in prompts]
     assert calls and fused  # the decode linears, lm_head and the MLP's gate / up went through them
     with mock.patch.object(ops, "DECODE_GEMV", False):  # the reference loop with cuBLAS (the GEMV off)
+        assert outs == [[t[0] for t in generate_ids(llm.engine.model, [x], params)] for x in prompts]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_with_decode_skinny_equals_reference_cuda():
+    """Batched decode (and the short prefills) through the skinny GEMM, CUDA graphs captured with it: three prompts
+    decoded together give the reference loop's greedy tokens (each prompt alone, cuBLAS) in float32."""
+    from unittest import mock
+
+    from PIL import Image
+
+    from cogvlm2.generation import generate_ids
+    from cogvlm2.llm import LLM
+    from cogvlm2.model import ops
+    from cogvlm2.sampling_params import SamplingParams
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    real = ops.gemv_kernel.skinny
+    with mock.patch.object(ops, "DECODE_SKINNY", True), \
+            mock.patch.object(ops.gemv_kernel, "skinny", lambda x, w: rows.append(x.numel() // x.shape[-1])
+                              or real(x, w)):
+        llm = LLM("tiny-random", dtype="float32", device="cuda", max_num_seqs=4)
+        params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+        prompts = [llm.processor("Count with me"), llm.processor("Describe.", image=Image.new("RGB", (64, 48))),
+                   llm.processor("A longer question about nothing in particular")]
+        outs = [out.token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+    assert rows and max(rows) > 1  # batched decode went through it
+    with mock.patch.object(ops, "DECODE_GEMV", False):  # the reference loop with cuBLAS, one prompt at a time
         assert outs == [[t[0] for t in generate_ids(llm.engine.model, [x], params)] for x in prompts]
 
 

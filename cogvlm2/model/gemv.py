@@ -10,6 +10,11 @@ so the loads stay in flight while the products are summed; no split of K, so no 
 and the sum's order does not depend on scheduling. `benchmarks/kernels_gpu.py --only gemv` times it against cuBLAS
 on the language model's decode shapes at TP=1 and TP=2; `COGVLM2_DECODE_GEMV=0 / 1 benchmarks/engine_gpu.py` the engine
 without / with it (H200: 94% of copy bandwidth vs cuBLAS's 87% at TP=1, 83% vs 70% at TP=2; BENCHMARKS.md).
+`gemv_silu_mul` is the MLP's gate and up in one pass with the SiLU-and-multiply in its epilogue.
+
+`skinny` takes the same design to 2-64 rows (batched decode) on the tensor cores: cuBLAS's kernels for these shapes
+split K (a reduce launch each) and, on the profiles, stream the weights at ~84% of copy at batch 32. Off until
+measured (`COGVLM2_DECODE_SKINNY=1`; `kernels_gpu.py --only skinny --batches 8,16,32,64`).
 """
 
 from __future__ import annotations
@@ -104,4 +109,63 @@ def gemv_silu_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
         _gemv_silu_mul_kernel[(triton.cdiv(n, block_n),)](x1, gate, up, out, n, gate.stride(0), up.stride(0), K=k,
                                                           BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
                                                           num_warps=warps, num_stages=stages)
+    return out.view(*x.shape[:-1], n)
+
+
+# A few rows (batched decode, 2-64 tokens): the same whole-rows-a-program design on the tensor cores. The weight is
+# the MMA's M side (BLOCK_N of its rows), the tokens its N side (padded to BLOCK_M >= 16), so a program reads its
+# weight rows once for every token, K prefetched STAGES - 1 steps ahead, and no K split. (BLOCK_N, BLOCK_K, warps,
+# stages) by BLOCK_M (the rows padded to a power of 2, at least 16: shared memory per program grows with it, and
+# at least 2-3 programs must fit an SM); not used by the model until benchmarks/kernels_gpu.py --only skinny measures
+# it faster than cuBLAS (COGVLM2_DECODE_SKINNY=1 turns it on: ops.linear)
+SKINNY_CONFIGS = {16: (16, 256, 4, 4), 32: (16, 256, 4, 4), 64: (32, 128, 4, 4)}
+SKINNY_CANDIDATES = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3),
+                     (16, 128, 4, 6), (32, 256, 8, 3)]
+SKINNY_MAX_ROWS = 64
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om, K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """out[m, n] = sum_k W[n, k] x[m, k] for BLOCK_N rows of W and every row of x: acc [BLOCK_N, BLOCK_M] += W tile
+    [BLOCK_N, BLOCK_K] @ x tile^T [BLOCK_K, BLOCK_M] (float32 accumulation)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        k_ok = (k0 + offs_k) < K
+        w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_ptrs + k0, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        acc = tl.dot(w, x, acc, input_precision=PRECISION)
+    out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
+def skinny(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [..., K] with at most SKINNY_MAX_ROWS rows in all @ weight [N, K]^T -> [..., N] in x's dtype (float32
+    inputs multiply in full float32, never TF32); config None: SKINNY_CONFIGS for the padded row count."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if not 1 <= rows <= SKINNY_MAX_ROWS:
+        raise ValueError(f"skinny takes 1 to {SKINNY_MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
+    n = weight.shape[0]
+    if weight.shape[1] != k or weight.stride(-1) != 1:
+        raise ValueError(f"skinny: x [..., {k}] against a weight {tuple(weight.shape)} with stride {weight.stride()}")
+    x2 = x.reshape(rows, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    block_m = max(16, triton.next_power_of_2(rows))
+    block_n, block_k, warps, stages = config or SKINNY_CONFIGS[block_m]
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    with _on(x):
+        _skinny_kernel[(triton.cdiv(n, block_n),)](x2, weight, out, rows, n, x2.stride(0), weight.stride(0),
+                                                   out.stride(0), K=k, BLOCK_N=block_n, BLOCK_M=block_m,
+                                                   BLOCK_K=block_k, STAGES=stages, PRECISION=precision,
+                                                   num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], n)

@@ -32,6 +32,10 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 # weights at 94% of copy bandwidth (cuBLAS 87%) and TP=2's at 83% (cuBLAS 70%), engine batch-1 decode 201 -> 219
 # tok/s (BENCHMARKS.md). On by default; COGVLM2_DECODE_GEMV=0 (read at import) keeps cuBLAS
 DECODE_GEMV = os.environ.get("COGVLM2_DECODE_GEMV", "1") != "0"
+# 2-64 rows (batched decode, short prefills) through gemv.skinny (tensor cores, whole weight rows a program, no K
+# split) instead of cuBLAS: off until benchmarks/kernels_gpu.py --only skinny and engine_gpu.py measure it faster;
+# COGVLM2_DECODE_SKINNY=1 turns it on at import
+DECODE_SKINNY = os.environ.get("COGVLM2_DECODE_SKINNY", "0") == "1"
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -101,16 +105,23 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _silu_mul(gate, up)
 
 
+def _plain(layer: torch.nn.Module, x: torch.Tensor) -> bool:
+    return (type(layer) is torch.nn.Linear and layer.bias is None and gemv_kernel is not None and x.is_cuda
+            and not torch.is_grad_enabled())
+
+
 def _gemv_applies(layer: torch.nn.Module, x: torch.Tensor) -> bool:
-    return (DECODE_GEMV and type(layer) is torch.nn.Linear and layer.bias is None and gemv_kernel is not None
-            and x.is_cuda and x.numel() == x.shape[-1] and not torch.is_grad_enabled())
+    return DECODE_GEMV and x.numel() == x.shape[-1] and _plain(layer, x)
 
 
 def linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x); a single row through a plain bias-free nn.Linear goes through the Triton GEMV when DECODE_GEMV
-    is set (any other layer, a LoRA wrapper or a quantized linear included, is called as is)."""
+    """layer(x); through a plain bias-free nn.Linear a single row goes through the Triton GEMV when DECODE_GEMV is
+    set, and 2 to SKINNY_MAX_ROWS rows through the skinny GEMM when DECODE_SKINNY is (any other layer, a LoRA
+    wrapper or a quantized linear included, is called as is)."""
     if _gemv_applies(layer, x):
         return gemv_kernel.gemv(x, layer.weight)
+    if DECODE_SKINNY and _plain(layer, x) and 1 < x.numel() // max(x.shape[-1], 1) <= gemv_kernel.SKINNY_MAX_ROWS:
+        return gemv_kernel.skinny(x, layer.weight)
     return layer(x)
 
 
