@@ -228,8 +228,9 @@ def decode_gemvs() -> None:
 def decode_skinny(batches: tuple[int, ...]) -> None:
     """Batched decode's language linears (32 layers, distinct weights) in one CUDA graph at TP=1 and TP=2 shapes, at
     each batch size: cuBLAS (F.linear) against the skinny tensor-core GEMM (cogvlm2.model.gemv.skinny) at each
-    candidate config; ms and GB/s of weights beside copy bandwidth (KV not included: the linears alone)."""
-    from cogvlm2.model.gemv import SKINNY_CANDIDATES, SKINNY_CONFIGS, SKINNY_MAX_ROWS, skinny
+    candidate config, then the default configs with the MLP's gate / up / SiLU in one kernel (as the model runs it);
+    ms and the share of copy bandwidth (KV not included: the linears alone)."""
+    from cogvlm2.model.gemv import SKINNY_CANDIDATES, SKINNY_CONFIGS, SKINNY_MAX_ROWS, skinny, skinny_silu_mul
 
     copy = copy_bandwidth()
     for tp in (1, 2):
@@ -248,6 +249,11 @@ def decode_skinny(batches: tuple[int, ...]) -> None:
                           for w, r in zip(layers[0], ref))
                 t = graph_time(lambda: [fn(xs[w.shape[1]], w) for layer in layers for w in layer], iters=10)
                 line.append(f"{label} {t * 1e3:.3f} ms ({nbytes / t / copy:.0%} of copy, err {err:.1e})")
+            fused = lambda: [(skinny(xs[4096], qkv), skinny(xs[dense.shape[1]], dense),  # noqa: E731
+                              skinny_silu_mul(xs[4096], g, u), skinny(xs[down.shape[1]], down))
+                             for qkv, dense, g, u, down in layers]
+            t = graph_time(fused, iters=10)
+            line.append(f"default with gate / up / SiLU fused {t * 1e3:.3f} ms ({nbytes / t / copy:.0%} of copy)")
             block_m = max(16, 1 << (m - 1).bit_length())
             print(f"decode linears, batch {m}, TP={tp} shapes ({nbytes / 1e9:.1f} GB; default for {block_m} rows "
                   f"{SKINNY_CONFIGS[block_m]}): " + "; ".join(line), flush=True)

@@ -20,7 +20,7 @@ SKINNY_SHAPES = [(2, 37, 200, (16, 64, 4, 2)), (5, 50, 300, (32, 128, 4, 3)), (1
 
 
 def check(device: str, dtype: torch.dtype, tol: float) -> None:
-    from cogvlm2.model.gemv import gemv, gemv_silu_mul, skinny
+    from cogvlm2.model.gemv import gemv, gemv_silu_mul, skinny, skinny_silu_mul
 
     g = torch.Generator().manual_seed(0)
     for n, k, config in SHAPES:
@@ -49,9 +49,15 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
         assert out.shape == (m, n) and out.dtype == dtype
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert err < tol, (m, n, k, config, err)
+        up = torch.randn(n, k, generator=g).to(device, dtype)  # the MLP's gate and up in one kernel
+        ref = torch.nn.functional.silu(ref) * (x.float() @ up.float().t())
+        err = ((skinny_silu_mul(x, w, up, config).float() - ref).norm() / ref.norm()).item()
+        assert err < tol, (m, n, k, config, err)
     assert skinny(x.view(m, 1, k), w).shape == (m, 1, n)  # leading dims kept; the default config of 64 rows
     with pytest.raises(ValueError, match="1 to 64 rows"):
         skinny(torch.zeros(65, 8, dtype=dtype, device=device), w)
+    with pytest.raises(ValueError, match="against gate"):
+        skinny_silu_mul(x, w, up[:, :1])
     w = torch.randn(8, 64, generator=g).to(device, dtype)
     with pytest.raises(ValueError, match="one row"):
         gemv(torch.zeros(2, 64, dtype=dtype, device=device), w)
@@ -81,15 +87,17 @@ def test_gemv_compiles_for_hopper():
             assert kernel.metadata.shared <= 232448, (fn, block_n, block_k, kernel.metadata.shared)
     skinny = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32", "stride_xm": "i32",
               "stride_wn": "i32", "stride_om": "i32"}
+    skinny_fused = {"x_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
+                    "stride_xm": "i32", "stride_gn": "i32", "stride_un": "i32", "stride_om": "i32"}
     for block_m in (16, 32, 64):  # every candidate at every padded row count: tensor cores, prefetch, no spills
         for block_n, block_k, warps, stages in gm.SKINNY_CANDIDATES:
-            kernel = compile_for_hopper(gm._skinny_kernel, skinny, dict(K=4096, BLOCK_N=block_n, BLOCK_M=block_m,
-                                                                        BLOCK_K=block_k, STAGES=stages,
-                                                                        PRECISION="tf32"),
-                                        num_warps=warps, num_stages=stages)
-            ptx, where = kernel.asm["ptx"], (block_m, block_n, block_k, warps, stages)
-            assert "mma" in ptx and ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, where
-            assert kernel.metadata.shared <= 232448, (where, kernel.metadata.shared)
+            for fn, sig in ((gm._skinny_kernel, skinny), (gm._skinny_silu_mul_kernel, skinny_fused)):
+                kernel = compile_for_hopper(fn, sig, dict(K=4096, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
+                                                          STAGES=stages, PRECISION="tf32"),
+                                            num_warps=warps, num_stages=stages)
+                ptx, where = kernel.asm["ptx"], (fn, block_m, block_n, block_k, warps, stages)
+                assert "mma" in ptx and ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, where
+                assert kernel.metadata.shared <= 232448, (where, kernel.metadata.shared)
     assert set(gm.SKINNY_CONFIGS) == {16, 32, 64}
 
 
@@ -112,7 +120,7 @@ def test_gemv_cuda():
     for config in CANDIDATES:
         assert torch.equal(gemv_silu_mul(x, gate, up, config), silu_mul(gemv(x, gate, config), gemv(x, up, config)))
     # the skinny GEMM at batched decode's row counts, every candidate, against cuBLAS
-    from cogvlm2.model.gemv import SKINNY_CANDIDATES, skinny
+    from cogvlm2.model.gemv import SKINNY_CANDIDATES, skinny, skinny_silu_mul
 
     for m in (2, 8, 24, 32, 64):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
@@ -120,6 +128,8 @@ def test_gemv_cuda():
         for config in SKINNY_CANDIDATES + [None]:
             err = ((skinny(x, gate, config).float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (m, config, err)
+            three = silu_mul(skinny(x, gate, config), skinny(x, up, config))
+            assert torch.equal(skinny_silu_mul(x, gate, up, config), three), (m, config)
 
 
 def test_linear_dispatch_falls_back_off_the_gpu_and_for_other_layers():
@@ -171,8 +181,9 @@ def test_engine_with_decode_gemv_equals_reference_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_engine_with_decode_skinny_equals_reference_cuda():
-    """Batched decode (and the short prefills) through the skinny GEMM, CUDA graphs captured with it: three prompts
-    decoded together give the reference loop's greedy tokens (each prompt alone, cuBLAS) in float32."""
+    """Batched decode (and the short prefills) through the skinny GEMM (the MLP's gate / up / SiLU fused), CUDA
+    graphs captured with it: three prompts decoded together give the reference loop's greedy tokens (each prompt
+    alone, cuBLAS) in float32."""
     from unittest import mock
 
     from PIL import Image
@@ -183,17 +194,19 @@ def test_engine_with_decode_skinny_equals_reference_cuda():
     from cogvlm2.sampling_params import SamplingParams
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    rows = []
-    real = ops.gemv_kernel.skinny
+    rows, fused = [], []
+    real, real_fused = ops.gemv_kernel.skinny, ops.gemv_kernel.skinny_silu_mul
     with mock.patch.object(ops, "DECODE_SKINNY", True), \
             mock.patch.object(ops.gemv_kernel, "skinny", lambda x, w: rows.append(x.numel() // x.shape[-1])
-                              or real(x, w)):
+                              or real(x, w)), \
+            mock.patch.object(ops.gemv_kernel, "skinny_silu_mul",
+                              lambda x, g, u: fused.append(x.numel() // x.shape[-1]) or real_fused(x, g, u)):
         llm = LLM("tiny-random", dtype="float32", device="cuda", max_num_seqs=4)
         params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
         prompts = [llm.processor("Count with me"), llm.processor("Describe.", image=Image.new("RGB", (64, 48))),
                    llm.processor("A longer question about nothing in particular")]
         outs = [out.token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
-    assert rows and max(rows) > 1  # batched decode went through it
+    assert max(rows) > 1 and max(fused) > 1  # batched decode went through them (the MLP's gate / up fused)
     with mock.patch.object(ops, "DECODE_GEMV", False):  # the reference loop with cuBLAS, one prompt at a time
         assert outs == [[t[0] for t in generate_ids(llm.engine.model, [x], params)] for x in prompts]
 

@@ -169,3 +169,59 @@ def skinny(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, i
                                                    BLOCK_K=block_k, STAGES=stages, PRECISION=precision,
                                                    num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _skinny_silu_mul_kernel(x_ptr, g_ptr, u_ptr, out_ptr, M, N, stride_xm, stride_gn, stride_un, stride_om,
+                            K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                            STAGES: tl.constexpr, PRECISION: tl.constexpr):
+    """out[m, n] = silu(G[n] . x[m]) * (U[n] . x[m]): _skinny_kernel's sums for the gate and the up rows, each
+    rounded to the output dtype, then silu and the product rounded as ops.silu_mul rounds them."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    g_ptrs = g_ptr + offs_n[:, None].to(tl.int64) * stride_gn + offs_k[None, :]
+    u_ptrs = u_ptr + offs_n[:, None].to(tl.int64) * stride_un + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
+    acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        k_ok = (k0 + offs_k) < K
+        w_ok = n_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptrs + k0, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        acc_g = tl.dot(tl.load(g_ptrs + k0, mask=w_ok, other=0.0), x, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(tl.load(u_ptrs + k0, mask=w_ok, other=0.0), x, acc_u, input_precision=PRECISION)
+    dtype = out_ptr.dtype.element_ty
+    g = acc_g.to(dtype).to(tl.float32)
+    u = acc_u.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+    tl.store(out_ptrs, (act * u).to(dtype), mask=n_ok[:, None] & m_ok[None, :])
+
+
+def skinny_silu_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for 1 to SKINNY_MAX_ROWS rows x [..., K] -> [..., N]: equal bit for bit to
+    skinny, skinny, silu_mul at the same config."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if not 1 <= rows <= SKINNY_MAX_ROWS:
+        raise ValueError(f"skinny_silu_mul takes 1 to {SKINNY_MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
+    n = gate.shape[0]
+    if up.shape != gate.shape or gate.shape[1] != k or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        raise ValueError(f"skinny_silu_mul: x [..., {k}] against gate {tuple(gate.shape)} and up "
+                         f"{tuple(up.shape)} (strides {gate.stride()}, {up.stride()})")
+    x2 = x.reshape(rows, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    block_m = max(16, triton.next_power_of_2(rows))
+    block_n, block_k, warps, stages = config or SKINNY_CONFIGS[block_m]
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    with _on(x):
+        _skinny_silu_mul_kernel[(triton.cdiv(n, block_n),)](
+            x2, gate, up, out, rows, n, x2.stride(0), gate.stride(0), up.stride(0), out.stride(0), K=k,
+            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, STAGES=stages, PRECISION=precision,
+            num_warps=warps, num_stages=stages)
+    return out.view(*x.shape[:-1], n)

@@ -120,16 +120,22 @@ def linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     wrapper or a quantized linear included, is called as is)."""
     if _gemv_applies(layer, x):
         return gemv_kernel.gemv(x, layer.weight)
-    if DECODE_SKINNY and _plain(layer, x) and 1 < x.numel() // max(x.shape[-1], 1) <= gemv_kernel.SKINNY_MAX_ROWS:
+    if _skinny_applies(layer, x):
         return gemv_kernel.skinny(x, layer.weight)
     return layer(x)
 
 
+def _skinny_applies(layer: torch.nn.Module, x: torch.Tensor) -> bool:
+    return DECODE_SKINNY and _plain(layer, x) and 1 < x.numel() // max(x.shape[-1], 1) <= gemv_kernel.SKINNY_MAX_ROWS
+
+
 def gate_up_silu_mul(gate: torch.nn.Module, up: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """silu_mul(gate(x), up(x)): where the GEMV applies to both layers, one kernel computes both rows and the
-    activation (the same numbers as the three calls, bit for bit)."""
+    """silu_mul(gate(x), up(x)): where the GEMV (one row) or the skinny GEMM (a few) applies to both layers, one
+    kernel computes both and the activation (the same numbers as the three calls, bit for bit)."""
     if _gemv_applies(gate, x) and _gemv_applies(up, x):
         return gemv_kernel.gemv_silu_mul(x, gate.weight, up.weight)
+    if _skinny_applies(gate, x) and _skinny_applies(up, x):
+        return gemv_kernel.skinny_silu_mul(x, gate.weight, up.weight)
     return silu_mul(linear(gate, x), linear(up, x))
 
 
