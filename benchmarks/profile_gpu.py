@@ -87,6 +87,28 @@ def kernel_seconds(prof) -> dict[str, float]:
     return out
 
 
+def all_reduce_spread(prof, per_step: int) -> str:
+    """How the all-reduce kernels' time is spread: each all-reduce's duration by its index within a step (the
+    kernels in launch order, `per_step` a step). Waiting for a late peer shows as one long all-reduce a step (the
+    first after the ranks drift apart) over short others; a slow transfer as uniformly long ones."""
+    keys = next(keys for kind, keys in KERNEL_KINDS if kind == "all-reduce")
+    times = [(e.time_range.start, e.time_range.end - e.time_range.start) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA and any(key in e.name for key in keys)
+             and "AllGather" not in e.name and e.time_range.end > e.time_range.start]
+    durs = [d for _, d in sorted(times)]
+    steps = len(durs) // per_step
+    if steps == 0:
+        return "no all-reduce kernels"
+    by_index = [sorted(durs[i * per_step + j] for i in range(steps)) for j in range(per_step)]
+    medians = [col[len(col) // 2] for col in by_index]
+    order = sorted(range(per_step), key=lambda j: -medians[j])
+    all_sorted = sorted(durs[:steps * per_step])
+    return (f"{steps} steps x {per_step}: median {all_sorted[len(all_sorted) // 2]:.1f} us, min {all_sorted[0]:.1f}, "
+            f"p90 {all_sorted[int(len(all_sorted) * 0.9)]:.1f}, max {all_sorted[-1]:.1f}; median by index within a "
+            f"step, longest: " + ", ".join(f"#{j} {medians[j]:.1f}" for j in order[:4]) +
+            f"; shortest: #{order[-1]} {medians[order[-1]]:.1f}")
+
+
 def kinds_line(prof, per: float = 1.0, unit: str = "ms") -> str:
     """'total X: kind a, kind b, ...' in ms (per: divide by this many steps / images)."""
     k = kernel_seconds(prof)

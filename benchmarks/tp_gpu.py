@@ -116,7 +116,7 @@ def profile_decode(engine: LLMEngine, x, path: Path, what: str, steps: int = 32)
     one request whose prompt the prefix cache holds, `steps` tokens under the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.profile_gpu import busy_fraction, kinds_line
+    from benchmarks.profile_gpu import all_reduce_spread, busy_fraction, kinds_line
 
     gpu = torch.cuda.is_available()
     sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -128,6 +128,9 @@ def profile_decode(engine: LLMEngine, x, path: Path, what: str, steps: int = 32)
         wall = time.perf_counter() - t0
     line = (f"{what} under the profiler: step {step * 1e3:.2f} ms, GPU busy {busy_fraction(prof, wall):.0%}; kernel "
             f"time per step {kinds_line(prof, steps)}")
+    if getattr(engine.worker, "size", 1) > 1:  # a step's all-reduces: the vocab-parallel embedding's, 2 a layer
+        per_step = 2 * engine.worker.model_config.num_hidden_layers + 1
+        line += f"\nall-reduce durations ({per_step} a step): {all_reduce_spread(prof, per_step)}"
     print(f"  {line}", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(line + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30) + "\n")
