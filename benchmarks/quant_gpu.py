@@ -402,6 +402,10 @@ def kernel_sweep(run: Run) -> None:
                        ONE_ROW={fmt: "gemv-a8"})
             tk.CONFIGS[(fmt, "gemv-a8")] = tuple(a8["config"])
             best_one["gemv-a8"] = a8
+            # the float GEMV without reductions inside its loop (one group a step, the tile summed at the end)
+            g2 = sweep(fmt, "gemv2", 1, tk.CANDIDATES[(fmt, "gemv2")], "int4 gemv2 (batch 1)", ONE_ROW={fmt: "gemv2"})
+            tk.CONFIGS[(fmt, "gemv2")] = tuple(g2["config"])
+            best_one["gemv2"] = g2
         tk.ONE_ROW[fmt] = max(best_one, key=lambda path: best_one[path]["GBps"])
         tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])  # chosen at 32 rows
     run.data["kernel_configs"] = {f"{f} {p}": list(c) for (f, p), c in tk.CONFIGS.items()}
@@ -419,13 +423,13 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
     lut = formats.code_table("fp4", "cuda")
     table = tk.pair_table(lut, torch.bfloat16, True)
     res = run.data.setdefault("lm_step", {})
-    for fmt in ("int4", "int4-a8", "fp4", "bf16", "tinygemm"):
+    for fmt in ("int4", "int4-a8", "int4-g2", "fp4", "bf16", "tinygemm"):
         if run.left() < 25:
             run.data["skipped"].append(f"lm_step {fmt}")
             continue
         one_row = dict(tk.ONE_ROW)
-        if fmt == "int4-a8":  # the int4 weights through the W4A8 GEMV (batch 1 only: it is a one-row kernel)
-            tk.ONE_ROW["int4"] = "gemv-a8"
+        if fmt in ("int4-a8", "int4-g2"):  # the int4 weights through the W4A8 GEMV / gemv2 (one-row kernels)
+            tk.ONE_ROW["int4"] = "gemv-a8" if fmt == "int4-a8" else "gemv2"
             layers = [[_packed("int4", n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
         elif fmt == "bf16":
@@ -443,7 +447,7 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
         else:
             layers = [[_packed(fmt, n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
-        for m in (1,) if fmt == "int4-a8" else batches:
+        for m in (1,) if fmt in ("int4-a8", "int4-g2") else batches:
             xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
             calls = []
             for layer in layers:
@@ -453,7 +457,7 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
                     elif fmt == "tinygemm":
                         calls.append(lambda x=xs[k], wt=wt: formats.tinygemm_linear(x, *wt, 128))
                     else:
-                        calls.append(lambda x=xs[k], wt=wt, n=n: _call(fmt.removesuffix("-a8"), x, wt, n, lut, table))
+                        calls.append(lambda x=xs[k], wt=wt, n=n: _call(fmt[:4], x, wt, n, lut, table))
             t = _graph_time(calls)
             res.setdefault(fmt, {})[f"batch {m}"] = {"ms": t * 1e3, "GBps": nbytes / t / 1e9, "GB": nbytes / 1e9}
             print(f"    LM linears {fmt:<5} batch {m:<3} {t * 1e3:7.3f} ms  {nbytes / t / 1e9:6.0f} GB/s "

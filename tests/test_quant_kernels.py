@@ -89,7 +89,7 @@ def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5)
             assert torch.equal(tk.int4_dequantize(qweight, qzeros, scales, dtype, group), ref_w), (n, k, group)
             for m in rows:
                 x = torch.randn(m, k, generator=g).to(device, dtype)
-                for kernel, _ in _row_kernels(m, False):
+                for kernel, _ in _row_kernels(m, False) + ([("gemv2", False)] if m == 1 else []):
                     with _settings(tk, ONE_ROW={"int4": kernel}):
                         got = tk.int4_linear(x, qweight, qzeros, scales, group)
                     assert got.shape == (m, n) and got.dtype == dtype
@@ -194,6 +194,21 @@ def test_w4a8_gemv_compiles_for_hopper():
         ptx = kernel.asm["ptx"]
         assert "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, warps)
         assert ("cp.async" in ptx) == (stages > 1), (block_n, warps, stages)  # prefetched steps ahead
+
+
+def test_int4_gemv2_compiles_for_hopper():
+    """The int4 GEMV without in-loop reductions ("gemv2") for sm_90 at every swept config: its nibble-to-float is
+    one lop3 (inline PTX, which the interpreter cannot run), stages > 1 prefetch through shared memory, no spills."""
+    from cogvlm2.quant import triton_kernels as tk
+    from tests.hopper_compile import compile_for_hopper
+
+    signature = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "N": "i32"}
+    for block_n, _, warps, stages, split in tk.CANDIDATES[("int4", "gemv2")]:
+        kernel = compile_for_hopper(tk._int4_gemv2_kernel, signature, dict(K=4096, BLOCK_N=block_n, GROUP=128,
+                                    SPLIT_K=2, STAGES=stages, ASM=True), num_warps=warps, num_stages=stages)
+        ptx, config = kernel.asm["ptx"], (block_n, warps, stages)
+        assert "lop3.b32" in ptx and ", 0xEA;" in ptx and "ld.local" not in ptx, config
+        assert ("cp.async" in ptx) == (stages > 1) and kernel.metadata.shared <= 232448, config
 
 
 def test_gemv_prefetch_compiles_for_hopper():

@@ -169,6 +169,60 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr,
 
 
 @triton.jit
+def _masked_u4_float(words, MASK: tl.constexpr, ASM: tl.constexpr):
+    """_u4_float(words & MASK): the bits under MASK written into the mantissa of 2^23, as one LOP3 ((a & b) | c,
+    lookup 0xEA) on the GPU (ASM; ptxas otherwise emits an AND and an OR), plain integer ops elsewhere (Triton's
+    interpreter has no inline PTX)."""
+    if ASM:
+        bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                         [words, tl.full(words.shape, MASK, tl.int32),
+                                          tl.full(words.shape, 0x4B000000, tl.int32)],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+        return bits.to(tl.float32, bitcast=True)
+    return _u4_float(words & MASK)
+
+
+@triton.jit
+def _int4_gemv2_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       GROUP: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+    """One row, group-wise int4, one group a step, with no reduction across threads inside the loop (ONE_ROW
+    "gemv2"). _int4_gemv_kernel sums every step's products across its tile (compiled for sm_90: 26 barriers and
+    ~8 instructions a code in its loop), so its loads cannot stay in flight; here each thread keeps its own
+    partial sums [packed row, column] over the whole K slice and the tile is summed once at the end, like the bf16
+    GEMV (model/gemv.py) that streams at copy bandwidth. Per code: one LOP3 (the nibble into the mantissa of
+    2^23), one FADD (minus 2^23 + z 16^j: (q - z) 16^j exactly), one FFMA with x 16^-j; per word one FFMA by the
+    group's scale."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_ok = offs_n < N
+    RP: tl.constexpr = GROUP // 8  # packed rows of a group
+    KS: tl.constexpr = K // SPLIT_K
+    r = tl.arange(0, RP)
+    zshift = ((offs_n % 8) * 4).to(tl.int32)
+    acc = tl.zeros((RP, BLOCK_N), dtype=tl.float32)
+    p0 = tl.program_id(1) * (KS // 8)  # first packed row of this slice
+    w_ptrs = qw_ptr + ((p0 + r).to(tl.int64) * N)[:, None] + offs_n[None, :]  # advanced a group a step
+    for i in tl.range(0, KS, GROUP, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
+        k0 = tl.program_id(1) * KS + i
+        words = tl.load(w_ptrs, mask=n_ok[None, :], other=0)  # [RP, BN]
+        w_ptrs += RP * N
+        zp, sw = _int4_stats(qz_ptr, s_ptr, k0 // GROUP, offs_n, n_ok, N)
+        z = ((zp >> zshift) & 0xF).to(tl.float32)  # [BN]
+        hi = words >> 12  # nibbles 5..7 at bits 8..19
+        dot = tl.zeros((RP, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + k0 + r * 8 + j).to(tl.float32)  # [RP]
+            if j <= 4:
+                q = _masked_u4_float(words, 0xF << (4 * j), ASM) - (8388608.0 + z * (16.0 ** j))[None, :]  # (q-z)16^j
+                dot += q * (xj * (0.0625 ** j))[:, None]
+            else:
+                q = _masked_u4_float(hi, 0xF << (4 * j - 12), ASM) - (8388608.0 + z * (16.0 ** (j - 3)))[None, :]
+                dot += q * (xj * (0.0625 ** (j - 3)))[:, None]
+        acc += dot * sw[None, :]
+    _store(out_ptr, tl.sum(acc, axis=0)[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0, 1, N,
+           SPLIT_K, tl.program_id(1))
+
+
+@triton.jit
 def _dp4a(a, b, c, ASM: tl.constexpr):
     """c + sum_i a.byte[i] * b.byte[i] over the 4 bytes of int32 words, a's bytes unsigned and b's signed: one
     IDP4A on the GPU (ASM), the same sum by shifts and masks elsewhere (Triton's interpreter has no inline PTX)."""
@@ -464,6 +518,9 @@ CONFIGS = {
     # split so the programs cover the SMs 4 times (its loads go to registers: occupancy hides their latency).
     # Compiled for sm_90, a step issues ~1.7 instructions per code (the float GEMV above: ~6.5)
     ("int4", "gemv-a8"): (64, 128, 4, 1, -4),
+    # ONE_ROW "gemv2" (not the default until measured): one group a step, no reduction inside the loop; K split so
+    # the programs cover the SMs twice. Compiled for sm_90 (tests/test_quant_kernels.py): see _int4_gemv2_kernel
+    ("int4", "gemv2"): (128, 128, 4, 3, -2),
     ("int4", "tile"): (128, 128, 4, 4, 0),  # one group (8 KB of codes) a step, 4 in flight
     ("int4", "dequant"): (64, 128, 4, 1),
 }
@@ -480,6 +537,8 @@ CANDIDATES = {
                        (32, 512, 4, 4, 4), (16, 1024, 4, 3, 2), (64, 512, 4, 3, 2), (16, 1024, 4, 1, 2)],
     ("int4", "gemv-a8"): [(64, 128, 4, 1, -4), (64, 128, 4, 3, -4), (64, 128, 4, 4, -2), (128, 128, 4, 3, -2),
                           (32, 128, 4, 4, -4), (128, 128, 4, 1, -4)],
+    ("int4", "gemv2"): [(128, 128, 4, 3, -2), (128, 128, 4, 1, -2), (128, 128, 4, 4, -4), (64, 128, 4, 3, -4),
+                        (256, 128, 8, 3, -2), (128, 128, 8, 3, -2), (64, 128, 2, 4, -4), (256, 128, 4, 2, -2)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
                        (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2), (128, 128, 4, 4, -2),
                        (128, 128, 4, 3, -4), (64, 128, 4, 4, -2)],
@@ -654,6 +713,13 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         _int4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x2, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
             STAGES=stages, num_warps=warps, num_stages=stages)
+    elif m == 1 and ONE_ROW["int4"] == "gemv2":  # one group a step, the tile summed once at the end
+        block_n, _, warps, stages, split = CONFIGS[("int4", "gemv2")]
+        split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
+        out, part = _outputs(m, n, split, x)
+        _int4_gemv2_kernel[(triton.cdiv(n, block_n), split)](
+            x2, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, GROUP=group, SPLIT_K=split, STAGES=stages,
+            ASM=x.is_cuda, num_warps=warps, num_stages=stages)
     elif m == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1:  # int8 activations, one group a step
         block_n, _, warps, stages, split = CONFIGS[("int4", "gemv-a8")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
