@@ -261,14 +261,17 @@ def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, 
     """One row, group-wise int4 weights times int8 activations (W4A8, as llama.cpp's q4 x q8 dot products; x
     quantized by _quantize_a8_kernel). Word p of a column holds k = 8p + j in nibble j: the word masked with
     0x0F0F0F0F holds the even k as four bytes, shifted by 4 first the odd ones, so 8 codes cost one shift, two
-    ANDs and two IDP4A against xe[p] / xo[p]; per group sum_k (q - z) s x ~= s sx (sum_k q xq - z sum_k xq)."""
+    ANDs and two IDP4A against xe[p] / xo[p]; per group sum_k (q - z) s x ~= s sx (sum_k q xq - z sum_k xq).
+    Each thread keeps its words' scaled dot products [packed row, column] over the K slice, summed across the tile
+    once at the end (a sum across threads every step cost barriers that kept the loads from staying in flight)."""
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
     RP: tl.constexpr = GROUP // 8  # packed rows of a group
     KS: tl.constexpr = K // SPLIT_K
     r = tl.arange(0, RP)
     zshift = ((offs_n % 8) * 4).to(tl.int32)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((RP, BLOCK_N), dtype=tl.float32)
+    acc_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
     p0 = tl.program_id(1) * (KS // 8)  # first packed row of this slice
     w_ptrs = qw_ptr + ((p0 + r).to(tl.int64) * N)[:, None] + offs_n[None, :]  # advanced a group a step
     for i in tl.range(0, KS, GROUP, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
@@ -280,12 +283,13 @@ def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, 
         w_ptrs += RP * N
         d = _dp4a(words & 0x0F0F0F0F, xe[:, None], tl.zeros((RP, BLOCK_N), dtype=tl.int32), ASM)
         d = _dp4a((words >> 4) & 0x0F0F0F0F, xo[:, None], d, ASM)
-        dot = tl.sum(d, axis=0).to(tl.float32)  # [BN], exact (|dot| <= GROUP * 15 * 127)
         zp, sw = _int4_stats(qz_ptr, s_ptr, g, offs_n, n_ok, N)
         z = ((zp >> zshift) & 0xF).to(tl.float32)
-        acc += (sw * tl.load(sx_ptr + g)) * (dot - z * tl.load(sq_ptr + g).to(tl.float32))
-    _store(out_ptr, acc[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0, 1, N, SPLIT_K,
-           tl.program_id(1))
+        scale = sw * tl.load(sx_ptr + g)  # [BN]
+        acc += d.to(tl.float32) * scale[None, :]  # a word's dot product is exact (|d| <= 8 * 15 * 127)
+        acc_z += scale * z * tl.load(sq_ptr + g).to(tl.float32)
+    _store(out_ptr, (tl.sum(acc, axis=0) - acc_z)[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0,
+           1, N, SPLIT_K, tl.program_id(1))
 
 
 @triton.jit
