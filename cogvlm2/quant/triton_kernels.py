@@ -508,8 +508,10 @@ CONFIGS = {
     # The GEMVs' stages: 1 loads a step's codes into registers and then decodes them (every figure measured up to
     # 90db7e6 ran so: their loads were never pipelined, whatever the launch's num_stages); > 1 prefetches that many
     # steps ahead through shared memory (cp.async, `tl.range(num_stages=...)`), keeping loads in flight while the
-    # codes are decoded: the 4-bit GEMVs streamed ~1.2 TB/s whether they issued 1.7 or 6.5 instructions a code,
-    # i.e. they looked bound by the bytes in flight, not by issue (candidates below; not measured yet).
+    # codes are decoded. Measured on an H200 (44c8754): no gain, every stages > 1 candidate was slower. Their SASS
+    # (sm_90, read here) shows why the 4-bit GEMVs plateaued at ~1.2 TB/s: each step summed its products across
+    # threads (the float int4 GEMV: 29 barriers a step), so the loads could not stay in flight; "gemv2" and the
+    # W4A8 GEMV now sum once at the end.
     # one row: 8 rows x 1024 codes (4 KB) a step per program (H200, 45709e9: 910 GB/s of codes on the LM's
     # shapes; 8 x 2048, the default until then: 706)
     ("fp4", "gemv"): (8, 1024, 8, 1, 1),
@@ -520,7 +522,7 @@ CONFIGS = {
     ("int4", "gemv"): (32, 1024, 4, 1, 2),  # 16 KB a step; K in two slices: 256 programs for N = 4096
     # W4A8 (ONE_ROW "gemv-a8", not the default until measured): one group of 128 k (64 B a column) a step, K
     # split so the programs cover the SMs 4 times (its loads go to registers: occupancy hides their latency).
-    # Compiled for sm_90, a step issues ~1.7 instructions per code (the float GEMV above: ~6.5)
+    # Compiled for sm_90: 1.7-2.2 instructions a code, no barrier at stages 1 (the float GEMV above: ~5.8 and 29)
     ("int4", "gemv-a8"): (64, 128, 4, 1, -4),
     # ONE_ROW "gemv2" (not the default until measured): one group a step, no reduction inside the loop; K split so
     # the programs cover the SMs twice. Compiled for sm_90 (tests/test_quant_kernels.py): see _int4_gemv2_kernel
