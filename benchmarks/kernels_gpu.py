@@ -192,6 +192,15 @@ def fp8_gemms() -> None:
     print("one-image prefill, all of these GEMMs: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in totals.items()))
 
 
+def decode_layers(tp: int) -> tuple[list, list, int]:
+    """The language model's decode linears at a TP rank's shapes (qkv, dense, gate, up, down as [N, K]), 32 layers
+    of distinct random bf16 weights (more than the L2 holds), and their bytes."""
+    shapes = [(6144 // tp, 4096), (4096, 4096 // tp), (14336 // tp, 4096), (14336 // tp, 4096), (4096, 14336 // tp)]
+    layers = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes]
+              for _ in range(32)]
+    return shapes, layers, sum(w.numel() * 2 for layer in layers for w in layer)
+
+
 def decode_gemvs() -> None:
     """Batch-1 decode's language linears (32 layers x qkv, dense, gate, up, down, distinct weights: more than the
     L2 holds) in one CUDA graph at TP=1 and at TP=2's per-rank shapes: cuBLAS (F.linear) against the one-row Triton
@@ -201,10 +210,7 @@ def decode_gemvs() -> None:
 
     copy = copy_bandwidth()
     for tp in (1, 2):
-        shapes = [(6144 // tp, 4096), (4096, 4096 // tp), (14336 // tp, 4096), (14336 // tp, 4096), (4096, 14336 // tp)]
-        layers = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes]
-                  for _ in range(32)]
-        nbytes = sum(w.numel() * 2 for layer in layers for w in layer)
+        shapes, layers, nbytes = decode_layers(tp)
         xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
         ref = [F.linear(xs[w.shape[1]], w).float() for w in layers[0]]
         runs = {"cuBLAS": lambda x, w: F.linear(x, w)}
@@ -234,10 +240,7 @@ def decode_skinny(batches: tuple[int, ...]) -> None:
 
     copy = copy_bandwidth()
     for tp in (1, 2):
-        shapes = [(6144 // tp, 4096), (4096, 4096 // tp), (14336 // tp, 4096), (14336 // tp, 4096), (4096, 14336 // tp)]
-        layers = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes]
-                  for _ in range(32)]
-        nbytes = sum(w.numel() * 2 for layer in layers for w in layer)
+        shapes, layers, nbytes = decode_layers(tp)
         for m in (b for b in batches if 1 < b <= SKINNY_MAX_ROWS):
             xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
             ref = [F.linear(xs[w.shape[1]], w).float() for w in layers[0]]

@@ -146,23 +146,29 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
-def skinny(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [..., K] with at most SKINNY_MAX_ROWS rows in all @ weight [N, K]^T -> [..., N] in x's dtype (float32
-    inputs multiply in full float32, never TF32); config None: SKINNY_CONFIGS for the padded row count."""
+def _skinny_launch(x: torch.Tensor, name: str, config: tuple[int, int, int, int] | None):
+    """(x as [rows, K] with unit stride along K, BLOCK_M, the config: SKINNY_CONFIGS' for BLOCK_M when None, the
+    dot's input precision: full float32 for float32 x, never TF32) for `name`'s launch; a clear error beyond
+    SKINNY_MAX_ROWS rows."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if not 1 <= rows <= SKINNY_MAX_ROWS:
-        raise ValueError(f"skinny takes 1 to {SKINNY_MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
-    n = weight.shape[0]
-    if weight.shape[1] != k or weight.stride(-1) != 1:
-        raise ValueError(f"skinny: x [..., {k}] against a weight {tuple(weight.shape)} with stride {weight.stride()}")
+        raise ValueError(f"{name} takes 1 to {SKINNY_MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
     x2 = x.reshape(rows, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     block_m = max(16, triton.next_power_of_2(rows))
-    block_n, block_k, warps, stages = config or SKINNY_CONFIGS[block_m]
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    return x2, block_m, config or SKINNY_CONFIGS[block_m], "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def skinny(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [..., K] with at most SKINNY_MAX_ROWS rows in all @ weight [N, K]^T -> [..., N] in x's dtype (float32
+    inputs multiply in full float32, never TF32); config None: SKINNY_CONFIGS for the padded row count."""
+    x2, block_m, (block_n, block_k, warps, stages), precision = _skinny_launch(x, "skinny", config)
+    rows, k, n = x2.shape[0], x2.shape[1], weight.shape[0]
+    if weight.shape[1] != k or weight.stride(-1) != 1:
+        raise ValueError(f"skinny: x [..., {k}] against a weight {tuple(weight.shape)} with stride {weight.stride()}")
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     with _on(x):
         _skinny_kernel[(triton.cdiv(n, block_n),)](x2, weight, out, rows, n, x2.stride(0), weight.stride(0),
                                                    out.stride(0), K=k, BLOCK_N=block_n, BLOCK_M=block_m,
@@ -204,21 +210,12 @@ def skinny_silu_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                     config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """silu(x @ gate^T) * (x @ up^T) for 1 to SKINNY_MAX_ROWS rows x [..., K] -> [..., N]: equal bit for bit to
     skinny, skinny, silu_mul at the same config."""
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    if not 1 <= rows <= SKINNY_MAX_ROWS:
-        raise ValueError(f"skinny_silu_mul takes 1 to {SKINNY_MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
-    n = gate.shape[0]
+    x2, block_m, (block_n, block_k, warps, stages), precision = _skinny_launch(x, "skinny_silu_mul", config)
+    rows, k, n = x2.shape[0], x2.shape[1], gate.shape[0]
     if up.shape != gate.shape or gate.shape[1] != k or gate.stride(-1) != 1 or up.stride(-1) != 1:
         raise ValueError(f"skinny_silu_mul: x [..., {k}] against gate {tuple(gate.shape)} and up "
                          f"{tuple(up.shape)} (strides {gate.stride()}, {up.stride()})")
-    x2 = x.reshape(rows, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    block_m = max(16, triton.next_power_of_2(rows))
-    block_n, block_k, warps, stages = config or SKINNY_CONFIGS[block_m]
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     with _on(x):
         _skinny_silu_mul_kernel[(triton.cdiv(n, block_n),)](
             x2, gate, up, out, rows, n, x2.stride(0), gate.stride(0), up.stride(0), out.stride(0), K=k,

@@ -169,6 +169,19 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr,
 
 
 @triton.jit
+def _int4_row_tile(qw_ptr, N, BLOCK_N: tl.constexpr, RP: tl.constexpr, KS: tl.constexpr):
+    """The one-row int4 GEMVs' tile, one group (RP packed rows) a step over this program's K slice of KS: its
+    columns, their mask, the packed rows of a step, each column's zero-point shift in its packed word, and the
+    pointers to the slice's first step ([RP, BLOCK_N]; the loop advances them RP * N a step)."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    r = tl.arange(0, RP)
+    zshift = ((offs_n % 8) * 4).to(tl.int32)
+    p0 = tl.program_id(1) * (KS // 8)  # first packed row of this slice
+    w_ptrs = qw_ptr + ((p0 + r).to(tl.int64) * N)[:, None] + offs_n[None, :]
+    return offs_n, offs_n < N, r, zshift, w_ptrs
+
+
+@triton.jit
 def _masked_u4_float(words, MASK: tl.constexpr, ASM: tl.constexpr):
     """_u4_float(words & MASK): the bits under MASK written into the mantissa of 2^23, as one LOP3 ((a & b) | c,
     lookup 0xEA) on the GPU (ASM; ptxas otherwise emits an AND and an OR), plain integer ops elsewhere (Triton's
@@ -186,21 +199,16 @@ def _masked_u4_float(words, MASK: tl.constexpr, ASM: tl.constexpr):
 def _int4_gemv2_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
                        GROUP: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
     """One row, group-wise int4, one group a step, with no reduction across threads inside the loop (ONE_ROW
-    "gemv2"). _int4_gemv_kernel sums every step's products across its tile (compiled for sm_90: 26 barriers and
-    ~8 instructions a code in its loop), so its loads cannot stay in flight; here each thread keeps its own
-    partial sums [packed row, column] over the whole K slice and the tile is summed once at the end, like the bf16
-    GEMV (model/gemv.py) that streams at copy bandwidth. Per code: one LOP3 (the nibble into the mantissa of
-    2^23), one FADD (minus 2^23 + z 16^j: (q - z) 16^j exactly), one FFMA with x 16^-j; per word one FFMA by the
-    group's scale."""
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    n_ok = offs_n < N
+    "gemv2"). _int4_gemv_kernel sums every step's products across its tile (its loop compiled for sm_90 by
+    Triton 3.6: 29 barriers a step, ~5.8 instructions a code; benchmarks/kernel_sass.py), so its loads cannot
+    stay in flight; here each thread keeps its own partial sums [packed row, column] over the whole K slice and the
+    tile is summed once at the end, like the bf16 GEMV (model/gemv.py) that streams at copy bandwidth. Per code:
+    one LOP3 (the nibble into the mantissa of 2^23), one FADD (minus 2^23 + z 16^j: (q - z) 16^j exactly), one
+    FFMA with x 16^-j; per word one FFMA by the group's scale."""
     RP: tl.constexpr = GROUP // 8  # packed rows of a group
     KS: tl.constexpr = K // SPLIT_K
-    r = tl.arange(0, RP)
-    zshift = ((offs_n % 8) * 4).to(tl.int32)
+    offs_n, n_ok, r, zshift, w_ptrs = _int4_row_tile(qw_ptr, N, BLOCK_N, RP, KS)
     acc = tl.zeros((RP, BLOCK_N), dtype=tl.float32)
-    p0 = tl.program_id(1) * (KS // 8)  # first packed row of this slice
-    w_ptrs = qw_ptr + ((p0 + r).to(tl.int64) * N)[:, None] + offs_n[None, :]  # advanced a group a step
     for i in tl.range(0, KS, GROUP, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
         k0 = tl.program_id(1) * KS + i
         words = tl.load(w_ptrs, mask=n_ok[None, :], other=0)  # [RP, BN]
@@ -264,16 +272,11 @@ def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, 
     ANDs and two IDP4A against xe[p] / xo[p]; per group sum_k (q - z) s x ~= s sx (sum_k q xq - z sum_k xq).
     Each thread keeps its words' scaled dot products [packed row, column] over the K slice, summed across the tile
     once at the end (a sum across threads every step cost barriers that kept the loads from staying in flight)."""
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    n_ok = offs_n < N
     RP: tl.constexpr = GROUP // 8  # packed rows of a group
     KS: tl.constexpr = K // SPLIT_K
-    r = tl.arange(0, RP)
-    zshift = ((offs_n % 8) * 4).to(tl.int32)
+    offs_n, n_ok, r, zshift, w_ptrs = _int4_row_tile(qw_ptr, N, BLOCK_N, RP, KS)
     acc = tl.zeros((RP, BLOCK_N), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    p0 = tl.program_id(1) * (KS // 8)  # first packed row of this slice
-    w_ptrs = qw_ptr + ((p0 + r).to(tl.int64) * N)[:, None] + offs_n[None, :]  # advanced a group a step
     for i in tl.range(0, KS, GROUP, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
         k0 = tl.program_id(1) * KS + i
         g = k0 // GROUP
@@ -522,7 +525,8 @@ CONFIGS = {
     ("int4", "gemv"): (32, 1024, 4, 1, 2),  # 16 KB a step; K in two slices: 256 programs for N = 4096
     # W4A8 (ONE_ROW "gemv-a8", not the default until measured): one group of 128 k (64 B a column) a step, K
     # split so the programs cover the SMs 4 times (its loads go to registers: occupancy hides their latency).
-    # Compiled for sm_90: 1.7-2.2 instructions a code, no barrier at stages 1 (the float GEMV above: ~5.8 and 29)
+    # Compiled for sm_90 (benchmarks/kernel_sass.py): 2.2 instructions a code and no barrier at this config (summed
+    # across threads every step until 68d3ff9: 2.8 and 3 barriers a step; the float GEMV above: ~5.8 and 29)
     ("int4", "gemv-a8"): (64, 128, 4, 1, -4),
     # ONE_ROW "gemv2" (not the default until measured): one group a step, no reduction inside the loop; K split so
     # the programs cover the SMs twice. Compiled for sm_90 (tests/test_quant_kernels.py): see _int4_gemv2_kernel
