@@ -21,6 +21,7 @@ constants (K is specialized): Triton 3.6's interpreter cannot take a run-time sc
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -523,18 +524,24 @@ CONFIGS = {
     ("fp4", "tile"): (128, 64, 4, 4, -4),
     ("fp4", "dequant"): (16, 256, 4, 1),
     ("int4", "gemv"): (32, 1024, 4, 1, 2),  # 16 KB a step; K in two slices: 256 programs for N = 4096
-    # W4A8 (ONE_ROW "gemv-a8", not the default until measured): one group of 128 k (64 B a column) a step, K
-    # split so the programs cover the SMs 4 times (its loads go to registers: occupancy hides their latency).
-    # Compiled for sm_90 (benchmarks/kernel_sass.py): 2.2 instructions a code and no barrier at this config (summed
-    # across threads every step until 68d3ff9: 2.8 and 3 barriers a step; the float GEMV above: ~5.8 and 29)
-    ("int4", "gemv-a8"): (64, 128, 4, 1, -4),
-    # ONE_ROW "gemv2" (not the default until measured): one group a step, no reduction inside the loop; K split so
-    # the programs cover the SMs twice. Compiled for sm_90 (tests/test_quant_kernels.py): see _int4_gemv2_kernel
-    ("int4", "gemv2"): (128, 128, 4, 3, -2),
+    # W4A8 (ONE_ROW "gemv-a8", the default one-row int4 kernel since f56b1d2's H200 sweep): one group of 128 k
+    # (64 B a column) a step, K split so the programs cover the SMs twice, 4 steps in flight. Compiled for sm_90
+    # (benchmarks/kernel_sass.py): 2.2 instructions a code and no barrier (summed across threads every step until
+    # 68d3ff9: 2.8 and 3 barriers a step; the float GEMV above: ~5.8 and 29). H200, the five LM shapes in one
+    # graph: 1,609 GB/s of codes (gemv 1,232, gemv2 1,323); engine int4 batch-1 decode 259 -> 317 tok/s
+    ("int4", "gemv-a8"): (64, 128, 4, 4, -2),
+    # ONE_ROW "gemv2": one group a step, no reduction inside the loop; K split so the programs cover the SMs twice.
+    # Best of its 11 candidates on the H200 (f56b1d2): 1,323 GB/s, below W4A8's 1,609; see _int4_gemv2_kernel
+    ("int4", "gemv2"): (128, 128, 4, 1, -2),
     ("int4", "tile"): (128, 128, 4, 4, 0),  # one group (8 KB of codes) a step, 4 in flight
     ("int4", "dequant"): (64, 128, 4, 1),
 }
-ONE_ROW = {"fp4": "gemv", "int4": "gemv"}
+# int4's one row: W4A8 (x quantized to int8 per weight group, symmetric, by a small kernel; ~0.5% of relative
+# error on a linear's output next to the ~5-10% of the 4-bit weights themselves: tests/test_quant_kernels.py);
+# COGVLM2_INT4_ONE_ROW=gemv (or gemv2, tile) keeps the activations in bf16
+ONE_ROW = {"fp4": "gemv", "int4": os.environ.get("COGVLM2_INT4_ONE_ROW", "gemv-a8")}
+if ONE_ROW["int4"] not in ("gemv", "gemv2", "gemv-a8", "tile"):
+    raise ValueError(f"COGVLM2_INT4_ONE_ROW={ONE_ROW['int4']!r}: choose gemv-a8, gemv, gemv2 or tile")
 FP4_ARITH = {"gemv": True}
 # The alternatives benchmarks/quant_gpu.py times on the real shapes (the first of each is the default above);
 # test_quant_kernels runs every one of them on the GPU.
@@ -545,9 +552,9 @@ CANDIDATES = {
                       (256, 64, 8, 4, 0), (128, 32, 4, 8, 0), (128, 64, 8, 6, 0), (128, 64, 4, 6, -2)],
     ("int4", "gemv"): [(32, 1024, 4, 1, 2), (32, 1024, 4, 2, 2), (32, 1024, 4, 3, 2), (32, 512, 4, 3, 2),
                        (32, 512, 4, 4, 4), (16, 1024, 4, 3, 2), (64, 512, 4, 3, 2), (16, 1024, 4, 1, 2)],
-    ("int4", "gemv-a8"): [(64, 128, 4, 1, -4), (64, 128, 4, 3, -4), (64, 128, 4, 4, -2), (128, 128, 4, 3, -2),
-                          (32, 128, 4, 4, -4), (128, 128, 4, 1, -4)],
-    ("int4", "gemv2"): [(128, 128, 4, 3, -2), (128, 128, 4, 1, -2), (128, 128, 4, 4, -4), (64, 128, 4, 3, -4),
+    ("int4", "gemv-a8"): [(64, 128, 4, 4, -2), (64, 128, 4, 1, -4), (64, 128, 4, 3, -4), (128, 128, 4, 3, -2),
+                          (32, 128, 4, 4, -4), (128, 128, 4, 1, -4), (64, 128, 4, 4, -4), (32, 128, 4, 4, -2)],
+    ("int4", "gemv2"): [(128, 128, 4, 1, -2), (128, 128, 4, 3, -2), (128, 128, 4, 4, -4), (64, 128, 4, 3, -4),
                         (256, 128, 8, 3, -2), (128, 128, 8, 3, -2), (64, 128, 2, 4, -4), (256, 128, 4, 2, -2),
                         (256, 128, 4, 3, -2), (512, 128, 8, 2, -2), (512, 128, 8, 3, -1)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
