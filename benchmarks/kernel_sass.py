@@ -94,7 +94,8 @@ def main() -> None:
             num_warps=warps, num_stages=stages), bn * 128 / (32 * warps)))
     bn, _, warps, stages, _ = tk.CONFIGS[("int4", "gemv-a8")]
     rows.append((f"int4 gemv-a8 {tk.CONFIGS[('int4', 'gemv-a8')]}", compile_sm90(
-        tk._int4_gemv_a8_kernel, a8, dict(K=4096, BLOCK_N=bn, GROUP=128, SPLIT_K=4, ASM=True, STAGES=stages),
+        tk._int4_gemv_a8_kernel, a8, dict(K=4096, BLOCK_N=bn, GROUP=128, SPLIT_K=4, ASM=True, STAGES=stages,
+                                           PDL=True),
         num_warps=warps, num_stages=stages), bn * 128 / (32 * warps)))
     bn, bk, warps, stages, _ = tk.CONFIGS[("fp4", "gemv")]
     rows.append((f"fp4 gemv {tk.CONFIGS[('fp4', 'gemv')]}", compile_sm90(
@@ -103,7 +104,7 @@ def main() -> None:
         bn * bk / (32 * warps)))
     bn, bk, warps, stages = gm.CONFIG
     rows.append((f"bf16 gemv {gm.CONFIG}", compile_sm90(
-        gm._gemv_kernel, bf16, dict(K=4096, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages), num_warps=warps,
+        gm._gemv_kernel, bf16, dict(K=4096, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, PDL=True), num_warps=warps,
         num_stages=stages), bn * bk / (32 * warps)))
     for name, kernel, per_thread in rows:
         print(f"{name:<36} {loop_report(kernel, per_thread)}", flush=True)

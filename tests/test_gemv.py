@@ -80,10 +80,14 @@ def test_gemv_compiles_for_hopper():
              "stride_un": "i32"}
     for block_n, block_k, warps, stages in gm.CANDIDATES:
         for fn, sig in ((gm._gemv_kernel, signature), (gm._gemv_silu_mul_kernel, fused)):
-            kernel = compile_for_hopper(fn, sig, dict(K=4096, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages),
-                                        num_warps=warps, num_stages=stages)
+            kernel = compile_for_hopper(fn, sig, dict(K=4096, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+                                                      PDL=True), num_warps=warps, num_stages=stages)
             ptx = kernel.asm["ptx"]
             assert ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, (fn, block_n, block_k, stages)
+            # PDL: dependents released first; the first weight tile is loaded before waiting for the previous
+            # kernel, x (its output) only after
+            launch, wait = ptx.index("griddepcontrol.launch_dependents"), ptx.index("griddepcontrol.wait")
+            assert launch < ptx.index("ld.global") < wait, (fn, block_n, block_k, stages)
             assert kernel.metadata.shared <= 232448, (fn, block_n, block_k, kernel.metadata.shared)
     skinny = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32", "stride_xm": "i32",
               "stride_wn": "i32", "stride_om": "i32"}

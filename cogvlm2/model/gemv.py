@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .triton_ops import _on
 
 # (BLOCK_N, BLOCK_K, warps, stages): 8 rows x 512 columns (8 KB of bf16) a step, 3 steps in flight; N = 4,096
@@ -35,15 +36,20 @@ CANDIDATES = [CONFIG, (8, 512, 4, 4), (16, 256, 4, 3), (4, 1024, 4, 3), (16, 512
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 STAGES: tl.constexpr):
+                 STAGES: tl.constexpr, PDL: tl.constexpr):
     """out[n] = sum_k W[n, k] x[k] for BLOCK_N rows: products summed per lane in float32 over the K steps, then
-    across the lanes once."""
+    across the lanes once. The first step's weights are loaded before waiting for the previous kernel (PDL)."""
+    pdl.launch_dependents(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    k_ok = offs_k < K
+    w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    pdl.wait(PDL)
+    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]  # = 0 + the first products: the loop's sum, bit for bit
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
         k_ok = (k0 + offs_k) < K
         w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0)
@@ -63,24 +69,31 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int
     block_n, block_k, warps, stages = config
     with _on(x):  # the launch on x's GPU (pipeline stages: a later stage's layers live on another GPU)
         _gemv_kernel[(triton.cdiv(n, block_n),)](x1, weight, out, n, weight.stride(0), K=k, BLOCK_N=block_n,
-                                                 BLOCK_K=block_k, STAGES=stages, num_warps=warps, num_stages=stages)
+                                                 BLOCK_K=block_k, STAGES=stages, num_warps=warps, num_stages=stages,
+                                                 **pdl.options(x))
     return out.view(*x.shape[:-1], n)
 
 
 @triton.jit
 def _gemv_silu_mul_kernel(x_ptr, g_ptr, u_ptr, out_ptr, N, stride_gn, stride_un, K: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """out[n] = silu(G[n] . x) * (U[n] . x): the MLP's gate and up rows in one pass over x, each sum exactly as
     _gemv_kernel forms it and rounded to the output dtype, then silu and the product as ops.silu_mul rounds them
     (so the result equals gemv, gemv, silu_mul bit for bit, one launch instead of three)."""
+    pdl.launch_dependents(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     g_ptrs = g_ptr + offs_n[:, None].to(tl.int64) * stride_gn + offs_k[None, :]
     u_ptrs = u_ptr + offs_n[:, None].to(tl.int64) * stride_un + offs_k[None, :]
-    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    k_ok = offs_k < K
+    g = tl.load(g_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # weights, before the wait (see gemv)
+    u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    pdl.wait(PDL)
+    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    acc_g = g.to(tl.float32) * x
+    acc_u = u.to(tl.float32) * x
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
         k_ok = (k0 + offs_k) < K
         ok = n_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -108,7 +121,7 @@ def gemv_silu_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     with _on(x):
         _gemv_silu_mul_kernel[(triton.cdiv(n, block_n),)](x1, gate, up, out, n, gate.stride(0), up.stride(0), K=k,
                                                           BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                                                          num_warps=warps, num_stages=stages)
+                                                          num_warps=warps, num_stages=stages, **pdl.options(x))
     return out.view(*x.shape[:-1], n)
 
 

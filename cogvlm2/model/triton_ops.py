@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 def _on(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make x's GPU current for a launch (a no-op when it already is: one device, or the current stage)."""
@@ -27,7 +29,8 @@ def _on(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, dim, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, dim, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < dim
@@ -51,13 +54,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         block = triton.next_power_of_2(shape[-1])
         with _on(x2):
             _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), shape[-1], eps, BLOCK=block,
-                                             num_warps=min(16, max(1, block // 256)))
+                                             num_warps=min(16, max(1, block // 256)), **pdl.options(x2))
     return out.view(shape)
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_d, stride_s, stride_o, dim, eps,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < dim
@@ -84,12 +88,13 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
         with _on(x2):
             _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, total, out, x2.stride(0), d2.stride(0),
                                                  total.stride(0), out.stride(0), shape[-1], eps, BLOCK=block,
-                                                 num_warps=min(16, max(1, block // 256)))
+                                                 num_warps=min(16, max(1, block // 256)), **pdl.options(x2))
     return total.view(shape), out.view(shape)
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -105,12 +110,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n = gate.numel()
     if n:
         with _on(gate):
-            _silu_mul_kernel[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024)
+            _silu_mul_kernel[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024, **pdl.options(gate))
     return out
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, stride_x, stride_c, HALF: tl.constexpr, BLOCK: tl.constexpr):
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, stride_x, stride_c, HALF: tl.constexpr, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr):
+    pdl.enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     j = tl.arange(0, BLOCK)  # BLOCK: HALF rounded up to a power of 2 (tl.arange's rule), the rest masked
@@ -130,4 +137,5 @@ def rotary_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_rotated
         with _on(qkv):
             _rotary_kernel[(qkv.shape[0], num_rotated_heads)](qkv, cos.contiguous(), sin.contiguous(), qkv.stride(0),
                                                              head_dim // 2, HALF=head_dim // 2,
-                                                             BLOCK=triton.next_power_of_2(head_dim // 2))
+                                                             BLOCK=triton.next_power_of_2(head_dim // 2),
+                                                             **pdl.options(qkv))

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...model import pdl
+
 # Tuned on an H200 (benchmarks/kernels_gpu.py --only decode, 2,355-token contexts): (split, block_n, num_stages,
 # context_bound) from each batch size on. Small batches take short splits: (sequence, kv head) pairs alone cannot
 # fill 132 SMs. Larger ones take longer splits whose loop stops at the context, so that ~600-800 programs hold
@@ -41,7 +43,8 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
             sq_b, sq_h, sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, sbt_b, so_b, so_h, so_s, sl_b, sl_h,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr,
-            CONTEXT_BOUND: tl.constexpr, HEADS_FIRST: tl.constexpr):
+            CONTEXT_BOUND: tl.constexpr, HEADS_FIRST: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     if HEADS_FIRST:  # the kv heads of one (sequence, chunk) run side by side: they read one token row's 2 KB
         kvh = tl.program_id(0)
         b = tl.program_id(1)
@@ -92,7 +95,9 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
 
 @triton.jit
 def _stage2(part_ptr, lse_ptr, out_ptr, so_b, so_h, so_s, sl_b, sl_h, sout_b, sout_h,
-            NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+            NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+            PDL: tl.constexpr):
+    pdl.enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -137,8 +142,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size,
         BLOCK_N=min(block_n, split), SPLIT_TOKENS=split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CONTEXT_BOUND=context_bound,
-        HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages)
+        HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages, **pdl.options(q))
     _stage2[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
                      out.stride(0), out.stride(1), NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-                     HEAD_DIM=dim, HEAD_PAD=head_pad)
+                     HEAD_DIM=dim, HEAD_PAD=head_pad, **pdl.options(q))
     return out

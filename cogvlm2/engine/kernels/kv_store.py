@@ -7,10 +7,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ...model import pdl
+
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_k, stride_v, ROW: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -35,4 +38,5 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
     n, row = k.shape[0], k.shape[1] * k.shape[2]
     if n:
         _store_kv_kernel[(n,)](k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0), ROW=row,
-                               BLOCK=triton.next_power_of_2(row), num_warps=4 if row >= 1024 else 1)
+                               BLOCK=triton.next_power_of_2(row), num_warps=4 if row >= 1024 else 1,
+                               **pdl.options(k))

@@ -1,0 +1,62 @@
+"""Programmatic dependent launch (PDL, sm_90+) for the decode path's Triton kernels.
+
+A decode step at batch 1 is ~330 small kernels in a row (per layer: add + RMSNorm, the QKV GEMV, rotary, the K/V
+store, two attention passes, the output GEMV, add + RMSNorm, gate / up, down). Each waits for the one before it to
+finish, drain its last wave and flush, and only then is launched and starts loading: a few microseconds a boundary
+in which the GPU streams nothing. With PDL a kernel is launched while its predecessor still runs: every program
+of the predecessor signals at its start (`launch_dependents`) that the next kernel may be scheduled, and the next
+kernel's programs block in `wait` until the predecessor has finished and its writes are visible. What a program
+does before `wait` overlaps the predecessor's tail: launch and setup, and in the GEMVs the first tile of weights
+(weights never depend on the previous kernel).
+
+Rules every kernel launched with PDL follows (else it races): it calls `wait` on every path, before it reads
+anything a previous kernel wrote and before it writes anything at all; before `wait` it reads only weights.
+A kernel after a PDL kernel that is not launched with PDL (cuBLAS, torch ops, NCCL) waits for it as usual. CUDA
+graphs keep the dependencies (captured as programmatic edges). Off with COGVLM2_PDL=0 (read at import), and
+always off the GPU (Triton's interpreter runs the kernels on the CPU in the tests) and before sm_90.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+ENABLED = os.environ.get("COGVLM2_PDL", "1") != "0"
+
+
+@functools.cache
+def _supported(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def options(x: torch.Tensor) -> dict:
+    """The PDL constexpr and launch option of a kernel whose tensors are on x's device: pass as `**options(x)`."""
+    if ENABLED and x.is_cuda and _supported(x.get_device()):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+@triton.jit
+def launch_dependents(PDL: tl.constexpr):
+    """Let the next kernel be scheduled once every program of this one has started (call first)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def wait(PDL: tl.constexpr):
+    """Block until the previous kernel has finished and its writes are visible."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def enter(PDL: tl.constexpr):
+    """Both, for a kernel with nothing to do before it depends on its predecessor."""
+    launch_dependents(PDL)
+    wait(PDL)
