@@ -11,7 +11,10 @@ does before `wait` overlaps the predecessor's tail: launch and setup, and in the
 
 Rules every kernel launched with PDL follows (else it races): it calls `wait` on every path, before it reads
 anything a previous kernel wrote and before it writes anything at all; before `wait` it reads only weights.
-A kernel after a PDL kernel that is not launched with PDL (cuBLAS, torch ops, NCCL) waits for it as usual. CUDA
+A kernel after a PDL kernel that is not launched with PDL (cuBLAS, torch ops, NCCL) waits for it as usual.
+Not the 4-bit kernels (quant/triton_kernels.py): with PDL the int4 W4A8 chain (quantize x, GEMV, split-K sum) ran
+slower on the H200 (the LM's int4 linears at batch 1 in one graph 2.00 -> 2.43 ms; engine int4 decode 320 -> 256
+tok/s, BENCHMARKS.md), for a reason not found; the bf16 path gained (engine batch 1 226 -> 233, TP=2 279 -> 296). CUDA
 graphs keep the dependencies (captured as programmatic edges). Off with COGVLM2_PDL=0 (read at import), and
 always off the GPU (Triton's interpreter runs the kernels on the CPU in the tests) and before sm_90.
 """

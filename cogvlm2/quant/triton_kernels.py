@@ -27,8 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..model import pdl
-
 FUSED_MAX_ROWS = 64  # more rows than this: dequantize + cuBLAS
 
 
@@ -79,8 +77,7 @@ def _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K: t
 
 
 @triton.jit
-def _splitk_sum_kernel(part_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl.enter(PDL)
+def _splitk_sum_kernel(part_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
@@ -247,11 +244,10 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @triton.jit
-def _quantize_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, GROUP: tl.constexpr, PDL: tl.constexpr):
+def _quantize_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, GROUP: tl.constexpr):
     """One group of a row x for the W4A8 GEMV: int8 xq = round(x / sx) with sx = |x| max / 127 (a group of the
     weight's size keeps an outlier channel from flattening the rest), packed four to a word as the weight's
     codes come out of its words: even k (8p, 8p+2, 8p+4, 8p+6) in xe[p], odd k in xo[p]; and sum_k xq."""
-    pdl.enter(PDL)
     g = tl.program_id(0)
     RP: tl.constexpr = GROUP // 8
     xg = tl.load(x_ptr + g * GROUP + tl.arange(0, GROUP)).to(tl.float32)
@@ -270,14 +266,13 @@ def _quantize_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, GROUP: tl.constex
 @triton.jit
 def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr,
                          BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr,
-                         STAGES: tl.constexpr, PDL: tl.constexpr):
+                         STAGES: tl.constexpr):
     """One row, group-wise int4 weights times int8 activations (W4A8, as llama.cpp's q4 x q8 dot products; x
     quantized by _quantize_a8_kernel). Word p of a column holds k = 8p + j in nibble j: the word masked with
     0x0F0F0F0F holds the even k as four bytes, shifted by 4 first the odd ones, so 8 codes cost one shift, two
     ANDs and two IDP4A against xe[p] / xo[p]; per group sum_k (q - z) s x ~= s sx (sum_k q xq - z sum_k xq).
     Each thread keeps its words' scaled dot products [packed row, column] over the K slice, summed across the tile
     once at the end (a sum across threads every step cost barriers that kept the loads from staying in flight)."""
-    pdl.enter(PDL)
     RP: tl.constexpr = GROUP // 8  # packed rows of a group
     KS: tl.constexpr = K // SPLIT_K
     offs_n, n_ok, r, zshift, w_ptrs = _int4_row_tile(qw_ptr, N, BLOCK_N, RP, KS)
@@ -617,7 +612,7 @@ def _finish(part: torch.Tensor, out: torch.Tensor, split: int) -> None:
     if split > 1:
         block = 1024
         _splitk_sum_kernel[(triton.cdiv(out.numel(), block),)](part, out, out.numel(), SPLIT_K=split, BLOCK=block,
-                                                               num_warps=4, **pdl.options(out))
+                                                               num_warps=4)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -750,10 +745,10 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         xe = torch.empty(2, k // 8, dtype=torch.int32, device=x.device)  # even / odd k, four int8 a word
         sx = torch.empty(k // group, dtype=torch.float32, device=x.device)
         sq = torch.empty(k // group, dtype=torch.int32, device=x.device)
-        _quantize_a8_kernel[(k // group,)](x2, xe[0], xe[1], sx, sq, GROUP=group, num_warps=4, **pdl.options(x))
+        _quantize_a8_kernel[(k // group,)](x2, xe[0], xe[1], sx, sq, GROUP=group, num_warps=4)
         _int4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
             xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, GROUP=group, SPLIT_K=split,
-            ASM=x.is_cuda, STAGES=stages, num_warps=warps, num_stages=stages, **pdl.options(x))
+            ASM=x.is_cuda, STAGES=stages, num_warps=warps, num_stages=stages)
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("int4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
