@@ -13,8 +13,10 @@ without / with it (H200: 94% of copy bandwidth vs cuBLAS's 87% at TP=1, 83% vs 7
 `gemv_silu_mul` is the MLP's gate and up in one pass with the SiLU-and-multiply in its epilogue.
 
 `skinny` takes the same design to 2-64 rows (batched decode) on the tensor cores: cuBLAS's kernels for these shapes
-split K (a reduce launch each) and, on the profiles, stream the weights at ~84% of copy at batch 32. Off until
-measured (`COGVLM2_DECODE_SKINNY=1`; `kernels_gpu.py --only skinny --batches 8,16,32,64`).
+split K (a reduce launch each) and, on the profiles, stream the weights at ~84% of copy at batch 32. Measured on an
+H200 (f56b1d2, `kernels_gpu.py --only skinny --batches 8,16,32,64`, TP=2 shapes): slower than cuBLAS at every batch
+and candidate (best 2.46 / 2.44 / 2.61 / 3.34 ms against 2.43 / 2.30 / 2.34 / 2.29 at 8 / 16 / 32 / 64 rows), so it
+stays off (`COGVLM2_DECODE_SKINNY=1` turns it on, for other cards).
 """
 
 from __future__ import annotations
@@ -131,8 +133,8 @@ def gemv_silu_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
 # the MMA's M side (BLOCK_N of its rows), the tokens its N side (padded to BLOCK_M >= 16), so a program reads its
 # weight rows once for every token, K prefetched STAGES - 1 steps ahead, and no K split. (BLOCK_N, BLOCK_K, warps,
 # stages) by BLOCK_M (the rows padded to a power of 2, at least 16: shared memory per program grows with it, and
-# at least 2-3 programs must fit an SM); not used by the model until benchmarks/kernels_gpu.py --only skinny measures
-# it faster than cuBLAS (COGVLM2_DECODE_SKINNY=1 turns it on: ops.linear)
+# at least 2-3 programs must fit an SM); off by default: slower than cuBLAS on the H200 (module docstring;
+# COGVLM2_DECODE_SKINNY=1 turns it on: ops.linear)
 SKINNY_CONFIGS = {16: (16, 256, 4, 4), 32: (16, 256, 4, 4), 64: (32, 128, 4, 4)}
 SKINNY_CANDIDATES = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3),
                      (16, 128, 4, 6), (32, 256, 8, 3)]

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 # tok/s (BENCHMARKS.md). On by default; COGVLM2_DECODE_GEMV=0 (read at import) keeps cuBLAS
 DECODE_GEMV = os.environ.get("COGVLM2_DECODE_GEMV", "1") != "0"
 # 2-64 rows (batched decode, short prefills) through gemv.skinny (tensor cores, whole weight rows a program, no K
-# split) instead of cuBLAS: off until benchmarks/kernels_gpu.py --only skinny and engine_gpu.py measure it faster;
+# split) instead of cuBLAS: off, measured slower than cuBLAS at 8-64 rows on the H200 (gemv.py);
 # COGVLM2_DECODE_SKINNY=1 turns it on at import
 DECODE_SKINNY = os.environ.get("COGVLM2_DECODE_SKINNY", "0") == "1"
 
