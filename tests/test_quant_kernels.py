@@ -50,6 +50,21 @@ def _row_kernels(m: int, fp4: bool) -> list[tuple[str, bool]]:
     return [("gemv", False), ("tile", False)] + ([("gemv", True)] if fp4 else [])
 
 
+def check_fused_sum(tk, x, qweight, qzeros, scales, group, expected) -> None:
+    """W4A8 with its split-K partials added by the GEMV's last program per column block (FUSED_SUM) equals the
+    two launches bit for bit, at several splits, twice in a row (the counters go back to 0)."""
+    for split in (2, 4, -2):
+        with _settings(tk, ONE_ROW={"int4": "gemv-a8"}):
+            config = tk.CONFIGS[("int4", "gemv-a8")]
+            with _settings(tk, CONFIGS={("int4", "gemv-a8"): (*config[:4], split)}):
+                two = tk.int4_linear(x, qweight, qzeros, scales, group)
+                with _settings(tk, FUSED_SUM={"gemv-a8": True}):
+                    for _ in range(2):
+                        assert torch.equal(tk.int4_linear(x, qweight, qzeros, scales, group), two), split
+    assert torch.equal(two, expected)  # the last split is the default's (-2)
+    assert not tk._COUNTERS[x.device].any()
+
+
 def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5) -> None:
     from cogvlm2.quant import triton_kernels as tk
 
@@ -106,6 +121,7 @@ def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5)
                     exact = x.float() @ w.float().t()
                     w4a16, w4a8 = _rel(x.float() @ ref_w.float().t(), exact), _rel(got, exact)
                     assert 0.03 < w4a16 and w4a8 < 1.02 * w4a16, ("W4A8 against bf16", n, k, group, w4a16, w4a8)
+                    check_fused_sum(tk, x, qweight, qzeros, scales, group, got)
     # (37, 1792) at 8,192 elements a program: four rows a program, the last one partial
     for (m, k), elems in zip([(1, 64), (7, 4096), (3, 5000), (37, 1792), (37, 1792)], [1, 8192, 1, 1, 8192]):
         x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10).to(device, dtype)
@@ -191,14 +207,18 @@ def test_w4a8_gemv_compiles_for_hopper():
     from tests.hopper_compile import compile_for_hopper
 
     signature = {"xe_ptr": "*i32", "xo_ptr": "*i32", "sx_ptr": "*fp32", "sq_ptr": "*i32", "qw_ptr": "*i32",
-                 "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "N": "i32"}
+                 "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32",
+                 "N": "i32"}
     for block_n, _, warps, stages, split in tk.CANDIDATES[("int4", "gemv-a8")]:
-        kernel = compile_for_hopper(tk._int4_gemv_a8_kernel, signature, dict(K=4096, BLOCK_N=block_n, GROUP=128,
-                                    SPLIT_K=abs(split) or 1, ASM=True, STAGES=stages), num_warps=warps,
-                                    num_stages=stages)
-        ptx = kernel.asm["ptx"]
-        assert "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, warps)
-        assert ("cp.async" in ptx) == (stages > 1), (block_n, warps, stages)  # prefetched steps ahead
+        for fused in (False, True):
+            kernel = compile_for_hopper(tk._int4_gemv_a8_kernel, signature, dict(
+                K=4096, BLOCK_N=block_n, GROUP=128, SPLIT_K=abs(split) or 2, ASM=True, STAGES=stages,
+                FUSED_SUM=fused), num_warps=warps, num_stages=stages)
+            ptx = kernel.asm["ptx"]
+            assert "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, warps)
+            assert ("cp.async" in ptx) == (stages > 1), (block_n, warps, stages)  # prefetched steps ahead
+            # FUSED_SUM: one acq_rel atomic at GPU scope on the block's counter, the partials read past L1
+            assert ("atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx) == fused, (block_n, fused)
 
 
 def test_int4_gemv2_compiles_for_hopper():
@@ -299,6 +319,31 @@ def test_kernels_cuda_graph_replay():
                 torch.cuda.synchronize()
                 assert torch.equal(out, eager), (type(layer).__name__, m)
                 assert _rel(eager, lin(x)) < 0.2
+
+
+@cuda
+def test_w4a8_fused_sum_in_cuda_graphs():
+    """FUSED_SUM under CUDA graph replay on the LM's shapes: equal to the two launches, replay after replay."""
+    from cogvlm2.quant import triton_kernels as tk
+
+    g = torch.Generator().manual_seed(2)
+    for n, k in ((4096, 4096), (6144, 4096), (4096, 14336)):
+        qweight, qzeros, scales = formats.quantize_int4(torch.randn(n, k, generator=g).cuda())
+        scales = scales.bfloat16()
+        x = torch.randn(1, k, generator=g).cuda().bfloat16()
+        with torch.inference_mode(), _settings(tk, ONE_ROW={"int4": "gemv-a8"}):
+            two = tk.int4_linear(x, qweight, qzeros, scales, 128)
+            with _settings(tk, FUSED_SUM={"gemv-a8": True}):
+                static = x.clone()
+                tk.int4_linear(static, qweight, qzeros, scales, 128)  # counters allocated outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = tk.int4_linear(static, qweight, qzeros, scales, 128)
+                for _ in range(20):
+                    out.zero_()
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    assert torch.equal(out, two), (n, k)
 
 
 @cuda

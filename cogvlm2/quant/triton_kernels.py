@@ -87,6 +87,23 @@ def _splitk_sum_kernel(part_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
+def _finish_row(part_ptr, out_ptr, count_ptr, acc, offs_n, n_ok, N, SPLIT_K: tl.constexpr):
+    """One row's split-K finish inside the GEMV (FUSED_SUM): this program's float32 partial acc [BLOCK_N] goes to
+    part[split]; the program of its column block that counts last (an atomic counter per block, acq_rel at GPU
+    scope, after a barrier so every thread's partial is written) adds the SPLIT_K partials in slice order, exactly
+    as _splitk_sum_kernel does, writes the output and puts the counter back to 0 for the next launch."""
+    tl.store(part_ptr + tl.program_id(1) * N + offs_n, acc, mask=n_ok)
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+    if done == SPLIT_K - 1:
+        total = tl.load(part_ptr + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")  # the other SMs' writes
+        for s in tl.static_range(1, SPLIT_K):
+            total += tl.load(part_ptr + s * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(count_ptr + tl.program_id(0), 0)
+
+
+@triton.jit
 def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, N, K: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr,
                      NESTED: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr):
@@ -264,9 +281,9 @@ def _quantize_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, GROUP: tl.constex
 
 
 @triton.jit
-def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr,
-                         BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr,
-                         STAGES: tl.constexpr):
+def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, final_ptr, count_ptr, N,
+                         K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
+                         ASM: tl.constexpr, STAGES: tl.constexpr, FUSED_SUM: tl.constexpr):
     """One row, group-wise int4 weights times int8 activations (W4A8, as llama.cpp's q4 x q8 dot products; x
     quantized by _quantize_a8_kernel). Word p of a column holds k = 8p + j in nibble j: the word masked with
     0x0F0F0F0F holds the even k as four bytes, shifted by 4 first the odd ones, so 8 codes cost one shift, two
@@ -292,8 +309,12 @@ def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, 
         scale = sw * tl.load(sx_ptr + g)  # [BN]
         acc += d.to(tl.float32) * scale[None, :]  # a word's dot product is exact (|d| <= 8 * 15 * 127)
         acc_z += scale * z * tl.load(sq_ptr + g).to(tl.float32)
-    _store(out_ptr, (tl.sum(acc, axis=0) - acc_z)[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0,
-           1, N, SPLIT_K, tl.program_id(1))
+    row = tl.sum(acc, axis=0) - acc_z
+    if FUSED_SUM:  # split K: the last program of the column block adds the partials (no second launch)
+        _finish_row(out_ptr, final_ptr, count_ptr, row, offs_n, n_ok, N, SPLIT_K)
+    else:
+        _store(out_ptr, row[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0, 1, N, SPLIT_K,
+               tl.program_id(1))
 
 
 @triton.jit
@@ -543,6 +564,23 @@ ONE_ROW = {"fp4": "gemv", "int4": os.environ.get("COGVLM2_INT4_ONE_ROW", "gemv-a
 if ONE_ROW["int4"] not in ("gemv", "gemv2", "gemv-a8", "tile"):
     raise ValueError(f"COGVLM2_INT4_ONE_ROW={ONE_ROW['int4']!r}: choose gemv-a8, gemv, gemv2 or tile")
 FP4_ARITH = {"gemv": True}
+# FUSED_SUM[path]: with K split, the GEMV's last program per column block adds the float32 partials (an atomic
+# counter per block) instead of a second launch (_splitk_sum_kernel): one launch less per linear at batch 1. Off until
+# measured on a GPU (benchmarks/quant_gpu.py's sweep times both; the CUDA tests check it against the two launches)
+FUSED_SUM = {"gemv-a8": False}
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _block_counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """FUSED_SUM's int32 counters, one per column block, zero between launches (the last program of a block puts
+    its counter back to 0). One buffer per device: the kernels using it run one after another on its stream.
+    Allocated (zeroed) on first use, outside any CUDA graph capture: the engine's warm-up runs every shape first."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < blocks:
+        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("FUSED_SUM's counters must be allocated before CUDA graph capture (run the shape once)")
+        counters = _COUNTERS[device] = torch.zeros(max(blocks, 4096), dtype=torch.int32, device=device)
+    return counters
 # The alternatives benchmarks/quant_gpu.py times on the real shapes (the first of each is the default above);
 # test_quant_kernels runs every one of them on the GPU.
 CANDIDATES = {
@@ -746,9 +784,12 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         sx = torch.empty(k // group, dtype=torch.float32, device=x.device)
         sq = torch.empty(k // group, dtype=torch.int32, device=x.device)
         _quantize_a8_kernel[(k // group,)](x2, xe[0], xe[1], sx, sq, GROUP=group, num_warps=4)
+        fused = FUSED_SUM["gemv-a8"] and split > 1
+        count = _block_counters(x.device, triton.cdiv(n, block_n)) if fused else part
         _int4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
-            xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, GROUP=group, SPLIT_K=split,
-            ASM=x.is_cuda, STAGES=stages, num_warps=warps, num_stages=stages)
+            xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, out, count, n, k, BLOCK_N=block_n, GROUP=group,
+            SPLIT_K=split, ASM=x.is_cuda, STAGES=stages, FUSED_SUM=fused, num_warps=warps, num_stages=stages)
+        split = 1 if fused else split  # nothing left for _finish
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("int4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
