@@ -401,11 +401,15 @@ def kernel_sweep(run: Run) -> None:
             a8 = sweep(fmt, "gemv-a8", 1, tk.CANDIDATES[(fmt, "gemv-a8")], "int4 gemv-a8 (batch 1)",
                        ONE_ROW={fmt: "gemv-a8"})
             tk.CONFIGS[(fmt, "gemv-a8")] = tuple(a8["config"])
-            # the same with the split-K partials added by the GEMV's last program per column block (FUSED_SUM)
-            fused = sweep(fmt, "gemv-a8", 1, [a8["config"]], "int4 gemv-a8 fused sum (batch 1)",
-                          ONE_ROW={fmt: "gemv-a8"}, FUSED_SUM={"gemv-a8": True})
-            tk.FUSED_SUM["gemv-a8"] = fused["GBps"] > a8["GBps"]
-            best_one["gemv-a8"] = max(a8, fused, key=lambda r: r["GBps"])
+            # the best config again with its launches folded in (A8_FUSED: the split-K sum, the quantizing of x)
+            variants = {(False, False): a8}
+            for fuse in ((True, False), (False, True), (True, True)):
+                variants[fuse] = sweep(fmt, "gemv-a8", 1, [a8["config"]],
+                                       f"int4 gemv-a8 fused sum {fuse[0]} quant {fuse[1]} (batch 1)",
+                                       ONE_ROW={fmt: "gemv-a8"}, A8_FUSED={"sum": fuse[0], "quant": fuse[1]})
+            fuse = max(variants, key=lambda f: variants[f]["GBps"])
+            tk.A8_FUSED.update(sum=fuse[0], quant=fuse[1])
+            best_one["gemv-a8"] = variants[fuse]
             # the float GEMV without reductions inside its loop (one group a step, the tile summed at the end)
             g2 = sweep(fmt, "gemv2", 1, tk.CANDIDATES[(fmt, "gemv2")], "int4 gemv2 (batch 1)", ONE_ROW={fmt: "gemv2"})
             tk.CONFIGS[(fmt, "gemv2")] = tuple(g2["config"])
@@ -414,9 +418,9 @@ def kernel_sweep(run: Run) -> None:
         tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])  # chosen at 32 rows
     run.data["kernel_configs"] = {f"{f} {p}": list(c) for (f, p), c in tk.CONFIGS.items()}
     run.data["one_row"], run.data["fp4_arith"] = dict(tk.ONE_ROW), dict(tk.FP4_ARITH)
-    run.data["fused_sum"] = dict(tk.FUSED_SUM)
+    run.data["a8_fused"] = dict(tk.A8_FUSED)
     print(f"    installed: {run.data['kernel_configs']}, one row: {tk.ONE_ROW}, fp4 arith: {tk.FP4_ARITH}, "
-          f"fused sum: {tk.FUSED_SUM}", flush=True)
+          f"W4A8 fused: {tk.A8_FUSED}", flush=True)
 
 
 def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
@@ -433,10 +437,10 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
         if run.left() < 25:
             run.data["skipped"].append(f"lm_step {fmt}")
             continue
-        one_row, fused_sum = dict(tk.ONE_ROW), dict(tk.FUSED_SUM)
-        if fmt in ("int4-a8", "int4-a8f", "int4-g2"):  # the int4 weights through W4A8 (f: FUSED_SUM) / gemv2
+        one_row, a8_fused = dict(tk.ONE_ROW), dict(tk.A8_FUSED)
+        if fmt in ("int4-a8", "int4-a8f", "int4-g2"):  # the int4 weights through W4A8 (f: sum and quant folded in)
             tk.ONE_ROW["int4"] = "gemv2" if fmt == "int4-g2" else "gemv-a8"
-            tk.FUSED_SUM["gemv-a8"] = fmt == "int4-a8f"
+            tk.A8_FUSED.update(sum=fmt == "int4-a8f", quant=fmt == "int4-a8f")
             layers = [[_packed("int4", n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
         elif fmt == "bf16":
@@ -470,7 +474,7 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
             print(f"    LM linears {fmt:<5} batch {m:<3} {t * 1e3:7.3f} ms  {nbytes / t / 1e9:6.0f} GB/s "
                   f"({nbytes / 1e9:.2f} GB)", flush=True)
         tk.ONE_ROW.update(one_row)
-        tk.FUSED_SUM.update(fused_sum)
+        tk.A8_FUSED.update(a8_fused)
         layers = calls = xs = None
         free()
 

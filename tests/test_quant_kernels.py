@@ -50,19 +50,23 @@ def _row_kernels(m: int, fp4: bool) -> list[tuple[str, bool]]:
     return [("gemv", False), ("tile", False)] + ([("gemv", True)] if fp4 else [])
 
 
-def check_fused_sum(tk, x, qweight, qzeros, scales, group, expected) -> None:
-    """W4A8 with its split-K partials added by the GEMV's last program per column block (FUSED_SUM) equals the
-    two launches bit for bit, at several splits, twice in a row (the counters go back to 0)."""
-    for split in (2, 4, -2):
-        with _settings(tk, ONE_ROW={"int4": "gemv-a8"}):
-            config = tk.CONFIGS[("int4", "gemv-a8")]
-            with _settings(tk, CONFIGS={("int4", "gemv-a8"): (*config[:4], split)}):
-                two = tk.int4_linear(x, qweight, qzeros, scales, group)
-                with _settings(tk, FUSED_SUM={"gemv-a8": True}):
+def check_a8_fused(tk, x, qweight, qzeros, scales, group, expected) -> None:
+    """W4A8 with its launches folded into the GEMV (A8_FUSED: the split-K sum by the last program per column block,
+    x quantized in each program's prologue; alone and together) equals the three launches bit for bit, at several
+    splits (one slice: no sum to fold), twice in a row (the counters go back to 0); and past A8_QUANT_MAX_GROUPS
+    groups a slice, the quantize launch comes back."""
+    config = tk.CONFIGS[("int4", "gemv-a8")]
+    for split in (1, 2, 4, -2):
+        with _settings(tk, ONE_ROW={"int4": "gemv-a8"}, CONFIGS={("int4", "gemv-a8"): (*config[:4], split)}):
+            three = tk.int4_linear(x, qweight, qzeros, scales, group)
+            for fuse in ((True, False), (False, True), (True, True)):
+                with _settings(tk, A8_FUSED={"sum": fuse[0], "quant": fuse[1]}):
                     for _ in range(2):
-                        assert torch.equal(tk.int4_linear(x, qweight, qzeros, scales, group), two), split
-    assert torch.equal(two, expected)  # the last split is the default's (-2)
-    assert not tk._COUNTERS[x.device].any()
+                        assert torch.equal(tk.int4_linear(x, qweight, qzeros, scales, group), three), (split, fuse)
+                    with mock.patch.object(tk, "A8_QUANT_MAX_GROUPS", 0):
+                        assert torch.equal(tk.int4_linear(x, qweight, qzeros, scales, group), three), (split, fuse)
+    assert torch.equal(three, expected)  # the last split is the default's (-2)
+    assert x.device not in tk._COUNTERS or not tk._COUNTERS[x.device].any()
 
 
 def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5) -> None:
@@ -121,7 +125,7 @@ def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5)
                     exact = x.float() @ w.float().t()
                     w4a16, w4a8 = _rel(x.float() @ ref_w.float().t(), exact), _rel(got, exact)
                     assert 0.03 < w4a16 and w4a8 < 1.02 * w4a16, ("W4A8 against bf16", n, k, group, w4a16, w4a8)
-                    check_fused_sum(tk, x, qweight, qzeros, scales, group, got)
+                    check_a8_fused(tk, x, qweight, qzeros, scales, group, got)
     # (37, 1792) at 8,192 elements a program: four rows a program, the last one partial
     for (m, k), elems in zip([(1, 64), (7, 4096), (3, 5000), (37, 1792), (37, 1792)], [1, 8192, 1, 1, 8192]):
         x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10).to(device, dtype)
@@ -206,18 +210,23 @@ def test_w4a8_gemv_compiles_for_hopper():
     from cogvlm2.quant import triton_kernels as tk
     from tests.hopper_compile import compile_for_hopper
 
-    signature = {"xe_ptr": "*i32", "xo_ptr": "*i32", "sx_ptr": "*fp32", "sq_ptr": "*i32", "qw_ptr": "*i32",
-                 "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32",
-                 "N": "i32"}
+    signature = {"x_ptr": "*bf16", "xe_ptr": "*i32", "xo_ptr": "*i32", "sx_ptr": "*fp32", "sq_ptr": "*i32",
+                 "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16",
+                 "count_ptr": "*i32", "N": "i32"}
     for block_n, _, warps, stages, split in tk.CANDIDATES[("int4", "gemv-a8")]:
-        for fused in (False, True):
+        for fused in (False, True):  # A8_FUSED off, or both on (at the largest slice the quant may take)
+            k = 14336 if fused else 4096
+            split_k = abs(split) or 2
+            while fused and k // 128 // split_k > tk.A8_QUANT_MAX_GROUPS:
+                split_k *= 2
+            groups = k // 128 // split_k
             kernel = compile_for_hopper(tk._int4_gemv_a8_kernel, signature, dict(
-                K=4096, BLOCK_N=block_n, GROUP=128, SPLIT_K=abs(split) or 2, ASM=True, STAGES=stages,
-                FUSED_SUM=fused), num_warps=warps, num_stages=stages)
+                K=k, BLOCK_N=block_n, GROUP=128, SPLIT_K=split_k, ASM=True, STAGES=stages, FUSED_QUANT=fused,
+                NG_PAD=triton.next_power_of_2(groups), FUSED_SUM=fused), num_warps=warps, num_stages=stages)
             ptx = kernel.asm["ptx"]
-            assert "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, warps)
+            assert "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, warps, fused)  # no spills
             assert ("cp.async" in ptx) == (stages > 1), (block_n, warps, stages)  # prefetched steps ahead
-            # FUSED_SUM: one acq_rel atomic at GPU scope on the block's counter, the partials read past L1
+            # the sum: one acq_rel atomic at GPU scope on the block's counter, the partials read past L1
             assert ("atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx) == fused, (block_n, fused)
 
 
@@ -322,8 +331,9 @@ def test_kernels_cuda_graph_replay():
 
 
 @cuda
-def test_w4a8_fused_sum_in_cuda_graphs():
-    """FUSED_SUM under CUDA graph replay on the LM's shapes: equal to the two launches, replay after replay."""
+def test_w4a8_fused_in_cuda_graphs():
+    """A8_FUSED (sum and quant) under CUDA graph replay on the LM's shapes: equal to the three launches, replay
+    after replay."""
     from cogvlm2.quant import triton_kernels as tk
 
     g = torch.Generator().manual_seed(2)
@@ -332,8 +342,8 @@ def test_w4a8_fused_sum_in_cuda_graphs():
         scales = scales.bfloat16()
         x = torch.randn(1, k, generator=g).cuda().bfloat16()
         with torch.inference_mode(), _settings(tk, ONE_ROW={"int4": "gemv-a8"}):
-            two = tk.int4_linear(x, qweight, qzeros, scales, 128)
-            with _settings(tk, FUSED_SUM={"gemv-a8": True}):
+            three = tk.int4_linear(x, qweight, qzeros, scales, 128)
+            with _settings(tk, A8_FUSED={"sum": True, "quant": True}):
                 static = x.clone()
                 tk.int4_linear(static, qweight, qzeros, scales, 128)  # counters allocated outside the capture
                 graph = torch.cuda.CUDAGraph()
@@ -343,7 +353,7 @@ def test_w4a8_fused_sum_in_cuda_graphs():
                     out.zero_()
                     graph.replay()
                     torch.cuda.synchronize()
-                    assert torch.equal(out, two), (n, k)
+                    assert torch.equal(out, three), (n, k)
 
 
 @cuda

@@ -88,7 +88,7 @@ def _splitk_sum_kernel(part_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.c
 
 @triton.jit
 def _finish_row(part_ptr, out_ptr, count_ptr, acc, offs_n, n_ok, N, SPLIT_K: tl.constexpr):
-    """One row's split-K finish inside the GEMV (FUSED_SUM): this program's float32 partial acc [BLOCK_N] goes to
+    """One row's split-K finish inside the GEMV (A8_FUSED["sum"]): this program's float32 partial acc [BLOCK_N] goes to
     part[split]; the program of its column block that counts last (an atomic counter per block, acq_rel at GPU
     scope, after a barrier so every thread's partial is written) adds the SPLIT_K partials in slice order, exactly
     as _splitk_sum_kernel does, writes the output and puts the counter back to 0 for the next launch."""
@@ -261,29 +261,39 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @triton.jit
-def _quantize_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, GROUP: tl.constexpr):
-    """One group of a row x for the W4A8 GEMV: int8 xq = round(x / sx) with sx = |x| max / 127 (a group of the
-    weight's size keeps an outlier channel from flattening the rest), packed four to a word as the weight's
-    codes come out of its words: even k (8p, 8p+2, 8p+4, 8p+6) in xe[p], odd k in xo[p]; and sum_k xq."""
-    g = tl.program_id(0)
+def _quantize_groups(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, g0, NG: tl.constexpr, NG_PAD: tl.constexpr,
+                     GROUP: tl.constexpr):
+    """Groups g0 .. g0 + NG - 1 of a row x for the W4A8 GEMV: int8 xq = round(x / sx) with sx = |x| max / 127 per
+    group (a group of the weight's size keeps an outlier channel from flattening the rest), packed four to a word as
+    the weight's codes come out of its words: even k (8p, 8p+2, 8p+4, 8p+6) in xe[p], odd k in xo[p]; and sum_k xq."""
     RP: tl.constexpr = GROUP // 8
-    xg = tl.load(x_ptr + g * GROUP + tl.arange(0, GROUP)).to(tl.float32)
-    sx = tl.maximum(tl.max(tl.abs(xg), axis=0) / 127.0, 1e-30)
-    xs = xg / sx
+    gi = tl.arange(0, NG_PAD)
+    g_ok = gi < NG
+    xg = tl.load(x_ptr + (g0 + gi)[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=g_ok[:, None],
+                 other=0.0).to(tl.float32)  # [NG_PAD, GROUP]
+    sx = tl.maximum(tl.max(tl.abs(xg), axis=1) / 127.0, 1e-30)
+    xs = xg / sx[:, None]
     xq = (xs + tl.where(xs >= 0, 0.5, -0.5)).to(tl.int32)  # round half away from zero, |xq| <= 127
-    even, odd = tl.split(tl.reshape(xq, (RP, 4, 2)))  # [RP, 4]: k = 8p + 2i (+ 1)
-    shifts = (tl.arange(0, 4) * 8)[None, :]
-    p = g * RP + tl.arange(0, RP)
-    tl.store(xe_ptr + p, tl.sum((even & 0xFF) << shifts, axis=1))  # disjoint bits: the sum is an OR
-    tl.store(xo_ptr + p, tl.sum((odd & 0xFF) << shifts, axis=1))
-    tl.store(sx_ptr + g, sx)
-    tl.store(sq_ptr + g, tl.sum(xq, axis=0))
+    even, odd = tl.split(tl.reshape(xq, (NG_PAD, RP, 4, 2)))  # [NG_PAD, RP, 4]: k = 8p + 2i (+ 1)
+    shifts = (tl.arange(0, 4) * 8)[None, None, :]
+    p = (g0 + gi)[:, None] * RP + tl.arange(0, RP)[None, :]
+    tl.store(xe_ptr + p, tl.sum((even & 0xFF) << shifts, axis=2), mask=g_ok[:, None])  # disjoint bits: an OR
+    tl.store(xo_ptr + p, tl.sum((odd & 0xFF) << shifts, axis=2), mask=g_ok[:, None])
+    tl.store(sx_ptr + g0 + gi, sx, mask=g_ok)
+    tl.store(sq_ptr + g0 + gi, tl.sum(xq, axis=1), mask=g_ok)
 
 
 @triton.jit
-def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, final_ptr, count_ptr, N,
-                         K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
-                         ASM: tl.constexpr, STAGES: tl.constexpr, FUSED_SUM: tl.constexpr):
+def _quantize_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, GROUP: tl.constexpr):
+    """One group a program (_quantize_groups) before the W4A8 GEMV, when its prologue does not (FUSED["quant"])."""
+    _quantize_groups(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, tl.program_id(0), 1, 1, GROUP)
+
+
+@triton.jit
+def _int4_gemv_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, final_ptr, count_ptr,
+                         N, K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
+                         ASM: tl.constexpr, STAGES: tl.constexpr, FUSED_QUANT: tl.constexpr, NG_PAD: tl.constexpr,
+                         FUSED_SUM: tl.constexpr):
     """One row, group-wise int4 weights times int8 activations (W4A8, as llama.cpp's q4 x q8 dot products; x
     quantized by _quantize_a8_kernel). Word p of a column holds k = 8p + j in nibble j: the word masked with
     0x0F0F0F0F holds the even k as four bytes, shifted by 4 first the odd ones, so 8 codes cost one shift, two
@@ -292,6 +302,10 @@ def _int4_gemv_a8_kernel(xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, 
     once at the end (a sum across threads every step cost barriers that kept the loads from staying in flight)."""
     RP: tl.constexpr = GROUP // 8  # packed rows of a group
     KS: tl.constexpr = K // SPLIT_K
+    if FUSED_QUANT:  # this program's K slice of x quantized here (every column block writes the same values)
+        _quantize_groups(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, tl.program_id(1) * (KS // GROUP), KS // GROUP,
+                         NG_PAD, GROUP)
+        tl.debug_barrier()  # the slice is written before any thread of the program reads it
     offs_n, n_ok, r, zshift, w_ptrs = _int4_row_tile(qw_ptr, N, BLOCK_N, RP, KS)
     acc = tl.zeros((RP, BLOCK_N), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -564,21 +578,25 @@ ONE_ROW = {"fp4": "gemv", "int4": os.environ.get("COGVLM2_INT4_ONE_ROW", "gemv-a
 if ONE_ROW["int4"] not in ("gemv", "gemv2", "gemv-a8", "tile"):
     raise ValueError(f"COGVLM2_INT4_ONE_ROW={ONE_ROW['int4']!r}: choose gemv-a8, gemv, gemv2 or tile")
 FP4_ARITH = {"gemv": True}
-# FUSED_SUM[path]: with K split, the GEMV's last program per column block adds the float32 partials (an atomic
-# counter per block) instead of a second launch (_splitk_sum_kernel): one launch less per linear at batch 1. Off until
-# measured on a GPU (benchmarks/quant_gpu.py's sweep times both; the CUDA tests check it against the two launches)
-FUSED_SUM = {"gemv-a8": False}
+# A8_FUSED: the W4A8 GEMV's launches folded into it (three a linear unfused: quantize x, GEMV, split-K sum). "sum":
+# with K split, the GEMV's last program per column block adds the float32 partials (an atomic counter per block)
+# instead of _splitk_sum_kernel; "quant": each program quantizes its own K slice of x in its prologue (the same
+# arithmetic as _quantize_a8_kernel, written to the same buffers) instead of the quantize launch, while the slice has
+# at most A8_QUANT_MAX_GROUPS groups. Both bit-equal to the three launches (tests/test_quant_kernels.py); off until
+# measured on a GPU (benchmarks/quant_gpu.py's sweep times them and installs what is faster)
+A8_FUSED = {"sum": False, "quant": False}
+A8_QUANT_MAX_GROUPS = 32
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _block_counters(device: torch.device, blocks: int) -> torch.Tensor:
-    """FUSED_SUM's int32 counters, one per column block, zero between launches (the last program of a block puts
+    """A8_FUSED["sum"]'s int32 counters, one per column block, zero between launches (the last program of a block puts
     its counter back to 0). One buffer per device: the kernels using it run one after another on its stream.
     Allocated (zeroed) on first use, outside any CUDA graph capture: the engine's warm-up runs every shape first."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < blocks:
         if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("FUSED_SUM's counters must be allocated before CUDA graph capture (run the shape once)")
+            raise RuntimeError("the W4A8 sum's counters must be allocated before CUDA graph capture (run the shape once)")
         counters = _COUNTERS[device] = torch.zeros(max(blocks, 4096), dtype=torch.int32, device=device)
     return counters
 # The alternatives benchmarks/quant_gpu.py times on the real shapes (the first of each is the default above);
@@ -783,13 +801,17 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         xe = torch.empty(2, k // 8, dtype=torch.int32, device=x.device)  # even / odd k, four int8 a word
         sx = torch.empty(k // group, dtype=torch.float32, device=x.device)
         sq = torch.empty(k // group, dtype=torch.int32, device=x.device)
-        _quantize_a8_kernel[(k // group,)](x2, xe[0], xe[1], sx, sq, GROUP=group, num_warps=4)
-        fused = FUSED_SUM["gemv-a8"] and split > 1
-        count = _block_counters(x.device, triton.cdiv(n, block_n)) if fused else part
+        groups = k // group // split  # of a program's K slice
+        fused_quant = A8_FUSED["quant"] and groups <= A8_QUANT_MAX_GROUPS
+        if not fused_quant:
+            _quantize_a8_kernel[(k // group,)](x2, xe[0], xe[1], sx, sq, GROUP=group, num_warps=4)
+        fused_sum = A8_FUSED["sum"] and split > 1
+        count = _block_counters(x.device, triton.cdiv(n, block_n)) if fused_sum else part
         _int4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
-            xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, out, count, n, k, BLOCK_N=block_n, GROUP=group,
-            SPLIT_K=split, ASM=x.is_cuda, STAGES=stages, FUSED_SUM=fused, num_warps=warps, num_stages=stages)
-        split = 1 if fused else split  # nothing left for _finish
+            x2, xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, out, count, n, k, BLOCK_N=block_n, GROUP=group,
+            SPLIT_K=split, ASM=x.is_cuda, STAGES=stages, FUSED_QUANT=fused_quant,
+            NG_PAD=triton.next_power_of_2(groups), FUSED_SUM=fused_sum, num_warps=warps, num_stages=stages)
+        split = 1 if fused_sum else split  # nothing left for _finish
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("int4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
