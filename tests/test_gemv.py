@@ -19,6 +19,26 @@ SKINNY_SHAPES = [(2, 37, 200, (16, 64, 4, 2)), (5, 50, 300, (32, 128, 4, 3)), (1
                  (64, 16, 40, (16, 64, 4, 2)), (32, 70, 1000, (64, 128, 4, 3))]
 
 
+def check_rotary(device: str, dtype: torch.dtype, g: torch.Generator) -> None:
+    """gemv_rotary equals gemv then triton_ops.rotary_ bit for bit: heads of 16 and 128 rows, some not rotated (the
+    v heads), K off the block; and says what it cannot take."""
+    from cogvlm2.model.gemv import gemv, gemv_rotary
+    from cogvlm2.model.triton_ops import rotary_
+
+    for heads, rotated, head_dim, k, config in ((6, 4, 16, 200, (4, 64, 4, 2)), (3, 2, 128, 300, (8, 128, 4, 3))):
+        w = torch.randn(heads * head_dim, k, generator=g).to(device, dtype)
+        x = torch.randn(1, k, generator=g).to(device, dtype)
+        angle = torch.rand(1, head_dim // 2, generator=g) * 6
+        cos, sin = angle.cos().to(device), angle.sin().to(device)
+        two = gemv(x, w, config)
+        rotary_(two, cos, sin, rotated, head_dim)
+        assert torch.equal(gemv_rotary(x, w, cos, sin, rotated, head_dim, config), two), (heads, head_dim)
+    with pytest.raises(ValueError, match="heads of"):
+        gemv_rotary(x, w[:-1], cos, sin, 1, head_dim, config)
+    with pytest.raises(ValueError, match="float32"):
+        gemv_rotary(x, w, cos.to(dtype) if dtype != torch.float32 else cos[:, :-1], sin, 1, head_dim, config)
+
+
 def check(device: str, dtype: torch.dtype, tol: float) -> None:
     from cogvlm2.model.gemv import gemv, gemv_silu_mul, skinny, skinny_silu_mul
 
@@ -41,6 +61,7 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
         assert err < tol, (n, k, config, err)
     with pytest.raises(ValueError, match="against gate"):
         gemv_silu_mul(torch.zeros(1, 64, dtype=dtype, device=device), gate[:, :1], up[:, :1])
+    check_rotary(device, dtype, g)
     for m, n, k, config in SKINNY_SHAPES:  # a few rows on the tensor cores
         w = torch.randn(n, k, generator=g).to(device, dtype)
         x = torch.randn(m, k, generator=g).to(device, dtype)
@@ -75,6 +96,16 @@ def test_gemv_compiles_for_hopper():
     from cogvlm2.model import gemv as gm
     from tests.hopper_compile import compile_for_hopper
 
+    rotary = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+              "stride_wn": "i32", "ROTATED": "i32"}
+    for block_n, block_k, warps, stages in gm.CANDIDATES:  # the QKV projection with rotary: the same checks
+        kernel = compile_for_hopper(gm._gemv_rotary_kernel, rotary, dict(K=4096, HALF=64, BLOCK_N=block_n,
+                                                                         BLOCK_K=block_k, STAGES=stages, PDL=True),
+                                    num_warps=warps, num_stages=stages)
+        ptx = kernel.asm["ptx"]
+        assert ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, (block_n, block_k, stages)
+        launch, wait = ptx.index("griddepcontrol.launch_dependents"), ptx.index("griddepcontrol.wait")
+        assert launch < ptx.index("ld.global") < wait, (block_n, block_k, stages)
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_wn": "i32"}
     fused = {"x_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_gn": "i32",
              "stride_un": "i32"}
@@ -123,6 +154,16 @@ def test_gemv_cuda():
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     for config in CANDIDATES:
         assert torch.equal(gemv_silu_mul(x, gate, up, config), silu_mul(gemv(x, gate, config), gemv(x, up, config)))
+    # the QKV projection with rotary (40 of 48 heads rotated, as TP=1's q and k) equals gemv then rotary_
+    from cogvlm2.model.gemv import gemv_rotary
+    from cogvlm2.model.triton_ops import rotary_
+
+    qkv = torch.randn(6144, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    angle = torch.rand(1, 64, device="cuda") * 6
+    for config in CANDIDATES:
+        two = gemv(x, qkv, config)
+        rotary_(two, angle.cos(), angle.sin(), 40, 128)
+        assert torch.equal(gemv_rotary(x, qkv, angle.cos(), angle.sin(), 40, 128, config), two), config
     # the skinny GEMM at batched decode's row counts, every candidate, against cuBLAS
     from cogvlm2.model.gemv import SKINNY_CANDIDATES, skinny, skinny_silu_mul
 
@@ -137,7 +178,8 @@ def test_gemv_cuda():
 
 
 def test_linear_dispatch_falls_back_off_the_gpu_and_for_other_layers():
-    """ops.linear is the layer's own call wherever the GEMV or the skinny GEMM does not apply (CPU, a bias)."""
+    """ops.linear is the layer's own call wherever the GEMV or the skinny GEMM does not apply (CPU, a bias); so is
+    ops.qkv_rotary the projection then rotary_qkv."""
     from unittest import mock
 
     from cogvlm2.model import ops
@@ -152,12 +194,19 @@ def test_linear_dispatch_falls_back_off_the_gpu_and_for_other_layers():
                 assert torch.equal(ops.linear(layer, rows), layer(rows))
                 gated = ops.gate_up_silu_mul(layer, plain, rows)
                 assert torch.equal(gated, torch.nn.functional.silu(layer(rows)) * plain(rows))
+        angle = torch.rand(1, 1, generator=g)  # 8 rows: 2 q heads, 1 k and 1 v head of 2
+        with mock.patch.object(ops, "DECODE_QKV_ROTARY", True):
+            got = ops.qkv_rotary(plain, x, angle.cos(), angle.sin(), 2, 1, 2)
+        want = ops.rotary_qkv(plain(x), angle.cos(), angle.sin(), 2, 1, 2)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_engine_with_decode_gemv_equals_reference_cuda():
-    """The engine with batch-1 decode's linears (the MLP's gate / up fused) through the GEMV (CUDA graphs captured
-    with it) gives the reference loop's greedy tokens in float32 (only the summation order differs from cuBLAS)."""
+@pytest.mark.parametrize("qkv_rotary", [False, True])
+def test_engine_with_decode_gemv_equals_reference_cuda(qkv_rotary):
+    """The engine with batch-1 decode's linears (the MLP's gate / up fused; with qkv_rotary the QKV projection and
+    its rotary in one kernel) through the GEMV (CUDA graphs captured with it) gives the reference loop's greedy
+    tokens in float32 (only the summation order differs from cuBLAS)."""
     from unittest import mock
 
     from PIL import Image
@@ -168,17 +217,19 @@ def test_engine_with_decode_gemv_equals_reference_cuda():
     from cogvlm2.sampling_params import SamplingParams
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    calls, fused = [], []
-    real, real_fused = ops.gemv_kernel.gemv, ops.gemv_kernel.gemv_silu_mul
-    with mock.patch.object(ops, "DECODE_GEMV", True), \
+    calls, fused, rotated = [], [], []
+    real, real_fused, real_rotary = ops.gemv_kernel.gemv, ops.gemv_kernel.gemv_silu_mul, ops.gemv_kernel.gemv_rotary
+    with mock.patch.object(ops, "DECODE_GEMV", True), mock.patch.object(ops, "DECODE_QKV_ROTARY", qkv_rotary), \
             mock.patch.object(ops.gemv_kernel, "gemv", lambda x, w: calls.append(w.shape) or real(x, w)), \
+            mock.patch.object(ops.gemv_kernel, "gemv_rotary",
+                              lambda x, w, *a: rotated.append(w.shape) or real_rotary(x, w, *a)), \
             mock.patch.object(ops.gemv_kernel, "gemv_silu_mul",
                               lambda x, g, u: fused.append(g.shape) or real_fused(x, g, u)):
         llm = LLM("tiny-random", dtype="float32", device="cuda", max_num_seqs=4)
         params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
         prompts = [llm.processor("Count with me"), llm.processor("Describe.", image=Image.new("RGB", (64, 48)))]
         outs = [llm.generate([x], params, use_tqdm=False)[0].token_ids for x in prompts]
-    assert calls and fused  # the decode linears, lm_head and the MLP's gate / up went through them
+    assert calls and fused and bool(rotated) == qkv_rotary  # decode linears, lm_head, gate / up (QKV + rotary)
     with mock.patch.object(ops, "DECODE_GEMV", False):  # the reference loop with cuBLAS (the GEMV off)
         assert outs == [[t[0] for t in generate_ids(llm.engine.model, [x], params)] for x in prompts]
 

@@ -89,9 +89,13 @@ class VisionExpertAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         vis_qkv = getattr(self, "vision_expert_query_key_value", None)
-        qkv = route(x, batch, partial(ops.linear, self.language_expert_query_key_value), vis_qkv)  # [N, (Hq+2Hkv) d]
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim)
         # q [N, Hq, d], k / v [N, Hkv, d]; q and k rotated
-        q, k, v = ops.rotary_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        if vis_qkv is None or not batch.expert_segments:  # language rows only (decode): projection + rotary may fuse
+            q, k, v = ops.qkv_rotary(self.language_expert_query_key_value, x, cos, sin, *heads)
+        else:
+            qkv = route(x, batch, partial(ops.linear, self.language_expert_query_key_value), vis_qkv)  # [N, (Hq+2Hkv)d]
+            q, k, v = ops.rotary_qkv(qkv, cos, sin, *heads)
         out = batch.attention(self.layer_idx, q, k, v).reshape(n, self.num_heads * self.head_dim)
         dense = partial(ops.linear, self.language_expert_dense)
         out = route(out, batch, dense, getattr(self, "vision_expert_dense", None))

@@ -10,7 +10,9 @@ so the loads stay in flight while the products are summed; no split of K, so no 
 and the sum's order does not depend on scheduling. `benchmarks/kernels_gpu.py --only gemv` times it against cuBLAS
 on the language model's decode shapes at TP=1 and TP=2; `COGVLM2_DECODE_GEMV=0 / 1 benchmarks/engine_gpu.py` the engine
 without / with it (H200: 94% of copy bandwidth vs cuBLAS's 87% at TP=1, 83% vs 70% at TP=2; BENCHMARKS.md).
-`gemv_silu_mul` is the MLP's gate and up in one pass with the SiLU-and-multiply in its epilogue.
+`gemv_silu_mul` is the MLP's gate and up in one pass with the SiLU-and-multiply in its epilogue; `gemv_rotary` the
+attention's QKV projection with the rotary embedding of q and k in its epilogue (opt-in until measured:
+`COGVLM2_DECODE_QKV_ROTARY=1`, ops.qkv_rotary).
 
 `skinny` takes the same design to 2-64 rows (batched decode) on the tensor cores: cuBLAS's kernels for these shapes
 split K (a reduce launch each) and, on the profiles, stream the weights at ~84% of copy at batch 32. Measured on an
@@ -126,6 +128,70 @@ def gemv_silu_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
         _gemv_silu_mul_kernel[(triton.cdiv(n, block_n),)](x1, gate, up, out, n, gate.stride(0), up.stride(0), K=k,
                                                           BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
                                                           num_warps=warps, num_stages=stages, **pdl.options(x))
+    return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _gemv_rotary_kernel(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, stride_wn, ROTATED, K: tl.constexpr,
+                        HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                        PDL: tl.constexpr):
+    """out = W x for the fused QKV projection, heads of 2 * HALF rows, the first ROTATED of them rotated (half-split
+    rotary). A program takes BLOCK_N rows j of one head's first half and their partners j + HALF, two tiles of the
+    shape _gemv_kernel sums (so each sum is formed as it forms it), rounds the sums to the output dtype and rotates
+    them in float32 as triton_ops._rotary_kernel does: gemv then rotary_, bit for bit, in one launch."""
+    pdl.launch_dependents(PDL)
+    PER_HEAD: tl.constexpr = HALF // BLOCK_N
+    head = tl.program_id(0) // PER_HEAD
+    j = (tl.program_id(0) % PER_HEAD) * BLOCK_N + tl.arange(0, BLOCK_N)
+    lo = head * 2 * HALF + j
+    offs_k = tl.arange(0, BLOCK_K)
+    lo_ptrs = w_ptr + lo[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    hi_ptrs = lo_ptrs + HALF * stride_wn
+    k_ok = offs_k < K
+    a = tl.load(lo_ptrs, mask=k_ok[None, :], other=0.0)  # weights, before the wait (see _gemv_kernel)
+    b = tl.load(hi_ptrs, mask=k_ok[None, :], other=0.0)
+    pdl.wait(PDL)
+    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    acc_lo = a.to(tl.float32) * x
+    acc_hi = b.to(tl.float32) * x
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
+        k_ok = (k0 + offs_k) < K
+        x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc_lo += tl.load(lo_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32) * x
+        acc_hi += tl.load(hi_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32) * x
+    dtype = out_ptr.dtype.element_ty
+    x1 = tl.sum(acc_lo, axis=1).to(dtype)
+    x2 = tl.sum(acc_hi, axis=1).to(dtype)
+    if head < ROTATED:
+        c = tl.load(cos_ptr + j)
+        s = tl.load(sin_ptr + j)
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        x1 = (f1 * c - f2 * s).to(dtype)
+        x2 = (f1 * s + f2 * c).to(dtype)
+    tl.store(out_ptr + lo, x1)
+    tl.store(out_ptr + lo + HALF, x2)
+
+
+def gemv_rotary(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_rotated_heads: int,
+                head_dim: int, config: tuple[int, int, int, int] = CONFIG) -> torch.Tensor:
+    """x [..., K] (one row) @ weight [N, K]^T -> [..., N] with the first num_rotated_heads heads of head_dim rows
+    rotated by cos / sin [1, head_dim / 2] (float32): gemv then triton_ops.rotary_, bit for bit, one launch."""
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"gemv_rotary takes one row, got x of shape {tuple(x.shape)}")
+    n, k = weight.shape
+    half = head_dim // 2
+    block_n, block_k, warps, stages = config
+    if x.shape[-1] != k or weight.stride(-1) != 1 or n % head_dim or head_dim % 2 or half % block_n:
+        raise ValueError(f"gemv_rotary: x [..., {x.shape[-1]}] against a weight [{n}, {k}] (stride {weight.stride()})"
+                         f" in heads of {head_dim} rows, {block_n} rows a program")
+    if cos.shape != (1, half) or sin.shape != (1, half) or cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise ValueError(f"gemv_rotary: cos / sin must be float32 [1, {half}], got {tuple(cos.shape)} {cos.dtype}")
+    x1 = x.reshape(k).contiguous()
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    with _on(x):
+        _gemv_rotary_kernel[(n // head_dim * (half // block_n),)](
+            x1, weight, out, cos.contiguous(), sin.contiguous(), weight.stride(0), num_rotated_heads, K=k, HALF=half,
+            BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps, num_stages=stages, **pdl.options(x))
     return out.view(*x.shape[:-1], n)
 
 

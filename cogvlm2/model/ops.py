@@ -36,6 +36,9 @@ DECODE_GEMV = os.environ.get("COGVLM2_DECODE_GEMV", "1") != "0"
 # split) instead of cuBLAS: off, measured slower than cuBLAS at 8-64 rows on the H200 (gemv.py);
 # COGVLM2_DECODE_SKINNY=1 turns it on at import
 DECODE_SKINNY = os.environ.get("COGVLM2_DECODE_SKINNY", "0") == "1"
+# Batch-1 decode's QKV projection and the rotary of q and k in one kernel (gemv.gemv_rotary, one launch a layer
+# less, bit-equal to the two): off until measured on a GPU; COGVLM2_DECODE_QKV_ROTARY=1 turns it on at import
+DECODE_QKV_ROTARY = os.environ.get("COGVLM2_DECODE_QKV_ROTARY", "0") == "1"
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -182,6 +185,19 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
     rotate = _compiled(_rotate_qk) if _compiled_training(qkv) else _rotate_qk
     q, k = rotate(q.reshape(n, num_heads, head_dim), k.reshape(n, num_kv_heads, head_dim), cos, sin)
     return q, k, v.reshape(n, num_kv_heads, head_dim)
+
+
+def qkv_rotary(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+               num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rotary_qkv(linear(layer, x), ...): the projection of language rows and the rotary of q and k; one kernel
+    where the one-row GEMV applies and DECODE_QKV_ROTARY is set (the same numbers, bit for bit)."""
+    if DECODE_QKV_ROTARY and _gemv_applies(layer, x) and cos.dtype == torch.float32 and cos.shape[0] == 1 \
+            and (head_dim // 2) % gemv_kernel.CONFIG[0] == 0:
+        n, q_size, kv_size = x.shape[0], num_heads * head_dim, num_kv_heads * head_dim
+        qkv = gemv_kernel.gemv_rotary(x, layer.weight, cos, sin, num_heads + num_kv_heads, head_dim)
+        q, k, v = qkv.view(n, -1).split([q_size, kv_size, kv_size], dim=-1)
+        return q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim), v.view(n, num_kv_heads, head_dim)
+    return rotary_qkv(linear(layer, x), cos, sin, num_heads, num_kv_heads, head_dim)
 
 
 def _rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
