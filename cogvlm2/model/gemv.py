@@ -81,6 +81,29 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int
 
 
 @triton.jit
+def _two_tiles(x_ptr, a_ptrs, b_ptrs, row_ok, K: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+               PDL: tl.constexpr):
+    """Two [BLOCK_N, BLOCK_K] tiles of weight rows (pointers at k = 0) times one row x, each summed per lane over the
+    K steps exactly as _gemv_kernel sums its tile (float32 [BLOCK_N, BLOCK_K]); the first step's weights are loaded
+    before the PDL wait (see _gemv_kernel), x after it."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    b = tl.load(b_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    pdl.wait(PDL)
+    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    acc_a = a.to(tl.float32) * x
+    acc_b = b.to(tl.float32) * x
+    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
+        k_ok = (k0 + offs_k) < K
+        ok = row_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc_a += tl.load(a_ptrs + k0, mask=ok, other=0.0).to(tl.float32) * x
+        acc_b += tl.load(b_ptrs + k0, mask=ok, other=0.0).to(tl.float32) * x
+    return acc_a, acc_b
+
+
+@triton.jit
 def _gemv_silu_mul_kernel(x_ptr, g_ptr, u_ptr, out_ptr, N, stride_gn, stride_un, K: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """out[n] = silu(G[n] . x) * (U[n] . x): the MLP's gate and up rows in one pass over x, each sum exactly as
@@ -92,19 +115,7 @@ def _gemv_silu_mul_kernel(x_ptr, g_ptr, u_ptr, out_ptr, N, stride_gn, stride_un,
     offs_k = tl.arange(0, BLOCK_K)
     g_ptrs = g_ptr + offs_n[:, None].to(tl.int64) * stride_gn + offs_k[None, :]
     u_ptrs = u_ptr + offs_n[:, None].to(tl.int64) * stride_un + offs_k[None, :]
-    k_ok = offs_k < K
-    g = tl.load(g_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # weights, before the wait (see gemv)
-    u = tl.load(u_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-    pdl.wait(PDL)
-    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    acc_g = g.to(tl.float32) * x
-    acc_u = u.to(tl.float32) * x
-    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
-        k_ok = (k0 + offs_k) < K
-        ok = n_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        acc_g += tl.load(g_ptrs + k0, mask=ok, other=0.0).to(tl.float32) * x
-        acc_u += tl.load(u_ptrs + k0, mask=ok, other=0.0).to(tl.float32) * x
+    acc_g, acc_u = _two_tiles(x_ptr, g_ptrs, u_ptrs, n_ok, K, BLOCK_K, STAGES, PDL)
     dtype = out_ptr.dtype.element_ty
     g = tl.sum(acc_g, axis=1).to(dtype).to(tl.float32)
     u = tl.sum(acc_u, axis=1).to(dtype).to(tl.float32)
@@ -144,21 +155,8 @@ def _gemv_rotary_kernel(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, stride_wn, ROTA
     head = tl.program_id(0) // PER_HEAD
     j = (tl.program_id(0) % PER_HEAD) * BLOCK_N + tl.arange(0, BLOCK_N)
     lo = head * 2 * HALF + j
-    offs_k = tl.arange(0, BLOCK_K)
-    lo_ptrs = w_ptr + lo[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-    hi_ptrs = lo_ptrs + HALF * stride_wn
-    k_ok = offs_k < K
-    a = tl.load(lo_ptrs, mask=k_ok[None, :], other=0.0)  # weights, before the wait (see _gemv_kernel)
-    b = tl.load(hi_ptrs, mask=k_ok[None, :], other=0.0)
-    pdl.wait(PDL)
-    x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    acc_lo = a.to(tl.float32) * x
-    acc_hi = b.to(tl.float32) * x
-    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
-        k_ok = (k0 + offs_k) < K
-        x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        acc_lo += tl.load(lo_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32) * x
-        acc_hi += tl.load(hi_ptrs + k0, mask=k_ok[None, :], other=0.0).to(tl.float32) * x
+    lo_ptrs = w_ptr + lo[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+    acc_lo, acc_hi = _two_tiles(x_ptr, lo_ptrs, lo_ptrs + HALF * stride_wn, j < HALF, K, BLOCK_K, STAGES, PDL)
     dtype = out_ptr.dtype.element_ty
     x1 = tl.sum(acc_lo, axis=1).to(dtype)
     x2 = tl.sum(acc_hi, axis=1).to(dtype)
