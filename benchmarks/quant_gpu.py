@@ -402,13 +402,14 @@ def kernel_sweep(run: Run) -> None:
                        ONE_ROW={fmt: "gemv-a8"})
             tk.CONFIGS[(fmt, "gemv-a8")] = tuple(a8["config"])
             # the best config again with its launches folded in (A8_FUSED: the split-K sum, the quantizing of x)
-            variants = {(False, False): a8}
-            for fuse in ((True, False), (False, True), (True, True)):
+            # (and with PDL); one graph of independent linears, so PDL's gain shows only in the engine's decode
+            variants = {(False, False, False): a8}
+            for fuse in ((True, False, False), (False, True, False), (True, True, False), (True, True, True)):
                 variants[fuse] = sweep(fmt, "gemv-a8", 1, [a8["config"]],
-                                       f"int4 gemv-a8 fused sum {fuse[0]} quant {fuse[1]} (batch 1)",
-                                       ONE_ROW={fmt: "gemv-a8"}, A8_FUSED={"sum": fuse[0], "quant": fuse[1]})
+                                       f"int4 gemv-a8 fused sum {fuse[0]} quant {fuse[1]} pdl {fuse[2]} (batch 1)",
+                                       ONE_ROW={fmt: "gemv-a8"}, A8_FUSED=dict(zip(("sum", "quant", "pdl"), fuse)))
             fuse = max(variants, key=lambda f: variants[f]["GBps"])
-            tk.A8_FUSED.update(sum=fuse[0], quant=fuse[1])
+            tk.A8_FUSED.update(zip(("sum", "quant", "pdl"), fuse))
             best_one["gemv-a8"] = variants[fuse]
             # the float GEMV without reductions inside its loop (one group a step, the tile summed at the end)
             g2 = sweep(fmt, "gemv2", 1, tk.CANDIDATES[(fmt, "gemv2")], "int4 gemv2 (batch 1)", ONE_ROW={fmt: "gemv2"})
@@ -440,7 +441,7 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
         one_row, a8_fused = dict(tk.ONE_ROW), dict(tk.A8_FUSED)
         if fmt in ("int4-a8", "int4-a8f", "int4-g2"):  # the int4 weights through W4A8 (f: sum and quant folded in)
             tk.ONE_ROW["int4"] = "gemv2" if fmt == "int4-g2" else "gemv-a8"
-            tk.A8_FUSED.update(sum=fmt == "int4-a8f", quant=fmt == "int4-a8f")
+            tk.A8_FUSED.update(sum=fmt == "int4-a8f", quant=fmt == "int4-a8f", pdl=False)
             layers = [[_packed("int4", n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
         elif fmt == "bf16":

@@ -222,12 +222,15 @@ def test_w4a8_gemv_compiles_for_hopper():
             groups = k // 128 // split_k
             kernel = compile_for_hopper(tk._int4_gemv_a8_kernel, signature, dict(
                 K=k, BLOCK_N=block_n, GROUP=128, SPLIT_K=split_k, ASM=True, STAGES=stages, FUSED_QUANT=fused,
-                NG_PAD=triton.next_power_of_2(groups), FUSED_SUM=fused), num_warps=warps, num_stages=stages)
+                NG_PAD=triton.next_power_of_2(groups), FUSED_SUM=fused, PDL=fused), num_warps=warps,
+                num_stages=stages)
             ptx = kernel.asm["ptx"]
             assert "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, warps, fused)  # no spills
             assert ("cp.async" in ptx) == (stages > 1), (block_n, warps, stages)  # prefetched steps ahead
             # the sum: one acq_rel atomic at GPU scope on the block's counter, the partials read past L1
             assert ("atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx) == fused, (block_n, fused)
+            assert ("griddepcontrol.wait" in ptx) == fused, (block_n, fused)  # A8_FUSED["pdl"]: waits first
+            assert not fused or ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), block_n
 
 
 def test_int4_gemv2_compiles_for_hopper():
@@ -343,7 +346,7 @@ def test_w4a8_fused_in_cuda_graphs():
         x = torch.randn(1, k, generator=g).cuda().bfloat16()
         with torch.inference_mode(), _settings(tk, ONE_ROW={"int4": "gemv-a8"}):
             three = tk.int4_linear(x, qweight, qzeros, scales, 128)
-            with _settings(tk, A8_FUSED={"sum": True, "quant": True}):
+            with _settings(tk, A8_FUSED={"sum": True, "quant": True, "pdl": True}):
                 static = x.clone()
                 tk.int4_linear(static, qweight, qzeros, scales, 128)  # counters allocated outside the capture
                 graph = torch.cuda.CUDAGraph()

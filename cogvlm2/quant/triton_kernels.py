@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..model import pdl
+
 FUSED_MAX_ROWS = 64  # more rows than this: dequantize + cuBLAS
 
 
@@ -293,13 +295,14 @@ def _quantize_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, GROUP: tl.constex
 def _int4_gemv_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, final_ptr, count_ptr,
                          N, K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
                          ASM: tl.constexpr, STAGES: tl.constexpr, FUSED_QUANT: tl.constexpr, NG_PAD: tl.constexpr,
-                         FUSED_SUM: tl.constexpr):
+                         FUSED_SUM: tl.constexpr, PDL: tl.constexpr):
     """One row, group-wise int4 weights times int8 activations (W4A8, as llama.cpp's q4 x q8 dot products; x
     quantized by _quantize_a8_kernel). Word p of a column holds k = 8p + j in nibble j: the word masked with
     0x0F0F0F0F holds the even k as four bytes, shifted by 4 first the odd ones, so 8 codes cost one shift, two
     ANDs and two IDP4A against xe[p] / xo[p]; per group sum_k (q - z) s x ~= s sx (sum_k q xq - z sum_k xq).
     Each thread keeps its words' scaled dot products [packed row, column] over the K slice, summed across the tile
     once at the end (a sum across threads every step cost barriers that kept the loads from staying in flight)."""
+    pdl.enter(PDL)  # A8_FUSED["pdl"]
     RP: tl.constexpr = GROUP // 8  # packed rows of a group
     KS: tl.constexpr = K // SPLIT_K
     if FUSED_QUANT:  # this program's K slice of x quantized here (every column block writes the same values)
@@ -583,8 +586,10 @@ FP4_ARITH = {"gemv": True}
 # instead of _splitk_sum_kernel; "quant": each program quantizes its own K slice of x in its prologue (the same
 # arithmetic as _quantize_a8_kernel, written to the same buffers) instead of the quantize launch, while the slice has
 # at most A8_QUANT_MAX_GROUPS groups. Both bit-equal to the three launches (tests/test_quant_kernels.py); off until
-# measured on a GPU (benchmarks/quant_gpu.py's sweep times them and installs what is faster)
-A8_FUSED = {"sum": False, "quant": False}
+# measured on a GPU (benchmarks/quant_gpu.py's sweep times them and installs what is faster). "pdl": the GEMV launched
+# with programmatic dependent launch (model/pdl.py; with the three launches under PDL, int4 decode ran slower on the
+# H200: 320 -> 256 tok/s, BENCHMARKS.md; alone, folded, not yet measured)
+A8_FUSED = {"sum": False, "quant": False, "pdl": False}
 A8_QUANT_MAX_GROUPS = 32
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
@@ -810,7 +815,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         _int4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
             x2, xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, out, count, n, k, BLOCK_N=block_n, GROUP=group,
             SPLIT_K=split, ASM=x.is_cuda, STAGES=stages, FUSED_QUANT=fused_quant,
-            NG_PAD=triton.next_power_of_2(groups), FUSED_SUM=fused_sum, num_warps=warps, num_stages=stages)
+            NG_PAD=triton.next_power_of_2(groups), FUSED_SUM=fused_sum, num_warps=warps, num_stages=stages,
+            **(pdl.options(x) if A8_FUSED["pdl"] else {"PDL": False}))
         split = 1 if fused_sum else split  # nothing left for _finish
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("int4", "tile")]
