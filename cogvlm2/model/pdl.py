@@ -28,9 +28,13 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-ENABLED = os.environ.get("COGVLM2_PDL", "1") != "0"
+try:  # Triton >= 3.3 (griddepcontrol); older ones run the kernels without PDL
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gdc_launch_dependents = gdc_wait = None
+
+ENABLED = os.environ.get("COGVLM2_PDL", "1") != "0" and gdc_wait is not None
 
 
 @functools.cache
