@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (model/pdl.py): when it applies, how it is turned off, that the kernels compile
+"""Programmatic dependent launch (cogvlm2/pdl.py): when it applies, how it is turned off, that the kernels compile
 with it for sm_90, and on a GPU that a decode-shaped chain of the PDL kernels captured in a CUDA graph computes
 exactly what it computes without PDL, eagerly."""
 
@@ -13,14 +13,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from cogvlm2.model import pdl  # noqa: E402
+from cogvlm2 import pdl  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_off_the_gpu_and_opt_out():
     assert pdl.options(torch.zeros(2)) == {"PDL": False}  # Triton's interpreter: no launch option, no PTX
-    code = "from cogvlm2.model import pdl; print(pdl.ENABLED)"
+    code = "from cogvlm2 import pdl; print(pdl.ENABLED)"
     for value, expected in ((None, "True"), ("0", "False"), ("1", "True")):
         env = {k: v for k, v in os.environ.items() if k != "COGVLM2_PDL"}
         if value is not None:

@@ -27,11 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from .. import pdl
 from .triton_ops import _on
 
 # (BLOCK_N, BLOCK_K, warps, stages): 4 rows x 1,024 columns (8 KB of bf16) a step, 3 steps in flight; N = 4,096
-# gives 1,024 programs. Under PDL (model/pdl.py, on by default) the best of the candidates on the H200 (59521d4,
+# gives 1,024 programs. Under PDL (cogvlm2/pdl.py, on by default) the best of the candidates on the H200 (59521d4,
 # the decode linears in one graph): TP=1 shapes 3.51 ms (94% of copy), TP=2 1.86 ms (89%), where (8, 512, 4, 3),
 # the best without PDL (3.53 / 2.00 ms then), took 3.64 / 1.95
 CONFIG = (4, 1024, 4, 3)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from .. import pdl
 
 
 def _on(x: torch.Tensor) -> contextlib.AbstractContextManager:

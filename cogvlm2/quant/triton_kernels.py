@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..model import pdl
+from .. import pdl
 
 FUSED_MAX_ROWS = 64  # more rows than this: dequantize + cuBLAS
 
@@ -587,7 +587,7 @@ FP4_ARITH = {"gemv": True}
 # arithmetic as _quantize_a8_kernel, written to the same buffers) instead of the quantize launch, while the slice has
 # at most A8_QUANT_MAX_GROUPS groups. Both bit-equal to the three launches (tests/test_quant_kernels.py); off until
 # measured on a GPU (benchmarks/quant_gpu.py's sweep times them and installs what is faster). "pdl": the GEMV launched
-# with programmatic dependent launch (model/pdl.py; with the three launches under PDL, int4 decode ran slower on the
+# with programmatic dependent launch (cogvlm2/pdl.py; with the three launches under PDL, int4 decode ran slower on the
 # H200: 320 -> 256 tok/s, BENCHMARKS.md; alone, folded, not yet measured)
 A8_FUSED = {"sum": False, "quant": False, "pdl": False}
 A8_QUANT_MAX_GROUPS = 32
@@ -815,8 +815,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         _int4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
             x2, xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, out, count, n, k, BLOCK_N=block_n, GROUP=group,
             SPLIT_K=split, ASM=x.is_cuda, STAGES=stages, FUSED_QUANT=fused_quant,
-            NG_PAD=triton.next_power_of_2(groups), FUSED_SUM=fused_sum, num_warps=warps, num_stages=stages,
-            **(pdl.options(x) if A8_FUSED["pdl"] else {"PDL": False}))
+            NG_PAD=triton.next_power_of_2(groups) if fused_quant else 1, FUSED_SUM=fused_sum, num_warps=warps,
+            num_stages=stages, **(pdl.options(x) if A8_FUSED["pdl"] else {"PDL": False}))
         split = 1 if fused_sum else split  # nothing left for _finish
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("int4", "tile")]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...model import pdl
+from ... import pdl
 
 # Tuned on an H200 (benchmarks/kernels_gpu.py --only decode, 2,355-token contexts): (split, block_n, num_stages,
 # context_bound) from each batch size on. Small batches take short splits: (sequence, kv head) pairs alone cannot

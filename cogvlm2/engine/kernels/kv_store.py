@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...model import pdl
+from ... import pdl
 
 
 @triton.jit
