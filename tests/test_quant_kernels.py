@@ -213,6 +213,10 @@ def test_w4a8_gemv_compiles_for_hopper():
     signature = {"x_ptr": "*bf16", "xe_ptr": "*i32", "xo_ptr": "*i32", "sx_ptr": "*fp32", "sq_ptr": "*i32",
                  "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16",
                  "count_ptr": "*i32", "N": "i32"}
+    quantize = compile_for_hopper(tk._quantize_a8_kernel, {"x_ptr": "*bf16", "xe_ptr": "*i32", "xo_ptr": "*i32",
+                                                            "sx_ptr": "*fp32", "sq_ptr": "*i32"}, dict(GROUP=128),
+                                  num_warps=4).asm["ptx"]
+    assert "ld.local" not in quantize and quantize.count("st.global") >= 4  # xe, xo, sx, sq
     for block_n, _, warps, stages, split in tk.CANDIDATES[("int4", "gemv-a8")]:
         for fused in (False, True):  # A8_FUSED off, or both on (at the largest slice the quant may take)
             k = 14336 if fused else 4096
