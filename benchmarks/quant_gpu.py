@@ -292,6 +292,23 @@ def engine_figures(run: Run, mode: str, model, proc, x, want: set[str]) -> None:
     free()
 
 
+def a8_decode(run: Run, model, proc, x, variant: str) -> None:
+    """int4 decode batch 1 with triton_kernels.A8_FUSED set to `variant` ('off' or e.g. 'sum+quant+pdl') in a new
+    engine (its CUDA graphs capture the kernels as set), recorded as 'decode1_tok_s A8 variant'; A8_FUSED restored."""
+    from cogvlm2.quant import triton_kernels as tk
+
+    saved = dict(tk.A8_FUSED)
+    parts = set() if variant == "off" else set(variant.split("+"))
+    tk.A8_FUSED.update({k: k in parts for k in tk.A8_FUSED})
+    try:
+        engine = engine_for(model, proc)
+        run.put("int4", f"decode1_tok_s A8 {variant}", 1.0 / steady_step_time(engine, [x], 129))
+    finally:
+        tk.A8_FUSED.update(saved)
+        engine = None
+        free()
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 # [N, K] of the LM's linears: qkv, dense, gate, up, down
 LM_SHAPES = [(6144, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
@@ -491,7 +508,14 @@ def main() -> None:
                     help=f"what to measure, of {','.join(SECTIONS)} (decode: batch 1 and the batch-32 step); "
                          "e.g. --modes fp4,int4 --sections decode,sweep for the 4-bit decode figures alone")
     ap.add_argument("--no-sweep", action="store_true", help="same as leaving 'sweep' out of --sections")
+    ap.add_argument("--a8-fused", default="",
+                    help="int4 decode batch 1 again, a new engine each, with these settings of triton_kernels.A8_FUSED "
+                         "(comma-separated; each 'off' or parts joined by '+', e.g. off,sum+quant,sum+quant+pdl)")
     args = ap.parse_args()
+    a8_variants = [v for v in args.a8_fused.split(",") if v]
+    for v in a8_variants:
+        if v != "off" and set(v.split("+")) - {"sum", "quant", "pdl"}:
+            ap.error(f"--a8-fused {v!r}: parts are sum, quant, pdl (or 'off')")
     sections = {x for x in args.sections.split(",") if x}
     if sections - set(SECTIONS):
         ap.error(f"unknown sections {sorted(sections - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
@@ -563,6 +587,9 @@ def main() -> None:
                         lambda: peak_chat(run, mode, model, proc, chat), 15)
         if plan[mode]:
             run.section(f"{mode}: engine", lambda: engine_figures(run, mode, model, proc, chat, plan[mode]), 20)
+        if mode == "int4" and a8_variants:
+            for v in a8_variants:
+                run.section(f"int4: decode batch 1, A8_FUSED {v}", lambda v=v: a8_decode(run, model, proc, chat, v), 20)
         model = holder = None  # the sections above are done with it
         free()
     run.save()
