@@ -585,11 +585,11 @@ FP4_ARITH = {"gemv": True}
 # with K split, the GEMV's last program per column block adds the float32 partials (an atomic counter per block)
 # instead of _splitk_sum_kernel; "quant": each program quantizes its own K slice of x in its prologue (the same
 # arithmetic as _quantize_a8_kernel, written to the same buffers) instead of the quantize launch, while the slice has
-# at most A8_QUANT_MAX_GROUPS groups. Both bit-equal to the three launches (tests/test_quant_kernels.py); off until
-# measured on a GPU (benchmarks/quant_gpu.py's sweep times them and installs what is faster). "pdl": the GEMV launched
-# with programmatic dependent launch (cogvlm2/pdl.py; with the three launches under PDL, int4 decode ran slower on the
-# H200: 320 -> 256 tok/s, BENCHMARKS.md; alone, folded, not yet measured)
-A8_FUSED = {"sum": False, "quant": False, "pdl": False}
+# at most A8_QUANT_MAX_GROUPS groups. Both bit-equal to the three launches (tests/test_quant_kernels.py). "pdl": the
+# GEMV launched with programmatic dependent launch (cogvlm2/pdl.py). Measured on the H200 (BENCHMARKS.md, engine int4
+# decode batch 1, 2026-12-01): none 319.6 tok/s, **sum 334.6** (the default), sum + quant 316.8, sum + quant + pdl
+# 238.6 (the three launches under PDL: 256). benchmarks/quant_gpu.py's sweep times them and installs what is faster.
+A8_FUSED = {"sum": True, "quant": False, "pdl": False}
 A8_QUANT_MAX_GROUPS = 32
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
