@@ -56,6 +56,25 @@ def test_paged_matches_dense_causal():
             offset += q_lens[i]
 
 
+def test_stored_step_attends_to_what_the_model_wrote():
+    """A decode step whose K / V the model already wrote (stored=True, the fused QKV kernel's path) attends exactly
+    as the step that stores them itself; the CPU cache offers no destination (the model then never stores)."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, HQ, D), torch.randn(1, HKV, D), torch.randn(1, HKV, D)
+    meta = AttentionMetadata(torch.tensor([6]), torch.tensor([[3, 1]]), torch.tensor([7]), torch.tensor([0, 1]),
+                             [1], [7])
+    caches = [KVCache(1, 8, BS, HKV, D, torch.float32, "cpu") for _ in range(2)]
+    for c in caches:
+        c.kv.normal_()
+    caches[1].kv.copy_(caches[0].kv)
+    ref = PagedAttention(caches[0], meta)(0, q, k, v)
+    slot = caches[1].layers[0].view(2, -1, HKV, D)[:, 6]
+    slot[0], slot[1] = k[0], v[0]  # what the model's kernel writes at the step's slot
+    assert torch.equal(PagedAttention(caches[1], meta)(0, q, k * 0, v * 0, stored=True), ref)
+    assert torch.equal(caches[1].kv, caches[0].kv)
+    assert PagedAttention(caches[1], meta).kv_destination(0) is None
+
+
 def test_batched_decode_matches_reference():
     torch.manual_seed(1)
     cache = KVCache(1, 16, BS, HKV, D, torch.float32, "cpu")

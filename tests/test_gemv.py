@@ -33,6 +33,18 @@ def check_rotary(device: str, dtype: torch.dtype, g: torch.Generator) -> None:
         two = gemv(x, w, config)
         rotary_(two, cos, sin, rotated, head_dim)
         assert torch.equal(gemv_rotary(x, w, cos, sin, rotated, head_dim, config), two), (heads, head_dim)
+        # and with the K/V store: q heads, then as many k heads (rotated) as v heads (not) written into the paged
+        # cache at slot 5 exactly as engine.kernels.kv_store writes them; nothing else of the cache changes
+        kv_heads = heads - rotated
+        k_cache, v_cache = (torch.randn(4, 3, kv_heads, head_dim, generator=g).to(device, dtype) for _ in range(2))
+        k_want, v_want = k_cache.clone(), v_cache.clone()
+        k_new, v_new = two.view(heads, head_dim)[rotated - kv_heads:].split(kv_heads)
+        k_want.view(-1, kv_heads, head_dim)[5], v_want.view(-1, kv_heads, head_dim)[5] = k_new, v_new
+        slots = torch.tensor([5], device=device)
+        out = gemv_rotary(x, w, cos, sin, rotated, head_dim, config, store=(k_cache, v_cache, slots))
+        assert torch.equal(out, two) and torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want), heads
+    with pytest.raises(ValueError, match="store into caches"):  # a cache of another head size
+        gemv_rotary(x, w, cos, sin, rotated, head_dim, config, store=(k_cache[..., :-1], v_cache, slots))
     with pytest.raises(ValueError, match="heads of"):
         gemv_rotary(x, w[:-1], cos, sin, 1, head_dim, config)
     with pytest.raises(ValueError, match="float32"):
@@ -97,15 +109,17 @@ def test_gemv_compiles_for_hopper():
     from tests.hopper_compile import compile_for_hopper
 
     rotary = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-              "stride_wn": "i32", "ROTATED": "i32"}
+              "kc_ptr": "*bf16", "vc_ptr": "*bf16", "slot_ptr": "*i64", "stride_wn": "i32", "ROTATED": "i32",
+              "KV_HEADS": "i32"}
     for block_n, block_k, warps, stages in gm.CANDIDATES:  # the QKV projection with rotary: the same checks
-        kernel = compile_for_hopper(gm._gemv_rotary_kernel, rotary, dict(K=4096, HALF=64, BLOCK_N=block_n,
-                                                                         BLOCK_K=block_k, STAGES=stages, PDL=True),
-                                    num_warps=warps, num_stages=stages)
-        ptx = kernel.asm["ptx"]
-        assert ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, (block_n, block_k, stages)
-        launch, wait = ptx.index("griddepcontrol.launch_dependents"), ptx.index("griddepcontrol.wait")
-        assert launch < ptx.index("ld.global") < wait, (block_n, block_k, stages)
+        for store in (False, True):  # with the K/V store: two more stores a program, nothing else
+            kernel = compile_for_hopper(gm._gemv_rotary_kernel, rotary,
+                                        dict(K=4096, HALF=64, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+                                             STORE=store, PDL=True), num_warps=warps, num_stages=stages)
+            ptx = kernel.asm["ptx"]
+            assert ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, (block_n, block_k, stages)
+            launch, wait = ptx.index("griddepcontrol.launch_dependents"), ptx.index("griddepcontrol.wait")
+            assert launch < ptx.index("ld.global") < wait, (block_n, block_k, stages)
     signature = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_wn": "i32"}
     fused = {"x_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_gn": "i32",
              "stride_un": "i32"}
@@ -164,6 +178,13 @@ def test_gemv_cuda():
         two = gemv(x, qkv, config)
         rotary_(two, angle.cos(), angle.sin(), 40, 128)
         assert torch.equal(gemv_rotary(x, qkv, angle.cos(), angle.sin(), 40, 128, config), two), config
+        # with the K/V store into an engine-shaped paged cache (blocks of 16 slots, 8 k / v heads), slot 1,234
+        k_cache, v_cache = (torch.randn(100, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        k_want, v_want = k_cache.clone(), v_cache.clone()
+        k_want.view(-1, 1024)[1234], v_want.view(-1, 1024)[1234] = two[4096:5120], two[5120:]
+        out = gemv_rotary(x, qkv, angle.cos(), angle.sin(), 40, 128, config,
+                          store=(k_cache, v_cache, torch.tensor([1234], device="cuda")))
+        assert torch.equal(out, two) and torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want), config
     # the skinny GEMM at batched decode's row counts, every candidate, against cuBLAS
     from cogvlm2.model.gemv import SKINNY_CANDIDATES, skinny, skinny_silu_mul
 
@@ -196,16 +217,16 @@ def test_linear_dispatch_falls_back_off_the_gpu_and_for_other_layers():
                 assert torch.equal(gated, torch.nn.functional.silu(layer(rows)) * plain(rows))
         angle = torch.rand(1, 1, generator=g)  # 8 rows: 2 q heads, 1 k and 1 v head of 2
         with mock.patch.object(ops, "DECODE_QKV_ROTARY", True):
-            got = ops.qkv_rotary(plain, x, angle.cos(), angle.sin(), 2, 1, 2)
+            *got, stored = ops.qkv_rotary(plain, x, angle.cos(), angle.sin(), 2, 1, 2, store=(x, x, x))
         want = ops.rotary_qkv(plain(x), angle.cos(), angle.sin(), 2, 1, 2)
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)) and not stored  # nothing stored on the CPU
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("qkv_rotary", [False, True])
 def test_engine_with_decode_gemv_equals_reference_cuda(qkv_rotary):
-    """The engine with batch-1 decode's linears (the MLP's gate / up fused; with qkv_rotary the QKV projection and
-    its rotary in one kernel) through the GEMV (CUDA graphs captured with it) gives the reference loop's greedy
+    """The engine with batch-1 decode's linears (the MLP's gate / up fused; with qkv_rotary the QKV projection, its
+    rotary and the K/V store in one kernel) through the GEMV (CUDA graphs captured with it) gives the reference loop's greedy
     tokens in float32 (only the summation order differs from cuBLAS)."""
     from unittest import mock
 
@@ -221,15 +242,16 @@ def test_engine_with_decode_gemv_equals_reference_cuda(qkv_rotary):
     real, real_fused, real_rotary = ops.gemv_kernel.gemv, ops.gemv_kernel.gemv_silu_mul, ops.gemv_kernel.gemv_rotary
     with mock.patch.object(ops, "DECODE_GEMV", True), mock.patch.object(ops, "DECODE_QKV_ROTARY", qkv_rotary), \
             mock.patch.object(ops.gemv_kernel, "gemv", lambda x, w: calls.append(w.shape) or real(x, w)), \
-            mock.patch.object(ops.gemv_kernel, "gemv_rotary",
-                              lambda x, w, *a: rotated.append(w.shape) or real_rotary(x, w, *a)), \
+            mock.patch.object(ops.gemv_kernel, "gemv_rotary", lambda x, w, *a, store: rotated.append(store is not None)
+                              or real_rotary(x, w, *a, store=store)), \
             mock.patch.object(ops.gemv_kernel, "gemv_silu_mul",
                               lambda x, g, u: fused.append(g.shape) or real_fused(x, g, u)):
         llm = LLM("tiny-random", dtype="float32", device="cuda", max_num_seqs=4)
         params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
         prompts = [llm.processor("Count with me"), llm.processor("Describe.", image=Image.new("RGB", (64, 48)))]
         outs = [llm.generate([x], params, use_tqdm=False)[0].token_ids for x in prompts]
-    assert calls and fused and bool(rotated) == qkv_rotary  # decode linears, lm_head, gate / up (QKV + rotary)
+    # decode linears, lm_head, gate / up (QKV + rotary, which also stored K / V into the paged cache each time)
+    assert calls and fused and bool(rotated) == qkv_rotary and all(rotated)
     with mock.patch.object(ops, "DECODE_GEMV", False):  # the reference loop with cuBLAS (the GEMV off)
         assert outs == [[t[0] for t in generate_ids(llm.engine.model, [x], params)] for x in prompts]
 

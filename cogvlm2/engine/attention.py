@@ -121,16 +121,30 @@ class PagedAttention:
         self.attend = attend
         self._metas = {meta.slot_mapping.device: meta}
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 stored: bool = False) -> torch.Tensor:
+        """stored: k / v are in the cache already (written by the model where kv_destination said)."""
         kv = self.cache.layers[layer]
         k_cache, v_cache = kv[0], kv[1]  # [num_blocks + 1, bs, Hkv, d]
         meta = self._metas.get(kv.device) or self._meta_on(kv.device)
         if not self.cache.multi_device or kv.device.type != "cuda":
-            self._store(k_cache, v_cache, meta.slot_mapping, k, v)
+            if not stored:
+                self._store(k_cache, v_cache, meta.slot_mapping, k, v)
             return self.attend(q, k_cache, v_cache, meta)
         with torch.cuda.device(kv.device):  # kernels launch on the current device
-            self._store(k_cache, v_cache, meta.slot_mapping, k, v)
+            if not stored:
+                self._store(k_cache, v_cache, meta.slot_mapping, k, v)
             return self.attend(q, k_cache, v_cache, meta)
+
+    def kv_destination(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(k_cache, v_cache, slot_mapping) of `layer` where the model's decode kernel may write this step's K / V
+        itself (then calls with stored=True; model/batch.py's AttentionBackend): a contiguous CUDA cache on the
+        metadata's device; None elsewhere (CPU, pipeline stages' caches on other devices), where the store stays
+        here."""
+        kv = self.cache.layers[layer]
+        if kv.device.type != "cuda" or self.cache.multi_device or kv_store is None or not kv.is_contiguous():
+            return None
+        return kv[0], kv[1], self.meta.slot_mapping
 
     @staticmethod
     def _store(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,

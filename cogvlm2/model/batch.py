@@ -22,7 +22,11 @@ class AttentionBackend(Protocol):
     """Owns the KV cache layout and the masking rule; the model only hands it rotated q/k/v."""
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [N, Hq, d], k/v [N, Hkv, d] for the N tokens of this step -> [N, Hq, d]."""
+        """q [N, Hq, d], k/v [N, Hkv, d] for the N tokens of this step -> [N, Hq, d].
+
+        A backend may also offer `kv_destination(layer) -> (k_cache, v_cache, slots) | None`: where the model's
+        decode kernel may write this step's k / v itself (ops.qkv_rotary), after which it calls the backend with
+        `stored=True` (k / v already in the cache). Backends without it are never called so."""
         ...
 
 

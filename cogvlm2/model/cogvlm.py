@@ -91,12 +91,17 @@ class VisionExpertAttention(nn.Module):
         vis_qkv = getattr(self, "vision_expert_query_key_value", None)
         heads = (self.num_heads, self.num_kv_heads, self.head_dim)
         # q [N, Hq, d], k / v [N, Hkv, d]; q and k rotated
-        if vis_qkv is None or not batch.expert_segments:  # language rows only (decode): projection + rotary may fuse
-            q, k, v = ops.qkv_rotary(self.language_expert_query_key_value, x, cos, sin, *heads)
+        if vis_qkv is None or not batch.expert_segments:  # language rows only (decode): projection + rotary (+ the
+            # K/V store where the backend says where) may fuse
+            where = getattr(batch.attention, "kv_destination", None)
+            q, k, v, stored = ops.qkv_rotary(self.language_expert_query_key_value, x, cos, sin, *heads,
+                                             store=where(self.layer_idx) if where is not None else None)
         else:
             qkv = route(x, batch, partial(ops.linear, self.language_expert_query_key_value), vis_qkv)  # [N, (Hq+2Hkv)d]
-            q, k, v = ops.rotary_qkv(qkv, cos, sin, *heads)
-        out = batch.attention(self.layer_idx, q, k, v).reshape(n, self.num_heads * self.head_dim)
+            (q, k, v), stored = ops.rotary_qkv(qkv, cos, sin, *heads), False
+        out = batch.attention(self.layer_idx, q, k, v, stored=True) if stored else \
+            batch.attention(self.layer_idx, q, k, v)
+        out = out.reshape(n, self.num_heads * self.head_dim)
         dense = partial(ops.linear, self.language_expert_dense)
         out = route(out, batch, dense, getattr(self, "vision_expert_dense", None))
         return out if self.tp is None else self.tp.all_reduce(out)  # one reduce for both experts

@@ -143,13 +143,15 @@ def gemv_silu_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
 
 
 @triton.jit
-def _gemv_rotary_kernel(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, stride_wn, ROTATED, K: tl.constexpr,
-                        HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                        PDL: tl.constexpr):
+def _gemv_rotary_kernel(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, stride_wn, ROTATED,
+                        KV_HEADS, K: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        STAGES: tl.constexpr, STORE: tl.constexpr, PDL: tl.constexpr):
     """out = W x for the fused QKV projection, heads of 2 * HALF rows, the first ROTATED of them rotated (half-split
     rotary). A program takes BLOCK_N rows j of one head's first half and their partners j + HALF, two tiles of the
     shape _gemv_kernel sums (so each sum is formed as it forms it), rounds the sums to the output dtype and rotates
-    them in float32 as triton_ops._rotary_kernel does: gemv then rotary_, bit for bit, in one launch."""
+    them in float32 as triton_ops._rotary_kernel does: gemv then rotary_, bit for bit, in one launch. With STORE the
+    last 2 * KV_HEADS heads (k, then v) also go into the paged cache rows kc / vc [slots, KV_HEADS, 2 * HALF] at
+    slot slot_ptr[0], cast as kv_store._store_kv_kernel casts them (so its launch is not needed)."""
     pdl.launch_dependents(PDL)
     PER_HEAD: tl.constexpr = HALF // BLOCK_N
     head = tl.program_id(0) // PER_HEAD
@@ -168,12 +170,26 @@ def _gemv_rotary_kernel(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, stride_wn, ROTA
         x2 = (f1 * s + f2 * c).to(dtype)
     tl.store(out_ptr + lo, x1)
     tl.store(out_ptr + lo + HALF, x2)
+    if STORE:
+        kv_head = head - (ROTATED - KV_HEADS)  # 0 .. KV_HEADS - 1: k; KV_HEADS .. 2 KV_HEADS - 1: v
+        if kv_head >= 0:
+            row = tl.load(slot_ptr).to(tl.int64) * (KV_HEADS * 2 * HALF) + (kv_head % KV_HEADS) * 2 * HALF + j
+            if kv_head < KV_HEADS:
+                tl.store(kc_ptr + row, x1.to(kc_ptr.dtype.element_ty))
+                tl.store(kc_ptr + row + HALF, x2.to(kc_ptr.dtype.element_ty))
+            else:
+                tl.store(vc_ptr + row, x1.to(vc_ptr.dtype.element_ty))
+                tl.store(vc_ptr + row + HALF, x2.to(vc_ptr.dtype.element_ty))
 
 
 def gemv_rotary(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_rotated_heads: int,
-                head_dim: int, config: tuple[int, int, int, int] = CONFIG) -> torch.Tensor:
+                head_dim: int, config: tuple[int, int, int, int] = CONFIG,
+                store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [..., K] (one row) @ weight [N, K]^T -> [..., N] with the first num_rotated_heads heads of head_dim rows
-    rotated by cos / sin [1, head_dim / 2] (float32): gemv then triton_ops.rotary_, bit for bit, one launch."""
+    rotated by cos / sin [1, head_dim / 2] (float32): gemv then triton_ops.rotary_, bit for bit, one launch.
+    store (k_cache, v_cache, slots): the rows are q, k, v heads (as many k heads as v heads, k rotated, v not) and
+    k / v also go into k_cache / v_cache [..., Hkv, head_dim] (contiguous) at slot slots[0], as
+    engine.kernels.kv_store.store_kv would write them."""
     if x.numel() != x.shape[-1]:
         raise ValueError(f"gemv_rotary takes one row, got x of shape {tuple(x.shape)}")
     n, k = weight.shape
@@ -184,12 +200,24 @@ def gemv_rotary(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: t
                          f" in heads of {head_dim} rows, {block_n} rows a program")
     if cos.shape != (1, half) or sin.shape != (1, half) or cos.dtype != torch.float32 or sin.dtype != torch.float32:
         raise ValueError(f"gemv_rotary: cos / sin must be float32 [1, {half}], got {tuple(cos.shape)} {cos.dtype}")
+    kv_heads = 0
+    if store is not None:
+        k_cache, v_cache, slots = store
+        kv_heads = n // head_dim - num_rotated_heads
+        if kv_heads <= 0 or num_rotated_heads <= kv_heads or k_cache.shape[-2:] != (kv_heads, head_dim) \
+                or v_cache.shape != k_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous()) \
+                or slots.numel() < 1:
+            raise ValueError(f"gemv_rotary: store into caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} "
+                             f"needs [..., {kv_heads}, {head_dim}] contiguous and a slot")
+    else:
+        k_cache = v_cache = slots = x  # never read (STORE off)
     x1 = x.reshape(k).contiguous()
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     with _on(x):
         _gemv_rotary_kernel[(n // head_dim * (half // block_n),)](
-            x1, weight, out, cos.contiguous(), sin.contiguous(), weight.stride(0), num_rotated_heads, K=k, HALF=half,
-            BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps, num_stages=stages, **pdl.options(x))
+            x1, weight, out, cos.contiguous(), sin.contiguous(), k_cache, v_cache, slots, weight.stride(0),
+            num_rotated_heads, kv_heads, K=k, HALF=half, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+            STORE=store is not None, num_warps=warps, num_stages=stages, **pdl.options(x))
     return out.view(*x.shape[:-1], n)
 
 

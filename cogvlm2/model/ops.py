@@ -188,16 +188,20 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
 
 
 def qkv_rotary(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-               num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rotary_qkv(linear(layer, x), ...): the projection of language rows and the rotary of q and k; one kernel
-    where the one-row GEMV applies and DECODE_QKV_ROTARY is set (the same numbers, bit for bit)."""
+               num_kv_heads: int, head_dim: int, store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """rotary_qkv(linear(layer, x), ...) and whether k / v were also stored: the projection of language rows and the
+    rotary of q and k; one kernel where the one-row GEMV applies and DECODE_QKV_ROTARY is set (the same numbers, bit
+    for bit), which with `store` (k_cache, v_cache, slots: the attention backend's kv_destination) also writes k and
+    v into the paged cache (True last), so the backend's store launch is not needed."""
     if DECODE_QKV_ROTARY and _gemv_applies(layer, x) and cos.dtype == torch.float32 and cos.shape[0] == 1 \
             and (head_dim // 2) % gemv_kernel.CONFIG[0] == 0:
         n, q_size, kv_size = x.shape[0], num_heads * head_dim, num_kv_heads * head_dim
-        qkv = gemv_kernel.gemv_rotary(x, layer.weight, cos, sin, num_heads + num_kv_heads, head_dim)
+        qkv = gemv_kernel.gemv_rotary(x, layer.weight, cos, sin, num_heads + num_kv_heads, head_dim, store=store)
         q, k, v = qkv.view(n, -1).split([q_size, kv_size, kv_size], dim=-1)
-        return q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim), v.view(n, num_kv_heads, head_dim)
-    return rotary_qkv(linear(layer, x), cos, sin, num_heads, num_kv_heads, head_dim)
+        return (q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim), v.view(n, num_kv_heads, head_dim),
+                store is not None)
+    return (*rotary_qkv(linear(layer, x), cos, sin, num_heads, num_kv_heads, head_dim), False)
 
 
 def _rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
