@@ -11,7 +11,12 @@ from cogvlm2.sampling_params import SamplingParams
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_engine_cuda_greedy_equals_reference():
+@pytest.mark.parametrize("fold", [False, True])
+def test_engine_cuda_greedy_equals_reference(fold, monkeypatch):
+    """fold: decode attention's merge folded into its first launch (decode_attention.FOLD), graphs captured so."""
+    from cogvlm2.engine.kernels import decode_attention
+
+    monkeypatch.setattr(decode_attention, "FOLD", fold)
     torch.backends.cuda.matmul.allow_tf32 = False
     llm = LLM("tiny", dtype="float32", device="cuda", max_num_seqs=8, max_num_batched_tokens=96)
     assert llm.engine.runner.graphs is not None  # decode steps replay CUDA graphs

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .. import pdl
+from ..counters import counters
 
 FUSED_MAX_ROWS = 64  # more rows than this: dequantize + cuBLAS
 
@@ -591,19 +592,13 @@ FP4_ARITH = {"gemv": True}
 # 238.6 (the three launches under PDL: 256). benchmarks/quant_gpu.py's sweep times them and installs what is faster.
 A8_FUSED = {"sum": True, "quant": False, "pdl": False}
 A8_QUANT_MAX_GROUPS = 32
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _block_counters(device: torch.device, blocks: int) -> torch.Tensor:
-    """A8_FUSED["sum"]'s int32 counters, one per column block, zero between launches (the last program of a block puts
-    its counter back to 0). One buffer per device: the kernels using it run one after another on its stream.
-    Allocated (zeroed) on first use, outside any CUDA graph capture: the engine's warm-up runs every shape first."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < blocks:
-        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the W4A8 sum's counters must be allocated before CUDA graph capture (run the shape once)")
-        counters = _COUNTERS[device] = torch.zeros(max(blocks, 4096), dtype=torch.int32, device=device)
-    return counters
+    """A8_FUSED["sum"]'s int32 counters, one per column block (cogvlm2/counters.py)."""
+    return counters("W4A8 split-K sum", device, blocks)
+
+
 # The alternatives benchmarks/quant_gpu.py times on the real shapes (the first of each is the default above);
 # test_quant_kernels runs every one of them on the GPU.
 CANDIDATES = {

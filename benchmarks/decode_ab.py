@@ -1,0 +1,93 @@
+"""A / B of decode switches in one process: the full-size model with random bf16 weights built once, then for each
+setting a new engine (its CUDA graphs captured under that setting) and decode steps at batch 1 and / or batch 32,
+the settings taken in turn several rounds (A B A B ...) so drift of the card shows as spread, not as a difference.
+
+A setting is `module.ATTR=value[;module.ATTR=value...]` over cogvlm2's modules (values: 0 / 1 for switches, or a
+Python literal), e.g. the QKV projection + rotary + K/V store kernel off and on:
+
+    PYTHONPATH=. python benchmarks/decode_ab.py --set "model.ops.DECODE_QKV_ROTARY=0" \
+        --set "model.ops.DECODE_QKV_ROTARY=1" --rounds 2 --batches 1 --out ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gc
+import importlib
+import json
+from contextlib import ExitStack
+from unittest import mock
+
+import numpy as np
+import torch
+
+from benchmarks.common import copy_bandwidth, full_size_config, random_model
+from benchmarks.engine_gpu import QUESTION, image, steady_step_time
+from cogvlm2.engine.config import EngineConfig
+from cogvlm2.llm import LLMEngine
+from cogvlm2.processing import Processor
+from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
+
+
+def parse_setting(text: str) -> list[tuple[object, str, object]]:
+    """'model.ops.DECODE_GEMV=0;pdl.ENABLED=1' -> [(module, attr, value), ...]; unknown names are an error."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, raw = part.partition("=")
+        mod_name, _, attr = name.rpartition(".")
+        if not raw or not mod_name:
+            raise SystemExit(f"--set {part!r}: expected module.ATTR=value")
+        module = importlib.import_module(f"cogvlm2.{mod_name}")
+        if not hasattr(module, attr):
+            raise SystemExit(f"--set {part!r}: cogvlm2.{mod_name} has no {attr}")
+        value = ast.literal_eval(raw)
+        if isinstance(getattr(module, attr), bool):
+            value = bool(value)
+        out.append((module, attr, value))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", action="append", required=True, dest="settings", help="one setting (see above)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batches", default="1", help="comma-separated decode batches (1, 32)")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    settings = [(s, parse_setting(s)) for s in args.settings]
+    batches = [int(b) for b in args.batches.split(",")]
+    cfg = full_size_config()
+    model = random_model(cfg)
+    lang_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if "vision" not in n and "embed_tokens" not in n)
+    proc = Processor(cfg, Tokenizer(bundled_tokenizer_path()))
+    prompts = {1: [proc(QUESTION, image=image(0))], 32: [proc(QUESTION, image=image(200 + i)) for i in range(32)]}
+    results: dict[str, dict[str, list[float]]] = {s: {} for s, _ in settings}
+    print(f"copy {copy_bandwidth() / 1e9:,.0f} GB/s; language weights {lang_bytes / 1e9:.1f} GB", flush=True)
+    for r in range(args.rounds):
+        for text, patches in settings:
+            with ExitStack() as stack:
+                for module, attr, value in patches:
+                    stack.enter_context(mock.patch.object(module, attr, value))
+                engine = LLMEngine(model, EngineConfig(max_num_seqs=64, max_num_batched_tokens=8192,
+                                                       gpu_memory_utilization=0.9), proc)
+                for b in batches:
+                    t = steady_step_time(engine, prompts[b], 129 if b == 1 else 65)
+                    key = "decode1_tok_s" if b == 1 else f"decode{b}_step_ms"
+                    results[text].setdefault(key, []).append(1.0 / t if b == 1 else t * 1e3)
+                    print(f"round {r} [{text}] {key} {results[text][key][-1]:.2f}", flush=True)
+                del engine
+                gc.collect()
+                torch.cuda.empty_cache()
+    summary = {s: {k: {"median": float(np.median(v)), "all": v} for k, v in d.items()} for s, d in results.items()}
+    for s, d in summary.items():
+        print(f"{s}: " + ", ".join(f"{k} {v['median']:.2f}" for k, v in d.items()), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": copy_bandwidth() / 1e9,
+                       "settings": summary}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
