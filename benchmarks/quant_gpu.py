@@ -402,9 +402,18 @@ def kernel_sweep(run: Run) -> None:
         if run.left() < 40:
             run.data["skipped"].append(f"sweep {fmt}")
             continue
-        tile = sweep(fmt, "tile", 32, tk.CANDIDATES[(fmt, "tile")], f"{fmt} tile (batch 32)", ONE_ROW={fmt: "tile"})
-        tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])
+        tile = sweep(fmt, "tile", 32, tk.CANDIDATES[(fmt, "tile")], f"{fmt} tile (batch 32)", ONE_ROW={fmt: "tile"},
+                     **({"TILE_X_GATHER": {"int4": False}} if fmt == "int4" else {}))
         ranked = sorted(run.data["kernel_sweep"][f"{fmt} tile (batch 32)"], key=lambda r: -r["GBps"])[:2]
+        if fmt == "int4":  # the best three again with x gathered in the tile's K order
+            top = sorted(run.data["kernel_sweep"]["int4 tile (batch 32)"], key=lambda r: -r["GBps"])[:3]
+            gathered = sweep(fmt, "tile", 32, [r["config"] for r in top], "int4 tile x gathered (batch 32)",
+                             TILE_X_GATHER={"int4": True})
+            tk.TILE_X_GATHER["int4"] = gathered["GBps"] > tile["GBps"]
+            tile = max(tile, gathered, key=lambda r: r["GBps"])
+            label = "int4 tile x gathered (batch 32)" if tk.TILE_X_GATHER["int4"] else "int4 tile (batch 32)"
+            ranked = sorted(run.data["kernel_sweep"][label], key=lambda r: -r["GBps"])[:2]
+        tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])
         one_tile = sweep(fmt, "tile", 1, [r["config"] for r in ranked], f"{fmt} tile (batch 1)", ONE_ROW={fmt: "tile"})
         gemv = sweep(fmt, "gemv", 1, tk.CANDIDATES[(fmt, "gemv")], f"{fmt} gemv (batch 1)", ONE_ROW={fmt: "gemv"},
                      FP4_ARITH={"gemv": True})
@@ -436,9 +445,9 @@ def kernel_sweep(run: Run) -> None:
         tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])  # chosen at 32 rows
     run.data["kernel_configs"] = {f"{f} {p}": list(c) for (f, p), c in tk.CONFIGS.items()}
     run.data["one_row"], run.data["fp4_arith"] = dict(tk.ONE_ROW), dict(tk.FP4_ARITH)
-    run.data["a8_fused"] = dict(tk.A8_FUSED)
+    run.data["a8_fused"], run.data["tile_x_gather"] = dict(tk.A8_FUSED), dict(tk.TILE_X_GATHER)
     print(f"    installed: {run.data['kernel_configs']}, one row: {tk.ONE_ROW}, fp4 arith: {tk.FP4_ARITH}, "
-          f"W4A8 fused: {tk.A8_FUSED}", flush=True)
+          f"W4A8 fused: {tk.A8_FUSED}, tile x gathered: {tk.TILE_X_GATHER}", flush=True)
 
 
 def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:

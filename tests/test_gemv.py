@@ -181,7 +181,7 @@ def test_gemv_cuda():
         # with the K/V store into an engine-shaped paged cache (blocks of 16 slots, 8 k / v heads), slot 1,234
         k_cache, v_cache = (torch.randn(100, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         k_want, v_want = k_cache.clone(), v_cache.clone()
-        k_want.view(-1, 1024)[1234], v_want.view(-1, 1024)[1234] = two[4096:5120], two[5120:]
+        k_want.view(-1, 1024)[1234], v_want.view(-1, 1024)[1234] = two[0, 4096:5120], two[0, 5120:]
         out = gemv_rotary(x, qkv, angle.cos(), angle.sin(), 40, 128, config,
                           store=(k_cache, v_cache, torch.tensor([1234], device="cuda")))
         assert torch.equal(out, two) and torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want), config
@@ -288,17 +288,19 @@ def test_engine_with_decode_skinny_equals_reference_cuda():
         assert outs == [[t[0] for t in generate_ids(llm.engine.model, [x], params)] for x in prompts]
 
 
-def test_decode_gemv_default_and_opt_out():
-    """On by default; COGVLM2_DECODE_GEMV=0 in the environment (read at import) keeps cuBLAS."""
+@pytest.mark.parametrize("name", ["DECODE_GEMV", "DECODE_QKV_ROTARY"])
+def test_decode_gemv_default_and_opt_out(name):
+    """On by default; COGVLM2_<name>=0 in the environment (read at import) turns it off (cuBLAS, or the QKV
+    projection, rotary and K/V store as three launches)."""
     import os
     import subprocess
     import sys
 
-    code = "from cogvlm2.model import ops; print(ops.DECODE_GEMV)"
+    code = f"from cogvlm2.model import ops; print(ops.{name})"
     for value, expected in ((None, "True"), ("0", "False"), ("1", "True")):
-        env = {k: v for k, v in os.environ.items() if k != "COGVLM2_DECODE_GEMV"}
+        env = {k: v for k, v in os.environ.items() if k != f"COGVLM2_{name}"}
         if value is not None:
-            env["COGVLM2_DECODE_GEMV"] = value
+            env[f"COGVLM2_{name}"] = value
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)
 

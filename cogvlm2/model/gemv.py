@@ -11,8 +11,8 @@ and the sum's order does not depend on scheduling. `benchmarks/kernels_gpu.py --
 on the language model's decode shapes at TP=1 and TP=2; `COGVLM2_DECODE_GEMV=0 / 1 benchmarks/engine_gpu.py` the engine
 without / with it (H200: 94% of copy bandwidth vs cuBLAS's 87% at TP=1, 83% vs 70% at TP=2; BENCHMARKS.md).
 `gemv_silu_mul` is the MLP's gate and up in one pass with the SiLU-and-multiply in its epilogue; `gemv_rotary` the
-attention's QKV projection with the rotary embedding of q and k in its epilogue (opt-in until measured:
-`COGVLM2_DECODE_QKV_ROTARY=1`, ops.qkv_rotary).
+attention's QKV projection with the rotary embedding of q and k and the K/V store into the paged cache in its
+epilogue (ops.qkv_rotary; on by default, `COGVLM2_DECODE_QKV_ROTARY=0` keeps three launches).
 
 `skinny` takes the same design to 2-64 rows (batched decode) on the tensor cores: cuBLAS's kernels for these shapes
 split K (a reduce launch each) and, on the profiles, stream the weights at ~84% of copy at batch 32. Measured on an

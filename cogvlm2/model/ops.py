@@ -36,9 +36,11 @@ DECODE_GEMV = os.environ.get("COGVLM2_DECODE_GEMV", "1") != "0"
 # split) instead of cuBLAS: off, measured slower than cuBLAS at 8-64 rows on the H200 (gemv.py);
 # COGVLM2_DECODE_SKINNY=1 turns it on at import
 DECODE_SKINNY = os.environ.get("COGVLM2_DECODE_SKINNY", "0") == "1"
-# Batch-1 decode's QKV projection and the rotary of q and k in one kernel (gemv.gemv_rotary, one launch a layer
-# less, bit-equal to the two): off until measured on a GPU; COGVLM2_DECODE_QKV_ROTARY=1 turns it on at import
-DECODE_QKV_ROTARY = os.environ.get("COGVLM2_DECODE_QKV_ROTARY", "0") == "1"
+# Batch-1 decode's QKV projection, the rotary of q and k and the K/V store into the paged cache in one kernel
+# (gemv.gemv_rotary: two launches a layer less, bit-equal to the three). On by default: on the H200 235.8 -> 236.3
+# tok/s at batch 1 (benchmarks/decode_ab.py, two rounds each, BENCHMARKS.md); COGVLM2_DECODE_QKV_ROTARY=0 (read at
+# import) keeps the three
+DECODE_QKV_ROTARY = os.environ.get("COGVLM2_DECODE_QKV_ROTARY", "1") != "0"
 
 
 def _fused(x: torch.Tensor) -> bool:
