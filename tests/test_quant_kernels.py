@@ -117,9 +117,6 @@ def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5)
                     assert got.shape == (m, n) and got.dtype == dtype
                     err = _rel(got, x.float() @ ref_w.float().t())
                     assert err < tol, ("int4", kernel, n, k, group, m, err)
-                    if kernel == "tile":  # x gathered in the tile's K order: the same dot, bit for bit
-                        with _settings(tk, ONE_ROW={"int4": kernel}, TILE_X_GATHER={"int4": True}):
-                            assert torch.equal(tk.int4_linear(x, qweight, qzeros, scales, group), got), (n, k, m)
                 if m == 1:  # W4A8: x quantized to int8 per group of the weight's, ~0.3% of error
                     with _settings(tk, ONE_ROW={"int4": "gemv-a8"}):
                         got = tk.int4_linear(x, qweight, qzeros, scales, group)

@@ -354,7 +354,7 @@ def _int4_stats(qz_ptr, s_ptr, g, offs_n, n_ok, N):
 @triton.jit
 def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                     SPLIT_K: tl.constexpr, X_GATHER: tl.constexpr = False):
+                     SPLIT_K: tl.constexpr):
     """1..64 rows of x, group-wise int4, on tensor cores with the operands swapped: acc [BLOCK_N, BLOCK_M] = W x^T,
     so the weight tile is the MMA's 64-row side and the few rows of x its narrow side (never padded to 64).
 
@@ -362,9 +362,8 @@ def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexp
     so the tile holds c + q, made by OR-ing two nibbles into the mantissas of a 16-bit float pair (c = 128 in bf16,
     1024 in fp16: two codes for one shift and one AND-OR, exact). Nibbles j and j + 4 of a word share a pair, so the
     tile's K order is 8p + (0 4 1 5 2 6 3 7) and x's columns are permuted to match, in registers. fp32 (CPU
-    interpreter, fp32 models) converts the codes and keeps K in order. X_GATHER (16-bit x): x's rows are loaded in
-    the tile's K order (a gather from L1 / L2) instead of loaded in order and permuted in registers (which moves
-    them between threads); the same dot, bit for bit."""
+    interpreter, fp32 models) converts the codes and keeps K in order. (Loading x in the tile's K order instead, a
+    gather, ran at 400 GB/s against 672 on the H200 at 32 rows: BENCHMARKS.md, 2026-12-01.)"""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -395,13 +394,8 @@ def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexp
                             n_ok, N)
         words = tl.load(qw_ptr + ((k0 // 8 + p).to(tl.int64) * N)[None, :] + offs_n[:, None], mask=n_ok[:, None],
                         other=0)  # [BN, P]
-        if X_GATHER and DT != tl.float32:  # position i = 8p + 4b + 2a + h of the tile holds k = 8p + a + 2b + 4h
-            i = tl.arange(0, SUB)
-            kk = (i // 8) * 8 + (i // 2) % 2 + ((i // 4) % 2) * 2 + (i % 2) * 4
-            x = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + kk)[:, None], mask=m_ok[None, :], other=0.0)
-        else:
-            x = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + tl.arange(0, SUB))[:, None], mask=m_ok[None, :],
-                        other=0.0)  # [SUB, BM]
+        x = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + tl.arange(0, SUB))[:, None], mask=m_ok[None, :],
+                    other=0.0)  # [SUB, BM]
         if DT == tl.float32:
             q0, q1 = (words & 0xF).to(tl.float32), ((words >> 4) & 0xF).to(tl.float32)
             q2, q3 = ((words >> 8) & 0xF).to(tl.float32), ((words >> 12) & 0xF).to(tl.float32)
@@ -417,8 +411,7 @@ def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexp
             lo3, hi3 = _halves(((words >> 12) & 0x000F000F) | MAGIC, DT)
             t = tl.join(tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1)), tl.join(tl.join(lo2, hi2), tl.join(lo3, hi3)))
             w = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BLOCK_N, SUB))  # [.., 4b + 2a + h]: k = 8p + a + 2b + 4h
-            if not X_GATHER:
-                x = tl.reshape(tl.permute(tl.reshape(x, (P, 2, 2, 2, BLOCK_M)), (0, 2, 3, 1, 4)), (SUB, BLOCK_M))
+            x = tl.reshape(tl.permute(tl.reshape(x, (P, 2, 2, 2, BLOCK_M)), (0, 2, 3, 1, 4)), (SUB, BLOCK_M))
             d = tl.dot(w, x)
         xs = tl.sum(x.to(tl.float32), axis=0)  # [BM]
         acc += s_cur[:, None] * (d - (z_cur + c)[:, None] * xs[None, :])
@@ -597,12 +590,9 @@ FP4_ARITH = {"gemv": True}
 # at most A8_QUANT_MAX_GROUPS groups. Both bit-equal to the three launches (tests/test_quant_kernels.py). "pdl": the
 # GEMV launched with programmatic dependent launch (cogvlm2/pdl.py). Measured on the H200 (BENCHMARKS.md, engine int4
 # decode batch 1, 2026-12-01): none 319.6 tok/s, **sum 334.6** (the default), sum + quant 316.8, sum + quant + pdl
-# 238.6 (the three launches under PDL: 256). benchmarks/quant_gpu.py's sweep times them and installs what is faster.
+# 238.6 (the three launches under PDL: 256); `benchmarks/quant_gpu.py --a8-fused off,sum,...` times them in the engine.
 A8_FUSED = {"sum": True, "quant": False, "pdl": False}
 A8_QUANT_MAX_GROUPS = 32
-# the int4 tensor-core tile with x gathered in the tile's K order (_int4_mma_kernel's X_GATHER): off until measured
-# (benchmarks/quant_gpu.py's sweep times both and installs the faster)
-TILE_X_GATHER = {"int4": False}
 
 
 def _block_counters(device: torch.device, blocks: int) -> torch.Tensor:
@@ -832,8 +822,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         out, part = _outputs(m, n, split, x)
         _int4_mma_kernel[(triton.cdiv(n, block_n), split)](
             x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), out.stride(0), BLOCK_M=_rows(m),
-            BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split, X_GATHER=TILE_X_GATHER["int4"],
-            num_warps=warps, num_stages=stages)
+            BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split, num_warps=warps, num_stages=stages)
     _finish(part, out, split)
     return out.view(*x.shape[:-1], n)
 
