@@ -406,6 +406,11 @@ def kernel_sweep(run: Run) -> None:
         ranked = sorted(run.data["kernel_sweep"][f"{fmt} tile (batch 32)"], key=lambda r: -r["GBps"])[:2]
         tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])
         one_tile = sweep(fmt, "tile", 1, [r["config"] for r in ranked], f"{fmt} tile (batch 1)", ONE_ROW={fmt: "tile"})
+        if fmt == "int4":  # the W4A8 tile (rows quantized to int8, integer tensor cores) at 32 rows, if faster
+            ta8 = sweep(fmt, "tile-a8", 32, tk.CANDIDATES[(fmt, "tile-a8")], "int4 tile-a8 (batch 32)",
+                        TILE_A8={fmt: True})
+            tk.CONFIGS[(fmt, "tile-a8")] = tuple(ta8["config"])
+            tk.TILE_A8[fmt] = ta8["GBps"] > tile["GBps"]
         gemv = sweep(fmt, "gemv", 1, tk.CANDIDATES[(fmt, "gemv")], f"{fmt} gemv (batch 1)", ONE_ROW={fmt: "gemv"},
                      FP4_ARITH={"gemv": True})
         tk.CONFIGS[(fmt, "gemv")] = tuple(gemv["config"])
@@ -439,9 +444,9 @@ def kernel_sweep(run: Run) -> None:
         tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])  # chosen at 32 rows
     run.data["kernel_configs"] = {f"{f} {p}": list(c) for (f, p), c in tk.CONFIGS.items()}
     run.data["one_row"], run.data["fp4_arith"] = dict(tk.ONE_ROW), dict(tk.FP4_ARITH)
-    run.data["a8_fused"] = dict(tk.A8_FUSED)
+    run.data["a8_fused"], run.data["tile_a8"] = dict(tk.A8_FUSED), dict(tk.TILE_A8)
     print(f"    installed: {run.data['kernel_configs']}, one row: {tk.ONE_ROW}, fp4 arith: {tk.FP4_ARITH}, "
-          f"W4A8 fused: {tk.A8_FUSED}", flush=True)
+          f"W4A8 fused: {tk.A8_FUSED}, W4A8 tile: {tk.TILE_A8}", flush=True)
 
 
 def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
@@ -454,14 +459,16 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
     lut = formats.code_table("fp4", "cuda")
     table = tk.pair_table(lut, torch.bfloat16, True)
     res = run.data.setdefault("lm_step", {})
-    for fmt in ("int4", "int4-a8", "int4-a8f", "int4-g2", "fp4", "bf16", "tinygemm"):
+    for fmt in ("int4", "int4-a8", "int4-a8f", "int4-g2", "int4-ta8", "fp4", "bf16", "tinygemm"):
         if run.left() < 25:
             run.data["skipped"].append(f"lm_step {fmt}")
             continue
-        one_row, a8_fused = dict(tk.ONE_ROW), dict(tk.A8_FUSED)
-        if fmt in ("int4-a8", "int4-a8f", "int4-g2"):  # the int4 weights through W4A8 (f: sum and quant folded in)
+        one_row, a8_fused, tile_a8 = dict(tk.ONE_ROW), dict(tk.A8_FUSED), dict(tk.TILE_A8)
+        if fmt in ("int4-a8", "int4-a8f", "int4-g2", "int4-ta8"):  # the int4 weights through W4A8 (f: sum and
+            # quant folded in; ta8: the W4A8 tile, at several rows) or gemv2
             tk.ONE_ROW["int4"] = "gemv2" if fmt == "int4-g2" else "gemv-a8"
             tk.A8_FUSED.update(sum=fmt == "int4-a8f", quant=fmt == "int4-a8f", pdl=False)
+            tk.TILE_A8["int4"] = fmt == "int4-ta8"
             layers = [[_packed("int4", n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
         elif fmt == "bf16":
@@ -479,7 +486,7 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
         else:
             layers = [[_packed(fmt, n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
-        for m in (1,) if fmt in ("int4-a8", "int4-a8f", "int4-g2") else batches:
+        for m in (1,) if fmt in ("int4-a8", "int4-a8f", "int4-g2") else batches[1:] if fmt == "int4-ta8" else batches:
             xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
             calls = []
             for layer in layers:
@@ -496,6 +503,7 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
                   f"({nbytes / 1e9:.2f} GB)", flush=True)
         tk.ONE_ROW.update(one_row)
         tk.A8_FUSED.update(a8_fused)
+        tk.TILE_A8.update(tile_a8)
         layers = calls = xs = None
         free()
 

@@ -10,7 +10,8 @@ A single row reduces on the CUDA cores in float32 (or, per ONE_ROW, takes the ti
 tensor cores with the operands swapped (W x^T: the weight tile is the MMA's 64-row side, x's few rows the
 narrow one), the codes turned into 16-bit float pairs by bit operations (int4: c + q, the zero point and scale
 applied after the dot per group) or by one lookup per byte in a 256-entry pair table (fp4/nf4, absmax applied
-after one dot per block); the statistics are loaded a step ahead. Where N leaves too few programs, K is split
+after one dot per block); the statistics are loaded a step ahead. (TILE_A8, off until measured: int4's rows
+quantized to int8 per row and group, the codes unpacked to int8 in K order, the dot on the integer tensor cores.) Where N leaves too few programs, K is split
 (automatically, to cover the SMs) and a second kernel adds the float32 partials in a fixed order (deterministic).
 Prefill (many rows): the weight is dequantized into a bf16 buffer by one kernel and cuBLAS does the GEMM
 (the extra pass costs a few percent of a compute-bound GEMM). Nothing syncs with the host or picks configs
@@ -419,6 +420,62 @@ def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexp
 
 
 @triton.jit
+def _quantize_rows_kernel(x_ptr, xq_ptr, sx_ptr, sq_ptr, stride_xm, K: tl.constexpr, GROUP: tl.constexpr):
+    """Row m, group g of x [M, K] for the W4A8 tile: xq [M, K] int8 = round(x / sx) with sx = |x| max / 127 (rounded
+    as _quantize_groups rounds, half away from zero), sx [M, K / GROUP] float32, sq [M, K / GROUP] = sum_k xq."""
+    m = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    offs = g * GROUP + tl.arange(0, GROUP)
+    x = tl.load(x_ptr + m * stride_xm + offs).to(tl.float32)
+    sx = tl.maximum(tl.max(tl.abs(x), axis=0) / 127.0, 1e-30)
+    xs = x / sx
+    xq = (xs + tl.where(xs >= 0, 0.5, -0.5)).to(tl.int32)
+    tl.store(xq_ptr + m * K + offs, xq.to(tl.int8))
+    tl.store(sx_ptr + m * (K // GROUP) + g, sx)
+    tl.store(sq_ptr + m * (K // GROUP) + g, tl.sum(xq, axis=0))
+
+
+@triton.jit
+def _int4_a8_mma_kernel(xq_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr, stride_om,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
+    """2..64 rows, group-wise int4 weights times int8 activations on the integer tensor cores (W4A8 as the one-row
+    GEMV does it, for batched decode): acc [BLOCK_N, BLOCK_M] = W xq^T with the operands swapped as in
+    _int4_mma_kernel, one group a step. The codes become int8 by a shift and a mask each, joined in natural K order
+    (k = 8p + j: nibble j of packed row p), so x needs no permutation; the dot over the group is exact in int32 and
+    the zero point comes out of it: sum_k (q - z) xq = sum_k q xq - z sum_k xq, then the group's two scales."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    P: tl.constexpr = GROUP // 8  # packed rows of a group
+    NG: tl.constexpr = K // GROUP
+    STEPS: tl.constexpr = NG // SPLIT_K  # groups of a program's K slice
+    p = tl.arange(0, P)
+    zshift = (offs_n % 8) * 4
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    g_first = tl.program_id(1) * STEPS
+    zp, s = _int4_stats(qz_ptr, s_ptr, g_first, offs_n, n_ok, N)  # a step ahead, as in _int4_mma_kernel
+    for i in range(0, STEPS):
+        g = g_first + i
+        z_cur, s_cur = ((zp >> zshift) & 0xF).to(tl.float32), s
+        zp, s = _int4_stats(qz_ptr, s_ptr, g_first + tl.minimum(i + 1, STEPS - 1), offs_n, n_ok, N)
+        words = tl.load(qw_ptr + ((g * P + p).to(tl.int64) * N)[None, :] + offs_n[:, None], mask=n_ok[:, None],
+                        other=0)  # [BN, P]
+        q0, q1 = (words & 0xF).to(tl.int8), ((words >> 4) & 0xF).to(tl.int8)
+        q2, q3 = ((words >> 8) & 0xF).to(tl.int8), ((words >> 12) & 0xF).to(tl.int8)
+        q4, q5 = ((words >> 16) & 0xF).to(tl.int8), ((words >> 20) & 0xF).to(tl.int8)
+        q6, q7 = ((words >> 24) & 0xF).to(tl.int8), ((words >> 28) & 0xF).to(tl.int8)
+        t = tl.join(tl.join(tl.join(q0, q1), tl.join(q2, q3)), tl.join(tl.join(q4, q5), tl.join(q6, q7)))
+        w = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BLOCK_N, GROUP))  # [.., 4 e2 + 2 e1 + e0]: k = 8p + j
+        xq = tl.load(xq_ptr + offs_m[None, :] * K + (g * GROUP + tl.arange(0, GROUP))[:, None], mask=m_ok[None, :],
+                     other=0)  # [GROUP, BM] int8
+        d = tl.dot(w, xq, out_dtype=tl.int32).to(tl.float32)  # exact: |d| <= GROUP * 15 * 127 < 2^24
+        sxg = tl.load(sx_ptr + offs_m * NG + g, mask=m_ok, other=0.0)
+        sqg = tl.load(sq_ptr + offs_m * NG + g, mask=m_ok, other=0).to(tl.float32)
+        acc += s_cur[:, None] * sxg[None, :] * (d - z_cur[:, None] * sqg[None, :])
+    _store(out_ptr, tl.trans(acc), offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(1))
+
+
+@triton.jit
 def _fp4_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk, n_ok, NESTED: tl.constexpr):
     """float32 absmax of flat blocks blk (NESTED: nmap[a8] * nabs[blk // 256] + offset)."""
     # one return: Triton 3.6 type-checks every return of a function, even one behind a constexpr branch
@@ -574,6 +631,8 @@ CONFIGS = {
     # Best of its 11 candidates on the H200 (f56b1d2): 1,323 GB/s, below W4A8's 1,609; see _int4_gemv2_kernel
     ("int4", "gemv2"): (128, 128, 4, 1, -2),
     ("int4", "tile"): (128, 128, 4, 4, 0),  # one group (8 KB of codes) a step, 4 in flight
+    # TILE_A8's tile (BLOCK_N, unused, warps, stages, SPLIT_K): one group a step; not measured yet
+    ("int4", "tile-a8"): (128, 0, 4, 3, 0),
     ("int4", "dequant"): (64, 128, 4, 1),
 }
 # int4's one row: W4A8 (x quantized to int8 per weight group, symmetric, by a small kernel; ~0.5% of relative
@@ -593,6 +652,10 @@ FP4_ARITH = {"gemv": True}
 # 238.6 (the three launches under PDL: 256); `benchmarks/quant_gpu.py --a8-fused off,sum,...` times them in the engine.
 A8_FUSED = {"sum": True, "quant": False, "pdl": False}
 A8_QUANT_MAX_GROUPS = 32
+# 2-64 rows of int4 through the W4A8 tile (_int4_a8_mma_kernel: x quantized to int8 per row and group, integer
+# tensor cores) instead of the bf16-activation tile: off until measured on a GPU (benchmarks/quant_gpu.py's sweep
+# times it at 32 rows and turns it on if faster); ~0.5% of added error, as the one-row W4A8
+TILE_A8 = {"int4": False}
 
 
 def _block_counters(device: torch.device, blocks: int) -> torch.Tensor:
@@ -614,6 +677,8 @@ CANDIDATES = {
     ("int4", "gemv2"): [(128, 128, 4, 1, -2), (128, 128, 4, 3, -2), (128, 128, 4, 4, -4), (64, 128, 4, 3, -4),
                         (256, 128, 8, 3, -2), (128, 128, 8, 3, -2), (64, 128, 2, 4, -4), (256, 128, 4, 2, -2),
                         (256, 128, 4, 3, -2), (512, 128, 8, 2, -2), (512, 128, 8, 3, -1)],
+    ("int4", "tile-a8"): [(128, 0, 4, 3, 0), (64, 0, 4, 3, 0), (128, 0, 8, 3, 0), (256, 0, 8, 3, 0), (128, 0, 4, 4, -2),
+                          (64, 0, 4, 4, -2), (128, 0, 4, 2, 0)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
                        (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2), (128, 128, 4, 4, -2),
                        (128, 128, 4, 3, -4), (64, 128, 4, 4, -2)],
@@ -814,6 +879,17 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
             NG_PAD=triton.next_power_of_2(groups) if fused_quant else 1, FUSED_SUM=fused_sum, num_warps=warps,
             num_stages=stages, **(pdl.options(x) if A8_FUSED["pdl"] else {"PDL": False}))
         split = 1 if fused_sum else split  # nothing left for _finish
+    elif TILE_A8["int4"] and x2.stride(-1) == 1 and group % 32 == 0:  # int8 activations on the tensor cores
+        block_n, _, warps, stages, split = CONFIGS[("int4", "tile-a8")]
+        split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
+        out, part = _outputs(m, n, split, x)
+        xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
+        sx = torch.empty(m, k // group, dtype=torch.float32, device=x.device)
+        sq = torch.empty(m, k // group, dtype=torch.int32, device=x.device)
+        _quantize_rows_kernel[(m, k // group)](x2, xq, sx, sq, x2.stride(0), K=k, GROUP=group, num_warps=4)
+        _int4_a8_mma_kernel[(triton.cdiv(n, block_n), split)](
+            xq, sx, sq, qweight, qzeros, scales, part, m, n, k, out.stride(0), BLOCK_M=_rows(m), BLOCK_N=block_n,
+            GROUP=group, SPLIT_K=split, num_warps=warps, num_stages=stages)
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("int4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
