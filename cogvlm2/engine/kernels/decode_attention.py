@@ -26,8 +26,10 @@ NUM_WARPS = 4
 TILES = ((1, (128, 64, 2, False)), (8, (256, 64, 2, True)), (16, (512, 64, 2, True)), (24, (1024, 64, 2, True)))
 SWEEP_KV_HEADS = 8  # the sweep's kv heads (Llama-3-8B); the grid has batch x kv heads x splits programs
 # FOLD: the chunks' merge (_stage2) done by the last chunk of each (sequence, kv head) inside _stage1: one launch a
-# layer instead of two; bit-equal to the two launches (tests/test_kernels.py). Off until measured on a GPU
-# (benchmarks/decode_ab.py --set engine.kernels.decode_attention.FOLD=0 --set ...=1)
+# layer instead of two; bit-equal to the two launches (tests/test_kernels.py). Off: slower on the H200 (f5259c0,
+# benchmarks/decode_ab.py --set engine.kernels.decode_attention.FOLD=0 --set ...=1: batch 1 228.0 against 236.3
+# tok/s, batch 32 7.80 against 7.55 ms): the last chunk merges its query heads one after another, a serial tail
+# longer than the launch it saves (under PDL a launch costs well under a microsecond)
 FOLD = False
 
 
