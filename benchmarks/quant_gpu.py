@@ -109,6 +109,8 @@ def markdown(d: dict) -> str:
     if "ceilings" in d:
         c = d["ceilings"]
         lines += [f"Measured ceilings: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['bf16_TFLOPs']:.0f} TFLOP/s.", ""]
+    if d.get("embeddings_on_host"):
+        lines += ["Token embedding tables in host memory (--embeddings-on-host): not in the GPU figures.", ""]
     modes = ("bf16", "fp4", "fp4-dq", "int4", "fp8", "int8")
     knobs = [tuple(kv.split("=")) for kv in d.get("fp8_knobs_flipped", [])]
     lines += ["| figure | bf16 | fp4 (official int4 layout) | fp4-dq (8-bit absmax) | int4 (group 128) | fp8 | "
@@ -167,11 +169,19 @@ def free() -> None:
     torch.cuda.empty_cache()
 
 
+EMBEDDINGS_ON_HOST = False  # --embeddings-on-host: every model's token embedding table in host memory
+
+
 def build(cfg, mode: str):
-    """The random bf16 model (seed 0) quantized to `mode` in place, one layer at a time on the GPU."""
+    """The random bf16 model (seed 0) quantized to `mode` in place, one layer at a time on the GPU (with
+    EMBEDDINGS_ON_HOST, its token embedding table then moved to page-locked host memory)."""
     model = random_model(cfg, DEVICE)
     if mode != "bf16":
         quantize_model(model, mode, DEVICE, use_bitsandbytes=False if mode != "int8" else None)
+    if EMBEDDINGS_ON_HOST:
+        from cogvlm2.model.host_embedding import move_embeddings_to_host
+
+        move_embeddings_to_host(model)
     free()
     return model
 
@@ -522,7 +532,12 @@ def main() -> None:
     ap.add_argument("--a8-fused", default="",
                     help="int4 decode batch 1 again, a new engine each, with these settings of triton_kernels.A8_FUSED "
                          "(comma-separated; each 'off' or parts joined by '+', e.g. off,sum+quant,sum+quant+pdl)")
+    ap.add_argument("--embeddings-on-host", action="store_true",
+                    help="every model's token embedding table in page-locked host memory (EngineConfig."
+                         "embeddings_on_host): the weights and peaks without its 1.05 GB")
     args = ap.parse_args()
+    global EMBEDDINGS_ON_HOST
+    EMBEDDINGS_ON_HOST = args.embeddings_on_host
     a8_variants = [v for v in args.a8_fused.split(",") if v]
     for v in a8_variants:
         if v != "off" and set(v.split("+")) - {"sum", "quant", "pdl"}:
@@ -536,6 +551,7 @@ def main() -> None:
     if "bf16" in args.modes.split(",") or "errors" in sections:
         modes.insert(0, "bf16")
     run = Run(Path(args.out_dir), args.budget_s)
+    run.data["embeddings_on_host"] = args.embeddings_on_host
 
     def record_ceilings():
         bw, flops = ceilings()

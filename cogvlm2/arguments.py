@@ -65,6 +65,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="under --tensor-parallel-size: shard the vision tower over the GPUs too (the default: "
                         "faster time to first token and captioning) or replicate it on every GPU (no "
                         "collectives in the tower; each GPU holds all of it); docs/parallel.md")
+    p.add_argument("--embeddings-on-host", action="store_true",
+                   help="keep the token embedding table (1.05 GB) in page-locked host memory, read by the GPU over the "
+                        "bus: less GPU memory for a slightly slower prefill (one device only)")
     p.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="N",
                    help="consecutive layers on N GPUs in this process (e.g. the bf16 19B model on 2 x 24 GB cards); "
                         "for fitting, not speed; docs/parallel.md")

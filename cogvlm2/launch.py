@@ -36,7 +36,10 @@ def parse_lora(values: list[str] | None) -> dict[str, Path]:
 def engine_kwargs(args) -> dict:
     """EngineConfig fields given on the command line (the others keep their defaults)."""
     names = ("max_model_len", "max_num_seqs", "num_kv_blocks")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    kwargs = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "embeddings_on_host", False):
+        kwargs["embeddings_on_host"] = True
+    return kwargs
 
 
 @asynccontextmanager
@@ -98,6 +101,10 @@ def load_from_args(args):
                        quant=getattr(args, "quant", None),
                        pipeline_devices=ModelSpec(str(folder), device=device, pipeline_parallel_size=pipeline)
                        .pipeline_devices() if pipeline > 1 else None)
+    if getattr(args, "embeddings_on_host", False):
+        from .model.host_embedding import move_embeddings_to_host
+
+        move_embeddings_to_host(model)
     if getattr(args, "lora", None):
         from .finetune.lora import load_with_adapter
 
@@ -123,7 +130,8 @@ def load_engine_for_chat(args):
     engine = LLMEngine.from_pretrained(args.model, auto_dtype(args.dtype, device), device, quant=args.quant,
                                        adapters={CHAT_ADAPTER: lora} if lora else None,
                                        tensor_parallel_size=args.tensor_parallel_size,
-                                       shard_vision=shard_vision(args), max_num_seqs=1)
+                                       shard_vision=shard_vision(args), max_num_seqs=1,
+                                       embeddings_on_host=getattr(args, "embeddings_on_host", False))
     name = tiny_name(engine.model.checkpoint_path)
     if name:
         print(f"note: {args.model} is the {note(name)}.", file=sys.stderr)

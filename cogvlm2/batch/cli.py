@@ -98,6 +98,7 @@ def _engine_kwargs(args) -> dict:
             "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
             "quant": args.quant, "tensor_parallel_size": args.tensor_parallel_size,
             "pipeline_parallel_size": args.pipeline_parallel_size, "shard_vision": shard_vision(args),
+            "embeddings_on_host": args.embeddings_on_host,
             "adapters": parse_lora(args.lora)}
 
 

@@ -64,6 +64,12 @@ class EngineCore:
         """model: a built model, a ModelSpec (the worker builds it) or a worker (e.g. a group of ranks)."""
         self.worker = model if hasattr(model, "launch") else make_worker(model, attend)
         self.worker.load()
+        if config is not None and config.embeddings_on_host:  # before the KV pool is sized from free memory
+            move = getattr(self.worker, "move_embeddings_to_host", None)
+            if move is None:
+                raise ValueError("embeddings_on_host needs the model in this process on one device (not tensor "
+                                 "parallel)")
+            move()
         cfg = self.worker.model_config
         self.config = (config or EngineConfig()).for_model(cfg)
         num_blocks = self.worker.num_kv_blocks(self.config)

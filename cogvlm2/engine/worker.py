@@ -22,6 +22,7 @@ never learns how many devices ran the step. Pipeline stages would plug in the sa
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -37,6 +38,8 @@ from .config import EngineConfig
 from .memory import num_kv_blocks
 from .runner import LaunchedStep, ModelRunner
 from .scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,14 @@ class Worker:
         self.model.residual_stream = True  # an inference engine's model (cogvlm.py: the residual adds fused on CUDA)
         for name, path in self.spec.adapters.items():
             self.add_adapter(name, path)
+
+    def move_embeddings_to_host(self) -> None:
+        """EngineConfig.embeddings_on_host: the token embedding table into page-locked host memory."""
+        from ..model.host_embedding import move_embeddings_to_host
+
+        freed = move_embeddings_to_host(self.model)
+        if freed:
+            logger.info("token embeddings in host memory: %.2f GB of GPU memory freed", freed / 1e9)
 
     @property
     def model_config(self) -> ModelConfig:
