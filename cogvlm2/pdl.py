@@ -15,8 +15,9 @@ A kernel after a PDL kernel that is not launched with PDL (cuBLAS, torch ops, NC
 Not the 4-bit kernels (quant/triton_kernels.py): with PDL the int4 W4A8 chain (quantize x, GEMV, split-K sum) ran
 slower on the H200 (the LM's int4 linears at batch 1 in one graph 2.00 -> 2.43 ms; engine int4 decode 320 -> 256
 tok/s, BENCHMARKS.md), for a reason not found; the bf16 path gained (engine batch 1 226 -> 233, TP=2 279 -> 296).
-The W4A8 GEMV folded into one launch can take it again (quant/triton_kernels.py: A8_FUSED["pdl"], off until measured). CUDA
-graphs keep the dependencies (captured as programmatic edges). Off with COGVLM2_PDL=0 (read at import), and
+The W4A8 GEMV with its sum folded in, launched with PDL (quant/triton_kernels.py: A8_FUSED["pdl"]), was slower
+still (engine int4 decode 333 -> 239 tok/s, 2026-12-01), so it stays off. CUDA graphs keep the dependencies
+(captured as programmatic edges). Off with COGVLM2_PDL=0 (read at import), and
 always off the GPU (Triton's interpreter runs the kernels on the CPU in the tests) and before sm_90.
 """
 
