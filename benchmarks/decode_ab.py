@@ -3,7 +3,8 @@ setting a new engine (its CUDA graphs captured under that setting) and decode st
 the settings taken in turn several rounds (A B A B ...) so drift of the card shows as spread, not as a difference.
 
 A setting is `module.ATTR=value[;module.ATTR=value...]` over cogvlm2's modules (values: 0 / 1 for switches, or a
-Python literal), e.g. the QKV projection + rotary + K/V store kernel off and on:
+Python literal; `--quant int4` with e.g. `--set "quant.triton_kernels.A8_FUSED={'sum': True, 'quant': False,
+'pdl': True}"` for the 4-bit kernels), e.g. the QKV projection + rotary + K/V store kernel off and on:
 
     PYTHONPATH=. python benchmarks/decode_ab.py --set "model.ops.DECODE_QKV_ROTARY=0" \
         --set "model.ops.DECODE_QKV_ROTARY=1" --rounds 2 --batches 1 --out ab.json
@@ -53,12 +54,18 @@ def main() -> None:
     ap.add_argument("--set", action="append", required=True, dest="settings", help="one setting (see above)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batches", default="1", help="comma-separated decode batches (1, 32)")
+    ap.add_argument("--quant", help="the model quantized to this mode first (cogvlm2.quant.quantize_model), e.g. int4")
     ap.add_argument("--out")
     args = ap.parse_args()
     settings = [(s, parse_setting(s)) for s in args.settings]
     batches = [int(b) for b in args.batches.split(",")]
     cfg = full_size_config()
     model = random_model(cfg)
+    if args.quant:
+        from cogvlm2.quant import quantize_model
+
+        quantize_model(model, args.quant, model.device, use_bitsandbytes=False if args.quant != "int8" else None)
+        torch.cuda.empty_cache()
     lang_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                      if "vision" not in n and "embed_tokens" not in n)
     proc = Processor(cfg, Tokenizer(bundled_tokenizer_path()))
