@@ -45,6 +45,15 @@ def test_cpu_model_keeps_its_table_and_engine_answers_alike():
     assert move_embeddings_to_host(llm.engine.model) == 0
 
 
+def test_host_table_starts_on_a_page():
+    """The table is page-locked in place, so its memory starts on a page boundary (whatever the allocator gave)."""
+    from cogvlm2.model.host_embedding import PAGE, _page_aligned
+
+    for shape, dtype in (((1000, 77), torch.bfloat16), ((3, 5), torch.float32)):
+        t = _page_aligned(torch.Size(shape), dtype)
+        assert t.shape == shape and t.dtype == dtype and t.is_contiguous() and t.data_ptr() % PAGE == 0
+
+
 def test_refused_where_the_table_is_not_whole_on_one_device():
     """A worker that is not one device in this process (a tensor-parallel group) cannot take the option: a clear
     error before any memory is sized; so is a model whose table is split (tensor parallel) or on a stage."""

@@ -67,6 +67,17 @@ class HostEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, in host memory for {self.device}"
 
 
+PAGE = 4096
+
+
+def _page_aligned(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An empty host tensor whose memory starts on a page boundary (what page-locking in place registers)."""
+    nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    buf = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+    start = -buf.data_ptr() % PAGE
+    return buf[start:start + nbytes].view(dtype).view(shape)
+
+
 def _register(t: torch.Tensor, owner: object) -> None:
     """Page-lock t's memory in place and map it for every device (cudaHostRegisterPortable | Mapped); unregistered
     when `owner` (the module reading it) is freed."""
@@ -97,7 +108,7 @@ def move_embeddings_to_host(model: nn.Module) -> int:
         return 0
     if triton is None:
         raise RuntimeError("embeddings_on_host needs Triton (the gather kernel that reads the table over the bus)")
-    table = torch.empty(emb.weight.shape, dtype=emb.weight.dtype)  # ordinary host memory, then locked in place
+    table = _page_aligned(emb.weight.shape, emb.weight.dtype)  # ordinary host memory, then locked in place
     table.copy_(emb.weight.detach())
     freed = emb.weight.numel() * emb.weight.element_size()
     host = HostEmbedding(table, device)
