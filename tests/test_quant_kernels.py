@@ -118,7 +118,8 @@ def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5)
                     assert got.shape == (m, n) and got.dtype == dtype
                     err = _rel(got, x.float() @ ref_w.float().t())
                     assert err < tol, ("int4", kernel, n, k, group, m, err)
-                if m > 1 and group % 32 == 0:  # the W4A8 tile: ~0.7% from the int8 rows, next to the weights' ~10%
+                if m in (2, 17, 64):  # the W4A8 tile (padded to 16, 32, 64 rows): ~0.7% from the int8 rows, next to
+                    # the weights' ~10%
                     with _settings(tk, TILE_A8={"int4": True}):
                         got = tk.int4_linear(x, qweight, qzeros, scales, group)
                     exact = x.float() @ w.float().t()
@@ -306,7 +307,7 @@ def test_gemv_prefetch_compiles_for_hopper():
 
 
 def test_kernels_interpreted():
-    run_interpreted(__file__, "quant kernels ok")
+    run_interpreted(__file__, "quant kernels ok", timeout=600)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
