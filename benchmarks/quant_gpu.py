@@ -412,9 +412,10 @@ def kernel_sweep(run: Run) -> None:
         if run.left() < 40:
             run.data["skipped"].append(f"sweep {fmt}")
             continue
-        tile = sweep(fmt, "tile", 32, tk.CANDIDATES[(fmt, "tile")], f"{fmt} tile (batch 32)", ONE_ROW={fmt: "tile"})
-        ranked = sorted(run.data["kernel_sweep"][f"{fmt} tile (batch 32)"], key=lambda r: -r["GBps"])[:2]
+        tile = sweep(fmt, "tile", 32, tk.CANDIDATES[(fmt, "tile")], f"{fmt} tile (batch 32)", ONE_ROW={fmt: "tile"},
+                     TILE_A8={"int4": False})  # the bf16-activation tile, whatever TILE_A8's default
         tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])
+        ranked = sorted(run.data["kernel_sweep"][f"{fmt} tile (batch 32)"], key=lambda r: -r["GBps"])[:2]
         one_tile = sweep(fmt, "tile", 1, [r["config"] for r in ranked], f"{fmt} tile (batch 1)", ONE_ROW={fmt: "tile"})
         if fmt == "int4":  # the W4A8 tile (rows quantized to int8, integer tensor cores) at 32 rows, if faster
             ta8 = sweep(fmt, "tile-a8", 32, tk.CANDIDATES[(fmt, "tile-a8")], "int4 tile-a8 (batch 32)",

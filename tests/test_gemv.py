@@ -226,8 +226,8 @@ def test_linear_dispatch_falls_back_off_the_gpu_and_for_other_layers():
 @pytest.mark.parametrize("qkv_rotary", [False, True])
 def test_engine_with_decode_gemv_equals_reference_cuda(qkv_rotary):
     """The engine with batch-1 decode's linears (the MLP's gate / up fused; with qkv_rotary the QKV projection, its
-    rotary and the K/V store in one kernel) through the GEMV (CUDA graphs captured with it) gives the reference loop's greedy
-    tokens in float32 (only the summation order differs from cuBLAS)."""
+    rotary and the K/V store in one kernel) through the GEMV (CUDA graphs captured with it) gives the reference
+    loop's greedy tokens in float32 (only the summation order differs from cuBLAS)."""
     from unittest import mock
 
     from PIL import Image

@@ -68,10 +68,9 @@ def check_decode_kernel(device: str) -> None:
             assert err < 1e-4, (hq, hkv, lens, tiles, err)
             # the merge folded into the chunks' launch (the last chunk of each sequence and kv head merges): the
             # two launches' result bit for bit, and every counter back at 0 for the next launch
-            for fold in (False, True):
-                folded = paged_decode_attention(q, k, v, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5,
-                                                1024, fold=fold, **tiles)
-                assert torch.equal(folded, out), (hq, hkv, lens, tiles, fold)
+            folded = paged_decode_attention(q, k, v, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5, 1024,
+                                            fold=True, **tiles)
+            assert torch.equal(folded, out), (hq, hkv, lens, tiles)
     from cogvlm2.counters import _BUFFERS
 
     assert not any(buf.any() for buf in _BUFFERS.values())

@@ -142,7 +142,7 @@ class PagedAttention:
         metadata's device; None elsewhere (CPU, pipeline stages' caches on other devices), where the store stays
         here."""
         kv = self.cache.layers[layer]
-        if kv.device.type != "cuda" or self.cache.multi_device or kv_store is None or not kv.is_contiguous():
+        if kv.device.type != "cuda" or self.cache.multi_device or not kv.is_contiguous():
             return None
         return kv[0], kv[1], self.meta.slot_mapping
 
