@@ -413,15 +413,15 @@ def kernel_sweep(run: Run) -> None:
             run.data["skipped"].append(f"sweep {fmt}")
             continue
         tile = sweep(fmt, "tile", 32, tk.CANDIDATES[(fmt, "tile")], f"{fmt} tile (batch 32)", ONE_ROW={fmt: "tile"},
-                     TILE_A8={"int4": False})  # the bf16-activation tile, whatever TILE_A8's default
+                     TILE_A8={"int4": 0})  # the bf16-activation tile, whatever TILE_A8's default
         tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])
         ranked = sorted(run.data["kernel_sweep"][f"{fmt} tile (batch 32)"], key=lambda r: -r["GBps"])[:2]
         one_tile = sweep(fmt, "tile", 1, [r["config"] for r in ranked], f"{fmt} tile (batch 1)", ONE_ROW={fmt: "tile"})
-        if fmt == "int4":  # the W4A8 tile (rows quantized to int8, integer tensor cores) at 32 rows, if faster
-            ta8 = sweep(fmt, "tile-a8", 32, tk.CANDIDATES[(fmt, "tile-a8")], "int4 tile-a8 (batch 32)",
-                        TILE_A8={fmt: True})
+        if fmt == "int4":  # the W4A8 tile (rows quantized to int8, integer tensor cores) at 64 rows, where it
+            # serves (TILE_A8: from 33 rows on, set from the lmstep section's rows 2-64; kept as it is here)
+            ta8 = sweep(fmt, "tile-a8", 64, tk.CANDIDATES[(fmt, "tile-a8")], "int4 tile-a8 (batch 64)",
+                        TILE_A8={fmt: 2})
             tk.CONFIGS[(fmt, "tile-a8")] = tuple(ta8["config"])
-            tk.TILE_A8[fmt] = ta8["GBps"] > tile["GBps"]
         gemv = sweep(fmt, "gemv", 1, tk.CANDIDATES[(fmt, "gemv")], f"{fmt} gemv (batch 1)", ONE_ROW={fmt: "gemv"},
                      FP4_ARITH={"gemv": True})
         tk.CONFIGS[(fmt, "gemv")] = tuple(gemv["config"])
@@ -460,7 +460,10 @@ def kernel_sweep(run: Run) -> None:
           f"W4A8 fused: {tk.A8_FUSED}, W4A8 tile: {tk.TILE_A8}", flush=True)
 
 
-def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
+LM_FORMATS = ("int4", "int4-a8", "int4-a8f", "int4-g2", "int4-ta8", "fp4", "bf16", "tinygemm")
+
+
+def lm_step(run: Run, batches=(1, 16, 32, 64), fmts=LM_FORMATS) -> None:
     """The language model's linears of one decode step (32 layers x 5 shapes, distinct weights: 3.7 GB of int4,
     4.1 GB of fp4, 14 GB of bf16) in one CUDA graph, at each batch: ms and GB/s of weights, beside bf16 cuBLAS
     and the same int4 weights through torch's own int4 kernel ("tinygemm", `aten._weight_int4pack_mm`: a
@@ -470,7 +473,7 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
     lut = formats.code_table("fp4", "cuda")
     table = tk.pair_table(lut, torch.bfloat16, True)
     res = run.data.setdefault("lm_step", {})
-    for fmt in ("int4", "int4-a8", "int4-a8f", "int4-g2", "int4-ta8", "fp4", "bf16", "tinygemm"):
+    for fmt in fmts:
         if run.left() < 25:
             run.data["skipped"].append(f"lm_step {fmt}")
             continue
@@ -479,7 +482,7 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
             # quant folded in; ta8: the W4A8 tile, at several rows) or gemv2
             tk.ONE_ROW["int4"] = "gemv2" if fmt == "int4-g2" else "gemv-a8"
             tk.A8_FUSED.update(sum=fmt == "int4-a8f", quant=fmt == "int4-a8f", pdl=False)
-            tk.TILE_A8["int4"] = fmt == "int4-ta8"
+            tk.TILE_A8["int4"] = 2 if fmt == "int4-ta8" else 0
             layers = [[_packed("int4", n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
         elif fmt == "bf16":
@@ -494,10 +497,13 @@ def lm_step(run: Run, batches=(1, 16, 32, 64)) -> None:
                     layer.append((formats.tinygemm_pack(codes), sz))
                 layers.append(layer)
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
-        else:
+        else:  # int4: the bf16-activation tile at 2+ rows (TILE_A8 off), whatever the module's default
+            tk.TILE_A8["int4"] = 0
             layers = [[_packed(fmt, n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
-        for m in (1,) if fmt in ("int4-a8", "int4-a8f", "int4-g2") else batches[1:] if fmt == "int4-ta8" else batches:
+        rows = [m for m in batches if m == 1] if fmt in ("int4-a8", "int4-a8f", "int4-g2") else [
+            m for m in batches if m > 1] if fmt == "int4-ta8" else batches
+        for m in rows:
             xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 14336)}
             calls = []
             for layer in layers:
@@ -529,6 +535,8 @@ def main() -> None:
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"what to measure, of {','.join(SECTIONS)} (decode: batch 1 and the batch-32 step); "
                          "e.g. --modes fp4,int4 --sections decode,sweep for the 4-bit decode figures alone")
+    ap.add_argument("--lmstep-batches", default="1,16,32,64", help="rows of x in the lmstep section")
+    ap.add_argument("--lmstep-formats", default=",".join(LM_FORMATS), help=f"of {','.join(LM_FORMATS)}")
     ap.add_argument("--no-sweep", action="store_true", help="same as leaving 'sweep' out of --sections")
     ap.add_argument("--a8-fused", default="",
                     help="int4 decode batch 1 again, a new engine each, with these settings of triton_kernels.A8_FUSED "
@@ -551,6 +559,10 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m and m != "bf16"]
     if "bf16" in args.modes.split(",") or "errors" in sections:
         modes.insert(0, "bf16")
+    lm_batches = tuple(int(b) for b in args.lmstep_batches.split(","))
+    lm_formats = tuple(f for f in args.lmstep_formats.split(",") if f)
+    if set(lm_formats) - set(LM_FORMATS):
+        ap.error(f"--lmstep-formats: unknown {sorted(set(lm_formats) - set(LM_FORMATS))}")
     run = Run(Path(args.out_dir), args.budget_s)
     run.data["embeddings_on_host"] = args.embeddings_on_host
 
@@ -564,7 +576,7 @@ def main() -> None:
         run.section("4-bit kernel config sweep", lambda: kernel_sweep(run), 60)
         free()
     if "lmstep" in sections:
-        run.section("LM linears of one decode step", lambda: lm_step(run), 30)
+        run.section("LM linears of one decode step", lambda: lm_step(run, lm_batches, lm_formats), 30)
         free()
 
     if not modes:  # kernel sections only: no model, no tokenizer

@@ -101,7 +101,8 @@ def test_engine_with_host_table_equals_device_table_cuda():
     outs, held = [], []
     for on_host in (False, True):
         torch.cuda.empty_cache()
-        llm = LLM("tiny", dtype="float32", device="cuda", max_num_seqs=4, num_kv_blocks=64, embeddings_on_host=on_host)
+        llm = LLM("tiny", dtype="float32", device="cuda", max_num_seqs=4, num_kv_blocks=64, max_model_len=512,
+                  embeddings_on_host=on_host)
         assert llm.engine.runner.graphs is not None
         emb = llm.engine.model.model.embed_tokens
         assert isinstance(emb, HostEmbedding) == on_host and emb.weight.device.type == ("cpu" if on_host else "cuda")

@@ -113,14 +113,14 @@ def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5)
             for m in rows:
                 x = torch.randn(m, k, generator=g).to(device, dtype)
                 for kernel, _ in _row_kernels(m, False) + ([("gemv2", False)] if m == 1 else []):
-                    with _settings(tk, ONE_ROW={"int4": kernel}):
+                    with _settings(tk, ONE_ROW={"int4": kernel}, TILE_A8={"int4": 0}):  # bf16 tile (W4A8: below)
                         got = tk.int4_linear(x, qweight, qzeros, scales, group)
                     assert got.shape == (m, n) and got.dtype == dtype
                     err = _rel(got, x.float() @ ref_w.float().t())
                     assert err < tol, ("int4", kernel, n, k, group, m, err)
                 if m in (2, 17, 64):  # the W4A8 tile (padded to 16, 32, 64 rows): ~0.7% from the int8 rows, next to
                     # the weights' ~10%
-                    with _settings(tk, TILE_A8={"int4": True}):
+                    with _settings(tk, TILE_A8={"int4": 2}):
                         got = tk.int4_linear(x, qweight, qzeros, scales, group)
                     exact = x.float() @ w.float().t()
                     w4a16, w4a8 = _rel(x.float() @ ref_w.float().t(), exact), _rel(got, exact)
@@ -339,7 +339,7 @@ def test_every_candidate_config_cuda():
                 for config in configs:
                     for arith in (True, False) if (fmt, path) == ("fp4", "gemv") else (False,):
                         with _settings(tk, CONFIGS={(fmt, path): config}, ONE_ROW={fmt: path},
-                                       FP4_ARITH={"gemv": arith}, TILE_A8={"int4": path == "tile-a8"}):
+                                       FP4_ARITH={"gemv": arith}, TILE_A8={"int4": 2 if path == "tile-a8" else 0}):
                             if fmt == "int4":
                                 got = tk.int4_linear(x, qweight, qzeros, scales, 128)
                                 err = _rel(got, x.float() @ ref_int4.t())

@@ -10,7 +10,7 @@ A single row reduces on the CUDA cores in float32 (or, per ONE_ROW, takes the ti
 tensor cores with the operands swapped (W x^T: the weight tile is the MMA's 64-row side, x's few rows the
 narrow one), the codes turned into 16-bit float pairs by bit operations (int4: c + q, the zero point and scale
 applied after the dot per group) or by one lookup per byte in a 256-entry pair table (fp4/nf4, absmax applied
-after one dot per block); the statistics are loaded a step ahead. (TILE_A8, off until measured: int4's rows
+after one dot per block); the statistics are loaded a step ahead. (int4 from TILE_A8's 33 rows on: the rows
 quantized to int8 per row and group, the codes unpacked to int8 in K order, the dot on the integer tensor cores.)
 Where N leaves too few programs, K is split (automatically, to cover the SMs) and a second kernel adds the float32
 partials in a fixed order (deterministic).
@@ -636,8 +636,9 @@ CONFIGS = {
     # Best of its 11 candidates on the H200 (f56b1d2): 1,323 GB/s, below W4A8's 1,609; see _int4_gemv2_kernel
     ("int4", "gemv2"): (128, 128, 4, 1, -2),
     ("int4", "tile"): (128, 128, 4, 4, 0),  # one group (8 KB of codes) a step, 4 in flight
-    # TILE_A8's tile (BLOCK_N, unused, warps, stages, SPLIT_K): one group a step; not measured yet
-    ("int4", "tile-a8"): (128, 0, 4, 3, 0),
+    # TILE_A8's tile (BLOCK_N, unused, warps, stages, SPLIT_K): one group a step, K split to cover the SMs twice.
+    # Best of 7 at 32 rows on the H200 (7be199a): 571 GB/s, below the bf16-activation tile's 674
+    ("int4", "tile-a8"): (128, 0, 4, 4, -2),
     ("int4", "dequant"): (64, 128, 4, 1),
 }
 # int4's one row: W4A8 (x quantized to int8 per weight group, symmetric, by a small kernel; ~0.5% of relative
@@ -657,10 +658,13 @@ FP4_ARITH = {"gemv": True}
 # 238.6 (the three launches under PDL: 256); `benchmarks/quant_gpu.py --a8-fused off,sum,...` times them in the engine.
 A8_FUSED = {"sum": True, "quant": False, "pdl": False}
 A8_QUANT_MAX_GROUPS = 32
-# 2-64 rows of int4 through the W4A8 tile (_int4_a8_mma_kernel: x quantized to int8 per row and group, integer
-# tensor cores) instead of the bf16-activation tile: off until measured on a GPU (benchmarks/quant_gpu.py's sweep
-# times it at 32 rows and turns it on if faster); 0.6-0.7% of error against W4A16 (interpreted tests)
-TILE_A8 = {"int4": False}
+# TILE_A8: int4 from this many rows on (2+; 0: never) through the W4A8 tile (_int4_a8_mma_kernel: x quantized to
+# int8 per row and group, integer tensor cores) instead of the bf16-activation tile; 0.6-0.7% of error against
+# W4A16 (interpreted tests). The LM linears of a decode step on the H200 (BENCHMARKS.md, 2026-12-01, `quant_gpu.py
+# --sections lmstep`): W4A8 tile 5.60-5.76 ms at 2-16 rows, 6.19-6.31 at 24-32, 7.63-8.04 at 48-64; bf16 tile
+# 5.34-5.44 at 24-32 rows (BLOCK_M 32; 7.31-7.52 with BLOCK_M 16 at 2-16 rows, hence INT4_TILE_ROWS), 8.42-8.58 at 48-64
+TILE_A8 = {"int4": 33}
+INT4_TILE_ROWS = 32  # the bf16-activation int4 tile's least BLOCK_M on a GPU (16 in Triton's interpreter: fewer lanes)
 
 
 def _block_counters(device: torch.device, blocks: int) -> torch.Tensor:
@@ -690,9 +694,9 @@ CANDIDATES = {
 }
 
 
-def _rows(m: int) -> int:
-    """BLOCK_M of the tensor-core tile for m rows: 16..64 (the MMA's narrow side)."""
-    return min(64, max(16, triton.next_power_of_2(m)))
+def _rows(m: int, least: int = 16) -> int:
+    """BLOCK_M of the tensor-core tile for m rows: least..64 (the MMA's narrow side)."""
+    return min(64, max(least, triton.next_power_of_2(m)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -884,7 +888,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
             NG_PAD=triton.next_power_of_2(groups) if fused_quant else 1, FUSED_SUM=fused_sum, num_warps=warps,
             num_stages=stages, **(pdl.options(x) if A8_FUSED["pdl"] else {"PDL": False}))
         split = 1 if fused_sum else split  # nothing left for _finish
-    elif TILE_A8["int4"] and x2.stride(-1) == 1 and group % 32 == 0:  # int8 activations on the tensor cores
+    elif 0 < TILE_A8["int4"] <= m and x2.stride(-1) == 1 and group % 32 == 0:  # int8 activations on the tensor cores
         block_n, _, warps, stages, split = CONFIGS[("int4", "tile-a8")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
         out, part = _outputs(m, n, split, x)
@@ -902,7 +906,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         block_k = _int4_block_k(min(block_k, group), k // split, group)  # one step, one dot: a group or a part
         out, part = _outputs(m, n, split, x)
         _int4_mma_kernel[(triton.cdiv(n, block_n), split)](
-            x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), out.stride(0), BLOCK_M=_rows(m),
+            x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), out.stride(0),
+            BLOCK_M=_rows(m, INT4_TILE_ROWS if x.is_cuda else 16),
             BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split, num_warps=warps, num_stages=stages)
     _finish(part, out, split)
     return out.view(*x.shape[:-1], n)
