@@ -61,6 +61,10 @@ def check_a8_fused(tk, x, qweight, qzeros, scales, group, expected) -> None:
         with _settings(tk, ONE_ROW={"int4": "gemv-a8"}, CONFIGS={("int4", "gemv-a8"): (*config[:4], split)},
                        A8_FUSED={"sum": False, "quant": False}):
             three = tk.int4_linear(x, qweight, qzeros, scales, group)
+            assert tk.a8_row_applies(x)  # x quantized once beforehand (gate and up share it): the same numbers
+            a8 = tk.quantize_a8(x, group)
+            for _ in range(2):
+                assert torch.equal(tk.int4_linear(x, qweight, qzeros, scales, group, a8), three), split
             for fuse in ((True, False), (False, True), (True, True)):
                 with _settings(tk, A8_FUSED={"sum": fuse[0], "quant": fuse[1]}):
                     for _ in range(2):
@@ -490,6 +494,41 @@ def test_tile_fused_sum_in_cuda_graphs():
                         graph.replay()
                         torch.cuda.synchronize()
                         assert torch.equal(out, two), (fmt, m, n, k)
+
+
+def test_gate_and_up_share_the_w4a8_row():
+    """ops.gate_up_silu_mul with int4 gate and up: on CUDA at one row the two read one W4A8 quantization of x (one
+    quantize launch fewer) with the same numbers as quantizing for each; nothing is shared on the CPU, for other
+    layer types or group sizes, for several rows, or with SHARE_A8_INPUT off."""
+    from cogvlm2.model import ops
+    from cogvlm2.quant import Int4Linear, linear as quant_linear
+    from cogvlm2.quant import triton_kernels as tk
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(4)
+    gate_f, up_f = (torch.nn.Linear(256, 384, bias=False).to(device, dtype) for _ in range(2))
+    gate, up = Int4Linear.from_linear(gate_f), Int4Linear.from_linear(up_f)
+    x = torch.randn(1, 256, generator=g).to(device, dtype)
+    with torch.inference_mode():
+        assert up.shared_input(x, gate_f) is None and up.shared_input(x[:0], gate) is None
+        assert gate.shared_input(torch.cat([x, x]), up) is None
+        assert gate.shared_input(x, Int4Linear.from_linear(up_f, group_size=64)) is None
+        with mock.patch.object(quant_linear, "SHARE_A8_INPUT", False):
+            assert gate.shared_input(x, up) is None
+            separate = ops.gate_up_silu_mul(gate, up, x)
+        shared = gate.shared_input(x, up)
+        if device == "cpu":
+            assert shared is None
+            return
+        assert shared is not None and len(shared) == 3
+        with mock.patch.object(tk, "quantize_a8", wraps=tk.quantize_a8) as quantize:
+            together = ops.gate_up_silu_mul(gate, up, x)
+        assert quantize.call_count == 1 and torch.equal(together, separate)
+        with mock.patch.object(quant_linear, "SHARE_A8_INPUT", False), \
+                mock.patch.object(tk, "quantize_a8", wraps=tk.quantize_a8) as quantize:
+            ops.gate_up_silu_mul(gate, up, x)
+        assert quantize.call_count == 2
 
 
 @cuda

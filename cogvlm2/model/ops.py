@@ -136,11 +136,15 @@ def _skinny_applies(layer: torch.nn.Module, x: torch.Tensor) -> bool:
 
 def gate_up_silu_mul(gate: torch.nn.Module, up: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """silu_mul(gate(x), up(x)): where the GEMV (one row) or the skinny GEMM (a few) applies to both layers, one
-    kernel computes both and the activation (the same numbers as the three calls, bit for bit)."""
+    kernel computes both and the activation (the same numbers as the three calls, bit for bit); quantized layers
+    that can share work on their common input (`shared_input`) do it once."""
     if _gemv_applies(gate, x) and _gemv_applies(up, x):
         return gemv_kernel.gemv_silu_mul(x, gate.weight, up.weight)
     if _skinny_applies(gate, x) and _skinny_applies(up, x):
         return gemv_kernel.skinny_silu_mul(x, gate.weight, up.weight)
+    shared = gate.shared_input(x, up) if hasattr(gate, "shared_input") else None  # e.g. int4's W4A8 row, once
+    if shared is not None:
+        return silu_mul(gate(x, shared), up(x, shared))
     return silu_mul(linear(gate, x), linear(up, x))
 
 

@@ -232,14 +232,33 @@ class Int4Linear(QuantLinear):
             return triton_kernels.int4_dequantize(self.qweight, self.qzeros, self.scales, dtype, self.group_size)
         return formats.dequantize_int4(self.qweight, self.qzeros, self.scales, dtype)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, shared=None) -> torch.Tensor:
         if _kernel_ok(x):
-            return triton_kernels.int4_linear(x, self.qweight, self.qzeros, self.scales, self.group_size)
+            return triton_kernels.int4_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, shared)
         return super().matmul(x)
+
+    def forward(self, x: torch.Tensor, shared=None) -> torch.Tensor:
+        """self(x); `shared`: what shared_input(x, ...) returned, for each of the layers it was asked for."""
+        y = self.matmul(x, shared)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def shared_input(self, x: torch.Tensor, *others: nn.Module):
+        """x prepared once for this layer and `others` that read the same x (the MLP's gate and up), or None where
+        that saves nothing: the decode row quantized to int8 for the W4A8 GEMV (one launch instead of one per
+        layer), when every layer is an Int4Linear of the same group size."""
+        if (SHARE_A8_INPUT and _kernel_ok(x) and triton_kernels.a8_row_applies(x)
+                and all(type(o) is Int4Linear and o.group_size == self.group_size for o in others)):
+            return triton_kernels.quantize_a8(x, self.group_size)
+        return None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
 
+
+# SHARE_A8_INPUT: the MLP's gate and up (both int4) read one W4A8 quantization of the decode row instead of one each:
+# 32 launches fewer a decode step, bit-equal (tests/test_quant_kernels.py). Not yet timed on a GPU (written after
+# the 2026-12-01 session's device time was spent); the profile then put a quantize launch at 1.45 us + its gap
+SHARE_A8_INPUT = True
 
 # fp8 knobs that benchmarks/quant_gpu.py times against each other: FP8_FUSE puts the bias into _scaled_mm's
 # epilogue and the vision MLP's GELU into the activation-quantizing pass (each saves a pass over the output:

@@ -889,9 +889,33 @@ def int4_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     return out
 
 
+A8Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (xe [2, K/8] int32, sx [K/G] float32, sq [K/G] int32)
+
+
+def _a8_buffers(k: int, group: int, device: torch.device) -> A8Row:
+    xe = torch.empty(2, k // 8, dtype=torch.int32, device=device)  # even / odd k, four int8 a word
+    sx = torch.empty(k // group, dtype=torch.float32, device=device)
+    return xe, sx, torch.empty(k // group, dtype=torch.int32, device=device)
+
+
+def a8_row_applies(x: torch.Tensor) -> bool:
+    """Whether int4_linear takes x (one row, contiguous) through the W4A8 GEMV with its quantize launch, i.e. whether
+    quantize_a8(x) done once can serve several int4 linears that read x (int4_linear's `a8`)."""
+    return x.numel() == x.shape[-1] and ONE_ROW["int4"] == "gemv-a8" and x.stride(-1) == 1 and not A8_FUSED["quant"]
+
+
+def quantize_a8(x: torch.Tensor, group: int) -> A8Row:
+    """One row x [1, K] (contiguous) quantized for the W4A8 GEMV: int8 per weight group, symmetric (one launch)."""
+    k = x.shape[-1]
+    xe, sx, sq = _a8_buffers(k, group, x.device)
+    _quantize_a8_kernel[(k // group,)](x.reshape(1, k), xe[0], xe[1], sx, sq, GROUP=group, num_warps=4)
+    return xe, sx, sq
+
+
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                group: int) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., N] with W in the group-wise int4 layout."""
+                group: int, a8: A8Row | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] with W in the group-wise int4 layout. `a8`: x already quantized by quantize_a8
+    (when a8_row_applies(x): gate and up read the same row), used instead of quantizing it again."""
     x2 = _flat(x)
     m, k, n = x2.shape[0], x.shape[-1], qweight.shape[1]
     if m > FUSED_MAX_ROWS:
@@ -916,13 +940,12 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         block_n, _, warps, stages, split = CONFIGS[("int4", "gemv-a8")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
         out, part = _outputs(m, n, split, x)
-        xe = torch.empty(2, k // 8, dtype=torch.int32, device=x.device)  # even / odd k, four int8 a word
-        sx = torch.empty(k // group, dtype=torch.float32, device=x.device)
-        sq = torch.empty(k // group, dtype=torch.int32, device=x.device)
         groups = k // group // split  # of a program's K slice
-        fused_quant = A8_FUSED["quant"] and groups <= A8_QUANT_MAX_GROUPS
-        if not fused_quant:
-            _quantize_a8_kernel[(k // group,)](x2, xe[0], xe[1], sx, sq, GROUP=group, num_warps=4)
+        fused_quant = a8 is None and A8_FUSED["quant"] and groups <= A8_QUANT_MAX_GROUPS
+        if fused_quant:  # each program quantizes its own slice into these
+            xe, sx, sq = _a8_buffers(k, group, x.device)
+        else:
+            xe, sx, sq = a8 if a8 is not None else quantize_a8(x2, group)
         fused_sum = A8_FUSED["sum"] and split > 1
         count = _block_counters(x.device, triton.cdiv(n, block_n)) if fused_sum else part
         _int4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
