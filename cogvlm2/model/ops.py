@@ -210,5 +210,6 @@ def qkv_rotary(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: 
     return (*rotary_qkv(linear(layer, x), cos, sin, num_heads, num_kv_heads, head_dim), False)
 
 
-def _rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
