@@ -16,11 +16,31 @@ from there.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from .sequence import Sequence
+
+try:  # Triton is optional: CPU installs never need it
+    from .kernels import argmax as argmax_kernel
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    argmax_kernel = None
+
+# FAST_ARGMAX: the argmax over the vocabulary in two small Triton launches (engine/kernels/argmax.py, torch's result
+# bit for bit, ties and NaN included) instead of torch's, which the H200 profile of 2026-12-01 put at 27 us a step
+# (batch 1 and 32). Written after that session's device time was spent, not yet timed: off until measured
+# (`benchmarks/decode_ab.py --set "engine.sampler.FAST_ARGMAX=0" --set "engine.sampler.FAST_ARGMAX=1"`);
+# COGVLM2_FAST_ARGMAX=1 turns it on at import
+FAST_ARGMAX = os.environ.get("COGVLM2_FAST_ARGMAX", "0") == "1"
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B] long: logits.argmax(-1), on CUDA through the Triton kernels when FAST_ARGMAX is set."""
+    if FAST_ARGMAX and argmax_kernel is not None and logits.is_cuda:
+        return argmax_kernel.argmax(logits)
+    return logits.argmax(-1)
 
 TEMPERATURE, TOP_P, TOP_K, REPETITION, PRESENCE, FREQUENCY, GREEDY = range(7)
 
@@ -128,18 +148,18 @@ class Sampler:
         pending [B]: each row's latest id when it is not in the sequence's token_ids yet."""
         t = SamplingTensors.build(seqs, logits.shape[1], logits.device, pending)
         logits = apply_penalties(logits, t)
-        argmax = logits.argmax(-1)
+        best = argmax(logits)
         if t.all_greedy:
-            return argmax
+            return best
         probs = filter_top_k_top_p(_finite(logits / t.col(TEMPERATURE)), t).softmax(-1)
         valid = probs.isfinite().all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)  # [B, 1]
-        probs = torch.where(valid, probs, torch.nn.functional.one_hot(argmax, probs.shape[1]).to(probs.dtype))
+        probs = torch.where(valid, probs, torch.nn.functional.one_hot(best, probs.shape[1]).to(probs.dtype))
         noise = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(1e-10)
-        sampled = (probs / noise).argmax(-1)
+        sampled = argmax(probs / noise)
         for i, s in enumerate(seqs):
             if s.params.seed is not None and not s.params.greedy:
                 sampled[i] = torch.multinomial(probs[i], 1, generator=self._generator(s, logits.device))[0]
-        return torch.where(t.col(GREEDY)[:, 0] > 0, argmax, sampled)
+        return torch.where(t.col(GREEDY)[:, 0] > 0, best, sampled)
 
     @staticmethod
     def _generator(seq: Sequence, device: torch.device) -> torch.Generator:
