@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import pytest
@@ -35,6 +36,7 @@ def check_ops(device: str) -> None:
         gate, up = (torch.randn(5, 300, generator=g).to(device, dtype) for _ in range(2))
         ref = torch.nn.functional.silu(gate) * up
         assert (triton_ops.silu_mul(gate, up).float() - ref.float()).abs().max() <= tol * ref.abs().max()
+        check_a8_outputs(device, dtype, g)
         for d in (16, 24):  # 24: the tiny model's head dim, whose half is no power of 2
             hq, hkv, n = 4, 2, 9
             qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(device, dtype)
@@ -46,6 +48,113 @@ def check_ops(device: str) -> None:
             q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
             for a, b in ((q, q_ref), (k, k_ref), (v, v_ref)):
                 assert (a.reshape(b.shape).float() - b.float()).abs().max() <= tol * b.abs().max()
+
+
+def check_a8_outputs(device: str, dtype: torch.dtype, g: torch.Generator) -> None:
+    """add_rms_norm_a8 / silu_mul_a8 (ops.FOLD_A8): their output is the plain kernel's, and their W4A8 row is what
+    quantize_a8 makes of that output, bit for bit; None where it does not apply (several rows, a norm row that is
+    not a power of two, a SiLU-mul row of partial groups, no group)."""
+    from cogvlm2.model import triton_ops
+    from cogvlm2.quant import triton_kernels as tk
+
+    for dim, group in ((512, 128), (64, 64)):
+        x, d = ((3 * torch.randn(1, dim, generator=g)).to(device, dtype) for _ in range(2))
+        w = (1 + 0.1 * torch.randn(dim, generator=g)).to(device, dtype)
+        total, normed, a8 = triton_ops.add_rms_norm_a8(x, d, w, 1e-5, group)
+        pair = triton_ops.add_rms_norm(x, d, w, 1e-5)
+        assert torch.equal(total, pair[0]) and torch.equal(normed, pair[1])
+        assert all(torch.equal(a, b) for a, b in zip(a8, tk.quantize_a8(normed, group))), (dim, group)
+    for n in (1152, 2048, 128):  # a partial last program, two full ones, one group
+        gate, up = (torch.randn(1, n, generator=g).to(device, dtype) for _ in range(2))
+        out, a8 = triton_ops.silu_mul_a8(gate, up, 128)
+        assert torch.equal(out, triton_ops.silu_mul(gate, up))
+        assert all(torch.equal(a, b) for a, b in zip(a8, tk.quantize_a8(out, 128))), n
+    x, d = (torch.randn(2, 512, generator=g).to(device, dtype) for _ in range(2))
+    w = torch.ones(512, device=device, dtype=dtype)
+    assert triton_ops.add_rms_norm_a8(x, d, w, 1e-5, 128)[2] is None  # two rows
+    assert triton_ops.add_rms_norm_a8(x[:1, :384], d[:1, :384], w[:384], 1e-5, 128)[2] is None  # not a power of 2
+    assert triton_ops.add_rms_norm_a8(x[:1], d[:1], w, 1e-5, 0)[2] is None
+    assert triton_ops.silu_mul_a8(x[:1, :192], d[:1, :192], 128)[1] is None  # 1.5 groups
+    assert triton_ops.silu_mul_a8(x, d, 128)[1] is None
+
+
+def check_fold_a8(device: str) -> None:
+    """ops.FOLD_A8 in the model: tiny-random quantized to int4 on the residual stream with the fused kernels, one
+    prompt at a time (one decode row): the same tokens and logits, bit for bit, as without the fold, with fewer
+    quantize launches (decode per step: the first layer's QKV and each layer's dense instead of QKV, dense, gate +
+    up and down in every layer)."""
+    from unittest import mock
+
+    from PIL import Image
+
+    from cogvlm2.generation import generate_ids
+    from cogvlm2.model import load_model, ops
+    from cogvlm2.processing import Processor
+    from cogvlm2.quant import linear as quant_linear
+    from cogvlm2.quant import quantize_model
+    from cogvlm2.quant import triton_kernels as tk
+    from cogvlm2.sampling_params import SamplingParams
+    from cogvlm2.tiny import checkpoint_folder
+
+    folder = checkpoint_folder("tiny-random")
+    model = load_model(str(folder), progress=False, device=device)
+    quantize_model(model, "int4", device)
+    model.residual_stream = True
+    layers = len(model.model.layers)
+    proc = Processor.from_pretrained(folder)
+    params = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)
+    kernels = {}
+    if device == "cpu":  # what ops._fused and the quantized layers answer for a CUDA tensor, here for the CPU ones
+        on = lambda x: not torch.is_grad_enabled()  # noqa: E731
+        kernels = {"ops": mock.patch.object(ops, "_fused", on),
+                   "quant": mock.patch.object(quant_linear, "_kernel_ok", on)}
+    for prompt in (proc("What is it?", image=Image.new("RGB", (40, 30), (200, 10, 10))), proc("Tell me a story.")):
+        runs = {}
+        for fold in (False, True):
+            with contextlib.ExitStack() as stack, torch.inference_mode():
+                for patch in kernels.values():
+                    stack.enter_context(patch)
+                stack.enter_context(mock.patch.object(ops, "FOLD_A8", fold))
+                quantize = stack.enter_context(mock.patch.object(tk, "quantize_a8", wraps=tk.quantize_a8))
+                logits = []
+                tokens = list(generate_ids(model, [prompt], params, output_logits=logits))
+                runs[fold] = tokens, logits, quantize.call_count
+        (tokens, logits, plain), (fold_tokens, fold_logits, folded) = runs[False], runs[True]
+        steps = plain // (4 * layers)  # decode steps: QKV, dense, gate + up (shared), down in each layer
+        assert steps == params.max_new_tokens - 1 and plain == 4 * layers * steps
+        assert folded == (1 + layers) * steps, (folded, steps)
+        assert fold_tokens == tokens and all(torch.equal(a, b) for a, b in zip(fold_logits, logits))
+
+
+def test_a8_fold_kernels_compile_for_hopper():
+    """The RMSNorm and SiLU-mul kernels with their W4A8 row (A8_GROUP) compile for sm_90 at the 19B model's sizes
+    (a 4,096 row in one program; 1,024 values a SiLU-mul program) without register spills, with the row's four
+    outputs stored on top of the plain kernel's."""
+    from cogvlm2.model import triton_ops
+    from tests.hopper_compile import compile_for_hopper
+
+    a8 = {"xe_ptr": "*i32", "xo_ptr": "*i32", "sx_ptr": "*fp32", "sq_ptr": "*i32"}
+    norm = {"x_ptr": "*bf16", "d_ptr": "*bf16", "w_ptr": "*bf16", "sum_ptr": "*bf16", "out_ptr": "*bf16"} | a8 | {
+        "stride_x": "i32", "stride_d": "i32", "stride_s": "i32", "stride_o": "i32", "dim": "i32", "eps": "fp32"}
+    silu = {"g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16"} | a8 | {"n": "i32"}
+    for kernel, signature, block, warps in ((triton_ops._add_rms_norm_kernel, norm, 4096, 16),
+                                            (triton_ops._silu_mul_kernel, silu, triton_ops.BLOCK, 4)):
+        stores = []
+        for group in (0, 128):
+            ptx = compile_for_hopper(kernel, signature, dict(BLOCK=block, PDL=True, A8_GROUP=group),
+                                     num_warps=warps).asm["ptx"]
+            assert "ld.local" not in ptx, (kernel.__name__, group)
+            stores.append(ptx.count("st.global"))
+        assert stores[1] >= stores[0] + 4, (kernel.__name__, stores)
+
+
+def test_fold_a8_interpreted():
+    run_interpreted(__file__, "fold ok", "fold", timeout=600)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fold_a8_cuda():
+    check_fold_a8("cuda")
 
 
 def test_ops_interpreted():
@@ -127,6 +236,9 @@ def test_residual_stream_equals_the_layer_loop():
 if __name__ == "__main__" and sys.argv[1:] == ["model"]:
     check_fused_model()
     print("fused model ok")
+elif __name__ == "__main__" and sys.argv[1:] == ["fold"]:
+    check_fold_a8("cpu")
+    print("fold ok")
 elif __name__ == "__main__":
     check_ops("cpu")
     print("ops ok")

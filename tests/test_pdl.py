@@ -39,8 +39,10 @@ def test_decode_kernels_wait_before_they_read_for_hopper():
 
     kernels = [
         (triton_ops._add_rms_norm_kernel, {"x_ptr": "*bf16", "d_ptr": "*bf16", "w_ptr": "*bf16", "sum_ptr": "*bf16",
-                                           "out_ptr": "*bf16", "stride_x": "i32", "stride_d": "i32", "stride_s": "i32",
-                                           "stride_o": "i32", "dim": "i32", "eps": "fp32"}, dict(BLOCK=4096), 16),
+                                           "out_ptr": "*bf16", "xe_ptr": "*i32", "xo_ptr": "*i32", "sx_ptr": "*fp32",
+                                           "sq_ptr": "*i32", "stride_x": "i32", "stride_d": "i32", "stride_s": "i32",
+                                           "stride_o": "i32", "dim": "i32", "eps": "fp32"},
+         dict(BLOCK=4096, A8_GROUP=128), 16),  # with the W4A8 row (ops.FOLD_A8): still waits first
         (triton_ops._rotary_kernel, {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "stride_x": "i32",
                                      "stride_c": "i32"}, dict(HALF=64, BLOCK=64), 4),
         (kv_store._store_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",

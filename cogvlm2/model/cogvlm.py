@@ -44,8 +44,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(self.down_proj, ops.gate_up_silu_mul(self.gate_proj, self.up_proj, x))
+    def forward(self, x: torch.Tensor, shared=None) -> torch.Tensor:
+        """`shared`: x already prepared for gate and up by the kernel that made it (ops.add_rms_norm_a8)."""
+        return ops.mlp(self.gate_proj, self.up_proj, self.down_proj, x, shared)
 
 
 def route(x: torch.Tensor, batch: ForwardBatch, language: Callable, vision: Callable | None) -> torch.Tensor:
@@ -86,7 +87,9 @@ class VisionExpertAttention(nn.Module):
             self.vision_expert_query_key_value = nn.Linear(cfg.hidden_size, qkv_out, bias=True)
             self.vision_expert_dense = nn.Linear(q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor,
+                shared=None) -> torch.Tensor:
+        """`shared`: x prepared for the language QKV by the kernel that made it (language rows only)."""
         n = x.shape[0]
         vis_qkv = getattr(self, "vision_expert_query_key_value", None)
         heads = (self.num_heads, self.num_kv_heads, self.head_dim)
@@ -95,7 +98,8 @@ class VisionExpertAttention(nn.Module):
             # K/V store where the backend says where) may fuse
             where = getattr(batch.attention, "kv_destination", None)
             q, k, v, stored = ops.qkv_rotary(self.language_expert_query_key_value, x, cos, sin, *heads,
-                                             store=where(self.layer_idx) if where is not None else None)
+                                             store=where(self.layer_idx) if where is not None else None,
+                                             shared=shared)
         else:
             qkv = route(x, batch, partial(ops.linear, self.language_expert_query_key_value), vis_qkv)  # [N, (Hq+2Hkv)d]
             (q, k, v), stored = ops.rotary_qkv(qkv, cos, sin, *heads), False
@@ -115,8 +119,12 @@ class VisionExpertMLP(nn.Module):
         if cfg.has_vision_expert:
             self.vision_mlp = MLP(cfg, tp)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        out = route(x, batch, self.language_mlp, getattr(self, "vision_mlp", None))
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, shared=None) -> torch.Tensor:
+        """`shared`: x prepared for the language MLP (language rows only)."""
+        if shared is not None and not batch.expert_segments:
+            out = self.language_mlp(x, shared)
+        else:
+            out = route(x, batch, self.language_mlp, getattr(self, "vision_mlp", None))
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -133,12 +141,20 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), batch)
 
     def forward_residual(self, x: torch.Tensor, normed: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor,
-                         sin: torch.Tensor, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+                         sin: torch.Tensor, next_norm: RMSNorm, normed_a8=None,
+                         next_qkv: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
         """The same layer on the residual stream: x is its input and `normed` its input_layernorm(x); returns
-        (output, next_norm(output)), each residual add done in one kernel with the RMSNorm after it."""
-        x, h = ops.add_rms_norm(x, self.self_attn(normed, batch, cos, sin), self.post_attention_layernorm.weight,
-                                self.post_attention_layernorm.eps)
-        return ops.add_rms_norm(x, self.mlp(h, batch), next_norm.weight, next_norm.eps)
+        (output, next_norm(output), a8), each residual add done in one kernel with the RMSNorm after it. With
+        ops.FOLD_A8 on language rows, the RMSNorm kernels also quantize their row for the int4 layers that read it
+        (this layer's MLP; `next_qkv`, the next layer's language QKV: a8, passed back as its `normed_a8`)."""
+        post = self.post_attention_layernorm
+        language = not batch.expert_segments
+        mlp = self.mlp.language_mlp
+        group = ops.a8_group((mlp.gate_proj, mlp.up_proj), normed) if language else 0
+        x, h, h_a8 = ops.add_rms_norm_a8(x, self.self_attn(normed, batch, cos, sin, normed_a8), post.weight, post.eps,
+                                         group)
+        group = ops.a8_group((next_qkv,), normed) if language and next_qkv is not None else 0
+        return ops.add_rms_norm_a8(x, self.mlp(h, batch, h_a8), next_norm.weight, next_norm.eps, group)
 
 
 class RotaryEmbedding(nn.Module):
@@ -263,10 +279,12 @@ class CogVLM2ForCausalLM(nn.Module):
         if self.residual_stream and self.stages is None and not output_hidden_states and not (
                 self.gradient_checkpointing and self.training):
             layers = self.model.layers
-            normed = layers[0].input_layernorm(h)
+            normed, a8 = layers[0].input_layernorm(h), None
             for i, layer in enumerate(layers):
-                nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-                h, normed = layer.forward_residual(h, normed, batch, cos, sin, nxt)
+                nxt = layers[i + 1] if i + 1 < len(layers) else None
+                h, normed, a8 = layer.forward_residual(
+                    h, normed, batch, cos, sin, nxt.input_layernorm if nxt is not None else self.model.norm, a8,
+                    nxt.self_attn.language_expert_query_key_value if nxt is not None else None)
             return normed
         hidden = [h]
         for i, layer in enumerate(self.model.layers):

@@ -41,6 +41,12 @@ DECODE_SKINNY = os.environ.get("COGVLM2_DECODE_SKINNY", "0") == "1"
 # tok/s at batch 1 (benchmarks/decode_ab.py, two rounds each, BENCHMARKS.md); COGVLM2_DECODE_QKV_ROTARY=0 (read at
 # import) keeps the three
 DECODE_QKV_ROTARY = os.environ.get("COGVLM2_DECODE_QKV_ROTARY", "1") != "0"
+# FOLD_A8: for int4 decode at batch 1 the kernels that produce a linear's input row (add + RMSNorm before the QKV
+# and the MLP, SiLU-mul before down) also write it quantized for the W4A8 GEMV (quant.triton_kernels), so the GEMV
+# needs no quantize launch (96 fewer a step; bit-equal, tests/test_model_ops.py). Written after the 2026-12-01
+# session's device time was spent, not yet timed: off until measured (`benchmarks/decode_ab.py --quant int4 --set
+# "model.ops.FOLD_A8=0" --set "model.ops.FOLD_A8=1"`); COGVLM2_FOLD_A8=1 turns it on at import
+FOLD_A8 = os.environ.get("COGVLM2_FOLD_A8", "0") == "1"
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -98,6 +104,22 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     return total, rms_norm(total, weight, eps)
 
 
+def a8_group(layers: tuple[torch.nn.Module, ...], x: torch.Tensor) -> int:
+    """With FOLD_A8, the group size in which `layers` (all reading one row shaped like x) would each quantize it for
+    their W4A8 GEMV (`shares_a8`, e.g. quant.Int4Linear), so its producer can do it once; else 0."""
+    shares = getattr(layers[0], "shares_a8", None) if FOLD_A8 and _fused(x) else None
+    return shares(x, *layers[1:]) if shares is not None else 0
+
+
+def add_rms_norm_a8(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                    group: int) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """add_rms_norm's pair and, with `group` (a8_group) where the fused kernel can, the normed row quantized for the
+    W4A8 GEMV in the same kernel (None otherwise: the layers quantize it themselves)."""
+    if group and _fused(x):
+        return triton_ops.add_rms_norm_a8(x, delta, weight, eps, group)
+    return (*add_rms_norm(x, delta, weight, eps), None)
+
+
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -119,10 +141,13 @@ def _gemv_applies(layer: torch.nn.Module, x: torch.Tensor) -> bool:
     return DECODE_GEMV and x.numel() == x.shape[-1] and _plain(layer, x)
 
 
-def linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def linear(layer: torch.nn.Module, x: torch.Tensor, shared=None) -> torch.Tensor:
     """layer(x); through a plain bias-free nn.Linear a single row goes through the Triton GEMV when DECODE_GEMV is
     set, and 2 to SKINNY_MAX_ROWS rows through the skinny GEMM when DECODE_SKINNY is (any other layer, a LoRA
-    wrapper or a quantized linear included, is called as is)."""
+    wrapper or a quantized linear included, is called as is). `shared`: x prepared for the layer by whoever made x
+    (layer.shared_input's kind, e.g. an int4 layer's W4A8 row), passed on."""
+    if shared is not None:
+        return layer(x, shared)
     if _gemv_applies(layer, x):
         return gemv_kernel.gemv(x, layer.weight)
     if _skinny_applies(layer, x):
@@ -146,6 +171,20 @@ def gate_up_silu_mul(gate: torch.nn.Module, up: torch.nn.Module, x: torch.Tensor
     if shared is not None:
         return silu_mul(gate(x, shared), up(x, shared))
     return silu_mul(linear(gate, x), linear(up, x))
+
+
+def mlp(gate: torch.nn.Module, up: torch.nn.Module, down: torch.nn.Module, x: torch.Tensor,
+        shared=None) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) as gate_up_silu_mul and linear compute it; `shared`: x already prepared for gate
+    and up (add_rms_norm_a8's), and with FOLD_A8 the SiLU-mul kernel prepares its output for down likewise."""
+    if shared is None:
+        return linear(down, gate_up_silu_mul(gate, up, x))
+    g, u = gate(x, shared), up(x, shared)
+    group = a8_group((down,), g)
+    if group:
+        act, act_a8 = triton_ops.silu_mul_a8(g, u, group)
+        return linear(down, act, act_a8)
+    return linear(down, silu_mul(g, u))
 
 
 ROPE_MODES = ("official", "exact")
@@ -194,12 +233,12 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
 
 
 def qkv_rotary(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-               num_kv_heads: int, head_dim: int, store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """rotary_qkv(linear(layer, x), ...) and whether k / v were also stored: the projection of language rows and the
-    rotary of q and k; one kernel where the one-row GEMV applies and DECODE_QKV_ROTARY is set (the same numbers, bit
-    for bit), which with `store` (k_cache, v_cache, slots: the attention backend's kv_destination) also writes k and
-    v into the paged cache (True last), so the backend's store launch is not needed."""
+               num_kv_heads: int, head_dim: int, store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               shared=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """rotary_qkv(linear(layer, x, shared), ...) and whether k / v were also stored: the projection of language rows
+    and the rotary of q and k; one kernel where the one-row GEMV applies and DECODE_QKV_ROTARY is set (the same
+    numbers, bit for bit), which with `store` (k_cache, v_cache, slots: the attention backend's kv_destination) also
+    writes k and v into the paged cache (True last), so the backend's store launch is not needed."""
     if DECODE_QKV_ROTARY and _gemv_applies(layer, x) and cos.dtype == torch.float32 and cos.shape[0] == 1 \
             and (head_dim // 2) % gemv_kernel.CONFIG[0] == 0:
         n, q_size, kv_size = x.shape[0], num_heads * head_dim, num_kv_heads * head_dim
@@ -207,7 +246,7 @@ def qkv_rotary(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: 
         q, k, v = qkv.view(n, -1).split([q_size, kv_size, kv_size], dim=-1)
         return (q.view(n, num_heads, head_dim), k.view(n, num_kv_heads, head_dim), v.view(n, num_kv_heads, head_dim),
                 store is not None)
-    return (*rotary_qkv(linear(layer, x), cos, sin, num_heads, num_kv_heads, head_dim), False)
+    return (*rotary_qkv(linear(layer, x, shared), cos, sin, num_heads, num_kv_heads, head_dim), False)
 
 
 def _rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import pdl
+from ..quant.triton_kernels import A8Row, a8_buffers, store_a8_groups
 
 
 def _on(x: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -59,8 +60,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_d, stride_s, stride_o, dim, eps,
-                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, stride_x, stride_d,
+                         stride_s, stride_o, dim, eps, BLOCK: tl.constexpr, PDL: tl.constexpr, A8_GROUP: tl.constexpr):
     pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -72,28 +73,53 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride
     x = s.to(tl.float32)  # then _rms_norm_kernel's arithmetic on the rounded sum
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (w * (x * r)).to(out_ptr.dtype.element_ty), mask=ok)
+    y = (w * (x * r)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, y, mask=ok)
+    if A8_GROUP > 0:  # one row of exactly BLOCK values: its groups for the W4A8 GEMV, from the values stored
+        NG: tl.constexpr = BLOCK // A8_GROUP
+        g = tl.arange(0, NG)
+        store_a8_groups(tl.reshape(y.to(tl.float32), (NG, A8_GROUP)), xe_ptr, xo_ptr, sx_ptr, sq_ptr, g, g < NG,
+                        A8_GROUP)
+
+
+def a8_fits(x: torch.Tensor, group: int) -> bool:
+    """Whether the row kernels here can quantize their output x for the W4A8 GEMV: one row, a power of two long (the
+    norm's one program holds it whole), whole groups."""
+    dim = x.shape[-1]
+    return group > 0 and x.numel() == dim and dim % group == 0 and dim == triton.next_power_of_2(dim)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, rms_norm(x + delta)) in one pass: the sum rounded to x's dtype, then normed exactly as
     `rms_norm` norms it (so the pair equals the two separate ops bit for bit)."""
+    return add_rms_norm_a8(x, delta, weight, eps, 0)[:2]
+
+
+def add_rms_norm_a8(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                    a8_group: int) -> tuple[torch.Tensor, torch.Tensor, A8Row | None]:
+    """add_rms_norm's pair and a8: with `a8_group` where a8_fits, the normed row quantized for the W4A8 GEMV as
+    quantize_a8 would quantize it (in the same kernel), else None."""
     shape = x.shape
     x2, d2 = _rows(x), _rows(delta)
     total = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     out = torch.empty_like(total)
+    group = a8_group if a8_fits(x, a8_group) else 0
+    a8 = a8_buffers(shape[-1], group, x.device) if group else None
+    xe, sx, sq = a8 if a8 is not None else (out[None], out, out)
     if x2.shape[0]:
         block = triton.next_power_of_2(shape[-1])
         with _on(x2):
-            _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, total, out, x2.stride(0), d2.stride(0),
-                                                 total.stride(0), out.stride(0), shape[-1], eps, BLOCK=block,
-                                                 num_warps=min(16, max(1, block // 256)), **pdl.options(x2))
-    return total.view(shape), out.view(shape)
+            _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, total, out, xe[0], xe[-1], sx, sq, x2.stride(0),
+                                                 d2.stride(0), total.stride(0), out.stride(0), shape[-1], eps,
+                                                 BLOCK=block, num_warps=min(16, max(1, block // 256)),
+                                                 A8_GROUP=group, **pdl.options(x2))
+    return total.view(shape), out.view(shape), a8
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, n, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr, A8_GROUP: tl.constexpr):
     pdl.enter(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
@@ -101,17 +127,37 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.cons
     u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     # as torch: silu in float32 rounded to the tensor dtype, then the product in float32, rounded
     s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + offs, (s * u).to(out_ptr.dtype.element_ty), mask=ok)
+    y = (s * u).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, y, mask=ok)
+    if A8_GROUP > 0:  # one row: this program's groups for the W4A8 GEMV (n a multiple of the group)
+        NG: tl.constexpr = BLOCK // A8_GROUP
+        grp = tl.program_id(0) * NG + tl.arange(0, NG)
+        store_a8_groups(tl.reshape(y.to(tl.float32), (NG, A8_GROUP)), xe_ptr, xo_ptr, sx_ptr, sq_ptr, grp,
+                        grp * A8_GROUP < n, A8_GROUP)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up as torch computes it."""
+    return silu_mul_a8(gate, up, 0)[0]
+
+
+def silu_mul_a8(gate: torch.Tensor, up: torch.Tensor, a8_group: int) -> tuple[torch.Tensor, A8Row | None]:
+    """(silu_mul(gate, up), a8): a8 as add_rms_norm_a8's, for one row of whole groups, else None."""
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     n = gate.numel()
+    group = a8_group if a8_group > 0 and gate.numel() == gate.shape[-1] and n % a8_group == 0 and \
+        BLOCK % a8_group == 0 else 0
+    a8 = a8_buffers(n, group, gate.device) if group else None
+    xe, sx, sq = a8 if a8 is not None else (out[None], out, out)
     if n:
         with _on(gate):
-            _silu_mul_kernel[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024, **pdl.options(gate))
-    return out
+            _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, xe[0], xe[-1], sx, sq, n, BLOCK=BLOCK,
+                                                       A8_GROUP=group, **pdl.options(gate))
+    return out, a8
+
+
+BLOCK = 1024  # SiLU-mul's values a program
 
 
 @triton.jit

@@ -242,14 +242,21 @@ class Int4Linear(QuantLinear):
         y = self.matmul(x, shared)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def shares_a8(self, x: torch.Tensor, *others: nn.Module) -> int:
+        """The group size when this layer and `others`, all reading x, would each quantize it for the W4A8 GEMV
+        (x one row on the GPU, every layer an Int4Linear of the same group size), else 0: then one quantization
+        (quantize_a8, or the kernel that produced x: model.ops.FOLD_A8) can serve them all."""
+        if (_kernel_ok(x) and triton_kernels.a8_row_applies(x)
+                and all(type(o) is Int4Linear and o.group_size == self.group_size for o in others)):
+            return self.group_size
+        return 0
+
     def shared_input(self, x: torch.Tensor, *others: nn.Module):
         """x prepared once for this layer and `others` that read the same x (the MLP's gate and up), or None where
         that saves nothing: the decode row quantized to int8 for the W4A8 GEMV (one launch instead of one per
-        layer), when every layer is an Int4Linear of the same group size."""
-        if (SHARE_A8_INPUT and _kernel_ok(x) and triton_kernels.a8_row_applies(x)
-                and all(type(o) is Int4Linear and o.group_size == self.group_size for o in others)):
-            return triton_kernels.quantize_a8(x, self.group_size)
-        return None
+        layer), where shares_a8."""
+        group = self.shares_a8(x, *others) if SHARE_A8_INPUT else 0
+        return triton_kernels.quantize_a8(x, group) if group else None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"

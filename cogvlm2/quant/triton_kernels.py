@@ -303,19 +303,27 @@ def _quantize_groups(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, g0, NG: tl.constexpr
     """Groups g0 .. g0 + NG - 1 of a row x for the W4A8 GEMV: int8 xq = round(x / sx) with sx = |x| max / 127 per
     group (a group of the weight's size keeps an outlier channel from flattening the rest), packed four to a word as
     the weight's codes come out of its words: even k (8p, 8p+2, 8p+4, 8p+6) in xe[p], odd k in xo[p]; and sum_k xq."""
-    RP: tl.constexpr = GROUP // 8
     gi = tl.arange(0, NG_PAD)
     g_ok = gi < NG
     xg = tl.load(x_ptr + (g0 + gi)[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=g_ok[:, None],
                  other=0.0).to(tl.float32)  # [NG_PAD, GROUP]
+    store_a8_groups(xg, xe_ptr, xo_ptr, sx_ptr, sq_ptr, g0 + gi, g_ok, GROUP)
+
+
+@triton.jit
+def store_a8_groups(xg, xe_ptr, xo_ptr, sx_ptr, sq_ptr, g, g_ok, GROUP: tl.constexpr):
+    """Float32 groups xg [R, GROUP] (groups g [R] of a row, those with g_ok) quantized and stored in the W4A8 layout
+    (_quantize_groups); also called by kernels that produce a decode row (model/triton_ops.py: the RMSNorm, SiLU-mul)
+    to hand the W4A8 GEMV its input without a quantize launch."""
+    RP: tl.constexpr = GROUP // 8
     sx, xq = _int8_groups(xg)
-    even, odd = tl.split(tl.reshape(xq, (NG_PAD, RP, 4, 2)))  # [NG_PAD, RP, 4]: k = 8p + 2i (+ 1)
+    even, odd = tl.split(tl.reshape(xq, (xg.shape[0], RP, 4, 2)))  # [R, RP, 4]: k = 8p + 2i (+ 1)
     shifts = (tl.arange(0, 4) * 8)[None, None, :]
-    p = (g0 + gi)[:, None] * RP + tl.arange(0, RP)[None, :]
+    p = g[:, None] * RP + tl.arange(0, RP)[None, :]
     tl.store(xe_ptr + p, tl.sum((even & 0xFF) << shifts, axis=2), mask=g_ok[:, None])  # disjoint bits: an OR
     tl.store(xo_ptr + p, tl.sum((odd & 0xFF) << shifts, axis=2), mask=g_ok[:, None])
-    tl.store(sx_ptr + g0 + gi, sx, mask=g_ok)
-    tl.store(sq_ptr + g0 + gi, tl.sum(xq, axis=1), mask=g_ok)
+    tl.store(sx_ptr + g, sx, mask=g_ok)
+    tl.store(sq_ptr + g, tl.sum(xq, axis=1), mask=g_ok)
 
 
 @triton.jit
@@ -892,7 +900,8 @@ def int4_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
 A8Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (xe [2, K/8] int32, sx [K/G] float32, sq [K/G] int32)
 
 
-def _a8_buffers(k: int, group: int, device: torch.device) -> A8Row:
+def a8_buffers(k: int, group: int, device: torch.device) -> A8Row:
+    """Empty buffers for one row of K quantized for the W4A8 GEMV (store_a8_groups, quantize_a8 write them)."""
     xe = torch.empty(2, k // 8, dtype=torch.int32, device=device)  # even / odd k, four int8 a word
     sx = torch.empty(k // group, dtype=torch.float32, device=device)
     return xe, sx, torch.empty(k // group, dtype=torch.int32, device=device)
@@ -907,7 +916,7 @@ def a8_row_applies(x: torch.Tensor) -> bool:
 def quantize_a8(x: torch.Tensor, group: int) -> A8Row:
     """One row x [1, K] (contiguous) quantized for the W4A8 GEMV: int8 per weight group, symmetric (one launch)."""
     k = x.shape[-1]
-    xe, sx, sq = _a8_buffers(k, group, x.device)
+    xe, sx, sq = a8_buffers(k, group, x.device)
     _quantize_a8_kernel[(k // group,)](x.reshape(1, k), xe[0], xe[1], sx, sq, GROUP=group, num_warps=4)
     return xe, sx, sq
 
@@ -943,7 +952,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         groups = k // group // split  # of a program's K slice
         fused_quant = a8 is None and A8_FUSED["quant"] and groups <= A8_QUANT_MAX_GROUPS
         if fused_quant:  # each program quantizes its own slice into these
-            xe, sx, sq = _a8_buffers(k, group, x.device)
+            xe, sx, sq = a8_buffers(k, group, x.device)
         else:
             xe, sx, sq = a8 if a8 is not None else quantize_a8(x2, group)
         fused_sum = A8_FUSED["sum"] and split > 1
