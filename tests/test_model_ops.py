@@ -37,6 +37,7 @@ def check_ops(device: str) -> None:
         ref = torch.nn.functional.silu(gate) * up
         assert (triton_ops.silu_mul(gate, up).float() - ref.float()).abs().max() <= tol * ref.abs().max()
         check_a8_outputs(device, dtype, g)
+        check_add_layer_norm(device, dtype, g)
         for d in (16, 24):  # 24: the tiny model's head dim, whose half is no power of 2
             hq, hkv, n = 4, 2, 9
             qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(device, dtype)
@@ -76,6 +77,77 @@ def check_a8_outputs(device: str, dtype: torch.dtype, g: torch.Generator) -> Non
     assert triton_ops.add_rms_norm_a8(x[:1], d[:1], w, 1e-5, 0)[2] is None
     assert triton_ops.silu_mul_a8(x[:1, :192], d[:1, :192], 128)[1] is None  # 1.5 groups
     assert triton_ops.silu_mul_a8(x, d, 128)[1] is None
+
+
+def check_add_layer_norm(device: str, dtype: torch.dtype, g: torch.Generator) -> None:
+    """triton_ops.add_layer_norm (ops.VISION_ADD_NORM): x + F.layer_norm(y) as torch computes it (float32: to
+    rounding; 16-bit: within a couple of roundings of the output, the statistics being summed in another order and
+    Triton's interpreter truncating to bfloat16), and its fp8 rows exactly what fp8_quantize_rows makes of its
+    output."""
+    from cogvlm2.model import triton_ops
+    from cogvlm2.quant import triton_kernels as tk
+
+    for rows, dim in ((7, 96), (3, 1792)):  # a width that is no power of two (the 19B tower's 1,792)
+        x, y = ((3 * torch.randn(rows, dim, generator=g)).to(device, dtype) for _ in range(2))
+        w, b = ((1 + 0.1 * torch.randn(dim, generator=g)).to(device, dtype) for _ in range(2))
+        ref = x + torch.nn.functional.layer_norm(y, (dim,), w, b, 1e-6)
+        out, q, s = triton_ops.add_layer_norm(x.view(1, rows, dim), y.view(1, rows, dim), w, b, 1e-6)
+        assert out.shape == (1, rows, dim) and q is None and s is None
+        tol = 1e-5 if dtype == torch.float32 else 2.5e-2  # 16-bit: ~3 steps of bfloat16 (2^-7 relative each)
+        assert ((out.view(rows, dim).float() - ref.float()).abs() <= tol * ref.float().abs().clamp(min=1)).all()
+        if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+            continue  # fp8 casts in Triton: cc 8.9+
+        out8, q, s = triton_ops.add_layer_norm(x, y, w, b, 1e-6, fp8=True)
+        ref_q, ref_s = tk.fp8_quantize_rows(out8)
+        assert torch.equal(out8, out.view(rows, dim)) and torch.equal(s, ref_s)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+def check_vision_add_norm(device: str) -> None:
+    """ops.VISION_ADD_NORM in the vision tower of tiny-random: the image features as the torch ops give them (to
+    rounding; float32 model), in bf16 and quantized to fp8, where every fp8 QKV and fc1 but the first QKV takes its
+    rows from the fused kernel (fewer row quantizations by two a layer, less the last layer's next QKV)."""
+    from unittest import mock
+
+    from cogvlm2.model import load_model, ops
+    from cogvlm2.quant import linear as quant_linear
+    from cogvlm2.quant import quantize_model
+    from cogvlm2.quant import triton_kernels as tk
+    from cogvlm2.tiny import checkpoint_folder
+
+    model = load_model(str(checkpoint_folder("tiny-random")), progress=False, device=device)
+    v = model.config.vision
+    images = torch.randn(2, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(1)).to(device)
+    patches = []
+    if device == "cpu":  # what the fused checks answer for a CUDA tensor on an H100 / H200, here for the CPU ones
+        on = lambda x: not torch.is_grad_enabled()  # noqa: E731
+        patches = [mock.patch.object(ops, "_fused", on), mock.patch.object(quant_linear, "_kernel_ok", on),
+                   mock.patch.object(torch.cuda, "get_device_capability", lambda *a: (9, 0))]
+    for quant in (None, "fp8"):
+        if quant:
+            quantize_model(model, quant, device)
+        feats, calls = {}, {}
+        for fused in (False, True):
+            with contextlib.ExitStack() as stack, torch.inference_mode():
+                for patch in patches:
+                    stack.enter_context(patch)
+                stack.enter_context(mock.patch.object(ops, "VISION_ADD_NORM", fused))
+                rows = stack.enter_context(mock.patch.object(tk, "fp8_quantize_rows", wraps=tk.fp8_quantize_rows))
+                feats[fused] = model.encode_images(images)
+                calls[fused] = rows.call_count
+        assert ((feats[True] - feats[False]).abs().max() / feats[False].abs().max()).item() < 1e-4, quant
+        layers = v.num_hidden_layers
+        if quant:  # per layer 4 row quantizations (QKV, dense, fc1, fc2 with its GELU) and the adapter's 4
+            assert calls[False] == 4 * layers + 4 and calls[True] == calls[False] - (2 * layers - 1), calls
+
+
+def test_vision_add_norm_interpreted():
+    run_interpreted(__file__, "vision ok", "vision", timeout=600)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vision_add_norm_cuda():
+    check_vision_add_norm("cuda")
 
 
 def check_fold_a8(device: str) -> None:
@@ -146,6 +218,21 @@ def test_a8_fold_kernels_compile_for_hopper():
             assert "ld.local" not in ptx, (kernel.__name__, group)
             stores.append(ptx.count("st.global"))
         assert stores[1] >= stores[0] + 4, (kernel.__name__, stores)
+
+
+def test_add_layer_norm_compiles_for_hopper():
+    """The vision tower's add + LayerNorm for sm_90 at its 1,792 width, plain and with the fp8 rows: no spills, the
+    sum converted to e4m3 only with them."""
+    from cogvlm2.model import triton_ops
+    from tests.hopper_compile import compile_for_hopper
+
+    signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16",
+                 "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "stride_x": "i32", "stride_y": "i32", "dim": "i32",
+                 "eps": "fp32"}
+    for fp8 in (False, True):
+        ptx = compile_for_hopper(triton_ops._add_layer_norm_kernel, signature,
+                                 dict(BLOCK=2048, FP8=fp8, FP8_MAX=448.0), num_warps=8).asm["ptx"]
+        assert "ld.local" not in ptx and ("e4m3" in ptx) == fp8, fp8
 
 
 def test_fold_a8_interpreted():
@@ -236,6 +323,9 @@ def test_residual_stream_equals_the_layer_loop():
 if __name__ == "__main__" and sys.argv[1:] == ["model"]:
     check_fused_model()
     print("fused model ok")
+elif __name__ == "__main__" and sys.argv[1:] == ["vision"]:
+    check_vision_add_norm("cpu")
+    print("vision ok")
 elif __name__ == "__main__" and sys.argv[1:] == ["fold"]:
     check_fold_a8("cpu")
     print("fold ok")

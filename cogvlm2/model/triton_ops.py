@@ -118,6 +118,52 @@ def add_rms_norm_a8(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit
+def _add_layer_norm_kernel(x_ptr, y_ptr, w_ptr, b_ptr, out_ptr, q_ptr, s_ptr, stride_x, stride_y, dim, eps,
+                           BLOCK: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+    """x + LayerNorm(y) of one row (the vision tower's post-norm residual), each step rounded as torch rounds it:
+    the norm's output to the tensor dtype, then the sum; FP8: the sum also quantized per row for an fp8 linear, as
+    quant.triton_kernels._fp8_rows_kernel quantizes a row."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < dim
+    y = tl.load(y_ptr + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(y, axis=0) / dim
+    d = tl.where(ok, y - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / dim + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    normed = (d * rstd * w + b).to(out_ptr.dtype.element_ty).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    out = (x + normed).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * dim + cols, out, mask=ok)
+    if FP8:
+        o = out.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(o), axis=0) / FP8_MAX, 1e-12)
+        q = tl.minimum(tl.maximum(o * (1.0 / scale), -FP8_MAX), FP8_MAX)
+        tl.store(q_ptr + row * dim + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(s_ptr + row, scale)
+
+
+def add_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(x + F.layer_norm(y, ...), q, s) in one pass over the rows (torch's roundings; the norm's float32 statistics
+    may differ from torch's kernel in the last bit); fp8: with the sum quantized per row as fp8_quantize_rows does
+    (q float8_e4m3fn [rows, D], s float32 [rows, 1]), else None, None."""
+    shape = x.shape
+    x2, y2 = _rows(x), _rows(y)
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device) if fp8 else None
+    s = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device) if fp8 else None
+    if x2.shape[0]:
+        block = triton.next_power_of_2(shape[-1])
+        with _on(x2):
+            _add_layer_norm_kernel[(x2.shape[0],)](x2, y2, weight, bias, out, q if fp8 else out, s if fp8 else out,
+                                                   x2.stride(0), y2.stride(0), shape[-1], eps, BLOCK=block, FP8=fp8,
+                                                   FP8_MAX=448.0, num_warps=min(16, max(1, block // 256)))
+    return out.view(shape), q, s
+
+
+@triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, n, BLOCK: tl.constexpr,
                      PDL: tl.constexpr, A8_GROUP: tl.constexpr):
     pdl.enter(PDL)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, VisionConfig
+from . import ops
 from .parallel import ParallelContext, tp_size
 
 
@@ -61,9 +62,11 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size // n)
         self.dense = _linear(cfg.hidden_size // n, cfg.hidden_size, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shared=None) -> torch.Tensor:
+        """`shared`: x already quantized for an fp8 QKV (ops.add_layer_norm's)."""
         b, n, _ = x.shape
-        qkv = self.query_key_value(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, N, d]
+        qkv = self.query_key_value(x) if shared is None else self.query_key_value(x, shared)
+        qkv = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, N, d]
         # Full (non-causal) attention, scale head_dim**-0.5 (SDPA's default). A quantized projection's class may
         # say how to attend over its outputs (fp8: `Fp8Linear.attention`)
         attend = getattr(type(self.query_key_value), "attention", None) or F.scaled_dot_product_attention
@@ -78,8 +81,9 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, inter)
         self.fc2 = _linear(inter, cfg.hidden_size, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
+    def forward(self, x: torch.Tensor, shared=None) -> torch.Tensor:
+        """`shared`: x already quantized for an fp8 fc1 (ops.add_layer_norm's)."""
+        h = self.fc1(x) if shared is None else self.fc1(x, shared)
         if hasattr(type(self.fc2), "forward_gelu"):  # a quantized fc2 applies the GELU in its own input pass
             return self.fc2.forward_gelu(h)  # (looked up on the class: a wrapper, e.g. LoRA, never forwards it)
         return self.fc2(F.gelu(h))  # exact (erf) GELU
@@ -97,6 +101,12 @@ class TransformerLayer(nn.Module):
         x = x + self.input_layernorm(self.attention(x))  # post-norm: LN on the sub-layer output
         return x + self.post_attention_layernorm(self.mlp(x))
 
+    def forward_fused(self, x: torch.Tensor, shared, next_qkv: nn.Module | None) -> tuple[torch.Tensor, object]:
+        """forward with each residual add and its LayerNorm in one kernel (ops.add_layer_norm): `shared` is x
+        quantized for this layer's QKV (or None); returns (output, output quantized for `next_qkv` or None)."""
+        x, shared = ops.add_layer_norm(x, self.attention(x, shared), self.input_layernorm, self.mlp.fc1)
+        return ops.add_layer_norm(x, self.mlp(x, shared), self.post_attention_layernorm, next_qkv)
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: VisionConfig, tp: ParallelContext | None = None):
@@ -105,6 +115,12 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False  # set by fine-tuning when the tower itself is trained
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ops.VISION_ADD_NORM and ops._fused(x):  # inference on the GPU (autograd off): the fused residual
+            shared = None
+            for i, layer in enumerate(self.layers):
+                nxt = self.layers[i + 1].attention.query_key_value if i + 1 < len(self.layers) else None
+                x, shared = layer.forward_fused(x, shared, nxt)
+            return x
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, use_reentrant=False)

@@ -315,15 +315,24 @@ class Fp8Linear(QuantLinear):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+    def shares_fp8(self, x: torch.Tensor) -> bool:
+        """Whether this layer quantizes x per row with the Triton kernel (so the kernel that makes x may do it
+        instead and pass (q, s) as `shared`)."""
+        return FP8_FUSE and _kernel_ok(x) and torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
+               shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x @ W^T (+ bias); gelu: of F.gelu(x). With _scaled_mm the bias is added in its epilogue (one
-        rounding to the output dtype), and the GELU is applied by the quantizing kernel."""
+        rounding to the output dtype), and the GELU is applied by the quantizing kernel. `shared`: x already
+        quantized per row, (float8_e4m3fn [rows, K], float32 [rows, 1]) as fp8_quantize_rows makes it."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] == 0:
             return x.new_empty(*shape[:-1], self.out_features)
         fused = _kernel_ok(x) and torch.cuda.get_device_capability(x.device) >= (8, 9)  # Triton's fp8 casts
-        if fused:
+        if shared is not None:
+            qx, sx = shared
+        elif fused:
             qx, sx = triton_kernels.fp8_quantize_rows(x2, gelu=gelu)  # [M, K], [M, 1]
         else:
             qx, sx = formats.quantize_fp8_rows(F.gelu(x2) if gelu else x2)
@@ -339,7 +348,9 @@ class Fp8Linear(QuantLinear):
         y = y if bias is None else y + bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shared=None) -> torch.Tensor:
+        if shared is not None:  # what shares_fp8 promised: FP8_FUSE is set
+            return self.matmul(x, bias=self.bias, shared=shared)
         return self.matmul(x, bias=self.bias) if FP8_FUSE else super().forward(x)
 
     def forward_gelu(self, h: torch.Tensor) -> torch.Tensor:
