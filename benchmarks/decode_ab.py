@@ -8,6 +8,12 @@ Python literal; `--quant int4` with e.g. `--set "quant.triton_kernels.A8_FUSED={
 
     PYTHONPATH=. python benchmarks/decode_ab.py --set "model.ops.DECODE_QKV_ROTARY=0" \
         --set "model.ops.DECODE_QKV_ROTARY=1" --rounds 2 --batches 1 --out ab.json
+
+`--ttft N` also times N one-image prefills (the median; engine_gpu.py's TTFT, a new image each) per setting and
+round, e.g. the vision tower's fused residual under fp8 (`--batches ''` for TTFT alone):
+
+    PYTHONPATH=. python benchmarks/decode_ab.py --quant fp8 --set "model.ops.VISION_ADD_NORM=0" \
+        --set "model.ops.VISION_ADD_NORM=1" --batches '' --ttft 3
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import copy_bandwidth, full_size_config, random_model
-from benchmarks.engine_gpu import QUESTION, image, steady_step_time
+from benchmarks.engine_gpu import QUESTION, first_token_time, image, steady_step_time
 from cogvlm2.engine.config import EngineConfig
 from cogvlm2.llm import LLMEngine
 from cogvlm2.processing import Processor
@@ -54,11 +60,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", required=True, dest="settings", help="one setting (see above)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batches", default="1", help="comma-separated decode batches (1, 32)")
+    ap.add_argument("--ttft", type=int, default=0, help="also time this many one-image prefills a setting and round")
     ap.add_argument("--quant", help="the model quantized to this mode first (cogvlm2.quant.quantize_model), e.g. int4")
     ap.add_argument("--out")
     args = ap.parse_args()
     settings = [(s, parse_setting(s)) for s in args.settings]
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b]
     cfg = full_size_config()
     model = random_model(cfg)
     if args.quant:
@@ -79,6 +86,12 @@ def main() -> None:
                     stack.enter_context(mock.patch.object(module, attr, value))
                 engine = LLMEngine(model, EngineConfig(max_num_seqs=64, max_num_batched_tokens=8192,
                                                        gpu_memory_utilization=0.9), proc)
+                if args.ttft:
+                    first_token_time(engine, f"warm{r}", proc(QUESTION, image=image(99)))  # compile, plans
+                    t = float(np.median([first_token_time(engine, f"ttft{r}-{i}", proc(QUESTION, image=image(100 + i)))
+                                         for i in range(args.ttft)]))
+                    results[text].setdefault("ttft_ms", []).append(t * 1e3)
+                    print(f"round {r} [{text}] ttft_ms {t * 1e3:.2f}", flush=True)
                 for b in batches:
                     t = steady_step_time(engine, prompts[b], 129 if b == 1 else 65)
                     key = "decode1_tok_s" if b == 1 else f"decode{b}_step_ms"
