@@ -124,10 +124,14 @@ def _merge_head(part_ptr, lse_ptr, out_ptr, b, h, so_b, so_h, so_s, sl_b, sl_h, 
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_PAD)
     d_ok = d < HEAD_DIM
-    lse = tl.load(lse_ptr + b * sl_b + h * sl_h + s, mask=s < NUM_SPLITS, other=float("-inf"), cache_modifier=CACHE)
-    w = tl.exp(lse - tl.max(lse, axis=0))  # empty chunks have lse -inf -> weight 0
+    s_ok = s < NUM_SPLITS
+    lse = tl.load(lse_ptr + b * sl_b + h * sl_h + s, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
+    # both loads in flight at once (masking the outputs' load by lse would wait for it first): an empty chunk's
+    # output was never written, so it is read and then zeroed, its weight being 0 (lse -inf)
     part = tl.load(part_ptr + b * so_b + h * so_h + s[:, None] * so_s + d[None, :],
-                   mask=(lse > float("-inf"))[:, None] & d_ok[None, :], other=0.0, cache_modifier=CACHE)
+                   mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=CACHE)
+    w = tl.exp(lse - tl.max(lse, axis=0))  # empty chunks have lse -inf -> weight 0
+    part = tl.where((lse > float("-inf"))[:, None], part, 0.0)
     out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + b * sout_b + h * sout_h + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
