@@ -210,7 +210,7 @@ def test_a8_fold_kernels_compile_for_hopper():
         "stride_x": "i32", "stride_d": "i32", "stride_s": "i32", "stride_o": "i32", "dim": "i32", "eps": "fp32"}
     silu = {"g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16"} | a8 | {"n": "i32"}
     for kernel, signature, block, warps in ((triton_ops._add_rms_norm_kernel, norm, 4096, 16),
-                                            (triton_ops._silu_mul_kernel, silu, triton_ops.BLOCK, 4)):
+                                            (triton_ops._silu_mul_kernel, silu, triton_ops.SILU_MUL_BLOCK, 4)):
         stores = []
         for group in (0, 128):
             ptx = compile_for_hopper(kernel, signature, dict(BLOCK=block, PDL=True, A8_GROUP=group),

@@ -51,8 +51,9 @@ FOLD_A8 = os.environ.get("COGVLM2_FOLD_A8", "0") == "1"
 # torch's two, which under --quant fp8 also writes the sum quantized for the next fp8 linear (QKV or fc1), so its
 # row-quantize pass goes too: ~7 B of the ~13 B an element those passes move (the H200 fp8 prefill profile of
 # 2026-12-01: LayerNorm 4.5 + adds 3.1 + fp8 row quantizer 17.1 ms of TTFT). Not bit-equal to torch's LayerNorm
-# (float32 statistics summed in another order) and not yet timed: off until measured (`benchmarks/quant_gpu.py
-# --sections ttft`); COGVLM2_VISION_ADD_NORM=1 turns it on at import
+# (float32 statistics summed in another order) and not yet timed: off until measured (`benchmarks/decode_ab.py
+# --quant fp8 --set "model.ops.VISION_ADD_NORM=0" --set "model.ops.VISION_ADD_NORM=1" --batches '' --ttft 3`);
+# COGVLM2_VISION_ADD_NORM=1 turns it on at import
 VISION_ADD_NORM = os.environ.get("COGVLM2_VISION_ADD_NORM", "0") == "1"
 
 
@@ -114,9 +115,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 def add_layer_norm(x: torch.Tensor, y: torch.Tensor, norm: torch.nn.LayerNorm,
                    consumer: torch.nn.Module | None = None) -> tuple[torch.Tensor, object]:
     """(x + norm(y), shared): the vision tower's post-norm residual, one kernel where the fused kernels run and
-    VISION_ADD_NORM is set (the norm's statistics in float32 as torch's up to the last bit), which also quantizes the
-    sum for `consumer` when that is an fp8 linear that can take it (`shares_fp8`: shared, passed to its call); the
-    two torch ops and shared None otherwise."""
+    VISION_ADD_NORM is set (float32 statistics like torch's, summed in another order: equal to the last bit or so),
+    which also quantizes the sum for `consumer` when that is an fp8 linear that can take it (`shares_fp8`: shared,
+    passed to its call); the two torch ops and shared None otherwise."""
     if VISION_ADD_NORM and _fused(x) and norm.weight is not None and norm.bias is not None:
         fp8 = consumer is not None and hasattr(consumer, "shares_fp8") and consumer.shares_fp8(x)
         out, q, s = triton_ops.add_layer_norm(x, y, norm.weight, norm.bias, norm.eps, fp8)

@@ -193,17 +193,18 @@ def silu_mul_a8(gate: torch.Tensor, up: torch.Tensor, a8_group: int) -> tuple[to
     out = torch.empty_like(gate)
     n = gate.numel()
     group = a8_group if a8_group > 0 and gate.numel() == gate.shape[-1] and n % a8_group == 0 and \
-        BLOCK % a8_group == 0 else 0
+        SILU_MUL_BLOCK % a8_group == 0 else 0
     a8 = a8_buffers(n, group, gate.device) if group else None
     xe, sx, sq = a8 if a8 is not None else (out[None], out, out)
     if n:
         with _on(gate):
-            _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, xe[0], xe[-1], sx, sq, n, BLOCK=BLOCK,
-                                                       A8_GROUP=group, **pdl.options(gate))
+            _silu_mul_kernel[(triton.cdiv(n, SILU_MUL_BLOCK),)](gate, up, out, xe[0], xe[-1], sx, sq, n,
+                                                                BLOCK=SILU_MUL_BLOCK, A8_GROUP=group,
+                                                                **pdl.options(gate))
     return out, a8
 
 
-BLOCK = 1024  # SiLU-mul's values a program
+SILU_MUL_BLOCK = 1024  # SiLU-mul's values a program
 
 
 @triton.jit
