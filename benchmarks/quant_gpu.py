@@ -497,7 +497,7 @@ def lm_step(run: Run, batches=(1, 16, 32, 64), fmts=LM_FORMATS) -> None:
                     layer.append((formats.tinygemm_pack(codes), sz))
                 layers.append(layer)
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)
-        else:  # int4: the bf16-activation tile at 2+ rows (TILE_A8 off), whatever the module's default
+        else:  # int4 (and fp4): int4's bf16-activation tile at 2+ rows (TILE_A8 off), whatever the module's default
             tk.TILE_A8["int4"] = 0
             layers = [[_packed(fmt, n, k, 5 * i + j) for j, (n, k) in enumerate(LM_SHAPES)] for i in range(32)]
             nbytes = sum(_nbytes(t) for layer in layers for t in layer)

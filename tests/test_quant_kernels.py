@@ -499,7 +499,8 @@ def test_tile_fused_sum_in_cuda_graphs():
 def test_gate_and_up_share_the_w4a8_row():
     """ops.gate_up_silu_mul with int4 gate and up: on CUDA at one row the two read one W4A8 quantization of x (one
     quantize launch fewer) with the same numbers as quantizing for each; nothing is shared on the CPU, for other
-    layer types or group sizes, for several rows, or with SHARE_A8_INPUT off."""
+    layer types or group sizes, for several rows or a strided row, where the W4A8 GEMV would not quantize x itself,
+    or with SHARE_A8_INPUT off."""
     from cogvlm2.model import ops
     from cogvlm2.quant import Int4Linear, linear as quant_linear
     from cogvlm2.quant import triton_kernels as tk
@@ -510,6 +511,15 @@ def test_gate_and_up_share_the_w4a8_row():
     gate_f, up_f = (torch.nn.Linear(256, 384, bias=False).to(device, dtype) for _ in range(2))
     gate, up = Int4Linear.from_linear(gate_f), Int4Linear.from_linear(up_f)
     x = torch.randn(1, 256, generator=g).to(device, dtype)
+    group = gate.group_size
+    with mock.patch.object(quant_linear, "_kernel_ok", lambda t: True):  # the decision a GPU row gets, on any device
+        assert gate.shares_a8(x, up) == group and gate.shares_a8(x) == group
+        assert gate.shares_a8(x, gate_f) == 0 and gate.shares_a8(x, Int4Linear.from_linear(up_f, group_size=64)) == 0
+        assert gate.shares_a8(torch.cat([x, x]), up) == 0 and gate.shares_a8(x.expand(1, 256)[:, ::2], up) == 0
+        with mock.patch.dict(tk.A8_FUSED, quant=True):  # each GEMV program quantizes its own slice: nothing to share
+            assert gate.shares_a8(x, up) == 0
+        with mock.patch.dict(tk.ONE_ROW, int4="gemv"):  # bf16 activations: nothing quantized
+            assert gate.shares_a8(x, up) == 0
     with torch.inference_mode():
         assert up.shared_input(x, gate_f) is None and up.shared_input(x[:0], gate) is None
         assert gate.shared_input(torch.cat([x, x]), up) is None

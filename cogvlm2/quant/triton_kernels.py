@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import pdl
-from ..counters import counters
+from ..counters import counters, last_to_arrive
 
 FUSED_MAX_ROWS = 64  # more rows than this: dequantize + cuBLAS
 
@@ -91,9 +91,7 @@ def _store_tile(out_ptr, final_ptr, count_ptr, acc, offs_m, offs_n, m_ok, n_ok, 
         mask = m_ok[:, None] & n_ok[None, :]
         at = offs_m[:, None] * N + offs_n[None, :]
         tl.store(out_ptr + tl.program_id(1).to(tl.int64) * M * N + at, acc, mask=mask)
-        tl.debug_barrier()
-        done = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT_K - 1:
+        if last_to_arrive(count_ptr, tl.program_id(0), SPLIT_K):
             total = tl.load(out_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")  # the other SMs' writes
             for s in tl.static_range(1, SPLIT_K):
                 total += tl.load(out_ptr + s * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
@@ -121,9 +119,7 @@ def _finish_row(part_ptr, out_ptr, count_ptr, acc, offs_n, n_ok, N, SPLIT_K: tl.
     scope, after a barrier so every thread's partial is written) adds the SPLIT_K partials in slice order, exactly
     as _splitk_sum_kernel does, writes the output and puts the counter back to 0 for the next launch."""
     tl.store(part_ptr + tl.program_id(1) * N + offs_n, acc, mask=n_ok)
-    tl.debug_barrier()
-    done = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-    if done == SPLIT_K - 1:
+    if last_to_arrive(count_ptr, tl.program_id(0), SPLIT_K):
         total = tl.load(part_ptr + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")  # the other SMs' writes
         for s in tl.static_range(1, SPLIT_K):
             total += tl.load(part_ptr + s * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ... import pdl
-from ...counters import counters
+from ...counters import counters, last_to_arrive
 
 # Tuned on an H200 (benchmarks/kernels_gpu.py --only decode, 2,355-token contexts): (split, block_n, num_stages,
 # context_bound) from each batch size on. Small batches take short splits: (sequence, kv head) pairs alone cannot
@@ -105,10 +105,8 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + b * sl_b + heads * sl_h + s, m + tl.log(l), mask=row_ok)
     if FOLD:
-        tl.debug_barrier()  # every thread's partials written before this chunk is counted
         pair = b * (tl.num_programs(0) if HEADS_FIRST else tl.num_programs(1)) + kvh
-        done = tl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel", scope="gpu")
-        if done == NUM_SPLITS - 1:  # the last chunk of this (sequence, kv head): the others' partials are visible
+        if last_to_arrive(cnt_ptr, pair, NUM_SPLITS):  # the last chunk of this (sequence, kv head)
             for g in tl.static_range(GROUP):
                 _merge_head(out_ptr, lse_ptr, fin_ptr, b, kvh * GROUP + g, so_b, so_h, so_s, sl_b, sl_h, sout_b,
                             sout_h, NUM_SPLITS, SPLITS_PAD, HEAD_DIM, HEAD_PAD, ".cg")
