@@ -63,9 +63,13 @@ def check_decode_kernel(device: str) -> None:
         ref = attend_reference(q, k, v, meta)
         for tiles in shapes:
             out = paged_decode_attention(q, k, v, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5, 1024,
-                                         **tiles)
+                                         prefetch=False, **tiles)
             err = (out - ref).abs().max().item()
             assert err < 1e-4, (hq, hkv, lens, tiles, err)
+            # the first tile loaded before the PDL wait, the step's own token (the last) after it: the same result
+            prefetched = paged_decode_attention(q, k, v, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5,
+                                                1024, prefetch=True, **tiles)
+            assert torch.equal(prefetched, out), (hq, hkv, lens, tiles)
             # the merge folded into the chunks' launch (the last chunk of each sequence and kv head merges): the
             # two launches' result bit for bit, and every counter back at 0 for the next launch
             folded = paged_decode_attention(q, k, v, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5, 1024,
@@ -99,7 +103,8 @@ def check_store_kv(device: str) -> None:
 
 def test_folded_decode_attention_compiles_for_hopper():
     """The chunks' launch with the merge folded in compiles for sm_90 at batch 1's and batch 32's tiles: one atomic
-    add (acq_rel), the merge's loads from L2 (.cg), no spills; without FOLD neither."""
+    add (acq_rel), the merge's loads from L2 (.cg), no spills; without FOLD neither. With PREFETCH the first tile's
+    K / V loads come before the PDL wait."""
     from cogvlm2.engine.kernels import decode_attention as da
     from tests.hopper_compile import compile_for_hopper
 
@@ -110,16 +115,20 @@ def test_folded_decode_attention_compiles_for_hopper():
                                      "so_b", "so_h", "so_s", "sl_b", "sl_h")}
     signature |= {"cnt_ptr": "*i32", "fin_ptr": "*bf16", "sout_b": "i32", "sout_h": "i32"}
     for split, block_n, stages, bound in (da.TILES[0][1], da.TILES[-1][1]):
-        for fold in (False, True):
+        for fold, prefetch in ((False, False), (True, False), (False, True)):
             splits = -(-8192 // split)
             kernel = compile_for_hopper(da._stage1, signature, dict(
                 GROUP=4, GROUP_PAD=16, HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, BLOCK_N=block_n, SPLIT_TOKENS=split,
                 PRECISION="tf32", CONTEXT_BOUND=bound, HEADS_FIRST=False, FOLD=fold, NUM_SPLITS=splits,
-                SPLITS_PAD=triton.next_power_of_2(splits), PDL=True), num_warps=da.NUM_WARPS, num_stages=stages)
+                SPLITS_PAD=triton.next_power_of_2(splits), PREFETCH=prefetch, PDL=True),
+                num_warps=da.NUM_WARPS, num_stages=stages)
             ptx = kernel.asm["ptx"]
             assert "ld.local" not in ptx, (split, fold)
             atomic = re.search(r"atom\.[\w.]*acq_rel[\w.]*add", ptx) is not None
             assert atomic == fold and ("ld.global.cg" in ptx) == fold, (split, fold)
+            # PREFETCH: K / V loads (16-byte vectors) are issued before the wait for the previous kernel; else none
+            before_wait = ptx[:ptx.index("griddepcontrol.wait")]
+            assert ("ld.global.v4" in before_wait) == prefetch, (split, prefetch)
 
 
 def test_decode_kernel_interpreted():
@@ -154,6 +163,45 @@ def test_folded_decode_attention_in_cuda_graphs():
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, two), batch
+
+
+@cuda
+def test_prefetched_decode_attention_reads_the_new_token_after_the_wait():
+    """Under PDL in a CUDA graph, as in a decode step: a PDL kernel writes each sequence's new K / V (its last
+    token, the context's end falling in a chunk's first tile or not) and the attention that prefetches its first
+    tiles follows it. Replay after replay with new K / V values, the output is the reference's on the updated
+    cache: the new token is never read before it is written."""
+    from cogvlm2 import pdl
+    from cogvlm2.engine.kernels import kv_store
+    from cogvlm2.engine.kernels.decode_attention import paged_decode_attention
+
+    if not pdl.options(torch.zeros(1, device="cuda")).get("PDL"):
+        pytest.skip("no PDL on this GPU (sm_90+)")
+    for batch, lens in ((1, [2355]), (4, [1, 64, 129, 2300]), (32, [2300 + 7 * i for i in range(32)])):
+        q, k, v, meta = _random_paged(batch, lens, [1] * batch, hq=32, hkv=8, d=128, device="cuda",
+                                      dtype=torch.bfloat16, seed=batch)
+        bs = k.shape[1]
+        last = torch.tensor(lens, device="cuda") - 1
+        slots = meta.block_tables.gather(1, (last // bs)[:, None])[:, 0] * bs + last % bs
+        new_k, new_v = torch.empty(batch, 8, 128, device="cuda", dtype=torch.bfloat16), torch.empty_like(q[:, :8])
+        args = (q, k, v, meta.block_tables, meta.context_lens, 128 ** -0.5, 8192)
+
+        def step():
+            kv_store.store_kv(k, v, slots, new_k, new_v)
+            return paged_decode_attention(*args, prefetch=True)
+
+        new_k.normal_(), new_v.normal_()
+        step()  # compiled outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        for i in range(5):
+            new_k.normal_(), new_v.normal_()
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = paged_decode_attention(*args, prefetch=False)
+            assert torch.equal(out, ref), (batch, i)
+            assert (ref.float() - attend_reference(q.float(), k.float(), v.float(), meta)).abs().max() < 2e-2
 
 
 @cuda

@@ -31,6 +31,13 @@ SWEEP_KV_HEADS = 8  # the sweep's kv heads (Llama-3-8B); the grid has batch x kv
 # tok/s, batch 32 7.80 against 7.55 ms): the last chunk merges its query heads one after another, a serial tail
 # longer than the launch it saves (under PDL a launch costs well under a microsecond)
 FOLD = False
+# PREFETCH: each chunk loads its first tile of K / V before the PDL wait (cogvlm2/pdl.py), overlapping the DRAM
+# latency with the kernels before it (the QKV GEMV's tail) instead of starting it once they have finished. Safe:
+# every token but the step's own was written by an earlier step, and the block tables and context lengths by copies
+# (or torch ops) before the step's kernels; the step's token (context - 1), written by the QKV / store kernel before
+# this one, is read after the wait. At batch 1 a chunk is one or two tiles, and the whole layer's attention is ~14 us
+# for 9.4 MB of K / V (BENCHMARKS.md, the int4 profile): mostly latency.
+PREFETCH = False
 
 
 def tuned_tiles(batch: int, kv_heads: int = SWEEP_KV_HEADS) -> tuple[int, int, int, bool]:
@@ -52,12 +59,15 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr,
             CONTEXT_BOUND: tl.constexpr, HEADS_FIRST: tl.constexpr, FOLD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-            SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
+            SPLITS_PAD: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """One (sequence, kv head, chunk): the chunk's attention for the GROUP query heads of that kv head, normalized,
     with its log-sum-exp, into out / lse. FOLD: the chunk that finishes last (an atomic counter per (sequence, kv
     head), cogvlm2/counters.py) also merges the NUM_SPLITS chunks into fin as _stage2 does, head by head, so the
-    second launch is not needed."""
-    pdl.enter(PDL)
+    second launch is not needed. PREFETCH: the chunk's first tile of K / V is loaded before the PDL wait (see
+    PREFETCH above), all but this step's token, which is read after it."""
+    pdl.launch_dependents(PDL)
+    if not PREFETCH:
+        pdl.wait(PDL)
     if HEADS_FIRST:  # the kv heads of one (sequence, chunk) run side by side: they read one token row's 2 KB
         kvh = tl.program_id(0)
         b = tl.program_id(1)
@@ -67,38 +77,46 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
     s = tl.program_id(2)
     ctx = tl.load(lens_ptr + b)
     start = s * SPLIT_TOKENS
+    end = tl.minimum(start + SPLIT_TOKENS, ctx)
     rows = tl.arange(0, GROUP_PAD)
     heads = kvh * GROUP + rows
     row_ok = rows < GROUP
     d = tl.arange(0, HEAD_PAD)  # a head dim that is no power of 2 is padded with zeros (exact in both dots)
     d_ok = d < HEAD_DIM
+    if PREFETCH:
+        tok0 = start + tl.arange(0, BLOCK_N)
+        ok0 = tok0 < end
+        blk0 = tl.load(bt_ptr + b * sbt_b + tok0 // BLOCK_SIZE, mask=ok0, other=0).to(tl.int64)
+        k_at = k_ptr + blk0[:, None] * sk_blk + (tok0 % BLOCK_SIZE)[:, None] * sk_tok + kvh * sk_h + d[None, :]
+        v_at = v_ptr + blk0[:, None] * sv_blk + (tok0 % BLOCK_SIZE)[:, None] * sv_tok + kvh * sv_h + d[None, :]
+        old = (ok0 & (tok0 < ctx - 1))[:, None] & d_ok[None, :]  # written by earlier steps
+        k0 = tl.load(k_at, mask=old, other=0.0)
+        v0 = tl.load(v_at, mask=old, other=0.0)
+        pdl.wait(PDL)
+        new = (ok0 & (tok0 == ctx - 1))[:, None] & d_ok[None, :]  # this step's, written by a kernel before this one
+        k0 = tl.load(k_at, mask=new, other=k0)
+        v0 = tl.load(v_at, mask=new, other=v0)
     q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-    end = tl.minimum(start + SPLIT_TOKENS, ctx)
     if start < ctx:
+        if PREFETCH:
+            m, l, acc = _attend_tile(q, k0, v0, ok0, m, l, acc, scale, PRECISION)
         # CONTEXT_BOUND: iterate up to the context only (a run-time trip count) instead of over the whole split
         # with the tokens past `end` masked (a constant one)
         # (the bound inline: Triton 3.6's interpreter turns every assigned value into a tensor, a loop bound included)
-        for i in range(0, end - start if CONTEXT_BOUND else SPLIT_TOKENS, BLOCK_N):
+        for i in range(BLOCK_N if PREFETCH else 0, end - start if CONTEXT_BOUND else SPLIT_TOKENS, BLOCK_N):
             tok = start + i + tl.arange(0, BLOCK_N)
             ok = tok < end
             blk = tl.load(bt_ptr + b * sbt_b + tok // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
             slot = tok % BLOCK_SIZE
             k = tl.load(k_ptr + blk[:, None] * sk_blk + slot[:, None] * sk_tok + kvh * sk_h + d[None, :],
                         mask=ok[:, None] & d_ok[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N]
-            qk = tl.where(ok[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, axis=1))
-            p = tl.exp(qk - m_new[:, None])
-            alpha = tl.exp(m - m_new)
             v = tl.load(v_ptr + blk[:, None] * sv_blk + slot[:, None] * sv_tok + kvh * sv_h + d[None, :],
                         mask=ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l = l * alpha + tl.sum(p, axis=1)
-            m = m_new
+            m, l, acc = _attend_tile(q, k, v, ok, m, l, acc, scale, PRECISION)
     # A chunk past the context runs no iteration: l = 0 gives lse = -inf, which stage 2 weighs 0.
     out = acc / tl.maximum(l, 1e-30)[:, None]
     tl.store(out_ptr + b * so_b + heads[:, None] * so_h + s * so_s + d[None, :], out,
@@ -111,6 +129,19 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
                 _merge_head(out_ptr, lse_ptr, fin_ptr, b, kvh * GROUP + g, so_b, so_h, so_s, sl_b, sl_h, sout_b,
                             sout_h, NUM_SPLITS, SPLITS_PAD, HEAD_DIM, HEAD_PAD, ".cg")
             tl.store(cnt_ptr + pair, 0)
+
+
+@triton.jit
+def _attend_tile(q, k, v, ok, m, l, acc, scale, PRECISION: tl.constexpr):
+    """Online softmax over one tile of tokens (ok: the tile's tokens in the chunk): the running max m, sum l and
+    output acc of the GROUP_PAD query rows, updated."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, BLOCK_N]
+    qk = tl.where(ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m, tl.max(qk, axis=1))
+    p = tl.exp(qk - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l * alpha + tl.sum(p, axis=1), acc
 
 
 @triton.jit
@@ -148,12 +179,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor | None = None, split: int | None = None, block_n: int | None = None,
                            num_warps: int = NUM_WARPS, num_stages: int | None = None,
                            context_bound: bool | None = None, heads_first: bool = False,
-                           fold: bool | None = None) -> torch.Tensor:
+                           fold: bool | None = None, prefetch: bool | None = None) -> torch.Tensor:
     """q [B, Hq, d]; k/v_cache [num_blocks, block_size, Hkv, d] (any strides, last dim contiguous);
     block_tables [B, max_blocks] int32; context_lens [B] int32 (tokens to attend, the current one
     included, already written to the cache). max_context bounds every context_lens (sets the grid).
     split / block_n / num_stages / context_bound: None takes the tuned tiles for this batch size; context_bound
-    and heads_first (off: it did not win on the H200), fold (None: FOLD; on CUDA only): see `_stage1`. Returns
+    and heads_first (off: it did not win on the H200), fold (None: FOLD; on CUDA only), prefetch (None: PREFETCH):
+    see `_stage1`. Returns
     [B, Hq, d] in q's dtype."""
     b, hq, dim = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -180,6 +212,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_N=min(block_n, split), SPLIT_TOKENS=split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CONTEXT_BOUND=context_bound,
         HEADS_FIRST=heads_first, FOLD=fold, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+        PREFETCH=PREFETCH if prefetch is None else prefetch,
         num_warps=num_warps, num_stages=num_stages, **pdl.options(q))
     if not fold:
         _stage2[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
