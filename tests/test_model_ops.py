@@ -99,7 +99,10 @@ def check_add_layer_norm(device: str, dtype: torch.dtype, g: torch.Generator) ->
             continue  # fp8 casts in Triton: cc 8.9+
         out8, q, s = triton_ops.add_layer_norm(x, y, w, b, 1e-6, fp8=True)
         ref_q, ref_s = tk.fp8_quantize_rows(out8)
-        assert torch.equal(out8, out.view(rows, dim)) and torch.equal(s, ref_s)
+        # the sum as without fp8 to rounding (compiled, the fp8 variant may contract the norm's multiply-adds
+        # differently: float32 at width 1,792 differed in the last bit on the H200), its rows exactly quantized
+        assert ((out8.float() - ref.float()).abs() <= tol * ref.float().abs().clamp(min=1)).all()
+        assert torch.equal(s, ref_s)
         assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
 
 

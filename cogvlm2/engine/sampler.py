@@ -30,10 +30,11 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 
 # FAST_ARGMAX: the argmax over the vocabulary in two small Triton launches (engine/kernels/argmax.py, torch's result
 # bit for bit, ties and NaN included) instead of torch's, which the H200 profile of 2026-12-01 put at 27 us a step
-# (batch 1 and 32). Written after that session's device time was spent, not yet timed: off until measured
-# (`benchmarks/decode_ab.py --set "engine.sampler.FAST_ARGMAX=0" --set "engine.sampler.FAST_ARGMAX=1"`);
-# COGVLM2_FAST_ARGMAX=1 turns it on at import
-FAST_ARGMAX = os.environ.get("COGVLM2_FAST_ARGMAX", "0") == "1"
+# (batch 1 and 32). On: engine decode on the H200 bf16 batch 1 236.6 -> 237.9 tok/s, batch 32 7.57 -> 7.54 ms, int4
+# batch 1 356.4 -> 360.0 tok/s (`benchmarks/decode_ab.py --set "engine.sampler.FAST_ARGMAX=0" --set
+# "engine.sampler.FAST_ARGMAX=1"`, two rounds, BENCHMARKS.md, fourteenth session); COGVLM2_FAST_ARGMAX=0 (read at
+# import) turns it off
+FAST_ARGMAX = os.environ.get("COGVLM2_FAST_ARGMAX", "1") != "0"
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

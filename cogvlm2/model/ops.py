@@ -43,18 +43,20 @@ DECODE_SKINNY = os.environ.get("COGVLM2_DECODE_SKINNY", "0") == "1"
 DECODE_QKV_ROTARY = os.environ.get("COGVLM2_DECODE_QKV_ROTARY", "1") != "0"
 # FOLD_A8: for int4 decode at batch 1 the kernels that produce a linear's input row (add + RMSNorm before the QKV
 # and the MLP, SiLU-mul before down) also write it quantized for the W4A8 GEMV (quant.triton_kernels), so the GEMV
-# needs no quantize launch (96 fewer a step; bit-equal, tests/test_model_ops.py). Written after the 2026-12-01
-# session's device time was spent, not yet timed: off until measured (`benchmarks/decode_ab.py --quant int4 --set
-# "model.ops.FOLD_A8=0" --set "model.ops.FOLD_A8=1"`); COGVLM2_FOLD_A8=1 turns it on at import
-FOLD_A8 = os.environ.get("COGVLM2_FOLD_A8", "0") == "1"
+# needs no quantize launch (96 fewer a step; bit-equal, tests/test_model_ops.py). On: engine int4 decode at batch 1
+# 340.3 -> 356.4 tok/s on the H200 (`benchmarks/decode_ab.py --quant int4 --set "model.ops.FOLD_A8=0" --set
+# "model.ops.FOLD_A8=1"`, two rounds, BENCHMARKS.md, fourteenth session); COGVLM2_FOLD_A8=0 (read at import) turns
+# it off
+FOLD_A8 = os.environ.get("COGVLM2_FOLD_A8", "1") != "0"
 # VISION_ADD_NORM: the vision tower's post-norm residual (x + LayerNorm(y), twice a layer) in one kernel instead of
 # torch's two, which under --quant fp8 also writes the sum quantized for the next fp8 linear (QKV or fc1), so its
 # row-quantize pass goes too: ~7 B of the ~13 B an element those passes move (the H200 fp8 prefill profile of
 # 2026-12-01: LayerNorm 4.5 + adds 3.1 + fp8 row quantizer 17.1 ms of TTFT). Not bit-equal to torch's LayerNorm
-# (float32 statistics summed in another order) and not yet timed: off until measured (`benchmarks/decode_ab.py
-# --quant fp8 --set "model.ops.VISION_ADD_NORM=0" --set "model.ops.VISION_ADD_NORM=1" --batches '' --ttft 3`);
-# COGVLM2_VISION_ADD_NORM=1 turns it on at import
-VISION_ADD_NORM = os.environ.get("COGVLM2_VISION_ADD_NORM", "0") == "1"
+# (float32 statistics summed in another order). On: TTFT on the H200 fp8 203.2 -> 199.5 ms, bf16 284.2 -> 282.0
+# (`benchmarks/decode_ab.py [--quant fp8] --set "model.ops.VISION_ADD_NORM=0" --set "model.ops.VISION_ADD_NORM=1"
+# --batches '' --ttft 3`, two rounds, BENCHMARKS.md, fourteenth session); COGVLM2_VISION_ADD_NORM=0 (read at import)
+# turns it off
+VISION_ADD_NORM = os.environ.get("COGVLM2_VISION_ADD_NORM", "1") != "0"
 
 
 def _fused(x: torch.Tensor) -> bool:

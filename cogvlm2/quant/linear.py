@@ -263,8 +263,8 @@ class Int4Linear(QuantLinear):
 
 
 # SHARE_A8_INPUT: the MLP's gate and up (both int4) read one W4A8 quantization of the decode row instead of one each:
-# 32 launches fewer a decode step, bit-equal (tests/test_quant_kernels.py). Not yet timed on a GPU (written after
-# the 2026-12-01 session's device time was spent); the profile then put a quantize launch at 1.45 us + its gap
+# 32 launches fewer a decode step, bit-equal (tests/test_quant_kernels.py). Engine int4 decode at batch 1 on the
+# H200: 334.9 -> 340.3 tok/s (benchmarks/decode_ab.py, two rounds, BENCHMARKS.md, fourteenth session)
 SHARE_A8_INPUT = True
 
 # fp8 knobs that benchmarks/quant_gpu.py times against each other: FP8_FUSE puts the bias into _scaled_mm's
