@@ -74,6 +74,21 @@ def test_stored_step_attends_to_what_the_model_wrote():
     assert torch.equal(caches[1].kv, caches[0].kv)
     assert PagedAttention(caches[1], meta).kv_destination(0) is None
 
+    # an attend that `prefetches` (CudaAttend) is asked to only when the model's kernel wrote the step's K / V
+    calls = []
+
+    class Recording:
+        prefetches = True
+
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs)
+            return attend_reference(*args)
+
+    for stored in (True, False):
+        out = PagedAttention(caches[1], meta, Recording())(0, q, k, v, stored=stored)
+        assert torch.equal(out, ref)
+    assert calls == [{"prefetch": True}, {}]
+
 
 def test_batched_decode_matches_reference():
     torch.manual_seed(1)

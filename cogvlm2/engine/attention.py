@@ -123,13 +123,16 @@ class PagedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  stored: bool = False) -> torch.Tensor:
-        """stored: k / v are in the cache already (written by the model where kv_destination said)."""
+        """stored: k / v are in the cache already (written by the model where kv_destination said: by its QKV
+        kernel, which an attend that `prefetches` overlaps with its first K / V loads)."""
         kv = self.cache.layers[layer]
         k_cache, v_cache = kv[0], kv[1]  # [num_blocks + 1, bs, Hkv, d]
         meta = self._metas.get(kv.device) or self._meta_on(kv.device)
         if not self.cache.multi_device or kv.device.type != "cuda":
             if not stored:
                 self._store(k_cache, v_cache, meta.slot_mapping, k, v)
+            elif getattr(self.attend, "prefetches", False):
+                return self.attend(q, k_cache, v_cache, meta, prefetch=True)
             return self.attend(q, k_cache, v_cache, meta)
         with torch.cuda.device(kv.device):  # kernels launch on the current device
             if not stored:

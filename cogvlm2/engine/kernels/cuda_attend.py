@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from ..attention_metadata import AttentionMetadata
+from . import decode_attention
 from .decode_attention import paged_decode_attention
 
 
@@ -32,12 +33,16 @@ class CudaAttend:
         self.max_model_len = max_model_len  # bounds every context: fixes the decode grid
         self._rows: tuple[AttentionMetadata, tuple[torch.Tensor, ...]] | None = None
 
+    prefetches = True  # takes prefetch= (engine.attention.PagedAttention)
+
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
+                 meta: AttentionMetadata, prefetch: bool = False) -> torch.Tensor:
+        """prefetch: decode rows load their first K / V tile before waiting for the kernel before (PDL), which
+        wrote the step's K / V (decode_attention.PREFETCH)."""
         scale = q.shape[-1] ** -0.5
         if meta.query_lens is None or all(n == 1 for n in meta.query_lens):  # decode rows only (a graph's, too)
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                          self.max_model_len)
+                                          self.max_model_len, prefetch=prefetch and decode_attention.PREFETCH)
         out = torch.empty_like(q)
         if any(n == 1 for n in meta.query_lens):
             tokens, tables, lens = self._decode_rows(meta)

@@ -10,6 +10,8 @@ context lengths up to max_splits * split.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,13 +33,16 @@ SWEEP_KV_HEADS = 8  # the sweep's kv heads (Llama-3-8B); the grid has batch x kv
 # tok/s, batch 32 7.80 against 7.55 ms): the last chunk merges its query heads one after another, a serial tail
 # longer than the launch it saves (under PDL a launch costs well under a microsecond)
 FOLD = False
-# PREFETCH: each chunk loads its first tile of K / V before the PDL wait (cogvlm2/pdl.py), overlapping the DRAM
-# latency with the kernels before it (the QKV GEMV's tail) instead of starting it once they have finished. Safe:
-# every token but the step's own was written by an earlier step, and the block tables and context lengths by copies
-# (or torch ops) before the step's kernels; the step's token (context - 1), written by the QKV / store kernel before
-# this one, is read after the wait. At batch 1 a chunk is one or two tiles, and the whole layer's attention is ~14 us
-# for 9.4 MB of K / V (BENCHMARKS.md, the int4 profile): mostly latency.
-PREFETCH = False
+# PREFETCH (the `prefetch` argument): each chunk loads its first tile of K / V before the PDL wait (cogvlm2/pdl.py),
+# overlapping the DRAM latency with the kernel before it instead of starting once it has finished. Safe: every token
+# but the step's own was written by an earlier step, and the block tables and context lengths by copies (or torch
+# ops) before the step's kernels; the step's token (context - 1), written by the kernel before this one, is read
+# after the wait. Measured on the H200 (benchmarks/decode_ab.py, BENCHMARKS.md, fourteenth session): after bf16's
+# QKV GEMV that also stores K / V (model.ops.DECODE_QKV_ROTARY, batch 1) 238.0 -> 240.1 tok/s; after int4's small
+# store kernel 359.8 -> 353.8, at batch 32 (after cuBLAS) 7.54 -> 8.23 ms. So the engine asks for it only after the
+# fused QKV GEMV (engine.attention.PagedAttention, `stored`), when PREFETCH (COGVLM2_DECODE_PREFETCH=0 turns it off,
+# read at import)
+PREFETCH = os.environ.get("COGVLM2_DECODE_PREFETCH", "1") != "0"
 
 
 def tuned_tiles(batch: int, kv_heads: int = SWEEP_KV_HEADS) -> tuple[int, int, int, bool]:
@@ -179,13 +184,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor | None = None, split: int | None = None, block_n: int | None = None,
                            num_warps: int = NUM_WARPS, num_stages: int | None = None,
                            context_bound: bool | None = None, heads_first: bool = False,
-                           fold: bool | None = None, prefetch: bool | None = None) -> torch.Tensor:
+                           fold: bool | None = None, prefetch: bool = False) -> torch.Tensor:
     """q [B, Hq, d]; k/v_cache [num_blocks, block_size, Hkv, d] (any strides, last dim contiguous);
     block_tables [B, max_blocks] int32; context_lens [B] int32 (tokens to attend, the current one
     included, already written to the cache). max_context bounds every context_lens (sets the grid).
     split / block_n / num_stages / context_bound: None takes the tuned tiles for this batch size; context_bound
-    and heads_first (off: it did not win on the H200), fold (None: FOLD; on CUDA only), prefetch (None: PREFETCH):
-    see `_stage1`. Returns
+    and heads_first (off: it did not win on the H200), fold (None: FOLD; on CUDA only), prefetch: see `_stage1` and
+    PREFETCH. Returns
     [B, Hq, d] in q's dtype."""
     b, hq, dim = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -212,7 +217,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_N=min(block_n, split), SPLIT_TOKENS=split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CONTEXT_BOUND=context_bound,
         HEADS_FIRST=heads_first, FOLD=fold, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-        PREFETCH=PREFETCH if prefetch is None else prefetch,
+        PREFETCH=prefetch,
         num_warps=num_warps, num_stages=num_stages, **pdl.options(q))
     if not fold:
         _stage2[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
