@@ -105,7 +105,8 @@ def main() -> None:
         bn * bk / (32 * warps)))
     bn, bk, warps, stages = gm.CONFIG
     rows.append((f"bf16 gemv {gm.CONFIG}", compile_sm90(
-        gm._gemv_kernel, bf16, dict(K=4096, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, PDL=True), num_warps=warps,
+        gm._gemv_kernel, bf16, dict(K=4096, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, L2_LINES=0, LINE=64, PDL=True),
+        num_warps=warps,
         num_stages=stages), bn * bk / (32 * warps)))
     for name, kernel, per_thread in rows:
         print(f"{name:<36} {loop_report(kernel, per_thread)}", flush=True)
