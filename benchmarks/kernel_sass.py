@@ -96,7 +96,7 @@ def main() -> None:
     bn, _, warps, stages, _ = tk.CONFIGS[("int4", "gemv-a8")]
     rows.append((f"int4 gemv-a8 {tk.CONFIGS[('int4', 'gemv-a8')]}", compile_sm90(
         tk._int4_gemv_a8_kernel, a8, dict(K=4096, BLOCK_N=bn, GROUP=128, SPLIT_K=4, ASM=True, STAGES=stages,
-                                           FUSED_QUANT=False, NG_PAD=8, FUSED_SUM=False, PDL=False),
+                                           FUSED_QUANT=False, NG_PAD=8, FUSED_SUM=False, L2_ROWS=0, PDL=False),
         num_warps=warps, num_stages=stages), bn * 128 / (32 * warps)))
     bn, bk, warps, stages, _ = tk.CONFIGS[("fp4", "gemv")]
     rows.append((f"fp4 gemv {tk.CONFIGS[('fp4', 'gemv')]}", compile_sm90(

@@ -261,8 +261,8 @@ def test_w4a8_gemv_compiles_for_hopper():
                  "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16",
                  "count_ptr": "*i32", "N": "i32"}
     quantize = compile_for_hopper(tk._quantize_a8_kernel, {"x_ptr": "*bf16", "xe_ptr": "*i32", "xo_ptr": "*i32",
-                                                            "sx_ptr": "*fp32", "sq_ptr": "*i32"}, dict(GROUP=128),
-                                  num_warps=4).asm["ptx"]
+                                                            "sx_ptr": "*fp32", "sq_ptr": "*i32"},
+                                  dict(GROUP=128, PDL=False), num_warps=4).asm["ptx"]
     assert "ld.local" not in quantize and quantize.count("st.global") >= 4  # xe, xo, sx, sq
     for block_n, _, warps, stages, split in tk.CANDIDATES[("int4", "gemv-a8")]:
         for fused in (False, True):  # A8_FUSED off, or both on (at the largest slice the quant may take)
@@ -273,7 +273,7 @@ def test_w4a8_gemv_compiles_for_hopper():
             groups = k // 128 // split_k
             kernel = compile_for_hopper(tk._int4_gemv_a8_kernel, signature, dict(
                 K=k, BLOCK_N=block_n, GROUP=128, SPLIT_K=split_k, ASM=True, STAGES=stages, FUSED_QUANT=fused,
-                NG_PAD=triton.next_power_of_2(groups), FUSED_SUM=fused, PDL=fused), num_warps=warps,
+                NG_PAD=triton.next_power_of_2(groups), FUSED_SUM=fused, L2_ROWS=0, PDL=fused), num_warps=warps,
                 num_stages=stages)
             ptx = kernel.asm["ptx"]
             assert "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, warps, fused)  # no spills
@@ -282,6 +282,23 @@ def test_w4a8_gemv_compiles_for_hopper():
             assert ("atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx) == fused, (block_n, fused)
             assert ("griddepcontrol.wait" in ptx) == fused, (block_n, fused)  # A8_FUSED["pdl"]: waits first
             assert not fused or ptx.index("griddepcontrol.wait") < ptx.index("ld.global"), block_n
+            assert "prefetch" not in ptx
+        # A8_L2_PREFETCH_BYTES: the program's codes prefetched into L2 line by line, all before the PDL wait, no
+        # global load before it; the quantize launch before it with PDL too
+        split_k = abs(split) or 2
+        kernel = compile_for_hopper(tk._int4_gemv_a8_kernel, signature, dict(
+            K=4096, BLOCK_N=block_n, GROUP=128, SPLIT_K=split_k, ASM=True, STAGES=stages, FUSED_QUANT=False,
+            NG_PAD=1, FUSED_SUM=True, L2_ROWS=triton.next_power_of_2(4096 // split_k // 8), PDL=True),
+            num_warps=warps, num_stages=stages)
+        ptx = kernel.asm["ptx"]
+        wait = ptx.index("griddepcontrol.wait")
+        prefetches = [m.start() for m in re.finditer(r"prefetch\.global\.L2", ptx)]
+        assert prefetches and max(prefetches) < wait < ptx.index("ld.global") and "ld.local" not in ptx, block_n
+    quantize = compile_for_hopper(tk._quantize_a8_kernel, {"x_ptr": "*bf16", "xe_ptr": "*i32", "xo_ptr": "*i32",
+                                                            "sx_ptr": "*fp32", "sq_ptr": "*i32"},
+                                  dict(GROUP=128, PDL=True), num_warps=4).asm["ptx"]
+    assert quantize.index("griddepcontrol.launch_dependents") < quantize.index("griddepcontrol.wait") \
+        < quantize.index("ld.global")
 
 
 def test_w4a8_tile_compiles_for_hopper():
@@ -455,6 +472,18 @@ def test_w4a8_fused_in_cuda_graphs():
                 with torch.cuda.graph(graph):
                     out = tk.int4_linear(static, qweight, qzeros, scales, 128)
                 for _ in range(20):
+                    out.zero_()
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    assert torch.equal(out, three), (n, k)
+            # A8_L2_PREFETCH_BYTES (the 8 MiB of 4,096 x 4,096 codes allowed, the larger ones not): the quantize
+            # launch and the GEMV under PDL, the codes prefetched into L2 first; the same output, in a graph too
+            with mock.patch.object(tk, "A8_L2_PREFETCH_BYTES", 9 << 20):
+                assert torch.equal(tk.int4_linear(x, qweight, qzeros, scales, 128), three), (n, k)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = tk.int4_linear(static, qweight, qzeros, scales, 128)
+                for _ in range(5):
                     out.zero_()
                     graph.replay()
                     torch.cuda.synchronize()

@@ -323,25 +323,43 @@ def store_a8_groups(xg, xe_ptr, xo_ptr, sx_ptr, sq_ptr, g, g_ok, GROUP: tl.const
 
 
 @triton.jit
-def _quantize_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, GROUP: tl.constexpr):
+def _quantize_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, GROUP: tl.constexpr, PDL: tl.constexpr):
     """One group a program (_quantize_groups) before the W4A8 GEMV, when its prologue does not (FUSED["quant"])."""
+    pdl.enter(PDL)
     _quantize_groups(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, tl.program_id(0), 1, 1, GROUP)
+
+
+@triton.jit
+def _prefetch_codes_l2(w_ptrs, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, N, BLOCK_N: tl.constexpr):
+    """The packed rows w_ptrs[0] .. w_ptrs[ROWS - 1] (int32 words, N a row apart, BLOCK_N from the first
+    pointer's column on) into L2: one prefetch a 128-byte line (32 words); the rows past ROWS repeat the last."""
+    LINES: tl.constexpr = (BLOCK_N + 31) // 32
+    row = tl.minimum(tl.arange(0, ROWS_PAD), ROWS - 1).to(tl.int64)
+    ptrs = w_ptrs + (row * N)[:, None] + (tl.arange(0, LINES) * 32)[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
 def _int4_gemv_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, final_ptr, count_ptr,
                          N, K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
                          ASM: tl.constexpr, STAGES: tl.constexpr, FUSED_QUANT: tl.constexpr, NG_PAD: tl.constexpr,
-                         FUSED_SUM: tl.constexpr, PDL: tl.constexpr):
+                         FUSED_SUM: tl.constexpr, L2_ROWS: tl.constexpr, PDL: tl.constexpr):
     """One row, group-wise int4 weights times int8 activations (W4A8, as llama.cpp's q4 x q8 dot products; x
     quantized by _quantize_a8_kernel). Word p of a column holds k = 8p + j in nibble j: the word masked with
     0x0F0F0F0F holds the even k as four bytes, shifted by 4 first the odd ones, so 8 codes cost one shift, two
     ANDs and two IDP4A against xe[p] / xo[p]; per group sum_k (q - z) s x ~= s sx (sum_k q xq - z sum_k xq).
     Each thread keeps its words' scaled dot products [packed row, column] over the K slice, summed across the tile
-    once at the end (a sum across threads every step cost barriers that kept the loads from staying in flight)."""
-    pdl.enter(PDL)  # A8_FUSED["pdl"]
+    once at the end (a sum across threads every step cost barriers that kept the loads from staying in flight).
+    L2_ROWS (> 0, PDL only: A8_L2_PREFETCH_BYTES): the program's packed rows, rounded up to a power of 2, prefetched
+    into L2 before the PDL wait."""
     RP: tl.constexpr = GROUP // 8  # packed rows of a group
     KS: tl.constexpr = K // SPLIT_K
+    pdl.launch_dependents(PDL)  # A8_FUSED["pdl"], A8_L2_PREFETCH_BYTES
+    if L2_ROWS > 0:
+        first = tl.program_id(1).to(tl.int64) * (KS // 8) * N + tl.program_id(0) * BLOCK_N  # this program's codes
+        _prefetch_codes_l2(qw_ptr + first, KS // 8, L2_ROWS, N, BLOCK_N)
+    pdl.wait(PDL)
     if FUSED_QUANT:  # this program's K slice of x quantized here (every column block writes the same values)
         _quantize_groups(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, tl.program_id(1) * (KS // GROUP), KS // GROUP,
                          NG_PAD, GROUP)
@@ -689,6 +707,13 @@ FP4_ARITH = {"gemv": True}
 # decode batch 1, 2026-12-01): none 319.6 tok/s, **sum 334.6** (the default), sum + quant 316.8, sum + quant + pdl
 # 238.6 (the three launches under PDL: 256); `benchmarks/quant_gpu.py --a8-fused off,sum,...` times them in the engine.
 A8_FUSED = {"sum": True, "quant": False, "pdl": False}
+# A8_L2_PREFETCH_BYTES: a W4A8 GEMV whose codes are at most this many bytes (the attention output's projection: 8 MiB
+# of codes for 4,096 x 4,096; 0: none) is launched with PDL, its row's quantize launch too, and each program
+# prefetches its codes into L2 before it waits: the ~14 us a layer of decode attention before it (the int4 profile,
+# BENCHMARKS.md, fourteenth session) would stream them meanwhile. Off until measured (PDL on the 4-bit kernels was
+# slower, A8_FUSED["pdl"]): `PYTHONPATH=. python benchmarks/decode_ab.py --quant int4 --set
+# "quant.triton_kernels.A8_L2_PREFETCH_BYTES=0" --set "quant.triton_kernels.A8_L2_PREFETCH_BYTES=9437184" --batches 1`
+A8_L2_PREFETCH_BYTES = 0
 A8_QUANT_MAX_GROUPS = 32
 # TILE_A8: int4 from this many rows on (2+; 0: never) through the W4A8 tile (_int4_a8_mma_kernel: x quantized to
 # int8 per row and group, integer tensor cores) instead of the bf16-activation tile; 0.6-0.7% of error against
@@ -909,11 +934,13 @@ def a8_row_applies(x: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1] and ONE_ROW["int4"] == "gemv-a8" and x.stride(-1) == 1 and not A8_FUSED["quant"]
 
 
-def quantize_a8(x: torch.Tensor, group: int) -> A8Row:
-    """One row x [1, K] (contiguous) quantized for the W4A8 GEMV: int8 per weight group, symmetric (one launch)."""
+def quantize_a8(x: torch.Tensor, group: int, launch_pdl: bool = False) -> A8Row:
+    """One row x [1, K] (contiguous) quantized for the W4A8 GEMV: int8 per weight group, symmetric (one launch;
+    launch_pdl: with programmatic dependent launch where the GPU has it, cogvlm2/pdl.py)."""
     k = x.shape[-1]
     xe, sx, sq = a8_buffers(k, group, x.device)
-    _quantize_a8_kernel[(k // group,)](x.reshape(1, k), xe[0], xe[1], sx, sq, GROUP=group, num_warps=4)
+    _quantize_a8_kernel[(k // group,)](x.reshape(1, k), xe[0], xe[1], sx, sq, GROUP=group, num_warps=4,
+                                       **(pdl.options(x) if launch_pdl else {"PDL": False}))
     return xe, sx, sq
 
 
@@ -947,17 +974,21 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         out, part = _outputs(m, n, split, x)
         groups = k // group // split  # of a program's K slice
         fused_quant = a8 is None and A8_FUSED["quant"] and groups <= A8_QUANT_MAX_GROUPS
+        options = pdl.options(x)
+        prefetch = options["PDL"] and n % block_n == 0 and \
+            0 < qweight.numel() * qweight.element_size() <= A8_L2_PREFETCH_BYTES
         if fused_quant:  # each program quantizes its own slice into these
             xe, sx, sq = a8_buffers(k, group, x.device)
         else:
-            xe, sx, sq = a8 if a8 is not None else quantize_a8(x2, group)
+            xe, sx, sq = a8 if a8 is not None else quantize_a8(x2, group, launch_pdl=prefetch)
         fused_sum = A8_FUSED["sum"] and split > 1
         count = _block_counters(x.device, triton.cdiv(n, block_n)) if fused_sum else part
         _int4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
             x2, xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, out, count, n, k, BLOCK_N=block_n, GROUP=group,
             SPLIT_K=split, ASM=x.is_cuda, STAGES=stages, FUSED_QUANT=fused_quant,
-            NG_PAD=triton.next_power_of_2(groups) if fused_quant else 1, FUSED_SUM=fused_sum, num_warps=warps,
-            num_stages=stages, **(pdl.options(x) if A8_FUSED["pdl"] else {"PDL": False}))
+            NG_PAD=triton.next_power_of_2(groups) if fused_quant else 1, FUSED_SUM=fused_sum,
+            L2_ROWS=triton.next_power_of_2(k // split // 8) if prefetch else 0, num_warps=warps, num_stages=stages,
+            **(options if A8_FUSED["pdl"] or prefetch else {"PDL": False}))
         split = 1 if fused_sum else split  # nothing left for _finish
     elif 0 < TILE_A8["int4"] <= m and x2.stride(-1) == 1 and group % 32 == 0:  # int8 activations on the tensor cores
         block_n, _, warps, stages, split = CONFIGS[("int4", "tile-a8")]
