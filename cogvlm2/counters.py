@@ -1,6 +1,6 @@
 """Zeroed int32 counters for kernels whose last program finishes the work of its peers (the W4A8 GEMV's split-K
-sum, the decode attention's merge of its context chunks): each program adds 1 (acq_rel at GPU scope) after writing
-its partial result, the one that counts last combines them and puts its counter back to 0 for the next launch.
+sum): each program adds 1 (acq_rel at GPU scope) after writing its partial result, the one that counts last
+combines them and puts its counter back to 0 for the next launch.
 
 One buffer per (user, device): the kernels of one user run one after another on the device's stream, so they can
 share it. Allocated on first use and never outside it: allocating during CUDA graph capture would bake a fresh

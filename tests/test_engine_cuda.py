@@ -11,12 +11,13 @@ from cogvlm2.sampling_params import SamplingParams
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.parametrize("fold", [False, True])
-def test_engine_cuda_greedy_equals_reference(fold, monkeypatch):
-    """fold: decode attention's merge folded into its first launch (decode_attention.FOLD), graphs captured so."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_engine_cuda_greedy_equals_reference(prefetch, monkeypatch):
+    """prefetch: decode attention's first K / V tile loaded before its PDL wait after the fused QKV kernel
+    (decode_attention.PREFETCH), graphs captured so."""
     from cogvlm2.engine.kernels import decode_attention
 
-    monkeypatch.setattr(decode_attention, "FOLD", fold)
+    monkeypatch.setattr(decode_attention, "PREFETCH", prefetch)
     torch.backends.cuda.matmul.allow_tf32 = False
     llm = LLM("tiny", dtype="float32", device="cuda", max_num_seqs=8, max_num_batched_tokens=96)
     assert llm.engine.runner.graphs is not None  # decode steps replay CUDA graphs

@@ -8,7 +8,6 @@ compared with `attend_reference`.
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 import torch
@@ -70,14 +69,6 @@ def check_decode_kernel(device: str) -> None:
             prefetched = paged_decode_attention(q, k, v, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5,
                                                 1024, prefetch=True, **tiles)
             assert torch.equal(prefetched, out), (hq, hkv, lens, tiles)
-            # the merge folded into the chunks' launch (the last chunk of each sequence and kv head merges): the
-            # two launches' result bit for bit, and every counter back at 0 for the next launch
-            folded = paged_decode_attention(q, k, v, meta.block_tables, meta.context_lens, q.shape[-1] ** -0.5, 1024,
-                                            fold=True, **tiles)
-            assert torch.equal(folded, out), (hq, hkv, lens, tiles)
-    from cogvlm2.counters import _BUFFERS
-
-    assert not any(buf.any() for buf in _BUFFERS.values())
 
 
 def check_store_kv(device: str) -> None:
@@ -101,10 +92,9 @@ def check_store_kv(device: str) -> None:
     assert not kv_store.fits(k.transpose(1, 2), v, caches[0])  # rows that are not contiguous: index_copy_
 
 
-def test_folded_decode_attention_compiles_for_hopper():
-    """The chunks' launch with the merge folded in compiles for sm_90 at batch 1's and batch 32's tiles: one atomic
-    add (acq_rel), the merge's loads from L2 (.cg), no spills; without FOLD neither. With PREFETCH the first tile's
-    K / V loads come before the PDL wait."""
+def test_decode_attention_compiles_for_hopper():
+    """The chunks' launch compiles for sm_90 at batch 1's and batch 32's tiles without spills; with PREFETCH the first
+    tile's K / V loads come before the PDL wait, without it none."""
     from cogvlm2.engine.kernels import decode_attention as da
     from tests.hopper_compile import compile_for_hopper
 
@@ -113,19 +103,14 @@ def test_folded_decode_attention_compiles_for_hopper():
                                                                       "scale": "fp32"}
     signature |= {n: "i32" for n in ("sq_b", "sq_h", "sk_blk", "sk_tok", "sk_h", "sv_blk", "sv_tok", "sv_h", "sbt_b",
                                      "so_b", "so_h", "so_s", "sl_b", "sl_h")}
-    signature |= {"cnt_ptr": "*i32", "fin_ptr": "*bf16", "sout_b": "i32", "sout_h": "i32"}
     for split, block_n, stages, bound in (da.TILES[0][1], da.TILES[-1][1]):
-        for fold, prefetch in ((False, False), (True, False), (False, True)):
-            splits = -(-8192 // split)
+        for prefetch in (False, True):
             kernel = compile_for_hopper(da._stage1, signature, dict(
                 GROUP=4, GROUP_PAD=16, HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, BLOCK_N=block_n, SPLIT_TOKENS=split,
-                PRECISION="tf32", CONTEXT_BOUND=bound, HEADS_FIRST=False, FOLD=fold, NUM_SPLITS=splits,
-                SPLITS_PAD=triton.next_power_of_2(splits), PREFETCH=prefetch, PDL=True),
+                PRECISION="tf32", CONTEXT_BOUND=bound, HEADS_FIRST=False, PREFETCH=prefetch, PDL=True),
                 num_warps=da.NUM_WARPS, num_stages=stages)
             ptx = kernel.asm["ptx"]
-            assert "ld.local" not in ptx, (split, fold)
-            atomic = re.search(r"atom\.[\w.]*acq_rel[\w.]*add", ptx) is not None
-            assert atomic == fold and ("ld.global.cg" in ptx) == fold, (split, fold)
+            assert "ld.local" not in ptx, (split, prefetch)
             # PREFETCH: K / V loads (16-byte vectors) are issued before the wait for the previous kernel; else none
             before_wait = ptx[:ptx.index("griddepcontrol.wait")]
             assert ("ld.global.v4" in before_wait) == prefetch, (split, prefetch)
@@ -141,28 +126,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 def test_decode_kernel_cuda():
     check_decode_kernel("cuda")
-
-
-@cuda
-def test_folded_decode_attention_in_cuda_graphs():
-    """The folded merge under CUDA graph replay at the engine's decode shapes (32 query / 8 kv heads, batch 1 and
-    32, an 8K-token grid): the two launches' output, replay after replay (the counters go back to 0 each time)."""
-    from cogvlm2.engine.kernels.decode_attention import paged_decode_attention
-
-    for batch, lens in ((1, [2355]), (32, [2300 + 7 * i for i in range(32)])):
-        q, k, v, meta = _random_paged(batch, lens, [1] * batch, hq=32, hkv=8, d=128, device="cuda",
-                                      dtype=torch.bfloat16, seed=batch)
-        args = (q, k, v, meta.block_tables, meta.context_lens, 128 ** -0.5, 8192)
-        two = paged_decode_attention(*args, fold=False)
-        paged_decode_attention(*args, fold=True)  # the counters allocated outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = paged_decode_attention(*args, fold=True)
-        for _ in range(10):
-            out.zero_()
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(out, two), batch
 
 
 @cuda

@@ -82,27 +82,6 @@ def _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K: t
 
 
 @triton.jit
-def _store_tile(out_ptr, final_ptr, count_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N,
-                SPLIT_K: tl.constexpr, FUSED_SUM: tl.constexpr):
-    """A tile kernel's acc [BLOCK_M, BLOCK_N] out: as _store, or (FUSED_SUM, split K) this program's float32 partial to
-    out_ptr[split] and, in the program of the column block that counts last (an atomic counter per block, as
-    _finish_row), the SPLIT_K partials added in slice order, exactly as _splitk_sum_kernel does, into final_ptr."""
-    if FUSED_SUM:
-        mask = m_ok[:, None] & n_ok[None, :]
-        at = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(out_ptr + tl.program_id(1).to(tl.int64) * M * N + at, acc, mask=mask)
-        if last_to_arrive(count_ptr, tl.program_id(0), SPLIT_K):
-            total = tl.load(out_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")  # the other SMs' writes
-            for s in tl.static_range(1, SPLIT_K):
-                total += tl.load(out_ptr + s * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(final_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-                     total.to(final_ptr.dtype.element_ty), mask=mask)
-            tl.store(count_ptr + tl.program_id(0), 0)
-    else:
-        _store(out_ptr, acc, offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(1))
-
-
-@triton.jit
 def _splitk_sum_kernel(part_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
@@ -406,9 +385,9 @@ def _int4_stats(qz_ptr, s_ptr, g, offs_n, n_ok, N):
 
 
 @triton.jit
-def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, final_ptr, count_ptr, M, N, K: tl.constexpr, stride_xm,
+def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm,
                      stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_SUM: tl.constexpr):
+                     GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
     """1..64 rows of x, group-wise int4, on tensor cores with the operands swapped: acc [BLOCK_N, BLOCK_M] = W x^T,
     so the weight tile is the MMA's 64-row side and the few rows of x its narrow side (never padded to 64).
 
@@ -469,8 +448,7 @@ def _int4_mma_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, final_ptr, count_ptr
             d = tl.dot(w, x)
         xs = tl.sum(x.to(tl.float32), axis=0)  # [BM]
         acc += s_cur[:, None] * (d - (z_cur + c)[:, None] * xs[None, :])
-    _store_tile(out_ptr, final_ptr, count_ptr, tl.trans(acc), offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K,
-                FUSED_SUM)
+    _store(out_ptr, tl.trans(acc), offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(1))
 
 
 @triton.jit
@@ -487,9 +465,9 @@ def _quantize_rows_kernel(x_ptr, xq_ptr, sx_ptr, sq_ptr, stride_xm, K: tl.conste
 
 
 @triton.jit
-def _int4_a8_mma_kernel(xq_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, final_ptr, count_ptr, M, N,
+def _int4_a8_mma_kernel(xq_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N,
                         K: tl.constexpr, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-                        SPLIT_K: tl.constexpr, FUSED_SUM: tl.constexpr):
+                        SPLIT_K: tl.constexpr):
     """2..64 rows, group-wise int4 weights times int8 activations on the integer tensor cores (W4A8 as the one-row
     GEMV does it, for batched decode): acc [BLOCK_N, BLOCK_M] = W xq^T with the operands swapped as in
     _int4_mma_kernel, one group a step. The codes become int8 by a shift and a mask each, joined in natural K order
@@ -524,8 +502,7 @@ def _int4_a8_mma_kernel(xq_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, 
         sxg = tl.load(sx_ptr + offs_m * NG + g, mask=m_ok, other=0.0)
         sqg = tl.load(sq_ptr + offs_m * NG + g, mask=m_ok, other=0).to(tl.float32)
         acc += s_cur[:, None] * sxg[None, :] * (d - z_cur[:, None] * sqg[None, :])
-    _store_tile(out_ptr, final_ptr, count_ptr, tl.trans(acc), offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K,
-                FUSED_SUM)
+    _store(out_ptr, tl.trans(acc), offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(1))
 
 
 @triton.jit
@@ -541,10 +518,10 @@ def _fp4_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk, n_ok, NESTED: tl.con
 
 
 @triton.jit
-def _fp4_mma_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, final_ptr, count_ptr, M, N,
+def _fp4_mma_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N,
                     K: tl.constexpr, stride_xm, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, SCALE: tl.constexpr,
-                    SPLIT_K: tl.constexpr, FUSED_SUM: tl.constexpr):
+                    SPLIT_K: tl.constexpr):
     """1..64 rows of x, bitsandbytes 4-bit layout, on tensor cores with the operands swapped (see _int4_mma_kernel):
     one dot per absmax block (or per part of one), scaled by the block's absmax (x SCALE) after the dot. Each byte
     (two codes, k even in the high nibble) is looked up whole in a 256-entry table of 16-bit float pairs (lut_ptr,
@@ -579,8 +556,7 @@ def _fp4_mma_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offse
             even, odd = _halves(tl.load(lut_ptr + byte), DT)
             d = tl.dot(tl.reshape(tl.join(even, odd), (BLOCK_N, SUB)), x)
         acc += d * (scale_cur * SCALE)[:, None]
-    _store_tile(out_ptr, final_ptr, count_ptr, tl.trans(acc), offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K,
-                FUSED_SUM)
+    _store(out_ptr, tl.trans(acc), offs_m, offs_n, m_ok, n_ok, stride_om, M, N, SPLIT_K, tl.program_id(1))
 
 
 @triton.jit
@@ -721,12 +697,6 @@ A8_QUANT_MAX_GROUPS = 32
 # --sections lmstep`): W4A8 tile 5.60-5.76 ms at 2-16 rows, 6.19-6.31 at 24-32, 7.63-8.04 at 48-64; bf16 tile
 # 5.34-5.44 at 24-32 rows (BLOCK_M 32; 7.31-7.52 with BLOCK_M 16 at 2-16 rows, hence INT4_TILE_ROWS), 8.42-8.58 at 48-64
 TILE_A8 = {"int4": 33}
-# TILE_FUSED_SUM: the 4-bit tiles with K split add their partials themselves (the last program of each column block,
-# as A8_FUSED["sum"] does for the W4A8 GEMV) instead of a _splitk_sum_kernel launch after each (160 a batch-32 int4
-# step: 2.2 us each in the profile); bit-equal either way. Measured slower, so off: the engine's int4 batch-32 step
-# 8.93 / 8.97 ms without, 9.04 / 9.05 with (H200, `decode_ab.py --quant int4`, BENCHMARKS.md 2026-12-01): the last
-# program's serial add of up to 8 partial tiles outlasts the launch it saves (as decode attention's FOLD did)
-TILE_FUSED_SUM = False
 INT4_TILE_ROWS = 32  # the bf16-activation int4 tile's least BLOCK_M on a GPU (16 in Triton's interpreter: fewer lanes)
 
 
@@ -800,13 +770,6 @@ def _outputs(m: int, n: int, split: int, x: torch.Tensor) -> tuple[torch.Tensor,
     """(out [m, n] in x's dtype, what the matmul kernel writes: out itself, or float32 partials per slice)."""
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     return out, out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-
-
-def _tile_sum(n: int, block_n: int, split: int, part: torch.Tensor) -> tuple[bool, torch.Tensor]:
-    """(FUSED_SUM, the counters) of a tile launch: TILE_FUSED_SUM with K split, else (False, a placeholder)."""
-    if TILE_FUSED_SUM and split > 1:
-        return True, counters("tile split-K sum", part.device, triton.cdiv(n, block_n))
-    return False, part
 
 
 def _finish(part: torch.Tensor, out: torch.Tensor, split: int) -> None:
@@ -887,12 +850,10 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
             lookup, scale = lut, 1.0
         else:
             lookup, scale = table if table is not None else pair_table(lut, x.dtype, is_fp4)
-        fused, count = _tile_sum(n, block_n, split, part)
         _fp4_mma_kernel[(triton.cdiv(n, block_n), split)](
-            x2, packed, a, lookup, nabs, nmap, offset, part, out, count, m, n, k, x2.stride(0), out.stride(0),
+            x2, packed, a, lookup, nabs, nmap, offset, part, m, n, k, x2.stride(0), out.stride(0),
             BLOCK_M=_rows(m), BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize,
-            NESTED=is_nested, SCALE=scale, SPLIT_K=split, FUSED_SUM=fused, num_warps=warps, num_stages=stages)
-        split = 1 if fused else split  # nothing left for _finish
+            NESTED=is_nested, SCALE=scale, SPLIT_K=split, num_warps=warps, num_stages=stages)
     _finish(part, out, split)
     return out.view(*x.shape[:-1], n)
 
@@ -998,23 +959,19 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         sx = torch.empty(m, k // group, dtype=torch.float32, device=x.device)
         sq = torch.empty(m, k // group, dtype=torch.int32, device=x.device)
         _quantize_rows_kernel[(m, k // group)](x2, xq, sx, sq, x2.stride(0), K=k, GROUP=group, num_warps=4)
-        fused, count = _tile_sum(n, block_n, split, part)
         _int4_a8_mma_kernel[(triton.cdiv(n, block_n), split)](
-            xq, sx, sq, qweight, qzeros, scales, part, out, count, m, n, k, out.stride(0), BLOCK_M=_rows(m),
-            BLOCK_N=block_n, GROUP=group, SPLIT_K=split, FUSED_SUM=fused, num_warps=warps, num_stages=stages)
-        split = 1 if fused else split
+            xq, sx, sq, qweight, qzeros, scales, part, m, n, k, out.stride(0), BLOCK_M=_rows(m),
+            BLOCK_N=block_n, GROUP=group, SPLIT_K=split, num_warps=warps, num_stages=stages)
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("int4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
         split, _ = _split(k, split, group, group)  # slices of whole groups; the tile then divides the slice
         block_k = _int4_block_k(min(block_k, group), k // split, group)  # one step, one dot: a group or a part
         out, part = _outputs(m, n, split, x)
-        fused, count = _tile_sum(n, block_n, split, part)
         _int4_mma_kernel[(triton.cdiv(n, block_n), split)](
-            x2, qweight, qzeros, scales, part, out, count, m, n, k, x2.stride(0), out.stride(0),
+            x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), out.stride(0),
             BLOCK_M=_rows(m, INT4_TILE_ROWS if x.is_cuda else 16), BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group,
-            SPLIT_K=split, FUSED_SUM=fused, num_warps=warps, num_stages=stages)
-        split = 1 if fused else split
+            SPLIT_K=split, num_warps=warps, num_stages=stages)
     _finish(part, out, split)
     return out.view(*x.shape[:-1], n)
 

@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from ... import pdl
-from ...counters import counters, last_to_arrive
 
 # Tuned on an H200 (benchmarks/kernels_gpu.py --only decode, 2,355-token contexts): (split, block_n, num_stages,
 # context_bound) from each batch size on. Small batches take short splits: (sequence, kv head) pairs alone cannot
@@ -27,12 +26,6 @@ from ...counters import counters, last_to_arrive
 NUM_WARPS = 4
 TILES = ((1, (128, 64, 2, False)), (8, (256, 64, 2, True)), (16, (512, 64, 2, True)), (24, (1024, 64, 2, True)))
 SWEEP_KV_HEADS = 8  # the sweep's kv heads (Llama-3-8B); the grid has batch x kv heads x splits programs
-# FOLD: the chunks' merge (_stage2) done by the last chunk of each (sequence, kv head) inside _stage1: one launch a
-# layer instead of two; bit-equal to the two launches (tests/test_kernels.py). Off: slower on the H200 (f5259c0,
-# benchmarks/decode_ab.py --set engine.kernels.decode_attention.FOLD=0 --set ...=1: batch 1 228.0 against 236.3
-# tok/s, batch 32 7.80 against 7.55 ms): the last chunk merges its query heads one after another, a serial tail
-# longer than the launch it saves (under PDL a launch costs well under a microsecond)
-FOLD = False
 # PREFETCH (the `prefetch` argument): each chunk loads its first tile of K / V before the PDL wait (cogvlm2/pdl.py),
 # overlapping the DRAM latency with the kernel before it instead of starting once it has finished. Safe: every token
 # but the step's own was written by an earlier step, and the block tables and context lengths by copies (or torch
@@ -60,15 +53,11 @@ def tuned_tiles(batch: int, kv_heads: int = SWEEP_KV_HEADS) -> tuple[int, int, i
 @triton.jit(do_not_specialize=["sbt_b"])
 def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
             sq_b, sq_h, sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, sbt_b, so_b, so_h, so_s, sl_b, sl_h,
-            cnt_ptr, fin_ptr, sout_b, sout_h,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr,
-            CONTEXT_BOUND: tl.constexpr, HEADS_FIRST: tl.constexpr, FOLD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-            SPLITS_PAD: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+            CONTEXT_BOUND: tl.constexpr, HEADS_FIRST: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """One (sequence, kv head, chunk): the chunk's attention for the GROUP query heads of that kv head, normalized,
-    with its log-sum-exp, into out / lse. FOLD: the chunk that finishes last (an atomic counter per (sequence, kv
-    head), cogvlm2/counters.py) also merges the NUM_SPLITS chunks into fin as _stage2 does, head by head, so the
-    second launch is not needed. PREFETCH: the chunk's first tile of K / V is loaded before the PDL wait (see
+    with its log-sum-exp, into out / lse. PREFETCH: the chunk's first tile of K / V is loaded before the PDL wait (see
     PREFETCH above), all but this step's token, which is read after it."""
     pdl.launch_dependents(PDL)
     if not PREFETCH:
@@ -127,13 +116,6 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, scale,
     tl.store(out_ptr + b * so_b + heads[:, None] * so_h + s * so_s + d[None, :], out,
              mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + b * sl_b + heads * sl_h + s, m + tl.log(l), mask=row_ok)
-    if FOLD:
-        pair = b * (tl.num_programs(0) if HEADS_FIRST else tl.num_programs(1)) + kvh
-        if last_to_arrive(cnt_ptr, pair, NUM_SPLITS):  # the last chunk of this (sequence, kv head)
-            for g in tl.static_range(GROUP):
-                _merge_head(out_ptr, lse_ptr, fin_ptr, b, kvh * GROUP + g, so_b, so_h, so_s, sl_b, sl_h, sout_b,
-                            sout_h, NUM_SPLITS, SPLITS_PAD, HEAD_DIM, HEAD_PAD, ".cg")
-            tl.store(cnt_ptr + pair, 0)
 
 
 @triton.jit
@@ -150,33 +132,28 @@ def _attend_tile(q, k, v, ok, m, l, acc, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _merge_head(part_ptr, lse_ptr, out_ptr, b, h, so_b, so_h, so_s, sl_b, sl_h, sout_b, sout_h,
-                NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-                CACHE: tl.constexpr):
-    """Head h of sequence b: its NUM_SPLITS chunks' outputs weighed by their log-sum-exp (CACHE: the loads' cache
-    modifier; ".cg" reads other SMs' writes of the same launch from L2)."""
+def _stage2(part_ptr, lse_ptr, out_ptr, so_b, so_h, so_s, sl_b, sl_h, sout_b, sout_h,
+            NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+            PDL: tl.constexpr):
+    """Head h of sequence b: its NUM_SPLITS chunks' outputs weighed by their log-sum-exp. (Folded into stage 1, the
+    last chunk of each sequence and kv head merging, it was slower on the H200: 228.0 against 236.3 tok/s at batch
+    1, f5259c0, BENCHMARKS.md: the merge's heads one after another, a serial tail longer than the launch it saved.)"""
+    pdl.enter(PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_PAD)
     d_ok = d < HEAD_DIM
     s_ok = s < NUM_SPLITS
-    lse = tl.load(lse_ptr + b * sl_b + h * sl_h + s, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
+    lse = tl.load(lse_ptr + b * sl_b + h * sl_h + s, mask=s_ok, other=float("-inf"))
     # both loads in flight at once (masking the outputs' load by lse would wait for it first): an empty chunk's
     # output was never written, so it is read and then zeroed, its weight being 0 (lse -inf)
     part = tl.load(part_ptr + b * so_b + h * so_h + s[:, None] * so_s + d[None, :],
-                   mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=CACHE)
+                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     w = tl.exp(lse - tl.max(lse, axis=0))  # empty chunks have lse -inf -> weight 0
     part = tl.where((lse > float("-inf"))[:, None], part, 0.0)
     out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + b * sout_b + h * sout_h + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
-
-
-@triton.jit
-def _stage2(part_ptr, lse_ptr, out_ptr, so_b, so_h, so_s, sl_b, sl_h, sout_b, sout_h,
-            NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-            PDL: tl.constexpr):
-    pdl.enter(PDL)
-    _merge_head(part_ptr, lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), so_b, so_h, so_s, sl_b, sl_h, sout_b,
-                sout_h, NUM_SPLITS, SPLITS_PAD, HEAD_DIM, HEAD_PAD, "")
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -184,14 +161,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor | None = None, split: int | None = None, block_n: int | None = None,
                            num_warps: int = NUM_WARPS, num_stages: int | None = None,
                            context_bound: bool | None = None, heads_first: bool = False,
-                           fold: bool | None = None, prefetch: bool = False) -> torch.Tensor:
+                           prefetch: bool = False) -> torch.Tensor:
     """q [B, Hq, d]; k/v_cache [num_blocks, block_size, Hkv, d] (any strides, last dim contiguous);
     block_tables [B, max_blocks] int32; context_lens [B] int32 (tokens to attend, the current one
     included, already written to the cache). max_context bounds every context_lens (sets the grid).
     split / block_n / num_stages / context_bound: None takes the tuned tiles for this batch size; context_bound
-    and heads_first (off: it did not win on the H200), fold (None: FOLD; on CUDA only), prefetch: see `_stage1` and
-    PREFETCH. Returns
-    [B, Hq, d] in q's dtype."""
+    and heads_first (off: it did not win on the H200), prefetch: see `_stage1` and PREFETCH. Returns [B, Hq, d] in
+    q's dtype."""
     b, hq, dim = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -204,23 +180,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     part = torch.empty(b, hq, splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
-    fold = FOLD if fold is None else fold
-    count = counters("decode attention merge", q.device, b * hkv) if fold else lse
     _stage1[(hkv, b, splits) if heads_first else (b, hkv, splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        count, out, out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, HEAD_PAD=head_pad,
         BLOCK_SIZE=block_size,
         BLOCK_N=min(block_n, split), SPLIT_TOKENS=split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", CONTEXT_BOUND=context_bound,
-        HEADS_FIRST=heads_first, FOLD=fold, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-        PREFETCH=prefetch,
-        num_warps=num_warps, num_stages=num_stages, **pdl.options(q))
-    if not fold:
-        _stage2[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-                         out.stride(0), out.stride(1), NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-                         HEAD_DIM=dim, HEAD_PAD=head_pad, **pdl.options(q))
+        HEADS_FIRST=heads_first, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages, **pdl.options(q))
+    _stage2[(b, hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+                     out.stride(0), out.stride(1), NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+                     HEAD_DIM=dim, HEAD_PAD=head_pad, **pdl.options(q))
     return out
