@@ -688,8 +688,9 @@ A8_FUSED = {"sum": True, "quant": False, "pdl": False}
 # prefetches its codes into L2 before it waits: the ~14 us a layer of decode attention before it (the int4 profile,
 # BENCHMARKS.md, fourteenth session) would stream them meanwhile. Off until measured (PDL on the 4-bit kernels was
 # slower, A8_FUSED["pdl"]): `PYTHONPATH=. python benchmarks/decode_ab.py --quant int4 --set
-# "quant.triton_kernels.A8_L2_PREFETCH_BYTES=0" --set "quant.triton_kernels.A8_L2_PREFETCH_BYTES=9437184" --batches 1`
-A8_L2_PREFETCH_BYTES = 0
+# "quant.triton_kernels.A8_L2_PREFETCH_BYTES=0" --set "quant.triton_kernels.A8_L2_PREFETCH_BYTES=9437184" --batches 1`;
+# COGVLM2_A8_L2_PREFETCH=9437184 (bytes, read at import) turns it on
+A8_L2_PREFETCH_BYTES = int(os.environ.get("COGVLM2_A8_L2_PREFETCH", "0"))
 A8_QUANT_MAX_GROUPS = 32
 # TILE_A8: int4 from this many rows on (2+; 0: never) through the W4A8 tile (_int4_a8_mma_kernel: x quantized to
 # int8 per row and group, integer tensor cores) instead of the bf16-activation tile; 0.6-0.7% of error against
