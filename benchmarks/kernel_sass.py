@@ -99,10 +99,16 @@ def main() -> None:
                                            FUSED_QUANT=False, NG_PAD=8, FUSED_SUM=False, L2_ROWS=0, PDL=False),
         num_warps=warps, num_stages=stages), bn * 128 / (32 * warps)))
     bn, bk, warps, stages, _ = tk.CONFIGS[("fp4", "gemv")]
-    rows.append((f"fp4 gemv {tk.CONFIGS[('fp4', 'gemv')]}", compile_sm90(
-        tk._fp4_gemv_kernel, fp4, dict(K=4096, BLOCK_N=bn, BLOCK_K=bk, BLOCKSIZE=64, ARITH=True, NESTED=False,
-                                       SPLIT_K=1, STAGES=stages), num_warps=warps, num_stages=stages),
-        bn * bk / (32 * warps)))
+    for once in (False, True):
+        rows.append((f"fp4 gemv {tk.CONFIGS[('fp4', 'gemv')]}{' sum once' if once else ''}", compile_sm90(
+            tk._fp4_gemv_kernel, fp4, dict(K=4096, BLOCK_N=bn, BLOCK_K=bk, BLOCKSIZE=64, ARITH=True, NESTED=False,
+                                           SPLIT_K=1, STAGES=stages, SUM_ONCE=once), num_warps=warps,
+            num_stages=stages), bn * bk / (32 * warps)))
+    fa8 = {"xw_ptr": "*i32", "sx_ptr": "*fp32", "w_ptr": "*i32", "absmax_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32"}
+    for bn, bk, warps, stages, split in tk.CANDIDATES[("fp4", "gemv-a8")]:
+        rows.append((f"fp4 gemv-a8 {(bn, bk, warps, stages, split)}", compile_sm90(
+            tk._fp4_gemv_a8_kernel, fa8, dict(K=4096, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, STAGES=stages, ASM=True),
+            num_warps=warps, num_stages=stages), bn * bk / (32 * warps)))
     bn, bk, warps, stages = gm.CONFIG
     rows.append((f"bf16 gemv {gm.CONFIG}", compile_sm90(
         gm._gemv_kernel, bf16, dict(K=4096, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, L2_LINES=0, LINE=64, PDL=True),

@@ -77,6 +77,25 @@ def check_a8_fused(tk, x, qweight, qzeros, scales, group, expected) -> None:
     assert not any(buf.any() for (user, dev), buf in _BUFFERS.items() if dev == x.device)  # all back to 0
 
 
+def check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol) -> None:
+    """ONE_ROW fp4 "gemv-a8" (the official fp4 layout times int8 activations): x quantized per absmax block of 64
+    as the int4 W4A8 quantizes a group, the products exact integers (values x 192), so the result is the dequantized
+    weights times that quantized x to float rounding; against the unquantized weights the error is the 4-bit
+    weights' and hardly more. nf4, 8-bit absmax or another block size keep the float GEMV."""
+    n, k = ref_w.shape
+    with _settings(tk, ONE_ROW={"fp4": "gemv-a8"}):
+        got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
+    xb = x.double().view(k // 64, 64)
+    sx = (xb.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)
+    xs = xb / sx
+    xq = (xs + torch.where(xs >= 0, 0.5, -0.5)).trunc() * sx  # round half away from zero, as _int8_groups
+    assert got.shape == (1, n) and got.dtype == x.dtype
+    assert _rel(got, (xq.view(1, k) @ ref_w.double().t()).float()) < max(tol, 1e-5), ("fp4 gemv-a8", n, k)
+    exact = x.float() @ w.float().t()
+    w4a16, w4a8 = _rel(x.float() @ ref_w.float().t(), exact), _rel(got, exact)
+    assert 0.03 < w4a16 and w4a8 < 1.02 * w4a16, ("fp4 W4A8 against the unquantized weights", n, k, w4a16, w4a8)
+
+
 def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5) -> None:
     from cogvlm2.quant import triton_kernels as tk
 
@@ -106,6 +125,13 @@ def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5)
                     assert got.shape == (m, n) and got.dtype == dtype
                     err = _rel(got, x.float() @ ref_w.float().t())
                     assert err < tol, (quant_type, kernel, arith, n, k, m, err)
+                    if kernel == "gemv":  # the same sums added once after the loop (FP4_SUM_ONCE)
+                        with _settings(tk, ONE_ROW={"fp4": kernel}, FP4_ARITH={"gemv": arith},
+                                       FP4_SUM_ONCE={"gemv": True}):
+                            once = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=quant_type == "fp4")
+                        assert _rel(once, x.float() @ ref_w.float().t()) < tol, (quant_type, arith, n, k, m)
+                if m == 1 and quant_type == "fp4":
+                    check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol)
     check_split_k(device, dtype, g, tol)
     for n, k in [(48, 256), (40, 384), (64, 128)]:
         for group in (128, 64):
@@ -270,6 +296,34 @@ def test_w4a8_gemv_compiles_for_hopper():
         < quantize.index("ld.global")
 
 
+def test_fp4_gemv_a8_compiles_for_hopper():
+    """The fp4 W4A8 GEMV's GPU path (inline PTX: PRMT lookups and IDP4A, which the interpreter cannot run) compiles
+    for sm_90 at every swept config without spills; its activation quantizer too; and the fp4 GEMV summing once
+    (FP4_SUM_ONCE) at its swept configs (benchmarks/kernel_sass.py counts their loops' instructions: ~4.5-5.4 a code
+    for the W4A8 GEMV against the float fp4 GEMV's ~12, and no barrier left in the latter's loop with Triton 3.6)."""
+    from cogvlm2.quant import triton_kernels as tk
+    from tests.hopper_compile import compile_for_hopper
+
+    signature = {"xw_ptr": "*i32", "sx_ptr": "*fp32", "w_ptr": "*i32", "absmax_ptr": "*fp32", "out_ptr": "*fp32",
+                 "N": "i32"}
+    for block_n, block_k, warps, stages, split in tk.CANDIDATES[("fp4", "gemv-a8")]:
+        kernel = compile_for_hopper(tk._fp4_gemv_a8_kernel, signature, dict(
+            K=4096, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=stages, ASM=True), num_warps=warps,
+            num_stages=stages)
+        ptx = kernel.asm["ptx"]
+        assert "prmt.b32" in ptx and "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, block_k, stages)
+    quantize = compile_for_hopper(tk._quantize_fp4_a8_kernel, {"x_ptr": "*bf16", "xw_ptr": "*i32", "sx_ptr": "*fp32"},
+                                  dict(GROUP=64), num_warps=1).asm["ptx"]
+    assert "ld.local" not in quantize and quantize.count("st.global") >= 2
+    fp4 = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*fp32", "lut_ptr": "*fp32", "nabs_ptr": "*fp32",
+           "nmap_ptr": "*fp32", "offset": "fp32", "out_ptr": "*bf16", "N": "i32"}
+    for block_n, block_k, warps, stages, _ in tk.CANDIDATES[("fp4", "gemv")]:
+        once = compile_for_hopper(tk._fp4_gemv_kernel, fp4, dict(
+            K=4096, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=64, ARITH=True, NESTED=False, SPLIT_K=1,
+            STAGES=stages, SUM_ONCE=True), num_warps=warps, num_stages=stages)
+        assert "ld.local" not in once.asm["ptx"] and once.metadata.shared <= 227 * 1024, (block_n, block_k, stages)
+
+
 def test_w4a8_tile_compiles_for_hopper():
     """The W4A8 tile (2-64 rows) for sm_90 at every swept config and row count: int8 wgmma (s32.s8.s8), the steps
     prefetched through shared memory, no spills, shared memory within a block's 227 KB; the row quantizer too."""
@@ -344,7 +398,7 @@ def test_gemv_prefetch_compiles_for_hopper():
     for fmt, fn, signature in [("int4", tk._int4_gemv_kernel, int4), ("fp4", tk._fp4_gemv_kernel, fp4)]:
         for block_n, block_k, warps, stages, split in tk.CANDIDATES[(fmt, "gemv")]:
             split, block_k = tk._split(4096, split, block_k, 128 if fmt == "int4" else 64)
-            extra = dict(GROUP=128) if fmt == "int4" else dict(BLOCKSIZE=64, ARITH=True, NESTED=False)
+            extra = dict(GROUP=128) if fmt == "int4" else dict(BLOCKSIZE=64, ARITH=True, NESTED=False, SUM_ONCE=False)
             kernel = compile_for_hopper(fn, signature, dict(K=4096, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
                                                             STAGES=stages, **extra), num_warps=warps,
                                         num_stages=stages)

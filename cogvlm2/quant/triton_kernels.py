@@ -109,10 +109,13 @@ def _finish_row(part_ptr, out_ptr, count_ptr, acc, offs_n, n_ok, N, SPLIT_K: tl.
 @triton.jit
 def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, N, K: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, ARITH: tl.constexpr,
-                     NESTED: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr):
+                     NESTED: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, SUM_ONCE: tl.constexpr):
     """One row: out[n] = sum_k x[k] W[n, k]. The packed weight is read as int32 words ([N, K/8], 8 codes a
     word, 16-byte vector loads along K); per absmax block the products are summed first and scaled once.
-    Byte t of a word holds k = 8w + 2t in its high nibble and 8w + 2t + 1 in its low nibble."""
+    Byte t of a word holds k = 8w + 2t in its high nibble and 8w + 2t + 1 in its low nibble. SUM_ONCE
+    (FP4_SUM_ONCE): each word's 8 products are scaled by its block's absmax and kept per word, summed across the
+    tile once after the loop, as the int4 GEMVs do (summing across threads every step costs barriers that keep the
+    loads from staying in flight); the same terms added in another order."""
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
     NB: tl.constexpr = BLOCK_K // BLOCKSIZE  # absmax blocks per step
@@ -121,6 +124,7 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offs
     b = tl.arange(0, NB)
     wi = tl.arange(0, WB)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_w = tl.zeros((BLOCK_N, NB, WB) if SUM_ONCE else (1, 1, 1), dtype=tl.float32)
     for i in tl.range(0, KS, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
         k0 = tl.program_id(1) * KS + i
         word_col = k0 // 8 + b[:, None] * WB + wi[None, :]  # [NB, WB]
@@ -144,8 +148,115 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offs
             scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0)
         if ARITH:
             scale = scale * (4.0 / 3.0)
-        acc += tl.sum(tl.sum(part, axis=2) * scale, axis=1)
+        if SUM_ONCE:
+            acc_w += part * scale[:, :, None]
+        else:
+            acc += tl.sum(tl.sum(part, axis=2) * scale, axis=1)
+    if SUM_ONCE:
+        acc = tl.sum(tl.sum(acc_w, axis=2), axis=1)
     _store(out_ptr, acc[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0, 1, N, SPLIT_K,
+           tl.program_id(1))
+
+
+@triton.jit
+def _fp4_dot8(words, xa, xb, ASM: tl.constexpr):
+    """int32 sum over the 8 bitsandbytes fp4 codes of each word of (value x 192) times an int8 activation: the
+    values x 192 are exact integers (0, 1, 128, 192, 64, 96, 32, 48 for the magnitude codes 0-7, bit 3 the sign), so
+    the dot is exact. Nibble q of a word (byte q // 2, the low nibble first: k = 8p + (q ^ 1)) pairs with byte q % 4
+    of xa (q < 4) or xb (quantize_fp4_a8 packs x so). On the GPU (ASM) per 4 codes: one PRMT looks the magnitudes up
+    as bytes (its selector nibbles are the codes, the sign bit masked off), a second turns the sign bits into a byte
+    mask (PRMT's sign-replicate mode), and two IDP4A (unsigned magnitudes x signed activations) add the positive and
+    the negative products: ~3 instructions a code. Elsewhere the same sum code by code (Triton's interpreter has no
+    inline PTX)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 ta, tb, t7, w, s, p, q, m, pos, neg, ap, an;
+            mov.b32 ta, 0xC0800100;
+            mov.b32 tb, 0x30206040;
+            mov.b32 t7, 0x7F7F7F7F;
+            mov.b32 ap, 0;
+            mov.b32 an, 0;
+            mov.b32 w, $1;
+            and.b32 s, w, 0x7777;
+            prmt.b32 p, ta, tb, s;
+            prmt.b32 q, t7, t7, w;
+            not.b32 m, q;
+            and.b32 m, m, 0x7F7F7F7F;
+            shl.b32 q, m, 1;
+            or.b32 m, m, q;
+            not.b32 q, m;
+            and.b32 pos, p, q;
+            and.b32 neg, p, m;
+            dp4a.u32.s32 ap, pos, $2, ap;
+            dp4a.u32.s32 an, neg, $2, an;
+            shr.u32 w, w, 16;
+            and.b32 s, w, 0x7777;
+            prmt.b32 p, ta, tb, s;
+            prmt.b32 q, t7, t7, w;
+            not.b32 m, q;
+            and.b32 m, m, 0x7F7F7F7F;
+            shl.b32 q, m, 1;
+            or.b32 m, m, q;
+            not.b32 q, m;
+            and.b32 pos, p, q;
+            and.b32 neg, p, m;
+            dp4a.u32.s32 ap, pos, $3, ap;
+            dp4a.u32.s32 an, neg, $3, an;
+            sub.s32 $0, ap, an;
+            }""", "=r,r,r,r", [words, xa, xb], dtype=tl.int32, is_pure=True, pack=1)
+    d = tl.zeros(words.shape, dtype=tl.int32)
+    for q in tl.static_range(8):
+        code = (words >> (4 * q)) & 0xF
+        idx = code & 7
+        mag = tl.where(idx < 2, idx, (2 + (idx & 1)) << (7 - (idx >> 1)))
+        xw = xa if q < 4 else xb
+        xq = (xw << (24 - 8 * (q % 4))) >> 24  # signed byte q % 4
+        d += tl.where(code >= 8, -mag, mag) * xq
+    return d
+
+
+@triton.jit
+def _quantize_fp4_a8_kernel(x_ptr, xw_ptr, sx_ptr, GROUP: tl.constexpr):
+    """One absmax block of a row for the fp4 W4A8 GEMV: int8 xq = round(x / sx), sx = |x| max / 127 (as the int4
+    W4A8's _int8_groups), packed four to a word in the order _fp4_dot8 pairs them with the codes: byte b of word j
+    holds k = 4j + (b ^ 1)."""
+    g = tl.program_id(0)
+    xg = tl.load(x_ptr + g * GROUP + tl.arange(0, GROUP)).to(tl.float32)
+    sx, xq = _int8_groups(tl.reshape(xg, (1, GROUP)))
+    even, odd = tl.split(tl.reshape(xq, (GROUP // 4, 2, 2)))  # [GROUP / 4, 2]: k = 4j + 2h (+ 1)
+    shifts = (tl.arange(0, 2) * 16)[None, :]
+    words = tl.sum(((odd & 0xFF) << shifts) | ((even & 0xFF) << (shifts + 8)), axis=1)  # disjoint bits: an OR
+    tl.store(xw_ptr + g * (GROUP // 4) + tl.arange(0, GROUP // 4), words)
+    tl.store(sx_ptr + g + tl.arange(0, 1), sx)
+
+
+@triton.jit
+def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+    """One row, the bitsandbytes fp4 layout (absmax blocks of 64, float32 absmax, the standard fp4 codes) times int8
+    activations (quantize_fp4_a8, one scale per absmax block): per word of 8 codes an exact int32 dot (_fp4_dot8),
+    scaled by absmax x sx / 192 and kept per word, summed across the tile once after the loop (no barrier in it)."""
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_ok = offs_n < N
+    NB: tl.constexpr = BLOCK_K // 64  # absmax blocks per step
+    KS: tl.constexpr = K // SPLIT_K
+    b = tl.arange(0, NB)
+    wi = tl.arange(0, 8)  # the 8 words of a block
+    acc = tl.zeros((BLOCK_N, NB, 8), dtype=tl.float32)
+    for i in tl.range(0, KS, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
+        k0 = tl.program_id(1) * KS + i
+        word_col = k0 // 8 + b[:, None] * 8 + wi[None, :]  # [NB, 8]
+        words = tl.load(w_ptr + offs_n[:, None, None] * (K // 8) + word_col[None, :, :], mask=n_ok[:, None, None],
+                        other=0)
+        xa, xb = tl.split(tl.load(xw_ptr + 2 * word_col[:, :, None] + tl.arange(0, 2)[None, None, :]))
+        d = _fp4_dot8(words, tl.broadcast_to(xa[None, :, :], (BLOCK_N, NB, 8)),
+                      tl.broadcast_to(xb[None, :, :], (BLOCK_N, NB, 8)), ASM)
+        blk = offs_n[:, None] * (K // 64) + (k0 // 64 + b)[None, :]  # [BN, NB]
+        scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0) * tl.load(sx_ptr + k0 // 64 + b)[None, :]
+        acc += d.to(tl.float32) * scale[:, :, None]
+    row = tl.sum(tl.sum(acc, axis=2), axis=1) * (1.0 / 192.0)
+    _store(out_ptr, row[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0, 1, N, SPLIT_K,
            tl.program_id(1))
 
 
@@ -650,6 +761,9 @@ CONFIGS = {
     # 1..64 rows: 128 rows of W x one absmax block (4 KB of codes) a step, 4 in flight, K split so the programs
     # cover the SMs 4 times (H200, 1172c92: 536 GB/s of codes at 32 rows; one wave, 6 in flight: 516)
     ("fp4", "tile"): (128, 64, 4, 4, -4),
+    # fp4 W4A8 (ONE_ROW "gemv-a8": the official fp4 layout times int8 activations, _fp4_gemv_a8_kernel): the fp4
+    # GEMV's tile, one absmax block's 8 words a thread's run; not yet measured
+    ("fp4", "gemv-a8"): (8, 1024, 8, 1, 1),
     ("fp4", "dequant"): (16, 256, 4, 1),
     ("int4", "gemv"): (32, 1024, 4, 1, 2),  # 16 KB a step; K in two slices: 256 programs for N = 4096
     # W4A8 (ONE_ROW "gemv-a8", the default one-row int4 kernel since f56b1d2's H200 sweep): one group of 128 k
@@ -670,10 +784,18 @@ CONFIGS = {
 # int4's one row: W4A8 (x quantized to int8 per weight group, symmetric, by a small kernel; ~0.5% of relative
 # error on a linear's output next to the ~5-10% of the 4-bit weights themselves: tests/test_quant_kernels.py);
 # COGVLM2_INT4_ONE_ROW=gemv (or gemv2, tile) keeps the activations in bf16
-ONE_ROW = {"fp4": "gemv", "int4": os.environ.get("COGVLM2_INT4_ONE_ROW", "gemv-a8")}
+ONE_ROW = {"fp4": os.environ.get("COGVLM2_FP4_ONE_ROW", "gemv"),
+           "int4": os.environ.get("COGVLM2_INT4_ONE_ROW", "gemv-a8")}
+if ONE_ROW["fp4"] not in ("gemv", "gemv-a8", "tile"):
+    raise ValueError(f"COGVLM2_FP4_ONE_ROW={ONE_ROW['fp4']!r}: choose gemv, gemv-a8 or tile")
 if ONE_ROW["int4"] not in ("gemv", "gemv2", "gemv-a8", "tile"):
     raise ValueError(f"COGVLM2_INT4_ONE_ROW={ONE_ROW['int4']!r}: choose gemv-a8, gemv, gemv2 or tile")
 FP4_ARITH = {"gemv": True}
+# FP4_SUM_ONCE: the fp4 GEMV keeps its scaled products per word and sums across the tile once at the end instead of
+# every step (see _fp4_gemv_kernel; what took the int4 GEMVs from ~1.2 to ~1.6 TB/s of codes). Not yet measured: off
+# (`PYTHONPATH=. python benchmarks/quant_gpu.py --modes fp4 --sections decode` with COGVLM2_FP4_SUM_ONCE=0 / 1; the
+# official int4 layout decodes at 191 tok/s at batch 1 against bf16's 242)
+FP4_SUM_ONCE = {"gemv": os.environ.get("COGVLM2_FP4_SUM_ONCE", "0") == "1"}
 # A8_FUSED: the W4A8 GEMV's launches folded into it (three a linear unfused: quantize x, GEMV, split-K sum). "sum":
 # with K split, the GEMV's last program per column block adds the float32 partials (an atomic counter per block)
 # instead of _splitk_sum_kernel; "quant": each program quantizes its own K slice of x in its prologue (the same
@@ -711,6 +833,8 @@ def _block_counters(device: torch.device, blocks: int) -> torch.Tensor:
 CANDIDATES = {
     ("fp4", "gemv"): [(8, 1024, 8, 1, 1), (8, 1024, 8, 3, 1), (8, 2048, 8, 3, 1), (4, 1024, 4, 3, 1),
                       (8, 1024, 8, 4, 1), (16, 1024, 8, 3, 1), (4, 1024, 4, 1, 1)],
+    ("fp4", "gemv-a8"): [(8, 1024, 8, 1, 1), (8, 1024, 8, 3, 1), (16, 1024, 8, 3, 1), (4, 1024, 4, 3, 1),
+                         (8, 2048, 8, 3, 2)],
     ("fp4", "tile"): [(128, 64, 4, 4, -4), (128, 64, 4, 6, 0), (128, 64, 4, 4, 0), (64, 64, 4, 6, 0),
                       (256, 64, 8, 4, 0), (128, 32, 4, 8, 0), (128, 64, 8, 6, 0), (128, 64, 4, 6, -2)],
     ("int4", "gemv"): [(32, 1024, 4, 1, 2), (32, 1024, 4, 2, 2), (32, 1024, 4, 3, 2), (32, 512, 4, 3, 2),
@@ -833,13 +957,25 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
     if not m:
         return x.new_empty(*x.shape[:-1], n)
     a, nabs, nmap, offset, is_nested = _stats(absmax, nested)
-    if m == 1 and ONE_ROW["fp4"] == "gemv" and packed.data_ptr() % 16 == 0:  # codes read as int32 words
+    if m == 1 and ONE_ROW["fp4"] == "gemv-a8" and is_fp4 and not is_nested and blocksize == 64 \
+            and packed.data_ptr() % 16 == 0 and x2.stride(-1) == 1:  # int8 activations, integer dot products
+        block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv-a8")]
+        split, block_k = _split(k, split, block_k, 64)
+        out, part = _outputs(m, n, split, x)
+        xw = torch.empty(k // 4, dtype=torch.int32, device=x.device)
+        sx = torch.empty(k // 64, dtype=torch.float32, device=x.device)
+        _quantize_fp4_a8_kernel[(k // 64,)](x2, xw, sx, GROUP=64, num_warps=1)
+        _fp4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
+            xw, sx, packed.view(-1).view(torch.int32), a, part, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
+            SPLIT_K=split, STAGES=stages, ASM=x.is_cuda, num_warps=warps, num_stages=stages)
+    elif m == 1 and ONE_ROW["fp4"] in ("gemv", "gemv-a8") and packed.data_ptr() % 16 == 0:  # codes as int32 words
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv")]
         split, block_k = _split(k, split, block_k, blocksize)
         out, part = _outputs(m, n, split, x)
         _fp4_gemv_kernel[(triton.cdiv(n, block_n), split)](
             x2, packed.view(-1).view(torch.int32), a, lut, nabs, nmap, offset, part, n, k, BLOCK_N=block_n,
             BLOCK_K=block_k, BLOCKSIZE=blocksize, ARITH=is_fp4 and FP4_ARITH["gemv"], NESTED=is_nested,
+            SUM_ONCE=FP4_SUM_ONCE["gemv"],
             SPLIT_K=split, STAGES=stages, num_warps=warps, num_stages=stages)
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "tile")]
