@@ -85,10 +85,20 @@ def check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol) -> None:
     n, k = ref_w.shape
     with _settings(tk, ONE_ROW={"fp4": "gemv-a8"}):
         got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
-    xb = x.double().view(k // 64, 64)
+    xb = x.float().view(k // 64, 64)  # x quantized as the kernel does it, in float32
     sx = (xb.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)
     xs = xb / sx
-    xq = (xs + torch.where(xs >= 0, 0.5, -0.5)).trunc() * sx  # round half away from zero, as _int8_groups
+    xq = (xs + torch.where(xs >= 0, 0.5, -0.5)).trunc().double() * sx.double()  # round half away from zero
+    # the packed row, for x whose quotients are exact (sx a power of two): byte b of word 2j holds k = 4j + (b ^ 1),
+    # word 2j + 1 the same four negated (the GPU's PRMT picks one or the other by each code's sign)
+    g = torch.Generator().manual_seed(k)
+    xi = torch.randint(-127, 128, (k // 64, 64), generator=g)
+    xi[:, 0] = 127
+    xw, sxw = tk.quantize_fp4_a8((xi * 0.25).view(1, k).to(x.device, x.dtype))
+    assert torch.equal(sxw.cpu(), torch.full((k // 64,), 0.25))
+    nbytes = xw.cpu().view(torch.int8).view(k // 4, 2, 4).to(torch.int64)  # little-endian bytes
+    want = xi.view(k // 4, 4)[:, [1, 0, 3, 2]]
+    assert torch.equal(nbytes[:, 0], want) and torch.equal(nbytes[:, 1], -want)
     assert got.shape == (1, n) and got.dtype == x.dtype
     assert _rel(got, (xq.view(1, k) @ ref_w.double().t()).float()) < max(tol, 1e-5), ("fp4 gemv-a8", n, k)
     exact = x.float() @ w.float().t()
@@ -299,7 +309,7 @@ def test_w4a8_gemv_compiles_for_hopper():
 def test_fp4_gemv_a8_compiles_for_hopper():
     """The fp4 W4A8 GEMV's GPU path (inline PTX: PRMT lookups and IDP4A, which the interpreter cannot run) compiles
     for sm_90 at every swept config without spills; its activation quantizer too; and the fp4 GEMV summing once
-    (FP4_SUM_ONCE) at its swept configs (benchmarks/kernel_sass.py counts their loops' instructions: ~4.5-5.4 a code
+    (FP4_SUM_ONCE) at its swept configs (benchmarks/kernel_sass.py counts their loops' instructions: ~3.4-4.3 a code
     for the W4A8 GEMV against the float fp4 GEMV's ~12, and no barrier left in the latter's loop with Triton 3.6)."""
     from cogvlm2.quant import triton_kernels as tk
     from tests.hopper_compile import compile_for_hopper

@@ -159,52 +159,39 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offs
 
 
 @triton.jit
-def _fp4_dot8(words, xa, xb, ASM: tl.constexpr):
+def _fp4_dot8(words, xa, xan, xb, xbn, ASM: tl.constexpr):
     """int32 sum over the 8 bitsandbytes fp4 codes of each word of (value x 192) times an int8 activation: the
     values x 192 are exact integers (0, 1, 128, 192, 64, 96, 32, 48 for the magnitude codes 0-7, bit 3 the sign), so
     the dot is exact. Nibble q of a word (byte q // 2, the low nibble first: k = 8p + (q ^ 1)) pairs with byte q % 4
-    of xa (q < 4) or xb (quantize_fp4_a8 packs x so). On the GPU (ASM) per 4 codes: one PRMT looks the magnitudes up
-    as bytes (its selector nibbles are the codes, the sign bit masked off), a second turns the sign bits into a byte
-    mask (PRMT's sign-replicate mode), and two IDP4A (unsigned magnitudes x signed activations) add the positive and
-    the negative products: ~3 instructions a code. Elsewhere the same sum code by code (Triton's interpreter has no
-    inline PTX)."""
+    of xa (q < 4) or xb; xan / xbn hold the same activations negated (quantize_fp4_a8 packs them so). On the GPU
+    (ASM) per 4 codes: one PRMT looks the magnitudes up as bytes (its selector nibbles are the codes, the sign bit
+    masked off), a second picks each activation or its negation by the code's sign, one IDP4A (unsigned magnitudes
+    x signed activations) adds the four products: ~13 instructions for 8 codes. Elsewhere the same sum code by code
+    (Triton's interpreter has no inline PTX; xan / xbn unused)."""
     if ASM:
         return tl.inline_asm_elementwise(
             """{
-            .reg .b32 ta, tb, t7, w, s, p, q, m, pos, neg, ap, an;
+            .reg .b32 ta, tb, w, s, m, x, acc;
             mov.b32 ta, 0xC0800100;
             mov.b32 tb, 0x30206040;
-            mov.b32 t7, 0x7F7F7F7F;
-            mov.b32 ap, 0;
-            mov.b32 an, 0;
+            mov.b32 acc, 0;
             mov.b32 w, $1;
             and.b32 s, w, 0x7777;
-            prmt.b32 p, ta, tb, s;
-            prmt.b32 q, t7, t7, w;
-            not.b32 m, q;
-            and.b32 m, m, 0x7F7F7F7F;
-            shl.b32 q, m, 1;
-            or.b32 m, m, q;
-            not.b32 q, m;
-            and.b32 pos, p, q;
-            and.b32 neg, p, m;
-            dp4a.u32.s32 ap, pos, $2, ap;
-            dp4a.u32.s32 an, neg, $2, an;
+            prmt.b32 m, ta, tb, s;
+            shr.u32 s, w, 1;
+            and.b32 s, s, 0x4444;
+            or.b32 s, s, 0x3210;
+            prmt.b32 x, $2, $3, s;
+            dp4a.u32.s32 acc, m, x, acc;
             shr.u32 w, w, 16;
             and.b32 s, w, 0x7777;
-            prmt.b32 p, ta, tb, s;
-            prmt.b32 q, t7, t7, w;
-            not.b32 m, q;
-            and.b32 m, m, 0x7F7F7F7F;
-            shl.b32 q, m, 1;
-            or.b32 m, m, q;
-            not.b32 q, m;
-            and.b32 pos, p, q;
-            and.b32 neg, p, m;
-            dp4a.u32.s32 ap, pos, $3, ap;
-            dp4a.u32.s32 an, neg, $3, an;
-            sub.s32 $0, ap, an;
-            }""", "=r,r,r,r", [words, xa, xb], dtype=tl.int32, is_pure=True, pack=1)
+            prmt.b32 m, ta, tb, s;
+            shr.u32 s, w, 1;
+            and.b32 s, s, 0x4444;
+            or.b32 s, s, 0x3210;
+            prmt.b32 x, $4, $5, s;
+            dp4a.u32.s32 $0, m, x, acc;
+            }""", "=r,r,r,r,r,r", [words, xa, xan, xb, xbn], dtype=tl.int32, is_pure=True, pack=1)
     d = tl.zeros(words.shape, dtype=tl.int32)
     for q in tl.static_range(8):
         code = (words >> (4 * q)) & 0xF
@@ -219,15 +206,16 @@ def _fp4_dot8(words, xa, xb, ASM: tl.constexpr):
 @triton.jit
 def _quantize_fp4_a8_kernel(x_ptr, xw_ptr, sx_ptr, GROUP: tl.constexpr):
     """One absmax block of a row for the fp4 W4A8 GEMV: int8 xq = round(x / sx), sx = |x| max / 127 (as the int4
-    W4A8's _int8_groups), packed four to a word in the order _fp4_dot8 pairs them with the codes: byte b of word j
-    holds k = 4j + (b ^ 1)."""
+    W4A8's _int8_groups), packed four to a word in the order _fp4_dot8 pairs them with the codes (byte b of word j
+    holds k = 4j + (b ^ 1)), each word followed by the same four negated: xw[2j], xw[2j + 1]."""
     g = tl.program_id(0)
     xg = tl.load(x_ptr + g * GROUP + tl.arange(0, GROUP)).to(tl.float32)
     sx, xq = _int8_groups(tl.reshape(xg, (1, GROUP)))
     even, odd = tl.split(tl.reshape(xq, (GROUP // 4, 2, 2)))  # [GROUP / 4, 2]: k = 4j + 2h (+ 1)
     shifts = (tl.arange(0, 2) * 16)[None, :]
     words = tl.sum(((odd & 0xFF) << shifts) | ((even & 0xFF) << (shifts + 8)), axis=1)  # disjoint bits: an OR
-    tl.store(xw_ptr + g * (GROUP // 4) + tl.arange(0, GROUP // 4), words)
+    negated = tl.sum(((-odd & 0xFF) << shifts) | ((-even & 0xFF) << (shifts + 8)), axis=1)
+    tl.store(xw_ptr + g * (GROUP // 2) + tl.arange(0, GROUP // 2), tl.reshape(tl.join(words, negated), (GROUP // 2,)))
     tl.store(sx_ptr + g + tl.arange(0, 1), sx)
 
 
@@ -249,9 +237,13 @@ def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, N, K: tl.con
         word_col = k0 // 8 + b[:, None] * 8 + wi[None, :]  # [NB, 8]
         words = tl.load(w_ptr + offs_n[:, None, None] * (K // 8) + word_col[None, :, :], mask=n_ok[:, None, None],
                         other=0)
-        xa, xb = tl.split(tl.load(xw_ptr + 2 * word_col[:, :, None] + tl.arange(0, 2)[None, None, :]))
-        d = _fp4_dot8(words, tl.broadcast_to(xa[None, :, :], (BLOCK_N, NB, 8)),
-                      tl.broadcast_to(xb[None, :, :], (BLOCK_N, NB, 8)), ASM)
+        x4 = tl.load(xw_ptr + 4 * word_col[:, :, None] + tl.arange(0, 4)[None, None, :])  # [NB, 8, 4]
+        pos, neg = tl.split(tl.reshape(x4, (NB, 8, 2, 2)))  # [NB, 8, 2]: k 8p..8p+3 then 8p+4..8p+7
+        xa, xb = tl.split(pos)
+        xan, xbn = tl.split(neg)
+        shape: tl.constexpr = (BLOCK_N, NB, 8)
+        d = _fp4_dot8(words, tl.broadcast_to(xa[None, :, :], shape), tl.broadcast_to(xan[None, :, :], shape),
+                      tl.broadcast_to(xb[None, :, :], shape), tl.broadcast_to(xbn[None, :, :], shape), ASM)
         blk = offs_n[:, None] * (K // 64) + (k0 // 64 + b)[None, :]  # [BN, NB]
         scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0) * tl.load(sx_ptr + k0 // 64 + b)[None, :]
         acc += d.to(tl.float32) * scale[:, :, None]
@@ -943,6 +935,16 @@ def fp4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor
     return out
 
 
+def quantize_fp4_a8(x: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row x [1, K] (contiguous) for the fp4 W4A8 GEMV: (xw int32 [K / 2]: int8 per absmax block of `block`,
+    four a word in _fp4_dot8's order, each word followed by its negation; sx float32 [K / block]), one launch."""
+    k = x.shape[-1]
+    xw = torch.empty(k // 2, dtype=torch.int32, device=x.device)
+    sx = torch.empty(k // block, dtype=torch.float32, device=x.device)
+    _quantize_fp4_a8_kernel[(k // block,)](x.reshape(1, k), xw, sx, GROUP=block, num_warps=1)
+    return xw, sx
+
+
 def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int,
                blocksize: int = 64, is_fp4: bool = False, nested: Nested = None,
                table: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
@@ -962,9 +964,7 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv-a8")]
         split, block_k = _split(k, split, block_k, 64)
         out, part = _outputs(m, n, split, x)
-        xw = torch.empty(k // 4, dtype=torch.int32, device=x.device)
-        sx = torch.empty(k // 64, dtype=torch.float32, device=x.device)
-        _quantize_fp4_a8_kernel[(k // 64,)](x2, xw, sx, GROUP=64, num_warps=1)
+        xw, sx = quantize_fp4_a8(x2)
         _fp4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
             xw, sx, packed.view(-1).view(torch.int32), a, part, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
             SPLIT_K=split, STAGES=stages, ASM=x.is_cuda, num_warps=warps, num_stages=stages)
