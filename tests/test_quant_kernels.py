@@ -306,6 +306,74 @@ def test_w4a8_gemv_compiles_for_hopper():
         < quantize.index("ld.global")
 
 
+def _run_ptx(text: str, operands: list[int]) -> int:
+    """Execute the straight-line PTX of an inline asm block ($0 its output, $1.. the 32-bit operands) by the PTX ISA's
+    documented semantics of the few instructions it may use: mov / and / or / shr (.b32, .u32), prmt.b32 (default
+    mode: each selector nibble's low 3 bits pick one of the 8 bytes of {b, a}, its bit 3 replicates that byte's sign
+    bit), dp4a.u32.s32 (c + the sum of a's unsigned bytes times b's signed bytes)."""
+    regs = {f"${i + 1}": v & 0xFFFFFFFF for i, v in enumerate(operands)}
+
+    def val(tok: str) -> int:
+        return regs[tok] if tok in regs else int(tok, 0) & 0xFFFFFFFF
+
+    def sbyte(v: int, i: int) -> int:
+        b = (v >> (8 * i)) & 0xFF
+        return b - 256 if b >= 128 else b
+
+    for line in text.replace("{", "").replace("}", "").split(";"):
+        parts = line.replace(",", " ").split()
+        if not parts or parts[0] == ".reg":
+            continue
+        op, dst, *src = parts
+        a = [val(t) for t in src]
+        if op == "mov.b32":
+            r = a[0]
+        elif op == "and.b32":
+            r = a[0] & a[1]
+        elif op == "or.b32":
+            r = a[0] | a[1]
+        elif op == "shr.u32":
+            r = a[0] >> a[1]
+        elif op == "prmt.b32":
+            pool = [(a[0] >> (8 * i)) & 0xFF for i in range(4)] + [(a[1] >> (8 * i)) & 0xFF for i in range(4)]
+            r = 0
+            for i in range(4):
+                sel = (a[2] >> (4 * i)) & 0xF
+                byte = pool[sel & 7]
+                r |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << (8 * i)
+        elif op == "dp4a.u32.s32":
+            r = a[2] + sum(((a[0] >> (8 * i)) & 0xFF) * sbyte(a[1], i) for i in range(4))
+        else:
+            raise AssertionError(f"the model has no {op}")
+        regs[dst] = r & 0xFFFFFFFF
+    out = regs["$0"]
+    return out - 2**32 if out >= 2**31 else out
+
+
+def test_fp4_dot8_ptx_computes_the_exact_dot():
+    """_fp4_dot8's PTX (FP4_DOT8_PTX, run on the GPU), executed by the instructions' documented semantics, gives the
+    exact sum of (fp4 value x 192) x int8 activation over a word's 8 codes, for random words and activations packed
+    as quantize_fp4_a8 packs them (the activations beside their negations); the GPU run checks the same against the
+    dequantized weights (check_fp4_a8)."""
+    from cogvlm2.quant import triton_kernels as tk
+
+    mag = [0, 1, 128, 192, 64, 96, 32, 48]  # bitsandbytes fp4 |value| x 192 for the codes 0-7; bit 3 the sign
+    assert [round(abs(v) * 192) for v in formats.code_table("fp4", "cpu").tolist()[:8]] == mag
+
+    def pack(xs):
+        return sum((x & 0xFF) << (8 * i) for i, x in enumerate(xs))
+
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3000):
+        codes = torch.randint(0, 16, (8,), generator=g).tolist()  # the codes of k = 8p .. 8p + 7
+        xq = torch.randint(-127, 128, (8,), generator=g).tolist()
+        word = sum(((codes[2 * t] << 4) | codes[2 * t + 1]) << (8 * t) for t in range(4))  # bitsandbytes' bytes
+        lo, hi = [xq[b ^ 1] for b in range(4)], [xq[4 + (b ^ 1)] for b in range(4)]
+        operands = [word, pack(lo), pack([-x for x in lo]), pack(hi), pack([-x for x in hi])]
+        exact = sum((-1 if c & 8 else 1) * mag[c & 7] * x for c, x in zip(codes, xq))
+        assert _run_ptx(tk.FP4_DOT8_PTX.value, operands) == exact, (codes, xq)
+
+
 def test_fp4_gemv_a8_compiles_for_hopper():
     """The fp4 W4A8 GEMV's GPU path (inline PTX: PRMT lookups and IDP4A, which the interpreter cannot run) compiles
     for sm_90 at every swept config without spills; its activation quantizer too; and the fp4 GEMV summing once

@@ -158,6 +158,35 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offs
            tl.program_id(1))
 
 
+# The PTX of _fp4_dot8 on the GPU ($0 = the dot; $1 the word of 8 codes; $2 / $3 the low 4 codes' activations and
+# their negations, $4 / $5 the high 4's): tests/test_quant_kernels.py runs this text through a model of the PTX
+# instructions' documented semantics on the CPU.
+FP4_DOT8_PTX = tl.constexpr("""
+{
+.reg .b32 ta, tb, w, s, m, x, acc;
+mov.b32 ta, 0xC0800100;
+mov.b32 tb, 0x30206040;
+mov.b32 acc, 0;
+mov.b32 w, $1;
+and.b32 s, w, 0x7777;
+prmt.b32 m, ta, tb, s;
+shr.u32 s, w, 1;
+and.b32 s, s, 0x4444;
+or.b32 s, s, 0x3210;
+prmt.b32 x, $2, $3, s;
+dp4a.u32.s32 acc, m, x, acc;
+shr.u32 w, w, 16;
+and.b32 s, w, 0x7777;
+prmt.b32 m, ta, tb, s;
+shr.u32 s, w, 1;
+and.b32 s, s, 0x4444;
+or.b32 s, s, 0x3210;
+prmt.b32 x, $4, $5, s;
+dp4a.u32.s32 $0, m, x, acc;
+}
+""")
+
+
 @triton.jit
 def _fp4_dot8(words, xa, xan, xb, xbn, ASM: tl.constexpr):
     """int32 sum over the 8 bitsandbytes fp4 codes of each word of (value x 192) times an int8 activation: the
@@ -170,28 +199,7 @@ def _fp4_dot8(words, xa, xan, xb, xbn, ASM: tl.constexpr):
     (Triton's interpreter has no inline PTX; xan / xbn unused)."""
     if ASM:
         return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 ta, tb, w, s, m, x, acc;
-            mov.b32 ta, 0xC0800100;
-            mov.b32 tb, 0x30206040;
-            mov.b32 acc, 0;
-            mov.b32 w, $1;
-            and.b32 s, w, 0x7777;
-            prmt.b32 m, ta, tb, s;
-            shr.u32 s, w, 1;
-            and.b32 s, s, 0x4444;
-            or.b32 s, s, 0x3210;
-            prmt.b32 x, $2, $3, s;
-            dp4a.u32.s32 acc, m, x, acc;
-            shr.u32 w, w, 16;
-            and.b32 s, w, 0x7777;
-            prmt.b32 m, ta, tb, s;
-            shr.u32 s, w, 1;
-            and.b32 s, s, 0x4444;
-            or.b32 s, s, 0x3210;
-            prmt.b32 x, $4, $5, s;
-            dp4a.u32.s32 $0, m, x, acc;
-            }""", "=r,r,r,r,r,r", [words, xa, xan, xb, xbn], dtype=tl.int32, is_pure=True, pack=1)
+            FP4_DOT8_PTX, "=r,r,r,r,r,r", [words, xa, xan, xb, xbn], dtype=tl.int32, is_pure=True, pack=1)
     d = tl.zeros(words.shape, dtype=tl.int32)
     for q in tl.static_range(8):
         code = (words >> (4 * q)) & 0xF
