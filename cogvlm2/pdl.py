@@ -65,6 +65,14 @@ def wait(PDL: tl.constexpr):
 
 
 @triton.jit
+def prefetch_l2(ptrs):
+    """Bring the 128-byte lines at `ptrs` (any shape) into L2 (`prefetch.global.L2`, GPU only): what a kernel
+    launched early may do with weights before its `wait`."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def enter(PDL: tl.constexpr):
     """Both, for a kernel with nothing to do before it depends on its predecessor."""
     launch_dependents(PDL)

@@ -527,6 +527,19 @@ def test_every_candidate_config_cuda():
                         assert err < (1.5e-2 if path == "tile-a8" else 1e-2), (fmt, path, config, arith, m, n, k, err)
 
 
+def _replays_equal(call, expected, replays: int, where) -> None:
+    """call() captured in a CUDA graph (compiled and its buffers allocated beforehand by the caller), then replayed
+    `replays` times, its output zeroed before each: every replay equals `expected`."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for _ in range(replays):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected), where
+
+
 @cuda
 def test_kernels_cuda_graph_replay():
     from cogvlm2.quant import Fp4Linear, Fp8Linear, Int4Linear
@@ -566,26 +579,12 @@ def test_w4a8_fused_in_cuda_graphs():
             with _settings(tk, A8_FUSED={"sum": True, "quant": True, "pdl": True}):
                 static = x.clone()
                 tk.int4_linear(static, qweight, qzeros, scales, 128)  # counters allocated outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = tk.int4_linear(static, qweight, qzeros, scales, 128)
-                for _ in range(20):
-                    out.zero_()
-                    graph.replay()
-                    torch.cuda.synchronize()
-                    assert torch.equal(out, three), (n, k)
+                _replays_equal(lambda: tk.int4_linear(static, qweight, qzeros, scales, 128), three, 20, (n, k))
             # A8_L2_PREFETCH_BYTES (the 8 MiB of 4,096 x 4,096 codes allowed, the larger ones not): the quantize
             # launch and the GEMV under PDL, the codes prefetched into L2 first; the same output, in a graph too
             with mock.patch.object(tk, "A8_L2_PREFETCH_BYTES", 9 << 20):
                 assert torch.equal(tk.int4_linear(x, qweight, qzeros, scales, 128), three), (n, k)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = tk.int4_linear(static, qweight, qzeros, scales, 128)
-                for _ in range(5):
-                    out.zero_()
-                    graph.replay()
-                    torch.cuda.synchronize()
-                    assert torch.equal(out, three), (n, k)
+                _replays_equal(lambda: tk.int4_linear(static, qweight, qzeros, scales, 128), three, 5, (n, k))
 
 
 @cuda
@@ -610,14 +609,7 @@ def test_split_tiles_in_cuda_graphs():
             with torch.inference_mode():
                 eager = call(x)
                 static = x.clone()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = call(static)
-                for _ in range(10):
-                    out.zero_()
-                    graph.replay()
-                    torch.cuda.synchronize()
-                    assert torch.equal(out, eager), (fmt, m, n, k)
+                _replays_equal(lambda: call(static), eager, 10, (fmt, m, n, k))
 
 
 def test_gate_and_up_share_the_w4a8_row():

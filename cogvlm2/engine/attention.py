@@ -119,6 +119,7 @@ class PagedAttention:
         self.cache = cache
         self.meta = meta
         self.attend = attend
+        self._prefetches = getattr(attend, "prefetches", False)  # takes prefetch= (CudaAttend)
         self._metas = {meta.slot_mapping.device: meta}
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -131,7 +132,7 @@ class PagedAttention:
         if not self.cache.multi_device or kv.device.type != "cuda":
             if not stored:
                 self._store(k_cache, v_cache, meta.slot_mapping, k, v)
-            elif getattr(self.attend, "prefetches", False):
+            elif self._prefetches:
                 return self.attend(q, k_cache, v_cache, meta, prefetch=True)
             return self.attend(q, k_cache, v_cache, meta)
         with torch.cuda.device(kv.device):  # kernels launch on the current device

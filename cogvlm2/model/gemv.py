@@ -55,9 +55,7 @@ def _prefetch_l2(w_ptr, rows, stride_wn, K: tl.constexpr, LINES: tl.constexpr, L
     """Rows `rows` of W (K elements each, LINE to a 128-byte line) into L2: one prefetch a line; LINES is the rows'
     line count rounded up to a power of 2, the extra lanes repeating the last line."""
     line = tl.minimum(tl.arange(0, LINES), (K - 1) // LINE)
-    ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + (line * LINE)[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
+    pdl.prefetch_l2(w_ptr + rows[:, None].to(tl.int64) * stride_wn + (line * LINE)[None, :])
 
 
 @triton.jit

@@ -249,9 +249,7 @@ def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, N, K: tl.con
         pos, neg = tl.split(tl.reshape(x4, (NB, 8, 2, 2)))  # [NB, 8, 2]: k 8p..8p+3 then 8p+4..8p+7
         xa, xb = tl.split(pos)
         xan, xbn = tl.split(neg)
-        shape: tl.constexpr = (BLOCK_N, NB, 8)
-        d = _fp4_dot8(words, tl.broadcast_to(xa[None, :, :], shape), tl.broadcast_to(xan[None, :, :], shape),
-                      tl.broadcast_to(xb[None, :, :], shape), tl.broadcast_to(xbn[None, :, :], shape), ASM)
+        d = _fp4_dot8(words, xa[None, :, :], xan[None, :, :], xb[None, :, :], xbn[None, :, :], ASM)  # broadcast
         blk = offs_n[:, None] * (K // 64) + (k0 // 64 + b)[None, :]  # [BN, NB]
         scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0) * tl.load(sx_ptr + k0 // 64 + b)[None, :]
         acc += d.to(tl.float32) * scale[:, :, None]
@@ -425,9 +423,7 @@ def _prefetch_codes_l2(w_ptrs, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, N, BL
     pointer's column on) into L2: one prefetch a 128-byte line (32 words); the rows past ROWS repeat the last."""
     LINES: tl.constexpr = (BLOCK_N + 31) // 32
     row = tl.minimum(tl.arange(0, ROWS_PAD), ROWS - 1).to(tl.int64)
-    ptrs = w_ptrs + (row * N)[:, None] + (tl.arange(0, LINES) * 32)[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
+    pdl.prefetch_l2(w_ptrs + (row * N)[:, None] + (tl.arange(0, LINES) * 32)[None, :])
 
 
 @triton.jit
