@@ -423,10 +423,11 @@ def kernel_sweep(run: Run) -> None:
                         TILE_A8={fmt: 2})
             tk.CONFIGS[(fmt, "tile-a8")] = tuple(ta8["config"])
         gemv = sweep(fmt, "gemv", 1, tk.CANDIDATES[(fmt, "gemv")], f"{fmt} gemv (batch 1)", ONE_ROW={fmt: "gemv"},
-                     FP4_ARITH={"gemv": True})
+                     FP4_ARITH={"gemv": True}, FP4_SUM_ONCE={"gemv": False})
         tk.CONFIGS[(fmt, "gemv")] = tuple(gemv["config"])
         if fmt == "fp4":  # the best GEMV again with the codes looked up in the 16-entry table
-            table_gemv = sweep(fmt, "gemv", 1, [gemv["config"]], "fp4 gemv table (batch 1)", FP4_ARITH={"gemv": False})
+            table_gemv = sweep(fmt, "gemv", 1, [gemv["config"]], "fp4 gemv table (batch 1)", FP4_ARITH={"gemv": False},
+                               FP4_SUM_ONCE={"gemv": False})
             tk.FP4_ARITH["gemv"] = table_gemv["GBps"] < gemv["GBps"]
             gemv = max(gemv, table_gemv, key=lambda r: r["GBps"])
             # and summed across the tile once at the end instead of every step (FP4_SUM_ONCE)

@@ -757,8 +757,8 @@ CONFIGS = {
     # 1..64 rows: 128 rows of W x one absmax block (4 KB of codes) a step, 4 in flight, K split so the programs
     # cover the SMs 4 times (H200, 1172c92: 536 GB/s of codes at 32 rows; one wave, 6 in flight: 516)
     ("fp4", "tile"): (128, 64, 4, 4, -4),
-    # fp4 W4A8 (ONE_ROW "gemv-a8": the official fp4 layout times int8 activations, _fp4_gemv_a8_kernel): the fp4
-    # GEMV's tile, one absmax block's 8 words a thread's run; not yet measured
+    # fp4 W4A8 (ONE_ROW "gemv-a8", the default: the official fp4 layout times int8 activations, _fp4_gemv_a8_kernel):
+    # the fp4 GEMV's tile, one absmax block's 8 words a thread's run (H200, 597c3e4: batch-1 decode 289 tok/s)
     ("fp4", "gemv-a8"): (8, 1024, 8, 1, 1),
     ("fp4", "dequant"): (16, 256, 4, 1),
     ("int4", "gemv"): (32, 1024, 4, 1, 2),  # 16 KB a step; K in two slices: 256 programs for N = 4096
@@ -779,8 +779,11 @@ CONFIGS = {
 }
 # int4's one row: W4A8 (x quantized to int8 per weight group, symmetric, by a small kernel; ~0.5% of relative
 # error on a linear's output next to the ~5-10% of the 4-bit weights themselves: tests/test_quant_kernels.py);
-# COGVLM2_INT4_ONE_ROW=gemv (or gemv2, tile) keeps the activations in bf16
-ONE_ROW = {"fp4": os.environ.get("COGVLM2_FP4_ONE_ROW", "gemv"),
+# COGVLM2_INT4_ONE_ROW=gemv (or gemv2, tile) keeps the activations in bf16. The official fp4 layout's one row: W4A8
+# too (_fp4_gemv_a8_kernel, x to int8 per absmax block of 64), measured on the H200 (BENCHMARKS.md, fifteenth
+# session, `quant_gpu.py --modes fp4 --sections decode`): batch-1 decode 289 tok/s against the float GEMV's 193
+# (202 with FP4_SUM_ONCE); COGVLM2_FP4_ONE_ROW=gemv keeps the activations in bf16
+ONE_ROW = {"fp4": os.environ.get("COGVLM2_FP4_ONE_ROW", "gemv-a8"),
            "int4": os.environ.get("COGVLM2_INT4_ONE_ROW", "gemv-a8")}
 if ONE_ROW["fp4"] not in ("gemv", "gemv-a8", "tile"):
     raise ValueError(f"COGVLM2_FP4_ONE_ROW={ONE_ROW['fp4']!r}: choose gemv, gemv-a8 or tile")
@@ -788,10 +791,10 @@ if ONE_ROW["int4"] not in ("gemv", "gemv2", "gemv-a8", "tile"):
     raise ValueError(f"COGVLM2_INT4_ONE_ROW={ONE_ROW['int4']!r}: choose gemv-a8, gemv, gemv2 or tile")
 FP4_ARITH = {"gemv": True}
 # FP4_SUM_ONCE: the fp4 GEMV keeps its scaled products per word and sums across the tile once at the end instead of
-# every step (see _fp4_gemv_kernel; what took the int4 GEMVs from ~1.2 to ~1.6 TB/s of codes). Not yet measured: off
-# (`PYTHONPATH=. python benchmarks/quant_gpu.py --modes fp4 --sections decode` with COGVLM2_FP4_SUM_ONCE=0 / 1; the
-# official int4 layout decodes at 191 tok/s at batch 1 against bf16's 242)
-FP4_SUM_ONCE = {"gemv": os.environ.get("COGVLM2_FP4_SUM_ONCE", "0") == "1"}
+# every step (see _fp4_gemv_kernel; what took the int4 GEMVs from ~1.2 to ~1.6 TB/s of codes). On: the H200's
+# batch-1 decode with the float GEMV 193 -> 202 tok/s (`PYTHONPATH=. python benchmarks/quant_gpu.py --modes fp4
+# --sections decode` with COGVLM2_FP4_ONE_ROW=gemv and COGVLM2_FP4_SUM_ONCE=0 / 1; BENCHMARKS.md, fifteenth session)
+FP4_SUM_ONCE = {"gemv": os.environ.get("COGVLM2_FP4_SUM_ONCE", "1") == "1"}
 # A8_FUSED: the W4A8 GEMV's launches folded into it (three a linear unfused: quantize x, GEMV, split-K sum). "sum":
 # with K split, the GEMV's last program per column block adds the float32 partials (an atomic counter per block)
 # instead of _splitk_sum_kernel; "quant": each program quantizes its own K slice of x in its prologue (the same
@@ -804,11 +807,11 @@ A8_FUSED = {"sum": True, "quant": False, "pdl": False}
 # A8_L2_PREFETCH_BYTES: a W4A8 GEMV whose codes are at most this many bytes (the attention output's projection: 8 MiB
 # of codes for 4,096 x 4,096; 0: none) is launched with PDL, its row's quantize launch too, and each program
 # prefetches its codes into L2 before it waits: the ~14 us a layer of decode attention before it (the int4 profile,
-# BENCHMARKS.md, fourteenth session) would stream them meanwhile. Off until measured (PDL on the 4-bit kernels was
-# slower, A8_FUSED["pdl"]): `PYTHONPATH=. python benchmarks/decode_ab.py --quant int4 --set
-# "quant.triton_kernels.A8_L2_PREFETCH_BYTES=0" --set "quant.triton_kernels.A8_L2_PREFETCH_BYTES=9437184" --batches 1`;
-# COGVLM2_A8_L2_PREFETCH=9437184 (bytes, read at import) turns it on
-A8_L2_PREFETCH_BYTES = int(os.environ.get("COGVLM2_A8_L2_PREFETCH", "0"))
+# BENCHMARKS.md, fourteenth session) streams them meanwhile. On: int4 batch-1 decode 359.6 -> 366.9 tok/s on the
+# H200 (BENCHMARKS.md, fifteenth session: `PYTHONPATH=. python benchmarks/decode_ab.py --quant int4 --set
+# "quant.triton_kernels.A8_L2_PREFETCH_BYTES=0" --set "quant.triton_kernels.A8_L2_PREFETCH_BYTES=9437184" --batches 1
+# --rounds 2`); COGVLM2_A8_L2_PREFETCH=0 (bytes, read at import) turns it off
+A8_L2_PREFETCH_BYTES = int(os.environ.get("COGVLM2_A8_L2_PREFETCH", "9437184"))
 A8_QUANT_MAX_GROUPS = 32
 # TILE_A8: int4 from this many rows on (2+; 0: never) through the W4A8 tile (_int4_a8_mma_kernel: x quantized to
 # int8 per row and group, integer tensor cores) instead of the bf16-activation tile; 0.6-0.7% of error against
