@@ -385,14 +385,24 @@ def test_fp4_gemv_a8_compiles_for_hopper():
     signature = {"xw_ptr": "*i32", "sx_ptr": "*fp32", "w_ptr": "*i32", "absmax_ptr": "*fp32", "out_ptr": "*fp32",
                  "N": "i32"}
     for block_n, block_k, warps, stages, split in tk.CANDIDATES[("fp4", "gemv-a8")]:
-        kernel = compile_for_hopper(tk._fp4_gemv_a8_kernel, signature, dict(
-            K=4096, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=stages, ASM=True), num_warps=warps,
-            num_stages=stages)
-        ptx = kernel.asm["ptx"]
-        assert "prmt.b32" in ptx and "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, block_k, stages)
-    quantize = compile_for_hopper(tk._quantize_fp4_a8_kernel, {"x_ptr": "*bf16", "xw_ptr": "*i32", "sx_ptr": "*fp32"},
-                                  dict(GROUP=64), num_warps=1).asm["ptx"]
-    assert "ld.local" not in quantize and quantize.count("st.global") >= 2
+        for lines in (0, triton.next_power_of_2(4096 // split // 256)):  # A8_L2_PREFETCH_BYTES: under PDL
+            kernel = compile_for_hopper(tk._fp4_gemv_a8_kernel, signature, dict(
+                K=4096, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=stages, ASM=True, L2_LINES=lines,
+                PDL=lines > 0), num_warps=warps, num_stages=stages)
+            ptx, where = kernel.asm["ptx"], (block_n, block_k, stages, lines)
+            assert "prmt.b32" in ptx and "dp4a.u32.s32" in ptx and "ld.local" not in ptx, where
+            # the program's codes prefetched into L2 line by line, all before the PDL wait, no global load before it
+            prefetches = [m.start() for m in re.finditer(r"prefetch\.global\.L2", ptx)]
+            assert bool(prefetches) == (lines > 0) == ("griddepcontrol.wait" in ptx), where
+            first_read = re.search(r"ld\.global|cp\.async", ptx).start()  # pipelined steps: cp.async only
+            assert not lines or max(prefetches) < ptx.index("griddepcontrol.wait") < first_read, where
+    for launch_pdl in (False, True):  # the quantize launch, with PDL before the prefetching GEMV
+        quantize = compile_for_hopper(tk._quantize_fp4_a8_kernel, {"x_ptr": "*bf16", "xw_ptr": "*i32",
+                                                                   "sx_ptr": "*fp32"},
+                                      dict(GROUP=64, PDL=launch_pdl), num_warps=1).asm["ptx"]
+        assert "ld.local" not in quantize and quantize.count("st.global") >= 2
+        assert not launch_pdl or quantize.index("griddepcontrol.launch_dependents") \
+            < quantize.index("griddepcontrol.wait") < quantize.index("ld.global")
     fp4 = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*fp32", "lut_ptr": "*fp32", "nabs_ptr": "*fp32",
            "nmap_ptr": "*fp32", "offset": "fp32", "out_ptr": "*bf16", "N": "i32"}
     for block_n, block_k, warps, stages, _ in tk.CANDIDATES[("fp4", "gemv")]:
@@ -588,6 +598,27 @@ def test_w4a8_fused_in_cuda_graphs():
 
 
 @cuda
+def test_fp4_a8_prefetch_in_cuda_graphs():
+    """The official fp4 layout's W4A8 GEMV with A8_L2_PREFETCH_BYTES (the 8 MiB of 4,096 x 4,096 codes allowed, the
+    larger ones not): it and its quantize launch under PDL, the codes prefetched into L2 first; the same output as
+    without, in a CUDA graph too, replay after replay."""
+    from cogvlm2.quant import triton_kernels as tk
+
+    g = torch.Generator().manual_seed(5)
+    lut = formats.code_table("fp4", "cuda")
+    for n, k in ((4096, 4096), (6144, 4096), (4096, 14336)):
+        packed, absmax = formats.quantize_4bit(torch.randn(n, k, generator=g).cuda(), "fp4")
+        x = torch.randn(1, k, generator=g).cuda().bfloat16()
+        with torch.inference_mode(), _settings(tk, ONE_ROW={"fp4": "gemv-a8"}):
+            with mock.patch.object(tk, "A8_L2_PREFETCH_BYTES", 0):
+                plain = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
+            with mock.patch.object(tk, "A8_L2_PREFETCH_BYTES", 9 << 20):
+                assert torch.equal(tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True), plain), (n, k)
+                static = x.clone()
+                _replays_equal(lambda: tk.fp4_linear(static, packed, absmax, lut, n, is_fp4=True), plain, 5, (n, k))
+
+
+@cuda
 def test_split_tiles_in_cuda_graphs():
     """The 4-bit tiles under CUDA graph replay on the LM's shapes with the default configs (K split to cover the
     SMs, the partials added by a second kernel): equal to the eager call, replay after replay."""
@@ -655,6 +686,45 @@ def test_gate_and_up_share_the_w4a8_row():
                 mock.patch.object(tk, "quantize_a8", wraps=tk.quantize_a8) as quantize:
             ops.gate_up_silu_mul(gate, up, x)
         assert quantize.call_count == 2
+
+
+def test_fp4_gate_and_up_share_the_a8_row():
+    """ops.gate_up_silu_mul with gate and up in the official fp4 layout: on CUDA at one row the two read one
+    quantize_fp4_a8 of x (one launch fewer) with the same numbers as quantizing for each; nothing is shared on the
+    CPU, with nf4, 8-bit absmax, another layer type, several rows, the float GEMV, or SHARE_A8_INPUT off."""
+    from cogvlm2.model import ops
+    from cogvlm2.quant import Fp4Linear, linear as quant_linear
+    from cogvlm2.quant import triton_kernels as tk
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(6)
+    gate_f, up_f = (torch.nn.Linear(256, 384, bias=False).to(device, dtype) for _ in range(2))
+    gate, up = Fp4Linear.from_linear(gate_f), Fp4Linear.from_linear(up_f)
+    x = torch.randn(1, 256, generator=g).to(device, dtype)
+    with mock.patch.object(quant_linear, "_kernel_ok", lambda t: True), \
+            mock.patch.object(tk, "quantize_fp4_a8", lambda t: "row"):  # the decisions a GPU row gets, anywhere
+        with _settings(tk, ONE_ROW={"fp4": "gemv-a8"}):
+            assert gate.shared_input(x, up) == "row" and gate.shared_input(x) == "row"
+            assert gate.shared_input(x, gate_f) is None and gate.shared_input(torch.cat([x, x]), up) is None
+            assert gate.shared_input(x, Fp4Linear.from_linear(up_f, "nf4")) is None
+            assert gate.shared_input(x, Fp4Linear.from_linear(up_f).compress_statistics()) is None
+            with mock.patch.object(quant_linear, "SHARE_A8_INPUT", False):
+                assert gate.shared_input(x, up) is None
+        with _settings(tk, ONE_ROW={"fp4": "gemv"}):  # bf16 activations: nothing quantized
+            assert gate.shared_input(x, up) is None
+    with torch.inference_mode():
+        if device == "cpu":
+            assert gate.shared_input(x, up) is None
+            return
+        with _settings(tk, ONE_ROW={"fp4": "gemv-a8"}):
+            with mock.patch.object(quant_linear, "SHARE_A8_INPUT", False), \
+                    mock.patch.object(tk, "quantize_fp4_a8", wraps=tk.quantize_fp4_a8) as quantize:
+                separate = ops.gate_up_silu_mul(gate, up, x)
+            assert quantize.call_count == 2
+            with mock.patch.object(tk, "quantize_fp4_a8", wraps=tk.quantize_fp4_a8) as quantize:
+                together = ops.gate_up_silu_mul(gate, up, x)
+            assert quantize.call_count == 1 and torch.equal(together, separate)
 
 
 @cuda

@@ -187,12 +187,30 @@ class Fp4Linear(QuantLinear):
             cache[key] = table
         return cache[key]
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, shared=None) -> torch.Tensor:
         if _kernel_ok(x):
             return triton_kernels.fp4_linear(x, self.weight, self.weight_absmax, self.weight_quant_map,
                                              self.out_features, self.blocksize, self.quant_type == "fp4",
-                                             self._nested_args(), self._pair_table(x.dtype))
+                                             self._nested_args(), self._pair_table(x.dtype), shared)
         return super().matmul(x)
+
+    def forward(self, x: torch.Tensor, shared=None) -> torch.Tensor:
+        """self(x); `shared`: what shared_input(x, ...) returned, for each of the layers it was asked for."""
+        y = self.matmul(x, shared)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _a8_applies(self, x: torch.Tensor) -> bool:
+        return _kernel_ok(x) and triton_kernels.fp4_a8_applies(x, self.weight, self.blocksize,
+                                                               self.quant_type == "fp4", self._nested_args())
+
+    def shared_input(self, x: torch.Tensor, *others: nn.Module):
+        """x prepared once for this layer and `others` that read the same x (the MLP's gate and up), or None where
+        that saves nothing: the decode row quantized to int8 for the fp4 W4A8 GEMV (one launch instead of one per
+        layer), where every one of them takes x through it (SHARE_A8_INPUT)."""
+        layers = (self, *others)
+        if SHARE_A8_INPUT and all(type(o) is Fp4Linear and o._a8_applies(x) for o in layers):
+            return triton_kernels.quantize_fp4_a8(x)
+        return None
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, quant_type={self.quant_type}, blocksize={self.blocksize}"
@@ -262,9 +280,10 @@ class Int4Linear(QuantLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
-# SHARE_A8_INPUT: the MLP's gate and up (both int4) read one W4A8 quantization of the decode row instead of one each:
-# 32 launches fewer a decode step, bit-equal (tests/test_quant_kernels.py). Engine int4 decode at batch 1 on the
-# H200: 334.9 -> 340.3 tok/s (benchmarks/decode_ab.py, two rounds, BENCHMARKS.md, fourteenth session)
+# SHARE_A8_INPUT: the MLP's gate and up (both int4, or both in the official fp4 layout) read one W4A8 quantization of
+# the decode row instead of one each: 32 launches fewer a decode step, bit-equal (tests/test_quant_kernels.py). Engine
+# int4 decode at batch 1 on the H200: 334.9 -> 340.3 tok/s (benchmarks/decode_ab.py, two rounds, BENCHMARKS.md,
+# fourteenth session)
 SHARE_A8_INPUT = True
 
 # fp8 knobs that benchmarks/quant_gpu.py times against each other: FP8_FUSE puts the bias into _scaled_mm's

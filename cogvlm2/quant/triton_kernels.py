@@ -212,10 +212,11 @@ def _fp4_dot8(words, xa, xan, xb, xbn, ASM: tl.constexpr):
 
 
 @triton.jit
-def _quantize_fp4_a8_kernel(x_ptr, xw_ptr, sx_ptr, GROUP: tl.constexpr):
+def _quantize_fp4_a8_kernel(x_ptr, xw_ptr, sx_ptr, GROUP: tl.constexpr, PDL: tl.constexpr):
     """One absmax block of a row for the fp4 W4A8 GEMV: int8 xq = round(x / sx), sx = |x| max / 127 (as the int4
     W4A8's _int8_groups), packed four to a word in the order _fp4_dot8 pairs them with the codes (byte b of word j
     holds k = 4j + (b ^ 1)), each word followed by the same four negated: xw[2j], xw[2j + 1]."""
+    pdl.enter(PDL)
     g = tl.program_id(0)
     xg = tl.load(x_ptr + g * GROUP + tl.arange(0, GROUP)).to(tl.float32)
     sx, xq = _int8_groups(tl.reshape(xg, (1, GROUP)))
@@ -229,14 +230,23 @@ def _quantize_fp4_a8_kernel(x_ptr, xw_ptr, sx_ptr, GROUP: tl.constexpr):
 
 @triton.jit
 def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+                        L2_LINES: tl.constexpr, PDL: tl.constexpr):
     """One row, the bitsandbytes fp4 layout (absmax blocks of 64, float32 absmax, the standard fp4 codes) times int8
     activations (quantize_fp4_a8, one scale per absmax block): per word of 8 codes an exact int32 dot (_fp4_dot8),
-    scaled by absmax x sx / 192 and kept per word, summed across the tile once after the loop (no barrier in it)."""
+    scaled by absmax x sx / 192 and kept per word, summed across the tile once after the loop (no barrier in it).
+    L2_LINES (> 0, PDL only: A8_L2_PREFETCH_BYTES): the program's codes (its rows' K slice, that many 128-byte lines
+    a row rounded up to a power of 2) prefetched into L2 before the PDL wait, as the int4 W4A8 GEMV does."""
+    pdl.launch_dependents(PDL)
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
     NB: tl.constexpr = BLOCK_K // 64  # absmax blocks per step
     KS: tl.constexpr = K // SPLIT_K
+    if L2_LINES > 0:  # 32 words a line; the lanes past the slice's last line repeat it
+        line = tl.minimum(tl.arange(0, L2_LINES), KS // 256 - 1)
+        first = tl.minimum(offs_n, N - 1) * (K // 8) + tl.program_id(1) * (KS // 8)
+        pdl.prefetch_l2(w_ptr + first[:, None] + (line * 32)[None, :])
+    pdl.wait(PDL)
     b = tl.arange(0, NB)
     wi = tl.arange(0, 8)  # the 8 words of a block
     acc = tl.zeros((BLOCK_N, NB, 8), dtype=tl.float32)
@@ -804,10 +814,10 @@ FP4_SUM_ONCE = {"gemv": os.environ.get("COGVLM2_FP4_SUM_ONCE", "1") == "1"}
 # decode batch 1, 2026-12-01): none 319.6 tok/s, **sum 334.6** (the default), sum + quant 316.8, sum + quant + pdl
 # 238.6 (the three launches under PDL: 256); `benchmarks/quant_gpu.py --a8-fused off,sum,...` times them in the engine.
 A8_FUSED = {"sum": True, "quant": False, "pdl": False}
-# A8_L2_PREFETCH_BYTES: a W4A8 GEMV whose codes are at most this many bytes (the attention output's projection: 8 MiB
-# of codes for 4,096 x 4,096; 0: none) is launched with PDL, its row's quantize launch too, and each program
-# prefetches its codes into L2 before it waits: the ~14 us a layer of decode attention before it (the int4 profile,
-# BENCHMARKS.md, fourteenth session) streams them meanwhile. On: int4 batch-1 decode 359.6 -> 366.9 tok/s on the
+# A8_L2_PREFETCH_BYTES: a W4A8 GEMV (int4's, or the official fp4 layout's) whose codes are at most this many bytes
+# (the attention output's projection: 8 MiB of codes for 4,096 x 4,096; 0: none) is launched with PDL, its row's
+# quantize launch too, and each program prefetches its codes into L2 before it waits: the ~14 us a layer of decode
+# attention before it (the int4 profile, BENCHMARKS.md, fourteenth session) streams them meanwhile. On: int4 batch-1 decode 359.6 -> 366.9 tok/s on the
 # H200 (BENCHMARKS.md, fifteenth session: `PYTHONPATH=. python benchmarks/decode_ab.py --quant int4 --set
 # "quant.triton_kernels.A8_L2_PREFETCH_BYTES=0" --set "quant.triton_kernels.A8_L2_PREFETCH_BYTES=9437184" --batches 1
 # --rounds 2`); COGVLM2_A8_L2_PREFETCH=0 (bytes, read at import) turns it off
@@ -942,23 +952,34 @@ def fp4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor
     return out
 
 
-def quantize_fp4_a8(x: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp4_a8(x: torch.Tensor, block: int = 64, launch_pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One row x [1, K] (contiguous) for the fp4 W4A8 GEMV: (xw int32 [K / 2]: int8 per absmax block of `block`,
-    four a word in _fp4_dot8's order, each word followed by its negation; sx float32 [K / block]), one launch."""
+    four a word in _fp4_dot8's order, each word followed by its negation; sx float32 [K / block]), one launch
+    (launch_pdl: with programmatic dependent launch where the GPU has it, cogvlm2/pdl.py)."""
     k = x.shape[-1]
     xw = torch.empty(k // 2, dtype=torch.int32, device=x.device)
     sx = torch.empty(k // block, dtype=torch.float32, device=x.device)
-    _quantize_fp4_a8_kernel[(k // block,)](x.reshape(1, k), xw, sx, GROUP=block, num_warps=1)
+    _quantize_fp4_a8_kernel[(k // block,)](x.reshape(1, k), xw, sx, GROUP=block, num_warps=1,
+                                           **(pdl.options(x) if launch_pdl else {"PDL": False}))
     return xw, sx
+
+
+def fp4_a8_applies(x: torch.Tensor, packed: torch.Tensor, blocksize: int, is_fp4: bool, nested: Nested) -> bool:
+    """Whether fp4_linear takes x (one row, contiguous) through the fp4 W4A8 GEMV: then quantize_fp4_a8(x) done once
+    can serve several such layers that read x (fp4_linear's `a8`)."""
+    return (x.numel() == x.shape[-1] and ONE_ROW["fp4"] == "gemv-a8" and is_fp4 and nested is None
+            and blocksize == 64 and packed.data_ptr() % 16 == 0 and x.stride(-1) == 1)
 
 
 def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int,
                blocksize: int = 64, is_fp4: bool = False, nested: Nested = None,
-               table: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+               table: tuple[torch.Tensor, float] | None = None,
+               a8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., n] with W in the bitsandbytes 4-bit layout (K % blocksize == 0). `is_fp4`:
     the codes are bitsandbytes' fp4 (which may then be decoded without the table, see FP4_ARITH);
     `nested`: the absmax are 8-bit (double quantization); `table`: pair_table(lut, x.dtype, is_fp4), cached by
-    the caller (else built here, two small torch ops)."""
+    the caller (else built here, two small torch ops); `a8`: x already quantized by quantize_fp4_a8 (where
+    fp4_a8_applies: the MLP's gate and up read the same row), used instead of quantizing it again."""
     x2, k = _flat(x), x.shape[-1]
     m = x2.shape[0]
     if m > FUSED_MAX_ROWS:
@@ -966,15 +987,17 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
     if not m:
         return x.new_empty(*x.shape[:-1], n)
     a, nabs, nmap, offset, is_nested = _stats(absmax, nested)
-    if m == 1 and ONE_ROW["fp4"] == "gemv-a8" and is_fp4 and not is_nested and blocksize == 64 \
-            and packed.data_ptr() % 16 == 0 and x2.stride(-1) == 1:  # int8 activations, integer dot products
+    if fp4_a8_applies(x2, packed, blocksize, is_fp4, nested):  # int8 activations, integer dot products
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv-a8")]
         split, block_k = _split(k, split, block_k, 64)
         out, part = _outputs(m, n, split, x)
-        xw, sx = quantize_fp4_a8(x2)
+        options = pdl.options(x)
+        prefetch = options["PDL"] and 0 < packed.numel() <= A8_L2_PREFETCH_BYTES and k // split >= 256
+        xw, sx = a8 if a8 is not None else quantize_fp4_a8(x2, launch_pdl=prefetch)
         _fp4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
             xw, sx, packed.view(-1).view(torch.int32), a, part, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
-            SPLIT_K=split, STAGES=stages, ASM=x.is_cuda, num_warps=warps, num_stages=stages)
+            SPLIT_K=split, STAGES=stages, ASM=x.is_cuda, L2_LINES=triton.next_power_of_2(k // split // 256)
+            if prefetch else 0, num_warps=warps, num_stages=stages, **(options if prefetch else {"PDL": False}))
     elif m == 1 and ONE_ROW["fp4"] in ("gemv", "gemv-a8") and packed.data_ptr() % 16 == 0:  # codes as int32 words
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv")]
         split, block_k = _split(k, split, block_k, blocksize)
