@@ -23,7 +23,6 @@ stays off (`COGVLM2_DECODE_SKINNY=1` turns it on, for other cards).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -37,37 +36,18 @@ from .triton_ops import _on
 # the decode linears in one graph): TP=1 shapes 3.51 ms (94% of copy), TP=2 1.86 ms (89%), where (8, 512, 4, 3),
 # the best without PDL (3.53 / 2.00 ms then), took 3.64 / 1.95
 CONFIG = (4, 1024, 4, 3)
-# L2_PREFETCH_BYTES: a one-row GEMV (`gemv`) whose weight is at most L2_PREFETCH_MAX_WEIGHT bytes (the attention
-# output's projection, 32 MiB at TP=1) has its programs holding the weight's first this many bytes of rows, launched
-# early under PDL, prefetch those rows into L2 (one `prefetch.global.L2` a 128-byte line) before they wait for the
-# kernel before them: decode attention, ~10-14 us of latency a layer (BENCHMARKS.md, the profiles), in which the
-# rows stream into L2, to be read from there once the wait ends. All 32 MiB so was slower on the H200 (240.1 -> 238.0
-# tok/s at batch 1, BENCHMARKS.md, fifteenth session), hence part of it (int4's W4A8 GEMV gained from its 8 MiB).
-# Off until measured: `PYTHONPATH=. python benchmarks/decode_ab.py --set "model.gemv.L2_PREFETCH_BYTES=0" --set
-# "model.gemv.L2_PREFETCH_BYTES=8388608" --batches 1`; COGVLM2_GEMV_L2_PREFETCH (bytes, read at import) sets it
-L2_PREFETCH_BYTES = int(os.environ.get("COGVLM2_GEMV_L2_PREFETCH", "0"))
-L2_PREFETCH_MAX_WEIGHT = 32 << 20
 # what the benchmark sweeps (the first is CONFIG)
 CANDIDATES = [CONFIG, (8, 512, 4, 3), (8, 512, 4, 4), (16, 256, 4, 3), (16, 512, 8, 3), (8, 1024, 8, 3),
               (8, 512, 4, 1)]
 
 
 @triton.jit
-def _prefetch_l2(w_ptr, rows, stride_wn, K: tl.constexpr, LINES: tl.constexpr, LINE: tl.constexpr):
-    """Rows `rows` of W (K elements each, LINE to a 128-byte line) into L2: one prefetch a line; LINES is the rows'
-    line count rounded up to a power of 2, the extra lanes repeating the last line."""
-    line = tl.minimum(tl.arange(0, LINES), (K - 1) // LINE)
-    pdl.prefetch_l2(w_ptr + rows[:, None].to(tl.int64) * stride_wn + (line * LINE)[None, :])
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, prefetch_rows, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, STAGES: tl.constexpr, L2_LINES: tl.constexpr, LINE: tl.constexpr,
-                 PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 STAGES: tl.constexpr, PDL: tl.constexpr):
     """out[n] = sum_k W[n, k] x[k] for BLOCK_N rows: products summed per lane in float32 over the K steps, then
-    across the lanes once. The first step's weights are loaded before waiting for the previous kernel (PDL), and with
-    L2_LINES (> 0, PDL only) a program whose rows start before `prefetch_rows` prefetches them into L2 first
-    (L2_PREFETCH_BYTES)."""
+    across the lanes once. The first step's weights are loaded before waiting for the previous kernel (PDL). (Also
+    prefetching all of a <= 32 MiB weight's rows into L2 before that wait, as the int4 W4A8 GEMV does, was slower on
+    the H200: 240.1 -> 238.0 tok/s at batch 1, BENCHMARKS.md, fifteenth session.)"""
     pdl.launch_dependents(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -75,9 +55,6 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, prefetch_rows, K: tl.const
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     k_ok = offs_k < K
     w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-    if L2_LINES > 0:
-        if tl.program_id(0) * BLOCK_N < prefetch_rows:
-            _prefetch_l2(w_ptr, tl.minimum(offs_n, N - 1), stride_wn, K, L2_LINES, LINE)
     pdl.wait(PDL)
     x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
     acc = w.to(tl.float32) * x.to(tl.float32)[None, :]  # = 0 + the first products: the loop's sum, bit for bit
@@ -100,13 +77,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config
     options = pdl.options(x)
-    line, row_bytes = 128 // weight.element_size(), k * weight.element_size()
-    rows = min(n, L2_PREFETCH_BYTES // row_bytes) if 0 < n * row_bytes <= L2_PREFETCH_MAX_WEIGHT else 0
-    lines = triton.next_power_of_2(triton.cdiv(k, line)) if options["PDL"] and rows else 0
     with _on(x):  # the launch on x's GPU (pipeline stages: a later stage's layers live on another GPU)
-        _gemv_kernel[(triton.cdiv(n, block_n),)](x1, weight, out, n, weight.stride(0), rows, K=k, BLOCK_N=block_n,
-                                                 BLOCK_K=block_k, STAGES=stages, L2_LINES=lines, LINE=line,
-                                                 num_warps=warps, num_stages=stages, **options)
+        _gemv_kernel[(triton.cdiv(n, block_n),)](x1, weight, out, n, weight.stride(0), K=k, BLOCK_N=block_n,
+                                                 BLOCK_K=block_k, STAGES=stages, num_warps=warps,
+                                                 num_stages=stages, **options)
     return out.view(*x.shape[:-1], n)
 
 
