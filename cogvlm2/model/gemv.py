@@ -46,8 +46,9 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: 
                  STAGES: tl.constexpr, PDL: tl.constexpr):
     """out[n] = sum_k W[n, k] x[k] for BLOCK_N rows: products summed per lane in float32 over the K steps, then
     across the lanes once. The first step's weights are loaded before waiting for the previous kernel (PDL). (Also
-    prefetching all of a <= 32 MiB weight's rows into L2 before that wait, as the int4 W4A8 GEMV does, was slower on
-    the H200: 240.1 -> 238.0 tok/s at batch 1, BENCHMARKS.md, fifteenth session.)"""
+    prefetching a <= 32 MiB weight's rows into L2 before that wait, as the int4 W4A8 GEMV does, was slower on the
+    H200 at batch 1, BENCHMARKS.md, fifteenth session: all of the o-proj 240.1 -> 238.0 tok/s, its first 8 / 16 MiB
+    240.2 -> 239.9 / 239.1; the first tiles loaded before the wait are already 8 MiB of it.)"""
     pdl.launch_dependents(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
