@@ -82,6 +82,12 @@ def check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol) -> None:
     as the int4 W4A8 quantizes a group, the products exact integers (values x 192), so the result is the dequantized
     weights times that quantized x to float rounding; against the unquantized weights the error is the 4-bit
     weights' and hardly more. nf4, 8-bit absmax or another block size keep the float GEMV."""
+    for split in (False, True):  # FP4_A8_SPLIT_SIGN: the activations without their negations, the same numbers
+        with mock.patch.object(tk, "FP4_A8_SPLIT_SIGN", split):
+            _check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol, split)
+
+
+def _check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol, split) -> None:
     n, k = ref_w.shape
     with _settings(tk, ONE_ROW={"fp4": "gemv-a8"}):
         got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
@@ -96,9 +102,10 @@ def check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol) -> None:
     xi[:, 0] = 127
     xw, sxw = tk.quantize_fp4_a8((xi * 0.25).view(1, k).to(x.device, x.dtype))
     assert torch.equal(sxw.cpu(), torch.full((k // 64,), 0.25))
-    nbytes = xw.cpu().view(torch.int8).view(k // 4, 2, 4).to(torch.int64)  # little-endian bytes
+    nbytes = xw.cpu().view(torch.int8).view(k // 4, -1, 4).to(torch.int64)  # little-endian bytes
     want = xi.view(k // 4, 4)[:, [1, 0, 3, 2]]
-    assert torch.equal(nbytes[:, 0], want) and torch.equal(nbytes[:, 1], -want)
+    assert nbytes.shape[1] == (1 if split else 2) and torch.equal(nbytes[:, 0], want)
+    assert split or torch.equal(nbytes[:, 1], -want)
     assert got.shape == (1, n) and got.dtype == x.dtype
     assert _rel(got, (xq.view(1, k) @ ref_w.double().t()).float()) < max(tol, 1e-5), ("fp4 gemv-a8", n, k)
     exact = x.float() @ w.float().t()
@@ -332,6 +339,10 @@ def _run_ptx(text: str, operands: list[int]) -> int:
             r = a[0] & a[1]
         elif op == "or.b32":
             r = a[0] | a[1]
+        elif op == "xor.b32":
+            r = a[0] ^ a[1]
+        elif op == "sub.s32":
+            r = a[0] - a[1]
         elif op == "shr.u32":
             r = a[0] >> a[1]
         elif op == "prmt.b32":
@@ -372,6 +383,8 @@ def test_fp4_dot8_ptx_computes_the_exact_dot():
         operands = [word, pack(lo), pack([-x for x in lo]), pack(hi), pack([-x for x in hi])]
         exact = sum((-1 if c & 8 else 1) * mag[c & 7] * x for c, x in zip(codes, xq))
         assert _run_ptx(tk.FP4_DOT8_PTX.value, operands) == exact, (codes, xq)
+        # FP4_A8_SPLIT_SIGN: from the activations alone, the negative codes' products summed apart
+        assert _run_ptx(tk.FP4_DOT8_SPLIT_PTX.value, [word, pack(lo), pack(hi)]) == exact, (codes, xq)
 
 
 def test_fp4_gemv_a8_compiles_for_hopper():
@@ -385,21 +398,21 @@ def test_fp4_gemv_a8_compiles_for_hopper():
     signature = {"xw_ptr": "*i32", "sx_ptr": "*fp32", "w_ptr": "*i32", "absmax_ptr": "*fp32", "out_ptr": "*fp32",
                  "N": "i32"}
     for block_n, block_k, warps, stages, split in tk.CANDIDATES[("fp4", "gemv-a8")]:
-        for lines in (0, triton.next_power_of_2(4096 // split // 256)):  # A8_L2_PREFETCH_BYTES: under PDL
+        for lines, sign in ((0, False), (triton.next_power_of_2(4096 // split // 256), False), (0, True)):
             kernel = compile_for_hopper(tk._fp4_gemv_a8_kernel, signature, dict(
                 K=4096, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=stages, ASM=True, L2_LINES=lines,
-                PDL=lines > 0), num_warps=warps, num_stages=stages)
-            ptx, where = kernel.asm["ptx"], (block_n, block_k, stages, lines)
+                SPLIT_SIGN=sign, PDL=lines > 0), num_warps=warps, num_stages=stages)
+            ptx, where = kernel.asm["ptx"], (block_n, block_k, stages, lines, sign)  # lines: A8_L2_PREFETCH_BYTES
             assert "prmt.b32" in ptx and "dp4a.u32.s32" in ptx and "ld.local" not in ptx, where
             # the program's codes prefetched into L2 line by line, all before the PDL wait, no global load before it
             prefetches = [m.start() for m in re.finditer(r"prefetch\.global\.L2", ptx)]
             assert bool(prefetches) == (lines > 0) == ("griddepcontrol.wait" in ptx), where
             first_read = re.search(r"ld\.global|cp\.async", ptx).start()  # pipelined steps: cp.async only
             assert not lines or max(prefetches) < ptx.index("griddepcontrol.wait") < first_read, where
-    for launch_pdl in (False, True):  # the quantize launch, with PDL before the prefetching GEMV
+    for launch_pdl, split in ((False, False), (True, False), (False, True)):  # PDL: before the prefetching GEMV
         quantize = compile_for_hopper(tk._quantize_fp4_a8_kernel, {"x_ptr": "*bf16", "xw_ptr": "*i32",
                                                                    "sx_ptr": "*fp32"},
-                                      dict(GROUP=64, PDL=launch_pdl), num_warps=1).asm["ptx"]
+                                      dict(GROUP=64, SPLIT=split, PDL=launch_pdl), num_warps=1).asm["ptx"]
         assert "ld.local" not in quantize and quantize.count("st.global") >= 2
         assert not launch_pdl or quantize.index("griddepcontrol.launch_dependents") \
             < quantize.index("griddepcontrol.wait") < quantize.index("ld.global")

@@ -187,6 +187,42 @@ dp4a.u32.s32 $0, m, x, acc;
 """)
 
 
+# FP4_DOT8_SPLIT_PTX (FP4_A8_SPLIT_SIGN): the same dot without the negated activations ($2 / $3 the low / high 4
+# codes' activations): per 4 codes the magnitudes looked up as before, a second PRMT turns the codes' sign bits into
+# byte masks (selector 0 or 1 into the pool 0x0000FF00), the positive and negative codes' magnitudes (m & ~mask,
+# m & mask) go through one IDP4A each into two sums, subtracted at the end: two more instructions a word, half the
+# activation bytes loaded.
+FP4_DOT8_SPLIT_PTX = tl.constexpr("""
+{
+.reg .b32 ta, tb, tk, w, s, m, k, n, p, ap, an;
+mov.b32 ta, 0xC0800100;
+mov.b32 tb, 0x30206040;
+mov.b32 tk, 0x0000FF00;
+mov.b32 w, $1;
+and.b32 s, w, 0x7777;
+prmt.b32 m, ta, tb, s;
+shr.u32 s, w, 3;
+and.b32 s, s, 0x1111;
+prmt.b32 k, tk, tk, s;
+and.b32 n, m, k;
+xor.b32 p, m, n;
+dp4a.u32.s32 ap, p, $2, 0;
+dp4a.u32.s32 an, n, $2, 0;
+shr.u32 w, w, 16;
+and.b32 s, w, 0x7777;
+prmt.b32 m, ta, tb, s;
+shr.u32 s, w, 3;
+and.b32 s, s, 0x1111;
+prmt.b32 k, tk, tk, s;
+and.b32 n, m, k;
+xor.b32 p, m, n;
+dp4a.u32.s32 ap, p, $3, ap;
+dp4a.u32.s32 an, n, $3, an;
+sub.s32 $0, ap, an;
+}
+""")
+
+
 @triton.jit
 def _fp4_dot8(words, xa, xan, xb, xbn, ASM: tl.constexpr):
     """int32 sum over the 8 bitsandbytes fp4 codes of each word of (value x 192) times an int8 activation: the
@@ -200,6 +236,22 @@ def _fp4_dot8(words, xa, xan, xb, xbn, ASM: tl.constexpr):
     if ASM:
         return tl.inline_asm_elementwise(
             FP4_DOT8_PTX, "=r,r,r,r,r,r", [words, xa, xan, xb, xbn], dtype=tl.int32, is_pure=True, pack=1)
+    return _fp4_dot8_reference(words, xa, xb)
+
+
+@triton.jit
+def _fp4_dot8_split(words, xa, xb, ASM: tl.constexpr):
+    """_fp4_dot8 from the activations alone (FP4_DOT8_SPLIT_PTX on the GPU: the negative codes' products summed
+    apart and subtracted; FP4_A8_SPLIT_SIGN)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            FP4_DOT8_SPLIT_PTX, "=r,r,r,r", [words, xa, xb], dtype=tl.int32, is_pure=True, pack=1)
+    return _fp4_dot8_reference(words, xa, xb)
+
+
+@triton.jit
+def _fp4_dot8_reference(words, xa, xb):
+    """_fp4_dot8's sum code by code (Triton's interpreter has no inline PTX)."""
     d = tl.zeros(words.shape, dtype=tl.int32)
     for q in tl.static_range(8):
         code = (words >> (4 * q)) & 0xF
@@ -212,10 +264,11 @@ def _fp4_dot8(words, xa, xan, xb, xbn, ASM: tl.constexpr):
 
 
 @triton.jit
-def _quantize_fp4_a8_kernel(x_ptr, xw_ptr, sx_ptr, GROUP: tl.constexpr, PDL: tl.constexpr):
+def _quantize_fp4_a8_kernel(x_ptr, xw_ptr, sx_ptr, GROUP: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
     """One absmax block of a row for the fp4 W4A8 GEMV: int8 xq = round(x / sx), sx = |x| max / 127 (as the int4
     W4A8's _int8_groups), packed four to a word in the order _fp4_dot8 pairs them with the codes (byte b of word j
-    holds k = 4j + (b ^ 1)), each word followed by the same four negated: xw[2j], xw[2j + 1]."""
+    holds k = 4j + (b ^ 1)), each word followed by the same four negated: xw[2j], xw[2j + 1]; SPLIT
+    (FP4_A8_SPLIT_SIGN): the words alone, xw[j]."""
     pdl.enter(PDL)
     g = tl.program_id(0)
     xg = tl.load(x_ptr + g * GROUP + tl.arange(0, GROUP)).to(tl.float32)
@@ -223,15 +276,19 @@ def _quantize_fp4_a8_kernel(x_ptr, xw_ptr, sx_ptr, GROUP: tl.constexpr, PDL: tl.
     even, odd = tl.split(tl.reshape(xq, (GROUP // 4, 2, 2)))  # [GROUP / 4, 2]: k = 4j + 2h (+ 1)
     shifts = (tl.arange(0, 2) * 16)[None, :]
     words = tl.sum(((odd & 0xFF) << shifts) | ((even & 0xFF) << (shifts + 8)), axis=1)  # disjoint bits: an OR
-    negated = tl.sum(((-odd & 0xFF) << shifts) | ((-even & 0xFF) << (shifts + 8)), axis=1)
-    tl.store(xw_ptr + g * (GROUP // 2) + tl.arange(0, GROUP // 2), tl.reshape(tl.join(words, negated), (GROUP // 2,)))
+    if SPLIT:
+        tl.store(xw_ptr + g * (GROUP // 4) + tl.arange(0, GROUP // 4), words)
+    else:
+        negated = tl.sum(((-odd & 0xFF) << shifts) | ((-even & 0xFF) << (shifts + 8)), axis=1)
+        tl.store(xw_ptr + g * (GROUP // 2) + tl.arange(0, GROUP // 2),
+                 tl.reshape(tl.join(words, negated), (GROUP // 2,)))
     tl.store(sx_ptr + g + tl.arange(0, 1), sx)
 
 
 @triton.jit
 def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-                        L2_LINES: tl.constexpr, PDL: tl.constexpr):
+                        L2_LINES: tl.constexpr, SPLIT_SIGN: tl.constexpr, PDL: tl.constexpr):
     """One row, the bitsandbytes fp4 layout (absmax blocks of 64, float32 absmax, the standard fp4 codes) times int8
     activations (quantize_fp4_a8, one scale per absmax block): per word of 8 codes an exact int32 dot (_fp4_dot8),
     scaled by absmax x sx / 192 and kept per word, summed across the tile once after the loop (no barrier in it).
@@ -255,11 +312,15 @@ def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, N, K: tl.con
         word_col = k0 // 8 + b[:, None] * 8 + wi[None, :]  # [NB, 8]
         words = tl.load(w_ptr + offs_n[:, None, None] * (K // 8) + word_col[None, :, :], mask=n_ok[:, None, None],
                         other=0)
-        x4 = tl.load(xw_ptr + 4 * word_col[:, :, None] + tl.arange(0, 4)[None, None, :])  # [NB, 8, 4]
-        pos, neg = tl.split(tl.reshape(x4, (NB, 8, 2, 2)))  # [NB, 8, 2]: k 8p..8p+3 then 8p+4..8p+7
-        xa, xb = tl.split(pos)
-        xan, xbn = tl.split(neg)
-        d = _fp4_dot8(words, xa[None, :, :], xan[None, :, :], xb[None, :, :], xbn[None, :, :], ASM)  # broadcast
+        if SPLIT_SIGN:  # the activations alone: k 8p..8p+3, then 8p+4..8p+7
+            xa, xb = tl.split(tl.load(xw_ptr + 2 * word_col[:, :, None] + tl.arange(0, 2)[None, None, :]))
+            d = _fp4_dot8_split(words, xa[None, :, :], xb[None, :, :], ASM)
+        else:
+            x4 = tl.load(xw_ptr + 4 * word_col[:, :, None] + tl.arange(0, 4)[None, None, :])  # [NB, 8, 4]
+            pos, neg = tl.split(tl.reshape(x4, (NB, 8, 2, 2)))  # [NB, 8, 2]: k 8p..8p+3 then 8p+4..8p+7
+            xa, xb = tl.split(pos)
+            xan, xbn = tl.split(neg)
+            d = _fp4_dot8(words, xa[None, :, :], xan[None, :, :], xb[None, :, :], xbn[None, :, :], ASM)  # broadcast
         blk = offs_n[:, None] * (K // 64) + (k0 // 64 + b)[None, :]  # [BN, NB]
         scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0) * tl.load(sx_ptr + k0 // 64 + b)[None, :]
         acc += d.to(tl.float32) * scale[:, :, None]
@@ -823,6 +884,14 @@ A8_FUSED = {"sum": True, "quant": False, "pdl": False}
 # --rounds 2`); COGVLM2_A8_L2_PREFETCH=0 (bytes, read at import) turns it off
 A8_L2_PREFETCH_BYTES = int(os.environ.get("COGVLM2_A8_L2_PREFETCH", "9437184"))
 A8_QUANT_MAX_GROUPS = 32
+# FP4_A8_SPLIT_SIGN: the fp4 W4A8 GEMV reads its activations alone (quantize_fp4_a8 stores no negations) and sums the
+# positive and negative codes' products apart (FP4_DOT8_SPLIT_PTX: two instructions more a word of 8 codes, half the
+# activation bytes). Nsight Compute on the H200 (BENCHMARKS.md, fifteenth session) found the kernel bound by L1 (83%
+# of L1/TEX throughput, DRAM 38%, on the 14,336 x 4,096 gate), where the activations are 4 bytes of loads for each
+# byte of codes. Off until measured: `PYTHONPATH=. python benchmarks/decode_ab.py --quant fp4 --set
+# "quant.triton_kernels.FP4_A8_SPLIT_SIGN=0" --set "quant.triton_kernels.FP4_A8_SPLIT_SIGN=1" --batches 1`;
+# COGVLM2_FP4_A8_SPLIT_SIGN=1 (read at import) turns it on
+FP4_A8_SPLIT_SIGN = os.environ.get("COGVLM2_FP4_A8_SPLIT_SIGN", "0") == "1"
 # TILE_A8: int4 from this many rows on (2+; 0: never) through the W4A8 tile (_int4_a8_mma_kernel: x quantized to
 # int8 per row and group, integer tensor cores) instead of the bf16-activation tile; 0.6-0.7% of error against
 # W4A16 (interpreted tests). The LM linears of a decode step on the H200 (BENCHMARKS.md, 2026-12-01, `quant_gpu.py
@@ -954,12 +1023,14 @@ def fp4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor
 
 def quantize_fp4_a8(x: torch.Tensor, block: int = 64, launch_pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One row x [1, K] (contiguous) for the fp4 W4A8 GEMV: (xw int32 [K / 2]: int8 per absmax block of `block`,
-    four a word in _fp4_dot8's order, each word followed by its negation; sx float32 [K / block]), one launch
-    (launch_pdl: with programmatic dependent launch where the GPU has it, cogvlm2/pdl.py)."""
+    four a word in _fp4_dot8's order, each word followed by its negation (FP4_A8_SPLIT_SIGN: the words alone,
+    [K / 4]); sx float32 [K / block]), one launch (launch_pdl: with programmatic dependent launch where the GPU has
+    it, cogvlm2/pdl.py)."""
     k = x.shape[-1]
-    xw = torch.empty(k // 2, dtype=torch.int32, device=x.device)
+    split = FP4_A8_SPLIT_SIGN
+    xw = torch.empty(k // 4 if split else k // 2, dtype=torch.int32, device=x.device)
     sx = torch.empty(k // block, dtype=torch.float32, device=x.device)
-    _quantize_fp4_a8_kernel[(k // block,)](x.reshape(1, k), xw, sx, GROUP=block, num_warps=1,
+    _quantize_fp4_a8_kernel[(k // block,)](x.reshape(1, k), xw, sx, GROUP=block, SPLIT=split, num_warps=1,
                                            **(pdl.options(x) if launch_pdl else {"PDL": False}))
     return xw, sx
 
@@ -997,7 +1068,8 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
         _fp4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
             xw, sx, packed.view(-1).view(torch.int32), a, part, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
             SPLIT_K=split, STAGES=stages, ASM=x.is_cuda, L2_LINES=triton.next_power_of_2(k // split // 256)
-            if prefetch else 0, num_warps=warps, num_stages=stages, **(options if prefetch else {"PDL": False}))
+            if prefetch else 0, SPLIT_SIGN=xw.numel() * 4 == k, num_warps=warps, num_stages=stages,
+            **(options if prefetch else {"PDL": False}))
     elif m == 1 and ONE_ROW["fp4"] in ("gemv", "gemv-a8") and packed.data_ptr() % 16 == 0:  # codes as int32 words
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv")]
         split, block_k = _split(k, split, block_k, blocksize)
