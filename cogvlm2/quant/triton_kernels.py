@@ -888,10 +888,11 @@ A8_QUANT_MAX_GROUPS = 32
 # positive and negative codes' products apart (FP4_DOT8_SPLIT_PTX: two instructions more a word of 8 codes, half the
 # activation bytes). Nsight Compute on the H200 (BENCHMARKS.md, fifteenth session) found the kernel bound by L1 (83%
 # of L1/TEX throughput, DRAM 38%, on the 14,336 x 4,096 gate), where the activations are 4 bytes of loads for each
-# byte of codes. Off until measured: `PYTHONPATH=. python benchmarks/decode_ab.py --quant fp4 --set
-# "quant.triton_kernels.FP4_A8_SPLIT_SIGN=0" --set "quant.triton_kernels.FP4_A8_SPLIT_SIGN=1" --batches 1`;
-# COGVLM2_FP4_A8_SPLIT_SIGN=1 (read at import) turns it on
-FP4_A8_SPLIT_SIGN = os.environ.get("COGVLM2_FP4_A8_SPLIT_SIGN", "0") == "1"
+# byte of codes; split: L1 68%, DRAM 43%, 18.2 -> 16.4 us. On: the official fp4 layout's batch-1 decode 293.2 -> 304.1
+# tok/s on the H200 (`PYTHONPATH=. python benchmarks/decode_ab.py --quant fp4 --set
+# "quant.triton_kernels.FP4_A8_SPLIT_SIGN=0" --set "quant.triton_kernels.FP4_A8_SPLIT_SIGN=1" --batches 1 --rounds 2`);
+# COGVLM2_FP4_A8_SPLIT_SIGN=0 (read at import) turns it off
+FP4_A8_SPLIT_SIGN = os.environ.get("COGVLM2_FP4_A8_SPLIT_SIGN", "1") == "1"
 # TILE_A8: int4 from this many rows on (2+; 0: never) through the W4A8 tile (_int4_a8_mma_kernel: x quantized to
 # int8 per row and group, integer tensor cores) instead of the bf16-activation tile; 0.6-0.7% of error against
 # W4A16 (interpreted tests). The LM linears of a decode step on the H200 (BENCHMARKS.md, 2026-12-01, `quant_gpu.py
