@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -70,6 +71,19 @@ def check_a8_outputs(device: str, dtype: torch.dtype, g: torch.Generator) -> Non
         out, a8 = triton_ops.silu_mul_a8(gate, up, 128)
         assert torch.equal(out, triton_ops.silu_mul(gate, up))
         assert all(torch.equal(a, b) for a, b in zip(a8, tk.quantize_a8(out, 128))), n
+        # FP4_A8: the fp4 W4A8 row (absmax blocks of 64, the activations alone) as quantize_fp4_a8 makes it
+        out, a8 = triton_ops.silu_mul_a8(gate, up, tk.FP4_A8)
+        assert torch.equal(out, triton_ops.silu_mul(gate, up)) and len(a8) == 2
+        with mock.patch.object(tk, "FP4_A8_SPLIT_SIGN", True):
+            assert all(torch.equal(a, b) for a, b in zip(a8, tk.quantize_fp4_a8(out))), n
+    g4 = torch.Generator().manual_seed(4)  # its own: the checks after this one keep their inputs
+    x, d = ((3 * torch.randn(1, 512, generator=g4)).to(device, dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(512, generator=g4)).to(device, dtype)
+    total, normed, a8 = triton_ops.add_rms_norm_a8(x, d, w, 1e-5, tk.FP4_A8)
+    pair = triton_ops.add_rms_norm(x, d, w, 1e-5)
+    assert torch.equal(total, pair[0]) and torch.equal(normed, pair[1]) and len(a8) == 2
+    with mock.patch.object(tk, "FP4_A8_SPLIT_SIGN", True):
+        assert all(torch.equal(a, b) for a, b in zip(a8, tk.quantize_fp4_a8(normed)))
     x, d = (torch.randn(2, 512, generator=g).to(device, dtype) for _ in range(2))
     w = torch.ones(512, device=device, dtype=dtype)
     assert triton_ops.add_rms_norm_a8(x, d, w, 1e-5, 128)[2] is None  # two rows
@@ -154,10 +168,15 @@ def test_vision_add_norm_cuda():
 
 
 def check_fold_a8(device: str) -> None:
-    """ops.FOLD_A8 in the model: tiny-random quantized to int4 on the residual stream with the fused kernels, one
-    prompt at a time (one decode row): the same tokens and logits, bit for bit, as without the fold, with fewer
-    quantize launches (decode per step: the first layer's QKV and each layer's dense instead of QKV, dense, gate +
-    up and down in every layer)."""
+    """ops.FOLD_A8 in the model: tiny-random quantized to int4, and to the official fp4 layout (its W4A8 row,
+    triton_kernels.FP4_A8), on the residual stream with the fused kernels, one prompt at a time (one decode row):
+    the same tokens and logits, bit for bit, as without the fold, with fewer quantize launches (decode per step: the
+    first layer's QKV and each layer's dense instead of QKV, dense, gate + up and down in every layer)."""
+    for mode, quantizer in (("int4", "quantize_a8"), ("fp4", "quantize_fp4_a8")):
+        _check_fold_a8(device, mode, quantizer)
+
+
+def _check_fold_a8(device: str, mode: str, quantizer: str) -> None:
     from unittest import mock
 
     from PIL import Image
@@ -173,7 +192,7 @@ def check_fold_a8(device: str) -> None:
 
     folder = checkpoint_folder("tiny-random")
     model = load_model(str(folder), progress=False, device=device)
-    quantize_model(model, "int4", device)
+    quantize_model(model, mode, device)
     model.residual_stream = True
     layers = len(model.model.layers)
     proc = Processor.from_pretrained(folder)
@@ -190,14 +209,14 @@ def check_fold_a8(device: str) -> None:
                 for patch in kernels.values():
                     stack.enter_context(patch)
                 stack.enter_context(mock.patch.object(ops, "FOLD_A8", fold))
-                quantize = stack.enter_context(mock.patch.object(tk, "quantize_a8", wraps=tk.quantize_a8))
+                quantize = stack.enter_context(mock.patch.object(tk, quantizer, wraps=getattr(tk, quantizer)))
                 logits = []
                 tokens = list(generate_ids(model, [prompt], params, output_logits=logits))
                 runs[fold] = tokens, logits, quantize.call_count
         (tokens, logits, plain), (fold_tokens, fold_logits, folded) = runs[False], runs[True]
         steps = plain // (4 * layers)  # decode steps: QKV, dense, gate + up (shared), down in each layer
-        assert steps == params.max_new_tokens - 1 and plain == 4 * layers * steps
-        assert folded == (1 + layers) * steps, (folded, steps)
+        assert steps == params.max_new_tokens - 1 and plain == 4 * layers * steps, (mode, plain)
+        assert folded == (1 + layers) * steps, (mode, folded, steps)
         assert fold_tokens == tokens and all(torch.equal(a, b) for a, b in zip(fold_logits, logits))
 
 
@@ -215,12 +234,12 @@ def test_a8_fold_kernels_compile_for_hopper():
     for kernel, signature, block, warps in ((triton_ops._add_rms_norm_kernel, norm, 4096, 16),
                                             (triton_ops._silu_mul_kernel, silu, triton_ops.SILU_MUL_BLOCK, 4)):
         stores = []
-        for group in (0, 128):
+        for group in (0, 128, -64):  # none, int4's W4A8 row, the fp4 one (triton_kernels.FP4_A8)
             ptx = compile_for_hopper(kernel, signature, dict(BLOCK=block, PDL=True, A8_GROUP=group),
                                      num_warps=warps).asm["ptx"]
             assert "ld.local" not in ptx, (kernel.__name__, group)
             stores.append(ptx.count("st.global"))
-        assert stores[1] >= stores[0] + 4, (kernel.__name__, stores)
+        assert stores[1] >= stores[0] + 4 and stores[2] >= stores[0] + 2, (kernel.__name__, stores)
 
 
 def test_add_layer_norm_compiles_for_hopper():

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import pdl
-from ..quant.triton_kernels import A8Row, a8_buffers, store_a8_groups
+from ..quant.triton_kernels import A8Row, a8_buffers, store_a8_groups, store_fp4_a8_groups
 
 
 def _on(x: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -80,13 +80,26 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, xe_ptr, xo_ptr, 
         g = tl.arange(0, NG)
         store_a8_groups(tl.reshape(y.to(tl.float32), (NG, A8_GROUP)), xe_ptr, xo_ptr, sx_ptr, sq_ptr, g, g < NG,
                         A8_GROUP)
+    if A8_GROUP < 0:  # FP4_A8: the fp4 W4A8 row (absmax blocks of -A8_GROUP)
+        FG: tl.constexpr = -A8_GROUP
+        g = tl.arange(0, BLOCK // FG)
+        store_fp4_a8_groups(tl.reshape(y.to(tl.float32), (BLOCK // FG, FG)), xe_ptr, sx_ptr, g, g < BLOCK // FG, FG)
 
 
 def a8_fits(x: torch.Tensor, group: int) -> bool:
-    """Whether the row kernels here can quantize their output x for the W4A8 GEMV: one row, a power of two long (the
-    norm's one program holds it whole), whole groups."""
-    dim = x.shape[-1]
-    return group > 0 and x.numel() == dim and dim % group == 0 and dim == triton.next_power_of_2(dim)
+    """Whether the row kernels here can quantize their output x for the W4A8 GEMV (group > 0: int4's; FP4_A8: the
+    fp4 one's): one row, a power of two long (the norm's one program holds it whole), whole groups."""
+    dim, size = x.shape[-1], abs(group)
+    return size > 0 and x.numel() == dim and dim % size == 0 and dim == triton.next_power_of_2(dim)
+
+
+def _a8_pointers(a8, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The row kernels' four a8 arguments (xe, xo, sx, sq) for an int4 A8Row, an fp4 (xw, sx) or none (unused)."""
+    if a8 is None:
+        return out, out, out, out
+    if len(a8) == 2:
+        return a8[0], a8[0], a8[1], a8[1]
+    return a8[0][0], a8[0][1], a8[1], a8[2]
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
@@ -99,18 +112,18 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 def add_rms_norm_a8(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                     a8_group: int) -> tuple[torch.Tensor, torch.Tensor, A8Row | None]:
     """add_rms_norm's pair and a8: with `a8_group` where a8_fits, the normed row quantized for the W4A8 GEMV as
-    quantize_a8 would quantize it (in the same kernel), else None."""
+    quantize_a8 would quantize it (in the same kernel; FP4_A8: as quantize_fp4_a8 would), else None."""
     shape = x.shape
     x2, d2 = _rows(x), _rows(delta)
     total = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     out = torch.empty_like(total)
     group = a8_group if a8_fits(x, a8_group) else 0
     a8 = a8_buffers(shape[-1], group, x.device) if group else None
-    xe, sx, sq = a8 if a8 is not None else (out[None], out, out)
+    xe, xo, sx, sq = _a8_pointers(a8, out)
     if x2.shape[0]:
         block = triton.next_power_of_2(shape[-1])
         with _on(x2):
-            _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, total, out, xe[0], xe[-1], sx, sq, x2.stride(0),
+            _add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, total, out, xe, xo, sx, sq, x2.stride(0),
                                                  d2.stride(0), total.stride(0), out.stride(0), shape[-1], eps,
                                                  BLOCK=block, num_warps=min(16, max(1, block // 256)),
                                                  A8_GROUP=group, **pdl.options(x2))
@@ -180,6 +193,10 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, n, B
         grp = tl.program_id(0) * NG + tl.arange(0, NG)
         store_a8_groups(tl.reshape(y.to(tl.float32), (NG, A8_GROUP)), xe_ptr, xo_ptr, sx_ptr, sq_ptr, grp,
                         grp * A8_GROUP < n, A8_GROUP)
+    if A8_GROUP < 0:  # FP4_A8: the fp4 W4A8 row
+        FG: tl.constexpr = -A8_GROUP
+        blk = tl.program_id(0) * (BLOCK // FG) + tl.arange(0, BLOCK // FG)
+        store_fp4_a8_groups(tl.reshape(y.to(tl.float32), (BLOCK // FG, FG)), xe_ptr, sx_ptr, blk, blk * FG < n, FG)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -192,13 +209,14 @@ def silu_mul_a8(gate: torch.Tensor, up: torch.Tensor, a8_group: int) -> tuple[to
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     n = gate.numel()
-    group = a8_group if a8_group > 0 and gate.numel() == gate.shape[-1] and n % a8_group == 0 and \
-        SILU_MUL_BLOCK % a8_group == 0 else 0
+    size = abs(a8_group)
+    group = a8_group if size > 0 and gate.numel() == gate.shape[-1] and n % size == 0 and \
+        SILU_MUL_BLOCK % size == 0 else 0
     a8 = a8_buffers(n, group, gate.device) if group else None
-    xe, sx, sq = a8 if a8 is not None else (out[None], out, out)
+    xe, xo, sx, sq = _a8_pointers(a8, out)
     if n:
         with _on(gate):
-            _silu_mul_kernel[(triton.cdiv(n, SILU_MUL_BLOCK),)](gate, up, out, xe[0], xe[-1], sx, sq, n,
+            _silu_mul_kernel[(triton.cdiv(n, SILU_MUL_BLOCK),)](gate, up, out, xe, xo, sx, sq, n,
                                                                 BLOCK=SILU_MUL_BLOCK, A8_GROUP=group,
                                                                 **pdl.options(gate))
     return out, a8

@@ -203,6 +203,15 @@ class Fp4Linear(QuantLinear):
         return _kernel_ok(x) and triton_kernels.fp4_a8_applies(x, self.weight, self.blocksize,
                                                                self.quant_type == "fp4", self._nested_args())
 
+    def shares_a8(self, x: torch.Tensor, *others: nn.Module) -> int:
+        """triton_kernels.FP4_A8 when this layer and `others`, all reading x, would each quantize it for the fp4 W4A8
+        GEMV in FP4_A8_SPLIT_SIGN's layout (x one row on the GPU, every layer an fp4 Fp4Linear with 64-blocks and
+        float32 absmax), else 0: then the kernel that produced x can write that row once (model.ops.FOLD_A8)."""
+        if triton_kernels is not None and triton_kernels.FP4_A8_SPLIT_SIGN \
+                and all(type(o) is Fp4Linear and o._a8_applies(x) for o in (self, *others)):
+            return triton_kernels.FP4_A8
+        return 0
+
     def shared_input(self, x: torch.Tensor, *others: nn.Module):
         """x prepared once for this layer and `others` that read the same x (the MLP's gate and up), or None where
         that saves nothing: the decode row quantized to int8 for the fp4 W4A8 GEMV (one launch instead of one per

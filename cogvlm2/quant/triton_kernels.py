@@ -272,17 +272,31 @@ def _quantize_fp4_a8_kernel(x_ptr, xw_ptr, sx_ptr, GROUP: tl.constexpr, SPLIT: t
     pdl.enter(PDL)
     g = tl.program_id(0)
     xg = tl.load(x_ptr + g * GROUP + tl.arange(0, GROUP)).to(tl.float32)
-    sx, xq = _int8_groups(tl.reshape(xg, (1, GROUP)))
-    even, odd = tl.split(tl.reshape(xq, (GROUP // 4, 2, 2)))  # [GROUP / 4, 2]: k = 4j + 2h (+ 1)
-    shifts = (tl.arange(0, 2) * 16)[None, :]
-    words = tl.sum(((odd & 0xFF) << shifts) | ((even & 0xFF) << (shifts + 8)), axis=1)  # disjoint bits: an OR
     if SPLIT:
-        tl.store(xw_ptr + g * (GROUP // 4) + tl.arange(0, GROUP // 4), words)
+        store_fp4_a8_groups(tl.reshape(xg, (1, GROUP)), xw_ptr, sx_ptr, g + tl.arange(0, 1), tl.arange(0, 1) < 1,
+                            GROUP)
     else:
+        sx, xq = _int8_groups(tl.reshape(xg, (1, GROUP)))
+        even, odd = tl.split(tl.reshape(xq, (GROUP // 4, 2, 2)))  # [GROUP / 4, 2]: k = 4j + 2h (+ 1)
+        shifts = (tl.arange(0, 2) * 16)[None, :]
+        words = tl.sum(((odd & 0xFF) << shifts) | ((even & 0xFF) << (shifts + 8)), axis=1)  # disjoint bits: an OR
         negated = tl.sum(((-odd & 0xFF) << shifts) | ((-even & 0xFF) << (shifts + 8)), axis=1)
         tl.store(xw_ptr + g * (GROUP // 2) + tl.arange(0, GROUP // 2),
                  tl.reshape(tl.join(words, negated), (GROUP // 2,)))
-    tl.store(sx_ptr + g + tl.arange(0, 1), sx)
+        tl.store(sx_ptr + g + tl.arange(0, 1), sx)
+
+
+@triton.jit
+def store_fp4_a8_groups(xg, xw_ptr, sx_ptr, g, g_ok, GROUP: tl.constexpr):
+    """Float32 groups xg [R, GROUP] (absmax blocks g [R] of a row, those with g_ok) quantized for the fp4 W4A8 GEMV
+    in FP4_A8_SPLIT_SIGN's layout (the words alone: byte b of word j holds k = 4j + (b ^ 1)); also called by the
+    kernels that produce a decode row (model/triton_ops.py, FP4_A8), as store_a8_groups is for int4."""
+    sx, xq = _int8_groups(xg)
+    even, odd = tl.split(tl.reshape(xq, (xg.shape[0], GROUP // 4, 2, 2)))  # [R, GROUP / 4, 2]: k = 4j + 2h (+ 1)
+    shifts = (tl.arange(0, 2) * 16)[None, None, :]
+    words = tl.sum(((odd & 0xFF) << shifts) | ((even & 0xFF) << (shifts + 8)), axis=2)  # disjoint bits: an OR
+    tl.store(xw_ptr + g[:, None] * (GROUP // 4) + tl.arange(0, GROUP // 4)[None, :], words, mask=g_ok[:, None])
+    tl.store(sx_ptr + g, sx, mask=g_ok)
 
 
 @triton.jit
@@ -1122,8 +1136,17 @@ def int4_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
 A8Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (xe [2, K/8] int32, sx [K/G] float32, sq [K/G] int32)
 
 
-def a8_buffers(k: int, group: int, device: torch.device) -> A8Row:
-    """Empty buffers for one row of K quantized for the W4A8 GEMV (store_a8_groups, quantize_a8 write them)."""
+# FP4_A8: the a8 "group" (Fp4Linear.shares_a8, model.ops.a8_group) asking the kernels that produce a decode row for
+# the fp4 W4A8 row (absmax blocks of 64, FP4_A8_SPLIT_SIGN's layout) instead of int4's (a positive group size)
+FP4_A8 = -64
+
+
+def a8_buffers(k: int, group: int, device: torch.device) -> A8Row | tuple[torch.Tensor, torch.Tensor]:
+    """Empty buffers for one row of K quantized for the W4A8 GEMV (store_a8_groups, quantize_a8 write them); group
+    FP4_A8: the fp4 W4A8 row (xw [K / 4] int32, sx [K / 64] float32: store_fp4_a8_groups, quantize_fp4_a8)."""
+    if group == FP4_A8:
+        return (torch.empty(k // 4, dtype=torch.int32, device=device),
+                torch.empty(k // -FP4_A8, dtype=torch.float32, device=device))
     xe = torch.empty(2, k // 8, dtype=torch.int32, device=device)  # even / odd k, four int8 a word
     sx = torch.empty(k // group, dtype=torch.float32, device=device)
     return xe, sx, torch.empty(k // group, dtype=torch.int32, device=device)
