@@ -111,6 +111,16 @@ def _check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol, split) -> None:
     exact = x.float() @ w.float().t()
     w4a16, w4a8 = _rel(x.float() @ ref_w.float().t(), exact), _rel(got, exact)
     assert 0.03 < w4a16 and w4a8 < 1.02 * w4a16, ("fp4 W4A8 against the unquantized weights", n, k, w4a16, w4a8)
+    # FP4_A8_LONG_K_SPLIT (here from this K on): K split in two, the partials added by the column block's last
+    # program: the same sums in another order, twice in a row (the counters go back to 0)
+    from cogvlm2.counters import _BUFFERS
+
+    with _settings(tk, ONE_ROW={"fp4": "gemv-a8"}), mock.patch.object(tk, "FP4_A8_LONG_K_SPLIT", 2), \
+            mock.patch.object(tk, "FP4_A8_LONG_K", k):
+        for _ in range(2):
+            halves = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
+            assert _rel(halves, got) < max(tol, 1e-5), ("fp4 gemv-a8 split K", n, k)
+    assert not any(buf.any() for (user, dev), buf in _BUFFERS.items() if dev == x.device)
 
 
 def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5) -> None:
@@ -396,13 +406,16 @@ def test_fp4_gemv_a8_compiles_for_hopper():
     from tests.hopper_compile import compile_for_hopper
 
     signature = {"xw_ptr": "*i32", "sx_ptr": "*fp32", "w_ptr": "*i32", "absmax_ptr": "*fp32", "out_ptr": "*fp32",
-                 "N": "i32"}
+                 "final_ptr": "*bf16", "count_ptr": "*i32", "N": "i32"}
     for block_n, block_k, warps, stages, split in tk.CANDIDATES[("fp4", "gemv-a8")]:
-        for lines, sign in ((0, False), (triton.next_power_of_2(4096 // split // 256), False), (0, True)):
+        for lines, sign, fused in ((0, False, False), (triton.next_power_of_2(4096 // split // 256), False, False),
+                                   (0, True, False), (0, True, True)):  # fused: FP4_A8_LONG_K_SPLIT's K = 14,336
             kernel = compile_for_hopper(tk._fp4_gemv_a8_kernel, signature, dict(
-                K=4096, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, STAGES=stages, ASM=True, L2_LINES=lines,
-                SPLIT_SIGN=sign, PDL=lines > 0), num_warps=warps, num_stages=stages)
-            ptx, where = kernel.asm["ptx"], (block_n, block_k, stages, lines, sign)  # lines: A8_L2_PREFETCH_BYTES
+                K=14336 if fused else 4096, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=2 if fused else split,
+                STAGES=stages, ASM=True, L2_LINES=lines, SPLIT_SIGN=sign, FUSED_SUM=fused, PDL=lines > 0),
+                num_warps=warps, num_stages=stages)
+            ptx, where = kernel.asm["ptx"], (block_n, block_k, stages, lines, sign, fused)  # lines: L2 prefetch
+            assert ("atom.global.gpu.acq_rel.add" in ptx) == fused, where  # the last program per block sums
             assert "prmt.b32" in ptx and "dp4a.u32.s32" in ptx and "ld.local" not in ptx, where
             # the program's codes prefetched into L2 line by line, all before the PDL wait, no global load before it
             prefetches = [m.start() for m in re.finditer(r"prefetch\.global\.L2", ptx)]
@@ -629,6 +642,12 @@ def test_fp4_a8_prefetch_in_cuda_graphs():
                 assert torch.equal(tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True), plain), (n, k)
                 static = x.clone()
                 _replays_equal(lambda: tk.fp4_linear(static, packed, absmax, lut, n, is_fp4=True), plain, 5, (n, k))
+            # FP4_A8_LONG_K_SPLIT: the down projection's K split, summed by the last program: to rounding, and the
+            # same replay after replay
+            with mock.patch.object(tk, "FP4_A8_LONG_K_SPLIT", 2):
+                halves = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
+                assert _rel(halves, plain) < 1e-2, (n, k)
+                _replays_equal(lambda: tk.fp4_linear(static, packed, absmax, lut, n, is_fp4=True), halves, 5, (n, k))
 
 
 @cuda

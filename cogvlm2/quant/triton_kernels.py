@@ -300,14 +300,16 @@ def store_fp4_a8_groups(xg, xw_ptr, sx_ptr, g, g_ok, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-                        L2_LINES: tl.constexpr, SPLIT_SIGN: tl.constexpr, PDL: tl.constexpr):
+def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, final_ptr, count_ptr, N, K: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
+                        ASM: tl.constexpr, L2_LINES: tl.constexpr, SPLIT_SIGN: tl.constexpr, FUSED_SUM: tl.constexpr,
+                        PDL: tl.constexpr):
     """One row, the bitsandbytes fp4 layout (absmax blocks of 64, float32 absmax, the standard fp4 codes) times int8
     activations (quantize_fp4_a8, one scale per absmax block): per word of 8 codes an exact int32 dot (_fp4_dot8),
     scaled by absmax x sx / 192 and kept per word, summed across the tile once after the loop (no barrier in it).
     L2_LINES (> 0, PDL only: A8_L2_PREFETCH_BYTES): the program's codes (its rows' K slice, that many 128-byte lines
-    a row rounded up to a power of 2) prefetched into L2 before the PDL wait, as the int4 W4A8 GEMV does."""
+    a row rounded up to a power of 2) prefetched into L2 before the PDL wait, as the int4 W4A8 GEMV does. FUSED_SUM
+    (K split): the column block's last program adds the partials (_finish_row, as the int4 W4A8 GEMV does)."""
     pdl.launch_dependents(PDL)
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
@@ -339,8 +341,11 @@ def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, N, K: tl.con
         scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0) * tl.load(sx_ptr + k0 // 64 + b)[None, :]
         acc += d.to(tl.float32) * scale[:, :, None]
     row = tl.sum(tl.sum(acc, axis=2), axis=1) * (1.0 / 192.0)
-    _store(out_ptr, row[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0, 1, N, SPLIT_K,
-           tl.program_id(1))
+    if FUSED_SUM:
+        _finish_row(out_ptr, final_ptr, count_ptr, row, offs_n, n_ok, N, SPLIT_K)
+    else:
+        _store(out_ptr, row[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, n_ok, 0, 1, N, SPLIT_K,
+               tl.program_id(1))
 
 
 @triton.jit
@@ -907,6 +912,14 @@ A8_QUANT_MAX_GROUPS = 32
 # "quant.triton_kernels.FP4_A8_SPLIT_SIGN=0" --set "quant.triton_kernels.FP4_A8_SPLIT_SIGN=1" --batches 1 --rounds 2`);
 # COGVLM2_FP4_A8_SPLIT_SIGN=0 (read at import) turns it off
 FP4_A8_SPLIT_SIGN = os.environ.get("COGVLM2_FP4_A8_SPLIT_SIGN", "1") == "1"
+# FP4_A8_LONG_K_SPLIT: the fp4 W4A8 GEMV splits K at least this many ways (0: as CONFIGS says, unsplit) for rows of
+# 8,192+ codes (the MLP's down projection, K = 14,336), the partials added by the column block's last program. Nsight
+# Compute on the H200 (BENCHMARKS.md, fifteenth session): unsplit, down's 512 programs fill 0.65 of a wave and stream
+# at 29% of DRAM bandwidth (23 us) where the gate's 1,792 reach 43%. Off until measured: `PYTHONPATH=. python
+# benchmarks/decode_ab.py --quant fp4 --set "quant.triton_kernels.FP4_A8_LONG_K_SPLIT=0" --set
+# "quant.triton_kernels.FP4_A8_LONG_K_SPLIT=2" --batches 1`; COGVLM2_FP4_A8_LONG_K_SPLIT (read at import) sets it
+FP4_A8_LONG_K_SPLIT = int(os.environ.get("COGVLM2_FP4_A8_LONG_K_SPLIT", "0"))
+FP4_A8_LONG_K = 8192
 # TILE_A8: int4 from this many rows on (2+; 0: never) through the W4A8 tile (_int4_a8_mma_kernel: x quantized to
 # int8 per row and group, integer tensor cores) instead of the bf16-activation tile; 0.6-0.7% of error against
 # W4A16 (interpreted tests). The LM linears of a decode step on the H200 (BENCHMARKS.md, 2026-12-01, `quant_gpu.py
@@ -1075,16 +1088,21 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
     a, nabs, nmap, offset, is_nested = _stats(absmax, nested)
     if fp4_a8_applies(x2, packed, blocksize, is_fp4, nested):  # int8 activations, integer dot products
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv-a8")]
+        if FP4_A8_LONG_K_SPLIT and k >= FP4_A8_LONG_K:  # the MLP's down projection: more programs for its long rows
+            split = max(split, FP4_A8_LONG_K_SPLIT)
         split, block_k = _split(k, split, block_k, 64)
         out, part = _outputs(m, n, split, x)
+        fused_sum = split > 1
+        count = _block_counters(x.device, triton.cdiv(n, block_n)) if fused_sum else part
         options = pdl.options(x)
         prefetch = options["PDL"] and 0 < packed.numel() <= A8_L2_PREFETCH_BYTES and k // split >= 256
         xw, sx = a8 if a8 is not None else quantize_fp4_a8(x2, launch_pdl=prefetch)
         _fp4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
-            xw, sx, packed.view(-1).view(torch.int32), a, part, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
+            xw, sx, packed.view(-1).view(torch.int32), a, part, out, count, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
             SPLIT_K=split, STAGES=stages, ASM=x.is_cuda, L2_LINES=triton.next_power_of_2(k // split // 256)
-            if prefetch else 0, SPLIT_SIGN=xw.numel() * 4 == k, num_warps=warps, num_stages=stages,
-            **(options if prefetch else {"PDL": False}))
+            if prefetch else 0, SPLIT_SIGN=xw.numel() * 4 == k, FUSED_SUM=fused_sum, num_warps=warps,
+            num_stages=stages, **(options if prefetch else {"PDL": False}))
+        split = 1 if fused_sum else split  # nothing left for _finish
     elif m == 1 and ONE_ROW["fp4"] in ("gemv", "gemv-a8") and packed.data_ptr() % 16 == 0:  # codes as int32 words
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv")]
         split, block_k = _split(k, split, block_k, blocksize)
