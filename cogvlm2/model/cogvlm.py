@@ -145,7 +145,7 @@ class DecoderLayer(nn.Module):
                          next_qkv: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
         """The same layer on the residual stream: x is its input and `normed` its input_layernorm(x); returns
         (output, next_norm(output), a8), each residual add done in one kernel with the RMSNorm after it. With
-        ops.FOLD_A8 on language rows, the RMSNorm kernels also quantize their row for the int4 layers that read it
+        ops.FOLD_A8 on language rows, the RMSNorm kernels also quantize their row for the W4A8 layers that read it
         (this layer's MLP; `next_qkv`, the next layer's language QKV: a8, passed back as its `normed_a8`)."""
         post = self.post_attention_layernorm
         language = not batch.expert_segments

@@ -45,8 +45,9 @@ DECODE_QKV_ROTARY = os.environ.get("COGVLM2_DECODE_QKV_ROTARY", "1") != "0"
 # and the MLP, SiLU-mul before down) also write it quantized for the W4A8 GEMV (quant.triton_kernels), so the GEMV
 # needs no quantize launch (96 fewer a step; bit-equal, tests/test_model_ops.py). On: engine int4 decode at batch 1
 # 340.3 -> 356.4 tok/s on the H200 (`benchmarks/decode_ab.py --quant int4 --set "model.ops.FOLD_A8=0" --set
-# "model.ops.FOLD_A8=1"`, two rounds, BENCHMARKS.md, fourteenth session); COGVLM2_FOLD_A8=0 (read at import) turns
-# it off
+# "model.ops.FOLD_A8=1"`, two rounds, BENCHMARKS.md, fourteenth session). The official fp4 layout's W4A8 row too
+# (quant.triton_kernels.FP4_A8): its batch-1 decode 305.7 -> 316.3 tok/s (the same A/B with `--quant fp4`, fifteenth
+# session). COGVLM2_FOLD_A8=0 (read at import) turns it off
 FOLD_A8 = os.environ.get("COGVLM2_FOLD_A8", "1") != "0"
 # VISION_ADD_NORM: the vision tower's post-norm residual (x + LayerNorm(y), twice a layer) in one kernel instead of
 # torch's two, which under --quant fp8 also writes the sum quantized for the next fp8 linear (QKV or fc1), so its

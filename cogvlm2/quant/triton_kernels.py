@@ -915,10 +915,11 @@ FP4_A8_SPLIT_SIGN = os.environ.get("COGVLM2_FP4_A8_SPLIT_SIGN", "1") == "1"
 # FP4_A8_LONG_K_SPLIT: the fp4 W4A8 GEMV splits K at least this many ways (0: as CONFIGS says, unsplit) for rows of
 # 8,192+ codes (the MLP's down projection, K = 14,336), the partials added by the column block's last program. Nsight
 # Compute on the H200 (BENCHMARKS.md, fifteenth session): unsplit, down's 512 programs fill 0.65 of a wave and stream
-# at 29% of DRAM bandwidth (23 us) where the gate's 1,792 reach 43%. Off until measured: `PYTHONPATH=. python
-# benchmarks/decode_ab.py --quant fp4 --set "quant.triton_kernels.FP4_A8_LONG_K_SPLIT=0" --set
-# "quant.triton_kernels.FP4_A8_LONG_K_SPLIT=2" --batches 1`; COGVLM2_FP4_A8_LONG_K_SPLIT (read at import) sets it
-FP4_A8_LONG_K_SPLIT = int(os.environ.get("COGVLM2_FP4_A8_LONG_K_SPLIT", "0"))
+# at 29% of DRAM bandwidth (23 us) where the gate's 1,792 reach 43%. Split in two: the official fp4 layout's batch-1
+# decode 315.1 -> 324.9 tok/s on the H200 (four ways: 324.1; `PYTHONPATH=. python benchmarks/decode_ab.py --quant fp4
+# --set "quant.triton_kernels.FP4_A8_LONG_K_SPLIT=0" --set "quant.triton_kernels.FP4_A8_LONG_K_SPLIT=2" --batches 1
+# --rounds 2`, BENCHMARKS.md, fifteenth session); COGVLM2_FP4_A8_LONG_K_SPLIT (read at import) sets it, 0: unsplit
+FP4_A8_LONG_K_SPLIT = int(os.environ.get("COGVLM2_FP4_A8_LONG_K_SPLIT", "2"))
 FP4_A8_LONG_K = 8192
 # TILE_A8: int4 from this many rows on (2+; 0: never) through the W4A8 tile (_int4_a8_mma_kernel: x quantized to
 # int8 per row and group, integer tensor cores) instead of the bf16-activation tile; 0.6-0.7% of error against
