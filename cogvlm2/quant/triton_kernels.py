@@ -897,10 +897,12 @@ A8_FUSED = {"sum": True, "quant": False, "pdl": False}
 # A8_L2_PREFETCH_BYTES: a W4A8 GEMV (int4's, or the official fp4 layout's) whose codes are at most this many bytes
 # (the attention output's projection: 8 MiB of codes for 4,096 x 4,096; 0: none) is launched with PDL, its row's
 # quantize launch too, and each program prefetches its codes into L2 before it waits: the ~14 us a layer of decode
-# attention before it (the int4 profile, BENCHMARKS.md, fourteenth session) streams them meanwhile. On: int4 batch-1 decode 359.6 -> 366.9 tok/s on the
-# H200 (BENCHMARKS.md, fifteenth session: `PYTHONPATH=. python benchmarks/decode_ab.py --quant int4 --set
-# "quant.triton_kernels.A8_L2_PREFETCH_BYTES=0" --set "quant.triton_kernels.A8_L2_PREFETCH_BYTES=9437184" --batches 1
-# --rounds 2`); COGVLM2_A8_L2_PREFETCH=0 (bytes, read at import) turns it off
+# attention before it (the int4 profile, BENCHMARKS.md, fourteenth session) streams them meanwhile. On: int4 batch-1
+# decode 359.6 -> 366.9 tok/s on the H200 (BENCHMARKS.md, fifteenth session: `PYTHONPATH=. python
+# benchmarks/decode_ab.py --quant int4 --set "quant.triton_kernels.A8_L2_PREFETCH_BYTES=0" --set
+# "quant.triton_kernels.A8_L2_PREFETCH_BYTES=9437184" --batches 1 --rounds 2`); 13.6 MiB (the QKV's 12 MiB too) 350.5,
+# 30 MiB (every W4A8 GEMV) 258.6: under PDL a GEMV after a norm loses, after attention it gains. COGVLM2_A8_L2_PREFETCH=0
+# (bytes, read at import) turns it off
 A8_L2_PREFETCH_BYTES = int(os.environ.get("COGVLM2_A8_L2_PREFETCH", "9437184"))
 A8_QUANT_MAX_GROUPS = 32
 # FP4_A8_SPLIT_SIGN: the fp4 W4A8 GEMV reads its activations alone (quantize_fp4_a8 stores no negations) and sums the
