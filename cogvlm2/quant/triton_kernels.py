@@ -901,8 +901,8 @@ A8_FUSED = {"sum": True, "quant": False, "pdl": False}
 # decode 359.6 -> 366.9 tok/s on the H200 (BENCHMARKS.md, fifteenth session: `PYTHONPATH=. python
 # benchmarks/decode_ab.py --quant int4 --set "quant.triton_kernels.A8_L2_PREFETCH_BYTES=0" --set
 # "quant.triton_kernels.A8_L2_PREFETCH_BYTES=9437184" --batches 1 --rounds 2`); 13.6 MiB (the QKV's 12 MiB too) 350.5,
-# 30 MiB (every W4A8 GEMV) 258.6: under PDL a GEMV after a norm loses, after attention it gains. COGVLM2_A8_L2_PREFETCH=0
-# (bytes, read at import) turns it off
+# 30 MiB (every W4A8 GEMV) 258.6: under PDL a GEMV after a norm loses, after attention it gains.
+# COGVLM2_A8_L2_PREFETCH=0 (bytes, read at import) turns it off
 A8_L2_PREFETCH_BYTES = int(os.environ.get("COGVLM2_A8_L2_PREFETCH", "9437184"))
 A8_QUANT_MAX_GROUPS = 32
 # FP4_A8_SPLIT_SIGN: the fp4 W4A8 GEMV reads its activations alone (quantize_fp4_a8 stores no negations) and sums the
