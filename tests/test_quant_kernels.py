@@ -72,6 +72,12 @@ def check_a8_fused(tk, x, qweight, qzeros, scales, group, expected) -> None:
                     with mock.patch.object(tk, "A8_QUANT_MAX_GROUPS", 0):
                         assert torch.equal(tk.int4_linear(x, qweight, qzeros, scales, group), three), (split, fuse)
     assert torch.equal(three, expected)  # the last split is the default's (-2)
+    # INT4_A8_LONG_K_SPLIT (here from this K on): the split it names instead of the config's, the same numbers
+    with _settings(tk, ONE_ROW={"int4": "gemv-a8"}, CONFIGS={("int4", "gemv-a8"): (*config[:4], 4)}):
+        four = tk.int4_linear(x, qweight, qzeros, scales, group)
+    with _settings(tk, ONE_ROW={"int4": "gemv-a8"}), mock.patch.object(tk, "INT4_A8_LONG_K_SPLIT", 4), \
+            mock.patch.object(tk, "A8_LONG_K", x.shape[-1]):
+        assert torch.equal(tk.int4_linear(x, qweight, qzeros, scales, group), four)
     from cogvlm2.counters import _BUFFERS
 
     assert not any(buf.any() for (user, dev), buf in _BUFFERS.items() if dev == x.device)  # all back to 0
@@ -116,7 +122,7 @@ def _check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol, split) -> None:
     from cogvlm2.counters import _BUFFERS
 
     with _settings(tk, ONE_ROW={"fp4": "gemv-a8"}), mock.patch.object(tk, "FP4_A8_LONG_K_SPLIT", 2), \
-            mock.patch.object(tk, "FP4_A8_LONG_K", k):
+            mock.patch.object(tk, "A8_LONG_K", k):
         for _ in range(2):
             halves = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
             assert _rel(halves, got) < max(tol, 1e-5), ("fp4 gemv-a8 split K", n, k)

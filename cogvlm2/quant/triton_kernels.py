@@ -922,7 +922,14 @@ FP4_A8_SPLIT_SIGN = os.environ.get("COGVLM2_FP4_A8_SPLIT_SIGN", "1") == "1"
 # --set "quant.triton_kernels.FP4_A8_LONG_K_SPLIT=0" --set "quant.triton_kernels.FP4_A8_LONG_K_SPLIT=2" --batches 1
 # --rounds 2`, BENCHMARKS.md, fifteenth session); COGVLM2_FP4_A8_LONG_K_SPLIT (read at import) sets it, 0: unsplit
 FP4_A8_LONG_K_SPLIT = int(os.environ.get("COGVLM2_FP4_A8_LONG_K_SPLIT", "2"))
-FP4_A8_LONG_K = 8192
+A8_LONG_K = 8192
+# INT4_A8_LONG_K_SPLIT: the same for int4's W4A8 GEMV, as a CONFIGS split (< 0: K split so the programs cover the SMs
+# that many times; 0: the config's, -2) for rows of A8_LONG_K+ codes. Nsight Compute (BENCHMARKS.md, fifteenth
+# session): its down projection runs 512 programs at 0.4 waves and 47% of DRAM bandwidth. The sweep's -4 for every
+# shape lost (1,614 against 1,780 GB/s); for the long rows alone not yet measured: off (`PYTHONPATH=. python
+# benchmarks/decode_ab.py --quant int4 --set "quant.triton_kernels.INT4_A8_LONG_K_SPLIT=0" --set
+# "quant.triton_kernels.INT4_A8_LONG_K_SPLIT=-4" --batches 1`); COGVLM2_INT4_A8_LONG_K_SPLIT (read at import) sets it
+INT4_A8_LONG_K_SPLIT = int(os.environ.get("COGVLM2_INT4_A8_LONG_K_SPLIT", "0"))
 # TILE_A8: int4 from this many rows on (2+; 0: never) through the W4A8 tile (_int4_a8_mma_kernel: x quantized to
 # int8 per row and group, integer tensor cores) instead of the bf16-activation tile; 0.6-0.7% of error against
 # W4A16 (interpreted tests). The LM linears of a decode step on the H200 (BENCHMARKS.md, 2026-12-01, `quant_gpu.py
@@ -1091,7 +1098,7 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
     a, nabs, nmap, offset, is_nested = _stats(absmax, nested)
     if fp4_a8_applies(x2, packed, blocksize, is_fp4, nested):  # int8 activations, integer dot products
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv-a8")]
-        if FP4_A8_LONG_K_SPLIT and k >= FP4_A8_LONG_K:  # the MLP's down projection: more programs for its long rows
+        if FP4_A8_LONG_K_SPLIT and k >= A8_LONG_K:  # the MLP's down projection: more programs for its long rows
             split = max(split, FP4_A8_LONG_K_SPLIT)
         split, block_k = _split(k, split, block_k, 64)
         out, part = _outputs(m, n, split, x)
@@ -1215,6 +1222,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
             ASM=x.is_cuda, num_warps=warps, num_stages=stages)
     elif m == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1:  # int8 activations, one group a step
         block_n, _, warps, stages, split = CONFIGS[("int4", "gemv-a8")]
+        if INT4_A8_LONG_K_SPLIT and k >= A8_LONG_K:  # the MLP's down projection: more programs for its long rows
+            split = INT4_A8_LONG_K_SPLIT
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
         out, part = _outputs(m, n, split, x)
         groups = k // group // split  # of a program's K slice
