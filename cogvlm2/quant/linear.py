@@ -50,11 +50,13 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, shared=None) -> torch.Tensor:
+        """x @ W^T; `shared` (what a subclass's shared_input returned: x prepared for its kernels) unused here."""
         return F.linear(x, self.dequantize(x.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
+    def forward(self, x: torch.Tensor, shared=None) -> torch.Tensor:
+        """self(x); `shared`: what shared_input(x, ...) returned, for each of the layers it was asked for."""
+        y = self.matmul(x, shared)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def forward_gelu(self, h: torch.Tensor) -> torch.Tensor:
@@ -194,11 +196,6 @@ class Fp4Linear(QuantLinear):
                                              self._nested_args(), self._pair_table(x.dtype), shared)
         return super().matmul(x)
 
-    def forward(self, x: torch.Tensor, shared=None) -> torch.Tensor:
-        """self(x); `shared`: what shared_input(x, ...) returned, for each of the layers it was asked for."""
-        y = self.matmul(x, shared)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
     def _a8_applies(self, x: torch.Tensor) -> bool:
         return _kernel_ok(x) and triton_kernels.fp4_a8_applies(x, self.weight, self.blocksize,
                                                                self.quant_type == "fp4", self._nested_args())
@@ -263,11 +260,6 @@ class Int4Linear(QuantLinear):
         if _kernel_ok(x):
             return triton_kernels.int4_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, shared)
         return super().matmul(x)
-
-    def forward(self, x: torch.Tensor, shared=None) -> torch.Tensor:
-        """self(x); `shared`: what shared_input(x, ...) returned, for each of the layers it was asked for."""
-        y = self.matmul(x, shared)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def shares_a8(self, x: torch.Tensor, *others: nn.Module) -> int:
         """The group size when this layer and `others`, all reading x, would each quantize it for the W4A8 GEMV
