@@ -74,16 +74,14 @@ def check_a8_outputs(device: str, dtype: torch.dtype, g: torch.Generator) -> Non
         # FP4_A8: the fp4 W4A8 row (absmax blocks of 64, the activations alone) as quantize_fp4_a8 makes it
         out, a8 = triton_ops.silu_mul_a8(gate, up, tk.FP4_A8)
         assert torch.equal(out, triton_ops.silu_mul(gate, up)) and len(a8) == 2
-        with mock.patch.object(tk, "FP4_A8_SPLIT_SIGN", True):
-            assert all(torch.equal(a, b) for a, b in zip(a8, tk.quantize_fp4_a8(out))), n
+        assert all(torch.equal(a, b) for a, b in zip(a8, tk.quantize_fp4_a8(out))), n
     g4 = torch.Generator().manual_seed(4)  # its own: the checks after this one keep their inputs
     x, d = ((3 * torch.randn(1, 512, generator=g4)).to(device, dtype) for _ in range(2))
     w = (1 + 0.1 * torch.randn(512, generator=g4)).to(device, dtype)
     total, normed, a8 = triton_ops.add_rms_norm_a8(x, d, w, 1e-5, tk.FP4_A8)
     pair = triton_ops.add_rms_norm(x, d, w, 1e-5)
     assert torch.equal(total, pair[0]) and torch.equal(normed, pair[1]) and len(a8) == 2
-    with mock.patch.object(tk, "FP4_A8_SPLIT_SIGN", True):
-        assert all(torch.equal(a, b) for a, b in zip(a8, tk.quantize_fp4_a8(normed)))
+    assert all(torch.equal(a, b) for a, b in zip(a8, tk.quantize_fp4_a8(normed)))
     x, d = (torch.randn(2, 512, generator=g).to(device, dtype) for _ in range(2))
     w = torch.ones(512, device=device, dtype=dtype)
     assert triton_ops.add_rms_norm_a8(x, d, w, 1e-5, 128)[2] is None  # two rows

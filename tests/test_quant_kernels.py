@@ -88,12 +88,6 @@ def check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol) -> None:
     as the int4 W4A8 quantizes a group, the products exact integers (values x 192), so the result is the dequantized
     weights times that quantized x to float rounding; against the unquantized weights the error is the 4-bit
     weights' and hardly more. nf4, 8-bit absmax or another block size keep the float GEMV."""
-    for split in (False, True):  # FP4_A8_SPLIT_SIGN: the activations without their negations, the same numbers
-        with mock.patch.object(tk, "FP4_A8_SPLIT_SIGN", split):
-            _check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol, split)
-
-
-def _check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol, split) -> None:
     n, k = ref_w.shape
     with _settings(tk, ONE_ROW={"fp4": "gemv-a8"}):
         got = tk.fp4_linear(x, packed, absmax, lut, n, is_fp4=True)
@@ -101,17 +95,14 @@ def _check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol, split) -> None:
     sx = (xb.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)
     xs = xb / sx
     xq = (xs + torch.where(xs >= 0, 0.5, -0.5)).trunc().double() * sx.double()  # round half away from zero
-    # the packed row, for x whose quotients are exact (sx a power of two): byte b of word 2j holds k = 4j + (b ^ 1),
-    # word 2j + 1 the same four negated (the GPU's PRMT picks one or the other by each code's sign)
+    # the packed row, for x whose quotients are exact (sx a power of two): byte b of word j holds k = 4j + (b ^ 1)
     g = torch.Generator().manual_seed(k)
     xi = torch.randint(-127, 128, (k // 64, 64), generator=g)
     xi[:, 0] = 127
     xw, sxw = tk.quantize_fp4_a8((xi * 0.25).view(1, k).to(x.device, x.dtype))
     assert torch.equal(sxw.cpu(), torch.full((k // 64,), 0.25))
-    nbytes = xw.cpu().view(torch.int8).view(k // 4, -1, 4).to(torch.int64)  # little-endian bytes
-    want = xi.view(k // 4, 4)[:, [1, 0, 3, 2]]
-    assert nbytes.shape[1] == (1 if split else 2) and torch.equal(nbytes[:, 0], want)
-    assert split or torch.equal(nbytes[:, 1], -want)
+    nbytes = xw.cpu().view(torch.int8).view(k // 4, 4).to(torch.int64)  # little-endian bytes
+    assert torch.equal(nbytes, xi.view(k // 4, 4)[:, [1, 0, 3, 2]])
     assert got.shape == (1, n) and got.dtype == x.dtype
     assert _rel(got, (xq.view(1, k) @ ref_w.double().t()).float()) < max(tol, 1e-5), ("fp4 gemv-a8", n, k)
     exact = x.float() @ w.float().t()
@@ -380,8 +371,8 @@ def _run_ptx(text: str, operands: list[int]) -> int:
 def test_fp4_dot8_ptx_computes_the_exact_dot():
     """_fp4_dot8's PTX (FP4_DOT8_PTX, run on the GPU), executed by the instructions' documented semantics, gives the
     exact sum of (fp4 value x 192) x int8 activation over a word's 8 codes, for random words and activations packed
-    as quantize_fp4_a8 packs them (the activations beside their negations); the GPU run checks the same against the
-    dequantized weights (check_fp4_a8)."""
+    as quantize_fp4_a8 packs them (the negative codes' products summed apart); the GPU run checks the same against
+    the dequantized weights (check_fp4_a8)."""
     from cogvlm2.quant import triton_kernels as tk
 
     mag = [0, 1, 128, 192, 64, 96, 32, 48]  # bitsandbytes fp4 |value| x 192 for the codes 0-7; bit 3 the sign
@@ -396,17 +387,14 @@ def test_fp4_dot8_ptx_computes_the_exact_dot():
         xq = torch.randint(-127, 128, (8,), generator=g).tolist()
         word = sum(((codes[2 * t] << 4) | codes[2 * t + 1]) << (8 * t) for t in range(4))  # bitsandbytes' bytes
         lo, hi = [xq[b ^ 1] for b in range(4)], [xq[4 + (b ^ 1)] for b in range(4)]
-        operands = [word, pack(lo), pack([-x for x in lo]), pack(hi), pack([-x for x in hi])]
         exact = sum((-1 if c & 8 else 1) * mag[c & 7] * x for c, x in zip(codes, xq))
-        assert _run_ptx(tk.FP4_DOT8_PTX.value, operands) == exact, (codes, xq)
-        # FP4_A8_SPLIT_SIGN: from the activations alone, the negative codes' products summed apart
-        assert _run_ptx(tk.FP4_DOT8_SPLIT_PTX.value, [word, pack(lo), pack(hi)]) == exact, (codes, xq)
+        assert _run_ptx(tk.FP4_DOT8_PTX.value, [word, pack(lo), pack(hi)]) == exact, (codes, xq)
 
 
 def test_fp4_gemv_a8_compiles_for_hopper():
     """The fp4 W4A8 GEMV's GPU path (inline PTX: PRMT lookups and IDP4A, which the interpreter cannot run) compiles
     for sm_90 at every swept config without spills; its activation quantizer too; and the fp4 GEMV summing once
-    (FP4_SUM_ONCE) at its swept configs (benchmarks/kernel_sass.py counts their loops' instructions: ~3.4-4.3 a code
+    (FP4_SUM_ONCE) at its swept configs (benchmarks/kernel_sass.py counts their loops' instructions: ~5.1 a code
     for the W4A8 GEMV against the float fp4 GEMV's ~12, and no barrier left in the latter's loop with Triton 3.6)."""
     from cogvlm2.quant import triton_kernels as tk
     from tests.hopper_compile import compile_for_hopper
@@ -414,13 +402,13 @@ def test_fp4_gemv_a8_compiles_for_hopper():
     signature = {"xw_ptr": "*i32", "sx_ptr": "*fp32", "w_ptr": "*i32", "absmax_ptr": "*fp32", "out_ptr": "*fp32",
                  "final_ptr": "*bf16", "count_ptr": "*i32", "N": "i32"}
     for block_n, block_k, warps, stages, split in tk.CANDIDATES[("fp4", "gemv-a8")]:
-        for lines, sign, fused in ((0, False, False), (triton.next_power_of_2(4096 // split // 256), False, False),
-                                   (0, True, False), (0, True, True)):  # fused: FP4_A8_LONG_K_SPLIT's K = 14,336
+        for lines, fused in ((0, False), (triton.next_power_of_2(4096 // split // 256), False),
+                             (0, True)):  # fused: FP4_A8_LONG_K_SPLIT's K = 14,336
             kernel = compile_for_hopper(tk._fp4_gemv_a8_kernel, signature, dict(
                 K=14336 if fused else 4096, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=2 if fused else split,
-                STAGES=stages, ASM=True, L2_LINES=lines, SPLIT_SIGN=sign, FUSED_SUM=fused, PDL=lines > 0),
+                STAGES=stages, ASM=True, L2_LINES=lines, FUSED_SUM=fused, PDL=lines > 0),
                 num_warps=warps, num_stages=stages)
-            ptx, where = kernel.asm["ptx"], (block_n, block_k, stages, lines, sign, fused)  # lines: L2 prefetch
+            ptx, where = kernel.asm["ptx"], (block_n, block_k, stages, lines, fused)  # lines: L2 prefetch
             assert ("atom.global.gpu.acq_rel.add" in ptx) == fused, where  # the last program per block sums
             assert "prmt.b32" in ptx and "dp4a.u32.s32" in ptx and "ld.local" not in ptx, where
             # the program's codes prefetched into L2 line by line, all before the PDL wait, no global load before it
@@ -428,10 +416,10 @@ def test_fp4_gemv_a8_compiles_for_hopper():
             assert bool(prefetches) == (lines > 0) == ("griddepcontrol.wait" in ptx), where
             first_read = re.search(r"ld\.global|cp\.async", ptx).start()  # pipelined steps: cp.async only
             assert not lines or max(prefetches) < ptx.index("griddepcontrol.wait") < first_read, where
-    for launch_pdl, split in ((False, False), (True, False), (False, True)):  # PDL: before the prefetching GEMV
+    for launch_pdl in (False, True):  # PDL: before the prefetching GEMV
         quantize = compile_for_hopper(tk._quantize_fp4_a8_kernel, {"x_ptr": "*bf16", "xw_ptr": "*i32",
                                                                    "sx_ptr": "*fp32"},
-                                      dict(GROUP=64, SPLIT=split, PDL=launch_pdl), num_warps=1).asm["ptx"]
+                                      dict(GROUP=64, PDL=launch_pdl), num_warps=1).asm["ptx"]
         assert "ld.local" not in quantize and quantize.count("st.global") >= 2
         assert not launch_pdl or quantize.index("griddepcontrol.launch_dependents") \
             < quantize.index("griddepcontrol.wait") < quantize.index("ld.global")

@@ -202,10 +202,9 @@ class Fp4Linear(QuantLinear):
 
     def shares_a8(self, x: torch.Tensor, *others: nn.Module) -> int:
         """triton_kernels.FP4_A8 when this layer and `others`, all reading x, would each quantize it for the fp4 W4A8
-        GEMV in FP4_A8_SPLIT_SIGN's layout (x one row on the GPU, every layer an fp4 Fp4Linear with 64-blocks and
-        float32 absmax), else 0: then the kernel that produced x can write that row once (model.ops.FOLD_A8)."""
-        if triton_kernels is not None and triton_kernels.FP4_A8_SPLIT_SIGN \
-                and all(type(o) is Fp4Linear and o._a8_applies(x) for o in (self, *others)):
+        GEMV (x one row on the GPU, every layer an fp4 Fp4Linear with 64-blocks and float32 absmax), else 0: then
+        the kernel that produced x can write that row once (model.ops.FOLD_A8)."""
+        if all(type(o) is Fp4Linear and o._a8_applies(x) for o in (self, *others)):
             return triton_kernels.FP4_A8
         return 0
 

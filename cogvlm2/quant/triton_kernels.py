@@ -158,41 +158,15 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, nabs_ptr, nmap_ptr, offs
            tl.program_id(1))
 
 
-# The PTX of _fp4_dot8 on the GPU ($0 = the dot; $1 the word of 8 codes; $2 / $3 the low 4 codes' activations and
-# their negations, $4 / $5 the high 4's): tests/test_quant_kernels.py runs this text through a model of the PTX
-# instructions' documented semantics on the CPU.
+# The PTX of _fp4_dot8 on the GPU ($0 = the dot; $1 the word of 8 codes; $2 / $3 the low / high 4 codes'
+# activations): per 4 codes one PRMT looks the magnitudes x 192 up as bytes (its selector nibbles are the codes, the
+# sign bit masked off), a second turns the codes' sign bits into byte masks (selector 0 or 1 into the pool
+# 0x0000FF00), the positive and negative codes' magnitudes (m & ~mask, m & mask) go through one IDP4A each into two
+# sums, subtracted at the end. tests/test_quant_kernels.py runs this text through a model of the PTX instructions'
+# documented semantics on the CPU. (Until 6cc1005 the activations were stored beside their negations and a PRMT
+# picked one by the code's sign: two instructions fewer a word but twice the activation bytes, and the kernel was
+# L1-bound: 293.2 against 304.1 tok/s on the H200, BENCHMARKS.md, fifteenth session.)
 FP4_DOT8_PTX = tl.constexpr("""
-{
-.reg .b32 ta, tb, w, s, m, x, acc;
-mov.b32 ta, 0xC0800100;
-mov.b32 tb, 0x30206040;
-mov.b32 acc, 0;
-mov.b32 w, $1;
-and.b32 s, w, 0x7777;
-prmt.b32 m, ta, tb, s;
-shr.u32 s, w, 1;
-and.b32 s, s, 0x4444;
-or.b32 s, s, 0x3210;
-prmt.b32 x, $2, $3, s;
-dp4a.u32.s32 acc, m, x, acc;
-shr.u32 w, w, 16;
-and.b32 s, w, 0x7777;
-prmt.b32 m, ta, tb, s;
-shr.u32 s, w, 1;
-and.b32 s, s, 0x4444;
-or.b32 s, s, 0x3210;
-prmt.b32 x, $4, $5, s;
-dp4a.u32.s32 $0, m, x, acc;
-}
-""")
-
-
-# FP4_DOT8_SPLIT_PTX (FP4_A8_SPLIT_SIGN): the same dot without the negated activations ($2 / $3 the low / high 4
-# codes' activations): per 4 codes the magnitudes looked up as before, a second PRMT turns the codes' sign bits into
-# byte masks (selector 0 or 1 into the pool 0x0000FF00), the positive and negative codes' magnitudes (m & ~mask,
-# m & mask) go through one IDP4A each into two sums, subtracted at the end: two more instructions a word, half the
-# activation bytes loaded.
-FP4_DOT8_SPLIT_PTX = tl.constexpr("""
 {
 .reg .b32 ta, tb, tk, w, s, m, k, n, p, ap, an;
 mov.b32 ta, 0xC0800100;
@@ -224,34 +198,15 @@ sub.s32 $0, ap, an;
 
 
 @triton.jit
-def _fp4_dot8(words, xa, xan, xb, xbn, ASM: tl.constexpr):
+def _fp4_dot8(words, xa, xb, ASM: tl.constexpr):
     """int32 sum over the 8 bitsandbytes fp4 codes of each word of (value x 192) times an int8 activation: the
     values x 192 are exact integers (0, 1, 128, 192, 64, 96, 32, 48 for the magnitude codes 0-7, bit 3 the sign), so
     the dot is exact. Nibble q of a word (byte q // 2, the low nibble first: k = 8p + (q ^ 1)) pairs with byte q % 4
-    of xa (q < 4) or xb; xan / xbn hold the same activations negated (quantize_fp4_a8 packs them so). On the GPU
-    (ASM) per 4 codes: one PRMT looks the magnitudes up as bytes (its selector nibbles are the codes, the sign bit
-    masked off), a second picks each activation or its negation by the code's sign, one IDP4A (unsigned magnitudes
-    x signed activations) adds the four products: ~13 instructions for 8 codes. Elsewhere the same sum code by code
-    (Triton's interpreter has no inline PTX; xan / xbn unused)."""
+    of xa (q < 4) or xb (quantize_fp4_a8 packs them so). On the GPU (ASM) FP4_DOT8_PTX, ~15 instructions for 8
+    codes; elsewhere the same sum code by code (Triton's interpreter has no inline PTX)."""
     if ASM:
-        return tl.inline_asm_elementwise(
-            FP4_DOT8_PTX, "=r,r,r,r,r,r", [words, xa, xan, xb, xbn], dtype=tl.int32, is_pure=True, pack=1)
-    return _fp4_dot8_reference(words, xa, xb)
-
-
-@triton.jit
-def _fp4_dot8_split(words, xa, xb, ASM: tl.constexpr):
-    """_fp4_dot8 from the activations alone (FP4_DOT8_SPLIT_PTX on the GPU: the negative codes' products summed
-    apart and subtracted; FP4_A8_SPLIT_SIGN)."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            FP4_DOT8_SPLIT_PTX, "=r,r,r,r", [words, xa, xb], dtype=tl.int32, is_pure=True, pack=1)
-    return _fp4_dot8_reference(words, xa, xb)
-
-
-@triton.jit
-def _fp4_dot8_reference(words, xa, xb):
-    """_fp4_dot8's sum code by code (Triton's interpreter has no inline PTX)."""
+        return tl.inline_asm_elementwise(FP4_DOT8_PTX, "=r,r,r,r", [words, xa, xb], dtype=tl.int32, is_pure=True,
+                                         pack=1)
     d = tl.zeros(words.shape, dtype=tl.int32)
     for q in tl.static_range(8):
         code = (words >> (4 * q)) & 0xF
@@ -264,33 +219,20 @@ def _fp4_dot8_reference(words, xa, xb):
 
 
 @triton.jit
-def _quantize_fp4_a8_kernel(x_ptr, xw_ptr, sx_ptr, GROUP: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
-    """One absmax block of a row for the fp4 W4A8 GEMV: int8 xq = round(x / sx), sx = |x| max / 127 (as the int4
-    W4A8's _int8_groups), packed four to a word in the order _fp4_dot8 pairs them with the codes (byte b of word j
-    holds k = 4j + (b ^ 1)), each word followed by the same four negated: xw[2j], xw[2j + 1]; SPLIT
-    (FP4_A8_SPLIT_SIGN): the words alone, xw[j]."""
+def _quantize_fp4_a8_kernel(x_ptr, xw_ptr, sx_ptr, GROUP: tl.constexpr, PDL: tl.constexpr):
+    """One absmax block of a row for the fp4 W4A8 GEMV (store_fp4_a8_groups), one program a block."""
     pdl.enter(PDL)
     g = tl.program_id(0)
     xg = tl.load(x_ptr + g * GROUP + tl.arange(0, GROUP)).to(tl.float32)
-    if SPLIT:
-        store_fp4_a8_groups(tl.reshape(xg, (1, GROUP)), xw_ptr, sx_ptr, g + tl.arange(0, 1), tl.arange(0, 1) < 1,
-                            GROUP)
-    else:
-        sx, xq = _int8_groups(tl.reshape(xg, (1, GROUP)))
-        even, odd = tl.split(tl.reshape(xq, (GROUP // 4, 2, 2)))  # [GROUP / 4, 2]: k = 4j + 2h (+ 1)
-        shifts = (tl.arange(0, 2) * 16)[None, :]
-        words = tl.sum(((odd & 0xFF) << shifts) | ((even & 0xFF) << (shifts + 8)), axis=1)  # disjoint bits: an OR
-        negated = tl.sum(((-odd & 0xFF) << shifts) | ((-even & 0xFF) << (shifts + 8)), axis=1)
-        tl.store(xw_ptr + g * (GROUP // 2) + tl.arange(0, GROUP // 2),
-                 tl.reshape(tl.join(words, negated), (GROUP // 2,)))
-        tl.store(sx_ptr + g + tl.arange(0, 1), sx)
+    store_fp4_a8_groups(tl.reshape(xg, (1, GROUP)), xw_ptr, sx_ptr, g + tl.arange(0, 1), tl.arange(0, 1) < 1, GROUP)
 
 
 @triton.jit
 def store_fp4_a8_groups(xg, xw_ptr, sx_ptr, g, g_ok, GROUP: tl.constexpr):
-    """Float32 groups xg [R, GROUP] (absmax blocks g [R] of a row, those with g_ok) quantized for the fp4 W4A8 GEMV
-    in FP4_A8_SPLIT_SIGN's layout (the words alone: byte b of word j holds k = 4j + (b ^ 1)); also called by the
-    kernels that produce a decode row (model/triton_ops.py, FP4_A8), as store_a8_groups is for int4."""
+    """Float32 groups xg [R, GROUP] (absmax blocks g [R] of a row, those with g_ok) quantized for the fp4 W4A8 GEMV:
+    int8 xq = round(x / sx), sx = |x| max / 127 (as the int4 W4A8's _int8_groups), packed four to a word in the order
+    _fp4_dot8 pairs them with the codes (byte b of word j holds k = 4j + (b ^ 1)); also called by the kernels that
+    produce a decode row (model/triton_ops.py, FP4_A8), as store_a8_groups is for int4."""
     sx, xq = _int8_groups(xg)
     even, odd = tl.split(tl.reshape(xq, (xg.shape[0], GROUP // 4, 2, 2)))  # [R, GROUP / 4, 2]: k = 4j + 2h (+ 1)
     shifts = (tl.arange(0, 2) * 16)[None, None, :]
@@ -302,8 +244,7 @@ def store_fp4_a8_groups(xg, xw_ptr, sx_ptr, g, g_ok, GROUP: tl.constexpr):
 @triton.jit
 def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, final_ptr, count_ptr, N, K: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
-                        ASM: tl.constexpr, L2_LINES: tl.constexpr, SPLIT_SIGN: tl.constexpr, FUSED_SUM: tl.constexpr,
-                        PDL: tl.constexpr):
+                        ASM: tl.constexpr, L2_LINES: tl.constexpr, FUSED_SUM: tl.constexpr, PDL: tl.constexpr):
     """One row, the bitsandbytes fp4 layout (absmax blocks of 64, float32 absmax, the standard fp4 codes) times int8
     activations (quantize_fp4_a8, one scale per absmax block): per word of 8 codes an exact int32 dot (_fp4_dot8),
     scaled by absmax x sx / 192 and kept per word, summed across the tile once after the loop (no barrier in it).
@@ -328,15 +269,9 @@ def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, final_ptr, c
         word_col = k0 // 8 + b[:, None] * 8 + wi[None, :]  # [NB, 8]
         words = tl.load(w_ptr + offs_n[:, None, None] * (K // 8) + word_col[None, :, :], mask=n_ok[:, None, None],
                         other=0)
-        if SPLIT_SIGN:  # the activations alone: k 8p..8p+3, then 8p+4..8p+7
-            xa, xb = tl.split(tl.load(xw_ptr + 2 * word_col[:, :, None] + tl.arange(0, 2)[None, None, :]))
-            d = _fp4_dot8_split(words, xa[None, :, :], xb[None, :, :], ASM)
-        else:
-            x4 = tl.load(xw_ptr + 4 * word_col[:, :, None] + tl.arange(0, 4)[None, None, :])  # [NB, 8, 4]
-            pos, neg = tl.split(tl.reshape(x4, (NB, 8, 2, 2)))  # [NB, 8, 2]: k 8p..8p+3 then 8p+4..8p+7
-            xa, xb = tl.split(pos)
-            xan, xbn = tl.split(neg)
-            d = _fp4_dot8(words, xa[None, :, :], xan[None, :, :], xb[None, :, :], xbn[None, :, :], ASM)  # broadcast
+        # the activations of k 8p..8p+3 and 8p+4..8p+7, broadcast over the rows
+        xa, xb = tl.split(tl.load(xw_ptr + 2 * word_col[:, :, None] + tl.arange(0, 2)[None, None, :]))
+        d = _fp4_dot8(words, xa[None, :, :], xb[None, :, :], ASM)
         blk = offs_n[:, None] * (K // 64) + (k0 // 64 + b)[None, :]  # [BN, NB]
         scale = tl.load(absmax_ptr + blk, mask=n_ok[:, None], other=0.0) * tl.load(sx_ptr + k0 // 64 + b)[None, :]
         acc += d.to(tl.float32) * scale[:, :, None]
@@ -905,15 +840,6 @@ A8_FUSED = {"sum": True, "quant": False, "pdl": False}
 # COGVLM2_A8_L2_PREFETCH=0 (bytes, read at import) turns it off
 A8_L2_PREFETCH_BYTES = int(os.environ.get("COGVLM2_A8_L2_PREFETCH", "9437184"))
 A8_QUANT_MAX_GROUPS = 32
-# FP4_A8_SPLIT_SIGN: the fp4 W4A8 GEMV reads its activations alone (quantize_fp4_a8 stores no negations) and sums the
-# positive and negative codes' products apart (FP4_DOT8_SPLIT_PTX: two instructions more a word of 8 codes, half the
-# activation bytes). Nsight Compute on the H200 (BENCHMARKS.md, fifteenth session) found the kernel bound by L1 (83%
-# of L1/TEX throughput, DRAM 38%, on the 14,336 x 4,096 gate), where the activations are 4 bytes of loads for each
-# byte of codes; split: L1 68%, DRAM 43%, 18.2 -> 16.4 us. On: the official fp4 layout's batch-1 decode 293.2 -> 304.1
-# tok/s on the H200 (`PYTHONPATH=. python benchmarks/decode_ab.py --quant fp4 --set
-# "quant.triton_kernels.FP4_A8_SPLIT_SIGN=0" --set "quant.triton_kernels.FP4_A8_SPLIT_SIGN=1" --batches 1 --rounds 2`);
-# COGVLM2_FP4_A8_SPLIT_SIGN=0 (read at import) turns it off
-FP4_A8_SPLIT_SIGN = os.environ.get("COGVLM2_FP4_A8_SPLIT_SIGN", "1") == "1"
 # FP4_A8_LONG_K_SPLIT: the fp4 W4A8 GEMV splits K at least this many ways (0: as CONFIGS says, unsplit) for rows of
 # 8,192+ codes (the MLP's down projection, K = 14,336), the partials added by the column block's last program. Nsight
 # Compute on the H200 (BENCHMARKS.md, fifteenth session): unsplit, down's 512 programs fill 0.65 of a wave and stream
@@ -1062,15 +988,12 @@ def fp4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor
 
 
 def quantize_fp4_a8(x: torch.Tensor, block: int = 64, launch_pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row x [1, K] (contiguous) for the fp4 W4A8 GEMV: (xw int32 [K / 2]: int8 per absmax block of `block`,
-    four a word in _fp4_dot8's order, each word followed by its negation (FP4_A8_SPLIT_SIGN: the words alone,
-    [K / 4]); sx float32 [K / block]), one launch (launch_pdl: with programmatic dependent launch where the GPU has
-    it, cogvlm2/pdl.py)."""
+    """One row x [1, K] (contiguous) for the fp4 W4A8 GEMV: (xw int32 [K / 4]: int8 per absmax block of `block`,
+    four a word in _fp4_dot8's order; sx float32 [K / block]), one launch (launch_pdl: with programmatic dependent
+    launch where the GPU has it, cogvlm2/pdl.py)."""
     k = x.shape[-1]
-    split = FP4_A8_SPLIT_SIGN
-    xw = torch.empty(k // 4 if split else k // 2, dtype=torch.int32, device=x.device)
-    sx = torch.empty(k // block, dtype=torch.float32, device=x.device)
-    _quantize_fp4_a8_kernel[(k // block,)](x.reshape(1, k), xw, sx, GROUP=block, SPLIT=split, num_warps=1,
+    xw, sx = a8_buffers(k, -block, x.device)
+    _quantize_fp4_a8_kernel[(k // block,)](x.reshape(1, k), xw, sx, GROUP=block, num_warps=1,
                                            **(pdl.options(x) if launch_pdl else {"PDL": False}))
     return xw, sx
 
@@ -1112,7 +1035,7 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
         _fp4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
             xw, sx, packed.view(-1).view(torch.int32), a, part, out, count, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
             SPLIT_K=split, STAGES=stages, ASM=x.is_cuda, L2_LINES=triton.next_power_of_2(k // split // 256)
-            if prefetch else 0, SPLIT_SIGN=xw.numel() * 4 == k, FUSED_SUM=fused_sum, num_warps=warps,
+            if prefetch else 0, FUSED_SUM=fused_sum, num_warps=warps,
             num_stages=stages, **(options if prefetch else {"PDL": False}))
         split = 1 if fused_sum else split  # nothing left for _finish
     elif m == 1 and ONE_ROW["fp4"] in ("gemv", "gemv-a8") and packed.data_ptr() % 16 == 0:  # codes as int32 words
@@ -1167,16 +1090,16 @@ A8Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (xe [2, K/8] int32, s
 
 
 # FP4_A8: the a8 "group" (Fp4Linear.shares_a8, model.ops.a8_group) asking the kernels that produce a decode row for
-# the fp4 W4A8 row (absmax blocks of 64, FP4_A8_SPLIT_SIGN's layout) instead of int4's (a positive group size)
+# the fp4 W4A8 row (absmax blocks of 64, store_fp4_a8_groups) instead of int4's (a positive group size)
 FP4_A8 = -64
 
 
 def a8_buffers(k: int, group: int, device: torch.device) -> A8Row | tuple[torch.Tensor, torch.Tensor]:
     """Empty buffers for one row of K quantized for the W4A8 GEMV (store_a8_groups, quantize_a8 write them); group
     FP4_A8: the fp4 W4A8 row (xw [K / 4] int32, sx [K / 64] float32: store_fp4_a8_groups, quantize_fp4_a8)."""
-    if group == FP4_A8:
+    if group < 0:  # FP4_A8 (or quantize_fp4_a8's blocks of -group)
         return (torch.empty(k // 4, dtype=torch.int32, device=device),
-                torch.empty(k // -FP4_A8, dtype=torch.float32, device=device))
+                torch.empty(k // -group, dtype=torch.float32, device=device))
     xe = torch.empty(2, k // 8, dtype=torch.int32, device=device)  # even / odd k, four int8 a word
     sx = torch.empty(k // group, dtype=torch.float32, device=device)
     return xe, sx, torch.empty(k // group, dtype=torch.int32, device=device)
