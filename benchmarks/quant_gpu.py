@@ -408,12 +408,13 @@ def kernel_sweep(run: Run) -> None:
                                            for r in rows), flush=True)
         return best
 
+    tile_a8 = tk.TILE_A8["int4"]
     for fmt in ("int4", "fp4"):
         if run.left() < 40:
             run.data["skipped"].append(f"sweep {fmt}")
             continue
         tile = sweep(fmt, "tile", 32, tk.CANDIDATES[(fmt, "tile")], f"{fmt} tile (batch 32)", ONE_ROW={fmt: "tile"},
-                     TILE_A8={"int4": 0})  # the bf16-activation tile, whatever TILE_A8's default
+                     TILE_A8={"int4": 0}, TILE_GLUON={"int4": False})  # the Triton bf16-activation tile
         tk.CONFIGS[(fmt, "tile")] = tuple(tile["config"])
         ranked = sorted(run.data["kernel_sweep"][f"{fmt} tile (batch 32)"], key=lambda r: -r["GBps"])[:2]
         one_tile = sweep(fmt, "tile", 1, [r["config"] for r in ranked], f"{fmt} tile (batch 1)", ONE_ROW={fmt: "tile"})
@@ -422,6 +423,11 @@ def kernel_sweep(run: Run) -> None:
             ta8 = sweep(fmt, "tile-a8", 64, tk.CANDIDATES[(fmt, "tile-a8")], "int4 tile-a8 (batch 64)",
                         TILE_A8={fmt: 2})
             tk.CONFIGS[(fmt, "tile-a8")] = tuple(ta8["config"])
+            # the Gluon tile (TILE_GLUON, back on for the rest of the run) at each of its BLOCK_M
+            for path, m in (("tile-gl", 8), ("tile-gl16", 16), ("tile-gl32", 32), ("tile-gl64", 64)):
+                gl = sweep(fmt, path, m, tk.CANDIDATES[(fmt, path)], f"int4 {path} (batch {m})",
+                           TILE_GLUON={fmt: True}, TILE_A8={fmt: tile_a8})
+                tk.CONFIGS[(fmt, path)] = tuple(gl["config"])
         gemv = sweep(fmt, "gemv", 1, tk.CANDIDATES[(fmt, "gemv")], f"{fmt} gemv (batch 1)", ONE_ROW={fmt: "gemv"},
                      FP4_ARITH={"gemv": True}, FP4_SUM_ONCE={"gemv": False})
         tk.CONFIGS[(fmt, "gemv")] = tuple(gemv["config"])

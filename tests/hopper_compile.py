@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 
 
-def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, **options):
+def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, gluon: bool = False, **options):
     """The compiled kernel (its .asm["ptx"], .metadata.shared) of `fn` for sm_90. Pointers and the arguments named
     like strides (s*) are declared 16-byte divisible, as Triton's launcher specializes them at run time (without
-    that the loads are scalar and nothing is pipelined). Skips where this Triton has no ptxas."""
+    that the loads are scalar and nothing is pipelined). Skips where this Triton has no ptxas. gluon: fn is a Gluon
+    kernel (cogvlm2/quant/gluon_kernels.py)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -19,6 +20,8 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, **option
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                if signature[n].startswith("*") or (n.startswith("s") and signature[n] == "i32")}
     sig = dict(signature) | {k: "constexpr" for k in constexprs}
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: F811
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
     try:
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

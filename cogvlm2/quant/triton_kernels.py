@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import pdl
+from . import gluon_kernels
 from ..counters import counters, last_to_arrive
 
 FUSED_MAX_ROWS = 64  # more rows than this: dequantize + cuBLAS
@@ -800,6 +801,14 @@ CONFIGS = {
     # TILE_A8's tile (BLOCK_N, unused, warps, stages, SPLIT_K): one group a step, K split to cover the SMs twice.
     # Best of 7 at 32 rows on the H200 (7be199a): 571 GB/s, below the bf16-activation tile's 674
     ("int4", "tile-a8"): (128, 0, 4, 4, -2),
+    # the Gluon tile (TILE_GLUON) by BLOCK_M 8 / 16 / 32 / 64: fewer warps a program, or a shorter K step, as the
+    # activations' registers grow (BLOCK_K 128: 128 registers a thread at 8 rows, 210 at 32, spills at 64). Best of
+    # the candidates on the H200 (BENCHMARKS.md, sixteenth session, the LM linears of a decode step, 3.7 GB): 2.17 ms
+    # at 2 rows, 2.25 at 8, 2.75 at 16, 3.62 at 32, 5.41 at 64 (the Triton tiles: 5.12, 5.14, 5.25, 5.43, 7.96)
+    ("int4", "tile-gl"): (128, 128, 4, 0, -2),
+    ("int4", "tile-gl16"): (64, 128, 2, 0, -2),
+    ("int4", "tile-gl32"): (64, 128, 2, 0, -2),
+    ("int4", "tile-gl64"): (64, 64, 2, 0, -2),
     ("int4", "dequant"): (64, 128, 4, 1),
 }
 # int4's one row: W4A8 (x quantized to int8 per weight group, symmetric, by a small kernel; ~0.5% of relative
@@ -851,17 +860,26 @@ FP4_A8_LONG_K_SPLIT = int(os.environ.get("COGVLM2_FP4_A8_LONG_K_SPLIT", "2"))
 A8_LONG_K = 8192
 # INT4_A8_LONG_K_SPLIT: the same for int4's W4A8 GEMV, as a CONFIGS split (< 0: K split so the programs cover the SMs
 # that many times; 0: the config's, -2) for rows of A8_LONG_K+ codes. Nsight Compute (BENCHMARKS.md, fifteenth
-# session): its down projection runs 512 programs at 0.4 waves and 47% of DRAM bandwidth. The sweep's -4 for every
-# shape lost (1,614 against 1,780 GB/s); for the long rows alone not yet measured: off (`PYTHONPATH=. python
-# benchmarks/decode_ab.py --quant int4 --set "quant.triton_kernels.INT4_A8_LONG_K_SPLIT=0" --set
-# "quant.triton_kernels.INT4_A8_LONG_K_SPLIT=-4" --batches 1`); COGVLM2_INT4_A8_LONG_K_SPLIT (read at import) sets it
+# session): its down projection runs 512 programs at 0.4 waves and 47% of DRAM bandwidth. Measured on the H200
+# (sixteenth session, `PYTHONPATH=. python benchmarks/decode_ab.py --quant int4 --set
+# "quant.triton_kernels.INT4_A8_LONG_K_SPLIT=0" --set "...=-4" --set "...=16" --batches 1 --rounds 2`): 367.9, 355.1,
+# 355.3 tok/s, so off; COGVLM2_INT4_A8_LONG_K_SPLIT (read at import) sets it
 INT4_A8_LONG_K_SPLIT = int(os.environ.get("COGVLM2_INT4_A8_LONG_K_SPLIT", "0"))
-# TILE_A8: int4 from this many rows on (2+; 0: never) through the W4A8 tile (_int4_a8_mma_kernel: x quantized to
+# TILE_A8: int4 from this many rows on (2+; 0: never) through the W4A8 tile where the Gluon tile (TILE_GLUON) is off or
+# does not apply (_int4_a8_mma_kernel: x quantized to
 # int8 per row and group, integer tensor cores) instead of the bf16-activation tile; 0.6-0.7% of error against
 # W4A16 (interpreted tests). The LM linears of a decode step on the H200 (BENCHMARKS.md, 2026-12-01, `quant_gpu.py
 # --sections lmstep`): W4A8 tile 5.60-5.76 ms at 2-16 rows, 6.19-6.31 at 24-32, 7.63-8.04 at 48-64; bf16 tile
 # 5.34-5.44 at 24-32 rows (BLOCK_M 32; 7.31-7.52 with BLOCK_M 16 at 2-16 rows, hence INT4_TILE_ROWS), 8.42-8.58 at 48-64
 TILE_A8 = {"int4": 33}
+# TILE_GLUON: int4 at 2..64 rows through the Gluon tile (gluon_kernels.py: every MMA operand in registers, no shared
+# memory) where it applies (Gluon importable, sm_80+, bf16 / fp16); COGVLM2_INT4_TILE_GLUON=0 (read at import) keeps
+# the Triton tiles above. Configs ("int4", "tile-gl" / "tile-gl16" / "tile-gl32" / "tile-gl64"): (BLOCK_N, BLOCK_K,
+# warps, unused, SPLIT_K as for the tiles) at BLOCK_M 8 (2-8 rows) / 16 / 32 / 64. Measured on the H200 (BENCHMARKS.md,
+# sixteenth session): engine int4 decode at batch 32 8.99 -> 7.20 ms a step (`PYTHONPATH=. python
+# benchmarks/decode_ab.py --quant int4 --set "quant.triton_kernels.TILE_GLUON={'int4': False}" --set
+# "quant.triton_kernels.TILE_GLUON={'int4': True}" --batches 32 --rounds 2`)
+TILE_GLUON = {"int4": os.environ.get("COGVLM2_INT4_TILE_GLUON", "1") == "1"}
 INT4_TILE_ROWS = 32  # the bf16-activation int4 tile's least BLOCK_M on a GPU (16 in Triton's interpreter: fewer lanes)
 
 
@@ -890,6 +908,12 @@ CANDIDATES = {
                         (256, 128, 4, 3, -2), (512, 128, 8, 2, -2), (512, 128, 8, 3, -1)],
     ("int4", "tile-a8"): [(128, 0, 4, 3, 0), (64, 0, 4, 3, 0), (128, 0, 8, 3, 0), (256, 0, 8, 3, 0), (128, 0, 4, 4, -2),
                           (64, 0, 4, 4, -2), (128, 0, 4, 2, 0)],
+    # the Gluon tile at 8 / 16 / 32 / 64 rows (BLOCK_N = 16 x warps x row repeats)
+    ("int4", "tile-gl"): [(128, 128, 4, 0, -2), (64, 128, 2, 0, -2), (128, 128, 4, 0, 0), (128, 64, 4, 0, -2)],
+    ("int4", "tile-gl16"): [(64, 128, 2, 0, -2), (128, 128, 4, 0, -2), (128, 64, 4, 0, -2), (128, 128, 4, 0, 0)],
+    ("int4", "tile-gl32"): [(64, 128, 2, 0, -2), (128, 128, 4, 0, 0), (128, 64, 4, 0, -2), (128, 32, 4, 0, -2),
+                            (64, 64, 2, 0, -2), (128, 64, 4, 0, -4), (128, 32, 4, 0, -4)],
+    ("int4", "tile-gl64"): [(64, 64, 2, 0, -2), (128, 64, 4, 0, -2), (64, 32, 2, 0, -2), (128, 32, 4, 0, -2)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
                        (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2), (128, 128, 4, 4, -2),
                        (128, 128, 4, 3, -4), (64, 128, 4, 4, -2)],
@@ -1169,6 +1193,13 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
             L2_ROWS=triton.next_power_of_2(k // split // 8) if prefetch else 0, num_warps=warps, num_stages=stages,
             **(options if A8_FUSED["pdl"] or prefetch else {"PDL": False}))
         split = 1 if fused_sum else split  # nothing left for _finish
+    elif TILE_GLUON["int4"] and gluon_kernels.applies(x2, scales, group):  # the MMA's operands in registers
+        block_m = _rows(m, 8)
+        block_n, block_k, warps, _, split = CONFIGS[("int4", "tile-gl" if block_m == 8 else f"tile-gl{block_m}")]
+        split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
+        block_k = _block_k(min(block_k, group), group, 32)
+        out, part = _outputs(m, n, split, x)
+        gluon_kernels.int4_mma2(x2, qweight, qzeros, scales, part, group, block_m, block_n, block_k, warps, split)
     elif 0 < TILE_A8["int4"] <= m and x2.stride(-1) == 1 and group % 32 == 0:  # int8 activations on the tensor cores
         block_n, _, warps, stages, split = CONFIGS[("int4", "tile-a8")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)

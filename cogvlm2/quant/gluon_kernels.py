@@ -1,0 +1,183 @@
+"""The int4 tile for 2..64 rows written in Gluon (Triton's layout-explicit dialect): every operand of the tensor-core
+MMA (mma.sync m16n8k16) stays in registers, with no trip through shared memory.
+
+Why: the Triton tile (_int4_mma_kernel) stores each dequantized weight tile to shared memory and reads it back for
+the MMA, and stages the activations there too, ~13 bytes of shared-memory traffic per byte of codes. Nsight Compute
+on the H200 (BENCHMARKS.md, fifteenth session): at 32 rows it streams 12-15% of DRAM bandwidth with 40% of its
+stalls on shared memory. Here each thread loads exactly the packed words its MMA fragments need (the layout of the
+load is given, DistributedLinearLayout), dequantizes them in registers and hands them to the MMA unchanged.
+
+How, without repacking the checkpoint (the W4A8 GEMV reads the same words): a word holds codes k = 8p .. 8p + 7 of
+one column; OR-ing nibbles i and i + 4 into the mantissas of a 16-bit float pair (1 shift + 1 LOP3) gives the pair
+(k = 8p + i, 8p + i + 4), so the MMA's K order is permuted inside each 32-wide chunk: logical k' = 16b + 8h + 2t + e
+is physical k = 8t + 2b + h + 4e. Then thread t of a quad holds word p = 4 chunk + t whole (8 codes, 4 registers of
+pairs), and for the activations (the MMA's other operand) it needs physical k = 8t .. 8t + 7: 16 contiguous bytes
+of a row of x, one vector load, paired by byte permutes. The zero point and scale go in before the MMA ((c + q) -
+(c + z), exact; times s rounded to the model dtype, as the dequantized weights are), so the accumulator needs no
+per-group correction.
+
+Gluon is experimental: this file is written against Triton 3.6 (the GPU machine's) and used only where it imports
+and compiles (`available()`); otherwise the Triton tile runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # Triton without Gluon (older) or without a GPU build: the Triton tile is used instead
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
+
+def _log2(v: int) -> int:
+    return v.bit_length() - 1
+
+
+def layouts(block_n: int, block_k: int, block_m: int, warps: int) -> dict:
+    """The kernel's layouts for a [block_n, block_k] weight tile (block_k // 8 packed words a column) times a
+    [block_k, block_m] activation tile: `words` (one word of a column for thread t of a quad, rows g and g + 8 for
+    lane group g, a warp's 16 rows, then chunk and row repeats in registers), `x` (8 contiguous k a thread),
+    the MMA's accumulator and its two operands."""
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
+    p = block_k // 8
+    words = gl.DistributedLinearLayout(
+        reg_bases=[[8, 0]] + [[0, 4 << i] for i in range(_log2(p // 4))]
+        + [[16 * warps << i, 0] for i in range(_log2(block_n // (16 * warps)))],
+        lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16 << i, 0] for i in range(_log2(warps))], block_bases=[], shape=[block_n, p])
+    x = gl.DistributedLinearLayout(
+        reg_bases=[[1, 0], [2, 0], [4, 0]] + [[32 << i, 0] for i in range(_log2(block_k // 32))]
+        + [[0, 8 << i] for i in range(_log2(block_m // 8))],
+        lane_bases=[[8, 0], [16, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 0]] * _log2(warps), block_bases=[], shape=[block_k, block_m])
+    return {"mma": mma, "a": gl.DotOperandLayout(0, mma, 2), "b": gl.DotOperandLayout(1, mma, 2), "words": words,
+            "x": x}
+
+
+def _dequant_ptx(magic: str, kind: str, one: str) -> str:
+    """(c + q) for nibbles i and i + 4 of $4 by one shift and one LOP3 ((w >> 4i) & 0x000F000F | magic: the codes in
+    the low mantissa bits of c = 128 (bf16) / 1024 (fp16)), minus (c + z) ($5 holds -(c + z)), times s ($6), into
+    $0..$3; both as FMAs (sm_80's bf16x2 arithmetic; x 1 + -(c + z) is exact, x s + -0 is the rounded product)."""
+    lines = [f"lop3.b32 t0, $4, 0x000F000F, {magic}, 0xea;"]
+    lines += [f"shr.u32 t{i}, $4, {4 * i}; lop3.b32 t{i}, t{i}, 0x000F000F, {magic}, 0xea;" for i in (1, 2, 3)]
+    lines += [f"fma.rn.{kind} t{i}, t{i}, one, $5; fma.rn.{kind} ${i}, t{i}, $6, nz;" for i in range(4)]
+    head = f"{{ .reg .b32 t0, t1, t2, t3, one, nz; mov.b32 one, {one}; mov.b32 nz, 0x80008000; "
+    return head + " ".join(lines) + " }"
+
+
+if gluon is not None:
+    DEQUANT_PTX_BF16 = gl.constexpr(_dequant_ptx("0x43004300", "bf16x2", "0x3F803F80"))
+    DEQUANT_PTX_F16 = gl.constexpr(_dequant_ptx("0x64006400", "f16x2", "0x3C003C00"))
+
+    @gluon.jit
+    def _dequant_pairs(words, zc, s, ASM: gl.constexpr):
+        """Four int32 per word, each a pair of 16-bit floats ((c + q_i) - (c + z)) * s = (q_i - z) * s: codes i and
+        i + 4 of the word (i = 0..3); zc = (c + z) and s as pairs in int32 (DEQUANT_PTX)."""
+        return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [words, zc, s],
+                                         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _pair(u, DT: gl.constexpr):
+        """int32 holding two 16-bit floats -> [.., 2] (low half first)."""
+        lo = u.to(gl.int16).to(DT, bitcast=True)
+        hi = (u >> 16).to(gl.int16).to(DT, bitcast=True)
+        return gl.join(lo, hi)
+
+    @gluon.jit
+    def _group_stats(qz_ptr, s_ptr, g, rows, n_ok, N, MAGIC_HI: gl.constexpr):
+        """Group g's -(c + z) and scale of columns `rows`, each as a pair in one int32."""
+        zp = gl.load(qz_ptr + g * (N // 8) + rows // 8, mask=n_ok, other=0)
+        z = (zp >> ((rows % 8) * 4)) & 0xF
+        zc = ((z | MAGIC_HI) * 0x10001) ^ -0x7FFF8000  # -(c + z), both halves' sign bits set
+        sb = gl.load(s_ptr + g * N + rows, mask=n_ok, other=0.0).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return zc, sb * 0x10001
+
+    @gluon.jit
+    def _int4_mma2_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: gl.constexpr, stride_xm, stride_om,
+                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+                          SPLIT_K: gl.constexpr, L_WORDS: gl.constexpr, L_X: gl.constexpr, L_MMA: gl.constexpr,
+                          L_A: gl.constexpr, L_B: gl.constexpr):
+        DT: gl.constexpr = x_ptr.dtype.element_ty
+        BF16: gl.constexpr = DT == gl.bfloat16
+        ASM: gl.constexpr = DEQUANT_PTX_BF16 if BF16 else DEQUANT_PTX_F16
+        MAGIC_HI: gl.constexpr = 0x4300 if BF16 else 0x6400
+        P: gl.constexpr = BLOCK_K // 8
+        KS: gl.constexpr = K // SPLIT_K
+        STEPS: gl.constexpr = KS // BLOCK_K
+        n0 = gl.program_id(0) * BLOCK_N
+        k_first = gl.program_id(1) * KS
+        # the words' rows / packed rows, and the activations' k / rows, in their load layouts
+        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
+        n_ok = rows < N
+        p = gl.arange(0, P, layout=gl.SliceLayout(0, L_WORDS))
+        w_ptrs = qw_ptr + (k_first // 8 + p)[None, :].to(gl.int64) * N + rows[:, None]
+        kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, L_X))
+        mx = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, L_X))
+        x_ptrs = x_ptr + mx[None, :] * stride_xm + (k_first + kx)[:, None]
+        x_ok = (mx < M)[None, :]
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
+        # a step ahead: the loads of step i + 1 are issued before step i's arithmetic
+        words = gl.load(w_ptrs, mask=n_ok[:, None], other=0)
+        x = gl.load(x_ptrs, mask=x_ok, other=0.0)
+        zc, s = _group_stats(qz_ptr, s_ptr, k_first // GROUP, rows, n_ok, N, MAGIC_HI)
+        for i in range(STEPS):
+            nxt = gl.minimum(i + 1, STEPS - 1) * BLOCK_K
+            words_next = gl.load(w_ptrs + (nxt // 8) * N, mask=n_ok[:, None], other=0)
+            x_next = gl.load(x_ptrs + nxt, mask=x_ok, other=0.0)
+            zc_next, s_next = _group_stats(qz_ptr, s_ptr, (k_first + nxt) // GROUP, rows, n_ok, N, MAGIC_HI)
+            d0, d1, d2, d3 = _dequant_pairs(words, zc[:, None], s[:, None], ASM)
+            t = gl.join(gl.join(_pair(d0, DT), _pair(d1, DT)), gl.join(_pair(d2, DT), _pair(d3, DT)))  # [N, P, e, h, b]
+            t = gl.reshape(t, [BLOCK_N, P // 4, 4, 2, 2, 2])  # [n, chunk, t, e, h, b]
+            a = gl.reshape(gl.permute(t, [0, 1, 5, 4, 2, 3]), [BLOCK_N, BLOCK_K])  # k' = 16b + 8h + 2t + e
+            b = gl.reshape(x, [BLOCK_K // 32, 4, 2, 2, 2, BLOCK_M])  # [chunk, t, e, b, h, m]: k = 8t + 4e + 2b + h
+            b = gl.reshape(gl.permute(b, [0, 3, 4, 1, 2, 5]), [BLOCK_K, BLOCK_M])
+            acc = mma_v2(gl.convert_layout(a, L_A), gl.convert_layout(b, L_B), acc)
+            words, x, zc, s = words_next, x_next, zc_next, s_next
+        om = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, L_MMA))
+        on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_MMA))
+        ok = (om < M)[None, :] & (on < N)[:, None]
+        if SPLIT_K == 1:
+            gl.store(out_ptr + om[None, :] * stride_om + on[:, None], acc.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            base = out_ptr + gl.program_id(1).to(gl.int64) * M * N
+            gl.store(base + om[None, :] * N + on[:, None], acc, mask=ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _layouts_cached(block_n: int, block_k: int, block_m: int, warps: int) -> dict:
+    return layouts(block_n, block_k, block_m, warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _capable(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)  # mma.sync m16n8k16, bf16x2 FMA
+
+
+def applies(x2: torch.Tensor, scales: torch.Tensor, group: int) -> bool:
+    """Whether the Gluon tile runs x2 [m, K] (2..64 rows) times these weights: Gluon imported, an sm_80+ GPU, 16-bit
+    activations with scales of the same dtype, contiguous rows, groups of a multiple of 32."""
+    return (gluon is not None and x2.is_cuda and 2 <= x2.shape[0] <= 64 and x2.dtype in (torch.bfloat16, torch.float16)
+            and scales.dtype == x2.dtype and x2.stride(-1) == 1 and group % 32 == 0 and x2.shape[1] % 32 == 0
+            and _capable(x2.device))
+
+
+def int4_mma2(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, part: torch.Tensor,
+              group: int, block_m: int, block_n: int, block_k: int, warps: int, split: int) -> None:
+    """x2 [m, K] @ W^T into part (out [m, N] in x's dtype, or float32 partials [split, m, N]), as applies() allows;
+    block_k a multiple of 32 that divides the group and K // split, block_n 16 x warps x a power of two, block_m a
+    power of two from 8 to 64 (at least m)."""
+    m, k = x2.shape
+    n = qweight.shape[1]
+    if block_k % 32 or group % block_k or (k // split) % block_k or block_n % (16 * warps) or not 8 <= block_m <= 64:
+        raise ValueError(f"Gluon int4 tile: block_k {block_k} (group {group}, K {k} / {split}), block_n {block_n}, "
+                         f"{warps} warps, block_m {block_m}")
+    lay = _layouts_cached(block_n, block_k, block_m, warps)
+    _int4_mma2_kernel[(-(-n // block_n), split)](
+        x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), part.stride(-2), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP=group, SPLIT_K=split, L_WORDS=lay["words"], L_X=lay["x"], L_MMA=lay["mma"],
+        L_A=lay["a"], L_B=lay["b"], num_warps=warps)
