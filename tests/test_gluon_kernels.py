@@ -18,7 +18,7 @@ from tests.hopper_compile import compile_for_hopper  # noqa: E402
 needs_gluon = pytest.mark.skipif(gk.gluon is None, reason="this Triton has no Gluon")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 PATHS = ("tile-gl", "tile-gl16", "tile-gl32", "tile-gl64")
-CONFIGS = sorted({c[:3] for path in PATHS for c in tk.CANDIDATES[("int4", path)]})  # (BLOCK_N, BLOCK_K, warps)
+CONFIGS = sorted({c[:4] for path in PATHS for c in tk.CANDIDATES[("int4", path)]})  # without the split
 
 
 def _cover(bases: list[list[int]], shape: list[int]) -> torch.Tensor:
@@ -35,7 +35,7 @@ def _cover(bases: list[list[int]], shape: list[int]) -> torch.Tensor:
 
 
 @needs_gluon
-@pytest.mark.parametrize("block_n,block_k,warps", CONFIGS)
+@pytest.mark.parametrize("block_n,block_k,warps", sorted({c[:3] for c in CONFIGS}))
 def test_layouts_give_each_element_to_one_thread(block_n, block_k, warps):
     """The words' load layout puts each packed word of the tile in exactly one register of one thread (the warps
     split the rows), and each warp holds the whole activation tile, each element once: no load is duplicated in a
@@ -50,17 +50,19 @@ def test_layouts_give_each_element_to_one_thread(block_n, block_k, warps):
 
 @needs_gluon
 def test_tile_compiles_for_hopper_without_shared_memory():
-    """Every swept config, bf16 and fp16, 8 / 32 / 64 rows, for sm_90: mma.sync m16n8k16 on operands that never
-    touch shared memory (0 bytes of it, no ld/st.shared), the dequantization as packed FMAs, no register spills."""
-    for (block_n, block_k, warps), rows, dt in itertools.product(CONFIGS, (8, 32, 64), ("bf16", "fp16")):
+    """Every swept config, bf16 and fp16, 8 / 32 / 64 rows, the activations loaded a step ahead or in their step,
+    for sm_90: mma.sync m16n8k16 on operands that never touch shared memory (0 bytes of it, no ld/st.shared), the
+    dequantization as packed FMAs, no register spills."""
+    for (block_n, block_k, warps, ahead), rows, dt in itertools.product(CONFIGS, (8, 32, 64), ("bf16", "fp16")):
         lay = gk.layouts(block_n, block_k, rows, warps)
         kernel = compile_for_hopper(
             gk._int4_mma2_kernel, {"x_ptr": f"*{dt}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": f"*{dt}",
                                    "out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_om": "i32"},
-            dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=128, SPLIT_K=2, L_WORDS=lay["words"],
-                 L_X=lay["x"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"]), gluon=True, num_warps=warps)
+            dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=128, SPLIT_K=2, X_AHEAD=bool(ahead),
+                 L_WORDS=lay["words"], L_X=lay["x"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"]), gluon=True,
+            num_warps=warps)
         ptx = kernel.asm["ptx"]
-        where = (block_n, block_k, warps, rows, dt)
+        where = (block_n, block_k, warps, ahead, rows, dt)
         assert kernel.metadata.shared == 0 and "ld.shared" not in ptx and "st.shared" not in ptx, where
         assert "mma.sync.aligned.m16n8k16" in ptx and f"fma.rn.{'bf16x2' if dt == 'bf16' else 'f16x2'}" in ptx, where
         assert "ld.local" not in ptx, where

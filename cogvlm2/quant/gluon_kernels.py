@@ -100,8 +100,8 @@ if gluon is not None:
     @gluon.jit
     def _int4_mma2_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: gl.constexpr, stride_xm, stride_om,
                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-                          SPLIT_K: gl.constexpr, L_WORDS: gl.constexpr, L_X: gl.constexpr, L_MMA: gl.constexpr,
-                          L_A: gl.constexpr, L_B: gl.constexpr):
+                          SPLIT_K: gl.constexpr, X_AHEAD: gl.constexpr, L_WORDS: gl.constexpr, L_X: gl.constexpr,
+                          L_MMA: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr):
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
         ASM: gl.constexpr = DEQUANT_PTX_BF16 if BF16 else DEQUANT_PTX_F16
@@ -123,12 +123,16 @@ if gluon is not None:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
         # a step ahead: the loads of step i + 1 are issued before step i's arithmetic
         words = gl.load(w_ptrs, mask=n_ok[:, None], other=0)
-        x = gl.load(x_ptrs, mask=x_ok, other=0.0)
+        if X_AHEAD:  # the activations a step ahead too (their registers twice over), else at the top of their step
+            x = gl.load(x_ptrs, mask=x_ok, other=0.0)
         zc, s = _group_stats(qz_ptr, s_ptr, k_first // GROUP, rows, n_ok, N, MAGIC_HI)
         for i in range(STEPS):
             nxt = gl.minimum(i + 1, STEPS - 1) * BLOCK_K
             words_next = gl.load(w_ptrs + (nxt // 8) * N, mask=n_ok[:, None], other=0)
-            x_next = gl.load(x_ptrs + nxt, mask=x_ok, other=0.0)
+            if X_AHEAD:
+                x_next = gl.load(x_ptrs + nxt, mask=x_ok, other=0.0)
+            else:
+                x = gl.load(x_ptrs + i * BLOCK_K, mask=x_ok, other=0.0)
             zc_next, s_next = _group_stats(qz_ptr, s_ptr, (k_first + nxt) // GROUP, rows, n_ok, N, MAGIC_HI)
             d0, d1, d2, d3 = _dequant_pairs(words, zc[:, None], s[:, None], ASM)
             t = gl.join(gl.join(_pair(d0, DT), _pair(d1, DT)), gl.join(_pair(d2, DT), _pair(d3, DT)))  # [N, P, e, h, b]
@@ -137,7 +141,9 @@ if gluon is not None:
             b = gl.reshape(x, [BLOCK_K // 32, 4, 2, 2, 2, BLOCK_M])  # [chunk, t, e, b, h, m]: k = 8t + 4e + 2b + h
             b = gl.reshape(gl.permute(b, [0, 3, 4, 1, 2, 5]), [BLOCK_K, BLOCK_M])
             acc = mma_v2(gl.convert_layout(a, L_A), gl.convert_layout(b, L_B), acc)
-            words, x, zc, s = words_next, x_next, zc_next, s_next
+            if X_AHEAD:
+                x = x_next
+            words, zc, s = words_next, zc_next, s_next
         om = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, L_MMA))
         on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_MMA))
         ok = (om < M)[None, :] & (on < N)[:, None]
@@ -167,10 +173,12 @@ def applies(x2: torch.Tensor, scales: torch.Tensor, group: int) -> bool:
 
 
 def int4_mma2(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, part: torch.Tensor,
-              group: int, block_m: int, block_n: int, block_k: int, warps: int, split: int) -> None:
+              group: int, block_m: int, block_n: int, block_k: int, warps: int, split: int,
+              x_ahead: bool = True) -> None:
     """x2 [m, K] @ W^T into part (out [m, N] in x's dtype, or float32 partials [split, m, N]), as applies() allows;
     block_k a multiple of 32 that divides the group and K // split, block_n 16 x warps x a power of two, block_m a
-    power of two from 8 to 64 (at least m)."""
+    power of two from 8 to 64 (at least m). x_ahead: the activations are loaded a step ahead with the words (else at
+    the top of their step: half their registers)."""
     m, k = x2.shape
     n = qweight.shape[1]
     if block_k % 32 or group % block_k or (k // split) % block_k or block_n % (16 * warps) or not 8 <= block_m <= 64:
@@ -179,5 +187,5 @@ def int4_mma2(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     lay = _layouts_cached(block_n, block_k, block_m, warps)
     _int4_mma2_kernel[(-(-n // block_n), split)](
         x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), part.stride(-2), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP=group, SPLIT_K=split, L_WORDS=lay["words"], L_X=lay["x"], L_MMA=lay["mma"],
-        L_A=lay["a"], L_B=lay["b"], num_warps=warps)
+        BLOCK_K=block_k, GROUP=group, SPLIT_K=split, X_AHEAD=x_ahead, L_WORDS=lay["words"], L_X=lay["x"],
+        L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"], num_warps=warps)

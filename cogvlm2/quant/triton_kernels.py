@@ -802,13 +802,14 @@ CONFIGS = {
     # Best of 7 at 32 rows on the H200 (7be199a): 571 GB/s, below the bf16-activation tile's 674
     ("int4", "tile-a8"): (128, 0, 4, 4, -2),
     # the Gluon tile (TILE_GLUON) by BLOCK_M 8 / 16 / 32 / 64: fewer warps a program, or a shorter K step, as the
-    # activations' registers grow (BLOCK_K 128: 128 registers a thread at 8 rows, 210 at 32, spills at 64). Best of
-    # the candidates on the H200 (BENCHMARKS.md, sixteenth session, the LM linears of a decode step, 3.7 GB): 2.17 ms
-    # at 2 rows, 2.25 at 8, 2.75 at 16, 3.62 at 32, 5.41 at 64 (the Triton tiles: 5.12, 5.14, 5.25, 5.43, 7.96)
-    ("int4", "tile-gl"): (128, 128, 4, 0, -2),
-    ("int4", "tile-gl16"): (64, 128, 2, 0, -2),
-    ("int4", "tile-gl32"): (64, 128, 2, 0, -2),
-    ("int4", "tile-gl64"): (64, 64, 2, 0, -2),
+    # activations' registers grow (BLOCK_K 128: 128 registers a thread at 8 rows, 210 at 32, spills at 64 unless the
+    # activations are loaded in their own step, X_AHEAD 0: 254). Best of the candidates on the H200 (BENCHMARKS.md,
+    # sixteenth session, the LM linears of a decode step, 3.7 GB): 2.17 ms at 2 rows, 2.25 at 8, 2.63-2.75 at 16,
+    # 3.54-3.64 at 32, 5.07 at 64 (the Triton tiles: 5.12, 5.14, 5.25, 5.43, 7.96)
+    ("int4", "tile-gl"): (128, 128, 4, 1, -2),
+    ("int4", "tile-gl16"): (64, 128, 2, 1, -2),
+    ("int4", "tile-gl32"): (64, 128, 2, 1, -2),
+    ("int4", "tile-gl64"): (64, 128, 2, 0, -2),
     ("int4", "dequant"): (64, 128, 4, 1),
 }
 # int4's one row: W4A8 (x quantized to int8 per weight group, symmetric, by a small kernel; ~0.5% of relative
@@ -875,7 +876,8 @@ TILE_A8 = {"int4": 33}
 # TILE_GLUON: int4 at 2..64 rows through the Gluon tile (gluon_kernels.py: every MMA operand in registers, no shared
 # memory) where it applies (Gluon importable, sm_80+, bf16 / fp16); COGVLM2_INT4_TILE_GLUON=0 (read at import) keeps
 # the Triton tiles above. Configs ("int4", "tile-gl" / "tile-gl16" / "tile-gl32" / "tile-gl64"): (BLOCK_N, BLOCK_K,
-# warps, unused, SPLIT_K as for the tiles) at BLOCK_M 8 (2-8 rows) / 16 / 32 / 64. Measured on the H200 (BENCHMARKS.md,
+# warps, X_AHEAD (1: the activations loaded a step ahead with the words, 0: at the top of their step, half the
+# registers), SPLIT_K as for the tiles) at BLOCK_M 8 (2-8 rows) / 16 / 32 / 64. Measured on the H200 (BENCHMARKS.md,
 # sixteenth session): engine int4 decode at batch 32 8.99 -> 7.20 ms a step (`PYTHONPATH=. python
 # benchmarks/decode_ab.py --quant int4 --set "quant.triton_kernels.TILE_GLUON={'int4': False}" --set
 # "quant.triton_kernels.TILE_GLUON={'int4': True}" --batches 32 --rounds 2`)
@@ -909,11 +911,13 @@ CANDIDATES = {
     ("int4", "tile-a8"): [(128, 0, 4, 3, 0), (64, 0, 4, 3, 0), (128, 0, 8, 3, 0), (256, 0, 8, 3, 0), (128, 0, 4, 4, -2),
                           (64, 0, 4, 4, -2), (128, 0, 4, 2, 0)],
     # the Gluon tile at 8 / 16 / 32 / 64 rows (BLOCK_N = 16 x warps x row repeats)
-    ("int4", "tile-gl"): [(128, 128, 4, 0, -2), (64, 128, 2, 0, -2), (128, 128, 4, 0, 0), (128, 64, 4, 0, -2)],
-    ("int4", "tile-gl16"): [(64, 128, 2, 0, -2), (128, 128, 4, 0, -2), (128, 64, 4, 0, -2), (128, 128, 4, 0, 0)],
-    ("int4", "tile-gl32"): [(64, 128, 2, 0, -2), (128, 128, 4, 0, 0), (128, 64, 4, 0, -2), (128, 32, 4, 0, -2),
-                            (64, 64, 2, 0, -2), (128, 64, 4, 0, -4), (128, 32, 4, 0, -4)],
-    ("int4", "tile-gl64"): [(64, 64, 2, 0, -2), (128, 64, 4, 0, -2), (64, 32, 2, 0, -2), (128, 32, 4, 0, -2)],
+    ("int4", "tile-gl"): [(128, 128, 4, 1, -2), (128, 128, 4, 0, -2), (64, 128, 2, 1, -2), (128, 128, 4, 1, 0)],
+    ("int4", "tile-gl16"): [(64, 128, 2, 1, -2), (64, 128, 2, 0, -2), (128, 128, 4, 0, -2), (128, 128, 4, 1, -2),
+                            (128, 64, 4, 1, -2)],
+    ("int4", "tile-gl32"): [(64, 128, 2, 1, -2), (64, 128, 2, 0, -2), (128, 128, 4, 0, -2), (64, 64, 2, 0, -2),
+                            (128, 64, 4, 0, -2), (128, 128, 4, 1, 0), (64, 64, 2, 1, -2), (128, 128, 4, 0, 0)],
+    ("int4", "tile-gl64"): [(64, 128, 2, 0, -2), (64, 64, 2, 1, -2), (64, 64, 2, 0, -2), (64, 32, 2, 0, -2),
+                            (128, 64, 4, 1, -2)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
                        (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2), (128, 128, 4, 4, -2),
                        (128, 128, 4, 3, -4), (64, 128, 4, 4, -2)],
@@ -1195,11 +1199,12 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         split = 1 if fused_sum else split  # nothing left for _finish
     elif TILE_GLUON["int4"] and gluon_kernels.applies(x2, scales, group):  # the MMA's operands in registers
         block_m = _rows(m, 8)
-        block_n, block_k, warps, _, split = CONFIGS[("int4", "tile-gl" if block_m == 8 else f"tile-gl{block_m}")]
+        block_n, block_k, warps, x_ahead, split = CONFIGS[("int4", "tile-gl" if block_m == 8 else f"tile-gl{block_m}")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
         block_k = _block_k(min(block_k, group), group, 32)
         out, part = _outputs(m, n, split, x)
-        gluon_kernels.int4_mma2(x2, qweight, qzeros, scales, part, group, block_m, block_n, block_k, warps, split)
+        gluon_kernels.int4_mma2(x2, qweight, qzeros, scales, part, group, block_m, block_n, block_k, warps, split,
+                                x_ahead=bool(x_ahead))
     elif 0 < TILE_A8["int4"] <= m and x2.stride(-1) == 1 and group % 32 == 0:  # int8 activations on the tensor cores
         block_n, _, warps, stages, split = CONFIGS[("int4", "tile-a8")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
