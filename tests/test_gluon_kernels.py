@@ -44,25 +44,26 @@ def test_layouts_give_each_element_to_one_thread(block_n, block_k, warps):
         lay = gk.layouts(block_n, block_k, block_m, warps)
         w = lay["words"]
         assert (_cover(w.reg_bases + w.lane_bases + w.warp_bases, [block_n, block_k // 8]) == 1).all()
-        x = _cover(lay["x"].reg_bases + lay["x"].lane_bases, [block_k, block_m])
-        assert (x == 1).all() and all(b == [0, 0] for b in lay["x"].warp_bases)
+        for name, rows in (("x", block_k), ("x32", block_k // 2)):  # bf16 activations / int32 pairs of them
+            x = _cover(lay[name].reg_bases + lay[name].lane_bases, [rows, block_m])
+            assert (x == 1).all() and all(b == [0, 0] for b in lay[name].warp_bases), name
 
 
 @needs_gluon
 def test_tile_compiles_for_hopper_without_shared_memory():
     """Every swept config, bf16 and fp16, 8 / 32 / 64 rows, the activations loaded a step ahead or in their step,
-    for sm_90: mma.sync m16n8k16 on operands that never touch shared memory (0 bytes of it, no ld/st.shared), the
+    paired by nibble or by byte, for sm_90: mma.sync m16n8k16 on operands that never touch shared memory (0 bytes of it, no ld/st.shared), the
     dequantization as packed FMAs, no register spills."""
-    for (block_n, block_k, warps, ahead), rows, dt in itertools.product(CONFIGS, (8, 32, 64), ("bf16", "fp16")):
+    for (block_n, block_k, warps, flags), rows, dt in itertools.product(CONFIGS, (8, 32, 64), ("bf16", "fp16")):
         lay = gk.layouts(block_n, block_k, rows, warps)
         kernel = compile_for_hopper(
             gk._int4_mma2_kernel, {"x_ptr": f"*{dt}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": f"*{dt}",
                                    "out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_om": "i32"},
-            dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=128, SPLIT_K=2, X_AHEAD=bool(ahead),
-                 L_WORDS=lay["words"], L_X=lay["x"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"]), gluon=True,
-            num_warps=warps)
+            dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=128, SPLIT_K=2, X_AHEAD=bool(flags & 1),
+                 BYTE_PAIRS=bool(flags & 2), L_WORDS=lay["words"], L_X=lay["x32" if flags & 2 else "x"],
+                 L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"]), gluon=True, num_warps=warps)
         ptx = kernel.asm["ptx"]
-        where = (block_n, block_k, warps, ahead, rows, dt)
+        where = (block_n, block_k, warps, flags, rows, dt)
         assert kernel.metadata.shared == 0 and "ld.shared" not in ptx and "st.shared" not in ptx, where
         assert "mma.sync.aligned.m16n8k16" in ptx and f"fma.rn.{'bf16x2' if dt == 'bf16' else 'f16x2'}" in ptx, where
         assert "ld.local" not in ptx, where
@@ -92,14 +93,14 @@ def test_tile_equals_the_dequantized_weights_cuda():
         for m in (2, 17, 33) if dtype == torch.float16 else (2, 3, 16, 17, 32, 33, 64):
             x = (torch.randn(m, k, generator=g)).to(dtype).cuda()
             expected = x.float() @ ref.t()
-            for split in (1, 0):  # 0: as the config says
+            for split, pairing in ((1, 0), (0, 0), (0, 2)):  # split 0: as the config says; pairing 2: by byte
                 with _tables(TILE_GLUON={"int4": True}, CONFIGS={
-                        key: tk.CONFIGS[key][:4] + (split or tk.CONFIGS[key][4],)
+                        key: tk.CONFIGS[key][:3] + (tk.CONFIGS[key][3] & 1 | pairing, split or tk.CONFIGS[key][4])
                         for key in (("int4", path) for path in PATHS)}):
                     assert gk.applies(x, scales, group)
                     got = tk.int4_linear(x, qweight, qzeros, scales, group)
                 err = ((got.float() - expected).norm() / expected.norm()).item()
-                assert got.dtype == dtype and err < 4e-3, (n, k, group, dtype, m, split, err)
+                assert got.dtype == dtype and err < 4e-3, (n, k, group, dtype, m, split, pairing, err)
             with _tables(TILE_GLUON={"int4": False}, TILE_A8={"int4": 0}):
                 triton_tile = tk.int4_linear(x, qweight, qzeros, scales, group).float()
             assert ((got.float() - triton_tile).norm() / triton_tile.norm()).item() < 4e-3, (n, k, m)

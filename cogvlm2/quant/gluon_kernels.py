@@ -55,24 +55,37 @@ def layouts(block_n: int, block_k: int, block_m: int, warps: int) -> dict:
         + [[0, 8 << i] for i in range(_log2(block_m // 8))],
         lane_bases=[[8, 0], [16, 0], [0, 1], [0, 2], [0, 4]],
         warp_bases=[[0, 0]] * _log2(warps), block_bases=[], shape=[block_k, block_m])
+    # byte pairs: the activations as int32 pairs [block_k / 2, block_m], a thread's 4 (16 bytes) its MMA pairs
+    x32 = gl.DistributedLinearLayout(
+        reg_bases=[[1, 0], [2, 0]] + [[16 << i, 0] for i in range(_log2(block_k // 32))]
+        + [[0, 8 << i] for i in range(_log2(block_m // 8))],
+        lane_bases=[[4, 0], [8, 0], [0, 1], [0, 2], [0, 4]],
+        warp_bases=[[0, 0]] * _log2(warps), block_bases=[], shape=[block_k // 2, block_m])
     return {"mma": mma, "a": gl.DotOperandLayout(0, mma, 2), "b": gl.DotOperandLayout(1, mma, 2), "words": words,
-            "x": x}
+            "x": x, "x32": x32}
 
 
-def _dequant_ptx(magic: str, kind: str, one: str) -> str:
-    """(c + q) for nibbles i and i + 4 of $4 by one shift and one LOP3 ((w >> 4i) & 0x000F000F | magic: the codes in
-    the low mantissa bits of c = 128 (bf16) / 1024 (fp16)), minus (c + z) ($5 holds -(c + z)), times s ($6), into
+def _dequant_ptx(magic: str, kind: str, one: str, byte_pairs: bool) -> str:
+    """(c + q) for a pair of nibbles of $4 in the low mantissa bits of c = 128 (bf16) / 1024 (fp16) (x & 0x000F000F |
+    magic, one LOP3): nibbles i and i + 4 by a shift first, or (byte_pairs) nibbles 2i and 2i + 1 (byte i of the word
+    and of the word >> 4 moved to bytes 0 and 2 by one PRMT); minus (c + z) ($5 holds -(c + z)), times s ($6), into
     $0..$3; both as FMAs (sm_80's bf16x2 arithmetic; x 1 + -(c + z) is exact, x s + -0 is the rounded product)."""
-    lines = [f"lop3.b32 t0, $4, 0x000F000F, {magic}, 0xea;"]
-    lines += [f"shr.u32 t{i}, $4, {4 * i}; lop3.b32 t{i}, t{i}, 0x000F000F, {magic}, 0xea;" for i in (1, 2, 3)]
+    if byte_pairs:
+        lines = ["shr.u32 w4, $4, 4;"] + [f"prmt.b32 t{i}, $4, w4, {0x0400 + 0x0101 * i:#06x}; lop3.b32 t{i}, t{i}, "
+                                         f"0x000F000F, {magic}, 0xea;" for i in range(4)]
+    else:
+        lines = [f"lop3.b32 t0, $4, 0x000F000F, {magic}, 0xea;"]
+        lines += [f"shr.u32 t{i}, $4, {4 * i}; lop3.b32 t{i}, t{i}, 0x000F000F, {magic}, 0xea;" for i in (1, 2, 3)]
     lines += [f"fma.rn.{kind} t{i}, t{i}, one, $5; fma.rn.{kind} ${i}, t{i}, $6, nz;" for i in range(4)]
-    head = f"{{ .reg .b32 t0, t1, t2, t3, one, nz; mov.b32 one, {one}; mov.b32 nz, 0x80008000; "
+    head = f"{{ .reg .b32 t0, t1, t2, t3, w4, one, nz; mov.b32 one, {one}; mov.b32 nz, 0x80008000; "
     return head + " ".join(lines) + " }"
 
 
 if gluon is not None:
-    DEQUANT_PTX_BF16 = gl.constexpr(_dequant_ptx("0x43004300", "bf16x2", "0x3F803F80"))
-    DEQUANT_PTX_F16 = gl.constexpr(_dequant_ptx("0x64006400", "f16x2", "0x3C003C00"))
+    DEQUANT_PTX_BF16 = gl.constexpr(_dequant_ptx("0x43004300", "bf16x2", "0x3F803F80", False))
+    DEQUANT_PTX_F16 = gl.constexpr(_dequant_ptx("0x64006400", "f16x2", "0x3C003C00", False))
+    DEQUANT_PTX_BF16_BYTES = gl.constexpr(_dequant_ptx("0x43004300", "bf16x2", "0x3F803F80", True))
+    DEQUANT_PTX_F16_BYTES = gl.constexpr(_dequant_ptx("0x64006400", "f16x2", "0x3C003C00", True))
 
     @gluon.jit
     def _dequant_pairs(words, zc, s, ASM: gl.constexpr):
@@ -100,11 +113,15 @@ if gluon is not None:
     @gluon.jit
     def _int4_mma2_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: gl.constexpr, stride_xm, stride_om,
                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-                          SPLIT_K: gl.constexpr, X_AHEAD: gl.constexpr, L_WORDS: gl.constexpr, L_X: gl.constexpr,
+                          SPLIT_K: gl.constexpr, X_AHEAD: gl.constexpr, BYTE_PAIRS: gl.constexpr,
+                          L_WORDS: gl.constexpr, L_X: gl.constexpr,
                           L_MMA: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr):
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
-        ASM: gl.constexpr = DEQUANT_PTX_BF16 if BF16 else DEQUANT_PTX_F16
+        if BYTE_PAIRS:
+            ASM: gl.constexpr = DEQUANT_PTX_BF16_BYTES if BF16 else DEQUANT_PTX_F16_BYTES
+        else:
+            ASM: gl.constexpr = DEQUANT_PTX_BF16 if BF16 else DEQUANT_PTX_F16
         MAGIC_HI: gl.constexpr = 0x4300 if BF16 else 0x6400
         P: gl.constexpr = BLOCK_K // 8
         KS: gl.constexpr = K // SPLIT_K
@@ -116,30 +133,41 @@ if gluon is not None:
         n_ok = rows < N
         p = gl.arange(0, P, layout=gl.SliceLayout(0, L_WORDS))
         w_ptrs = qw_ptr + (k_first // 8 + p)[None, :].to(gl.int64) * N + rows[:, None]
-        kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, L_X))
         mx = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, L_X))
-        x_ptrs = x_ptr + mx[None, :] * stride_xm + (k_first + kx)[:, None]
         x_ok = (mx < M)[None, :]
+        if BYTE_PAIRS:  # pairs of activations as int32 (rows 4-byte aligned, checked by the caller)
+            kx = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, L_X))
+            x_ptrs = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + mx[None, :] * (stride_xm // 2) \
+                + (k_first // 2 + kx)[:, None]
+            XSTEP: gl.constexpr = 2
+        else:
+            kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, L_X))
+            x_ptrs = x_ptr + mx[None, :] * stride_xm + (k_first + kx)[:, None]
+            XSTEP: gl.constexpr = 1
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
         # a step ahead: the loads of step i + 1 are issued before step i's arithmetic
         words = gl.load(w_ptrs, mask=n_ok[:, None], other=0)
         if X_AHEAD:  # the activations a step ahead too (their registers twice over), else at the top of their step
-            x = gl.load(x_ptrs, mask=x_ok, other=0.0)
+            x = gl.load(x_ptrs, mask=x_ok, other=0)
         zc, s = _group_stats(qz_ptr, s_ptr, k_first // GROUP, rows, n_ok, N, MAGIC_HI)
         for i in range(STEPS):
             nxt = gl.minimum(i + 1, STEPS - 1) * BLOCK_K
             words_next = gl.load(w_ptrs + (nxt // 8) * N, mask=n_ok[:, None], other=0)
             if X_AHEAD:
-                x_next = gl.load(x_ptrs + nxt, mask=x_ok, other=0.0)
+                x_next = gl.load(x_ptrs + nxt // XSTEP, mask=x_ok, other=0)
             else:
-                x = gl.load(x_ptrs + i * BLOCK_K, mask=x_ok, other=0.0)
+                x = gl.load(x_ptrs + i * BLOCK_K // XSTEP, mask=x_ok, other=0)
             zc_next, s_next = _group_stats(qz_ptr, s_ptr, (k_first + nxt) // GROUP, rows, n_ok, N, MAGIC_HI)
             d0, d1, d2, d3 = _dequant_pairs(words, zc[:, None], s[:, None], ASM)
             t = gl.join(gl.join(_pair(d0, DT), _pair(d1, DT)), gl.join(_pair(d2, DT), _pair(d3, DT)))  # [N, P, e, h, b]
             t = gl.reshape(t, [BLOCK_N, P // 4, 4, 2, 2, 2])  # [n, chunk, t, e, h, b]
             a = gl.reshape(gl.permute(t, [0, 1, 5, 4, 2, 3]), [BLOCK_N, BLOCK_K])  # k' = 16b + 8h + 2t + e
-            b = gl.reshape(x, [BLOCK_K // 32, 4, 2, 2, 2, BLOCK_M])  # [chunk, t, e, b, h, m]: k = 8t + 4e + 2b + h
-            b = gl.reshape(gl.permute(b, [0, 3, 4, 1, 2, 5]), [BLOCK_K, BLOCK_M])
+            if BYTE_PAIRS:  # [chunk, t, b, h, m, e]: k = 8t + 4b + 2h + e, a thread's registers already the pairs
+                b = gl.reshape(_pair(x, DT), [BLOCK_K // 32, 4, 2, 2, BLOCK_M, 2])
+                b = gl.reshape(gl.permute(b, [0, 2, 3, 1, 5, 4]), [BLOCK_K, BLOCK_M])
+            else:  # [chunk, t, e, b, h, m]: k = 8t + 4e + 2b + h, paired (h + 2b, h + 2b + 4) by byte permutes
+                b = gl.reshape(x, [BLOCK_K // 32, 4, 2, 2, 2, BLOCK_M])
+                b = gl.reshape(gl.permute(b, [0, 3, 4, 1, 2, 5]), [BLOCK_K, BLOCK_M])
             acc = mma_v2(gl.convert_layout(a, L_A), gl.convert_layout(b, L_B), acc)
             if X_AHEAD:
                 x = x_next
@@ -174,11 +202,13 @@ def applies(x2: torch.Tensor, scales: torch.Tensor, group: int) -> bool:
 
 def int4_mma2(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, part: torch.Tensor,
               group: int, block_m: int, block_n: int, block_k: int, warps: int, split: int,
-              x_ahead: bool = True) -> None:
+              x_ahead: bool = True, byte_pairs: bool = False) -> None:
     """x2 [m, K] @ W^T into part (out [m, N] in x's dtype, or float32 partials [split, m, N]), as applies() allows;
     block_k a multiple of 32 that divides the group and K // split, block_n 16 x warps x a power of two, block_m a
     power of two from 8 to 64 (at least m). x_ahead: the activations are loaded a step ahead with the words (else at
-    the top of their step: half their registers)."""
+    the top of their step: half their registers). byte_pairs: the two codes of a byte form an MMA pair (k, k + 1),
+    so the activations are used as loaded; else nibbles j and j + 4 (k, k + 4) and the activations are paired by
+    byte permutes."""
     m, k = x2.shape
     n = qweight.shape[1]
     if block_k % 32 or group % block_k or (k // split) % block_k or block_n % (16 * warps) or not 8 <= block_m <= 64:
@@ -187,5 +217,5 @@ def int4_mma2(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     lay = _layouts_cached(block_n, block_k, block_m, warps)
     _int4_mma2_kernel[(-(-n // block_n), split)](
         x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), part.stride(-2), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP=group, SPLIT_K=split, X_AHEAD=x_ahead, L_WORDS=lay["words"], L_X=lay["x"],
-        L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"], num_warps=warps)
+        BLOCK_K=block_k, GROUP=group, SPLIT_K=split, X_AHEAD=x_ahead, BYTE_PAIRS=byte_pairs, L_WORDS=lay["words"],
+        L_X=lay["x32" if byte_pairs else "x"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"], num_warps=warps)

@@ -876,8 +876,10 @@ TILE_A8 = {"int4": 33}
 # TILE_GLUON: int4 at 2..64 rows through the Gluon tile (gluon_kernels.py: every MMA operand in registers, no shared
 # memory) where it applies (Gluon importable, sm_80+, bf16 / fp16); COGVLM2_INT4_TILE_GLUON=0 (read at import) keeps
 # the Triton tiles above. Configs ("int4", "tile-gl" / "tile-gl16" / "tile-gl32" / "tile-gl64"): (BLOCK_N, BLOCK_K,
-# warps, X_AHEAD (1: the activations loaded a step ahead with the words, 0: at the top of their step, half the
-# registers), SPLIT_K as for the tiles) at BLOCK_M 8 (2-8 rows) / 16 / 32 / 64. Measured on the H200 (BENCHMARKS.md,
+# warps, flags, SPLIT_K as for the tiles) at BLOCK_M 8 (2-8 rows) / 16 / 32 / 64; flags: 1 = X_AHEAD (the activations
+# loaded a step ahead with the words, else at the top of their step: fewer registers), 2 = BYTE_PAIRS (the two codes
+# of a byte form an MMA pair, so the activations need no byte permutes: 540 against 585 SASS instructions a step at
+# 32 rows, 431 against 412 at 8; not yet measured on a GPU). Measured on the H200 (BENCHMARKS.md,
 # sixteenth session): engine int4 decode at batch 32 8.99 -> 7.20 ms a step (`PYTHONPATH=. python
 # benchmarks/decode_ab.py --quant int4 --set "quant.triton_kernels.TILE_GLUON={'int4': False}" --set
 # "quant.triton_kernels.TILE_GLUON={'int4': True}" --batches 32 --rounds 2`)
@@ -911,12 +913,11 @@ CANDIDATES = {
     ("int4", "tile-a8"): [(128, 0, 4, 3, 0), (64, 0, 4, 3, 0), (128, 0, 8, 3, 0), (256, 0, 8, 3, 0), (128, 0, 4, 4, -2),
                           (64, 0, 4, 4, -2), (128, 0, 4, 2, 0)],
     # the Gluon tile at 8 / 16 / 32 / 64 rows (BLOCK_N = 16 x warps x row repeats)
-    ("int4", "tile-gl"): [(128, 128, 4, 1, -2), (128, 128, 4, 0, -2), (64, 128, 2, 1, -2), (128, 128, 4, 1, 0)],
-    ("int4", "tile-gl16"): [(64, 128, 2, 1, -2), (64, 128, 2, 0, -2), (128, 128, 4, 0, -2), (128, 128, 4, 1, -2),
-                            (128, 64, 4, 1, -2)],
-    ("int4", "tile-gl32"): [(64, 128, 2, 1, -2), (64, 128, 2, 0, -2), (128, 128, 4, 0, -2), (64, 64, 2, 0, -2),
-                            (128, 64, 4, 0, -2), (128, 128, 4, 1, 0), (64, 64, 2, 1, -2), (128, 128, 4, 0, 0)],
-    ("int4", "tile-gl64"): [(64, 128, 2, 0, -2), (64, 64, 2, 1, -2), (64, 64, 2, 0, -2), (64, 32, 2, 0, -2),
+    ("int4", "tile-gl"): [(128, 128, 4, 1, -2), (128, 128, 4, 3, -2), (64, 128, 2, 1, -2), (128, 128, 4, 1, 0)],
+    ("int4", "tile-gl16"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (64, 128, 2, 0, -2), (128, 64, 4, 1, -2)],
+    ("int4", "tile-gl32"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (64, 128, 2, 2, -2), (128, 128, 4, 3, 0),
+                            (128, 128, 4, 1, 0), (64, 64, 2, 1, -2), (64, 64, 2, 3, -2)],
+    ("int4", "tile-gl64"): [(64, 128, 2, 0, -2), (64, 128, 2, 2, -2), (64, 64, 2, 1, -2), (64, 64, 2, 3, -2),
                             (128, 64, 4, 1, -2)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
                        (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2), (128, 128, 4, 4, -2),
@@ -1199,12 +1200,13 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         split = 1 if fused_sum else split  # nothing left for _finish
     elif TILE_GLUON["int4"] and gluon_kernels.applies(x2, scales, group):  # the MMA's operands in registers
         block_m = _rows(m, 8)
-        block_n, block_k, warps, x_ahead, split = CONFIGS[("int4", "tile-gl" if block_m == 8 else f"tile-gl{block_m}")]
+        block_n, block_k, warps, flags, split = CONFIGS[("int4", "tile-gl" if block_m == 8 else f"tile-gl{block_m}")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
         block_k = _block_k(min(block_k, group), group, 32)
         out, part = _outputs(m, n, split, x)
+        byte_pairs = flags & 2 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0  # x read as int32 pairs
         gluon_kernels.int4_mma2(x2, qweight, qzeros, scales, part, group, block_m, block_n, block_k, warps, split,
-                                x_ahead=bool(x_ahead))
+                                x_ahead=bool(flags & 1), byte_pairs=bool(byte_pairs))
     elif 0 < TILE_A8["int4"] <= m and x2.stride(-1) == 1 and group % 32 == 0:  # int8 activations on the tensor cores
         block_n, _, warps, stages, split = CONFIGS[("int4", "tile-a8")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
