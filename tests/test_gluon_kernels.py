@@ -52,8 +52,8 @@ def test_layouts_give_each_element_to_one_thread(block_n, block_k, warps):
 @needs_gluon
 def test_tile_compiles_for_hopper_without_shared_memory():
     """Every swept config, bf16 and fp16, 8 / 32 / 64 rows, the activations loaded a step ahead or in their step,
-    paired by nibble or by byte, for sm_90: mma.sync m16n8k16 on operands that never touch shared memory (0 bytes of it, no ld/st.shared), the
-    dequantization as packed FMAs, no register spills."""
+    paired by nibble or by byte, for sm_90: mma.sync m16n8k16 on operands that never touch shared memory (0 bytes of
+    it, no ld/st.shared), the dequantization as packed FMAs, no register spills."""
     for (block_n, block_k, warps, flags), rows, dt in itertools.product(CONFIGS, (8, 32, 64), ("bf16", "fp16")):
         lay = gk.layouts(block_n, block_k, rows, warps)
         kernel = compile_for_hopper(
