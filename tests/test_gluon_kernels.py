@@ -51,10 +51,12 @@ def test_layouts_give_each_element_to_one_thread(block_n, block_k, warps):
 
 @needs_gluon
 def test_tile_compiles_for_hopper_without_shared_memory():
-    """Every swept config, bf16 and fp16, 8 / 32 / 64 rows, the activations loaded a step ahead or in their step,
-    paired by nibble or by byte, for sm_90: mma.sync m16n8k16 on operands that never touch shared memory (0 bytes of
+    """Every swept config at 8 / 32 / 64 rows (fp16 at the defaults), the activations loaded a step ahead or in their
+    step, paired by nibble or by byte, for sm_90: mma.sync m16n8k16 on operands that never touch shared memory (0 bytes of
     it, no ld/st.shared), the dequantization as packed FMAs, no register spills."""
-    for (block_n, block_k, warps, flags), rows, dt in itertools.product(CONFIGS, (8, 32, 64), ("bf16", "fp16")):
+    defaults = {tk.CONFIGS[("int4", path)][:4] for path in PATHS}
+    cases = [(c, rows, "bf16") for c in CONFIGS for rows in (8, 32, 64)] + [(c, 32, "fp16") for c in defaults]
+    for (block_n, block_k, warps, flags), rows, dt in cases:
         lay = gk.layouts(block_n, block_k, rows, warps)
         kernel = compile_for_hopper(
             gk._int4_mma2_kernel, {"x_ptr": f"*{dt}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": f"*{dt}",
@@ -67,6 +69,88 @@ def test_tile_compiles_for_hopper_without_shared_memory():
         assert kernel.metadata.shared == 0 and "ld.shared" not in ptx and "st.shared" not in ptx, where
         assert "mma.sync.aligned.m16n8k16" in ptx and f"fma.rn.{'bf16x2' if dt == 'bf16' else 'f16x2'}" in ptx, where
         assert "ld.local" not in ptx, where
+
+
+def _run_ptx(asm: str, inputs: list[int], dtype: torch.dtype) -> list[int]:
+    """A small interpreter of the PTX these kernels inline (mov, and, shr, shl, prmt, lop3, fma.rn on 16-bit float
+    pairs) for one thread: the inputs are $4.., the four outputs $0..$3 are returned. It checks the bit
+    manipulations' plan (PRMT selectors, LOP3 tables, which codes pair up) on the CPU; the GPU tests check the
+    hardware."""
+    regs = {f"${4 + i}": v & 0xFFFFFFFF for i, v in enumerate(inputs)}
+
+    def val(op: str) -> int:
+        return regs[op] if op in regs else int(op, 0) & 0xFFFFFFFF
+
+    def halves(v: int) -> torch.Tensor:
+        return torch.tensor([v & 0xFFFF, v >> 16], dtype=torch.int32).to(torch.int16).view(dtype).double()
+
+    for ins in asm.strip(" {}").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, args = ins.split(None, 1)
+        d, *a = [x.strip() for x in args.split(",")]
+        if op == "mov.b32":
+            r = val(a[0])
+        elif op == "and.b32":
+            r = val(a[0]) & val(a[1])
+        elif op == "shr.u32":
+            r = val(a[0]) >> int(a[1])
+        elif op == "shl.b32":
+            r = val(a[0]) << int(a[1])
+        elif op == "prmt.b32":  # bytes 0-3 of a, 4-7 of b; selector nibble i picks byte i (its bit 3: sign-replicate)
+            src, r = val(a[0]) | val(a[1]) << 32, 0
+            for i in range(4):
+                sel = val(a[2]) >> (4 * i) & 0xF
+                byte = src >> (8 * (sel & 7)) & 0xFF
+                r |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << (8 * i)
+        elif op == "lop3.b32":  # bit i = lut[4 a_i + 2 b_i + c_i]
+            x, y, z, lut = val(a[0]), val(a[1]), val(a[2]), int(a[3], 0)
+            r = sum((lut >> ((x >> i & 1) << 2 | (y >> i & 1) << 1 | (z >> i & 1)) & 1) << i for i in range(32))
+        elif op.startswith("fma.rn."):  # products and sums of 16-bit floats exact in float64, rounded once
+            out = (halves(val(a[0])) * halves(val(a[1])) + halves(val(a[2]))).to(dtype)
+            bits = out.view(torch.int16).to(torch.int64) & 0xFFFF
+            r = int(bits[0]) | int(bits[1]) << 16
+        else:
+            raise AssertionError(f"instruction not modelled: {ins}")
+        regs[d] = r & 0xFFFFFFFF
+    return [regs[f"${i}"] for i in range(4)]
+
+
+def _bits(v, dtype: torch.dtype) -> int:
+    return int(torch.as_tensor(v).to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF)
+
+
+@needs_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequant_ptx_pairs_the_right_codes(dtype):
+    """The int4 PTX (both pairings) and the fp4 PTX, run by _run_ptx on random words: each output pair holds the
+    codes the kernel's K order says ((k, k + 4) or (k, k + 1); fp4: k even, k odd of byte j), dequantized as the
+    reference does ((q - z) s; 192 v times absmax / 192), rounded once to the 16-bit type, bit for bit."""
+    from cogvlm2.quant import formats
+
+    g = torch.Generator().manual_seed(0)
+    kind, one, magic = ("bf16x2", "0x3F803F80", "0x43004300") if dtype == torch.bfloat16 else \
+        ("f16x2", "0x3C003C00", "0x64006400")
+    lut = formats.code_table("fp4", "cpu").double()
+    for trial in range(48):
+        w = int(torch.randint(0, 2**32, (1,), generator=g, dtype=torch.int64))
+        z = int(torch.randint(0, 16, (1,), generator=g))
+        s = torch.tensor(torch.rand(1, generator=g).item() * 0.05 + 1e-3).to(dtype).double()
+        nib = [w >> (4 * j) & 0xF for j in range(8)]
+        zc = ((0x4300 if dtype == torch.bfloat16 else 0x6400) | z) * 0x10001 ^ 0x80008000  # -(c + z), a pair
+        for byte_pairs in (False, True):
+            got = _run_ptx(gk._dequant_ptx(magic, kind, one, byte_pairs), [w, zc, _bits(s, dtype) * 0x10001], dtype)
+            for i, r in enumerate(got):
+                pair = (2 * i, 2 * i + 1) if byte_pairs else (i, i + 4)
+                assert [r & 0xFFFF, r >> 16] == [_bits((nib[j] - z) * s, dtype) for j in pair], \
+                    (trial, byte_pairs, i, hex(w), z)
+        scale = torch.tensor(torch.rand(1, generator=g).item() * 3 / 192).to(dtype).double()
+        got = _run_ptx(gk._fp4_ptx(dtype, kind), [w, _bits(scale, dtype) * 0x10001], dtype)
+        for j, r in enumerate(got):
+            byte = w >> (8 * j) & 0xFF
+            want = [_bits(lut[c] * 192 * scale, dtype) for c in (byte >> 4, byte & 0xF)]
+            assert [r & 0xFFFF, r >> 16] == want, (trial, j, hex(byte))
 
 
 def _weights(n: int, k: int, group: int, dtype, seed: int):
@@ -122,6 +206,63 @@ def test_tile_replays_from_a_cuda_graph_cuda():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+FP4_CONFIGS = sorted({c[:4] for c in tk.CANDIDATES[("fp4", "tile-gl")]})
+
+
+@needs_gluon
+def test_fp4_tile_compiles_for_hopper_without_shared_memory():
+    """The fp4 tile at every swept config at 8 / 32 / 64 rows, and at its default in bf16 and fp16 with plain and
+    nested absmax, for sm_90:
+    mma.sync on operands that never touch shared memory, the codes decoded by PRMT, no register spills."""
+    default = tk.CONFIGS[("fp4", "tile-gl")][:4]
+    cases = [(c, rows, "bf16", False) for c in FP4_CONFIGS for rows in (8, 32, 64)]
+    cases += [(default, 32, dt, nested) for dt in ("bf16", "fp16") for nested in (False, True)]
+    for (block_n, block_k, warps, ahead), rows, dt, nested in cases:
+        lay = gk.layouts(block_n, block_k, rows, warps)
+        kernel = compile_for_hopper(
+            gk._fp4_mma2_kernel, {"x_ptr": f"*{dt}", "w_ptr": "*i32", "absmax_ptr": "*u8" if nested else "*fp32",
+                                  "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "offset": "fp32", "out_ptr": "*fp32",
+                                  "M": "i32", "N": "i32", "stride_xm": "i32", "stride_om": "i32"},
+            dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=64, NESTED=nested, SPLIT_K=2,
+                 X_AHEAD=bool(ahead), L_WORDS=lay["words"], L_X=lay["x32"], L_MMA=lay["mma"], L_A=lay["a"],
+                 L_B=lay["b"]), gluon=True, num_warps=warps)
+        ptx, where = kernel.asm["ptx"], (block_n, block_k, warps, ahead, rows, dt, nested)
+        assert kernel.metadata.shared == 0 and "ld.shared" not in ptx and "st.shared" not in ptx, where
+        assert "mma.sync.aligned.m16n8k16" in ptx and "prmt.b32" in ptx and "ld.local" not in ptx, where
+
+
+@cuda
+@needs_gluon
+def test_fp4_tile_equals_the_dequantized_weights_cuda():
+    """fp4_linear at 2..64 rows through the Gluon fp4 tile (TILE_GLUON["fp4"]), every swept config, bf16 and fp16,
+    plain and nested (8-bit) absmax, K split or not, N not a multiple of the tile: x @ dequantize(W)^T in float32 to
+    the rounding of each weight ((192 v) (absmax / 192) in the 16-bit type) and accumulation order."""
+    from cogvlm2.quant import formats
+
+    g = torch.Generator().manual_seed(5)
+    for (n, k), dtype in itertools.product(((200, 4096), (72, 14336)), (torch.bfloat16, torch.float16)):
+        w = torch.randn(n, k, generator=g).cuda() / 16
+        packed, absmax = formats.quantize_4bit(w, "fp4")
+        lut = formats.code_table("fp4", "cuda")
+        a8, nabs, nmap, offset = formats.quantize_absmax(absmax)
+        nested = (nabs, nmap.cuda(), offset)
+        refs = {None: formats.dequantize_4bit(packed, absmax, lut, (n, k), dtype).float(),
+                "nested": formats.dequantize_4bit(packed, formats.dequantize_absmax(a8, *nested), lut, (n, k),
+                                                  dtype).float()}
+        for m in (2, 17, 32, 64) if dtype == torch.bfloat16 else (3, 33):
+            x = torch.randn(m, k, generator=g).to(dtype).cuda()
+            assert gk.fp4_applies(x, packed, 64, True)
+            for config in tk.CANDIDATES[("fp4", "tile-gl")] if n == 200 and dtype == torch.bfloat16 else \
+                    [tk.CONFIGS[("fp4", "tile-gl")]]:
+                for kind in (None, "nested"):
+                    with _tables(TILE_GLUON={"fp4": True}, CONFIGS={("fp4", "tile-gl"): config}):
+                        got = tk.fp4_linear(x, packed, a8 if kind else absmax, lut, n, is_fp4=True,
+                                            nested=nested if kind else None)
+                    expected = x.float() @ refs[kind].t()
+                    err = ((got.float() - expected).norm() / expected.norm()).item()
+                    assert got.dtype == dtype and err < 6e-3, (n, k, dtype, m, config, kind, err)
 
 
 def test_bad_tile_shapes_are_refused():

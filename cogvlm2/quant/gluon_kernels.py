@@ -81,11 +81,42 @@ def _dequant_ptx(magic: str, kind: str, one: str, byte_pairs: bool) -> str:
     return head + " ".join(lines) + " }"
 
 
+
+def _fp4_ptx(dtype: torch.dtype, kind: str) -> str:
+    """bitsandbytes fp4: the 8 codes of $4 (byte j: code k = 2j in its high nibble, 2j + 1 in its low) -> $0..$3, the
+    pairs (k = 2j, 2j + 1) as 16-bit floats 192 v (exact: 0, 1, 128, 192, 64, 96, 32, 48, the table x 192) times
+    $5 (the block's absmax / 192, a pair): the magnitudes' low and high bytes looked up by PRMT in two 8-byte tables
+    (the codes' low 3 bits select), interleaved by PRMT into pairs, the sign bits (the codes' bit 3) OR-ed into bits
+    15 and 31 (byte j of the word and of the word << 4 moved by PRMT), then one FMA (x s + -0)."""
+    from . import formats
+
+    values = formats.code_table("fp4", "cpu")[:8] * 192
+    bits = values.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    if not torch.equal(values.to(dtype).float(), values) or not torch.equal(formats.code_table("fp4", "cpu")[8:],
+                                                                              -formats.code_table("fp4", "cpu")[:8]):
+        raise RuntimeError("the fp4 code table is not 192 x an exact 16-bit value, sign-symmetric")
+    lo = [int(b) & 0xFF for b in bits]
+    hi = [int(b) >> 8 for b in bits]
+    word = lambda b: sum(v << (8 * i) for i, v in enumerate(b))  # noqa: E731
+    lines = [f"mov.b32 la, {word(lo[:4]):#010x}; mov.b32 lb, {word(lo[4:]):#010x}; mov.b32 ha, {word(hi[:4]):#010x};",
+             f"mov.b32 hb, {word(hi[4:]):#010x}; mov.b32 nz, 0x80008000;",
+             "and.b32 sel, $4, 0x77777777; shr.u32 sel2, sel, 16; shl.b32 w4, $4, 4;",
+             "prmt.b32 lw, la, lb, sel; prmt.b32 hw, ha, hb, sel; prmt.b32 t0, lw, hw, 0x4051; "
+             "prmt.b32 t1, lw, hw, 0x6273;",
+             "prmt.b32 lw, la, lb, sel2; prmt.b32 hw, ha, hb, sel2; prmt.b32 t2, lw, hw, 0x4051; "
+             "prmt.b32 t3, lw, hw, 0x6273;"]
+    lines += [f"prmt.b32 v, $4, w4, {0x4000 + 0x1010 * j:#06x}; lop3.b32 t{j}, t{j}, v, nz, 0xf8; "
+              f"fma.rn.{kind} ${j}, t{j}, $5, nz;" for j in range(4)]
+    return "{ .reg .b32 la, lb, ha, hb, nz, sel, sel2, w4, lw, hw, v, t0, t1, t2, t3; " + " ".join(lines) + " }"
+
+
 if gluon is not None:
     DEQUANT_PTX_BF16 = gl.constexpr(_dequant_ptx("0x43004300", "bf16x2", "0x3F803F80", False))
     DEQUANT_PTX_F16 = gl.constexpr(_dequant_ptx("0x64006400", "f16x2", "0x3C003C00", False))
     DEQUANT_PTX_BF16_BYTES = gl.constexpr(_dequant_ptx("0x43004300", "bf16x2", "0x3F803F80", True))
     DEQUANT_PTX_F16_BYTES = gl.constexpr(_dequant_ptx("0x64006400", "f16x2", "0x3C003C00", True))
+    FP4_PTX_BF16 = gl.constexpr(_fp4_ptx(torch.bfloat16, "bf16x2"))
+    FP4_PTX_F16 = gl.constexpr(_fp4_ptx(torch.float16, "f16x2"))
 
     @gluon.jit
     def _dequant_pairs(words, zc, s, ASM: gl.constexpr):
@@ -111,6 +142,53 @@ if gluon is not None:
         return zc, sb * 0x10001
 
     @gluon.jit
+    def _x_pointers(x_ptr, stride_xm, k_first, M, BYTE_PAIRS: gl.constexpr, BLOCK_K: gl.constexpr,
+                    BLOCK_M: gl.constexpr, L_X: gl.constexpr):
+        """The activation tile's pointers at K offset k_first and its row mask, in L_X: 16-bit values, or (BYTE_PAIRS)
+        int32 pairs of them (rows 4-byte aligned, checked by the caller)."""
+        mx = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, L_X))
+        if BYTE_PAIRS:
+            kx = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, L_X))
+            ptrs = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + mx[None, :] * (stride_xm // 2) \
+                + (k_first // 2 + kx)[:, None]
+        else:
+            kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, L_X))
+            ptrs = x_ptr + mx[None, :] * stride_xm + (k_first + kx)[:, None]
+        return ptrs, (mx < M)[None, :]
+
+    @gluon.jit
+    def _mma_step(d0, d1, d2, d3, x, acc, DT: gl.constexpr, BYTE_PAIRS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr):
+        """acc + W x^T for one step: d_i the dequantized pairs of each word (pair i of word p: physical k = 8p + i, 8p +
+        i + 4, or with BYTE_PAIRS 8p + 2i, 8p + 2i + 1), x the step's activations as loaded; both put in the MMA's
+        logical K order k' = 16b + 8h + 2t + e (i = 2b + h, t: the word's place in its 32-wide chunk, e: the pair's
+        half), a relabelling of registers that moves no data."""
+        P: gl.constexpr = BLOCK_K // 8
+        t = gl.join(gl.join(_pair(d0, DT), _pair(d1, DT)), gl.join(_pair(d2, DT), _pair(d3, DT)))  # [N, P, e, h, b]
+        t = gl.reshape(t, [BLOCK_N, P // 4, 4, 2, 2, 2])  # [n, chunk, t, e, h, b]
+        a = gl.reshape(gl.permute(t, [0, 1, 5, 4, 2, 3]), [BLOCK_N, BLOCK_K])
+        if BYTE_PAIRS:  # [chunk, t, b, h, m, e]: k = 8t + 4b + 2h + e, a thread's registers already the pairs
+            b = gl.reshape(_pair(x, DT), [BLOCK_K // 32, 4, 2, 2, BLOCK_M, 2])
+            b = gl.reshape(gl.permute(b, [0, 2, 3, 1, 5, 4]), [BLOCK_K, BLOCK_M])
+        else:  # [chunk, t, e, b, h, m]: k = 8t + 4e + 2b + h, paired (h + 2b, h + 2b + 4) by byte permutes
+            b = gl.reshape(x, [BLOCK_K // 32, 4, 2, 2, 2, BLOCK_M])
+            b = gl.reshape(gl.permute(b, [0, 3, 4, 1, 2, 5]), [BLOCK_K, BLOCK_M])
+        return mma_v2(gl.convert_layout(a, L_A), gl.convert_layout(b, L_B), acc)
+
+    @gluon.jit
+    def _store_tile(acc, out_ptr, n0, M, N, stride_om, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr,
+                    BLOCK_N: gl.constexpr, L_MMA: gl.constexpr):
+        """acc [BLOCK_N, BLOCK_M] -> out [M, N] in its dtype, or (K split) float32 partials [SPLIT_K, M, N]."""
+        om = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, L_MMA))
+        on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_MMA))
+        ok = (om < M)[None, :] & (on < N)[:, None]
+        if SPLIT_K == 1:
+            gl.store(out_ptr + om[None, :] * stride_om + on[:, None], acc.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            base = out_ptr + gl.program_id(1).to(gl.int64) * M * N
+            gl.store(base + om[None, :] * N + on[:, None], acc, mask=ok)
+
+    @gluon.jit
     def _int4_mma2_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: gl.constexpr, stride_xm, stride_om,
                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
                           SPLIT_K: gl.constexpr, X_AHEAD: gl.constexpr, BYTE_PAIRS: gl.constexpr,
@@ -126,24 +204,15 @@ if gluon is not None:
         P: gl.constexpr = BLOCK_K // 8
         KS: gl.constexpr = K // SPLIT_K
         STEPS: gl.constexpr = KS // BLOCK_K
+        XSTEP: gl.constexpr = 2 if BYTE_PAIRS else 1  # activations a pointer step
         n0 = gl.program_id(0) * BLOCK_N
         k_first = gl.program_id(1) * KS
-        # the words' rows / packed rows, and the activations' k / rows, in their load layouts
+        # the words' columns / packed rows (K-major: words [K / 8, N]) in their load layout
         rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
         n_ok = rows < N
         p = gl.arange(0, P, layout=gl.SliceLayout(0, L_WORDS))
         w_ptrs = qw_ptr + (k_first // 8 + p)[None, :].to(gl.int64) * N + rows[:, None]
-        mx = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, L_X))
-        x_ok = (mx < M)[None, :]
-        if BYTE_PAIRS:  # pairs of activations as int32 (rows 4-byte aligned, checked by the caller)
-            kx = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(1, L_X))
-            x_ptrs = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + mx[None, :] * (stride_xm // 2) \
-                + (k_first // 2 + kx)[:, None]
-            XSTEP: gl.constexpr = 2
-        else:
-            kx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, L_X))
-            x_ptrs = x_ptr + mx[None, :] * stride_xm + (k_first + kx)[:, None]
-            XSTEP: gl.constexpr = 1
+        x_ptrs, x_ok = _x_pointers(x_ptr, stride_xm, k_first, M, BYTE_PAIRS, BLOCK_K, BLOCK_M, L_X)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
         # a step ahead: the loads of step i + 1 are issued before step i's arithmetic
         words = gl.load(w_ptrs, mask=n_ok[:, None], other=0)
@@ -159,28 +228,69 @@ if gluon is not None:
                 x = gl.load(x_ptrs + i * BLOCK_K // XSTEP, mask=x_ok, other=0)
             zc_next, s_next = _group_stats(qz_ptr, s_ptr, (k_first + nxt) // GROUP, rows, n_ok, N, MAGIC_HI)
             d0, d1, d2, d3 = _dequant_pairs(words, zc[:, None], s[:, None], ASM)
-            t = gl.join(gl.join(_pair(d0, DT), _pair(d1, DT)), gl.join(_pair(d2, DT), _pair(d3, DT)))  # [N, P, e, h, b]
-            t = gl.reshape(t, [BLOCK_N, P // 4, 4, 2, 2, 2])  # [n, chunk, t, e, h, b]
-            a = gl.reshape(gl.permute(t, [0, 1, 5, 4, 2, 3]), [BLOCK_N, BLOCK_K])  # k' = 16b + 8h + 2t + e
-            if BYTE_PAIRS:  # [chunk, t, b, h, m, e]: k = 8t + 4b + 2h + e, a thread's registers already the pairs
-                b = gl.reshape(_pair(x, DT), [BLOCK_K // 32, 4, 2, 2, BLOCK_M, 2])
-                b = gl.reshape(gl.permute(b, [0, 2, 3, 1, 5, 4]), [BLOCK_K, BLOCK_M])
-            else:  # [chunk, t, e, b, h, m]: k = 8t + 4e + 2b + h, paired (h + 2b, h + 2b + 4) by byte permutes
-                b = gl.reshape(x, [BLOCK_K // 32, 4, 2, 2, 2, BLOCK_M])
-                b = gl.reshape(gl.permute(b, [0, 3, 4, 1, 2, 5]), [BLOCK_K, BLOCK_M])
-            acc = mma_v2(gl.convert_layout(a, L_A), gl.convert_layout(b, L_B), acc)
+            acc = _mma_step(d0, d1, d2, d3, x, acc, DT, BYTE_PAIRS, BLOCK_N, BLOCK_K, BLOCK_M, L_A, L_B)
             if X_AHEAD:
                 x = x_next
             words, zc, s = words_next, zc_next, s_next
-        om = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, L_MMA))
-        on = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_MMA))
-        ok = (om < M)[None, :] & (on < N)[:, None]
-        if SPLIT_K == 1:
-            gl.store(out_ptr + om[None, :] * stride_om + on[:, None], acc.to(out_ptr.dtype.element_ty), mask=ok)
-        else:
-            base = out_ptr + gl.program_id(1).to(gl.int64) * M * N
-            gl.store(base + om[None, :] * N + on[:, None], acc, mask=ok)
+        _store_tile(acc, out_ptr, n0, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N, L_MMA)
 
+    @gluon.jit
+    def _fp4_block_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk, n_ok, NESTED: gl.constexpr, DT: gl.constexpr):
+        """The absmax of flat blocks blk (NESTED: nmap[a8] * nabs[blk // 256] + offset) / 192, as a pair of DT in an
+        int32 (the codes decode to 192 x their table value)."""
+        if NESTED:
+            a8 = gl.load(absmax_ptr + blk, mask=n_ok, other=0)
+            scale = gl.load(nmap_ptr + a8.to(gl.int32)) * gl.load(nabs_ptr + blk // 256, mask=n_ok, other=0.0) + offset
+        else:
+            scale = gl.load(absmax_ptr + blk, mask=n_ok, other=0.0)
+        bits = (scale * (1.0 / 192.0)).to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return bits * 0x10001
+
+    @gluon.jit
+    def _fp4_mma2_kernel(x_ptr, w_ptr, absmax_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K: gl.constexpr,
+                         stride_xm, stride_om, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                         BLOCKSIZE: gl.constexpr, NESTED: gl.constexpr, SPLIT_K: gl.constexpr, X_AHEAD: gl.constexpr,
+                         L_WORDS: gl.constexpr, L_X: gl.constexpr, L_MMA: gl.constexpr, L_A: gl.constexpr,
+                         L_B: gl.constexpr):
+        """The same tile for bitsandbytes' fp4 layout (the official int4 checkpoints): codes row-major, [N, K / 2]
+        bytes read as int32 words [N, K / 8] (word p of a row: codes k = 8p .. 8p + 7, a byte's two codes k even in
+        its high nibble), decoded by FP4_PTX into MMA pairs (k, k + 1) times the block's absmax; BLOCK_K divides the
+        absmax block, so a step has one scale per row."""
+        DT: gl.constexpr = x_ptr.dtype.element_ty
+        ASM: gl.constexpr = FP4_PTX_BF16 if DT == gl.bfloat16 else FP4_PTX_F16
+        P: gl.constexpr = BLOCK_K // 8
+        KS: gl.constexpr = K // SPLIT_K
+        STEPS: gl.constexpr = KS // BLOCK_K
+        n0 = gl.program_id(0) * BLOCK_N
+        k_first = gl.program_id(1) * KS
+        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
+        n_ok = rows < N
+        p = gl.arange(0, P, layout=gl.SliceLayout(0, L_WORDS))
+        w_ptrs = w_ptr + rows[:, None].to(gl.int64) * (K // 8) + (k_first // 8 + p)[None, :]
+        blk0 = rows * (K // BLOCKSIZE) + k_first // BLOCKSIZE  # each row's first absmax block of this K slice
+        x_ptrs, x_ok = _x_pointers(x_ptr, stride_xm, k_first, M, True, BLOCK_K, BLOCK_M, L_X)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
+        words = gl.load(w_ptrs, mask=n_ok[:, None], other=0)
+        if X_AHEAD:
+            x = gl.load(x_ptrs, mask=x_ok, other=0)
+        s = _fp4_block_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk0, n_ok, NESTED, DT)
+        for i in range(STEPS):
+            nxt = gl.minimum(i + 1, STEPS - 1) * BLOCK_K
+            words_next = gl.load(w_ptrs + nxt // 8, mask=n_ok[:, None], other=0)
+            if X_AHEAD:
+                x_next = gl.load(x_ptrs + nxt // 2, mask=x_ok, other=0)
+            else:
+                x = gl.load(x_ptrs + i * BLOCK_K // 2, mask=x_ok, other=0)
+            s_next = _fp4_block_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk0 + nxt // BLOCKSIZE, n_ok, NESTED,
+                                      DT)
+            d0, d1, d2, d3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r", [words, s[:, None]],
+                                                       dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True,
+                                                       pack=1)
+            acc = _mma_step(d0, d1, d2, d3, x, acc, DT, True, BLOCK_N, BLOCK_K, BLOCK_M, L_A, L_B)
+            if X_AHEAD:
+                x = x_next
+            words, s = words_next, s_next
+        _store_tile(acc, out_ptr, n0, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N, L_MMA)
 
 @functools.lru_cache(maxsize=None)
 def _layouts_cached(block_n: int, block_k: int, block_m: int, warps: int) -> dict:
@@ -198,6 +308,36 @@ def applies(x2: torch.Tensor, scales: torch.Tensor, group: int) -> bool:
     return (gluon is not None and x2.is_cuda and 2 <= x2.shape[0] <= 64 and x2.dtype in (torch.bfloat16, torch.float16)
             and scales.dtype == x2.dtype and x2.stride(-1) == 1 and group % 32 == 0 and x2.shape[1] % 32 == 0
             and _capable(x2.device))
+
+
+def fp4_applies(x2: torch.Tensor, packed: torch.Tensor, blocksize: int, is_fp4: bool) -> bool:
+    """Whether the Gluon fp4 tile runs x2 [m, K] (2..64 rows) times these bitsandbytes fp4 codes: as applies(), plus
+    the fp4 code table, absmax blocks of a multiple of 32, the codes and the rows of x 4-byte aligned (int32 words
+    and pairs)."""
+    return (gluon is not None and is_fp4 and x2.is_cuda and 2 <= x2.shape[0] <= 64
+            and x2.dtype in (torch.bfloat16, torch.float16) and x2.stride(-1) == 1 and x2.stride(0) % 2 == 0
+            and x2.data_ptr() % 4 == 0 and packed.data_ptr() % 4 == 0 and blocksize % 32 == 0
+            and x2.shape[1] % blocksize == 0 and _capable(x2.device))
+
+
+def fp4_mma2(x2: torch.Tensor, packed: torch.Tensor, stats: tuple, part: torch.Tensor, blocksize: int, block_m: int,
+             block_n: int, block_k: int, warps: int, split: int, x_ahead: bool = True) -> None:
+    """x2 [m, K] @ W^T with W bitsandbytes fp4 codes (packed [N K / 2] bytes, row-major) into part (as int4_mma2);
+    stats: (absmax, nested absmax, nested map, offset, NESTED) as triton_kernels._stats gives them; block_k a
+    multiple of 32 dividing the absmax block."""
+    m, k = x2.shape
+    n = packed.numel() * 2 // k
+    if block_k % 32 or blocksize % block_k or (k // split) % blocksize or block_n % (16 * warps) \
+            or not 8 <= block_m <= 64:
+        raise ValueError(f"Gluon fp4 tile: block_k {block_k} (absmax block {blocksize}, K {k} / {split}), "
+                         f"block_n {block_n}, {warps} warps, block_m {block_m}")
+    absmax, nabs, nmap, offset, nested = stats
+    lay = _layouts_cached(block_n, block_k, block_m, warps)
+    _fp4_mma2_kernel[(-(-n // block_n), split)](
+        x2, packed.view(-1).view(torch.int32), absmax, nabs, nmap, offset, part, m, n, k, x2.stride(0),
+        part.stride(-2), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize, NESTED=nested,
+        SPLIT_K=split, X_AHEAD=x_ahead, L_WORDS=lay["words"], L_X=lay["x32"], L_MMA=lay["mma"], L_A=lay["a"],
+        L_B=lay["b"], num_warps=warps)
 
 
 def int4_mma2(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, part: torch.Tensor,

@@ -807,6 +807,9 @@ CONFIGS = {
     # sixteenth session, the LM linears of a decode step, 3.7 GB): 2.17 ms at 2 rows, 2.25 at 8, 2.63-2.75 at 16,
     # 3.54-3.64 at 32, 5.07 at 64 (the Triton tiles: 5.12, 5.14, 5.25, 5.43, 7.96)
     ("int4", "tile-gl"): (128, 128, 4, 1, -2),
+    # the Gluon fp4 tile (TILE_GLUON["fp4"]): (BLOCK_N, BLOCK_K <= the absmax block, warps, X_AHEAD, SPLIT_K), all
+    # rows; not yet measured (130 registers a thread at 32 rows, 5.4 SASS instructions a code)
+    ("fp4", "tile-gl"): (64, 64, 2, 1, -2),
     ("int4", "tile-gl16"): (64, 128, 2, 1, -2),
     ("int4", "tile-gl32"): (64, 128, 2, 1, -2),
     ("int4", "tile-gl64"): (64, 128, 2, 0, -2),
@@ -883,7 +886,9 @@ TILE_A8 = {"int4": 33}
 # sixteenth session): engine int4 decode at batch 32 8.99 -> 7.20 ms a step (`PYTHONPATH=. python
 # benchmarks/decode_ab.py --quant int4 --set "quant.triton_kernels.TILE_GLUON={'int4': False}" --set
 # "quant.triton_kernels.TILE_GLUON={'int4': True}" --batches 32 --rounds 2`)
-TILE_GLUON = {"int4": os.environ.get("COGVLM2_INT4_TILE_GLUON", "1") == "1"}
+TILE_GLUON = {"int4": os.environ.get("COGVLM2_INT4_TILE_GLUON", "1") == "1",
+              # the official fp4 layout's 2..64 rows through the Gluon fp4 tile (_fp4_mma2_kernel): off until measured
+              "fp4": os.environ.get("COGVLM2_FP4_TILE_GLUON", "0") == "1"}
 INT4_TILE_ROWS = 32  # the bf16-activation int4 tile's least BLOCK_M on a GPU (16 in Triton's interpreter: fewer lanes)
 
 
@@ -913,6 +918,8 @@ CANDIDATES = {
     ("int4", "tile-a8"): [(128, 0, 4, 3, 0), (64, 0, 4, 3, 0), (128, 0, 8, 3, 0), (256, 0, 8, 3, 0), (128, 0, 4, 4, -2),
                           (64, 0, 4, 4, -2), (128, 0, 4, 2, 0)],
     # the Gluon tile at 8 / 16 / 32 / 64 rows (BLOCK_N = 16 x warps x row repeats)
+    ("fp4", "tile-gl"): [(64, 64, 2, 1, -2), (128, 64, 4, 1, -2), (64, 64, 2, 0, -2), (64, 32, 2, 1, -2),
+                         (128, 64, 4, 1, 0), (64, 64, 2, 1, -4)],
     ("int4", "tile-gl"): [(128, 128, 4, 1, -2), (128, 128, 4, 3, -2), (64, 128, 2, 1, -2), (128, 128, 4, 1, 0)],
     ("int4", "tile-gl16"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (64, 128, 2, 0, -2), (128, 64, 4, 1, -2)],
     ("int4", "tile-gl32"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (64, 128, 2, 2, -2), (128, 128, 4, 3, 0),
@@ -1076,6 +1083,12 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
             BLOCK_K=block_k, BLOCKSIZE=blocksize, ARITH=is_fp4 and FP4_ARITH["gemv"], NESTED=is_nested,
             SUM_ONCE=FP4_SUM_ONCE["gemv"],
             SPLIT_K=split, STAGES=stages, num_warps=warps, num_stages=stages)
+    elif TILE_GLUON["fp4"] and gluon_kernels.fp4_applies(x2, packed, blocksize, is_fp4):  # operands in registers
+        block_n, block_k, warps, x_ahead, split = CONFIGS[("fp4", "tile-gl")]
+        split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), blocksize, blocksize)
+        out, part = _outputs(m, n, split, x)
+        gluon_kernels.fp4_mma2(x2, packed, (a, nabs, nmap, offset, is_nested), part, blocksize, _rows(m, 8), block_n,
+                               _block_k(min(block_k, blocksize), blocksize, 32), warps, split, bool(x_ahead))
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
