@@ -51,22 +51,34 @@ def test_layouts_give_each_element_to_one_thread(block_n, block_k, warps):
 
 @needs_gluon
 def test_tile_compiles_for_hopper_without_shared_memory():
-    """Every swept config at 8 / 32 / 64 rows (fp16 at the defaults), the activations loaded a step ahead or in their
-    step, paired by nibble or by byte, for sm_90: mma.sync m16n8k16 on operands that never touch shared memory (0 bytes of
-    it, no ld/st.shared), the dequantization as packed FMAs, no register spills."""
+    """Every swept config at 8 / 32 / 64 rows (fp16 at the defaults) for sm_90: mma.sync m16n8k16, the dequantization
+    as packed FMAs, no register spills; the register kernels (activations a step ahead or in their step, paired by
+    nibble or by byte) with operands that never touch shared memory (0 bytes of it, no ld/st.shared), the ring kernel
+    (flags >> 2 stages) with exactly its ring there, filled by cp.async."""
     defaults = {tk.CONFIGS[("int4", path)][:4] for path in PATHS}
     cases = [(c, rows, "bf16") for c in CONFIGS for rows in (8, 32, 64)] + [(c, 32, "fp16") for c in defaults]
+    signature = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32",
+                 "M": "i32", "N": "i32", "stride_xm": "i32", "stride_om": "i32"}
     for (block_n, block_k, warps, flags), rows, dt in cases:
-        lay = gk.layouts(block_n, block_k, rows, warps)
-        kernel = compile_for_hopper(
-            gk._int4_mma2_kernel, {"x_ptr": f"*{dt}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": f"*{dt}",
-                                   "out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_om": "i32"},
-            dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=128, SPLIT_K=2, X_AHEAD=bool(flags & 1),
-                 BYTE_PAIRS=bool(flags & 2), L_WORDS=lay["words"], L_X=lay["x32" if flags & 2 else "x"],
-                 L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"]), gluon=True, num_warps=warps)
+        lay, stages = gk.layouts(block_n, block_k, rows, warps), flags >> 2
+        common = dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=128, SPLIT_K=2,
+                      L_WORDS=lay["words"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"])
+        sig = signature | {"x_ptr": f"*{dt}", "s_ptr": f"*{dt}"}
+        if stages:
+            kernel = compile_for_hopper(gk._int4_ring_kernel, sig, common | dict(
+                STAGES=stages, L_X=lay["x32"], L_WCOPY=lay["w_copy"], L_XCOPY=lay["x_copy"], L_WSMEM=lay["w_smem"],
+                L_XSMEM=lay["x_smem"]), gluon=True, num_warps=warps)
+        else:
+            kernel = compile_for_hopper(gk._int4_mma2_kernel, sig, common | dict(
+                X_AHEAD=bool(flags & 1), BYTE_PAIRS=bool(flags & 2), L_X=lay["x32" if flags & 2 else "x"]),
+                gluon=True, num_warps=warps)
         ptx = kernel.asm["ptx"]
         where = (block_n, block_k, warps, flags, rows, dt)
-        assert kernel.metadata.shared == 0 and "ld.shared" not in ptx and "st.shared" not in ptx, where
+        if stages:
+            assert kernel.metadata.shared == stages * 4 * (block_k // 8 * block_n + rows * block_k // 2), where
+            assert "cp.async" in ptx, where
+        else:
+            assert kernel.metadata.shared == 0 and "ld.shared" not in ptx and "st.shared" not in ptx, where
         assert "mma.sync.aligned.m16n8k16" in ptx and f"fma.rn.{'bf16x2' if dt == 'bf16' else 'f16x2'}" in ptx, where
         assert "ld.local" not in ptx, where
 
@@ -177,14 +189,16 @@ def test_tile_equals_the_dequantized_weights_cuda():
         for m in (2, 17, 33) if dtype == torch.float16 else (2, 3, 16, 17, 32, 33, 64):
             x = (torch.randn(m, k, generator=g)).to(dtype).cuda()
             expected = x.float() @ ref.t()
-            for split, pairing in ((1, 0), (0, 0), (0, 2)):  # split 0: as the config says; pairing 2: by byte
+            # split 0: as the config says; flags 2: byte pairs, 14: the cp.async ring (3 stages)
+            for split, flags in ((1, None), (0, None), (0, 2), (0, 14)):
                 with _tables(TILE_GLUON={"int4": True}, CONFIGS={
-                        key: tk.CONFIGS[key][:3] + (tk.CONFIGS[key][3] & 1 | pairing, split or tk.CONFIGS[key][4])
+                        key: tk.CONFIGS[key][:3] + (tk.CONFIGS[key][3] if flags is None else flags,
+                                                    split or tk.CONFIGS[key][4])
                         for key in (("int4", path) for path in PATHS)}):
                     assert gk.applies(x, scales, group)
                     got = tk.int4_linear(x, qweight, qzeros, scales, group)
                 err = ((got.float() - expected).norm() / expected.norm()).item()
-                assert got.dtype == dtype and err < 4e-3, (n, k, group, dtype, m, split, pairing, err)
+                assert got.dtype == dtype and err < 4e-3, (n, k, group, dtype, m, split, flags, err)
             with _tables(TILE_GLUON={"int4": False}, TILE_A8={"int4": 0}):
                 triton_tile = tk.int4_linear(x, qweight, qzeros, scales, group).float()
             assert ((got.float() - triton_tile).norm() / triton_tile.norm()).item() < 4e-3, (n, k, m)
@@ -193,19 +207,21 @@ def test_tile_equals_the_dequantized_weights_cuda():
 @cuda
 @needs_gluon
 def test_tile_replays_from_a_cuda_graph_cuda():
-    """Captured in a CUDA graph (as decode runs it), K split: each replay gives the eager output bit for bit."""
+    """Captured in a CUDA graph (as decode runs it), K split, the register kernel and the cp.async ring: each replay
+    gives the eager output bit for bit."""
     (qweight, qzeros, scales), _ = _weights(4096, 4096, 128, torch.bfloat16, seed=3)
     x = torch.randn(32, 4096, device="cuda", dtype=torch.bfloat16)
-    with _tables(TILE_GLUON={"int4": True}):
-        eager = tk.int4_linear(x, qweight, qzeros, scales, 128)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = tk.int4_linear(x, qweight, qzeros, scales, 128)
-    for _ in range(3):
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager)
+    for config in (tk.CONFIGS[("int4", "tile-gl32")], (128, 128, 4, 14, -2)):
+        with _tables(TILE_GLUON={"int4": True}, CONFIGS={("int4", "tile-gl32"): config}):
+            eager = tk.int4_linear(x, qweight, qzeros, scales, 128)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = tk.int4_linear(x, qweight, qzeros, scales, 128)
+        for _ in range(3):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager), config
 
 
 FP4_CONFIGS = sorted({c[:4] for c in tk.CANDIDATES[("fp4", "tile-gl")]})

@@ -29,7 +29,11 @@ import torch
 try:  # Triton without Gluon (older) or without a GPU build: the Triton tile is used instead
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    # names that moved: the CTA-wide barrier (thread_barrier in Triton 3.6, barrier later), cp.async
+    # (async_copy_global_to_shared in 3.6, async_load later, the old name raising)
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
@@ -62,7 +66,22 @@ def layouts(block_n: int, block_k: int, block_m: int, warps: int) -> dict:
         lane_bases=[[4, 0], [8, 0], [0, 1], [0, 2], [0, 4]],
         warp_bases=[[0, 0]] * _log2(warps), block_bases=[], shape=[block_k // 2, block_m])
     return {"mma": mma, "a": gl.DotOperandLayout(0, mma, 2), "b": gl.DotOperandLayout(1, mma, 2), "words": words,
-            "x": x, "x32": x32}
+            "x": x, "x32": x32, **_ring_layouts(block_n, block_k, block_m, warps)}
+
+
+def _ring_layouts(block_n: int, block_k: int, block_m: int, warps: int) -> dict:
+    """The cp.async ring's layouts (_int4_ring_kernel): the copies of a step's words [block_k / 8, block_n] (K-major as
+    stored) and activation pairs [block_m, block_k / 2], 16 bytes a thread along the contiguous dimension, and their
+    shared-memory tiles swizzled so the MMA layouts read them without bank conflicts (the words: 8-word chunks XOR
+    the row, the 4 rows a quad reads land in 4 bank octets; x: 16-word chunks XOR the row, a 16-byte read's 8 lanes
+    span 2 rows)."""
+    tn = min(32, block_n // 4)
+    tk = min(32, block_k // 8)
+    return {
+        "w_copy": gl.BlockedLayout([1, 4], [32 // tn, tn], [warps, 1], [1, 0]),
+        "x_copy": gl.BlockedLayout([1, 4], [32 // tk, tk], [warps, 1], [1, 0]),
+        "w_smem": gl.SwizzledSharedLayout(8, 1, 4, [1, 0]),
+        "x_smem": gl.SwizzledSharedLayout(16, 1, max(2, block_k // 32), [1, 0])}
 
 
 def _dequant_ptx(magic: str, kind: str, one: str, byte_pairs: bool) -> str:
@@ -235,6 +254,64 @@ if gluon is not None:
         _store_tile(acc, out_ptr, n0, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N, L_MMA)
 
     @gluon.jit
+    def _int4_ring_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: gl.constexpr, stride_xm, stride_om,
+                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+                          SPLIT_K: gl.constexpr, STAGES: gl.constexpr, L_WORDS: gl.constexpr, L_X: gl.constexpr,
+                          L_MMA: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr, L_WCOPY: gl.constexpr,
+                          L_XCOPY: gl.constexpr, L_WSMEM: gl.constexpr, L_XSMEM: gl.constexpr):
+        """_int4_mma2_kernel (byte pairs) with its loads in flight through shared memory instead of registers: a ring
+        of STAGES steps of words and activation pairs filled by cp.async, STAGES - 1 steps ahead, each read once into
+        the MMA layouts (the words 1x, the activations once per warp). The registers that held the next step's words
+        and activations are free: more programs an SM and more bytes in flight (the register tile at 32 rows: 210
+        registers, 8 warps an SM)."""
+        DT: gl.constexpr = x_ptr.dtype.element_ty
+        BF16: gl.constexpr = DT == gl.bfloat16
+        ASM: gl.constexpr = DEQUANT_PTX_BF16_BYTES if BF16 else DEQUANT_PTX_F16_BYTES
+        MAGIC_HI: gl.constexpr = 0x4300 if BF16 else 0x6400
+        P: gl.constexpr = BLOCK_K // 8
+        KS: gl.constexpr = K // SPLIT_K
+        STEPS: gl.constexpr = KS // BLOCK_K
+        n0 = gl.program_id(0) * BLOCK_N
+        k_first = gl.program_id(1) * KS
+        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
+        n_ok = rows < N
+        # the copies' sources: a step's words [P, BLOCK_N] and activation pairs [BLOCK_M, BLOCK_K / 2]
+        pc = gl.arange(0, P, layout=gl.SliceLayout(1, L_WCOPY))
+        nc = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, L_WCOPY))
+        w_src = qw_ptr + (k_first // 8 + pc)[:, None].to(gl.int64) * N + nc[None, :]
+        w_ok = (nc < N)[None, :]
+        mc = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, L_XCOPY))
+        kc = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, L_XCOPY))
+        x_src = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + mc[:, None] * (stride_xm // 2) \
+            + (k_first // 2 + kc)[None, :]
+        x_ok = (mc < M)[:, None]
+        ws = gl.allocate_shared_memory(gl.int32, [STAGES, P, BLOCK_N], L_WSMEM)
+        xs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_M, BLOCK_K // 2], L_XSMEM)
+        for j in gl.static_range(STAGES - 1):
+            _cp_async(ws.index(j), w_src + j * (BLOCK_K // 8) * N, mask=w_ok)
+            _cp_async(xs.index(j), x_src + j * (BLOCK_K // 2), mask=x_ok)
+            async_copy.commit_group()
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
+        zc, s = _group_stats(qz_ptr, s_ptr, k_first // GROUP, rows, n_ok, N, MAGIC_HI)
+        for i in range(STEPS):
+            async_copy.wait_group(STAGES - 2)  # this thread's copies of step i have landed
+            _cta_barrier()  # everyone's have; and everyone has read step i - 1's slot, refilled below
+            ahead = gl.minimum(i + STAGES - 1, STEPS - 1)  # past the end: a harmless copy of the last step
+            slot = (i + STAGES - 1) % STAGES
+            _cp_async(ws.index(slot), w_src + ahead * (BLOCK_K // 8) * N, mask=w_ok)
+            _cp_async(xs.index(slot), x_src + ahead * (BLOCK_K // 2), mask=x_ok)
+            async_copy.commit_group()
+            words = ws.index(i % STAGES).permute((1, 0)).load(L_WORDS)
+            x = xs.index(i % STAGES).permute((1, 0)).load(L_X)
+            nxt = gl.minimum(i + 1, STEPS - 1) * BLOCK_K
+            zc_next, s_next = _group_stats(qz_ptr, s_ptr, (k_first + nxt) // GROUP, rows, n_ok, N, MAGIC_HI)
+            d0, d1, d2, d3 = _dequant_pairs(words, zc[:, None], s[:, None], ASM)
+            acc = _mma_step(d0, d1, d2, d3, x, acc, DT, True, BLOCK_N, BLOCK_K, BLOCK_M, L_A, L_B)
+            zc, s = zc_next, s_next
+        async_copy.wait_group(0)
+        _store_tile(acc, out_ptr, n0, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N, L_MMA)
+
+    @gluon.jit
     def _fp4_block_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk, n_ok, NESTED: gl.constexpr, DT: gl.constexpr):
         """The absmax of flat blocks blk (NESTED: nmap[a8] * nabs[blk // 256] + offset) / 192, as a pair of DT in an
         int32 (the codes decode to 192 x their table value)."""
@@ -342,20 +419,30 @@ def fp4_mma2(x2: torch.Tensor, packed: torch.Tensor, stats: tuple, part: torch.T
 
 def int4_mma2(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, part: torch.Tensor,
               group: int, block_m: int, block_n: int, block_k: int, warps: int, split: int,
-              x_ahead: bool = True, byte_pairs: bool = False) -> None:
+              x_ahead: bool = True, byte_pairs: bool = False, stages: int = 0) -> None:
     """x2 [m, K] @ W^T into part (out [m, N] in x's dtype, or float32 partials [split, m, N]), as applies() allows;
     block_k a multiple of 32 that divides the group and K // split, block_n 16 x warps x a power of two, block_m a
     power of two from 8 to 64 (at least m). x_ahead: the activations are loaded a step ahead with the words (else at
     the top of their step: half their registers). byte_pairs: the two codes of a byte form an MMA pair (k, k + 1),
     so the activations are used as loaded; else nibbles j and j + 4 (k, k + 4) and the activations are paired by
-    byte permutes."""
+    byte permutes. stages (2+): the cp.async ring kernel with that many steps in shared memory (byte pairs; x_ahead
+    does not apply)."""
     m, k = x2.shape
     n = qweight.shape[1]
-    if block_k % 32 or group % block_k or (k // split) % block_k or block_n % (16 * warps) or not 8 <= block_m <= 64:
+    if block_k % 32 or group % block_k or (k // split) % block_k or block_n % (16 * warps) or not 8 <= block_m <= 64 \
+            or stages == 1:
         raise ValueError(f"Gluon int4 tile: block_k {block_k} (group {group}, K {k} / {split}), block_n {block_n}, "
-                         f"{warps} warps, block_m {block_m}")
+                         f"{warps} warps, block_m {block_m}, {stages} stages")
     lay = _layouts_cached(block_n, block_k, block_m, warps)
-    _int4_mma2_kernel[(-(-n // block_n), split)](
-        x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), part.stride(-2), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP=group, SPLIT_K=split, X_AHEAD=x_ahead, BYTE_PAIRS=byte_pairs, L_WORDS=lay["words"],
-        L_X=lay["x32" if byte_pairs else "x"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"], num_warps=warps)
+    grid = (-(-n // block_n), split)
+    args = (x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), part.stride(-2))
+    if stages:
+        _int4_ring_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
+                                STAGES=stages, L_WORDS=lay["words"], L_X=lay["x32"], L_MMA=lay["mma"], L_A=lay["a"],
+                                L_B=lay["b"], L_WCOPY=lay["w_copy"], L_XCOPY=lay["x_copy"], L_WSMEM=lay["w_smem"],
+                                L_XSMEM=lay["x_smem"], num_warps=warps)
+    else:
+        _int4_mma2_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
+                                X_AHEAD=x_ahead, BYTE_PAIRS=byte_pairs, L_WORDS=lay["words"],
+                                L_X=lay["x32" if byte_pairs else "x"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"],
+                                num_warps=warps)

@@ -882,7 +882,10 @@ TILE_A8 = {"int4": 33}
 # warps, flags, SPLIT_K as for the tiles) at BLOCK_M 8 (2-8 rows) / 16 / 32 / 64; flags: 1 = X_AHEAD (the activations
 # loaded a step ahead with the words, else at the top of their step: fewer registers), 2 = BYTE_PAIRS (the two codes
 # of a byte form an MMA pair, so the activations need no byte permutes: 540 against 585 SASS instructions a step at
-# 32 rows, 431 against 412 at 8; not yet measured on a GPU). Measured on the H200 (BENCHMARKS.md,
+# 32 rows, 431 against 412 at 8; not yet measured on a GPU), flags >> 2 = STAGES (2+: the cp.async ring kernel,
+# _int4_ring_kernel, byte pairs: a step's words and activations through shared memory, STAGES - 1 steps ahead, so
+# the registers that held them are free: 128 registers at 32 rows with (128, 128, 4) and 3 stages against 210; not
+# yet measured). Rows of x not 16-byte aligned fall back to nibble pairs in registers. Measured on the H200 (BENCHMARKS.md,
 # sixteenth session): engine int4 decode at batch 32 8.99 -> 7.20 ms a step (`PYTHONPATH=. python
 # benchmarks/decode_ab.py --quant int4 --set "quant.triton_kernels.TILE_GLUON={'int4': False}" --set
 # "quant.triton_kernels.TILE_GLUON={'int4': True}" --batches 32 --rounds 2`)
@@ -920,12 +923,15 @@ CANDIDATES = {
     # the Gluon tile at 8 / 16 / 32 / 64 rows (BLOCK_N = 16 x warps x row repeats)
     ("fp4", "tile-gl"): [(64, 64, 2, 1, -2), (128, 64, 4, 1, -2), (64, 64, 2, 0, -2), (64, 32, 2, 1, -2),
                          (128, 64, 4, 1, 0), (64, 64, 2, 1, -4)],
-    ("int4", "tile-gl"): [(128, 128, 4, 1, -2), (128, 128, 4, 3, -2), (64, 128, 2, 1, -2), (128, 128, 4, 1, 0)],
-    ("int4", "tile-gl16"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (64, 128, 2, 0, -2), (128, 64, 4, 1, -2)],
-    ("int4", "tile-gl32"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (64, 128, 2, 2, -2), (128, 128, 4, 3, 0),
-                            (128, 128, 4, 1, 0), (64, 64, 2, 1, -2), (64, 64, 2, 3, -2)],
-    ("int4", "tile-gl64"): [(64, 128, 2, 0, -2), (64, 128, 2, 2, -2), (64, 64, 2, 1, -2), (64, 64, 2, 3, -2),
-                            (128, 64, 4, 1, -2)],
+    # (flags 14: byte pairs, 3 stages; 18: byte pairs, 4 stages)
+    ("int4", "tile-gl"): [(128, 128, 4, 1, -2), (128, 128, 4, 3, -2), (64, 128, 2, 1, -2), (128, 128, 4, 14, -2)],
+    ("int4", "tile-gl16"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (128, 64, 4, 1, -2), (128, 128, 4, 14, -2),
+                            (64, 128, 2, 14, -2)],
+    ("int4", "tile-gl32"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (128, 128, 4, 3, 0), (64, 64, 2, 3, -2),
+                            (128, 128, 4, 14, -2), (64, 128, 2, 14, -2), (128, 128, 4, 18, -2), (128, 64, 4, 18, -2),
+                            (128, 128, 4, 14, 0)],
+    ("int4", "tile-gl64"): [(64, 128, 2, 0, -2), (64, 128, 2, 2, -2), (64, 64, 2, 3, -2), (64, 128, 2, 14, -2),
+                            (64, 64, 2, 18, -2), (128, 64, 4, 18, -2)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
                        (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2), (128, 128, 4, 4, -2),
                        (128, 128, 4, 3, -4), (64, 128, 4, 4, -2)],
@@ -1217,9 +1223,10 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
         block_k = _block_k(min(block_k, group), group, 32)
         out, part = _outputs(m, n, split, x)
-        byte_pairs = flags & 2 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0  # x read as int32 pairs
+        aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # x read as int32 pairs (16 bytes for cp.async)
         gluon_kernels.int4_mma2(x2, qweight, qzeros, scales, part, group, block_m, block_n, block_k, warps, split,
-                                x_ahead=bool(flags & 1), byte_pairs=bool(byte_pairs))
+                                x_ahead=bool(flags & 1), byte_pairs=bool(flags & 2 and aligned),
+                                stages=flags >> 2 if aligned else 0)
     elif 0 < TILE_A8["int4"] <= m and x2.stride(-1) == 1 and group % 32 == 0:  # int8 activations on the tensor cores
         block_n, _, warps, stages, split = CONFIGS[("int4", "tile-a8")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
