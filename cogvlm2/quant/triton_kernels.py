@@ -885,8 +885,8 @@ TILE_A8 = {"int4": 33}
 # 32 rows, 431 against 412 at 8; not yet measured on a GPU), flags >> 2 = STAGES (2+: the cp.async ring kernel,
 # _int4_ring_kernel, byte pairs: a step's words and activations through shared memory, STAGES - 1 steps ahead, so
 # the registers that held them are free: 128 registers at 32 rows with (128, 128, 4) and 3 stages against 210; not
-# yet measured). Rows of x not 16-byte aligned fall back to nibble pairs in registers. Measured on the H200 (BENCHMARKS.md,
-# sixteenth session): engine int4 decode at batch 32 8.99 -> 7.20 ms a step (`PYTHONPATH=. python
+# yet measured). Rows of x not 16-byte aligned fall back to nibble pairs in registers. Measured on the H200
+# (BENCHMARKS.md, sixteenth session): engine int4 decode at batch 32 8.99 -> 7.20 ms a step (`PYTHONPATH=. python
 # benchmarks/decode_ab.py --quant int4 --set "quant.triton_kernels.TILE_GLUON={'int4': False}" --set
 # "quant.triton_kernels.TILE_GLUON={'int4': True}" --batches 32 --rounds 2`)
 TILE_GLUON = {"int4": os.environ.get("COGVLM2_INT4_TILE_GLUON", "1") == "1",
