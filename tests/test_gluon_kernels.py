@@ -17,7 +17,7 @@ from tests.hopper_compile import compile_for_hopper  # noqa: E402
 
 needs_gluon = pytest.mark.skipif(gk.gluon is None, reason="this Triton has no Gluon")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-PATHS = ("tile-gl", "tile-gl16", "tile-gl32", "tile-gl64")
+PATHS = ("tile-gl1", "tile-gl", "tile-gl16", "tile-gl32", "tile-gl64")
 CONFIGS = sorted({c[:4] for path in PATHS for c in tk.CANDIDATES[("int4", path)]})  # without the split
 
 
@@ -177,21 +177,22 @@ def _weights(n: int, k: int, group: int, dtype, seed: int):
 @cuda
 @needs_gluon
 def test_tile_equals_the_dequantized_weights_cuda():
-    """int4_linear at 2..64 rows through the Gluon tile at its default configs, bf16 (fp16 on one shape), groups of
-    128 and 64, K split or not, N not a multiple of the tile: x @ dequantize(W)^T in float32 to accumulation order
-    (the kernel rounds (q - z) s to the model dtype as the dequantization does), and close to the Triton tile.
+    """int4_linear at 1..64 rows through the Gluon tile (1 row: ONE_ROW "tile-gl") at its default configs, bf16 (fp16
+    on one shape), groups of 128 and 64, K split or not, N not a multiple of the tile: x @ dequantize(W)^T in float32
+    to accumulation order (the kernel rounds (q - z) s to the model dtype as the dequantization does), and close to
+    the Triton tile.
     (Every swept config: test_quant_kernels.py::test_every_candidate_config_cuda.)"""
     cases = [(200, 4096, 128, torch.bfloat16), (72, 14336, 128, torch.bfloat16), (96, 1024, 64, torch.bfloat16),
              (200, 4096, 128, torch.float16)]
     for n, k, group, dtype in cases:
         (qweight, qzeros, scales), ref = _weights(n, k, group, dtype, seed=n)
         g = torch.Generator().manual_seed(k)
-        for m in (2, 17, 33) if dtype == torch.float16 else (2, 3, 16, 17, 32, 33, 64):
+        for m in (2, 17, 33) if dtype == torch.float16 else (1, 2, 3, 16, 17, 32, 33, 64):  # 1: ONE_ROW "tile-gl"
             x = (torch.randn(m, k, generator=g)).to(dtype).cuda()
             expected = x.float() @ ref.t()
             # split 0: as the config says; flags 2: byte pairs, 14: the cp.async ring (3 stages)
             for split, flags in ((1, None), (0, None), (0, 2), (0, 14)):
-                with _tables(TILE_GLUON={"int4": True}, CONFIGS={
+                with _tables(TILE_GLUON={"int4": True}, ONE_ROW={"int4": "tile-gl"}, CONFIGS={
                         key: tk.CONFIGS[key][:3] + (tk.CONFIGS[key][3] if flags is None else flags,
                                                     split or tk.CONFIGS[key][4])
                         for key in (("int4", path) for path in PATHS)}):
@@ -199,7 +200,7 @@ def test_tile_equals_the_dequantized_weights_cuda():
                     got = tk.int4_linear(x, qweight, qzeros, scales, group)
                 err = ((got.float() - expected).norm() / expected.norm()).item()
                 assert got.dtype == dtype and err < 4e-3, (n, k, group, dtype, m, split, flags, err)
-            with _tables(TILE_GLUON={"int4": False}, TILE_A8={"int4": 0}):
+            with _tables(TILE_GLUON={"int4": False}, TILE_A8={"int4": 0}, ONE_ROW={"int4": "tile"}):
                 triton_tile = tk.int4_linear(x, qweight, qzeros, scales, group).float()
             assert ((got.float() - triton_tile).norm() / triton_tile.norm()).item() < 4e-3, (n, k, m)
 

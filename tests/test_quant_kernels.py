@@ -543,12 +543,13 @@ def test_every_candidate_config_cuda():
         scales = scales.to(torch.bfloat16)
         ref_int4 = formats.dequantize_int4(qweight, qzeros, scales, torch.bfloat16).float()
         for (fmt, path), configs in tk.CANDIDATES.items():
-            rows = {"tile-gl": (2,), "tile-gl16": (16,), "tile-gl32": (24,), "tile-gl64": (64,)}
+            rows = {"tile-gl1": (1,), "tile-gl": (2,), "tile-gl16": (16,), "tile-gl32": (24,), "tile-gl64": (64,)}
             for m in (1,) if path.startswith("gemv") else rows.get(path, (1, 24, 64)):
                 x = torch.randn(m, k, generator=g).cuda().bfloat16()
                 for config in configs:
                     for arith in (True, False) if (fmt, path) == ("fp4", "gemv") else (False,):
-                        with _settings(tk, CONFIGS={(fmt, path): config}, ONE_ROW={fmt: path},
+                        with _settings(tk, CONFIGS={(fmt, path): config},
+                                       ONE_ROW={fmt: "tile-gl" if path == "tile-gl1" else path},
                                        FP4_ARITH={"gemv": arith}, TILE_A8={"int4": 2 if path == "tile-a8" else 0},
                                        TILE_GLUON={"int4": path.startswith("tile-gl")}):
                             if fmt == "int4":

@@ -380,9 +380,9 @@ def _capable(device: torch.device) -> bool:
 
 
 def applies(x2: torch.Tensor, scales: torch.Tensor, group: int) -> bool:
-    """Whether the Gluon tile runs x2 [m, K] (2..64 rows) times these weights: Gluon imported, an sm_80+ GPU, 16-bit
-    activations with scales of the same dtype, contiguous rows, groups of a multiple of 32."""
-    return (gluon is not None and x2.is_cuda and 2 <= x2.shape[0] <= 64 and x2.dtype in (torch.bfloat16, torch.float16)
+    """Whether the Gluon tile can run x2 [m, K] (1..64 rows) times these weights: Gluon imported, an sm_80+ GPU,
+    16-bit activations with scales of the same dtype, contiguous rows, groups of a multiple of 32."""
+    return (gluon is not None and x2.is_cuda and 1 <= x2.shape[0] <= 64 and x2.dtype in (torch.bfloat16, torch.float16)
             and scales.dtype == x2.dtype and x2.stride(-1) == 1 and group % 32 == 0 and x2.shape[1] % 32 == 0
             and _capable(x2.device))
 

@@ -810,6 +810,7 @@ CONFIGS = {
     # the Gluon fp4 tile (TILE_GLUON["fp4"]): (BLOCK_N, BLOCK_K <= the absmax block, warps, X_AHEAD, SPLIT_K), all
     # rows; not yet measured (130 registers a thread at 32 rows, 5.4 SASS instructions a code)
     ("fp4", "tile-gl"): (64, 64, 2, 1, -2),
+    ("int4", "tile-gl1"): (128, 128, 4, 14, -2),  # ONE_ROW "tile-gl" only (not the default): not yet measured
     ("int4", "tile-gl16"): (64, 128, 2, 1, -2),
     ("int4", "tile-gl32"): (64, 128, 2, 1, -2),
     ("int4", "tile-gl64"): (64, 128, 2, 0, -2),
@@ -817,7 +818,8 @@ CONFIGS = {
 }
 # int4's one row: W4A8 (x quantized to int8 per weight group, symmetric, by a small kernel; ~0.5% of relative
 # error on a linear's output next to the ~5-10% of the 4-bit weights themselves: tests/test_quant_kernels.py);
-# COGVLM2_INT4_ONE_ROW=gemv (or gemv2, tile) keeps the activations in bf16. The official fp4 layout's one row: W4A8
+# COGVLM2_INT4_ONE_ROW=gemv (or gemv2, tile, tile-gl: the Gluon tile with 7 of its 8 MMA columns idle, config
+# "tile-gl1", not yet measured) keeps the activations in bf16. The official fp4 layout's one row: W4A8
 # too (_fp4_gemv_a8_kernel, x to int8 per absmax block of 64), measured on the H200 (BENCHMARKS.md, fifteenth
 # session, `quant_gpu.py --modes fp4 --sections decode`): batch-1 decode 289 tok/s against the float GEMV's 193
 # (202 with FP4_SUM_ONCE); COGVLM2_FP4_ONE_ROW=gemv keeps the activations in bf16
@@ -825,8 +827,8 @@ ONE_ROW = {"fp4": os.environ.get("COGVLM2_FP4_ONE_ROW", "gemv-a8"),
            "int4": os.environ.get("COGVLM2_INT4_ONE_ROW", "gemv-a8")}
 if ONE_ROW["fp4"] not in ("gemv", "gemv-a8", "tile"):
     raise ValueError(f"COGVLM2_FP4_ONE_ROW={ONE_ROW['fp4']!r}: choose gemv, gemv-a8 or tile")
-if ONE_ROW["int4"] not in ("gemv", "gemv2", "gemv-a8", "tile"):
-    raise ValueError(f"COGVLM2_INT4_ONE_ROW={ONE_ROW['int4']!r}: choose gemv-a8, gemv, gemv2 or tile")
+if ONE_ROW["int4"] not in ("gemv", "gemv2", "gemv-a8", "tile", "tile-gl"):
+    raise ValueError(f"COGVLM2_INT4_ONE_ROW={ONE_ROW['int4']!r}: choose gemv-a8, gemv, gemv2, tile or tile-gl")
 FP4_ARITH = {"gemv": True}
 # FP4_SUM_ONCE: the fp4 GEMV keeps its scaled products per word and sums across the tile once at the end instead of
 # every step (see _fp4_gemv_kernel; what took the int4 GEMVs from ~1.2 to ~1.6 TB/s of codes). On: the H200's
@@ -925,6 +927,8 @@ CANDIDATES = {
                          (128, 64, 4, 1, 0), (64, 64, 2, 1, -4)],
     # (flags 14: byte pairs, 3 stages; 18: byte pairs, 4 stages)
     ("int4", "tile-gl"): [(128, 128, 4, 1, -2), (128, 128, 4, 3, -2), (64, 128, 2, 1, -2), (128, 128, 4, 14, -2)],
+    ("int4", "tile-gl1"): [(128, 128, 4, 14, -2), (128, 128, 4, 14, -4), (64, 128, 2, 14, -4), (128, 128, 4, 18, -4),
+                           (256, 128, 4, 14, -2), (128, 128, 4, 1, -2)],
     ("int4", "tile-gl16"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (128, 64, 4, 1, -2), (128, 128, 4, 14, -2),
                             (64, 128, 2, 14, -2)],
     ("int4", "tile-gl32"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (128, 128, 4, 3, 0), (64, 64, 2, 3, -2),
@@ -1217,9 +1221,10 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
             L2_ROWS=triton.next_power_of_2(k // split // 8) if prefetch else 0, num_warps=warps, num_stages=stages,
             **(options if A8_FUSED["pdl"] or prefetch else {"PDL": False}))
         split = 1 if fused_sum else split  # nothing left for _finish
-    elif TILE_GLUON["int4"] and gluon_kernels.applies(x2, scales, group):  # the MMA's operands in registers
-        block_m = _rows(m, 8)
-        block_n, block_k, warps, flags, split = CONFIGS[("int4", "tile-gl" if block_m == 8 else f"tile-gl{block_m}")]
+    elif TILE_GLUON["int4"] and (m > 1 or ONE_ROW["int4"] == "tile-gl") and gluon_kernels.applies(x2, scales, group):
+        block_m = _rows(m, 8)  # the MMA's operands in registers; one row ("tile-gl1") only as ONE_ROW says
+        path = "tile-gl1" if m == 1 else "tile-gl" if block_m == 8 else f"tile-gl{block_m}"
+        block_n, block_k, warps, flags, split = CONFIGS[("int4", path)]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
         block_k = _block_k(min(block_k, group), group, 32)
         out, part = _outputs(m, n, split, x)
