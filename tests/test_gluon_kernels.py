@@ -231,22 +231,31 @@ FP4_CONFIGS = sorted({c[:4] for c in tk.CANDIDATES[("fp4", "tile-gl")]})
 @needs_gluon
 def test_fp4_tile_compiles_for_hopper_without_shared_memory():
     """The fp4 tile at every swept config at 8 / 32 / 64 rows, and at its default in bf16 and fp16 with plain and
-    nested absmax, for sm_90:
-    mma.sync on operands that never touch shared memory, the codes decoded by PRMT, no register spills."""
+    nested absmax, for sm_90: mma.sync, the codes decoded by PRMT, no register spills; the register kernel with
+    nothing in shared memory, the ring kernel (flags >> 2 stages) with exactly its ring there."""
     default = tk.CONFIGS[("fp4", "tile-gl")][:4]
     cases = [(c, rows, "bf16", False) for c in FP4_CONFIGS for rows in (8, 32, 64)]
     cases += [(default, 32, dt, nested) for dt in ("bf16", "fp16") for nested in (False, True)]
-    for (block_n, block_k, warps, ahead), rows, dt, nested in cases:
-        lay = gk.layouts(block_n, block_k, rows, warps)
-        kernel = compile_for_hopper(
-            gk._fp4_mma2_kernel, {"x_ptr": f"*{dt}", "w_ptr": "*i32", "absmax_ptr": "*u8" if nested else "*fp32",
-                                  "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "offset": "fp32", "out_ptr": "*fp32",
-                                  "M": "i32", "N": "i32", "stride_xm": "i32", "stride_om": "i32"},
-            dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=64, NESTED=nested, SPLIT_K=2,
-                 X_AHEAD=bool(ahead), L_WORDS=lay["words"], L_X=lay["x32"], L_MMA=lay["mma"], L_A=lay["a"],
-                 L_B=lay["b"]), gluon=True, num_warps=warps)
-        ptx, where = kernel.asm["ptx"], (block_n, block_k, warps, ahead, rows, dt, nested)
-        assert kernel.metadata.shared == 0 and "ld.shared" not in ptx and "st.shared" not in ptx, where
+    for (block_n, block_k, warps, flags), rows, dt, nested in cases:
+        lay, stages = gk.layouts(block_n, block_k, rows, warps), flags >> 2
+        sig = {"x_ptr": f"*{dt}", "w_ptr": "*i32", "absmax_ptr": "*u8" if nested else "*fp32", "nabs_ptr": "*fp32",
+               "nmap_ptr": "*fp32", "offset": "fp32", "out_ptr": "*fp32", "M": "i32", "N": "i32", "stride_xm": "i32",
+               "stride_om": "i32"}
+        common = dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=64, NESTED=nested, SPLIT_K=2,
+                      L_WORDS=lay["words"], L_X=lay["x32"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"])
+        if stages:
+            kernel = compile_for_hopper(gk._fp4_ring_kernel, sig, common | dict(
+                STAGES=stages, L_WCOPY=lay["fw_copy"], L_XCOPY=lay["x_copy"], L_WSMEM=lay["fw_smem"],
+                L_XSMEM=lay["x_smem"]), gluon=True, num_warps=warps)
+        else:
+            kernel = compile_for_hopper(gk._fp4_mma2_kernel, sig, common | dict(X_AHEAD=bool(flags & 1)), gluon=True,
+                                        num_warps=warps)
+        ptx, where = kernel.asm["ptx"], (block_n, block_k, warps, flags, rows, dt, nested)
+        if stages:
+            assert kernel.metadata.shared == stages * 4 * (block_k // 8 * block_n + rows * block_k // 2), where
+            assert "cp.async" in ptx, where
+        else:
+            assert kernel.metadata.shared == 0 and "ld.shared" not in ptx and "st.shared" not in ptx, where
         assert "mma.sync.aligned.m16n8k16" in ptx and "prmt.b32" in ptx and "ld.local" not in ptx, where
 
 

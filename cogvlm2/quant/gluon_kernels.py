@@ -81,7 +81,11 @@ def _ring_layouts(block_n: int, block_k: int, block_m: int, warps: int) -> dict:
         "w_copy": gl.BlockedLayout([1, 4], [32 // tn, tn], [warps, 1], [1, 0]),
         "x_copy": gl.BlockedLayout([1, 4], [32 // tk, tk], [warps, 1], [1, 0]),
         "w_smem": gl.SwizzledSharedLayout(8, 1, 4, [1, 0]),
-        "x_smem": gl.SwizzledSharedLayout(16, 1, max(2, block_k // 32), [1, 0])}
+        "x_smem": gl.SwizzledSharedLayout(16, 1, max(2, block_k // 32), [1, 0]),
+        # fp4 (_fp4_ring_kernel): its words row-major [block_n, block_k / 8], rows of 4 or 8 words; at 8, rows 4-7 of
+        # a quad's 8 land on rows 0-3's banks unless their 16-byte halves swap
+        "fw_copy": gl.BlockedLayout([1, 4], [32 // (block_k // 32), block_k // 32], [warps, 1], [1, 0]),
+        "fw_smem": gl.SwizzledSharedLayout(4, 4, 2 if block_k >= 64 else 1, [1, 0])}
 
 
 def _dequant_ptx(magic: str, kind: str, one: str, byte_pairs: bool) -> str:
@@ -195,6 +199,21 @@ if gluon is not None:
         return mma_v2(gl.convert_layout(a, L_A), gl.convert_layout(b, L_B), acc)
 
     @gluon.jit
+    def _program_rows(N, KS: gl.constexpr, BLOCK_N: gl.constexpr, L_WORDS: gl.constexpr):
+        """This program's first output column n0, its K slice's start, and its columns (with their mask) as the words'
+        layout holds them."""
+        n0 = gl.program_id(0) * BLOCK_N
+        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
+        return n0, gl.program_id(1) * KS, rows, rows < N
+
+    @gluon.jit
+    def _fp4_pairs(words, s, DT: gl.constexpr):
+        """FP4_PTX on each word: four int32 pairs of 16-bit floats (k = 2j, 2j + 1 of the word) times s (a pair)."""
+        ASM: gl.constexpr = FP4_PTX_BF16 if DT == gl.bfloat16 else FP4_PTX_F16
+        return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r", [words, s], dtype=(gl.int32, gl.int32, gl.int32,
+                                                                                       gl.int32), is_pure=True, pack=1)
+
+    @gluon.jit
     def _store_tile(acc, out_ptr, n0, M, N, stride_om, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, L_MMA: gl.constexpr):
         """acc [BLOCK_N, BLOCK_M] -> out [M, N] in its dtype, or (K split) float32 partials [SPLIT_K, M, N]."""
@@ -224,11 +243,7 @@ if gluon is not None:
         KS: gl.constexpr = K // SPLIT_K
         STEPS: gl.constexpr = KS // BLOCK_K
         XSTEP: gl.constexpr = 2 if BYTE_PAIRS else 1  # activations a pointer step
-        n0 = gl.program_id(0) * BLOCK_N
-        k_first = gl.program_id(1) * KS
-        # the words' columns / packed rows (K-major: words [K / 8, N]) in their load layout
-        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
-        n_ok = rows < N
+        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS)
         p = gl.arange(0, P, layout=gl.SliceLayout(0, L_WORDS))
         w_ptrs = qw_ptr + (k_first // 8 + p)[None, :].to(gl.int64) * N + rows[:, None]
         x_ptrs, x_ok = _x_pointers(x_ptr, stride_xm, k_first, M, BYTE_PAIRS, BLOCK_K, BLOCK_M, L_X)
@@ -254,6 +269,23 @@ if gluon is not None:
         _store_tile(acc, out_ptr, n0, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N, L_MMA)
 
     @gluon.jit
+    def _ring_issue(ws, xs, slot, w_src, x_src, w_ok, x_ok):
+        """Start the copies of one step's words and activation pairs into the ring's slot, as one cp.async group."""
+        _cp_async(ws.index(slot), w_src, mask=w_ok)
+        _cp_async(xs.index(slot), x_src, mask=x_ok)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _ring_x_sources(x_ptr, stride_xm, k_first, M, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr,
+                        L_XCOPY: gl.constexpr):
+        """The first step's activation pairs [BLOCK_M, BLOCK_K / 2] (int32) for cp.async, and the row mask."""
+        mc = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, L_XCOPY))
+        kc = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, L_XCOPY))
+        src = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + mc[:, None] * (stride_xm // 2) \
+            + (k_first // 2 + kc)[None, :]
+        return src, (mc < M)[:, None]
+
+    @gluon.jit
     def _int4_ring_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: gl.constexpr, stride_xm, stride_om,
                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
                           SPLIT_K: gl.constexpr, STAGES: gl.constexpr, L_WORDS: gl.constexpr, L_X: gl.constexpr,
@@ -271,36 +303,25 @@ if gluon is not None:
         P: gl.constexpr = BLOCK_K // 8
         KS: gl.constexpr = K // SPLIT_K
         STEPS: gl.constexpr = KS // BLOCK_K
-        n0 = gl.program_id(0) * BLOCK_N
-        k_first = gl.program_id(1) * KS
-        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
-        n_ok = rows < N
+        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS)
         # the copies' sources: a step's words [P, BLOCK_N] and activation pairs [BLOCK_M, BLOCK_K / 2]
         pc = gl.arange(0, P, layout=gl.SliceLayout(1, L_WCOPY))
         nc = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, L_WCOPY))
         w_src = qw_ptr + (k_first // 8 + pc)[:, None].to(gl.int64) * N + nc[None, :]
         w_ok = (nc < N)[None, :]
-        mc = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, L_XCOPY))
-        kc = gl.arange(0, BLOCK_K // 2, layout=gl.SliceLayout(0, L_XCOPY))
-        x_src = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + mc[:, None] * (stride_xm // 2) \
-            + (k_first // 2 + kc)[None, :]
-        x_ok = (mc < M)[:, None]
+        x_src, x_ok = _ring_x_sources(x_ptr, stride_xm, k_first, M, BLOCK_K, BLOCK_M, L_XCOPY)
         ws = gl.allocate_shared_memory(gl.int32, [STAGES, P, BLOCK_N], L_WSMEM)
         xs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_M, BLOCK_K // 2], L_XSMEM)
         for j in gl.static_range(STAGES - 1):
-            _cp_async(ws.index(j), w_src + j * (BLOCK_K // 8) * N, mask=w_ok)
-            _cp_async(xs.index(j), x_src + j * (BLOCK_K // 2), mask=x_ok)
-            async_copy.commit_group()
+            _ring_issue(ws, xs, j, w_src + j * (BLOCK_K // 8) * N, x_src + j * (BLOCK_K // 2), w_ok, x_ok)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
         zc, s = _group_stats(qz_ptr, s_ptr, k_first // GROUP, rows, n_ok, N, MAGIC_HI)
         for i in range(STEPS):
             async_copy.wait_group(STAGES - 2)  # this thread's copies of step i have landed
             _cta_barrier()  # everyone's have; and everyone has read step i - 1's slot, refilled below
             ahead = gl.minimum(i + STAGES - 1, STEPS - 1)  # past the end: a harmless copy of the last step
-            slot = (i + STAGES - 1) % STAGES
-            _cp_async(ws.index(slot), w_src + ahead * (BLOCK_K // 8) * N, mask=w_ok)
-            _cp_async(xs.index(slot), x_src + ahead * (BLOCK_K // 2), mask=x_ok)
-            async_copy.commit_group()
+            _ring_issue(ws, xs, (i + STAGES - 1) % STAGES, w_src + ahead * (BLOCK_K // 8) * N,
+                        x_src + ahead * (BLOCK_K // 2), w_ok, x_ok)
             words = ws.index(i % STAGES).permute((1, 0)).load(L_WORDS)
             x = xs.index(i % STAGES).permute((1, 0)).load(L_X)
             nxt = gl.minimum(i + 1, STEPS - 1) * BLOCK_K
@@ -334,14 +355,10 @@ if gluon is not None:
         its high nibble), decoded by FP4_PTX into MMA pairs (k, k + 1) times the block's absmax; BLOCK_K divides the
         absmax block, so a step has one scale per row."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
-        ASM: gl.constexpr = FP4_PTX_BF16 if DT == gl.bfloat16 else FP4_PTX_F16
         P: gl.constexpr = BLOCK_K // 8
         KS: gl.constexpr = K // SPLIT_K
         STEPS: gl.constexpr = KS // BLOCK_K
-        n0 = gl.program_id(0) * BLOCK_N
-        k_first = gl.program_id(1) * KS
-        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
-        n_ok = rows < N
+        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS)
         p = gl.arange(0, P, layout=gl.SliceLayout(0, L_WORDS))
         w_ptrs = w_ptr + rows[:, None].to(gl.int64) * (K // 8) + (k_first // 8 + p)[None, :]
         blk0 = rows * (K // BLOCKSIZE) + k_first // BLOCKSIZE  # each row's first absmax block of this K slice
@@ -360,13 +377,54 @@ if gluon is not None:
                 x = gl.load(x_ptrs + i * BLOCK_K // 2, mask=x_ok, other=0)
             s_next = _fp4_block_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk0 + nxt // BLOCKSIZE, n_ok, NESTED,
                                       DT)
-            d0, d1, d2, d3 = gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r", [words, s[:, None]],
-                                                       dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True,
-                                                       pack=1)
+            d0, d1, d2, d3 = _fp4_pairs(words, s[:, None], DT)
             acc = _mma_step(d0, d1, d2, d3, x, acc, DT, True, BLOCK_N, BLOCK_K, BLOCK_M, L_A, L_B)
             if X_AHEAD:
                 x = x_next
             words, s = words_next, s_next
+        _store_tile(acc, out_ptr, n0, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N, L_MMA)
+
+    @gluon.jit
+    def _fp4_ring_kernel(x_ptr, w_ptr, absmax_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K: gl.constexpr,
+                         stride_xm, stride_om, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                         BLOCKSIZE: gl.constexpr, NESTED: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+                         L_WORDS: gl.constexpr, L_X: gl.constexpr, L_MMA: gl.constexpr, L_A: gl.constexpr,
+                         L_B: gl.constexpr, L_WCOPY: gl.constexpr, L_XCOPY: gl.constexpr, L_WSMEM: gl.constexpr,
+                         L_XSMEM: gl.constexpr):
+        """_fp4_mma2_kernel with its loads through a cp.async ring in shared memory (as _int4_ring_kernel): the
+        words of a step [BLOCK_N, BLOCK_K / 8] row-major as stored."""
+        DT: gl.constexpr = x_ptr.dtype.element_ty
+        P: gl.constexpr = BLOCK_K // 8
+        KS: gl.constexpr = K // SPLIT_K
+        STEPS: gl.constexpr = KS // BLOCK_K
+        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS)
+        blk0 = rows * (K // BLOCKSIZE) + k_first // BLOCKSIZE
+        nc = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WCOPY))
+        pc = gl.arange(0, P, layout=gl.SliceLayout(0, L_WCOPY))
+        w_src = w_ptr + nc[:, None].to(gl.int64) * (K // 8) + (k_first // 8 + pc)[None, :]
+        w_ok = (nc < N)[:, None]
+        x_src, x_ok = _ring_x_sources(x_ptr, stride_xm, k_first, M, BLOCK_K, BLOCK_M, L_XCOPY)
+        ws = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, P], L_WSMEM)
+        xs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_M, BLOCK_K // 2], L_XSMEM)
+        for j in gl.static_range(STAGES - 1):
+            _ring_issue(ws, xs, j, w_src + j * (BLOCK_K // 8), x_src + j * (BLOCK_K // 2), w_ok, x_ok)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
+        s = _fp4_block_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk0, n_ok, NESTED, DT)
+        for i in range(STEPS):
+            async_copy.wait_group(STAGES - 2)
+            _cta_barrier()
+            ahead = gl.minimum(i + STAGES - 1, STEPS - 1)
+            _ring_issue(ws, xs, (i + STAGES - 1) % STAGES, w_src + ahead * (BLOCK_K // 8),
+                        x_src + ahead * (BLOCK_K // 2), w_ok, x_ok)
+            words = ws.index(i % STAGES).load(L_WORDS)
+            x = xs.index(i % STAGES).permute((1, 0)).load(L_X)
+            nxt = gl.minimum(i + 1, STEPS - 1) * BLOCK_K
+            s_next = _fp4_block_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk0 + nxt // BLOCKSIZE, n_ok, NESTED,
+                                      DT)
+            d0, d1, d2, d3 = _fp4_pairs(words, s[:, None], DT)
+            acc = _mma_step(d0, d1, d2, d3, x, acc, DT, True, BLOCK_N, BLOCK_K, BLOCK_M, L_A, L_B)
+            s = s_next
+        async_copy.wait_group(0)
         _store_tile(acc, out_ptr, n0, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N, L_MMA)
 
 @functools.lru_cache(maxsize=None)
@@ -398,23 +456,29 @@ def fp4_applies(x2: torch.Tensor, packed: torch.Tensor, blocksize: int, is_fp4: 
 
 
 def fp4_mma2(x2: torch.Tensor, packed: torch.Tensor, stats: tuple, part: torch.Tensor, blocksize: int, block_m: int,
-             block_n: int, block_k: int, warps: int, split: int, x_ahead: bool = True) -> None:
+             block_n: int, block_k: int, warps: int, split: int, x_ahead: bool = True, stages: int = 0) -> None:
     """x2 [m, K] @ W^T with W bitsandbytes fp4 codes (packed [N K / 2] bytes, row-major) into part (as int4_mma2);
     stats: (absmax, nested absmax, nested map, offset, NESTED) as triton_kernels._stats gives them; block_k a
-    multiple of 32 dividing the absmax block."""
+    multiple of 32 dividing the absmax block; stages (2+): the cp.async ring kernel (x rows 16-byte aligned)."""
     m, k = x2.shape
     n = packed.numel() * 2 // k
     if block_k % 32 or blocksize % block_k or (k // split) % blocksize or block_n % (16 * warps) \
-            or not 8 <= block_m <= 64:
+            or not 8 <= block_m <= 64 or stages == 1:
         raise ValueError(f"Gluon fp4 tile: block_k {block_k} (absmax block {blocksize}, K {k} / {split}), "
-                         f"block_n {block_n}, {warps} warps, block_m {block_m}")
+                         f"block_n {block_n}, {warps} warps, block_m {block_m}, {stages} stages")
     absmax, nabs, nmap, offset, nested = stats
     lay = _layouts_cached(block_n, block_k, block_m, warps)
-    _fp4_mma2_kernel[(-(-n // block_n), split)](
-        x2, packed.view(-1).view(torch.int32), absmax, nabs, nmap, offset, part, m, n, k, x2.stride(0),
-        part.stride(-2), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize, NESTED=nested,
-        SPLIT_K=split, X_AHEAD=x_ahead, L_WORDS=lay["words"], L_X=lay["x32"], L_MMA=lay["mma"], L_A=lay["a"],
-        L_B=lay["b"], num_warps=warps)
+    grid = (-(-n // block_n), split)
+    args = (x2, packed.view(-1).view(torch.int32), absmax, nabs, nmap, offset, part, m, n, k, x2.stride(0),
+            part.stride(-2))
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize, NESTED=nested,
+                  SPLIT_K=split, L_WORDS=lay["words"], L_X=lay["x32"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"],
+                  num_warps=warps)
+    if stages:
+        _fp4_ring_kernel[grid](*args, STAGES=stages, L_WCOPY=lay["fw_copy"], L_XCOPY=lay["x_copy"],
+                               L_WSMEM=lay["fw_smem"], L_XSMEM=lay["x_smem"], **common)
+    else:
+        _fp4_mma2_kernel[grid](*args, X_AHEAD=x_ahead, **common)
 
 
 def int4_mma2(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, part: torch.Tensor,

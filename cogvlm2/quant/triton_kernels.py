@@ -807,8 +807,9 @@ CONFIGS = {
     # sixteenth session, the LM linears of a decode step, 3.7 GB): 2.17 ms at 2 rows, 2.25 at 8, 2.63-2.75 at 16,
     # 3.54-3.64 at 32, 5.07 at 64 (the Triton tiles: 5.12, 5.14, 5.25, 5.43, 7.96)
     ("int4", "tile-gl"): (128, 128, 4, 1, -2),
-    # the Gluon fp4 tile (TILE_GLUON["fp4"]): (BLOCK_N, BLOCK_K <= the absmax block, warps, X_AHEAD, SPLIT_K), all
-    # rows; not yet measured (130 registers a thread at 32 rows, 5.4 SASS instructions a code)
+    # the Gluon fp4 tile (TILE_GLUON["fp4"]): (BLOCK_N, BLOCK_K <= the absmax block, warps, flags, SPLIT_K), all rows,
+    # flags as the int4 tile's (1: X_AHEAD, >> 2: the cp.async ring's stages; its pairs are always a byte's two codes);
+    # not yet measured (130 registers a thread at 32 rows, 5.4 SASS instructions a code; the ring: 113-115)
     ("fp4", "tile-gl"): (64, 64, 2, 1, -2),
     ("int4", "tile-gl1"): (128, 128, 4, 14, -2),  # ONE_ROW "tile-gl" only (not the default): not yet measured
     ("int4", "tile-gl16"): (64, 128, 2, 1, -2),
@@ -924,7 +925,7 @@ CANDIDATES = {
                           (64, 0, 4, 4, -2), (128, 0, 4, 2, 0)],
     # the Gluon tile at 8 / 16 / 32 / 64 rows (BLOCK_N = 16 x warps x row repeats)
     ("fp4", "tile-gl"): [(64, 64, 2, 1, -2), (128, 64, 4, 1, -2), (64, 64, 2, 0, -2), (64, 32, 2, 1, -2),
-                         (128, 64, 4, 1, 0), (64, 64, 2, 1, -4)],
+                         (128, 64, 4, 1, 0), (64, 64, 2, 12, -2), (128, 64, 4, 16, -2), (64, 32, 2, 16, -2)],
     # (flags 14: byte pairs, 3 stages; 18: byte pairs, 4 stages)
     ("int4", "tile-gl"): [(128, 128, 4, 1, -2), (128, 128, 4, 3, -2), (64, 128, 2, 1, -2), (128, 128, 4, 14, -2)],
     ("int4", "tile-gl1"): [(128, 128, 4, 14, -2), (128, 128, 4, 14, -4), (64, 128, 2, 14, -4), (128, 128, 4, 18, -4),
@@ -1094,11 +1095,13 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
             SUM_ONCE=FP4_SUM_ONCE["gemv"],
             SPLIT_K=split, STAGES=stages, num_warps=warps, num_stages=stages)
     elif TILE_GLUON["fp4"] and gluon_kernels.fp4_applies(x2, packed, blocksize, is_fp4):  # operands in registers
-        block_n, block_k, warps, x_ahead, split = CONFIGS[("fp4", "tile-gl")]
+        block_n, block_k, warps, flags, split = CONFIGS[("fp4", "tile-gl")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), blocksize, blocksize)
         out, part = _outputs(m, n, split, x)
+        aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # for the ring's 16-byte copies
         gluon_kernels.fp4_mma2(x2, packed, (a, nabs, nmap, offset, is_nested), part, blocksize, _rows(m, 8), block_n,
-                               _block_k(min(block_k, blocksize), blocksize, 32), warps, split, bool(x_ahead))
+                               _block_k(min(block_k, blocksize), blocksize, 32), warps, split, bool(flags & 1),
+                               flags >> 2 if aligned else 0)
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
