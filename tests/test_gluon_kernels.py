@@ -316,3 +316,26 @@ class _tables:
     def __exit__(self, *exc):
         for name, values in self.saved.items():
             getattr(tk, name).update(values)
+
+
+@cuda
+@needs_gluon
+def test_a_tile_that_does_not_compile_falls_back_cuda(caplog):
+    """A Gluon tile that fails to compile under the installed Triton (its API moves between versions) is switched
+    off with a warning and the Triton tile gives the product; a failure while running is not hidden."""
+    from unittest import mock
+
+    from triton.compiler.errors import CompilationError
+
+    (qweight, qzeros, scales), ref = _weights(200, 1024, 128, torch.bfloat16, seed=4)
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    with _tables(TILE_GLUON={"int4": True}):
+        with mock.patch.object(gk, "int4_mma2", side_effect=CompilationError("", None, "no such builtin")):
+            got = tk.int4_linear(x, qweight, qzeros, scales, 128)
+        assert not tk.TILE_GLUON["int4"] and "does not compile" in caplog.text
+    expected = x.float() @ ref.t()
+    assert ((got.float() - expected).norm() / expected.norm()).item() < 4e-3
+    with _tables(TILE_GLUON={"int4": True}):
+        with mock.patch.object(gk, "int4_mma2", side_effect=RuntimeError("CUDA error: an illegal memory access")):
+            with pytest.raises(RuntimeError, match="illegal memory access"):
+                tk.int4_linear(x, qweight, qzeros, scales, 128)

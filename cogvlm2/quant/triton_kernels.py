@@ -23,6 +23,7 @@ constants (K is specialized): Triton 3.6's interpreter cannot take a run-time sc
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -31,6 +32,8 @@ import triton.language as tl
 
 from .. import pdl
 from . import gluon_kernels
+
+logger = logging.getLogger(__name__)
 from ..counters import counters, last_to_arrive
 
 FUSED_MAX_ROWS = 64  # more rows than this: dequantize + cuBLAS
@@ -895,6 +898,22 @@ TILE_A8 = {"int4": 33}
 TILE_GLUON = {"int4": os.environ.get("COGVLM2_INT4_TILE_GLUON", "1") == "1",
               # the official fp4 layout's 2..64 rows through the Gluon fp4 tile (_fp4_mma2_kernel): off until measured
               "fp4": os.environ.get("COGVLM2_FP4_TILE_GLUON", "0") == "1"}
+
+
+def _gluon_off(fmt: str, err: Exception) -> None:
+    """A Gluon tile that does not compile under this Triton (Gluon is experimental: its API moves between
+    versions) is switched off for the process, with a warning, and the Triton tile runs instead."""
+    TILE_GLUON[fmt] = False
+    logger.warning("the Gluon %s tile does not compile here (%s: %s); using the Triton tile", fmt,
+                   type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+
+
+def _gluon_compile_error(err: Exception) -> bool:
+    """Whether err comes from compiling a kernel (Triton's own errors: the front end, ptxas; or a failed MLIR pass),
+    not from running one."""
+    from triton.errors import TritonError
+
+    return isinstance(err, TritonError) or isinstance(err, RuntimeError) and "PassManager" in str(err)
 INT4_TILE_ROWS = 32  # the bf16-activation int4 tile's least BLOCK_M on a GPU (16 in Triton's interpreter: fewer lanes)
 
 
@@ -1099,9 +1118,15 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), blocksize, blocksize)
         out, part = _outputs(m, n, split, x)
         aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # for the ring's 16-byte copies
-        gluon_kernels.fp4_mma2(x2, packed, (a, nabs, nmap, offset, is_nested), part, blocksize, _rows(m, 8), block_n,
-                               _block_k(min(block_k, blocksize), blocksize, 32), warps, split, bool(flags & 1),
-                               flags >> 2 if aligned else 0)
+        try:
+            gluon_kernels.fp4_mma2(x2, packed, (a, nabs, nmap, offset, is_nested), part, blocksize, _rows(m, 8),
+                                   block_n, _block_k(min(block_k, blocksize), blocksize, 32), warps, split,
+                                   bool(flags & 1), flags >> 2 if aligned else 0)
+        except Exception as e:
+            if not _gluon_compile_error(e):
+                raise
+            _gluon_off("fp4", e)
+            return fp4_linear(x, packed, absmax, lut, n, blocksize, is_fp4, nested, table, a8)
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
@@ -1232,9 +1257,15 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         block_k = _block_k(min(block_k, group), group, 32)
         out, part = _outputs(m, n, split, x)
         aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # x read as int32 pairs (16 bytes for cp.async)
-        gluon_kernels.int4_mma2(x2, qweight, qzeros, scales, part, group, block_m, block_n, block_k, warps, split,
-                                x_ahead=bool(flags & 1), byte_pairs=bool(flags & 2 and aligned),
-                                stages=flags >> 2 if aligned else 0)
+        try:
+            gluon_kernels.int4_mma2(x2, qweight, qzeros, scales, part, group, block_m, block_n, block_k, warps, split,
+                                    x_ahead=bool(flags & 1), byte_pairs=bool(flags & 2 and aligned),
+                                    stages=flags >> 2 if aligned else 0)
+        except Exception as e:
+            if not _gluon_compile_error(e):
+                raise
+            _gluon_off("int4", e)
+            return int4_linear(x, qweight, qzeros, scales, group, a8)
     elif 0 < TILE_A8["int4"] <= m and x2.stride(-1) == 1 and group % 32 == 0:  # int8 activations on the tensor cores
         block_n, _, warps, stages, split = CONFIGS[("int4", "tile-a8")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
