@@ -118,6 +118,9 @@ def session(path: Path, ports: dict[str, str]) -> str:
                     command += f" --port {ports['8000']}"
                 if command.startswith("cogvlm2 web") and "--port" not in command:
                     command += f" --port {ports['7860']}"
+                # the interpreter itself in the background (not the shell function: its subshell's PID is what $!
+                # gives, and killing that subshell left the server running after the test)
+                command = '"$PYTHON" -m cogvlm2.cli' + command[len("cogvlm2"):]
                 script.append(f"{command} > {log} 2>&1 & PIDS+=($!)\nwait_for {log} '{ready}'\ngrep -h 'Running on' {log} || true")
             elif re.match(r"cogvlm2 chat\b", command) and "--query" not in command:
                 script.append(f"{command} < /dev/null")  # interactive: Ctrl-D at once
