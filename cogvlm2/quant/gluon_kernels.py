@@ -1,5 +1,8 @@
-"""The int4 tile for 2..64 rows written in Gluon (Triton's layout-explicit dialect): every operand of the tensor-core
-MMA (mma.sync m16n8k16) stays in registers, with no trip through shared memory.
+"""The 4-bit tiles for 1..64 rows written in Gluon (Triton's layout-explicit dialect): every operand of the tensor-core
+MMA (mma.sync m16n8k16) is built in registers, with no trip through shared memory. Four kernels: group-wise int4
+(_int4_mma2_kernel) and bitsandbytes fp4, the official int4 checkpoints' layout (_fp4_mma2_kernel), each also with
+its loads in flight through a cp.async ring in shared memory instead of registers (_int4_ring_kernel,
+_fp4_ring_kernel: the words and activations are copied there, then read once into the same MMA layouts).
 
 Why: the Triton tile (_int4_mma_kernel) stores each dequantized weight tile to shared memory and reads it back for
 the MMA, and stages the activations there too, ~13 bytes of shared-memory traffic per byte of codes. Nsight Compute
@@ -12,12 +15,14 @@ one column; OR-ing nibbles i and i + 4 into the mantissas of a 16-bit float pair
 (k = 8p + i, 8p + i + 4), so the MMA's K order is permuted inside each 32-wide chunk: logical k' = 16b + 8h + 2t + e
 is physical k = 8t + 2b + h + 4e. Then thread t of a quad holds word p = 4 chunk + t whole (8 codes, 4 registers of
 pairs), and for the activations (the MMA's other operand) it needs physical k = 8t .. 8t + 7: 16 contiguous bytes
-of a row of x, one vector load, paired by byte permutes. The zero point and scale go in before the MMA ((c + q) -
-(c + z), exact; times s rounded to the model dtype, as the dequantized weights are), so the accumulator needs no
-per-group correction.
+of a row of x, one vector load, paired by byte permutes (or, BYTE_PAIRS, a byte's two codes form the pair by one PRMT
+and the activations are used as loaded; fp4 always pairs so). The zero point and scale go in before the MMA ((c + q)
+- (c + z), exact; times s rounded to the model dtype, as the dequantized weights are), so the accumulator needs no
+per-group correction; fp4's codes are looked up by PRMT as 192 x their value (exact), times absmax / 192.
 
-Gluon is experimental: this file is written against Triton 3.6 (the GPU machine's) and used only where it imports
-and compiles (`available()`); otherwise the Triton tile runs.
+Gluon is experimental: this file is written against Triton 3.6 (the GPU machine's) and checked to compile with 3.9;
+names that moved are resolved at import, a kernel is used only where applies() / fp4_applies() say, and one that
+fails to compile switches its tile off (triton_kernels._gluon_off); otherwise the Triton tiles run.
 """
 
 from __future__ import annotations
