@@ -551,7 +551,7 @@ def test_every_candidate_config_cuda():
                         with _settings(tk, CONFIGS={(fmt, path): config},
                                        ONE_ROW={fmt: "tile-gl" if path == "tile-gl1" else path},
                                        FP4_ARITH={"gemv": arith}, TILE_A8={"int4": 2 if path == "tile-a8" else 0},
-                                       TILE_GLUON={"int4": path.startswith("tile-gl")}):
+                                       TILE_GLUON={fmt: path.startswith("tile-gl")}):
                             if fmt == "int4":
                                 got = tk.int4_linear(x, qweight, qzeros, scales, 128)
                                 err = _rel(got, x.float() @ ref_int4.t())
