@@ -83,6 +83,62 @@ def test_tile_compiles_for_hopper_without_shared_memory():
         assert "ld.local" not in ptx, where
 
 
+def _swapped(layout):
+    """A 2-D DistributedLinearLayout with its dimensions swapped (the ring reads its tiles through transposed views)."""
+    def swap(bases):
+        return [[b[1], b[0]] for b in bases]
+
+    return gk.gl.DistributedLinearLayout(swap(layout.reg_bases), swap(layout.lane_bases), swap(layout.warp_bases), [],
+                                         layout.shape[::-1])
+
+
+def _no_bank_conflicts(reg, smem, shape: list[int], warps: int) -> bool:
+    """Whether a tensor in layout `reg` is read from (or written to) a shared tile in layout `smem` with no bank
+    conflict, by Triton's own count (gl.bank_conflicts, asserted at compile time for sm_90)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.errors import CompilationError
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    src = GluonASTSource(fn=_conflicts_probe, signature={"REG": "constexpr", "SMEM": "constexpr",
+                                                         "SHAPE": "constexpr"},
+                         constexprs={"REG": reg, "SMEM": smem, "SHAPE": shape})
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    except CompilationError as e:
+        if "bank conflicts" not in str(e):
+            raise
+        return False
+    return True
+
+
+if gk.gluon is not None:
+    @gk.gluon.jit
+    def _conflicts_probe(REG: gk.gl.constexpr, SMEM: gk.gl.constexpr, SHAPE: gk.gl.constexpr):
+        tile = gk.gl.allocate_shared_memory(gk.gl.int32, SHAPE, SMEM)
+        gk.gl.static_assert(gk.gl.bank_conflicts(gk.gl.distributed_type(gk.gl.int32, SHAPE, REG), tile.type) == 0,
+                            "bank conflicts")
+
+
+@needs_gluon
+def test_ring_tiles_have_no_bank_conflicts():
+    """The cp.async rings' shared tiles at every swept ring config: the MMA layouts read them (the words through a
+    transposed view for int4) and the copies write them with no bank conflict, by Triton's own count; the same reads
+    from unswizzled tiles do conflict (so the count sees what the swizzles avoid)."""
+    rings = {c[:3] for key, cs in tk.CANDIDATES.items() if key[1].startswith("tile-gl") for c in cs if c[3] >> 2}
+    for (block_n, block_k, warps), rows in itertools.product(sorted(rings), (8, 32, 64)):
+        lay, p = gk.layouts(block_n, block_k, rows, warps), block_k // 8
+        checks = [(_swapped(lay["words"]), lay["w_smem"], [p, block_n]), (lay["w_copy"], lay["w_smem"], [p, block_n]),
+                  (_swapped(lay["x32"]), lay["x_smem"], [rows, block_k // 2]),
+                  (lay["x_copy"], lay["x_smem"], [rows, block_k // 2])]
+        if block_k <= 64:  # fp4's absmax blocks bound its step
+            checks += [(lay["words"], lay["fw_smem"], [block_n, p]), (lay["fw_copy"], lay["fw_smem"], [block_n, p])]
+        for i, (reg, smem, shape) in enumerate(checks):
+            assert _no_bank_conflicts(reg, smem, shape, warps), (block_n, block_k, warps, rows, i)
+    lay, plain = gk.layouts(64, 128, 32, 2), gk.gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    assert not _no_bank_conflicts(_swapped(lay["words"]), plain, [16, 64], 2)
+    assert not _no_bank_conflicts(_swapped(lay["x32"]), plain, [32, 64], 2)
+
+
 def _run_ptx(asm: str, inputs: list[int], dtype: torch.dtype) -> list[int]:
     """A small interpreter of the PTX these kernels inline (mov, and, shr, shl, prmt, lop3, fma.rn on 16-bit float
     pairs) for one thread: the inputs are $4.., the four outputs $0..$3 are returned. It checks the bit

@@ -47,6 +47,7 @@ def _log2(v: int) -> int:
     return v.bit_length() - 1
 
 
+@functools.lru_cache(maxsize=None)
 def layouts(block_n: int, block_k: int, block_m: int, warps: int) -> dict:
     """The kernel's layouts for a [block_n, block_k] weight tile (block_k // 8 packed words a column) times a
     [block_k, block_m] activation tile: `words` (one word of a column for thread t of a quad, rows g and g + 8 for
@@ -109,7 +110,6 @@ def _dequant_ptx(magic: str, kind: str, one: str, byte_pairs: bool) -> str:
     return head + " ".join(lines) + " }"
 
 
-
 def _fp4_ptx(dtype: torch.dtype, kind: str) -> str:
     """bitsandbytes fp4: the 8 codes of $4 (byte j: code k = 2j in its high nibble, 2j + 1 in its low) -> $0..$3, the
     pairs (k = 2j, 2j + 1) as 16-bit floats 192 v (exact: 0, 1, 128, 192, 64, 96, 32, 48, the table x 192) times
@@ -118,10 +118,10 @@ def _fp4_ptx(dtype: torch.dtype, kind: str) -> str:
     15 and 31 (byte j of the word and of the word << 4 moved by PRMT), then one FMA (x s + -0)."""
     from . import formats
 
-    values = formats.code_table("fp4", "cpu")[:8] * 192
+    table = formats.code_table("fp4", "cpu")
+    values = table[:8] * 192
     bits = values.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
-    if not torch.equal(values.to(dtype).float(), values) or not torch.equal(formats.code_table("fp4", "cpu")[8:],
-                                                                              -formats.code_table("fp4", "cpu")[:8]):
+    if not torch.equal(values.to(dtype).float(), values) or not torch.equal(table[8:], -table[:8]):
         raise RuntimeError("the fp4 code table is not 192 x an exact 16-bit value, sign-symmetric")
     lo = [int(b) & 0xFF for b in bits]
     hi = [int(b) >> 8 for b in bits]
@@ -148,8 +148,8 @@ if gluon is not None:
 
     @gluon.jit
     def _dequant_pairs(words, zc, s, ASM: gl.constexpr):
-        """Four int32 per word, each a pair of 16-bit floats ((c + q_i) - (c + z)) * s = (q_i - z) * s: codes i and
-        i + 4 of the word (i = 0..3); zc = (c + z) and s as pairs in int32 (DEQUANT_PTX)."""
+        """Four int32 per word, each a pair of 16-bit floats ((c + q) - (c + z)) * s = (q - z) * s of two of its codes
+        (i and i + 4, or with the _BYTES PTX 2i and 2i + 1; i = 0..3); zc = -(c + z) and s as pairs in int32."""
         return gl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [words, zc, s],
                                          dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
 
@@ -235,8 +235,8 @@ if gluon is not None:
     def _int4_mma2_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: gl.constexpr, stride_xm, stride_om,
                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
                           SPLIT_K: gl.constexpr, X_AHEAD: gl.constexpr, BYTE_PAIRS: gl.constexpr,
-                          L_WORDS: gl.constexpr, L_X: gl.constexpr,
-                          L_MMA: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr):
+                          L_WORDS: gl.constexpr, L_X: gl.constexpr, L_MMA: gl.constexpr, L_A: gl.constexpr,
+                          L_B: gl.constexpr):
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
         if BYTE_PAIRS:
@@ -432,10 +432,6 @@ if gluon is not None:
         async_copy.wait_group(0)
         _store_tile(acc, out_ptr, n0, M, N, stride_om, SPLIT_K, BLOCK_M, BLOCK_N, L_MMA)
 
-@functools.lru_cache(maxsize=None)
-def _layouts_cached(block_n: int, block_k: int, block_m: int, warps: int) -> dict:
-    return layouts(block_n, block_k, block_m, warps)
-
 
 @functools.lru_cache(maxsize=None)
 def _capable(device: torch.device) -> bool:
@@ -472,7 +468,7 @@ def fp4_mma2(x2: torch.Tensor, packed: torch.Tensor, stats: tuple, part: torch.T
         raise ValueError(f"Gluon fp4 tile: block_k {block_k} (absmax block {blocksize}, K {k} / {split}), "
                          f"block_n {block_n}, {warps} warps, block_m {block_m}, {stages} stages")
     absmax, nabs, nmap, offset, nested = stats
-    lay = _layouts_cached(block_n, block_k, block_m, warps)
+    lay = layouts(block_n, block_k, block_m, warps)
     grid = (-(-n // block_n), split)
     args = (x2, packed.view(-1).view(torch.int32), absmax, nabs, nmap, offset, part, m, n, k, x2.stride(0),
             part.stride(-2))
@@ -502,7 +498,7 @@ def int4_mma2(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
             or stages == 1:
         raise ValueError(f"Gluon int4 tile: block_k {block_k} (group {group}, K {k} / {split}), block_n {block_n}, "
                          f"{warps} warps, block_m {block_m}, {stages} stages")
-    lay = _layouts_cached(block_n, block_k, block_m, warps)
+    lay = layouts(block_n, block_k, block_m, warps)
     grid = (-(-n // block_n), split)
     args = (x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), part.stride(-2))
     if stages:

@@ -898,6 +898,7 @@ TILE_A8 = {"int4": 33}
 TILE_GLUON = {"int4": os.environ.get("COGVLM2_INT4_TILE_GLUON", "1") == "1",
               # the official fp4 layout's 2..64 rows through the Gluon fp4 tile (_fp4_mma2_kernel): off until measured
               "fp4": os.environ.get("COGVLM2_FP4_TILE_GLUON", "0") == "1"}
+INT4_TILE_ROWS = 32  # the bf16-activation int4 tile's least BLOCK_M on a GPU (16 in Triton's interpreter: fewer lanes)
 
 
 def _gluon_off(fmt: str, err: Exception) -> None:
@@ -914,7 +915,6 @@ def _gluon_compile_error(err: Exception) -> bool:
     from triton.errors import TritonError
 
     return isinstance(err, TritonError) or isinstance(err, RuntimeError) and "PassManager" in str(err)
-INT4_TILE_ROWS = 32  # the bf16-activation int4 tile's least BLOCK_M on a GPU (16 in Triton's interpreter: fewer lanes)
 
 
 def _block_counters(device: torch.device, blocks: int) -> torch.Tensor:
