@@ -246,8 +246,8 @@ def test_tile_equals_the_dequantized_weights_cuda():
         for m in (2, 17, 33) if dtype == torch.float16 else (1, 2, 3, 16, 17, 32, 33, 64):  # 1: ONE_ROW "tile-gl"
             x = (torch.randn(m, k, generator=g)).to(dtype).cuda()
             expected = x.float() @ ref.t()
-            # split 0: as the config says; flags 2: byte pairs, 14: the cp.async ring (3 stages)
-            for split, flags in ((1, None), (0, None), (0, 2), (0, 14)):
+            # split 0: as the config says; flags 2: byte pairs, 14 / 18: the cp.async ring (3 / 4 stages)
+            for split, flags in ((1, None), (0, None), (0, 2), (0, 14), (0, 18)):  # 18: 4 stages, slices of 1 step
                 with _tables(TILE_GLUON={"int4": True}, ONE_ROW={"int4": "tile-gl"}, CONFIGS={
                         key: tk.CONFIGS[key][:3] + (tk.CONFIGS[key][3] if flags is None else flags,
                                                     split or tk.CONFIGS[key][4])

@@ -281,6 +281,14 @@ if gluon is not None:
         async_copy.commit_group()
 
     @gluon.jit
+    def _ring_prologue(ws, xs, w_src, x_src, w_ok, x_ok, w_step, X_STEP: gl.constexpr, STAGES: gl.constexpr,
+                       STEPS: gl.constexpr):
+        """Fill slots 0 .. STAGES - 2 with steps 0 .. STAGES - 2 of the slice; a slice shorter than that gets copies
+        of its last step (never a read past the slice: past K on the last one)."""
+        for j in gl.static_range(STAGES - 1):
+            _ring_issue(ws, xs, j, w_src + min(j, STEPS - 1) * w_step, x_src + min(j, STEPS - 1) * X_STEP, w_ok, x_ok)
+
+    @gluon.jit
     def _ring_x_sources(x_ptr, stride_xm, k_first, M, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr,
                         L_XCOPY: gl.constexpr):
         """The first step's activation pairs [BLOCK_M, BLOCK_K / 2] (int32) for cp.async, and the row mask."""
@@ -317,8 +325,7 @@ if gluon is not None:
         x_src, x_ok = _ring_x_sources(x_ptr, stride_xm, k_first, M, BLOCK_K, BLOCK_M, L_XCOPY)
         ws = gl.allocate_shared_memory(gl.int32, [STAGES, P, BLOCK_N], L_WSMEM)
         xs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_M, BLOCK_K // 2], L_XSMEM)
-        for j in gl.static_range(STAGES - 1):
-            _ring_issue(ws, xs, j, w_src + j * (BLOCK_K // 8) * N, x_src + j * (BLOCK_K // 2), w_ok, x_ok)
+        _ring_prologue(ws, xs, w_src, x_src, w_ok, x_ok, (BLOCK_K // 8) * N, BLOCK_K // 2, STAGES, STEPS)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
         zc, s = _group_stats(qz_ptr, s_ptr, k_first // GROUP, rows, n_ok, N, MAGIC_HI)
         for i in range(STEPS):
@@ -411,8 +418,7 @@ if gluon is not None:
         x_src, x_ok = _ring_x_sources(x_ptr, stride_xm, k_first, M, BLOCK_K, BLOCK_M, L_XCOPY)
         ws = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, P], L_WSMEM)
         xs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_M, BLOCK_K // 2], L_XSMEM)
-        for j in gl.static_range(STAGES - 1):
-            _ring_issue(ws, xs, j, w_src + j * (BLOCK_K // 8), x_src + j * (BLOCK_K // 2), w_ok, x_ok)
+        _ring_prologue(ws, xs, w_src, x_src, w_ok, x_ok, BLOCK_K // 8, BLOCK_K // 2, STAGES, STEPS)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
         s = _fp4_block_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk0, n_ok, NESTED, DT)
         for i in range(STEPS):

@@ -811,19 +811,25 @@ CONFIGS = {
     # 3.54-3.64 at 32, 5.07 at 64 (the Triton tiles: 5.12, 5.14, 5.25, 5.43, 7.96)
     ("int4", "tile-gl"): (128, 128, 4, 1, -2),
     # the Gluon fp4 tile (TILE_GLUON["fp4"]): (BLOCK_N, BLOCK_K <= the absmax block, warps, flags, SPLIT_K), all rows,
-    # flags as the int4 tile's (1: X_AHEAD, >> 2: the cp.async ring's stages; its pairs are always a byte's two codes);
-    # not yet measured (130 registers a thread at 32 rows, 5.4 SASS instructions a code; the ring: 113-115)
-    ("fp4", "tile-gl"): (64, 64, 2, 1, -2),
-    ("int4", "tile-gl1"): (128, 128, 4, 14, -2),  # ONE_ROW "tile-gl" only (not the default): not yet measured
-    ("int4", "tile-gl16"): (64, 128, 2, 1, -2),
-    ("int4", "tile-gl32"): (64, 128, 2, 1, -2),
-    ("int4", "tile-gl64"): (64, 128, 2, 0, -2),
+    # flags as the int4 tile's (1: X_AHEAD, >> 2: the cp.async ring's stages; its pairs are always a byte's two codes).
+    # Best of 8 on the H200 (BENCHMARKS.md, seventeenth session, the LM linears of a decode step, 3.9 GB): the ring,
+    # 3 stages: 3.12 / 3.60 / 4.62 ms at 16 / 32 / 64 rows (the Triton fp4 tile: 6.69 / 7.11 / 9.09; the register
+    # kernel (64, 64, 2, 1, -2): 3.80 / 4.55 / 5.55)
+    ("fp4", "tile-gl"): (64, 64, 2, 12, -2),
+    # ONE_ROW "tile-gl" only (not the default): best of 3 that ran at one row 2.19 ms against the W4A8 GEMV's 1.95
+    ("int4", "tile-gl1"): (64, 128, 2, 14, -4),
+    # 16 / 32 / 64 rows: the cp.async ring (flags 14: byte pairs, 3 stages; 18: 4 stages), best of 5 / 9 / 6 on the
+    # H200 (seventeenth session): 2.52 ms at 16 rows, 3.03 at 32, 4.51 at 64 (the register kernel: 2.68-2.73, 3.39-3.64,
+    # 4.91-5.12); engine int4 decode at batch 32 7.19 -> 6.60 ms a step
+    ("int4", "tile-gl16"): (64, 128, 2, 14, -2),
+    ("int4", "tile-gl32"): (128, 128, 4, 14, 0),
+    ("int4", "tile-gl64"): (64, 64, 2, 18, -2),
     ("int4", "dequant"): (64, 128, 4, 1),
 }
 # int4's one row: W4A8 (x quantized to int8 per weight group, symmetric, by a small kernel; ~0.5% of relative
 # error on a linear's output next to the ~5-10% of the 4-bit weights themselves: tests/test_quant_kernels.py);
 # COGVLM2_INT4_ONE_ROW=gemv (or gemv2, tile, tile-gl: the Gluon tile with 7 of its 8 MMA columns idle, config
-# "tile-gl1", not yet measured) keeps the activations in bf16. The official fp4 layout's one row: W4A8
+# "tile-gl1": 2.19 ms for a decode step's LM linears against W4A8's 1.95 on the H200) keeps the activations in bf16. The official fp4 layout's one row: W4A8
 # too (_fp4_gemv_a8_kernel, x to int8 per absmax block of 64), measured on the H200 (BENCHMARKS.md, fifteenth
 # session, `quant_gpu.py --modes fp4 --sections decode`): batch-1 decode 289 tok/s against the float GEMV's 193
 # (202 with FP4_SUM_ONCE); COGVLM2_FP4_ONE_ROW=gemv keeps the activations in bf16
@@ -888,16 +894,19 @@ TILE_A8 = {"int4": 33}
 # warps, flags, SPLIT_K as for the tiles) at BLOCK_M 8 (2-8 rows) / 16 / 32 / 64; flags: 1 = X_AHEAD (the activations
 # loaded a step ahead with the words, else at the top of their step: fewer registers), 2 = BYTE_PAIRS (the two codes
 # of a byte form an MMA pair, so the activations need no byte permutes: 540 against 585 SASS instructions a step at
-# 32 rows, 431 against 412 at 8; not yet measured on a GPU), flags >> 2 = STAGES (2+: the cp.async ring kernel,
-# _int4_ring_kernel, byte pairs: a step's words and activations through shared memory, STAGES - 1 steps ahead, so
-# the registers that held them are free: 128 registers at 32 rows with (128, 128, 4) and 3 stages against 210; not
-# yet measured). Rows of x not 16-byte aligned fall back to nibble pairs in registers. Measured on the H200
-# (BENCHMARKS.md, sixteenth session): engine int4 decode at batch 32 8.99 -> 7.20 ms a step (`PYTHONPATH=. python
-# benchmarks/decode_ab.py --quant int4 --set "quant.triton_kernels.TILE_GLUON={'int4': False}" --set
-# "quant.triton_kernels.TILE_GLUON={'int4': True}" --batches 32 --rounds 2`)
+# 32 rows, 431 against 412 at 8; alone it does not win on the H200), flags >> 2 = STAGES (2+: the cp.async ring
+# kernel, _int4_ring_kernel, byte pairs: a step's words and activations through shared memory, STAGES - 1 steps
+# ahead, so the registers that held them are free: 128 registers at 32 rows with (128, 128, 4) and 3 stages against
+# 210; the default at 16-64 rows). Rows of x not 16-byte aligned fall back to nibble pairs in registers. Measured on
+# the H200 (BENCHMARKS.md): engine int4 decode at batch 32 8.99 -> 7.20 ms a step with the register kernel
+# (sixteenth session; `PYTHONPATH=. python benchmarks/decode_ab.py --quant int4 --set
+# "quant.triton_kernels.TILE_GLUON={'int4': False}" --set "quant.triton_kernels.TILE_GLUON={'int4': True}" --batches
+# 32 --rounds 2`), 7.19 -> 6.60 ms with the ring at 16-64 rows (seventeenth session)
 TILE_GLUON = {"int4": os.environ.get("COGVLM2_INT4_TILE_GLUON", "1") == "1",
-              # the official fp4 layout's 2..64 rows through the Gluon fp4 tile (_fp4_mma2_kernel): off until measured
-              "fp4": os.environ.get("COGVLM2_FP4_TILE_GLUON", "0") == "1"}
+              # the official fp4 layout's 2..64 rows through the Gluon fp4 tile (_fp4_ring_kernel at its default
+              # config; the register kernel _fp4_mma2_kernel where x's rows are not 16-byte aligned): engine decode
+              # at batch 32 11.01 -> 7.20 ms a step on the H200 (seventeenth session, decode_ab.py --quant fp4)
+              "fp4": os.environ.get("COGVLM2_FP4_TILE_GLUON", "1") == "1"}
 INT4_TILE_ROWS = 32  # the bf16-activation int4 tile's least BLOCK_M on a GPU (16 in Triton's interpreter: fewer lanes)
 
 
@@ -943,19 +952,20 @@ CANDIDATES = {
     ("int4", "tile-a8"): [(128, 0, 4, 3, 0), (64, 0, 4, 3, 0), (128, 0, 8, 3, 0), (256, 0, 8, 3, 0), (128, 0, 4, 4, -2),
                           (64, 0, 4, 4, -2), (128, 0, 4, 2, 0)],
     # the Gluon tile at 8 / 16 / 32 / 64 rows (BLOCK_N = 16 x warps x row repeats)
-    ("fp4", "tile-gl"): [(64, 64, 2, 1, -2), (128, 64, 4, 1, -2), (64, 64, 2, 0, -2), (64, 32, 2, 1, -2),
-                         (128, 64, 4, 1, 0), (64, 64, 2, 12, -2), (128, 64, 4, 16, -2), (64, 32, 2, 16, -2)],
+    ("fp4", "tile-gl"): [(64, 64, 2, 12, -2), (128, 64, 4, 1, -2), (64, 64, 2, 1, -2), (64, 32, 2, 1, -2),
+                         (128, 64, 4, 16, -2), (64, 64, 2, 16, -2), (64, 64, 2, 12, 0), (128, 64, 4, 12, 0),
+                         (64, 64, 2, 20, -2)],
     # (flags 14: byte pairs, 3 stages; 18: byte pairs, 4 stages)
     ("int4", "tile-gl"): [(128, 128, 4, 1, -2), (128, 128, 4, 3, -2), (64, 128, 2, 1, -2), (128, 128, 4, 14, -2)],
-    ("int4", "tile-gl1"): [(128, 128, 4, 14, -2), (128, 128, 4, 14, -4), (64, 128, 2, 14, -4), (128, 128, 4, 18, -4),
+    ("int4", "tile-gl1"): [(64, 128, 2, 14, -4), (128, 128, 4, 14, -4), (128, 128, 4, 18, -4), (64, 128, 2, 18, -4),
                            (256, 128, 4, 14, -2), (128, 128, 4, 1, -2)],
-    ("int4", "tile-gl16"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (128, 64, 4, 1, -2), (128, 128, 4, 14, -2),
-                            (64, 128, 2, 14, -2)],
-    ("int4", "tile-gl32"): [(64, 128, 2, 1, -2), (64, 128, 2, 3, -2), (128, 128, 4, 3, 0), (64, 64, 2, 3, -2),
-                            (128, 128, 4, 14, -2), (64, 128, 2, 14, -2), (128, 128, 4, 18, -2), (128, 64, 4, 18, -2),
-                            (128, 128, 4, 14, 0)],
-    ("int4", "tile-gl64"): [(64, 128, 2, 0, -2), (64, 128, 2, 2, -2), (64, 64, 2, 3, -2), (64, 128, 2, 14, -2),
-                            (64, 64, 2, 18, -2), (128, 64, 4, 18, -2)],
+    ("int4", "tile-gl16"): [(64, 128, 2, 14, -2), (64, 128, 2, 3, -2), (128, 128, 4, 14, -2), (64, 128, 2, 18, -2),
+                            (64, 128, 2, 14, 0), (64, 64, 2, 18, -2)],
+    ("int4", "tile-gl32"): [(128, 128, 4, 14, 0), (64, 128, 2, 3, -2), (64, 128, 2, 14, -2), (128, 64, 4, 18, -2),
+                            (128, 128, 4, 18, 0), (64, 128, 2, 14, 0), (128, 64, 4, 14, 0), (256, 128, 8, 14, 0),
+                            (128, 128, 4, 22, 0)],
+    ("int4", "tile-gl64"): [(64, 64, 2, 18, -2), (64, 128, 2, 2, -2), (64, 128, 2, 14, -2), (64, 64, 2, 18, 0),
+                            (64, 64, 2, 22, -2), (64, 128, 2, 18, -2), (128, 64, 4, 18, -2)],
     ("int4", "tile"): [(128, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 8, 4, 0), (256, 128, 8, 3, 0),
                        (128, 64, 4, 6, 0), (128, 128, 4, 3, 0), (128, 128, 4, 4, 2), (128, 128, 4, 4, -2),
                        (128, 128, 4, 3, -4), (64, 128, 4, 4, -2)],
