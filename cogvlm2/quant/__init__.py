@@ -9,28 +9,35 @@
     fp8      e4m3, per-channel scale; per-token x scale   torch._scaled_mm (fp8 tensor cores)   bf16
 
 Every nn.Linear but lm_head is quantized (language and vision experts, the EVA tower, the GLU adapter),
-as in the official int4 checkpoints; a layer whose shape the format cannot hold (only tiny test models
-have such layers) stays in the model dtype. On-the-fly modes quantize one layer at a time on the target
-device, so the GPU never holds the unquantized model.
+as in the official int4 checkpoints (LM_HEAD_INT8 makes lm_head int8 too); a layer whose shape the format
+cannot hold (only tiny test models have such layers) stays in the model dtype. On-the-fly modes quantize one
+layer at a time on the target device, so the GPU never holds the unquantized model.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from . import formats
-from .linear import Fp4Linear, Fp8Linear, Int4Linear, QuantLinear
+from .linear import Fp4Linear, Fp8Linear, Int4Linear, Int8Linear, QuantLinear
 
-__all__ = ["QUANT_MODES", "Fp4Linear", "Fp8Linear", "Int4Linear", "QuantLinear", "normalize_quant",
-           "checkpoint_quant_type", "prepare_prequantized", "quantize_model", "compress_statistics", "KEEP_DTYPE",
-           "weight_bytes"]
+__all__ = ["QUANT_MODES", "Fp4Linear", "Fp8Linear", "Int4Linear", "Int8Linear", "QuantLinear", "normalize_quant",
+           "checkpoint_quant_type", "prepare_prequantized", "quantize_model", "quantize_lm_head",
+           "compress_statistics", "KEEP_DTYPE", "weight_bytes"]
 
 QUANT_MODES = ("4", "8", "fp4", "nf4", "fp4-dq", "nf4-dq", "int4", "int8", "fp8")
 SKIP = ("lm_head",)
+# LM_HEAD_INT8: under any --quant (and for the official int4 checkpoints, whose lm_head is fp16) the lm_head too
+# becomes int8 with a float32 scale per vocabulary row (Int8Linear): half of its 1.05 GB for every decode step to
+# read, ~0.9% of relative error on the logits (Gaussian rows). Off (COGVLM2_LM_HEAD_INT8=1 at import turns it on)
+# until measured on a GPU: benchmarks/lm_head_gpu.py for the kernels, quant_gpu.py --modes int4 --sections decode
+# with and without it
+LM_HEAD_INT8 = os.environ.get("COGVLM2_LM_HEAD_INT8", "0") == "1"
 KEEP_DTYPE = (r"\.weight\.absmax$", r"\.weight\.quant_map$", r"\.weight\.nested_absmax$",
               r"\.weight\.nested_quant_map$")  # checkpoint tensors that stay float32
 
@@ -142,7 +149,19 @@ def quantize_model(model: nn.Module, quant: str | int, device: torch.device | st
     if mode == "int8":
         model.supports_cuda_graphs = False  # LLM.int8's outlier split has data-dependent shapes
     model.quantization = mode
-    return model.to(device)
+    model.to(device)
+    if LM_HEAD_INT8:
+        quantize_lm_head(model)
+    return model
+
+
+def quantize_lm_head(model: nn.Module) -> nn.Module:
+    """The model's lm_head (a plain nn.Linear) as an Int8Linear on its own device, in place (see LM_HEAD_INT8);
+    a model without one, or whose lm_head is already something else, is left as it is."""
+    head = getattr(model, "lm_head", None)
+    if type(head) is nn.Linear and head.weight.device.type != "meta":
+        model.lm_head = Int8Linear.from_linear(head)
+    return model
 
 
 def compress_statistics(model: nn.Module) -> nn.Module:

@@ -190,3 +190,23 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [M, K] -> (float8_e4m3fn [M, K], float32 scale [M, 1]): one dynamic scale per token."""
     scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def quantize_int8(w: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (int8 [N, K], float32 scale [N]): symmetric per row, w ~ q * scale[:, None], |q| <= 127 (round to
+    nearest, so each weight is within scale / 2). Rows `chunk` at a time: the float32 copy of a 128K-row lm_head
+    would be 2 GB."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], chunk):
+        part = w[i:i + chunk].float()
+        s = (part.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q[i:i + chunk] = torch.round(part / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[i:i + chunk] = s
+    return q, scale
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The reference product of x [..., K] and an int8 weight: (x @ q^T) * scale in float32, rounded once to x's
+    dtype (what the kernels compute, to float32 summation order)."""
+    return ((x.float() @ q.float().t()) * scale).to(x.dtype)

@@ -280,6 +280,37 @@ class Int4Linear(QuantLinear):
         return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
+class Int8Linear(QuantLinear):
+    """int8 weight [N, K] with a float32 scale per output row (symmetric, formats.quantize_int8), 16-bit
+    activations: y = (x @ q^T) * scale, summed in float32 and rounded once (int8_kernels.py on CUDA, the same
+    product in float32 elsewhere). What a 4-bit model's lm_head becomes under LM_HEAD_INT8 (cogvlm2.quant)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, dtype)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None) -> "Int8Linear":
+        w = linear.weight.detach().to(device or linear.weight.device)
+        with torch.device("meta"):  # the buffers are the quantizer's own tensors: no second 0.5 GB copy
+            q = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype)
+        q.weight, q.weight_scale = formats.quantize_int8(w)
+        if q.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach().to(w.device), requires_grad=False)
+        return q
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
+
+    def matmul(self, x: torch.Tensor, shared=None) -> torch.Tensor:
+        if _kernel_ok(x) and x.dtype in (torch.bfloat16, torch.float16):
+            from .int8_kernels import int8_linear
+
+            return int8_linear(x, self.weight, self.weight_scale)
+        return formats.int8_matmul(x, self.weight, self.weight_scale)
+
+
 # SHARE_A8_INPUT: the MLP's gate and up (both int4, or both in the official fp4 layout) read one W4A8 quantization of
 # the decode row instead of one each: 32 launches fewer a decode step, bit-equal (tests/test_quant_kernels.py). Engine
 # int4 decode at batch 1 on the H200: 334.9 -> 340.3 tok/s (benchmarks/decode_ab.py, two rounds, BENCHMARKS.md,

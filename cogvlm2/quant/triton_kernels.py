@@ -829,10 +829,11 @@ CONFIGS = {
 # int4's one row: W4A8 (x quantized to int8 per weight group, symmetric, by a small kernel; ~0.5% of relative
 # error on a linear's output next to the ~5-10% of the 4-bit weights themselves: tests/test_quant_kernels.py);
 # COGVLM2_INT4_ONE_ROW=gemv (or gemv2, tile, tile-gl: the Gluon tile with 7 of its 8 MMA columns idle, config
-# "tile-gl1": 2.19 ms for a decode step's LM linears against W4A8's 1.95 on the H200) keeps the activations in bf16. The official fp4 layout's one row: W4A8
-# too (_fp4_gemv_a8_kernel, x to int8 per absmax block of 64), measured on the H200 (BENCHMARKS.md, fifteenth
-# session, `quant_gpu.py --modes fp4 --sections decode`): batch-1 decode 289 tok/s against the float GEMV's 193
-# (202 with FP4_SUM_ONCE); COGVLM2_FP4_ONE_ROW=gemv keeps the activations in bf16
+# "tile-gl1": 2.19 ms for a decode step's LM linears against W4A8's 1.95 on the H200) keeps the activations in
+# bf16. The official fp4 layout's one row: W4A8 too (_fp4_gemv_a8_kernel, x to int8 per absmax block of 64),
+# measured on the H200 (BENCHMARKS.md, fifteenth session, `quant_gpu.py --modes fp4 --sections decode`): batch-1
+# decode 289 tok/s against the float GEMV's 193 (202 with FP4_SUM_ONCE); COGVLM2_FP4_ONE_ROW=gemv keeps the
+# activations in bf16
 ONE_ROW = {"fp4": os.environ.get("COGVLM2_FP4_ONE_ROW", "gemv-a8"),
            "int4": os.environ.get("COGVLM2_INT4_ONE_ROW", "gemv-a8")}
 if ONE_ROW["fp4"] not in ("gemv", "gemv-a8", "tile"):
