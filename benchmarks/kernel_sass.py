@@ -78,7 +78,8 @@ def loop_report(kernel, codes_per_thread_step: float) -> str:
 def main() -> None:
     int4 = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "N": "i32"}
     a8 = {"xe_ptr": "*i32", "xo_ptr": "*i32", "sx_ptr": "*fp32", "sq_ptr": "*i32", "qw_ptr": "*i32",
-          "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32", "N": "i32"}
+          "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32", "N": "i32",
+          "qw2_ptr": "*i32", "qz2_ptr": "*i32", "s2_ptr": "*bf16", "out2_ptr": "*fp32", "final2_ptr": "*bf16"}
     a8 = {"x_ptr": "*bf16"} | a8
     fp4 = {"x_ptr": "*bf16", "w_ptr": "*i32", "absmax_ptr": "*fp32", "lut_ptr": "*fp32", "nabs_ptr": "*fp32",
            "nmap_ptr": "*fp32", "offset": "fp32", "out_ptr": "*fp32", "N": "i32"}
@@ -96,7 +97,8 @@ def main() -> None:
     bn, _, warps, stages, _ = tk.CONFIGS[("int4", "gemv-a8")]
     rows.append((f"int4 gemv-a8 {tk.CONFIGS[('int4', 'gemv-a8')]}", compile_sm90(
         tk._int4_gemv_a8_kernel, a8, dict(K=4096, BLOCK_N=bn, GROUP=128, SPLIT_K=4, ASM=True, STAGES=stages,
-                                           FUSED_QUANT=False, NG_PAD=8, FUSED_SUM=False, L2_ROWS=0, PDL=False),
+                                           FUSED_QUANT=False, NG_PAD=8, FUSED_SUM=False, L2_ROWS=0, PDL=False,
+                                           PAIR=False),
         num_warps=warps, num_stages=stages), bn * 128 / (32 * warps)))
     bn, bk, warps, stages, _ = tk.CONFIGS[("fp4", "gemv")]
     for once in (False, True):

@@ -352,3 +352,33 @@ elif __name__ == "__main__" and sys.argv[1:] == ["fold"]:
 elif __name__ == "__main__":
     check_ops("cpu")
     print("ops ok")
+
+
+def test_mlp_pairs_gate_and_up_where_the_layer_can():
+    """ops.mlp with x prepared for gate and up (`shared`) asks the gate for both products in one launch
+    (`matmul_pair`, e.g. int4's W4A8 GEMV over both weights) and uses them; where it declines (None) or has no such
+    method, each layer is called with `shared`."""
+    from cogvlm2.model import ops
+
+    class Layer(torch.nn.Linear):
+        def __init__(self, pair):
+            super().__init__(8, 8, bias=False)
+            self.pair, self.calls = pair, []
+
+        def forward(self, x, shared=None):
+            self.calls.append(shared)
+            return super().forward(x)
+
+        def matmul_pair(self, other, x, shared):
+            self.calls.append(("pair", shared))
+            return (super().forward(x), other.weight.new_ones(1, 8)) if self.pair else None
+
+    torch.manual_seed(0)
+    x, down = torch.randn(1, 8), torch.nn.Linear(8, 8, bias=False)
+    for pair in (True, False):
+        gate, up = Layer(pair), Layer(False)
+        out = ops.mlp(gate, up, down, x, shared="row")
+        u = torch.ones(1, 8) if pair else up(x)
+        assert torch.allclose(out, down(torch.nn.functional.silu(gate(x)) * u))
+        assert gate.calls[0] == ("pair", "row") and (gate.calls[1:2] == ["row"]) != pair
+        assert up.calls[:1] == ([] if pair else ["row"])

@@ -83,6 +83,37 @@ def check_a8_fused(tk, x, qweight, qzeros, scales, group, expected) -> None:
     assert not any(buf.any() for (user, dev), buf in _BUFFERS.items() if dev == x.device)  # all back to 0
 
 
+def check_a8_pair(tk, x, first, second, group) -> None:
+    """Two int4 weights of one shape in one W4A8 launch (int4_linear_pair, PAIR_A8: the MLP's gate and up) equal the
+    two int4_linear calls bit for bit: K split or not, the sum folded or not, x quantized beforehand or not, twice in
+    a row (the pair's counters back to 0); Int4Linear.matmul_pair under the switch, None without it."""
+    from cogvlm2.counters import _BUFFERS
+    from cogvlm2.quant import linear as ql
+
+    second = tuple(t.to(x.device, a.dtype) for t, a in zip(second, first))  # the scales in the model dtype
+    config = tk.CONFIGS[("int4", "gemv-a8")]
+    for split in (1, 2, 4, -2):
+        for fused in (False, True):
+            with _settings(tk, ONE_ROW={"int4": "gemv-a8"}, CONFIGS={("int4", "gemv-a8"): (*config[:4], split)},
+                           A8_FUSED={"sum": fused, "quant": False}):
+                two = (tk.int4_linear(x, *first, group), tk.int4_linear(x, *second, group))
+                for a8 in (None, tk.quantize_a8(x, group), None):
+                    pair = tk.int4_linear_pair(x, first, second, group, a8)
+                    assert all(torch.equal(p, t) for p, t in zip(pair, two)), (split, fused, a8 is None)
+    assert not any(buf.any() for (user, dev), buf in _BUFFERS.items() if dev == x.device)  # all back to 0
+    n, k = first[0].shape[1], x.shape[-1]
+    gate, up = ql.Int4Linear(k, n, group_size=group), ql.Int4Linear(k, n, group_size=group)
+    for layer, (qw, qz, sc) in ((gate, first), (up, second)):
+        layer.qweight, layer.qzeros, layer.scales = qw, qz, sc
+    with _settings(tk, ONE_ROW={"int4": "gemv-a8"}), mock.patch.object(ql, "_kernel_ok", lambda x: True):
+        with mock.patch.object(ql, "PAIR_A8", False):
+            assert gate.matmul_pair(up, x) is None
+        with mock.patch.object(ql, "PAIR_A8", True):
+            pair = gate.matmul_pair(up, x)
+            assert all(torch.equal(p, t) for p, t in zip(pair, (tk.int4_linear(x, *first, group),
+                                                                 tk.int4_linear(x, *second, group))))
+
+
 def check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol) -> None:
     """ONE_ROW fp4 "gemv-a8" (the official fp4 layout times int8 activations): x quantized per absmax block of 64
     as the int4 W4A8 quantizes a group, the products exact integers (values x 192), so the result is the dequantized
@@ -192,6 +223,7 @@ def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5)
                     w4a16, w4a8 = _rel(x.float() @ ref_w.float().t(), exact), _rel(got, exact)
                     assert 0.03 < w4a16 and w4a8 < 1.02 * w4a16, ("W4A8 against bf16", n, k, group, w4a16, w4a8)
                     check_a8_fused(tk, x, qweight, qzeros, scales, group, got)
+                    check_a8_pair(tk, x, (qweight, qzeros, scales), formats.quantize_int4(w.flip(0), group), group)
     # (37, 1792) at 8,192 elements a program: four rows a program, the last one partial
     for (m, k), elems in zip([(1, 64), (7, 4096), (3, 5000), (37, 1792), (37, 1792)], [1, 8192, 1, 1, 8192]):
         x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10).to(device, dtype)
@@ -278,7 +310,8 @@ def test_w4a8_gemv_compiles_for_hopper():
 
     signature = {"x_ptr": "*bf16", "xe_ptr": "*i32", "xo_ptr": "*i32", "sx_ptr": "*fp32", "sq_ptr": "*i32",
                  "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16",
-                 "count_ptr": "*i32", "N": "i32"}
+                 "count_ptr": "*i32", "N": "i32", "qw2_ptr": "*i32", "qz2_ptr": "*i32", "s2_ptr": "*bf16",
+                 "out2_ptr": "*fp32", "final2_ptr": "*bf16"}
     quantize = compile_for_hopper(tk._quantize_a8_kernel, {"x_ptr": "*bf16", "xe_ptr": "*i32", "xo_ptr": "*i32",
                                                             "sx_ptr": "*fp32", "sq_ptr": "*i32"},
                                   dict(GROUP=128, PDL=False), num_warps=4).asm["ptx"]
@@ -292,8 +325,8 @@ def test_w4a8_gemv_compiles_for_hopper():
             groups = k // 128 // split_k
             kernel = compile_for_hopper(tk._int4_gemv_a8_kernel, signature, dict(
                 K=k, BLOCK_N=block_n, GROUP=128, SPLIT_K=split_k, ASM=True, STAGES=stages, FUSED_QUANT=fused,
-                NG_PAD=triton.next_power_of_2(groups), FUSED_SUM=fused, L2_ROWS=0, PDL=fused), num_warps=warps,
-                num_stages=stages)
+                NG_PAD=triton.next_power_of_2(groups), FUSED_SUM=fused, L2_ROWS=0, PDL=fused, PAIR=fused),
+                num_warps=warps, num_stages=stages)  # fused: also the gate / up pair (PAIR_A8)
             ptx = kernel.asm["ptx"]
             assert "dp4a.u32.s32" in ptx and "ld.local" not in ptx, (block_n, warps, fused)  # no spills
             assert ("cp.async" in ptx) == (stages > 1), (block_n, warps, stages)  # prefetched steps ahead
@@ -307,7 +340,7 @@ def test_w4a8_gemv_compiles_for_hopper():
         split_k = abs(split) or 2
         kernel = compile_for_hopper(tk._int4_gemv_a8_kernel, signature, dict(
             K=4096, BLOCK_N=block_n, GROUP=128, SPLIT_K=split_k, ASM=True, STAGES=stages, FUSED_QUANT=False,
-            NG_PAD=1, FUSED_SUM=True, L2_ROWS=triton.next_power_of_2(4096 // split_k // 8), PDL=True),
+            NG_PAD=1, FUSED_SUM=True, L2_ROWS=triton.next_power_of_2(4096 // split_k // 8), PDL=True, PAIR=False),
             num_warps=warps, num_stages=stages)
         ptx = kernel.asm["ptx"]
         wait = ptx.index("griddepcontrol.wait")
@@ -618,6 +651,40 @@ def test_w4a8_fused_in_cuda_graphs():
             with mock.patch.object(tk, "A8_L2_PREFETCH_BYTES", 9 << 20):
                 assert torch.equal(tk.int4_linear(x, qweight, qzeros, scales, 128), three), (n, k)
                 _replays_equal(lambda: tk.int4_linear(static, qweight, qzeros, scales, 128), three, 5, (n, k))
+
+
+@cuda
+def test_w4a8_pair_in_cuda_graphs():
+    """PAIR_A8 on the GPU: the MLP's gate and up (14,336 x 4,096) in one W4A8 launch equal the two launches, with
+    the sum folded or not, replay after replay; and the tiny int4 engine with the pair switched on gives the same
+    tokens with CUDA graphs as eagerly."""
+    from cogvlm2.engine import LLM
+    from cogvlm2.quant import linear as ql
+    from cogvlm2.quant import triton_kernels as tk
+    from cogvlm2.sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(4)
+    first, second = ((*w[:2], w[2].bfloat16()) for w in (formats.quantize_int4(torch.randn(14336, 4096, generator=g)
+                                                                                .cuda()) for _ in range(2)))
+    x = torch.randn(1, 4096, generator=g).cuda().bfloat16()
+    with torch.inference_mode(), _settings(tk, ONE_ROW={"int4": "gemv-a8"}):
+        for fused in (False, True):
+            with _settings(tk, A8_FUSED={"sum": fused, "quant": False, "pdl": False}):
+                two = (tk.int4_linear(x, *first, 128), tk.int4_linear(x, *second, 128))
+                pair = tk.int4_linear_pair(x, first, second, 128)
+                assert all(torch.equal(p, t) for p, t in zip(pair, two)), fused
+                for i in range(2):
+                    _replays_equal(lambda i=i: tk.int4_linear_pair(x, first, second, 128)[i], two[i], 5, (fused, i))
+    params = SamplingParams(temperature=0, ignore_eos=True, max_new_tokens=12)
+    outs = []
+    with mock.patch.object(ql, "PAIR_A8", True):
+        for eager in (True, False):
+            llm = LLM("tiny", dtype="bfloat16", device="cuda", quant="int4", enforce_eager=eager, max_model_len=512,
+                      num_kv_blocks=256, max_num_seqs=8)
+            prompts = [llm.processor(f"question {i}") for i in range(3)]
+            outs.append([o.token_ids for p in prompts for o in llm.generate([p], params, use_tqdm=False)])
+            del llm
+    assert outs[0] == outs[1]
 
 
 @cuda

@@ -193,8 +193,16 @@ def gate_up_silu_mul(gate: torch.nn.Module, up: torch.nn.Module, x: torch.Tensor
         return gemv_kernel.skinny_silu_mul(x, gate.weight, up.weight)
     shared = gate.shared_input(x, up) if hasattr(gate, "shared_input") else None  # e.g. int4's W4A8 row, once
     if shared is not None:
-        return silu_mul(gate(x, shared), up(x, shared))
+        return silu_mul(*_gate_up(gate, up, x, shared))
     return silu_mul(linear(gate, x), linear(up, x))
+
+
+def _gate_up(gate: torch.nn.Module, up: torch.nn.Module, x: torch.Tensor, shared) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate(x), up(x)) for x prepared for both (`shared`): one launch where the layers can pair (`matmul_pair`,
+    e.g. int4's W4A8 GEMV over both weights), else a call each."""
+    pair = getattr(gate, "matmul_pair", None)
+    both = pair(up, x, shared) if pair is not None else None
+    return both if both is not None else (gate(x, shared), up(x, shared))
 
 
 def mlp(gate: torch.nn.Module, up: torch.nn.Module, down: torch.nn.Module, x: torch.Tensor,
@@ -203,7 +211,7 @@ def mlp(gate: torch.nn.Module, up: torch.nn.Module, down: torch.nn.Module, x: to
     and up (add_rms_norm_a8's), and with FOLD_A8 the SiLU-mul kernel prepares its output for down likewise."""
     if shared is None:
         return linear(down, gate_up_silu_mul(gate, up, x))
-    g, u = gate(x, shared), up(x, shared)
+    g, u = _gate_up(gate, up, x, shared)
     group = a8_group((down,), g)
     if group:
         act, act_a8 = triton_ops.silu_mul_a8(g, u, group)

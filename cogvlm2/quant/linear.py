@@ -276,6 +276,16 @@ class Int4Linear(QuantLinear):
         group = self.shares_a8(x, *others) if SHARE_A8_INPUT else 0
         return triton_kernels.quantize_a8(x, group) if group else None
 
+    def matmul_pair(self, other: nn.Module, x: torch.Tensor, shared=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(self(x), other(x)) in one W4A8 GEMV launch (PAIR_A8) where x is one row on the GPU and `other` an
+        Int4Linear of the same shape and group, neither with a bias (the MLP's gate and up); None otherwise."""
+        if not (PAIR_A8 and type(other) is Int4Linear and self.bias is None and other.bias is None
+                and other.group_size == self.group_size and other.qweight.shape == self.qweight.shape
+                and _kernel_ok(x) and triton_kernels.a8_row_applies(x)):
+            return None
+        return triton_kernels.int4_linear_pair(x, (self.qweight, self.qzeros, self.scales),
+                                               (other.qweight, other.qzeros, other.scales), self.group_size, shared)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
 
@@ -316,6 +326,11 @@ class Int8Linear(QuantLinear):
 # int4 decode at batch 1 on the H200: 334.9 -> 340.3 tok/s (benchmarks/decode_ab.py, two rounds, BENCHMARKS.md,
 # fourteenth session)
 SHARE_A8_INPUT = True
+# PAIR_A8: the MLP's gate and up (both int4) as one W4A8 GEMV launch over both weights (Int4Linear.matmul_pair):
+# 32 launches fewer a batch-1 decode step, and 2 x 224 column blocks need no K split; the same numbers bit for bit
+# (tests/test_quant_kernels.py). Off (COGVLM2_PAIR_A8=1 at import turns it on) until measured on a GPU
+# (`benchmarks/decode_ab.py --quant int4 --set "quant.linear.PAIR_A8=0" --set "quant.linear.PAIR_A8=1"`)
+PAIR_A8 = os.environ.get("COGVLM2_PAIR_A8", "0") == "1"
 
 # fp8 knobs that benchmarks/quant_gpu.py times against each other: FP8_FUSE puts the bias into _scaled_mm's
 # epilogue and the vision MLP's GELU into the activation-quantizing pass (each saves a pass over the output:

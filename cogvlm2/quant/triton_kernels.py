@@ -328,11 +328,11 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr,
 
 
 @triton.jit
-def _int4_row_tile(qw_ptr, N, BLOCK_N: tl.constexpr, RP: tl.constexpr, KS: tl.constexpr):
+def _int4_row_tile(qw_ptr, N, BLOCK_N: tl.constexpr, RP: tl.constexpr, KS: tl.constexpr, pid_n):
     """The one-row int4 GEMVs' tile, one group (RP packed rows) a step over this program's K slice of KS: its
-    columns, their mask, the packed rows of a step, each column's zero-point shift in its packed word, and the
-    pointers to the slice's first step ([RP, BLOCK_N]; the loop advances them RP * N a step)."""
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    columns (column block pid_n), their mask, the packed rows of a step, each column's zero-point shift in its
+    packed word, and the pointers to the slice's first step ([RP, BLOCK_N]; the loop advances them RP * N a step)."""
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     r = tl.arange(0, RP)
     zshift = ((offs_n % 8) * 4).to(tl.int32)
     p0 = tl.program_id(1) * (KS // 8)  # first packed row of this slice
@@ -366,7 +366,7 @@ def _int4_gemv2_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K: tl.constexpr
     FFMA with x 16^-j; per word one FFMA by the group's scale."""
     RP: tl.constexpr = GROUP // 8  # packed rows of a group
     KS: tl.constexpr = K // SPLIT_K
-    offs_n, n_ok, r, zshift, w_ptrs = _int4_row_tile(qw_ptr, N, BLOCK_N, RP, KS)
+    offs_n, n_ok, r, zshift, w_ptrs = _int4_row_tile(qw_ptr, N, BLOCK_N, RP, KS, tl.program_id(0))
     acc = tl.zeros((RP, BLOCK_N), dtype=tl.float32)
     for i in tl.range(0, KS, GROUP, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
         k0 = tl.program_id(1) * KS + i
@@ -457,9 +457,10 @@ def _prefetch_codes_l2(w_ptrs, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, N, BL
 
 @triton.jit
 def _int4_gemv_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, final_ptr, count_ptr,
-                         N, K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
-                         ASM: tl.constexpr, STAGES: tl.constexpr, FUSED_QUANT: tl.constexpr, NG_PAD: tl.constexpr,
-                         FUSED_SUM: tl.constexpr, L2_ROWS: tl.constexpr, PDL: tl.constexpr):
+                         N, qw2_ptr, qz2_ptr, s2_ptr, out2_ptr, final2_ptr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                         GROUP: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
+                         FUSED_QUANT: tl.constexpr, NG_PAD: tl.constexpr, FUSED_SUM: tl.constexpr,
+                         L2_ROWS: tl.constexpr, PDL: tl.constexpr, PAIR: tl.constexpr):
     """One row, group-wise int4 weights times int8 activations (W4A8, as llama.cpp's q4 x q8 dot products; x
     quantized by _quantize_a8_kernel). Word p of a column holds k = 8p + j in nibble j: the word masked with
     0x0F0F0F0F holds the even k as four bytes, shifted by 4 first the odd ones, so 8 codes cost one shift, two
@@ -467,19 +468,29 @@ def _int4_gemv_a8_kernel(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, qw_ptr, qz_ptr, 
     Each thread keeps its words' scaled dot products [packed row, column] over the K slice, summed across the tile
     once at the end (a sum across threads every step cost barriers that kept the loads from staying in flight).
     L2_ROWS (> 0, PDL only: A8_L2_PREFETCH_BYTES): the program's packed rows, rounded up to a power of 2, prefetched
-    into L2 before the PDL wait."""
+    into L2 before the PDL wait. PAIR (PAIR_A8): a second linear of the same shape reading the same x (the MLP's up
+    beside its gate) in the same launch, its weights, partials and output at the *2 pointers: the column blocks
+    past the first linear's cdiv(N, BLOCK_N) are the second's (their counters follow the first's)."""
     RP: tl.constexpr = GROUP // 8  # packed rows of a group
     KS: tl.constexpr = K // SPLIT_K
     pdl.launch_dependents(PDL)  # A8_FUSED["pdl"], A8_L2_PREFETCH_BYTES
+    pid_n = tl.program_id(0)
+    if PAIR:
+        blocks = tl.cdiv(N, BLOCK_N)
+        second = pid_n >= blocks
+        pid_n -= second.to(tl.int32) * blocks
+        qw_ptr, qz_ptr, s_ptr = tl.where(second, qw2_ptr, qw_ptr), tl.where(second, qz2_ptr, qz_ptr), \
+            tl.where(second, s2_ptr, s_ptr)
+        out_ptr, final_ptr = tl.where(second, out2_ptr, out_ptr), tl.where(second, final2_ptr, final_ptr)
     if L2_ROWS > 0:
-        first = tl.program_id(1).to(tl.int64) * (KS // 8) * N + tl.program_id(0) * BLOCK_N  # this program's codes
+        first = tl.program_id(1).to(tl.int64) * (KS // 8) * N + pid_n * BLOCK_N  # this program's codes
         _prefetch_codes_l2(qw_ptr + first, KS // 8, L2_ROWS, N, BLOCK_N)
     pdl.wait(PDL)
     if FUSED_QUANT:  # this program's K slice of x quantized here (every column block writes the same values)
         _quantize_groups(x_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, tl.program_id(1) * (KS // GROUP), KS // GROUP,
                          NG_PAD, GROUP)
         tl.debug_barrier()  # the slice is written before any thread of the program reads it
-    offs_n, n_ok, r, zshift, w_ptrs = _int4_row_tile(qw_ptr, N, BLOCK_N, RP, KS)
+    offs_n, n_ok, r, zshift, w_ptrs = _int4_row_tile(qw_ptr, N, BLOCK_N, RP, KS, pid_n)
     acc = tl.zeros((RP, BLOCK_N), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for i in tl.range(0, KS, GROUP, num_stages=STAGES):  # STAGES > 1: cp.async prefetch
@@ -1212,6 +1223,56 @@ def quantize_a8(x: torch.Tensor, group: int, launch_pdl: bool = False) -> A8Row:
     return xe, sx, sq
 
 
+def _int4_a8(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+             group: int, a8: A8Row | None) -> list[torch.Tensor]:
+    """The W4A8 GEMV of one row x2 [1, K] with one int4 weight, or two of one shape (PAIR: the MLP's gate and up) in
+    one launch; their outputs [1, N] in x's dtype."""
+    qweight, qzeros, scales = weights[0]
+    k, n = x2.shape[1], qweight.shape[1]
+    block_n, _, warps, stages, split = CONFIGS[("int4", "gemv-a8")]
+    if INT4_A8_LONG_K_SPLIT and k >= A8_LONG_K:  # the MLP's down projection: more programs for its long rows
+        split = INT4_A8_LONG_K_SPLIT
+    blocks = triton.cdiv(n, block_n) * len(weights)  # a pair's second weight: the blocks after the first's
+    split, _ = _split(k, _tile_split(split, blocks, x.device), group, group)
+    outs = [_outputs(1, n, split, x) for _ in weights]
+    groups = k // group // split  # of a program's K slice
+    fused_quant = a8 is None and A8_FUSED["quant"] and groups <= A8_QUANT_MAX_GROUPS
+    options = pdl.options(x)
+    prefetch = options["PDL"] and len(weights) == 1 and n % block_n == 0 and \
+        0 < qweight.numel() * qweight.element_size() <= A8_L2_PREFETCH_BYTES
+    if fused_quant:  # each program quantizes its own slice into these
+        xe, sx, sq = a8_buffers(k, group, x.device)
+    else:
+        xe, sx, sq = a8 if a8 is not None else quantize_a8(x2, group, launch_pdl=prefetch)
+    fused_sum = A8_FUSED["sum"] and split > 1
+    count = _block_counters(x.device, blocks) if fused_sum else outs[0][1]
+    (out, part), (out2, part2), second = outs[0], outs[-1], weights[-1]
+    _int4_gemv_a8_kernel[(blocks, split)](
+        x2, xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, out, count, n, *second, part2, out2, K=k,
+        BLOCK_N=block_n, GROUP=group, SPLIT_K=split, ASM=x.is_cuda, STAGES=stages, FUSED_QUANT=fused_quant,
+        NG_PAD=triton.next_power_of_2(groups) if fused_quant else 1, FUSED_SUM=fused_sum,
+        L2_ROWS=triton.next_power_of_2(k // split // 8) if prefetch else 0, PAIR=len(weights) == 2, num_warps=warps,
+        num_stages=stages, **(options if A8_FUSED["pdl"] or prefetch else {"PDL": False}))
+    for out, part in outs:
+        _finish(part, out, 1 if fused_sum else split)  # fused: nothing left to add
+    return [out for out, _ in outs]
+
+
+def int4_linear_pair(x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     second: tuple[torch.Tensor, torch.Tensor, torch.Tensor], group: int,
+                     a8: A8Row | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x @ W1^T, x @ W2^T) for two int4 weights (qweight, qzeros, scales) of one shape: one W4A8 GEMV launch for both
+    where x is one row that takes that GEMV (the same numbers as two int4_linear calls, bit for bit), else the two
+    calls."""
+    x2 = _flat(x)
+    if x2.shape[0] == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1 \
+            and all(a.shape == b.shape for a, b in zip(first, second)):
+        n = first[0].shape[1]
+        y1, y2 = _int4_a8(x, x2, [first, second], group, a8)
+        return y1.view(*x.shape[:-1], n), y2.view(*x.shape[:-1], n)
+    return int4_linear(x, *first, group, a8), int4_linear(x, *second, group, a8)
+
+
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                 group: int, a8: A8Row | None = None) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] with W in the group-wise int4 layout. `a8`: x already quantized by quantize_a8
@@ -1237,29 +1298,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
             x2, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, GROUP=group, SPLIT_K=split, STAGES=stages,
             ASM=x.is_cuda, num_warps=warps, num_stages=stages)
     elif m == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1:  # int8 activations, one group a step
-        block_n, _, warps, stages, split = CONFIGS[("int4", "gemv-a8")]
-        if INT4_A8_LONG_K_SPLIT and k >= A8_LONG_K:  # the MLP's down projection: more programs for its long rows
-            split = INT4_A8_LONG_K_SPLIT
-        split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
-        out, part = _outputs(m, n, split, x)
-        groups = k // group // split  # of a program's K slice
-        fused_quant = a8 is None and A8_FUSED["quant"] and groups <= A8_QUANT_MAX_GROUPS
-        options = pdl.options(x)
-        prefetch = options["PDL"] and n % block_n == 0 and \
-            0 < qweight.numel() * qweight.element_size() <= A8_L2_PREFETCH_BYTES
-        if fused_quant:  # each program quantizes its own slice into these
-            xe, sx, sq = a8_buffers(k, group, x.device)
-        else:
-            xe, sx, sq = a8 if a8 is not None else quantize_a8(x2, group, launch_pdl=prefetch)
-        fused_sum = A8_FUSED["sum"] and split > 1
-        count = _block_counters(x.device, triton.cdiv(n, block_n)) if fused_sum else part
-        _int4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
-            x2, xe[0], xe[1], sx, sq, qweight, qzeros, scales, part, out, count, n, k, BLOCK_N=block_n, GROUP=group,
-            SPLIT_K=split, ASM=x.is_cuda, STAGES=stages, FUSED_QUANT=fused_quant,
-            NG_PAD=triton.next_power_of_2(groups) if fused_quant else 1, FUSED_SUM=fused_sum,
-            L2_ROWS=triton.next_power_of_2(k // split // 8) if prefetch else 0, num_warps=warps, num_stages=stages,
-            **(options if A8_FUSED["pdl"] or prefetch else {"PDL": False}))
-        split = 1 if fused_sum else split  # nothing left for _finish
+        return _int4_a8(x, x2, [(qweight, qzeros, scales)], group, a8)[0].view(*x.shape[:-1], n)
     elif TILE_GLUON["int4"] and (m > 1 or ONE_ROW["int4"] == "tile-gl") and gluon_kernels.applies(x2, scales, group):
         block_m = _rows(m, 8)  # the MMA's operands in registers; one row ("tile-gl1") only as ONE_ROW says
         path = "tile-gl1" if m == 1 else "tile-gl" if block_m == 8 else f"tile-gl{block_m}"
