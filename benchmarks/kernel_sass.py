@@ -107,11 +107,12 @@ def main() -> None:
                                            SPLIT_K=1, STAGES=stages, SUM_ONCE=once), num_warps=warps,
             num_stages=stages), bn * bk / (32 * warps)))
     fa8 = {"xw_ptr": "*i32", "sx_ptr": "*fp32", "w_ptr": "*i32", "absmax_ptr": "*fp32", "out_ptr": "*fp32",
-           "final_ptr": "*bf16", "count_ptr": "*i32", "N": "i32"}
+           "final_ptr": "*bf16", "count_ptr": "*i32", "N": "i32", "w2_ptr": "*i32", "absmax2_ptr": "*fp32",
+           "out2_ptr": "*fp32", "final2_ptr": "*bf16"}
     for bn, bk, warps, stages, split in tk.CANDIDATES[("fp4", "gemv-a8")]:
         rows.append((f"fp4 gemv-a8 {(bn, bk, warps, stages, split)}", compile_sm90(
             tk._fp4_gemv_a8_kernel, fa8, dict(K=4096, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, STAGES=stages, ASM=True,
-                                              L2_LINES=0, FUSED_SUM=False, PDL=False),
+                                              L2_LINES=0, FUSED_SUM=False, PDL=False, PAIR=False),
             num_warps=warps, num_stages=stages), bn * bk / (32 * warps)))
     bn, bk, warps, stages = gm.CONFIG
     rows.append((f"bf16 gemv {gm.CONFIG}", compile_sm90(

@@ -114,6 +114,23 @@ def check_a8_pair(tk, x, first, second, group) -> None:
                                                                  tk.int4_linear(x, *second, group))))
 
 
+def check_fp4_a8_pair(tk, x, first, second, n) -> None:
+    """Two fp4 weights of one shape in one fp4 W4A8 launch (fp4_linear_pair, PAIR_A8) equal the two fp4_linear calls
+    bit for bit, with K split (the sum folded) or not, x quantized beforehand or not; None where the GEMV does not
+    apply (ONE_ROW "gemv")."""
+    lut = formats.code_table("fp4", x.device)
+    second = tuple(t.to(x.device) for t in second)
+    config = tk.CONFIGS[("fp4", "gemv-a8")]
+    for split in (1, 2):
+        with _settings(tk, ONE_ROW={"fp4": "gemv-a8"}, CONFIGS={("fp4", "gemv-a8"): (*config[:4], split)}):
+            two = [tk.fp4_linear(x, *w, lut, n, is_fp4=True) for w in (first, second)]
+            for a8 in (None, tk.quantize_fp4_a8(x)):
+                pair = tk.fp4_linear_pair(x, first, second, n, a8)
+                assert all(torch.equal(p, t) for p, t in zip(pair, two)), (split, a8 is None)
+    with _settings(tk, ONE_ROW={"fp4": "gemv"}):
+        assert tk.fp4_linear_pair(x, first, second, n) is None
+
+
 def check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol) -> None:
     """ONE_ROW fp4 "gemv-a8" (the official fp4 layout times int8 activations): x quantized per absmax block of 64
     as the int4 W4A8 quantizes a group, the products exact integers (values x 192), so the result is the dequantized
@@ -187,6 +204,7 @@ def check_kernels(device: str, dtype: torch.dtype, rows=ROWS, tol: float = 1e-5)
                         assert _rel(once, x.float() @ ref_w.float().t()) < tol, (quant_type, arith, n, k, m)
                 if m == 1 and quant_type == "fp4":
                     check_fp4_a8(tk, x, w, packed, absmax, lut, ref_w, tol)
+                    check_fp4_a8_pair(tk, x, (packed, absmax), formats.quantize_4bit(w.flip(0), "fp4"), n)
     check_split_k(device, dtype, g, tol)
     for n, k in [(48, 256), (40, 384), (64, 128)]:
         for group in (128, 64):
@@ -433,13 +451,14 @@ def test_fp4_gemv_a8_compiles_for_hopper():
     from tests.hopper_compile import compile_for_hopper
 
     signature = {"xw_ptr": "*i32", "sx_ptr": "*fp32", "w_ptr": "*i32", "absmax_ptr": "*fp32", "out_ptr": "*fp32",
-                 "final_ptr": "*bf16", "count_ptr": "*i32", "N": "i32"}
+                 "final_ptr": "*bf16", "count_ptr": "*i32", "N": "i32", "w2_ptr": "*i32", "absmax2_ptr": "*fp32",
+                 "out2_ptr": "*fp32", "final2_ptr": "*bf16"}
     for block_n, block_k, warps, stages, split in tk.CANDIDATES[("fp4", "gemv-a8")]:
         for lines, fused in ((0, False), (triton.next_power_of_2(4096 // split // 256), False),
                              (0, True)):  # fused: FP4_A8_LONG_K_SPLIT's K = 14,336
             kernel = compile_for_hopper(tk._fp4_gemv_a8_kernel, signature, dict(
                 K=14336 if fused else 4096, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=2 if fused else split,
-                STAGES=stages, ASM=True, L2_LINES=lines, FUSED_SUM=fused, PDL=lines > 0),
+                STAGES=stages, ASM=True, L2_LINES=lines, FUSED_SUM=fused, PDL=lines > 0, PAIR=fused),
                 num_warps=warps, num_stages=stages)
             ptx, where = kernel.asm["ptx"], (block_n, block_k, stages, lines, fused)  # lines: L2 prefetch
             assert ("atom.global.gpu.acq_rel.add" in ptx) == fused, where  # the last program per block sums
@@ -656,8 +675,8 @@ def test_w4a8_fused_in_cuda_graphs():
 @cuda
 def test_w4a8_pair_in_cuda_graphs():
     """PAIR_A8 on the GPU: the MLP's gate and up (14,336 x 4,096) in one W4A8 launch equal the two launches, with
-    the sum folded or not, replay after replay; and the tiny int4 engine with the pair switched on gives the same
-    tokens with CUDA graphs as eagerly."""
+    the sum folded or not (int4 and the official fp4 layout), replay after replay; and the tiny int4 / fp4 engines
+    with the pair switched on give the same tokens with CUDA graphs as eagerly."""
     from cogvlm2.engine import LLM
     from cogvlm2.quant import linear as ql
     from cogvlm2.quant import triton_kernels as tk
@@ -675,16 +694,23 @@ def test_w4a8_pair_in_cuda_graphs():
                 assert all(torch.equal(p, t) for p, t in zip(pair, two)), fused
                 for i in range(2):
                     _replays_equal(lambda i=i: tk.int4_linear_pair(x, first, second, 128)[i], two[i], 5, (fused, i))
+        # the official fp4 layout's pair (its W4A8 GEMV), K split (the sum folded) by the config
+        lut = formats.code_table("fp4", "cuda")
+        fp4 = [formats.quantize_4bit(torch.randn(14336, 4096, generator=g).cuda(), "fp4") for _ in range(2)]
+        two = [tk.fp4_linear(x, *w, lut, 14336, is_fp4=True) for w in fp4]
+        assert all(torch.equal(p, t) for p, t in zip(tk.fp4_linear_pair(x, *fp4, 14336), two))
+        _replays_equal(lambda: tk.fp4_linear_pair(x, *fp4, 14336)[1], two[1], 5, "fp4")
     params = SamplingParams(temperature=0, ignore_eos=True, max_new_tokens=12)
-    outs = []
-    with mock.patch.object(ql, "PAIR_A8", True):
-        for eager in (True, False):
-            llm = LLM("tiny", dtype="bfloat16", device="cuda", quant="int4", enforce_eager=eager, max_model_len=512,
-                      num_kv_blocks=256, max_num_seqs=8)
-            prompts = [llm.processor(f"question {i}") for i in range(3)]
-            outs.append([o.token_ids for p in prompts for o in llm.generate([p], params, use_tqdm=False)])
-            del llm
-    assert outs[0] == outs[1]
+    for quant in ("int4", "fp4"):
+        outs = []
+        with mock.patch.object(ql, "PAIR_A8", True):
+            for eager in (True, False):
+                llm = LLM("tiny", dtype="bfloat16", device="cuda", quant=quant, enforce_eager=eager,
+                          max_model_len=512, num_kv_blocks=256, max_num_seqs=8)
+                prompts = [llm.processor(f"question {i}") for i in range(3)]
+                outs.append([o.token_ids for p in prompts for o in llm.generate([p], params, use_tqdm=False)])
+                del llm
+        assert outs[0] == outs[1], quant
 
 
 @cuda

@@ -217,6 +217,15 @@ class Fp4Linear(QuantLinear):
             return triton_kernels.quantize_fp4_a8(x)
         return None
 
+    def matmul_pair(self, other: nn.Module, x: torch.Tensor, shared=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(self(x), other(x)) in one fp4 W4A8 GEMV launch (PAIR_A8) where both layers take x through that GEMV and
+        are of one shape, neither with a bias (the MLP's gate and up); None otherwise."""
+        if not (PAIR_A8 and type(other) is Fp4Linear and self.bias is None and other.bias is None
+                and other.weight.shape == self.weight.shape and self._a8_applies(x) and other._a8_applies(x)):
+            return None
+        return triton_kernels.fp4_linear_pair(x, (self.weight, self.weight_absmax),
+                                              (other.weight, other.weight_absmax), self.out_features, shared)
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, quant_type={self.quant_type}, blocksize={self.blocksize}"
                 + (", nested" if self.nested else ""))
@@ -326,10 +335,11 @@ class Int8Linear(QuantLinear):
 # int4 decode at batch 1 on the H200: 334.9 -> 340.3 tok/s (benchmarks/decode_ab.py, two rounds, BENCHMARKS.md,
 # fourteenth session)
 SHARE_A8_INPUT = True
-# PAIR_A8: the MLP's gate and up (both int4) as one W4A8 GEMV launch over both weights (Int4Linear.matmul_pair):
-# 32 launches fewer a batch-1 decode step, and 2 x 224 column blocks need no K split; the same numbers bit for bit
-# (tests/test_quant_kernels.py). Off (COGVLM2_PAIR_A8=1 at import turns it on) until measured on a GPU
-# (`benchmarks/decode_ab.py --quant int4 --set "quant.linear.PAIR_A8=0" --set "quant.linear.PAIR_A8=1"`)
+# PAIR_A8: the MLP's gate and up (both int4, or both in the official fp4 layout) as one W4A8 GEMV launch over both
+# weights (Int4Linear / Fp4Linear.matmul_pair): 32 launches fewer a batch-1 decode step (int4: and 2 x 224 column
+# blocks need no K split); the same numbers bit for bit (tests/test_quant_kernels.py). Off (COGVLM2_PAIR_A8=1 at
+# import turns it on) until measured on a GPU (`benchmarks/decode_ab.py --quant int4 --set "quant.linear.PAIR_A8=0"
+# --set "quant.linear.PAIR_A8=1"`, and --quant fp4)
 PAIR_A8 = os.environ.get("COGVLM2_PAIR_A8", "0") == "1"
 
 # fp8 knobs that benchmarks/quant_gpu.py times against each other: FP8_FUSE puts the bias into _scaled_mm's

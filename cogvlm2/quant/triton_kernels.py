@@ -246,17 +246,27 @@ def store_fp4_a8_groups(xg, xw_ptr, sx_ptr, g, g_ok, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, final_ptr, count_ptr, N, K: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
-                        ASM: tl.constexpr, L2_LINES: tl.constexpr, FUSED_SUM: tl.constexpr, PDL: tl.constexpr):
+def _fp4_gemv_a8_kernel(xw_ptr, sx_ptr, w_ptr, absmax_ptr, out_ptr, final_ptr, count_ptr, N, w2_ptr, absmax2_ptr,
+                        out2_ptr, final2_ptr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, L2_LINES: tl.constexpr,
+                        FUSED_SUM: tl.constexpr, PDL: tl.constexpr, PAIR: tl.constexpr):
     """One row, the bitsandbytes fp4 layout (absmax blocks of 64, float32 absmax, the standard fp4 codes) times int8
     activations (quantize_fp4_a8, one scale per absmax block): per word of 8 codes an exact int32 dot (_fp4_dot8),
     scaled by absmax x sx / 192 and kept per word, summed across the tile once after the loop (no barrier in it).
     L2_LINES (> 0, PDL only: A8_L2_PREFETCH_BYTES): the program's codes (its rows' K slice, that many 128-byte lines
     a row rounded up to a power of 2) prefetched into L2 before the PDL wait, as the int4 W4A8 GEMV does. FUSED_SUM
-    (K split): the column block's last program adds the partials (_finish_row, as the int4 W4A8 GEMV does)."""
+    (K split): the column block's last program adds the partials (_finish_row, as the int4 W4A8 GEMV does). PAIR:
+    a second weight of the same shape in the same launch (the *2 pointers, the column blocks past the first's), as
+    the int4 W4A8 GEMV's pair."""
     pdl.launch_dependents(PDL)
-    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    pid_n = tl.program_id(0)
+    if PAIR:
+        blocks = tl.cdiv(N, BLOCK_N)
+        second = pid_n >= blocks
+        pid_n -= second.to(tl.int32) * blocks
+        w_ptr, absmax_ptr = tl.where(second, w2_ptr, w_ptr), tl.where(second, absmax2_ptr, absmax_ptr)
+        out_ptr, final_ptr = tl.where(second, out2_ptr, out_ptr), tl.where(second, final2_ptr, final_ptr)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_ok = offs_n < N
     NB: tl.constexpr = BLOCK_K // 64  # absmax blocks per step
     KS: tl.constexpr = K // SPLIT_K
@@ -1093,6 +1103,50 @@ def fp4_a8_applies(x: torch.Tensor, packed: torch.Tensor, blocksize: int, is_fp4
             and blocksize == 64 and packed.data_ptr() % 16 == 0 and x.stride(-1) == 1)
 
 
+def _fp4_a8(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]], n: int,
+            a8: tuple[torch.Tensor, torch.Tensor] | None) -> list[torch.Tensor]:
+    """The fp4 W4A8 GEMV of one row x2 [1, K] with one weight (packed, float32 absmax), or two of one shape (PAIR) in
+    one launch; their outputs [1, n] in x's dtype."""
+    packed = weights[0][0]
+    k = x2.shape[1]
+    block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv-a8")]
+    if FP4_A8_LONG_K_SPLIT and k >= A8_LONG_K:  # the MLP's down projection: more programs for its long rows
+        split = max(split, FP4_A8_LONG_K_SPLIT)
+    split, block_k = _split(k, split, block_k, 64)
+    outs = [_outputs(1, n, split, x) for _ in weights]
+    fused_sum = split > 1
+    blocks = triton.cdiv(n, block_n) * len(weights)
+    count = _block_counters(x.device, blocks) if fused_sum else outs[0][1]
+    options = pdl.options(x)
+    prefetch = options["PDL"] and len(weights) == 1 and 0 < packed.numel() <= A8_L2_PREFETCH_BYTES \
+        and k // split >= 256
+    xw, sx = a8 if a8 is not None else quantize_fp4_a8(x2, launch_pdl=prefetch)
+    (out, part), (out2, part2), (packed2, a2) = outs[0], outs[-1], weights[-1]
+    _fp4_gemv_a8_kernel[(blocks, split)](
+        xw, sx, packed.view(-1).view(torch.int32), weights[0][1], part, out, count, n,
+        packed2.view(-1).view(torch.int32), a2, part2, out2, K=k, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+        STAGES=stages, ASM=x.is_cuda, L2_LINES=triton.next_power_of_2(k // split // 256) if prefetch else 0,
+        FUSED_SUM=fused_sum, PAIR=len(weights) == 2, num_warps=warps, num_stages=stages,
+        **(options if prefetch else {"PDL": False}))
+    for out, part in outs:
+        _finish(part, out, 1 if fused_sum else split)  # fused: nothing left to add
+    return [out for out, _ in outs]
+
+
+def fp4_linear_pair(x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor],
+                    second: tuple[torch.Tensor, torch.Tensor], n: int,
+                    a8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x @ W1^T, x @ W2^T) for two fp4 weights (packed, float32 absmax; blocks of 64, the standard code) of one
+    shape in one fp4 W4A8 GEMV launch, where x takes that GEMV (the same numbers as two fp4_linear calls, bit for
+    bit); else None."""
+    x2 = _flat(x)
+    if first[0].shape != second[0].shape or not fp4_a8_applies(x2, first[0], 64, True, None) \
+            or not fp4_a8_applies(x2, second[0], 64, True, None):
+        return None
+    y1, y2 = _fp4_a8(x, x2, [first, second], n, a8)
+    return y1.view(*x.shape[:-1], n), y2.view(*x.shape[:-1], n)
+
+
 def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int,
                blocksize: int = 64, is_fp4: bool = False, nested: Nested = None,
                table: tuple[torch.Tensor, float] | None = None,
@@ -1110,22 +1164,7 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
         return x.new_empty(*x.shape[:-1], n)
     a, nabs, nmap, offset, is_nested = _stats(absmax, nested)
     if fp4_a8_applies(x2, packed, blocksize, is_fp4, nested):  # int8 activations, integer dot products
-        block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv-a8")]
-        if FP4_A8_LONG_K_SPLIT and k >= A8_LONG_K:  # the MLP's down projection: more programs for its long rows
-            split = max(split, FP4_A8_LONG_K_SPLIT)
-        split, block_k = _split(k, split, block_k, 64)
-        out, part = _outputs(m, n, split, x)
-        fused_sum = split > 1
-        count = _block_counters(x.device, triton.cdiv(n, block_n)) if fused_sum else part
-        options = pdl.options(x)
-        prefetch = options["PDL"] and 0 < packed.numel() <= A8_L2_PREFETCH_BYTES and k // split >= 256
-        xw, sx = a8 if a8 is not None else quantize_fp4_a8(x2, launch_pdl=prefetch)
-        _fp4_gemv_a8_kernel[(triton.cdiv(n, block_n), split)](
-            xw, sx, packed.view(-1).view(torch.int32), a, part, out, count, n, k, BLOCK_N=block_n, BLOCK_K=block_k,
-            SPLIT_K=split, STAGES=stages, ASM=x.is_cuda, L2_LINES=triton.next_power_of_2(k // split // 256)
-            if prefetch else 0, FUSED_SUM=fused_sum, num_warps=warps,
-            num_stages=stages, **(options if prefetch else {"PDL": False}))
-        split = 1 if fused_sum else split  # nothing left for _finish
+        return _fp4_a8(x, x2, [(packed, a)], n, a8)[0].view(*x.shape[:-1], n)
     elif m == 1 and ONE_ROW["fp4"] in ("gemv", "gemv-a8") and packed.data_ptr() % 16 == 0:  # codes as int32 words
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "gemv")]
         split, block_k = _split(k, split, block_k, blocksize)
@@ -1260,17 +1299,16 @@ def _int4_a8(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tensor
 
 def int4_linear_pair(x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                      second: tuple[torch.Tensor, torch.Tensor, torch.Tensor], group: int,
-                     a8: A8Row | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x @ W1^T, x @ W2^T) for two int4 weights (qweight, qzeros, scales) of one shape: one W4A8 GEMV launch for both
-    where x is one row that takes that GEMV (the same numbers as two int4_linear calls, bit for bit), else the two
-    calls."""
+                     a8: A8Row | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x @ W1^T, x @ W2^T) for two int4 weights (qweight, qzeros, scales) of one shape in one W4A8 GEMV launch,
+    where x is one row that takes that GEMV (the same numbers as two int4_linear calls, bit for bit); else None."""
     x2 = _flat(x)
-    if x2.shape[0] == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1 \
-            and all(a.shape == b.shape for a, b in zip(first, second)):
-        n = first[0].shape[1]
-        y1, y2 = _int4_a8(x, x2, [first, second], group, a8)
-        return y1.view(*x.shape[:-1], n), y2.view(*x.shape[:-1], n)
-    return int4_linear(x, *first, group, a8), int4_linear(x, *second, group, a8)
+    if x2.shape[0] != 1 or ONE_ROW["int4"] != "gemv-a8" or x2.stride(-1) != 1 \
+            or any(a.shape != b.shape for a, b in zip(first, second)):
+        return None
+    n = first[0].shape[1]
+    y1, y2 = _int4_a8(x, x2, [first, second], group, a8)
+    return y1.view(*x.shape[:-1], n), y2.view(*x.shape[:-1], n)
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
