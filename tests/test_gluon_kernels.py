@@ -54,16 +54,17 @@ def test_tile_compiles_for_hopper_without_shared_memory():
     """Every swept config at 8 / 32 / 64 rows (fp16 at the defaults) for sm_90: mma.sync m16n8k16, the dequantization
     as packed FMAs, no register spills; the register kernels (activations a step ahead or in their step, paired by
     nibble or by byte) with operands that never touch shared memory (0 bytes of it, no ld/st.shared), the ring kernel
-    (flags >> 2 stages) with exactly its ring there, filled by cp.async."""
+    (flags >> 2 stages) with exactly its ring there, filled by cp.async; at 32 rows as a gate / up pair (PAIR)."""
     defaults = {tk.CONFIGS[("int4", path)][:4] for path in PATHS}
     cases = [(c, rows, "bf16") for c in CONFIGS for rows in (8, 32, 64)] + [(c, 32, "fp16") for c in defaults]
     signature = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32",
-                 "M": "i32", "N": "i32", "stride_xm": "i32", "stride_om": "i32"}
+                 "M": "i32", "N": "i32", "stride_xm": "i32", "stride_om": "i32", "qw2_ptr": "*i32", "qz2_ptr": "*i32",
+                 "s2_ptr": "*bf16", "out2_ptr": "*fp32"}
     for (block_n, block_k, warps, flags), rows, dt in cases:
         lay, stages = gk.layouts(block_n, block_k, rows, warps), flags >> 2
         common = dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=128, SPLIT_K=2,
-                      L_WORDS=lay["words"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"])
-        sig = signature | {"x_ptr": f"*{dt}", "s_ptr": f"*{dt}"}
+                      L_WORDS=lay["words"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"], PAIR=rows == 32)
+        sig = signature | {"x_ptr": f"*{dt}", "s_ptr": f"*{dt}", "s2_ptr": f"*{dt}"}
         if stages:
             kernel = compile_for_hopper(gk._int4_ring_kernel, sig, common | dict(
                 STAGES=stages, L_X=lay["x32"], L_WCOPY=lay["w_copy"], L_XCOPY=lay["x_copy"], L_WSMEM=lay["w_smem"],
@@ -279,6 +280,32 @@ def test_tile_replays_from_a_cuda_graph_cuda():
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, eager), config
+
+
+@cuda
+@needs_gluon
+def test_pair_equals_two_launches_cuda():
+    """PAIR (the MLP's gate and up in one launch, int4_linear_pair) at 2-64 rows through the register kernel and the
+    ring (the defaults, and the 32-row pair's register cap): each output bit for bit the separate launch's, eagerly and
+    replayed from a CUDA graph; and the gate / up shapes (14,336 x 4,096)."""
+    for n, k in ((200, 4096), (14336, 4096)):
+        first, _ = _weights(n, k, 128, torch.bfloat16, seed=n)
+        second, _ = _weights(n, k, 128, torch.bfloat16, seed=n + 1)
+        for m in (2, 8, 16, 17, 32, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            with _tables(TILE_GLUON={"int4": True}):
+                two = [tk.int4_linear(x, *w, 128) for w in (first, second)]
+                pair = tk.int4_linear_pair(x, first, second, 128)
+                assert pair is not None and all(torch.equal(p, t) for p, t in zip(pair, two)), (n, m)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = tk.int4_linear_pair(x, first, second, 128)
+            for _ in range(2):
+                for o in out:
+                    o.zero_()
+                graph.replay()
+                torch.cuda.synchronize()
+                assert all(torch.equal(p, t) for p, t in zip(out, two)), (n, m, "graph")
 
 
 FP4_CONFIGS = sorted({c[:4] for c in tk.CANDIDATES[("fp4", "tile-gl")]})

@@ -192,17 +192,17 @@ def gate_up_silu_mul(gate: torch.nn.Module, up: torch.nn.Module, x: torch.Tensor
     if _skinny_applies(gate, x) and _skinny_applies(up, x):
         return gemv_kernel.skinny_silu_mul(x, gate.weight, up.weight)
     shared = gate.shared_input(x, up) if hasattr(gate, "shared_input") else None  # e.g. int4's W4A8 row, once
-    if shared is not None:
-        return silu_mul(*_gate_up(gate, up, x, shared))
-    return silu_mul(linear(gate, x), linear(up, x))
+    return silu_mul(*_gate_up(gate, up, x, shared))
 
 
 def _gate_up(gate: torch.nn.Module, up: torch.nn.Module, x: torch.Tensor, shared) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate(x), up(x)) for x prepared for both (`shared`): one launch where the layers can pair (`matmul_pair`,
-    e.g. int4's W4A8 GEMV over both weights), else a call each."""
+    """(gate(x), up(x)), x prepared for both by `shared` where not None: one launch where the layers can pair
+    (`matmul_pair`, e.g. int4's W4A8 GEMV or Gluon tile over both weights), else a call each."""
     pair = getattr(gate, "matmul_pair", None)
     both = pair(up, x, shared) if pair is not None else None
-    return both if both is not None else (gate(x, shared), up(x, shared))
+    if both is not None:
+        return both
+    return (gate(x, shared), up(x, shared)) if shared is not None else (linear(gate, x), linear(up, x))
 
 
 def mlp(gate: torch.nn.Module, up: torch.nn.Module, down: torch.nn.Module, x: torch.Tensor,

@@ -204,10 +204,10 @@ if gluon is not None:
         return mma_v2(gl.convert_layout(a, L_A), gl.convert_layout(b, L_B), acc)
 
     @gluon.jit
-    def _program_rows(N, KS: gl.constexpr, BLOCK_N: gl.constexpr, L_WORDS: gl.constexpr):
-        """This program's first output column n0, its K slice's start, and its columns (with their mask) as the words'
-        layout holds them."""
-        n0 = gl.program_id(0) * BLOCK_N
+    def _program_rows(N, KS: gl.constexpr, BLOCK_N: gl.constexpr, L_WORDS: gl.constexpr, pid_n):
+        """Column block pid_n's first output column n0, this program's K slice's start, and its columns (with their
+        mask) as the words' layout holds them."""
+        n0 = pid_n * BLOCK_N
         rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WORDS))
         return n0, gl.program_id(1) * KS, rows, rows < N
 
@@ -233,10 +233,33 @@ if gluon is not None:
 
     @gluon.jit
     def _int4_mma2_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: gl.constexpr, stride_xm, stride_om,
-                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-                          SPLIT_K: gl.constexpr, X_AHEAD: gl.constexpr, BYTE_PAIRS: gl.constexpr,
-                          L_WORDS: gl.constexpr, L_X: gl.constexpr, L_MMA: gl.constexpr, L_A: gl.constexpr,
-                          L_B: gl.constexpr):
+                          qw2_ptr, qz2_ptr, s2_ptr, out2_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          BLOCK_K: gl.constexpr, GROUP: gl.constexpr, SPLIT_K: gl.constexpr, X_AHEAD: gl.constexpr,
+                          BYTE_PAIRS: gl.constexpr, L_WORDS: gl.constexpr, L_X: gl.constexpr, L_MMA: gl.constexpr,
+                          L_A: gl.constexpr, L_B: gl.constexpr, PAIR: gl.constexpr):
+        """The register tile (_int4_mma2_tile) of column block program_id(0); PAIR: a second linear of the same shape
+        (the *2 pointers) in the same launch, its column blocks after the first's (a branch, as _int4_ring_kernel)."""
+        pid_n = gl.program_id(0)
+        blocks = (N + BLOCK_N - 1) // BLOCK_N
+        if PAIR:
+            if pid_n >= blocks:
+                _int4_mma2_tile(x_ptr, qw2_ptr, qz2_ptr, s2_ptr, out2_ptr, M, N, K, stride_xm, stride_om,
+                                pid_n - blocks, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, SPLIT_K, X_AHEAD, BYTE_PAIRS, L_WORDS,
+                                L_X, L_MMA, L_A, L_B)
+            else:
+                _int4_mma2_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_om, pid_n, BLOCK_M,
+                                BLOCK_N, BLOCK_K, GROUP, SPLIT_K, X_AHEAD, BYTE_PAIRS, L_WORDS, L_X, L_MMA, L_A, L_B)
+        else:
+            _int4_mma2_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_om, pid_n, BLOCK_M,
+                            BLOCK_N, BLOCK_K, GROUP, SPLIT_K, X_AHEAD, BYTE_PAIRS, L_WORDS, L_X, L_MMA, L_A, L_B)
+
+    @gluon.jit
+    def _int4_mma2_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: gl.constexpr, stride_xm, stride_om, pid_n,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
+                        SPLIT_K: gl.constexpr, X_AHEAD: gl.constexpr, BYTE_PAIRS: gl.constexpr,
+                        L_WORDS: gl.constexpr, L_X: gl.constexpr, L_MMA: gl.constexpr, L_A: gl.constexpr,
+                        L_B: gl.constexpr):
+        """The Gluon int4 tile for column block pid_n (module docstring)."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
         if BYTE_PAIRS:
@@ -248,7 +271,7 @@ if gluon is not None:
         KS: gl.constexpr = K // SPLIT_K
         STEPS: gl.constexpr = KS // BLOCK_K
         XSTEP: gl.constexpr = 2 if BYTE_PAIRS else 1  # activations a pointer step
-        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS)
+        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS, pid_n)
         p = gl.arange(0, P, layout=gl.SliceLayout(0, L_WORDS))
         w_ptrs = qw_ptr + (k_first // 8 + p)[None, :].to(gl.int64) * N + rows[:, None]
         x_ptrs, x_ok = _x_pointers(x_ptr, stride_xm, k_first, M, BYTE_PAIRS, BLOCK_K, BLOCK_M, L_X)
@@ -300,15 +323,43 @@ if gluon is not None:
 
     @gluon.jit
     def _int4_ring_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: gl.constexpr, stride_xm, stride_om,
-                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP: gl.constexpr,
-                          SPLIT_K: gl.constexpr, STAGES: gl.constexpr, L_WORDS: gl.constexpr, L_X: gl.constexpr,
-                          L_MMA: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr, L_WCOPY: gl.constexpr,
-                          L_XCOPY: gl.constexpr, L_WSMEM: gl.constexpr, L_XSMEM: gl.constexpr):
+                          qw2_ptr, qz2_ptr, s2_ptr, out2_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          BLOCK_K: gl.constexpr, GROUP: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+                          L_WORDS: gl.constexpr, L_X: gl.constexpr, L_MMA: gl.constexpr, L_A: gl.constexpr,
+                          L_B: gl.constexpr, L_WCOPY: gl.constexpr, L_XCOPY: gl.constexpr, L_WSMEM: gl.constexpr,
+                          L_XSMEM: gl.constexpr, PAIR: gl.constexpr):
         """_int4_mma2_kernel (byte pairs) with its loads in flight through shared memory instead of registers: a ring
         of STAGES steps of words and activation pairs filled by cp.async, STAGES - 1 steps ahead, each read once into
         the MMA layouts (the words 1x, the activations once per warp). The registers that held the next step's words
         and activations are free: more programs an SM and more bytes in flight (the register tile at 32 rows: 210
-        registers, 8 warps an SM)."""
+        registers, 8 warps an SM). PAIR: a second linear of the same shape (the *2 pointers) in the same launch, its
+        column blocks after the first's; each program runs the tile on its own linear's pointers as given (a branch,
+        not selected pointers: those took 18 more registers at 32 rows)."""
+        ws = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_K // 8, BLOCK_N], L_WSMEM)
+        xs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_M, BLOCK_K // 2], L_XSMEM)
+        pid_n = gl.program_id(0)
+        blocks = (N + BLOCK_N - 1) // BLOCK_N
+        if PAIR:
+            if pid_n >= blocks:
+                _int4_ring_tile(x_ptr, qw2_ptr, qz2_ptr, s2_ptr, out2_ptr, M, N, K, stride_xm, stride_om,
+                                pid_n - blocks, ws, xs, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, SPLIT_K, STAGES, L_WORDS,
+                                L_X, L_MMA, L_A, L_B, L_WCOPY, L_XCOPY)
+            else:
+                _int4_ring_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_om, pid_n, ws, xs,
+                                BLOCK_M, BLOCK_N, BLOCK_K, GROUP, SPLIT_K, STAGES, L_WORDS, L_X, L_MMA, L_A, L_B,
+                                L_WCOPY, L_XCOPY)
+        else:
+            _int4_ring_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_om, pid_n, ws, xs,
+                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP, SPLIT_K, STAGES, L_WORDS, L_X, L_MMA, L_A, L_B,
+                            L_WCOPY, L_XCOPY)
+
+    @gluon.jit
+    def _int4_ring_tile(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, M, N, K: gl.constexpr, stride_xm, stride_om, pid_n,
+                        ws, xs, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                        GROUP: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr, L_WORDS: gl.constexpr,
+                        L_X: gl.constexpr, L_MMA: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr,
+                        L_WCOPY: gl.constexpr, L_XCOPY: gl.constexpr):
+        """_int4_ring_kernel's work for column block pid_n of one linear, its ring in ws / xs."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
         ASM: gl.constexpr = DEQUANT_PTX_BF16_BYTES if BF16 else DEQUANT_PTX_F16_BYTES
@@ -316,15 +367,13 @@ if gluon is not None:
         P: gl.constexpr = BLOCK_K // 8
         KS: gl.constexpr = K // SPLIT_K
         STEPS: gl.constexpr = KS // BLOCK_K
-        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS)
+        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS, pid_n)
         # the copies' sources: a step's words [P, BLOCK_N] and activation pairs [BLOCK_M, BLOCK_K / 2]
         pc = gl.arange(0, P, layout=gl.SliceLayout(1, L_WCOPY))
         nc = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, L_WCOPY))
         w_src = qw_ptr + (k_first // 8 + pc)[:, None].to(gl.int64) * N + nc[None, :]
         w_ok = (nc < N)[None, :]
         x_src, x_ok = _ring_x_sources(x_ptr, stride_xm, k_first, M, BLOCK_K, BLOCK_M, L_XCOPY)
-        ws = gl.allocate_shared_memory(gl.int32, [STAGES, P, BLOCK_N], L_WSMEM)
-        xs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_M, BLOCK_K // 2], L_XSMEM)
         _ring_prologue(ws, xs, w_src, x_src, w_ok, x_ok, (BLOCK_K // 8) * N, BLOCK_K // 2, STAGES, STEPS)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
         zc, s = _group_stats(qz_ptr, s_ptr, k_first // GROUP, rows, n_ok, N, MAGIC_HI)
@@ -370,7 +419,7 @@ if gluon is not None:
         P: gl.constexpr = BLOCK_K // 8
         KS: gl.constexpr = K // SPLIT_K
         STEPS: gl.constexpr = KS // BLOCK_K
-        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS)
+        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS, gl.program_id(0))
         p = gl.arange(0, P, layout=gl.SliceLayout(0, L_WORDS))
         w_ptrs = w_ptr + rows[:, None].to(gl.int64) * (K // 8) + (k_first // 8 + p)[None, :]
         blk0 = rows * (K // BLOCKSIZE) + k_first // BLOCKSIZE  # each row's first absmax block of this K slice
@@ -409,7 +458,7 @@ if gluon is not None:
         P: gl.constexpr = BLOCK_K // 8
         KS: gl.constexpr = K // SPLIT_K
         STEPS: gl.constexpr = KS // BLOCK_K
-        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS)
+        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS, gl.program_id(0))
         blk0 = rows * (K // BLOCKSIZE) + k_first // BLOCKSIZE
         nc = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WCOPY))
         pc = gl.arange(0, P, layout=gl.SliceLayout(0, L_WCOPY))
@@ -488,32 +537,46 @@ def fp4_mma2(x2: torch.Tensor, packed: torch.Tensor, stats: tuple, part: torch.T
         _fp4_mma2_kernel[grid](*args, X_AHEAD=x_ahead, **common)
 
 
+# The ring kernel's pair (PAIR) at (BLOCK_N, BLOCK_K, BLOCK_M, warps) -> a register cap: its two branches compile to
+# 134 registers a thread at the 32-row default against 128 alone (3 programs an SM instead of 4); capped at 128 it
+# does not spill (sm_90, Triton 3.6: 495 SASS instructions a step against 490)
+PAIR_MAXNREG = {(128, 128, 32, 4): 128}
+
+
 def int4_mma2(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, part: torch.Tensor,
               group: int, block_m: int, block_n: int, block_k: int, warps: int, split: int,
-              x_ahead: bool = True, byte_pairs: bool = False, stages: int = 0) -> None:
+              x_ahead: bool = True, byte_pairs: bool = False, stages: int = 0,
+              second: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """x2 [m, K] @ W^T into part (out [m, N] in x's dtype, or float32 partials [split, m, N]), as applies() allows;
     block_k a multiple of 32 that divides the group and K // split, block_n 16 x warps x a power of two, block_m a
     power of two from 8 to 64 (at least m). x_ahead: the activations are loaded a step ahead with the words (else at
     the top of their step: half their registers). byte_pairs: the two codes of a byte form an MMA pair (k, k + 1),
     so the activations are used as loaded; else nibbles j and j + 4 (k, k + 4) and the activations are paired by
     byte permutes. stages (2+): the cp.async ring kernel with that many steps in shared memory (byte pairs; x_ahead
-    does not apply)."""
+    does not apply). second: (qweight, qzeros, scales, part) of a second linear of the same shape reading x2 (the MLP's
+    up beside its gate), computed in the same launch (PAIR: its column blocks after the first's)."""
     m, k = x2.shape
     n = qweight.shape[1]
     if block_k % 32 or group % block_k or (k // split) % block_k or block_n % (16 * warps) or not 8 <= block_m <= 64 \
             or stages == 1:
         raise ValueError(f"Gluon int4 tile: block_k {block_k} (group {group}, K {k} / {split}), block_n {block_n}, "
                          f"{warps} warps, block_m {block_m}, {stages} stages")
+    if second is not None and (tuple(t.shape for t in second) != (qweight.shape, qzeros.shape, scales.shape,
+                                                                  part.shape) or second[3].stride() != part.stride()):
+        raise ValueError("Gluon int4 tile: a pair's second weight and output must be shaped as the first's")
     lay = layouts(block_n, block_k, block_m, warps)
-    grid = (-(-n // block_n), split)
-    args = (x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), part.stride(-2))
+    grid = (-(-n // block_n) * (1 if second is None else 2), split)
+    args = (x2, qweight, qzeros, scales, part, m, n, k, x2.stride(0), part.stride(-2),
+            *(second or (qweight, qzeros, scales, part)))
     if stages:
+        cap = PAIR_MAXNREG.get((block_n, block_k, block_m, warps)) if second is not None else None
         _int4_ring_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
                                 STAGES=stages, L_WORDS=lay["words"], L_X=lay["x32"], L_MMA=lay["mma"], L_A=lay["a"],
                                 L_B=lay["b"], L_WCOPY=lay["w_copy"], L_XCOPY=lay["x_copy"], L_WSMEM=lay["w_smem"],
-                                L_XSMEM=lay["x_smem"], num_warps=warps)
+                                L_XSMEM=lay["x_smem"], PAIR=second is not None, num_warps=warps,
+                                **({"maxnreg": cap} if cap else {}))
     else:
         _int4_mma2_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=group, SPLIT_K=split,
                                 X_AHEAD=x_ahead, BYTE_PAIRS=byte_pairs, L_WORDS=lay["words"],
                                 L_X=lay["x32" if byte_pairs else "x"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"],
-                                num_warps=warps)
+                                PAIR=second is not None, num_warps=warps)

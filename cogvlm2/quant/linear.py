@@ -286,11 +286,12 @@ class Int4Linear(QuantLinear):
         return triton_kernels.quantize_a8(x, group) if group else None
 
     def matmul_pair(self, other: nn.Module, x: torch.Tensor, shared=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(self(x), other(x)) in one W4A8 GEMV launch (PAIR_A8) where x is one row on the GPU and `other` an
-        Int4Linear of the same shape and group, neither with a bias (the MLP's gate and up); None otherwise."""
+        """(self(x), other(x)) in one launch (PAIR_A8: one row through the W4A8 GEMV, 2-64 rows through the Gluon
+        tile) where x is on the GPU and `other` an Int4Linear of the same shape and group, neither with a bias (the
+        MLP's gate and up); None otherwise."""
         if not (PAIR_A8 and type(other) is Int4Linear and self.bias is None and other.bias is None
                 and other.group_size == self.group_size and other.qweight.shape == self.qweight.shape
-                and _kernel_ok(x) and triton_kernels.a8_row_applies(x)):
+                and _kernel_ok(x)):
             return None
         return triton_kernels.int4_linear_pair(x, (self.qweight, self.qzeros, self.scales),
                                                (other.qweight, other.qzeros, other.scales), self.group_size, shared)
@@ -335,11 +336,12 @@ class Int8Linear(QuantLinear):
 # int4 decode at batch 1 on the H200: 334.9 -> 340.3 tok/s (benchmarks/decode_ab.py, two rounds, BENCHMARKS.md,
 # fourteenth session)
 SHARE_A8_INPUT = True
-# PAIR_A8: the MLP's gate and up (both int4, or both in the official fp4 layout) as one W4A8 GEMV launch over both
-# weights (Int4Linear / Fp4Linear.matmul_pair): 32 launches fewer a batch-1 decode step (int4: and 2 x 224 column
-# blocks need no K split); the same numbers bit for bit (tests/test_quant_kernels.py). Off (COGVLM2_PAIR_A8=1 at
-# import turns it on) until measured on a GPU (`benchmarks/decode_ab.py --quant int4 --set "quant.linear.PAIR_A8=0"
-# --set "quant.linear.PAIR_A8=1"`, and --quant fp4)
+# PAIR_A8: the MLP's gate and up (both int4, or both in the official fp4 layout) as one launch over both weights
+# (Int4Linear / Fp4Linear.matmul_pair): the W4A8 GEMV at batch 1 (32 launches fewer a step; int4: 2 x 224 column
+# blocks need no K split), int4's Gluon tile at 2-64 rows (32 launches and up to 64 split-K sums fewer a step at
+# batch 32); the same numbers bit for bit (tests/test_quant_kernels.py, test_gluon_kernels.py). Off
+# (COGVLM2_PAIR_A8=1 at import turns it on) until measured on a GPU (`benchmarks/decode_ab.py --quant int4 --set
+# "quant.linear.PAIR_A8=0" --set "quant.linear.PAIR_A8=1" --batches 1,32`, and --quant fp4)
 PAIR_A8 = os.environ.get("COGVLM2_PAIR_A8", "0") == "1"
 
 # fp8 knobs that benchmarks/quant_gpu.py times against each other: FP8_FUSE puts the bias into _scaled_mm's

@@ -1297,18 +1297,53 @@ def _int4_a8(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tensor
     return [out for out, _ in outs]
 
 
+def _int4_gluon(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                group: int) -> list[torch.Tensor] | None:
+    """The Gluon int4 tile for x2 [m, K] times one int4 weight, or two of one shape (a pair: the MLP's gate and up) in
+    one launch; their outputs [m, N] in x's dtype. None where this Triton cannot compile the tile (then switched off
+    for the process, _gluon_off)."""
+    qweight, qzeros, scales = weights[0]
+    m, k, n = x2.shape[0], x2.shape[1], qweight.shape[1]
+    block_m = _rows(m, 8)  # the MMA's operands in registers; one row ("tile-gl1") only as ONE_ROW says
+    path = "tile-gl1" if m == 1 else "tile-gl" if block_m == 8 else f"tile-gl{block_m}"
+    block_n, block_k, warps, flags, split = CONFIGS[("int4", path)]
+    blocks = triton.cdiv(n, block_n) * len(weights)
+    split, _ = _split(k, _tile_split(split, blocks, x.device), group, group)
+    block_k = _block_k(min(block_k, group), group, 32)
+    outs = [_outputs(m, n, split, x) for _ in weights]
+    aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # x read as int32 pairs (16 bytes for cp.async)
+    second = (*weights[1], outs[1][1]) if len(weights) == 2 else None
+    try:
+        gluon_kernels.int4_mma2(x2, qweight, qzeros, scales, outs[0][1], group, block_m, block_n, block_k, warps,
+                                split, x_ahead=bool(flags & 1), byte_pairs=bool(flags & 2 and aligned),
+                                stages=flags >> 2 if aligned else 0, second=second)
+    except Exception as e:
+        if not _gluon_compile_error(e):
+            raise
+        _gluon_off("int4", e)
+        return None
+    for out, part in outs:
+        _finish(part, out, split)
+    return [out for out, _ in outs]
+
+
 def int4_linear_pair(x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                      second: tuple[torch.Tensor, torch.Tensor, torch.Tensor], group: int,
                      a8: A8Row | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(x @ W1^T, x @ W2^T) for two int4 weights (qweight, qzeros, scales) of one shape in one W4A8 GEMV launch,
-    where x is one row that takes that GEMV (the same numbers as two int4_linear calls, bit for bit); else None."""
+    """(x @ W1^T, x @ W2^T) for two int4 weights (qweight, qzeros, scales) of one shape in one launch (the same
+    numbers as two int4_linear calls, bit for bit): one row through the W4A8 GEMV, 2-64 rows through the Gluon tile,
+    where int4_linear would take those; else None."""
     x2 = _flat(x)
-    if x2.shape[0] != 1 or ONE_ROW["int4"] != "gemv-a8" or x2.stride(-1) != 1 \
-            or any(a.shape != b.shape for a, b in zip(first, second)):
+    m, n = x2.shape[0], first[0].shape[1]
+    if any(a.shape != b.shape for a, b in zip(first, second)) or not 1 <= m <= FUSED_MAX_ROWS:
         return None
-    n = first[0].shape[1]
-    y1, y2 = _int4_a8(x, x2, [first, second], group, a8)
-    return y1.view(*x.shape[:-1], n), y2.view(*x.shape[:-1], n)
+    if m == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1:
+        outs = _int4_a8(x, x2, [first, second], group, a8)
+    elif TILE_GLUON["int4"] and (m > 1 or ONE_ROW["int4"] == "tile-gl") and gluon_kernels.applies(x2, first[2], group):
+        outs = _int4_gluon(x, x2, [first, second], group)
+    else:
+        return None
+    return None if outs is None else tuple(y.view(*x.shape[:-1], n) for y in outs)
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -1338,22 +1373,10 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     elif m == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1:  # int8 activations, one group a step
         return _int4_a8(x, x2, [(qweight, qzeros, scales)], group, a8)[0].view(*x.shape[:-1], n)
     elif TILE_GLUON["int4"] and (m > 1 or ONE_ROW["int4"] == "tile-gl") and gluon_kernels.applies(x2, scales, group):
-        block_m = _rows(m, 8)  # the MMA's operands in registers; one row ("tile-gl1") only as ONE_ROW says
-        path = "tile-gl1" if m == 1 else "tile-gl" if block_m == 8 else f"tile-gl{block_m}"
-        block_n, block_k, warps, flags, split = CONFIGS[("int4", path)]
-        split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
-        block_k = _block_k(min(block_k, group), group, 32)
-        out, part = _outputs(m, n, split, x)
-        aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # x read as int32 pairs (16 bytes for cp.async)
-        try:
-            gluon_kernels.int4_mma2(x2, qweight, qzeros, scales, part, group, block_m, block_n, block_k, warps, split,
-                                    x_ahead=bool(flags & 1), byte_pairs=bool(flags & 2 and aligned),
-                                    stages=flags >> 2 if aligned else 0)
-        except Exception as e:
-            if not _gluon_compile_error(e):
-                raise
-            _gluon_off("int4", e)
+        outs = _int4_gluon(x, x2, [(qweight, qzeros, scales)], group)
+        if outs is None:  # this Triton cannot compile it: switched off, the Triton tiles instead
             return int4_linear(x, qweight, qzeros, scales, group, a8)
+        return outs[0].view(*x.shape[:-1], n)
     elif 0 < TILE_A8["int4"] <= m and x2.stride(-1) == 1 and group % 32 == 0:  # int8 activations on the tensor cores
         block_n, _, warps, stages, split = CONFIGS[("int4", "tile-a8")]
         split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), group, group)
