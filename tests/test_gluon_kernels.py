@@ -287,7 +287,8 @@ def test_tile_replays_from_a_cuda_graph_cuda():
 def test_pair_equals_two_launches_cuda():
     """PAIR (the MLP's gate and up in one launch, int4_linear_pair) at 2-64 rows through the register kernel and the
     ring (the defaults, and the 32-row pair's register cap): each output bit for bit the separate launch's, eagerly and
-    replayed from a CUDA graph; and the gate / up shapes (14,336 x 4,096)."""
+    replayed from a CUDA graph; and the gate / up shapes (14,336 x 4,096); the official fp4 layout's pair
+    (fp4_linear_pair, its tile's ring) likewise."""
     for n, k in ((200, 4096), (14336, 4096)):
         first, _ = _weights(n, k, 128, torch.bfloat16, seed=n)
         second, _ = _weights(n, k, 128, torch.bfloat16, seed=n + 1)
@@ -306,6 +307,16 @@ def test_pair_equals_two_launches_cuda():
                 graph.replay()
                 torch.cuda.synchronize()
                 assert all(torch.equal(p, t) for p, t in zip(out, two)), (n, m, "graph")
+    # the official fp4 layout's pair through the fp4 tile's ring (fp4_linear_pair)
+    lut = formats.code_table("fp4", "cuda")
+    for n in (200, 14336):
+        weights = [formats.quantize_4bit(torch.randn(n, 4096, device="cuda") / 16, "fp4") for _ in range(2)]
+        for m in (2, 17, 32, 64):
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+            with _tables(TILE_GLUON={"fp4": True}):
+                two = [tk.fp4_linear(x, *w, lut, n, is_fp4=True) for w in weights]
+                pair = tk.fp4_linear_pair(x, *weights, n)
+            assert pair is not None and all(torch.equal(p, t) for p, t in zip(pair, two)), ("fp4", n, m)
 
 
 FP4_CONFIGS = sorted({c[:4] for c in tk.CANDIDATES[("fp4", "tile-gl")]})
@@ -326,10 +337,11 @@ def test_fp4_tile_compiles_for_hopper_without_shared_memory():
                "stride_om": "i32"}
         common = dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=64, NESTED=nested, SPLIT_K=2,
                       L_WORDS=lay["words"], L_X=lay["x32"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"])
-        if stages:
-            kernel = compile_for_hopper(gk._fp4_ring_kernel, sig, common | dict(
+        if stages:  # at 32 rows with plain absmax as a gate / up pair (PAIR)
+            pair = {"w2_ptr": "*i32", "absmax2_ptr": "*fp32", "out2_ptr": "*fp32"}
+            kernel = compile_for_hopper(gk._fp4_ring_kernel, sig | pair, common | dict(
                 STAGES=stages, L_WCOPY=lay["fw_copy"], L_XCOPY=lay["x_copy"], L_WSMEM=lay["fw_smem"],
-                L_XSMEM=lay["x_smem"]), gluon=True, num_warps=warps)
+                L_XSMEM=lay["x_smem"], PAIR=rows == 32 and not nested), gluon=True, num_warps=warps)
         else:
             kernel = compile_for_hopper(gk._fp4_mma2_kernel, sig, common | dict(X_AHEAD=bool(flags & 1)), gluon=True,
                                         num_warps=warps)

@@ -707,8 +707,9 @@ def test_w4a8_pair_in_cuda_graphs():
             for eager in (True, False):
                 llm = LLM("tiny", dtype="bfloat16", device="cuda", quant=quant, enforce_eager=eager,
                           max_model_len=512, num_kv_blocks=256, max_num_seqs=8)
-                prompts = [llm.processor(f"question {i}") for i in range(3)]
+                prompts = [llm.processor(f"question {i}") for i in range(3)]  # alone (W4A8), then together (tiles)
                 outs.append([o.token_ids for p in prompts for o in llm.generate([p], params, use_tqdm=False)])
+                outs[-1] += [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
                 del llm
         assert outs[0] == outs[1], quant
 

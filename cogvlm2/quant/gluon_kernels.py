@@ -447,26 +447,51 @@ if gluon is not None:
 
     @gluon.jit
     def _fp4_ring_kernel(x_ptr, w_ptr, absmax_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K: gl.constexpr,
-                         stride_xm, stride_om, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                         BLOCKSIZE: gl.constexpr, NESTED: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                         L_WORDS: gl.constexpr, L_X: gl.constexpr, L_MMA: gl.constexpr, L_A: gl.constexpr,
-                         L_B: gl.constexpr, L_WCOPY: gl.constexpr, L_XCOPY: gl.constexpr, L_WSMEM: gl.constexpr,
-                         L_XSMEM: gl.constexpr):
+                         stride_xm, stride_om, w2_ptr, absmax2_ptr, out2_ptr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCKSIZE: gl.constexpr, NESTED: gl.constexpr,
+                         SPLIT_K: gl.constexpr, STAGES: gl.constexpr, L_WORDS: gl.constexpr, L_X: gl.constexpr,
+                         L_MMA: gl.constexpr, L_A: gl.constexpr, L_B: gl.constexpr, L_WCOPY: gl.constexpr,
+                         L_XCOPY: gl.constexpr, L_WSMEM: gl.constexpr, L_XSMEM: gl.constexpr, PAIR: gl.constexpr):
         """_fp4_mma2_kernel with its loads through a cp.async ring in shared memory (as _int4_ring_kernel): the
-        words of a step [BLOCK_N, BLOCK_K / 8] row-major as stored."""
+        words of a step [BLOCK_N, BLOCK_K / 8] row-major as stored. PAIR (float32 absmax only): a second weight of
+        the same shape (the *2 pointers) in the same launch, its column blocks after the first's (a branch, as
+        _int4_ring_kernel's)."""
+        ws = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8], L_WSMEM)
+        xs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_M, BLOCK_K // 2], L_XSMEM)
+        pid_n = gl.program_id(0)
+        blocks = (N + BLOCK_N - 1) // BLOCK_N
+        if PAIR:
+            if pid_n >= blocks:
+                _fp4_ring_tile(x_ptr, w2_ptr, absmax2_ptr, nabs_ptr, nmap_ptr, offset, out2_ptr, M, N, K, stride_xm,
+                               stride_om, pid_n - blocks, ws, xs, BLOCK_M, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED,
+                               SPLIT_K, STAGES, L_WORDS, L_X, L_MMA, L_A, L_B, L_WCOPY, L_XCOPY)
+            else:
+                _fp4_ring_tile(x_ptr, w_ptr, absmax_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K, stride_xm,
+                               stride_om, pid_n, ws, xs, BLOCK_M, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, SPLIT_K,
+                               STAGES, L_WORDS, L_X, L_MMA, L_A, L_B, L_WCOPY, L_XCOPY)
+        else:
+            _fp4_ring_tile(x_ptr, w_ptr, absmax_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K, stride_xm,
+                           stride_om, pid_n, ws, xs, BLOCK_M, BLOCK_N, BLOCK_K, BLOCKSIZE, NESTED, SPLIT_K, STAGES,
+                           L_WORDS, L_X, L_MMA, L_A, L_B, L_WCOPY, L_XCOPY)
+
+    @gluon.jit
+    def _fp4_ring_tile(x_ptr, w_ptr, absmax_ptr, nabs_ptr, nmap_ptr, offset, out_ptr, M, N, K: gl.constexpr,
+                       stride_xm, stride_om, pid_n, ws, xs, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       BLOCK_K: gl.constexpr, BLOCKSIZE: gl.constexpr, NESTED: gl.constexpr, SPLIT_K: gl.constexpr,
+                       STAGES: gl.constexpr, L_WORDS: gl.constexpr, L_X: gl.constexpr, L_MMA: gl.constexpr,
+                       L_A: gl.constexpr, L_B: gl.constexpr, L_WCOPY: gl.constexpr, L_XCOPY: gl.constexpr):
+        """_fp4_ring_kernel's work for column block pid_n of one weight, its ring in ws / xs."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         P: gl.constexpr = BLOCK_K // 8
         KS: gl.constexpr = K // SPLIT_K
         STEPS: gl.constexpr = KS // BLOCK_K
-        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS, gl.program_id(0))
+        n0, k_first, rows, n_ok = _program_rows(N, KS, BLOCK_N, L_WORDS, pid_n)
         blk0 = rows * (K // BLOCKSIZE) + k_first // BLOCKSIZE
         nc = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_WCOPY))
         pc = gl.arange(0, P, layout=gl.SliceLayout(0, L_WCOPY))
         w_src = w_ptr + nc[:, None].to(gl.int64) * (K // 8) + (k_first // 8 + pc)[None, :]
         w_ok = (nc < N)[:, None]
         x_src, x_ok = _ring_x_sources(x_ptr, stride_xm, k_first, M, BLOCK_K, BLOCK_M, L_XCOPY)
-        ws = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, P], L_WSMEM)
-        xs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_M, BLOCK_K // 2], L_XSMEM)
         _ring_prologue(ws, xs, w_src, x_src, w_ok, x_ok, BLOCK_K // 8, BLOCK_K // 2, STAGES, STEPS)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_MMA)
         s = _fp4_block_scale(absmax_ptr, nabs_ptr, nmap_ptr, offset, blk0, n_ok, NESTED, DT)
@@ -512,10 +537,13 @@ def fp4_applies(x2: torch.Tensor, packed: torch.Tensor, blocksize: int, is_fp4: 
 
 
 def fp4_mma2(x2: torch.Tensor, packed: torch.Tensor, stats: tuple, part: torch.Tensor, blocksize: int, block_m: int,
-             block_n: int, block_k: int, warps: int, split: int, x_ahead: bool = True, stages: int = 0) -> None:
+             block_n: int, block_k: int, warps: int, split: int, x_ahead: bool = True, stages: int = 0,
+             second: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """x2 [m, K] @ W^T with W bitsandbytes fp4 codes (packed [N K / 2] bytes, row-major) into part (as int4_mma2);
     stats: (absmax, nested absmax, nested map, offset, NESTED) as triton_kernels._stats gives them; block_k a
-    multiple of 32 dividing the absmax block; stages (2+): the cp.async ring kernel (x rows 16-byte aligned)."""
+    multiple of 32 dividing the absmax block; stages (2+): the cp.async ring kernel (x rows 16-byte aligned).
+    second: (packed, float32 absmax, part) of a second weight of the same shape reading x2, computed in the same
+    launch (the ring only, float32 absmax only)."""
     m, k = x2.shape
     n = packed.numel() * 2 // k
     if block_k % 32 or blocksize % block_k or (k // split) % blocksize or block_n % (16 * warps) \
@@ -523,16 +551,21 @@ def fp4_mma2(x2: torch.Tensor, packed: torch.Tensor, stats: tuple, part: torch.T
         raise ValueError(f"Gluon fp4 tile: block_k {block_k} (absmax block {blocksize}, K {k} / {split}), "
                          f"block_n {block_n}, {warps} warps, block_m {block_m}, {stages} stages")
     absmax, nabs, nmap, offset, nested = stats
+    if second is not None and (not stages or nested or tuple(t.shape for t in second) != (packed.shape, absmax.shape,
+                                                                                         part.shape)):
+        raise ValueError("Gluon fp4 tile: a pair runs on the ring with float32 absmax, both weights of one shape")
     lay = layouts(block_n, block_k, block_m, warps)
-    grid = (-(-n // block_n), split)
+    grid = (-(-n // block_n) * (1 if second is None else 2), split)
     args = (x2, packed.view(-1).view(torch.int32), absmax, nabs, nmap, offset, part, m, n, k, x2.stride(0),
             part.stride(-2))
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCKSIZE=blocksize, NESTED=nested,
                   SPLIT_K=split, L_WORDS=lay["words"], L_X=lay["x32"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"],
                   num_warps=warps)
     if stages:
-        _fp4_ring_kernel[grid](*args, STAGES=stages, L_WCOPY=lay["fw_copy"], L_XCOPY=lay["x_copy"],
-                               L_WSMEM=lay["fw_smem"], L_XSMEM=lay["x_smem"], **common)
+        w2, a2, part2 = second if second is not None else (packed, absmax, part)
+        _fp4_ring_kernel[grid](*args, w2.view(-1).view(torch.int32), a2, part2, STAGES=stages,
+                               L_WCOPY=lay["fw_copy"], L_XCOPY=lay["x_copy"], L_WSMEM=lay["fw_smem"],
+                               L_XSMEM=lay["x_smem"], PAIR=second is not None, **common)
     else:
         _fp4_mma2_kernel[grid](*args, X_AHEAD=x_ahead, **common)
 

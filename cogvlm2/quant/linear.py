@@ -218,10 +218,12 @@ class Fp4Linear(QuantLinear):
         return None
 
     def matmul_pair(self, other: nn.Module, x: torch.Tensor, shared=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(self(x), other(x)) in one fp4 W4A8 GEMV launch (PAIR_A8) where both layers take x through that GEMV and
-        are of one shape, neither with a bias (the MLP's gate and up); None otherwise."""
+        """(self(x), other(x)) in one launch (PAIR_A8: one row through the fp4 W4A8 GEMV, 2-64 rows through the
+        Gluon fp4 tile's ring) where x is on the GPU and both layers are fp4 of one shape with 64-blocks and float32
+        absmax, neither with a bias (the MLP's gate and up); None otherwise."""
         if not (PAIR_A8 and type(other) is Fp4Linear and self.bias is None and other.bias is None
-                and other.weight.shape == self.weight.shape and self._a8_applies(x) and other._a8_applies(x)):
+                and other.weight.shape == self.weight.shape and self.quant_type == other.quant_type == "fp4"
+                and self.blocksize == other.blocksize == 64 and not (self.nested or other.nested) and _kernel_ok(x)):
             return None
         return triton_kernels.fp4_linear_pair(x, (self.weight, self.weight_absmax),
                                               (other.weight, other.weight_absmax), self.out_features, shared)
@@ -337,9 +339,9 @@ class Int8Linear(QuantLinear):
 # fourteenth session)
 SHARE_A8_INPUT = True
 # PAIR_A8: the MLP's gate and up (both int4, or both in the official fp4 layout) as one launch over both weights
-# (Int4Linear / Fp4Linear.matmul_pair): the W4A8 GEMV at batch 1 (32 launches fewer a step; int4: 2 x 224 column
-# blocks need no K split), int4's Gluon tile at 2-64 rows (32 launches and up to 64 split-K sums fewer a step at
-# batch 32); the same numbers bit for bit (tests/test_quant_kernels.py, test_gluon_kernels.py). Off
+# (Int4Linear / Fp4Linear.matmul_pair): the W4A8 GEMVs at batch 1 (32 launches fewer a step; int4: 2 x 224 column
+# blocks need no K split), the Gluon tiles at 2-64 rows (int4's, the fp4 ring: 32 launches and split-K sums fewer a
+# step at batch 32); the same numbers bit for bit (tests/test_quant_kernels.py, test_gluon_kernels.py). Off
 # (COGVLM2_PAIR_A8=1 at import turns it on) until measured on a GPU (`benchmarks/decode_ab.py --quant int4 --set
 # "quant.linear.PAIR_A8=0" --set "quant.linear.PAIR_A8=1" --batches 1,32`, and --quant fp4)
 PAIR_A8 = os.environ.get("COGVLM2_PAIR_A8", "0") == "1"

@@ -1133,18 +1133,48 @@ def _fp4_a8(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tensor,
     return [out for out, _ in outs]
 
 
+def _fp4_gluon(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]], n: int,
+               blocksize: int, nested: tuple) -> list[torch.Tensor] | None:
+    """The Gluon fp4 tile for x2 [m, K] times one fp4 weight (packed, absmax as _stats gives it; nested: the rest of
+    _stats), or two of one shape with float32 absmax in one launch (the ring); their outputs [m, n] in x's dtype.
+    None where this Triton cannot compile the tile (then switched off for the process, _gluon_off)."""
+    m, k = x2.shape
+    block_n, block_k, warps, flags, split = CONFIGS[("fp4", "tile-gl")]
+    split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n) * len(weights), x.device), blocksize, blocksize)
+    outs = [_outputs(m, n, split, x) for _ in weights]
+    aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # for the ring's 16-byte copies
+    second = (*weights[1], outs[1][1]) if len(weights) == 2 else None
+    try:
+        gluon_kernels.fp4_mma2(x2, weights[0][0], (weights[0][1], *nested), outs[0][1], blocksize, _rows(m, 8),
+                               block_n, _block_k(min(block_k, blocksize), blocksize, 32), warps, split,
+                               bool(flags & 1), flags >> 2 if aligned else 0, second)
+    except Exception as e:
+        if not _gluon_compile_error(e):
+            raise
+        _gluon_off("fp4", e)
+        return None
+    for out, part in outs:
+        _finish(part, out, split)
+    return [out for out, _ in outs]
+
+
 def fp4_linear_pair(x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor],
                     second: tuple[torch.Tensor, torch.Tensor], n: int,
                     a8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(x @ W1^T, x @ W2^T) for two fp4 weights (packed, float32 absmax; blocks of 64, the standard code) of one
-    shape in one fp4 W4A8 GEMV launch, where x takes that GEMV (the same numbers as two fp4_linear calls, bit for
-    bit); else None."""
+    shape in one launch (the same numbers as two fp4_linear calls, bit for bit): one row through the fp4 W4A8 GEMV,
+    2-64 rows through the Gluon fp4 tile's ring, where fp4_linear would take those; else None."""
     x2 = _flat(x)
-    if first[0].shape != second[0].shape or not fp4_a8_applies(x2, first[0], 64, True, None) \
-            or not fp4_a8_applies(x2, second[0], 64, True, None):
+    if first[0].shape != second[0].shape or first[1].shape != second[1].shape:
         return None
-    y1, y2 = _fp4_a8(x, x2, [first, second], n, a8)
-    return y1.view(*x.shape[:-1], n), y2.view(*x.shape[:-1], n)
+    ring = CONFIGS[("fp4", "tile-gl")][3] >> 2 and x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0
+    if all(fp4_a8_applies(x2, w[0], 64, True, None) for w in (first, second)):
+        outs = _fp4_a8(x, x2, [first, second], n, a8)
+    elif TILE_GLUON["fp4"] and ring and all(gluon_kernels.fp4_applies(x2, w[0], 64, True) for w in (first, second)):
+        outs = _fp4_gluon(x, x2, [first, second], n, 64, _stats(first[1], None)[1:])
+    else:
+        return None
+    return None if outs is None else tuple(y.view(*x.shape[:-1], n) for y in outs)
 
 
 def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor, n: int,
@@ -1175,19 +1205,10 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, lut:
             SUM_ONCE=FP4_SUM_ONCE["gemv"],
             SPLIT_K=split, STAGES=stages, num_warps=warps, num_stages=stages)
     elif TILE_GLUON["fp4"] and gluon_kernels.fp4_applies(x2, packed, blocksize, is_fp4):  # operands in registers
-        block_n, block_k, warps, flags, split = CONFIGS[("fp4", "tile-gl")]
-        split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n), x.device), blocksize, blocksize)
-        out, part = _outputs(m, n, split, x)
-        aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # for the ring's 16-byte copies
-        try:
-            gluon_kernels.fp4_mma2(x2, packed, (a, nabs, nmap, offset, is_nested), part, blocksize, _rows(m, 8),
-                                   block_n, _block_k(min(block_k, blocksize), blocksize, 32), warps, split,
-                                   bool(flags & 1), flags >> 2 if aligned else 0)
-        except Exception as e:
-            if not _gluon_compile_error(e):
-                raise
-            _gluon_off("fp4", e)
+        outs = _fp4_gluon(x, x2, [(packed, a)], n, blocksize, (nabs, nmap, offset, is_nested))
+        if outs is None:  # this Triton cannot compile it: switched off, the Triton tile instead
             return fp4_linear(x, packed, absmax, lut, n, blocksize, is_fp4, nested, table, a8)
+        return outs[0].view(*x.shape[:-1], n)
     else:
         block_n, block_k, warps, stages, split = CONFIGS[("fp4", "tile")]
         split = _tile_split(split, triton.cdiv(n, block_n), x.device)
