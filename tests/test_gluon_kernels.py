@@ -286,18 +286,23 @@ def test_tile_replays_from_a_cuda_graph_cuda():
 @needs_gluon
 def test_pair_equals_two_launches_cuda():
     """PAIR (the MLP's gate and up in one launch, int4_linear_pair) at 2-64 rows through the register kernel and the
-    ring (the defaults, and the 32-row pair's register cap): each output bit for bit the separate launch's, eagerly and
-    replayed from a CUDA graph; and the gate / up shapes (14,336 x 4,096); the official fp4 layout's pair
-    (fp4_linear_pair, its tile's ring) likewise."""
+    ring (the defaults, and the 32-row pair's register cap): each output bit for bit the separate launch's at the
+    pair's K split (launch_split), eagerly and replayed from a CUDA graph, also at the gate / up shapes (14,336 x
+    4,096); the official fp4 layout's pair (fp4_linear_pair, its tile's ring) likewise."""
     for n, k in ((200, 4096), (14336, 4096)):
         first, _ = _weights(n, k, 128, torch.bfloat16, seed=n)
         second, _ = _weights(n, k, 128, torch.bfloat16, seed=n + 1)
         for m in (2, 8, 16, 17, 32, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            with _tables(TILE_GLUON={"int4": True}):
+            key = ("int4", "tile-gl" if m <= 8 else f"tile-gl{triton.next_power_of_2(m)}")
+            config = tk.CONFIGS[key]
+            alone = tk.launch_split(config[4], config[0], n, k, 128, x.device, 2)  # the pair's K split
+            with _tables(TILE_GLUON={"int4": True}, CONFIGS={key: (*config[:4], alone)}):
                 two = [tk.int4_linear(x, *w, 128) for w in (first, second)]
+            with _tables(TILE_GLUON={"int4": True}):
                 pair = tk.int4_linear_pair(x, first, second, 128)
                 assert pair is not None and all(torch.equal(p, t) for p, t in zip(pair, two)), (n, m)
+            with _tables(TILE_GLUON={"int4": True}):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     out = tk.int4_linear_pair(x, first, second, 128)
@@ -313,8 +318,11 @@ def test_pair_equals_two_launches_cuda():
         weights = [formats.quantize_4bit(torch.randn(n, 4096, device="cuda") / 16, "fp4") for _ in range(2)]
         for m in (2, 17, 32, 64):
             x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-            with _tables(TILE_GLUON={"fp4": True}):
+            config = tk.CONFIGS[("fp4", "tile-gl")]
+            alone = tk.launch_split(config[4], config[0], n, 4096, 64, x.device, 2)
+            with _tables(TILE_GLUON={"fp4": True}, CONFIGS={("fp4", "tile-gl"): (*config[:4], alone)}):
                 two = [tk.fp4_linear(x, *w, lut, n, is_fp4=True) for w in weights]
+            with _tables(TILE_GLUON={"fp4": True}):
                 pair = tk.fp4_linear_pair(x, *weights, n)
             assert pair is not None and all(torch.equal(p, t) for p, t in zip(pair, two)), ("fp4", n, m)
 

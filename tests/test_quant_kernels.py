@@ -85,23 +85,26 @@ def check_a8_fused(tk, x, qweight, qzeros, scales, group, expected) -> None:
 
 def check_a8_pair(tk, x, first, second, group) -> None:
     """Two int4 weights of one shape in one W4A8 launch (int4_linear_pair, PAIR_A8: the MLP's gate and up) equal the
-    two int4_linear calls bit for bit: K split or not, the sum folded or not, x quantized beforehand or not, twice in
-    a row (the pair's counters back to 0); Int4Linear.matmul_pair under the switch, None without it."""
+    two int4_linear calls at the pair's K split bit for bit: K split or not, the sum folded or not, x quantized
+    beforehand or not, twice in a row (the pair's counters back to 0); Int4Linear.matmul_pair under the switch, None
+    without it."""
     from cogvlm2.counters import _BUFFERS
     from cogvlm2.quant import linear as ql
 
     second = tuple(t.to(x.device, a.dtype) for t, a in zip(second, first))  # the scales in the model dtype
     config = tk.CONFIGS[("int4", "gemv-a8")]
-    for split in (1, 2, 4, -2):
-        for fused in (False, True):
-            with _settings(tk, ONE_ROW={"int4": "gemv-a8"}, CONFIGS={("int4", "gemv-a8"): (*config[:4], split)},
-                           A8_FUSED={"sum": fused, "quant": False}):
-                two = (tk.int4_linear(x, *first, group), tk.int4_linear(x, *second, group))
-                for a8 in (None, tk.quantize_a8(x, group), None):
-                    pair = tk.int4_linear_pair(x, first, second, group, a8)
-                    assert all(torch.equal(p, t) for p, t in zip(pair, two)), (split, fused, a8 is None)
-    assert not any(buf.any() for (user, dev), buf in _BUFFERS.items() if dev == x.device)  # all back to 0
     n, k = first[0].shape[1], x.shape[-1]
+    for split in (1, 2, 4, -2):  # -2: the pair's own split (twice the column blocks: it may split less)
+        alone = tk.launch_split(split, config[0], n, k, group, x.device, 2)
+        for fused in (False, True):
+            with _settings(tk, ONE_ROW={"int4": "gemv-a8"}, A8_FUSED={"sum": fused, "quant": False}):
+                with _settings(tk, CONFIGS={("int4", "gemv-a8"): (*config[:4], alone)}):
+                    two = (tk.int4_linear(x, *first, group), tk.int4_linear(x, *second, group))
+                with _settings(tk, CONFIGS={("int4", "gemv-a8"): (*config[:4], split)}):
+                    for a8 in (None, tk.quantize_a8(x, group), None):
+                        pair = tk.int4_linear_pair(x, first, second, group, a8)
+                        assert all(torch.equal(p, t) for p, t in zip(pair, two)), (split, fused, a8 is None)
+    assert not any(buf.any() for (user, dev), buf in _BUFFERS.items() if dev == x.device)  # all back to 0
     gate, up = ql.Int4Linear(k, n, group_size=group), ql.Int4Linear(k, n, group_size=group)
     for layer, (qw, qz, sc) in ((gate, first), (up, second)):
         layer.qweight, layer.qzeros, layer.scales = qw, qz, sc
@@ -110,8 +113,7 @@ def check_a8_pair(tk, x, first, second, group) -> None:
             assert gate.matmul_pair(up, x) is None
         with mock.patch.object(ql, "PAIR_A8", True):
             pair = gate.matmul_pair(up, x)
-            assert all(torch.equal(p, t) for p, t in zip(pair, (tk.int4_linear(x, *first, group),
-                                                                 tk.int4_linear(x, *second, group))))
+            assert all(torch.equal(p, t) for p, t in zip(pair, tk.int4_linear_pair(x, first, second, group)))
 
 
 def check_fp4_a8_pair(tk, x, first, second, n) -> None:
@@ -674,9 +676,9 @@ def test_w4a8_fused_in_cuda_graphs():
 
 @cuda
 def test_w4a8_pair_in_cuda_graphs():
-    """PAIR_A8 on the GPU: the MLP's gate and up (14,336 x 4,096) in one W4A8 launch equal the two launches, with
-    the sum folded or not (int4 and the official fp4 layout), replay after replay; and the tiny int4 / fp4 engines
-    with the pair switched on give the same tokens with CUDA graphs as eagerly."""
+    """PAIR_A8 on the GPU: the MLP's gate and up (14,336 x 4,096) in one W4A8 launch equal the two launches at the
+    pair's K split, with the sum folded or not (int4 and the official fp4 layout), replay after replay; and the tiny
+    int4 / fp4 engines with the pair switched on give the same tokens with CUDA graphs as eagerly."""
     from cogvlm2.engine import LLM
     from cogvlm2.quant import linear as ql
     from cogvlm2.quant import triton_kernels as tk
@@ -687,9 +689,12 @@ def test_w4a8_pair_in_cuda_graphs():
                                                                                 .cuda()) for _ in range(2)))
     x = torch.randn(1, 4096, generator=g).cuda().bfloat16()
     with torch.inference_mode(), _settings(tk, ONE_ROW={"int4": "gemv-a8"}):
+        config = tk.CONFIGS[("int4", "gemv-a8")]
+        alone = tk.launch_split(config[4], config[0], 14336, 4096, 128, x.device, 2)  # the pair's K split
         for fused in (False, True):
             with _settings(tk, A8_FUSED={"sum": fused, "quant": False, "pdl": False}):
-                two = (tk.int4_linear(x, *first, 128), tk.int4_linear(x, *second, 128))
+                with _settings(tk, CONFIGS={("int4", "gemv-a8"): (*config[:4], alone)}):
+                    two = (tk.int4_linear(x, *first, 128), tk.int4_linear(x, *second, 128))
                 pair = tk.int4_linear_pair(x, first, second, 128)
                 assert all(torch.equal(p, t) for p, t in zip(pair, two)), fused
                 for i in range(2):

@@ -341,7 +341,8 @@ SHARE_A8_INPUT = True
 # PAIR_A8: the MLP's gate and up (both int4, or both in the official fp4 layout) as one launch over both weights
 # (Int4Linear / Fp4Linear.matmul_pair): the W4A8 GEMVs at batch 1 (32 launches fewer a step; int4: 2 x 224 column
 # blocks need no K split), the Gluon tiles at 2-64 rows (int4's, the fp4 ring: 32 launches and split-K sums fewer a
-# step at batch 32); the same numbers bit for bit (tests/test_quant_kernels.py, test_gluon_kernels.py). Off
+# step at batch 32); the same numbers as the two launches at the pair's K split, bit for bit (it may split less:
+# twice the column blocks fill the SMs; tests/test_quant_kernels.py, test_gluon_kernels.py). Off
 # (COGVLM2_PAIR_A8=1 at import turns it on) until measured on a GPU (`benchmarks/decode_ab.py --quant int4 --set
 # "quant.linear.PAIR_A8=0" --set "quant.linear.PAIR_A8=1" --batches 1,32`, and --quant fp4)
 PAIR_A8 = os.environ.get("COGVLM2_PAIR_A8", "0") == "1"

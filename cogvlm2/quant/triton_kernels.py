@@ -1033,6 +1033,13 @@ def _tile_split(split: int, programs: int, device: torch.device) -> int:
     return split
 
 
+def launch_split(split: int, block_n: int, n: int, k: int, unit: int, device: torch.device, count: int = 1) -> int:
+    """The K split of a launch over `count` weights [n, k] (a pair: 2) with a config's split and BLOCK_N, in slices
+    of whole `unit`s: as given (> 0), or sized by _tile_split for all count x cdiv(n, BLOCK_N) column blocks, so a
+    pair may split K less than each of its linears alone (its sums then differ from theirs in float32 rounding)."""
+    return _split(k, _tile_split(split, triton.cdiv(n, block_n) * count, device), unit, unit)[0]
+
+
 def _outputs(m: int, n: int, split: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [m, n] in x's dtype, what the matmul kernel writes: out itself, or float32 partials per slice)."""
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -1140,7 +1147,7 @@ def _fp4_gluon(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tens
     None where this Triton cannot compile the tile (then switched off for the process, _gluon_off)."""
     m, k = x2.shape
     block_n, block_k, warps, flags, split = CONFIGS[("fp4", "tile-gl")]
-    split, _ = _split(k, _tile_split(split, triton.cdiv(n, block_n) * len(weights), x.device), blocksize, blocksize)
+    split = launch_split(split, block_n, n, k, blocksize, x.device, len(weights))
     outs = [_outputs(m, n, split, x) for _ in weights]
     aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # for the ring's 16-byte copies
     second = (*weights[1], outs[1][1]) if len(weights) == 2 else None
@@ -1162,8 +1169,9 @@ def fp4_linear_pair(x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor],
                     second: tuple[torch.Tensor, torch.Tensor], n: int,
                     a8: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(x @ W1^T, x @ W2^T) for two fp4 weights (packed, float32 absmax; blocks of 64, the standard code) of one
-    shape in one launch (the same numbers as two fp4_linear calls, bit for bit): one row through the fp4 W4A8 GEMV,
-    2-64 rows through the Gluon fp4 tile's ring, where fp4_linear would take those; else None."""
+    shape in one launch: one row through the fp4 W4A8 GEMV, 2-64 rows through the Gluon fp4 tile's ring, where
+    fp4_linear would take those; else None. The same numbers as two fp4_linear calls at the pair's K split, bit for
+    bit (launch_split)."""
     x2 = _flat(x)
     if first[0].shape != second[0].shape or first[1].shape != second[1].shape:
         return None
@@ -1293,7 +1301,7 @@ def _int4_a8(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tensor
     if INT4_A8_LONG_K_SPLIT and k >= A8_LONG_K:  # the MLP's down projection: more programs for its long rows
         split = INT4_A8_LONG_K_SPLIT
     blocks = triton.cdiv(n, block_n) * len(weights)  # a pair's second weight: the blocks after the first's
-    split, _ = _split(k, _tile_split(split, blocks, x.device), group, group)
+    split = launch_split(split, block_n, n, k, group, x.device, len(weights))
     outs = [_outputs(1, n, split, x) for _ in weights]
     groups = k // group // split  # of a program's K slice
     fused_quant = a8 is None and A8_FUSED["quant"] and groups <= A8_QUANT_MAX_GROUPS
@@ -1328,8 +1336,7 @@ def _int4_gluon(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Ten
     block_m = _rows(m, 8)  # the MMA's operands in registers; one row ("tile-gl1") only as ONE_ROW says
     path = "tile-gl1" if m == 1 else "tile-gl" if block_m == 8 else f"tile-gl{block_m}"
     block_n, block_k, warps, flags, split = CONFIGS[("int4", path)]
-    blocks = triton.cdiv(n, block_n) * len(weights)
-    split, _ = _split(k, _tile_split(split, blocks, x.device), group, group)
+    split = launch_split(split, block_n, n, k, group, x.device, len(weights))
     block_k = _block_k(min(block_k, group), group, 32)
     outs = [_outputs(m, n, split, x) for _ in weights]
     aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # x read as int32 pairs (16 bytes for cp.async)
@@ -1351,9 +1358,9 @@ def _int4_gluon(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Ten
 def int4_linear_pair(x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                      second: tuple[torch.Tensor, torch.Tensor, torch.Tensor], group: int,
                      a8: A8Row | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(x @ W1^T, x @ W2^T) for two int4 weights (qweight, qzeros, scales) of one shape in one launch (the same
-    numbers as two int4_linear calls, bit for bit): one row through the W4A8 GEMV, 2-64 rows through the Gluon tile,
-    where int4_linear would take those; else None."""
+    """(x @ W1^T, x @ W2^T) for two int4 weights (qweight, qzeros, scales) of one shape in one launch: one row
+    through the W4A8 GEMV, 2-64 rows through the Gluon tile, where int4_linear would take those; else None. The same
+    numbers as two int4_linear calls at the pair's K split, bit for bit (launch_split: it may split less)."""
     x2 = _flat(x)
     m, n = x2.shape[0], first[0].shape[1]
     if any(a.shape != b.shape for a, b in zip(first, second)) or not 1 <= m <= FUSED_MAX_ROWS:
