@@ -65,10 +65,11 @@ def test_tile_compiles_for_hopper_without_shared_memory():
         common = dict(K=4096, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=128, SPLIT_K=2,
                       L_WORDS=lay["words"], L_MMA=lay["mma"], L_A=lay["a"], L_B=lay["b"], PAIR=rows == 32)
         sig = signature | {"x_ptr": f"*{dt}", "s_ptr": f"*{dt}", "s2_ptr": f"*{dt}"}
-        if stages:
+        if stages:  # a 32-row pair under its register cap, as int4_mma2 launches it
+            cap = gk.PAIR_MAXNREG.get((block_n, block_k, rows, warps)) if rows == 32 else None
             kernel = compile_for_hopper(gk._int4_ring_kernel, sig, common | dict(
                 STAGES=stages, L_X=lay["x32"], L_WCOPY=lay["w_copy"], L_XCOPY=lay["x_copy"], L_WSMEM=lay["w_smem"],
-                L_XSMEM=lay["x_smem"]), gluon=True, num_warps=warps)
+                L_XSMEM=lay["x_smem"]), gluon=True, num_warps=warps, **({"maxnreg": cap} if cap else {}))
         else:
             kernel = compile_for_hopper(gk._int4_mma2_kernel, sig, common | dict(
                 X_AHEAD=bool(flags & 1), BYTE_PAIRS=bool(flags & 2), L_X=lay["x32" if flags & 2 else "x"]),

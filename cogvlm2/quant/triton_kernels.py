@@ -32,9 +32,9 @@ import triton.language as tl
 
 from .. import pdl
 from . import gluon_kernels
+from ..counters import counters, last_to_arrive
 
 logger = logging.getLogger(__name__)
-from ..counters import counters, last_to_arrive
 
 FUSED_MAX_ROWS = 64  # more rows than this: dequantize + cuBLAS
 
@@ -1040,6 +1040,12 @@ def launch_split(split: int, block_n: int, n: int, k: int, unit: int, device: to
     return _split(k, _tile_split(split, triton.cdiv(n, block_n) * count, device), unit, unit)[0]
 
 
+def _rows_16b(x2: torch.Tensor) -> bool:
+    """Whether every row of x2 [m, K] (16-bit) starts 16 bytes aligned: what the Gluon tiles' cp.async rings copy
+    (and the int4 tile's int32 activation pairs read)."""
+    return x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0
+
+
 def _outputs(m: int, n: int, split: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [m, n] in x's dtype, what the matmul kernel writes: out itself, or float32 partials per slice)."""
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -1149,7 +1155,7 @@ def _fp4_gluon(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tens
     block_n, block_k, warps, flags, split = CONFIGS[("fp4", "tile-gl")]
     split = launch_split(split, block_n, n, k, blocksize, x.device, len(weights))
     outs = [_outputs(m, n, split, x) for _ in weights]
-    aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # for the ring's 16-byte copies
+    aligned = _rows_16b(x2)  # for the ring's 16-byte copies
     second = (*weights[1], outs[1][1]) if len(weights) == 2 else None
     try:
         gluon_kernels.fp4_mma2(x2, weights[0][0], (weights[0][1], *nested), outs[0][1], blocksize, _rows(m, 8),
@@ -1175,7 +1181,7 @@ def fp4_linear_pair(x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor],
     x2 = _flat(x)
     if first[0].shape != second[0].shape or first[1].shape != second[1].shape:
         return None
-    ring = CONFIGS[("fp4", "tile-gl")][3] >> 2 and x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0
+    ring = CONFIGS[("fp4", "tile-gl")][3] >> 2 and _rows_16b(x2)  # a pair runs on the ring only
     if all(fp4_a8_applies(x2, w[0], 64, True, None) for w in (first, second)):
         outs = _fp4_a8(x, x2, [first, second], n, a8)
     elif TILE_GLUON["fp4"] and ring and all(gluon_kernels.fp4_applies(x2, w[0], 64, True) for w in (first, second)):
@@ -1291,6 +1297,17 @@ def quantize_a8(x: torch.Tensor, group: int, launch_pdl: bool = False) -> A8Row:
     return xe, sx, sq
 
 
+def _int4_a8_path(x2: torch.Tensor) -> bool:
+    """Whether int4_linear takes x2 [m, K] through the W4A8 GEMV (one row, ONE_ROW "gemv-a8")."""
+    return x2.shape[0] == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1
+
+
+def _int4_gluon_path(x2: torch.Tensor, scales: torch.Tensor, group: int) -> bool:
+    """Whether int4_linear takes x2 [m, K] through the Gluon tile (2+ rows, or one as ONE_ROW "tile-gl" says)."""
+    return TILE_GLUON["int4"] and (x2.shape[0] > 1 or ONE_ROW["int4"] == "tile-gl") \
+        and gluon_kernels.applies(x2, scales, group)
+
+
 def _int4_a8(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
              group: int, a8: A8Row | None) -> list[torch.Tensor]:
     """The W4A8 GEMV of one row x2 [1, K] with one int4 weight, or two of one shape (PAIR: the MLP's gate and up) in
@@ -1339,7 +1356,7 @@ def _int4_gluon(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Ten
     split = launch_split(split, block_n, n, k, group, x.device, len(weights))
     block_k = _block_k(min(block_k, group), group, 32)
     outs = [_outputs(m, n, split, x) for _ in weights]
-    aligned = x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0  # x read as int32 pairs (16 bytes for cp.async)
+    aligned = _rows_16b(x2)  # x read as int32 pairs (16 bytes for cp.async)
     second = (*weights[1], outs[1][1]) if len(weights) == 2 else None
     try:
         gluon_kernels.int4_mma2(x2, qweight, qzeros, scales, outs[0][1], group, block_m, block_n, block_k, warps,
@@ -1365,9 +1382,9 @@ def int4_linear_pair(x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor, t
     m, n = x2.shape[0], first[0].shape[1]
     if any(a.shape != b.shape for a, b in zip(first, second)) or not 1 <= m <= FUSED_MAX_ROWS:
         return None
-    if m == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1:
+    if _int4_a8_path(x2):
         outs = _int4_a8(x, x2, [first, second], group, a8)
-    elif TILE_GLUON["int4"] and (m > 1 or ONE_ROW["int4"] == "tile-gl") and gluon_kernels.applies(x2, first[2], group):
+    elif _int4_gluon_path(x2, first[2], group):
         outs = _int4_gluon(x, x2, [first, second], group)
     else:
         return None
@@ -1398,9 +1415,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         _int4_gemv2_kernel[(triton.cdiv(n, block_n), split)](
             x2, qweight, qzeros, scales, part, n, k, BLOCK_N=block_n, GROUP=group, SPLIT_K=split, STAGES=stages,
             ASM=x.is_cuda, num_warps=warps, num_stages=stages)
-    elif m == 1 and ONE_ROW["int4"] == "gemv-a8" and x2.stride(-1) == 1:  # int8 activations, one group a step
+    elif _int4_a8_path(x2):  # int8 activations, one group a step
         return _int4_a8(x, x2, [(qweight, qzeros, scales)], group, a8)[0].view(*x.shape[:-1], n)
-    elif TILE_GLUON["int4"] and (m > 1 or ONE_ROW["int4"] == "tile-gl") and gluon_kernels.applies(x2, scales, group):
+    elif _int4_gluon_path(x2, scales, group):
         outs = _int4_gluon(x, x2, [(qweight, qzeros, scales)], group)
         if outs is None:  # this Triton cannot compile it: switched off, the Triton tiles instead
             return int4_linear(x, qweight, qzeros, scales, group, a8)
