@@ -36,7 +36,8 @@ def check(device: str, dtype: torch.dtype) -> None:
         q, s = formats.quantize_int8(torch.randn(n, k, generator=g))
         q, s = q.to(device), s.to(device)
         x = torch.randn(rows, k, generator=g).to(device, dtype)
-        exact = _expected(x.cpu(), q.cpu(), s.cpu())
+        xc, qc, sc = x.cpu(), q.cpu(), s.cpu()
+        exact = _expected(xc, qc, sc)
         bm = 1 if rows == 1 else ik.block_m(rows)
         for config in [None] + ik.CANDIDATES[bm]:
             got = ik.int8_linear(x, q, s, config).cpu()
@@ -45,7 +46,7 @@ def check(device: str, dtype: torch.dtype) -> None:
             # whose float32 -> 16-bit casts may truncate) after a float32 sum of k products and the scale's multiply
             # (the standard bound (k + 2) u of a float32 sum over the terms' magnitudes)
             ulp = 2.0 ** -23 if dtype == torch.float32 else 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-            terms = (x.cpu().double().abs() @ q.cpu().double().abs().t()) * s.double()
+            terms = (xc.double().abs() @ qc.double().abs().t()) * sc.double()
             bound = exact.abs() * ulp * (0.5 if device == "cuda" else 1.0) + terms * (k + 2) * 2.0 ** -24
             assert ((got.double() - exact).abs() <= bound * 1.01 + 1e-30).all(), (rows, n, k, config)
     x3 = torch.randn(2, 1, q.shape[1], generator=g).to(device, dtype)
