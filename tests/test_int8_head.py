@@ -7,6 +7,8 @@ checkpoint), with the engine equal to the reference loop."""
 from __future__ import annotations
 
 import sys
+import os
+import subprocess
 from unittest import mock
 
 import pytest
@@ -128,9 +130,10 @@ def _tiny_logits(model, x) -> torch.Tensor:
 
 
 def test_switch_puts_int8_on_the_lm_head_under_quant():
-    """LM_HEAD_INT8 on: `--quant int4` of the tiny model has an Int8Linear lm_head (off: the float one), its first
-    logits within ~1% of the float head's, and the engine equals the reference loop token for token; the switch
-    does nothing without --quant."""
+    """LM_HEAD_INT8 "auto" (the default): `--quant int4` and `fp8` of the tiny model have an Int8Linear lm_head, the
+    bitsandbytes-style fp4 keeps the float one ("1": it too; "0": none); the int8 head's first logits are within ~1%
+    of the float head's, and the engine equals the reference loop token for token; nothing changes without --quant;
+    a bad switch value is refused at import."""
     from cogvlm2 import quant
     from cogvlm2.engine import LLM
     from cogvlm2.generation import generate_ids
@@ -139,13 +142,22 @@ def test_switch_puts_int8_on_the_lm_head_under_quant():
     from cogvlm2.tiny import checkpoint_folder
 
     folder = checkpoint_folder("tiny-random")
-    plain = load_model(folder, dtype="float32", quant="int4")
+    assert quant.LM_HEAD_INT8 == "auto"
+    assert [quant.int8_head(m) for m in ("int4", "fp8", "fp4", "nf4", "4", "8")] == [True, True] + [False] * 4
+    assert isinstance(load_model(folder, dtype="float32", quant="fp8").lm_head, Int8Linear)
+    assert type(load_model(folder, dtype="float32", quant="fp4").lm_head) is torch.nn.Linear
+    with mock.patch.object(quant, "LM_HEAD_INT8", "1"):
+        assert isinstance(load_model(folder, dtype="float32", quant="fp4").lm_head, Int8Linear)
+    with mock.patch.object(quant, "LM_HEAD_INT8", "0"):
+        plain = load_model(folder, dtype="float32", quant="int4")
     assert type(plain.lm_head) is torch.nn.Linear
-    with mock.patch.object(quant, "LM_HEAD_INT8", True):
-        model = load_model(folder, dtype="float32", quant="int4")
-        assert type(load_model(folder, dtype="float32").lm_head) is torch.nn.Linear
-        llm = LLM("tiny-random", dtype="float32", device="cpu", quant="int4", num_kv_blocks=64, max_model_len=512)
+    model = load_model(folder, dtype="float32", quant="int4")
+    assert type(load_model(folder, dtype="float32").lm_head) is torch.nn.Linear
+    llm = LLM("tiny-random", dtype="float32", device="cpu", quant="int4", num_kv_blocks=64, max_model_len=512)
     assert isinstance(model.lm_head, Int8Linear) and isinstance(llm.engine.model.lm_head, Int8Linear)
+    bad = subprocess.run([sys.executable, "-c", "import cogvlm2.quant"], capture_output=True, text=True,
+                         env={**os.environ, "COGVLM2_LM_HEAD_INT8": "yes"})
+    assert bad.returncode != 0 and "COGVLM2_LM_HEAD_INT8 must be auto, 0 or 1" in bad.stderr
     x = llm.processor("hello there")
     ref, got = _tiny_logits(plain, x), _tiny_logits(model, x)
     assert 0 < ((got - ref).norm() / ref.norm()).item() < 2e-2
@@ -155,7 +167,8 @@ def test_switch_puts_int8_on_the_lm_head_under_quant():
 
 
 def test_switch_on_the_official_int4_checkpoint(tmp_path):
-    """The official int4 checkpoints keep an fp16 lm_head; with LM_HEAD_INT8 it is made int8 after loading."""
+    """The official int4 checkpoints keep their fp16 lm_head by default (as the official implementation does);
+    LM_HEAD_INT8 "1" makes it int8 after loading."""
     pytest.importorskip("bitsandbytes")
     from cogvlm2 import quant
     from cogvlm2.model import load_model
@@ -163,7 +176,7 @@ def test_switch_on_the_official_int4_checkpoint(tmp_path):
 
     folder, _ = build_official_int4(tmp_path / "bin", "bin")
     assert type(load_model(str(folder), dtype="float32").lm_head) is torch.nn.Linear
-    with mock.patch.object(quant, "LM_HEAD_INT8", True):
+    with mock.patch.object(quant, "LM_HEAD_INT8", "1"):
         model = load_model(str(folder), dtype="float32")
     assert isinstance(model.lm_head, Int8Linear) and model.lm_head.weight.dtype == torch.int8
 

@@ -68,7 +68,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
         model.quantization = stored
         if mode is not None and mode != stored:  # fp4 -> fp4-dq: the same codes, 8-bit absmax
             q.compress_statistics(model)
-        if q.LM_HEAD_INT8:
+        if q.int8_head(stored):
             q.quantize_lm_head(model)
     elif mode is not None:  # read on the CPU, quantize layer by layer onto the device
         load_weights(model, folder, dtype=dtype, device="cpu", progress=progress)

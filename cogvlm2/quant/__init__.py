@@ -9,7 +9,7 @@
     fp8      e4m3, per-channel scale; per-token x scale   torch._scaled_mm (fp8 tensor cores)   bf16
 
 Every nn.Linear but lm_head is quantized (language and vision experts, the EVA tower, the GLU adapter),
-as in the official int4 checkpoints (LM_HEAD_INT8 makes lm_head int8 too); a layer whose shape the format
+as in the official int4 checkpoints (LM_HEAD_INT8: int8 for int4 / fp8); a layer whose shape the format
 cannot hold (only tiny test models have such layers) stays in the model dtype. On-the-fly modes quantize one
 layer at a time on the target device, so the GPU never holds the unquantized model.
 """
@@ -28,16 +28,27 @@ from .linear import Fp4Linear, Fp8Linear, Int4Linear, Int8Linear, QuantLinear
 
 __all__ = ["QUANT_MODES", "Fp4Linear", "Fp8Linear", "Int4Linear", "Int8Linear", "QuantLinear", "normalize_quant",
            "checkpoint_quant_type", "prepare_prequantized", "quantize_model", "quantize_lm_head",
-           "compress_statistics", "KEEP_DTYPE", "weight_bytes"]
+           "compress_statistics", "int8_head", "KEEP_DTYPE", "weight_bytes"]
 
 QUANT_MODES = ("4", "8", "fp4", "nf4", "fp4-dq", "nf4-dq", "int4", "int8", "fp8")
 SKIP = ("lm_head",)
-# LM_HEAD_INT8: under any --quant (and for the official int4 checkpoints, whose lm_head is fp16) the lm_head too
-# becomes int8 with a float32 scale per vocabulary row (Int8Linear): half of its 1.05 GB for every decode step to
-# read, ~0.9% of relative error on the logits (Gaussian rows). Off (COGVLM2_LM_HEAD_INT8=1 at import turns it on)
-# until measured on a GPU: benchmarks/lm_head_gpu.py for the kernels, quant_gpu.py --modes int4 --sections decode
-# with and without it
-LM_HEAD_INT8 = os.environ.get("COGVLM2_LM_HEAD_INT8", "0") == "1"
+# LM_HEAD_INT8: the lm_head in int8 with a float32 scale per vocabulary row (Int8Linear): half of its 1.05 GB for
+# every decode step to read, ~0.9% of relative error on the logits (Gaussian rows; a 4-bit linear's own is ~10%).
+# "auto" (default): under --quant int4 / fp8, our own formats (H200, int4: batch 1 367 -> 379 tok/s, batch 32 6.58 ->
+# 6.56 ms; BENCHMARKS.md); the bitsandbytes modes (4 / 8 / fp4 / nf4 and their -dq) and the official int4 checkpoints
+# keep the checkpoint's lm_head, as the official implementation does. "1": every quantized model; "0": none
+# (COGVLM2_LM_HEAD_INT8 at import)
+LM_HEAD_INT8 = os.environ.get("COGVLM2_LM_HEAD_INT8", "auto")
+INT8_HEAD_MODES = ("int4", "fp8")
+if LM_HEAD_INT8 not in ("auto", "0", "1"):
+    raise ValueError(f"COGVLM2_LM_HEAD_INT8 must be auto, 0 or 1, not {LM_HEAD_INT8!r}")
+
+
+def int8_head(mode: str) -> bool:
+    """Whether a model quantized as `mode` (a --quant mode or an official checkpoint's type) gets an int8 lm_head."""
+    return LM_HEAD_INT8 == "1" or (LM_HEAD_INT8 == "auto" and mode in INT8_HEAD_MODES)
+
+
 KEEP_DTYPE = (r"\.weight\.absmax$", r"\.weight\.quant_map$", r"\.weight\.nested_absmax$",
               r"\.weight\.nested_quant_map$")  # checkpoint tensors that stay float32
 
@@ -150,7 +161,7 @@ def quantize_model(model: nn.Module, quant: str | int, device: torch.device | st
         model.supports_cuda_graphs = False  # LLM.int8's outlier split has data-dependent shapes
     model.quantization = mode
     model.to(device)
-    if LM_HEAD_INT8:
+    if int8_head(mode):
         quantize_lm_head(model)
     return model
 

@@ -342,10 +342,10 @@ SHARE_A8_INPUT = True
 # (Int4Linear / Fp4Linear.matmul_pair): the W4A8 GEMVs at batch 1 (32 launches fewer a step; int4: 2 x 224 column
 # blocks need no K split), the Gluon tiles at 2-64 rows (int4's, the fp4 ring: 32 launches and split-K sums fewer a
 # step at batch 32); the same numbers as the two launches at the pair's K split, bit for bit (it may split less:
-# twice the column blocks fill the SMs; tests/test_quant_kernels.py, test_gluon_kernels.py). Off
-# (COGVLM2_PAIR_A8=1 at import turns it on) until measured on a GPU (`benchmarks/decode_ab.py --quant int4 --set
-# "quant.linear.PAIR_A8=0" --set "quant.linear.PAIR_A8=1" --batches 1,32`, and --quant fp4)
-PAIR_A8 = os.environ.get("COGVLM2_PAIR_A8", "0") == "1"
+# twice the column blocks fill the SMs; tests/test_quant_kernels.py, test_gluon_kernels.py). On (H200, int8 lm_head
+# on: int4 batch 1 380 -> 413 tok/s, batch 32 6.53 -> 6.22 ms; official fp4 layout 337 -> 346 tok/s, 7.11 -> 6.86 ms;
+# BENCHMARKS.md); COGVLM2_PAIR_A8=0 at import turns it off
+PAIR_A8 = os.environ.get("COGVLM2_PAIR_A8", "1") == "1"
 
 # fp8 knobs that benchmarks/quant_gpu.py times against each other: FP8_FUSE puts the bias into _scaled_mm's
 # epilogue and the vision MLP's GELU into the activation-quantizing pass (each saves a pass over the output:
