@@ -37,6 +37,16 @@ def check_ops(device: str) -> None:
         gate, up = (torch.randn(5, 300, generator=g).to(device, dtype) for _ in range(2))
         ref = torch.nn.functional.silu(gate) * up
         assert (triton_ops.silu_mul(gate, up).float() - ref.float()).abs().max() <= tol * ref.abs().max()
+        # the halves of one gate / up product (ops.FUSE_GATE_UP) read in place: the contiguous copies' numbers, bit
+        # for bit, at several rows, one row and with leading dims; rows not evenly spaced are copied first
+        for shape in ((5, 600), (1, 600), (2, 3, 600)):
+            gu = torch.randn(*shape, generator=g).to(device, dtype)
+            halves = gu[..., :300], gu[..., 300:]
+            got = triton_ops.silu_mul(*halves)
+            assert got.shape == shape[:-1] + (300,) and got.is_contiguous()
+            assert torch.equal(got, triton_ops.silu_mul(*(h.contiguous() for h in halves))), shape
+        odd = torch.randn(300, 5, generator=g).to(device, dtype).t()  # columns not contiguous
+        assert torch.equal(triton_ops.silu_mul(odd, up), triton_ops.silu_mul(odd.contiguous(), up))
         check_a8_outputs(device, dtype, g)
         check_add_layer_norm(device, dtype, g)
         for d in (16, 24):  # 24: the tiny model's head dim, whose half is no power of 2
@@ -300,15 +310,18 @@ def tiny_greedy_runs(setups: dict, max_new_tokens: int) -> dict:
 
 def check_fused_model() -> None:
     """The tiny model through every fused op of the CUDA inference path (Triton kernels, here interpreted on
-    the CPU, and the residual stream) against the plain torch path: the same greedy tokens, logits equal to
+    the CPU, the residual stream, gate and up as one GEMM) against the plain torch path: the same greedy tokens, logits equal to
     float32 rounding, in prefill (image and text rows) and decode."""
     from cogvlm2.model import ops
+    from cogvlm2.model.cogvlm import fuse_gate_up
 
     def setup(fused: bool):
         def prepare(model):
             # what ops._fused answers for a CUDA tensor, here for the CPU ones
             ops._fused = (lambda x: not torch.is_grad_enabled()) if fused else (lambda x: False)
             model.residual_stream = fused
+            if fused:  # and gate / up as one GEMM, as the engine's Worker sets up on CUDA
+                assert fuse_gate_up(model) > 0
         return prepare
 
     runs = tiny_greedy_runs({"plain": setup(False), "fused": setup(True)}, max_new_tokens=6)
@@ -382,3 +395,37 @@ def test_mlp_pairs_gate_and_up_where_the_layer_can():
         assert torch.allclose(ops.mlp(gate, up, down, x, shared="row"), expected)
         assert gate.calls == [("pair", "row")] + ([] if pair else ["row"])
         assert up.calls == ([] if pair else ["row"])
+
+
+def test_fuse_gate_up_makes_gate_and_up_halves_of_one_weight():
+    """cogvlm.fuse_gate_up (what the engine does to a CUDA model): every MLP's gate and up become the halves of one
+    tensor, state_dict unchanged; 2+ rows then go through one product over it (ops.gate_up_weight) with the unfused
+    layers' numbers, one row, autograd, FUSE_GATE_UP off or parameters that are no longer its views do not; fusing
+    again does nothing."""
+    from cogvlm2.model import load_model, ops
+    from cogvlm2.model.cogvlm import MLP, fuse_gate_up
+    from cogvlm2.tiny import checkpoint_folder
+
+    model = load_model(str(checkpoint_folder("tiny-random")), dtype="float32", progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    assert fuse_gate_up(model) == len(mlps) > 0 and fuse_gate_up(model) == 0
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    mlp = mlps[0]
+    g, u = mlp.gate_proj, mlp.up_proj
+    x = torch.randn(4, g.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        both = ops.gate_up_weight(g, u, x)
+        assert both is not None and both.shape == (2 * g.out_features, g.in_features)
+        assert ops.gate_up_weight(g, u, x[:1]) is None  # one row: the GEMV's (on CUDA)
+        fused = mlp(x)
+        with mock.patch.object(ops, "FUSE_GATE_UP", False):
+            assert ops.gate_up_weight(g, u, x) is None
+            plain = mlp(x)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    with torch.enable_grad():
+        assert ops.gate_up_weight(g, u, x) is None
+    model.double()  # new parameter tensors: no longer the halves of the kept one
+    with torch.inference_mode():
+        assert ops.gate_up_weight(g, u, x.double()) is None and mlp(x.double()).shape == fused.shape

@@ -177,6 +177,10 @@ class Worker:
             if tp is not None and spec.peer_all_reduce:
                 tp.use_peer_all_reduce(self.model.dtype)
         self.model.residual_stream = True  # an inference engine's model (cogvlm.py: the residual adds fused on CUDA)
+        if self.model.device.type == "cuda":
+            from ..model.cogvlm import fuse_gate_up
+
+            fuse_gate_up(self.model)  # 2+ rows through gate and up as one GEMM (model.ops.FUSE_GATE_UP)
         for name, path in self.spec.adapters.items():
             self.add_adapter(name, path)
 

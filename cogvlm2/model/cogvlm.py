@@ -49,6 +49,37 @@ class MLP(nn.Module):
         return ops.mlp(self.gate_proj, self.up_proj, self.down_proj, x, shared)
 
 
+def fuse_gate_up(model: nn.Module) -> int:
+    """Every language-model MLP's gate and up weights as the two halves of one [2 x intermediate, hidden] tensor, in
+    place (ops.FUSE_GATE_UP: one GEMM for 2+ rows): the two parameters become views of it, so loading into them,
+    merging an adapter into them and state_dict see the same values. For inference (the engine calls it on CUDA
+    models; the views share storage, which a safetensors save refuses). Only plain bias-free nn.Linear pairs of one
+    device and dtype; each pair's old tensors are returned to the driver before the next is joined, so the peak
+    grows by one pair. Returns how many MLPs it fused."""
+    fused = 0
+    for mlp in model.modules():
+        if not isinstance(mlp, MLP):
+            continue
+        g, u = mlp.gate_proj, mlp.up_proj
+        if not (type(g) is type(u) is nn.Linear and g.bias is None and u.bias is None
+                and g.weight.device == u.weight.device and g.weight.device.type != "meta"
+                and g.weight.dtype == u.weight.dtype and g.weight.shape[1:] == u.weight.shape[1:]):
+            continue
+        both = getattr(g, "gate_up_weight", None)
+        if both is not None and ops.halves_of(both, g.weight, u.weight):
+            continue  # already fused
+        with torch.no_grad():
+            both = torch.cat([g.weight, u.weight])
+        n = g.weight.shape[0]
+        g.weight = nn.Parameter(both[:n], requires_grad=False)
+        u.weight = nn.Parameter(both[n:], requires_grad=False)
+        g.gate_up_weight = both
+        fused += 1
+        if both.is_cuda:
+            torch.cuda.empty_cache()  # the pair's old blocks, so the next pair's cat can reuse their memory
+    return fused
+
+
 def route(x: torch.Tensor, batch: ForwardBatch, language: Callable, vision: Callable | None) -> torch.Tensor:
     """Apply `language` to the language tokens and `vision` to the visual-expert tokens of x [N, ...].
 

@@ -177,13 +177,19 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias:
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, n, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr, A8_GROUP: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, xe_ptr, xo_ptr, sx_ptr, sq_ptr, n, cols, row_stride,
+                     BLOCK: tl.constexpr, PDL: tl.constexpr, A8_GROUP: tl.constexpr, STRIDED: tl.constexpr):
+    """out = silu(g) * u over n values; STRIDED: g and u are rows of `cols` values `row_stride` apart (the halves of
+    one gate / up product), out contiguous."""
     pdl.enter(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    src = offs
+    if STRIDED:
+        row = offs // cols
+        src = row * row_stride + (offs - row * cols)
+    g = tl.load(g_ptr + src, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + src, mask=ok, other=0.0).to(tl.float32)
     # as torch: silu in float32 rounded to the tensor dtype, then the product in float32, rounded
     s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
     y = (s * u).to(out_ptr.dtype.element_ty)
@@ -206,8 +212,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul_a8(gate: torch.Tensor, up: torch.Tensor, a8_group: int) -> tuple[torch.Tensor, A8Row | None]:
     """(silu_mul(gate, up), a8): a8 as add_rms_norm_a8's, for one row of whole groups, else None."""
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
+    cols = gate.shape[-1]
+    (g2, sg), (u2, su) = _spaced_rows(gate, cols), _spaced_rows(up, cols)
+    if sg != su or gate.shape != up.shape:
+        (g2, sg), (u2, su) = (gate.contiguous(), cols), (up.contiguous(), cols)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     n = gate.numel()
     size = abs(a8_group)
     group = a8_group if size > 0 and gate.numel() == gate.shape[-1] and n % size == 0 and \
@@ -216,10 +225,22 @@ def silu_mul_a8(gate: torch.Tensor, up: torch.Tensor, a8_group: int) -> tuple[to
     xe, xo, sx, sq = _a8_pointers(a8, out)
     if n:
         with _on(gate):
-            _silu_mul_kernel[(triton.cdiv(n, SILU_MUL_BLOCK),)](gate, up, out, xe, xo, sx, sq, n,
+            _silu_mul_kernel[(triton.cdiv(n, SILU_MUL_BLOCK),)](g2, u2, out, xe, xo, sx, sq, n, cols, sg,
                                                                 BLOCK=SILU_MUL_BLOCK, A8_GROUP=group,
-                                                                **pdl.options(gate))
+                                                                STRIDED=sg != cols, **pdl.options(gate))
     return out, a8
+
+
+def _spaced_rows(t: torch.Tensor, cols: int) -> tuple[torch.Tensor, int]:
+    """t as [rows, cols] rows of contiguous values and the distance between rows: a view where t's rows are evenly
+    spaced (e.g. one half of a [rows, 2 x cols] product), else a contiguous copy."""
+    if t.stride(-1) == 1 and t.numel():
+        try:
+            v = t.view(-1, cols)
+            return v, v.stride(0) if v.shape[0] > 1 else cols
+        except RuntimeError:
+            pass
+    return t.contiguous(), cols
 
 
 SILU_MUL_BLOCK = 1024  # SiLU-mul's values a program
