@@ -61,8 +61,10 @@ VISION_ADD_NORM = os.environ.get("COGVLM2_VISION_ADD_NORM", "1") != "0"
 # FUSE_GATE_UP: 2+ rows (batched decode, prefill) through the MLP's gate and up as one GEMM over the weight they are
 # the halves of (cogvlm.fuse_gate_up, done by the engine on CUDA), the product's halves going to SiLU-mul as strided
 # views: on the H200 cuBLAS reads [28,672, 4,096] at 32 rows at 101% of copy bandwidth against 93% for each half
-# (the 32 layers' gate + up 1.835 against 2 x 0.996 ms, `benchmarks/kernels_gpu.py --only shapes`).
-# COGVLM2_FUSE_GATE_UP=0 (read at import) turns it off
+# (the 32 layers' gate + up 1.835 against 2 x 0.996 ms, `benchmarks/kernels_gpu.py --only shapes`). In the engine:
+# bf16 batch-32 step 7.54 -> 7.48 ms, TTFT 284.4 -> 281.4 ms, batch 1 unchanged (its one row: the fused GEMV)
+# (`benchmarks/decode_ab.py --set "model.ops.FUSE_GATE_UP=0" --set "model.ops.FUSE_GATE_UP=1" --batches 1,32
+# --ttft 3 --rounds 2`, BENCHMARKS.md, eighteenth session). COGVLM2_FUSE_GATE_UP=0 (read at import) turns it off
 FUSE_GATE_UP = os.environ.get("COGVLM2_FUSE_GATE_UP", "1") != "0"
 
 
