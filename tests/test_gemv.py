@@ -18,6 +18,10 @@ SHAPES = [(37, 200, (8, 64, 4, 2)), (16, 40, (8, 64, 4, 1)), (50, 4096, (16, 512
 # (M, N, K, config) for the skinny GEMM: rows padded to 16 / 32 / 64, N and K off the blocks, K shorter than a block
 SKINNY_SHAPES = [(2, 37, 200, (16, 64, 4, 2)), (5, 50, 300, (32, 128, 4, 3)), (17, 33, 64, (16, 32, 4, 1)),
                  (64, 16, 40, (16, 64, 4, 2)), (32, 70, 1000, (64, 128, 4, 3))]
+# and K split (the 5th entry): into slices of several steps, of one step, more slices than steps (cut to the steps),
+# automatic (0: on the CPU no split), N off the blocks
+SKINNY_SPLIT_SHAPES = [(3, 70, 1000, (32, 64, 4, 2, 4)), (20, 33, 256, (16, 64, 4, 2, 4)),
+                       (2, 16, 100, (16, 64, 4, 2, 8)), (9, 40, 300, (32, 32, 4, 3, 0)), (33, 50, 520, (16, 128, 4, 2, 3))]
 
 
 def check_rotary(device: str, dtype: torch.dtype, g: torch.Generator) -> None:
@@ -88,6 +92,17 @@ def check(device: str, dtype: torch.dtype, tol: float) -> None:
         err = ((skinny_silu_mul(x, w, up, config).float() - ref).norm() / ref.norm()).item()
         assert err < tol, (m, n, k, config, err)
     assert skinny(x.view(m, 1, k), w).shape == (m, 1, n)  # leading dims kept; the default config of 64 rows
+    for m, n, k, config in SKINNY_SPLIT_SHAPES:  # K split: the block's last program adds the slices' partials
+        w = torch.randn(n, k, generator=g).to(device, dtype)
+        x = torch.randn(m, k, generator=g).to(device, dtype)
+        out = skinny(x, w, config)
+        ref = x.float() @ w.float().t()
+        assert out.shape == (m, n) and out.dtype == dtype
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert err < tol, (m, n, k, config, err)
+        assert torch.equal(skinny(x, w, config), out), config  # the counters put back: the same sum again
+    with pytest.raises(ValueError, match="split of K"):
+        skinny(x, w, (16, 64, 4, 2, -1))
     with pytest.raises(ValueError, match="1 to 64 rows"):
         skinny(torch.zeros(65, 8, dtype=dtype, device=device), w)
     with pytest.raises(ValueError, match="against gate"):
@@ -135,18 +150,23 @@ def test_gemv_compiles_for_hopper():
             launch, wait = ptx.index("griddepcontrol.launch_dependents"), ptx.index("griddepcontrol.wait")
             assert launch < ptx.index("ld.global") < wait, where
             assert kernel.metadata.shared <= 232448, (where, kernel.metadata.shared)
-    skinny = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32", "stride_xm": "i32",
-              "stride_wn": "i32", "stride_om": "i32"}
+    skinny = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
+              "M": "i32", "N": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32"}
     skinny_fused = {"x_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
                     "stride_xm": "i32", "stride_gn": "i32", "stride_un": "i32", "stride_om": "i32"}
     for block_m in (16, 32, 64):  # every candidate at every padded row count: tensor cores, prefetch, no spills
-        for block_n, block_k, warps, stages in gm.SKINNY_CANDIDATES:
-            for fn, sig in ((gm._skinny_kernel, skinny), (gm._skinny_silu_mul_kernel, skinny_fused)):
+        for block_n, block_k, warps, stages, *split in gm.SKINNY_CANDIDATES:
+            split = (split or [1])[0] or 4  # automatic (0): 4 on a 132-SM card at N = 4,096, BLOCK_N 64
+            runs = [(gm._skinny_kernel, skinny, dict(SPLIT_K=split))]
+            if split == 1:  # the gate / up kernel takes no split
+                runs.append((gm._skinny_silu_mul_kernel, skinny_fused, {}))
+            for fn, sig, extra in runs:
                 kernel = compile_for_hopper(fn, sig, dict(K=4096, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
-                                                          STAGES=stages, PRECISION="tf32"),
+                                                          STAGES=stages, PRECISION="tf32", **extra),
                                             num_warps=warps, num_stages=stages)
-                ptx, where = kernel.asm["ptx"], (fn, block_m, block_n, block_k, warps, stages)
+                ptx, where = kernel.asm["ptx"], (fn, block_m, block_n, block_k, warps, stages, split)
                 assert "mma" in ptx and ("cp.async" in ptx) == (stages > 1) and "ld.local" not in ptx, where
+                assert ("atom.global" in ptx) == (split > 1), where  # the last-to-arrive count
                 assert kernel.metadata.shared <= 232448, (where, kernel.metadata.shared)
     assert set(gm.SKINNY_CONFIGS) == {16, 32, 64}
 
@@ -195,8 +215,20 @@ def test_gemv_cuda():
         for config in SKINNY_CANDIDATES + [None]:
             err = ((skinny(x, gate, config).float() - ref).norm() / ref.norm()).item()
             assert err < 1e-2, (m, config, err)
-            three = silu_mul(skinny(x, gate, config), skinny(x, up, config))
-            assert torch.equal(skinny_silu_mul(x, gate, up, config), three), (m, config)
+            if config is None or len(config) == 4:  # without a split of K
+                three = silu_mul(skinny(x, gate, config), skinny(x, up, config))
+                assert torch.equal(skinny_silu_mul(x, gate, up, config), three), (m, config)
+        # K split over the SMs (automatic, 4 slices of the attention's dense): the sum of its slices, the same each
+        # launch and in a CUDA graph replay
+        dense = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64
+        ref = (x @ dense.t()).float()
+        out = skinny(x, dense, (64, 128, 4, 4, 0))
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, m
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            again = skinny(x, dense, (64, 128, 4, 4, 0))
+        graph.replay()
+        assert torch.equal(again, out) and torch.equal(skinny(x, dense, (64, 128, 4, 4, 0)), out), m
 
 
 def test_linear_dispatch_falls_back_off_the_gpu_and_for_other_layers():
@@ -286,6 +318,38 @@ def test_engine_with_decode_skinny_equals_reference_cuda():
         outs = [out.token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
     assert max(rows) > 1 and max(fused) > 1  # batched decode went through them (the MLP's gate / up fused)
     with mock.patch.object(ops, "DECODE_GEMV", False):  # the reference loop with cuBLAS, one prompt at a time
+        assert outs == [[t[0] for t in generate_ids(llm.engine.model, [x], params)] for x in prompts]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_with_skinny_for_small_weights_equals_reference_cuda():
+    """DECODE_SKINNY with SKINNY_MAX_WEIGHT: only weights up to that size take the skinny GEMM, here with K split
+    (the block's last program adding the slices, CUDA graphs captured with it): on the tiny model (hidden 64) the
+    attention's dense [64, 64] does, the QKV, the MLP and the lm_head stay on cuBLAS; batched greedy tokens equal
+    the reference loop's (each prompt alone, cuBLAS) in float32."""
+    from unittest import mock
+
+    from PIL import Image
+
+    from cogvlm2.generation import generate_ids
+    from cogvlm2.llm import LLM
+    from cogvlm2.model import ops
+    from cogvlm2.sampling_params import SamplingParams
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shapes, real = [], ops.gemv_kernel.skinny
+    split = {m: (16, 32, 4, 2, 2) for m in (16, 32, 64)}  # K = 64: two slices of one step
+    with mock.patch.object(ops, "DECODE_SKINNY", True), mock.patch.object(ops, "SKINNY_MAX_WEIGHT", 64 * 64), \
+            mock.patch.dict(ops.gemv_kernel.SKINNY_CONFIGS, split), \
+            mock.patch.object(ops.gemv_kernel, "skinny", lambda x, w: shapes.append((x.numel() // x.shape[-1],
+                                                                                    tuple(w.shape))) or real(x, w)):
+        llm = LLM("tiny-random", dtype="float32", device="cuda", max_num_seqs=4)
+        params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+        prompts = [llm.processor("Count with me"), llm.processor("Describe.", image=Image.new("RGB", (64, 48))),
+                   llm.processor("A longer question about nothing in particular")]
+        outs = [out.token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+    assert max(m for m, _ in shapes) > 1 and {w for _, w in shapes} == {(64, 64)}
+    with mock.patch.object(ops, "DECODE_GEMV", False):
         assert outs == [[t[0] for t in generate_ids(llm.engine.model, [x], params)] for x in prompts]
 
 

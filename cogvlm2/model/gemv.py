@@ -18,7 +18,11 @@ epilogue (ops.qkv_rotary; on by default, `COGVLM2_DECODE_QKV_ROTARY=0` keeps thr
 split K (a reduce launch each) and, on the profiles, stream the weights at ~84% of copy at batch 32. Measured on an
 H200 (f56b1d2, `kernels_gpu.py --only skinny --batches 8,16,32,64`, TP=2 shapes): slower than cuBLAS at every batch
 and candidate (best 2.46 / 2.44 / 2.61 / 3.34 ms against 2.43 / 2.30 / 2.34 / 2.29 at 8 / 16 / 32 / 64 rows), so it
-stays off (`COGVLM2_DECODE_SKINNY=1` turns it on, for other cards).
+stays off (`COGVLM2_DECODE_SKINNY=1` turns it on, for other cards). Since then it can split K (a config's 5th
+entry; the column block's last program adds the slices' partials, no second launch), for the attention's QKV and
+dense at 32 rows, which cuBLAS reads at 78% / 63% of copy bandwidth on the H200 (eighteenth session's shapes), where
+whole-row programs are either too few (wide) or read more activations than weights (narrow);
+`ops.SKINNY_MAX_WEIGHT` keeps the larger weights on cuBLAS. Not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .. import pdl
+from ..counters import counters, last_to_arrive
 from .triton_ops import _on
 
 # (BLOCK_N, BLOCK_K, warps, stages): 4 rows x 1,024 columns (8 KB of bf16) a step, 3 steps in flight; N = 4,096
@@ -228,22 +233,29 @@ def gemv_rotary(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: t
 
 # A few rows (batched decode, 2-64 tokens): the same whole-rows-a-program design on the tensor cores. The weight is
 # the MMA's M side (BLOCK_N of its rows), the tokens its N side (padded to BLOCK_M >= 16), so a program reads its
-# weight rows once for every token, K prefetched STAGES - 1 steps ahead, and no K split. (BLOCK_N, BLOCK_K, warps,
-# stages) by BLOCK_M (the rows padded to a power of 2, at least 16: shared memory per program grows with it, and
-# at least 2-3 programs must fit an SM); off by default: slower than cuBLAS on the H200 (module docstring;
-# COGVLM2_DECODE_SKINNY=1 turns it on: ops.linear)
+# weight rows once for every token, K prefetched STAGES - 1 steps ahead. (BLOCK_N, BLOCK_K, warps, stages[, split])
+# by BLOCK_M (the rows padded to a power of 2, at least 16: shared memory per program grows with it, and at least
+# 2-3 programs must fit an SM). split (SPLIT_K, 1 when left out; 0: as many as bring the programs to two per SM) cuts
+# K into that many slices, a program each; the column block's last program adds their float32 partials in slice
+# order (an atomic counter per block, cogvlm2/counters.py: no second launch, the order fixed). Why: at 32 rows the
+# H200 profile has cuBLAS reading the attention's dense [4,096, 4,096] at 63% of copy bandwidth and its QKV at 78%
+# (each with a split-K reduce launch), where the MLP's larger weights reach 90-101%; small whole-row programs read
+# more activations than weights a step (BLOCK_N 16 x BLOCK_K 256 of weights against 256 x 32 of x), wide ones are
+# too few without a K split. Off by default (ops.DECODE_SKINNY)
 SKINNY_CONFIGS = {16: (16, 256, 4, 4), 32: (16, 256, 4, 4), 64: (32, 128, 4, 4)}
 SKINNY_CANDIDATES = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3),
-                     (16, 128, 4, 6), (32, 256, 8, 3)]
+                     (16, 128, 4, 6), (32, 256, 8, 3), (64, 128, 4, 4, 0), (128, 128, 4, 3, 0), (64, 256, 4, 3, 0),
+                     (128, 64, 4, 4, 0), (64, 128, 4, 4, 4), (128, 128, 8, 3, 8), (128, 64, 4, 5, 0)]
 SKINNY_MAX_ROWS = 64
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om, K: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def _skinny_kernel(x_ptr, w_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_xm, stride_wn, stride_om,
+                   K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   STAGES: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr):
     """out[m, n] = sum_k W[n, k] x[m, k] for BLOCK_N rows of W and every row of x: acc [BLOCK_N, BLOCK_M] += W tile
-    [BLOCK_N, BLOCK_K] @ x tile^T [BLOCK_K, BLOCK_M] (float32 accumulation)."""
+    [BLOCK_N, BLOCK_K] @ x tile^T [BLOCK_K, BLOCK_M] (float32 accumulation) over this program's slice of K (all of
+    it without a split); split, the partials go to part [SPLIT_K, M, N] and the block's last program sums them."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -251,19 +263,33 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    SLICE: tl.constexpr = (STEPS + SPLIT_K - 1) // SPLIT_K * BLOCK_K  # K values a slice (whole steps)
+    start = tl.program_id(1) * SLICE
+    for k0 in tl.range(start, start + SLICE, BLOCK_K, num_stages=STAGES):
         k_ok = (k0 + offs_k) < K
         w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_ptrs + k0, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
         acc = tl.dot(w, x, acc, input_precision=PRECISION)
+    ok = n_ok[:, None] & m_ok[None, :]
     out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        part = part_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(part + tl.program_id(1).to(tl.int64) * M * N, acc, mask=ok)
+        if last_to_arrive(count_ptr, tl.program_id(0), SPLIT_K):
+            total = tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")  # the other SMs' writes
+            for s in tl.static_range(1, SPLIT_K):
+                total += tl.load(part + s * M * N, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(count_ptr + tl.program_id(0), 0)
 
 
-def _skinny_launch(x: torch.Tensor, name: str, config: tuple[int, int, int, int] | None):
-    """(x as [rows, K] with unit stride along K, BLOCK_M, the config: SKINNY_CONFIGS' for BLOCK_M when None, the
-    dot's input precision: full float32 for float32 x, never TF32) for `name`'s launch; a clear error beyond
-    SKINNY_MAX_ROWS rows."""
+def _skinny_launch(x: torch.Tensor, name: str, config: tuple[int, ...] | None):
+    """(x as [rows, K] with unit stride along K, BLOCK_M, the config (BLOCK_N, BLOCK_K, warps, stages, split):
+    SKINNY_CONFIGS' for BLOCK_M when None, split 1 when left out; the dot's input precision: full float32 for float32
+    x, never TF32) for `name`'s launch; a clear error beyond SKINNY_MAX_ROWS rows."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if not 1 <= rows <= SKINNY_MAX_ROWS:
@@ -272,22 +298,42 @@ def _skinny_launch(x: torch.Tensor, name: str, config: tuple[int, int, int, int]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     block_m = max(16, triton.next_power_of_2(rows))
-    return x2, block_m, config or SKINNY_CONFIGS[block_m], "ieee" if x.dtype == torch.float32 else "tf32"
+    config = tuple(config or SKINNY_CONFIGS[block_m])
+    return x2, block_m, config + (1,) * (5 - len(config)), "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def skinny(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+def skinny_split(n: int, k: int, block_n: int, block_k: int, split: int, device: torch.device) -> int:
+    """The K slices of a skinny launch: `split` as given, 0 the fewest powers of 2 (at most 16) that bring the
+    column blocks' programs to two per SM (one where the device is not a GPU), never more than K has BLOCK_K steps
+    (every slice at least one step)."""
+    steps = max(1, triton.cdiv(k, block_k))
+    if split == 0:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        split = 1
+        while split < 16 and triton.cdiv(n, block_n) * split < 2 * sms:
+            split *= 2
+    if split < 1:
+        raise ValueError(f"skinny: a split of K must be 0 (automatic) or positive, got {split}")
+    return min(split, steps)
+
+
+def skinny(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ...] | None = None) -> torch.Tensor:
     """x [..., K] with at most SKINNY_MAX_ROWS rows in all @ weight [N, K]^T -> [..., N] in x's dtype (float32
     inputs multiply in full float32, never TF32); config None: SKINNY_CONFIGS for the padded row count."""
-    x2, block_m, (block_n, block_k, warps, stages), precision = _skinny_launch(x, "skinny", config)
+    x2, block_m, (block_n, block_k, warps, stages, split), precision = _skinny_launch(x, "skinny", config)
     rows, k, n = x2.shape[0], x2.shape[1], weight.shape[0]
     if weight.shape[1] != k or weight.stride(-1) != 1:
         raise ValueError(f"skinny: x [..., {k}] against a weight {tuple(weight.shape)} with stride {weight.stride()}")
+    split = skinny_split(n, k, block_n, block_k, split, x.device)
+    blocks = triton.cdiv(n, block_n)
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    part = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    count = counters("skinny split-K sum", x.device, blocks) if split > 1 else out
     with _on(x):
-        _skinny_kernel[(triton.cdiv(n, block_n),)](x2, weight, out, rows, n, x2.stride(0), weight.stride(0),
-                                                   out.stride(0), K=k, BLOCK_N=block_n, BLOCK_M=block_m,
-                                                   BLOCK_K=block_k, STAGES=stages, PRECISION=precision,
-                                                   num_warps=warps, num_stages=stages)
+        _skinny_kernel[(blocks, split)](x2, weight, out, part, count, rows, n, x2.stride(0), weight.stride(0),
+                                        out.stride(0), K=k, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
+                                        STAGES=stages, PRECISION=precision, SPLIT_K=split, num_warps=warps,
+                                        num_stages=stages)
     return out.view(*x.shape[:-1], n)
 
 
@@ -321,10 +367,10 @@ def _skinny_silu_mul_kernel(x_ptr, g_ptr, u_ptr, out_ptr, M, N, stride_xm, strid
 
 
 def skinny_silu_mul(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                    config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                    config: tuple[int, ...] | None = None) -> torch.Tensor:
     """silu(x @ gate^T) * (x @ up^T) for 1 to SKINNY_MAX_ROWS rows x [..., K] -> [..., N]: equal bit for bit to
-    skinny, skinny, silu_mul at the same config."""
-    x2, block_m, (block_n, block_k, warps, stages), precision = _skinny_launch(x, "skinny_silu_mul", config)
+    skinny, skinny, silu_mul at the same config without a split of K (a config's split is not used here)."""
+    x2, block_m, (block_n, block_k, warps, stages, _), precision = _skinny_launch(x, "skinny_silu_mul", config)
     rows, k, n = x2.shape[0], x2.shape[1], gate.shape[0]
     if up.shape != gate.shape or gate.shape[1] != k or gate.stride(-1) != 1 or up.stride(-1) != 1:
         raise ValueError(f"skinny_silu_mul: x [..., {k}] against gate {tuple(gate.shape)} and up "

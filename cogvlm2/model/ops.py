@@ -36,6 +36,11 @@ DECODE_GEMV = os.environ.get("COGVLM2_DECODE_GEMV", "1") != "0"
 # split) instead of cuBLAS: off, measured slower than cuBLAS at 8-64 rows on the H200 (gemv.py);
 # COGVLM2_DECODE_SKINNY=1 turns it on at import
 DECODE_SKINNY = os.environ.get("COGVLM2_DECODE_SKINNY", "0") == "1"
+# SKINNY_MAX_WEIGHT: with DECODE_SKINNY, only weights of at most this many elements take the skinny GEMM (0: every
+# one), e.g. 33,554,432 (32 Mi) for the attention's QKV and dense, which cuBLAS reads at 78% / 63% of copy bandwidth
+# at 32 rows on the H200, while the MLP's (90-101%) and the lm_head stay on cuBLAS (gemv.py's split of K is for
+# them; not yet measured in the engine). COGVLM2_SKINNY_MAX_WEIGHT (read at import)
+SKINNY_MAX_WEIGHT = int(os.environ.get("COGVLM2_SKINNY_MAX_WEIGHT", "0"))
 # Batch-1 decode's QKV projection, the rotary of q and k and the K/V store into the paged cache in one kernel
 # (gemv.gemv_rotary: two launches a layer less, bit-equal to the three). On by default: on the H200 235.8 -> 236.3
 # tok/s at batch 1 (benchmarks/decode_ab.py, two rounds each, BENCHMARKS.md); COGVLM2_DECODE_QKV_ROTARY=0 (read at
@@ -188,7 +193,8 @@ def linear(layer: torch.nn.Module, x: torch.Tensor, shared=None) -> torch.Tensor
 
 
 def _skinny_applies(layer: torch.nn.Module, x: torch.Tensor) -> bool:
-    return DECODE_SKINNY and _plain(layer, x) and 1 < x.numel() // max(x.shape[-1], 1) <= gemv_kernel.SKINNY_MAX_ROWS
+    return DECODE_SKINNY and _plain(layer, x) and 1 < x.numel() // max(x.shape[-1], 1) <= gemv_kernel.SKINNY_MAX_ROWS \
+        and (not SKINNY_MAX_WEIGHT or layer.weight.numel() <= SKINNY_MAX_WEIGHT)
 
 
 def gate_up_silu_mul(gate: torch.nn.Module, up: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
