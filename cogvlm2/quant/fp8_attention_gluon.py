@@ -99,7 +99,7 @@ if gluon is not None:
         and vt [B, H, DP, NP] in e4m3 with scales sq, sk, sv per (image, head); out [B, H, N, D] at strides
         (sob, soh, son, 1)."""
         FP8: gl.constexpr = q_ptr.dtype.element_ty
-        TILES: gl.constexpr = NP // BLOCK_N
+        TILES: gl.constexpr = (N + BLOCK_N - 1) // BLOCK_N  # the tiles holding keys (NP may pad past them)
         bh = gl.program_id(1)
         b = bh // H
         h = bh % H
@@ -124,16 +124,18 @@ if gluon is not None:
         l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, L_S))
         s0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, L_S)
         acc = gl.zeros([BLOCK_M, DP], gl.float32, L_O)
-        async_copy.wait_group(STAGES - 1)  # tile 0 has landed (this thread's copies; the barrier: everyone's)
+        # tile 0 has landed: this thread's copies (and q's store) made visible to the tensor cores' async proxy
+        # by the writer, then everyone's by the barrier
+        async_copy.wait_group(STAGES - 1)
+        fence_async_shared()
         _cta_barrier()
-        fence_async_shared()  # q's store and the copies, before the tensor cores read them
         s = warpgroup_mma(q_smem, ks.index(0).permute((1, 0)), s0, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, s_scale, 0, N, BLOCK_N, TILES, L_S)
         for j in range(1, TILES):
             async_copy.wait_group(STAGES - 2)  # tile j has landed
-            _cta_barrier()
             fence_async_shared()
+            _cta_barrier()
             s = warpgroup_mma(q_smem, ks.index(j % STAGES).permute((1, 0)), s0, use_acc=False, is_async=True)
             pv = warpgroup_mma(gl.convert_layout(p.to(FP8), L_P), vs.index((j - 1) % STAGES).permute((1, 0)), acc,
                                is_async=True)
