@@ -163,12 +163,12 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qdtype: tor
     block_m, block_n, warps, stages = config
     block_n = max(block_n, min_k(qdtype))  # the keys are P @ V's reduction dim
     gluon_config = gluon_config or gluon_kernel.CONFIG
-    pad = max(block_m, block_n, *gluon_config[:2])  # powers of two: a multiple of every block
+    use_gluon = gluon_kernel.applies(q, qdtype)
+    pad = max(block_m, block_n, *(gluon_config[:2] if use_gluon else ()))  # powers of two: a multiple of each block
     (qq, sq), (kq, sk), (vq, sv) = (quantize_heads(q, qdtype, pad_to=pad), quantize_heads(k, qdtype, pad_to=pad),
                                     quantize_heads(v, qdtype, transpose=True, pad_to=pad))
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
-    if gluon_kernel.applies(q, qdtype) and gluon_kernel.attention(qq, sq, kq, sk, vq, sv, out, n, d, 1.0 / math.sqrt(d),
-                                                                  gluon_config):
+    if use_gluon and gluon_kernel.attention(qq, sq, kq, sk, vq, sv, out, n, d, 1.0 / math.sqrt(d), gluon_config):
         return out.transpose(1, 2)
     _attention_kernel[(triton.cdiv(n, block_m), b * h)](
         qq, kq, vq, out, sq, sk, sv, h, 1.0 / math.sqrt(d), out.stride(0), out.stride(2), out.stride(1),
