@@ -238,16 +238,22 @@ def test_a8_fold_kernels_compile_for_hopper():
     a8 = {"xe_ptr": "*i32", "xo_ptr": "*i32", "sx_ptr": "*fp32", "sq_ptr": "*i32"}
     norm = {"x_ptr": "*bf16", "d_ptr": "*bf16", "w_ptr": "*bf16", "sum_ptr": "*bf16", "out_ptr": "*bf16"} | a8 | {
         "stride_x": "i32", "stride_d": "i32", "stride_s": "i32", "stride_o": "i32", "dim": "i32", "eps": "fp32"}
-    silu = {"g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16"} | a8 | {"n": "i32"}
-    for kernel, signature, block, warps in ((triton_ops._add_rms_norm_kernel, norm, 4096, 16),
-                                            (triton_ops._silu_mul_kernel, silu, triton_ops.SILU_MUL_BLOCK, 4)):
+    silu = {"g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16"} | a8 | {"n": "i32", "cols": "i32",
+                                                                         "row_stride": "i32"}
+    for kernel, signature, block, warps, extra in (
+            (triton_ops._add_rms_norm_kernel, norm, 4096, 16, {}),
+            (triton_ops._silu_mul_kernel, silu, triton_ops.SILU_MUL_BLOCK, 4, {"STRIDED": False})):
         stores = []
         for group in (0, 128, -64):  # none, int4's W4A8 row, the fp4 one (triton_kernels.FP4_A8)
-            ptx = compile_for_hopper(kernel, signature, dict(BLOCK=block, PDL=True, A8_GROUP=group),
+            ptx = compile_for_hopper(kernel, signature, dict(BLOCK=block, PDL=True, A8_GROUP=group, **extra),
                                      num_warps=warps).asm["ptx"]
             assert "ld.local" not in ptx, (kernel.__name__, group)
             stores.append(ptx.count("st.global"))
         assert stores[1] >= stores[0] + 4 and stores[2] >= stores[0] + 2, (kernel.__name__, stores)
+    # SiLU-mul over the halves of one gate / up product (ops.FUSE_GATE_UP): rows `row_stride` apart, no spills
+    ptx = compile_for_hopper(triton_ops._silu_mul_kernel, silu, dict(BLOCK=triton_ops.SILU_MUL_BLOCK, PDL=True,
+                                                                     A8_GROUP=0, STRIDED=True), num_warps=4).asm["ptx"]
+    assert "ld.local" not in ptx and "ld.global" in ptx
 
 
 def test_add_layer_norm_compiles_for_hopper():
