@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,8 +23,11 @@ PROMPT = "Human: "
 
 def spawn(*argv: str, env: dict | None = None) -> "pexpect.spawn":
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm", **(env or {})}
+    # Ctrl-C as a terminal's shell gives it: a run of the tests in the background (`nohup pytest &`) ignores SIGINT,
+    # which the chat would inherit through exec, and then no Ctrl-C would ever reach it
     child = pexpect.spawn(sys.executable, ["-m", "cogvlm2.cli", "chat", *argv], cwd=str(ROOT), env=env,
-                          encoding="utf-8", timeout=120, dimensions=(40, 200))
+                          encoding="utf-8", timeout=120, dimensions=(40, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return child
 
 
