@@ -21,7 +21,8 @@ SKINNY_SHAPES = [(2, 37, 200, (16, 64, 4, 2)), (5, 50, 300, (32, 128, 4, 3)), (1
 # and K split (the 5th entry): into slices of several steps, of one step, more slices than steps (cut to the steps),
 # automatic (0: on the CPU no split), N off the blocks
 SKINNY_SPLIT_SHAPES = [(3, 70, 1000, (32, 64, 4, 2, 4)), (20, 33, 256, (16, 64, 4, 2, 4)),
-                       (2, 16, 100, (16, 64, 4, 2, 8)), (9, 40, 300, (32, 32, 4, 3, 0)), (33, 50, 520, (16, 128, 4, 2, 3))]
+                       (2, 16, 100, (16, 64, 4, 2, 8)), (9, 40, 300, (32, 32, 4, 3, 0)),
+                       (33, 50, 520, (16, 128, 4, 2, 3))]
 
 
 def check_rotary(device: str, dtype: torch.dtype, g: torch.Generator) -> None:

@@ -316,8 +316,8 @@ def tiny_greedy_runs(setups: dict, max_new_tokens: int) -> dict:
 
 def check_fused_model() -> None:
     """The tiny model through every fused op of the CUDA inference path (Triton kernels, here interpreted on
-    the CPU, the residual stream, gate and up as one GEMM) against the plain torch path: the same greedy tokens, logits equal to
-    float32 rounding, in prefill (image and text rows) and decode."""
+    the CPU, the residual stream, gate and up as one GEMM) against the plain torch path: the same greedy tokens,
+    logits equal to float32 rounding, in prefill (image and text rows) and decode."""
     from cogvlm2.model import ops
     from cogvlm2.model.cogvlm import fuse_gate_up
 
