@@ -229,7 +229,7 @@ def halves_of(both: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> bool:
     """Whether g and u are the first and second halves (by rows) of `both`, as views."""
     n = g.shape[0]
     return (both.shape[0] == n + u.shape[0] and g.shape[1:] == u.shape[1:] == both.shape[1:] and both.is_contiguous()
-            and g.data_ptr() == both.data_ptr() and u.data_ptr() == both[n:].data_ptr()
+            and g.data_ptr() == both.data_ptr() and u.data_ptr() == both.data_ptr() + n * both.stride(0) * both.itemsize
             and g.stride() == u.stride() == both.stride())
 
 
