@@ -44,7 +44,7 @@ def test_decode_kernels_wait_before_they_read_for_hopper():
                                            "stride_o": "i32", "dim": "i32", "eps": "fp32"},
          dict(BLOCK=4096, A8_GROUP=128), 16),  # with the W4A8 row (ops.FOLD_A8): still waits first
         (triton_ops._rotary_kernel, {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "stride_x": "i32",
-                                     "stride_c": "i32"}, dict(HALF=64, BLOCK=64), 4),
+                                     "stride_c": "i32", "HEADS_TOTAL": "i32"}, dict(HALF=64, BLOCK=64, HEADS=8), 4),
         (kv_store._store_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
                                      "slot_ptr": "*i64", "stride_k": "i32", "stride_v": "i32"},
          dict(ROW=1024, BLOCK=1024), 4),
