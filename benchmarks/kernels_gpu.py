@@ -107,17 +107,13 @@ def vit_attention_backends() -> None:
 
 def vit_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """--quant fp8's ViT attention: both products on the fp8 tensor cores (cogvlm2.quant.fp8_attention), quantizing
-    pass included; its error against cuDNN's bf16 output, a few Triton tile shapes, then the Gluon kernel's
-    candidates (fp8_attention_gluon, sm_90). Timed inside CUDA graphs, cuDNN too: an eager call with a sync per call
-    would time the host's launches (four Triton launches here), which the tower's 63 layers in a row hide."""
-    from cogvlm2.quant import fp8_attention_gluon as fg
+    pass included; its error against cuDNN's bf16 output, a few Triton tile shapes. Timed inside CUDA graphs, cuDNN
+    too: an eager call with a sync per call would time the host's launches (four Triton launches here), which the
+    tower's 63 layers in a row hide."""
     from cogvlm2.quant.fp8_attention import CONFIG, fp8_attention, quantize_heads
 
     flops = 4 * 16 * 9217**2 * 112
-    configs = [(CONFIG, None), ((128, 64, 4, 3), None), ((128, 128, 4, 2), None), ((128, 128, 8, 3), None),
-               ((128, 64, 8, 4), None), ((128, 128, 8, 2), None)]
-    if fg.gluon is not None and torch.cuda.get_device_capability() == (9, 0):
-        configs += [(CONFIG, c) for c in fg.CANDIDATES]
+    configs = [CONFIG, (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)]
     for images in (1, 4):
         qs, ks, vs = (t_.expand(images, -1, -1, -1).contiguous() for t_ in (q, k, v))
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -127,20 +123,16 @@ def vit_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None
                                  quantize_heads(vs, transpose=True, pad_to=128)), iters=10)
         print(f"ViT attention {images} image(s) in CUDA graphs: cuDNN bf16 {tc / images * 1e3:6.3f} ms an image; "
               f"fp8's quantizing of q, k, v alone {tq / images * 1e3:6.3f} ms an image")
-        for config, gluon in configs:
-            label = f"Gluon {gluon}" if gluon else f"{config}"
-            fg.ENABLED = gluon is not None
+        for config in configs:
             try:
-                out = fp8_attention(qs, ks, vs, config=config, gluon_config=gluon)
+                out = fp8_attention(qs, ks, vs, config=config)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                t8 = graph_time(lambda: fp8_attention(qs, ks, vs, config=config, gluon_config=gluon), iters=10)
-                print(f"ViT attention {images} image(s) fp8 {label}: {t8 / images * 1e3:6.3f} ms an image "
+                t8 = graph_time(lambda: fp8_attention(qs, ks, vs, config=config), iters=10)
+                print(f"ViT attention {images} image(s) fp8 {config}: {t8 / images * 1e3:6.3f} ms an image "
                       f"({images * flops / t8 / 1e12:4.0f} useful TFLOP/s, quantizing included), rel. error vs "
-                      f"bf16 {err:.4f}{' (fell back to Triton)' if fg._FAILED else ''}", flush=True)
+                      f"bf16 {err:.4f}", flush=True)
             except Exception as e:  # noqa: BLE001 - a tile shape this GPU cannot run (shared memory)
-                print(f"ViT attention fp8 {label}: failed ({type(e).__name__}: {str(e)[:100]})")
-            finally:
-                fg.ENABLED = False
+                print(f"ViT attention fp8 {config}: failed ({type(e).__name__}: {str(e)[:100]})")
 
 
 def lm_prefill_attention() -> None:
@@ -310,7 +302,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="vit,decode", help="vit, vitfp8, decode, gemm, gemv, skinny, shapes (comma-"
-                    "separated; vitfp8: the ViT's fp8 attention alone, Triton tiles and the Gluon kernel; "
+                    "separated; vitfp8: the ViT's fp8 attention alone at several tiles; "
                     "gemm: the prefill's GEMMs in bf16 and fp8; gemv: batch-1 decode's linears, cuBLAS against the "
                     "Triton GEMV; skinny: batched decode's linears at --batches, cuBLAS against the skinny GEMM; "
                     "shapes: the same shape by shape, and the MLP's gate + up as one weight)")

@@ -167,63 +167,6 @@ def test_fp8_attention_default_and_opt_out():
     assert (on.stdout.strip(), off.stdout.strip()) == ("True", "False"), (on.stderr, off.stderr)
 
 
-GLUON_SIGNATURE = {"q_ptr": "*fp8e4nv", "k_ptr": "*fp8e4nv", "vt_ptr": "*fp8e4nv", "o_ptr": "*bf16",
-                   "sq_ptr": "*fp32", "sk_ptr": "*fp32", "sv_ptr": "*fp32", "H": "i32", "softmax_scale": "fp32",
-                   "sob": "i32", "soh": "i32", "son": "i32"}
-
-
-def test_gluon_fp8_attention_compiles_for_hopper():
-    """The Gluon kernel (fp8_attention_gluon, COGVLM2_FP8_ATTENTION_GLUON) for sm_90 at every candidate, without a
-    GPU: both products as e4m3 wgmma (scores m64 x BLOCK_N, output m64 x 128), the scores' wait leaving the output's
-    update in flight (`wgmma.wait_group 1`: the overlap with the softmax), the ring's cp.async copies, no register
-    spills, shared memory the ring's K and v^T tiles plus q; off by default and never on the CPU."""
-    from cogvlm2.quant import fp8_attention_gluon as g
-    from tests.hopper_compile import compile_for_hopper
-
-    if g.gluon is None:
-        pytest.skip("this Triton has no Gluon")
-    assert not g.ENABLED and not g.applies(torch.zeros(1), torch.float8_e4m3fn)
-    for block_m, block_n, warps, stages in g.CANDIDATES:
-        lay = g.layouts(block_m, block_n, 128, warps)
-        kernel = compile_for_hopper(g._attention_kernel, GLUON_SIGNATURE, dict(
-            N=9217, NP=9344, D=112, DP=128, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, L_S=lay["s"],
-            L_O=lay["o"], L_P=lay["p"], L_QK=lay["smem_qk"], L_V=lay["smem_v"], L_COPY=lay["copy"]),
-            gluon=True, num_warps=warps)
-        ptx, where = kernel.asm["ptx"], (block_m, block_n, warps, stages)
-        assert f"wgmma.mma_async.sync.aligned.m64n{block_n}k32.f32.e4m3.e4m3" in ptx, where
-        assert "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3" in ptx, where
-        assert "wgmma.wait_group.sync.aligned 1;" in ptx and "cp.async.cg" in ptx and "ld.local" not in ptx, where
-        assert kernel.metadata.shared == stages * 2 * block_n * 128 + block_m * 128, (where, kernel.metadata.shared)
-
-
-@cuda
-def test_gluon_fp8_attention_cuda():
-    """On an H100 / H200 with the Gluon kernel switched on, at every candidate: the same steps as the Triton kernel
-    (the emulation) to 1% and exact attention within e4m3's error, for one tile (fewer tiles than ring slots), a
-    partial last tile and the ViT's shape; the kernel ran (no fallback)."""
-    from unittest import mock
-
-    from cogvlm2.quant import fp8_attention_gluon as g
-    from cogvlm2.quant.fp8_attention import fp8_attention
-
-    if torch.cuda.get_device_capability() != (9, 0) or g.gluon is None:
-        pytest.skip("the Gluon fp8 attention is sm_90's (wgmma)")
-    ran, real = [], g.attention
-    with mock.patch.object(g, "ENABLED", True), \
-            mock.patch.object(g, "attention", lambda *a: ran.append(real(*a)) or ran[-1]):
-        for config in g.CANDIDATES:
-            shapes = [(1, 2, 100, 112), (2, 3, 1000, 112)] + ([(1, 16, 9217, 112)] if config == g.CONFIG else [])
-            for b, h, n, d in shapes:
-                q, k, v = _qkv(b, h, n, d, "cuda", torch.bfloat16)
-                out = fp8_attention(q, k, v, gluon_config=config)
-                assert ran.pop() is True and out.shape == (b, h, n, d), (config, n)
-                assert _rel(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float())) < 0.1, (config, n)
-                if n <= 1000:
-                    em = emulated(q, k, v, torch.float8_e4m3fn, config[1])
-                    assert _rel(out, em) < 1e-2, (config, n, _rel(out, em))
-    assert not g._FAILED
-
-
 if __name__ == "__main__":  # run by test_fp8_attention_interpreted under TRITON_INTERPRET=1
     check("cpu", torch.float32, torch.float16, 2e-3)
     print("fp8 attention ok")

@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fp8_attention_gluon as gluon_kernel
 from .formats import FP8_MAX
 
 # BLOCK_M query rows x BLOCK_N keys per step, warps, stages: the fastest of benchmarks/kernels_gpu.py's tile
@@ -153,23 +152,17 @@ def _attention_kernel(q_ptr, k_ptr, vt_ptr, o_ptr, sq_ptr, sk_ptr, sv_ptr, H, so
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qdtype: torch.dtype = torch.float8_e4m3fn,
-                  config: tuple[int, int, int, int] = CONFIG, gluon_config: tuple[int, int, int, int] | None = None
-                  ) -> torch.Tensor:
+                  config: tuple[int, int, int, int] = CONFIG) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for q, k, v [B, H, N, D] (any strides, d contiguous) with both products in
     `qdtype` (e4m3 on the GPU). Returns [B, H, N, D] in q's dtype, a transposed view of a [B, N, H, D] buffer:
-    `.transpose(1, 2).reshape(B, N, H * D)` (the tower's next step) is free. Where fp8_attention_gluon applies
-    (COGVLM2_FP8_ATTENTION_GLUON=1, sm_90) its kernel runs at gluon_config (its CONFIG when None) instead."""
+    `.transpose(1, 2).reshape(B, N, H * D)` (the tower's next step) is free."""
     b, h, n, d = q.shape
     block_m, block_n, warps, stages = config
     block_n = max(block_n, min_k(qdtype))  # the keys are P @ V's reduction dim
-    gluon_config = gluon_config or gluon_kernel.CONFIG
-    use_gluon = gluon_kernel.applies(q, qdtype)
-    pad = max(block_m, block_n, *(gluon_config[:2] if use_gluon else ()))  # powers of two: a multiple of each block
+    pad = max(block_m, block_n)  # powers of two: a multiple of each block
     (qq, sq), (kq, sk), (vq, sv) = (quantize_heads(q, qdtype, pad_to=pad), quantize_heads(k, qdtype, pad_to=pad),
                                     quantize_heads(v, qdtype, transpose=True, pad_to=pad))
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
-    if use_gluon and gluon_kernel.attention(qq, sq, kq, sk, vq, sv, out, n, d, 1.0 / math.sqrt(d), gluon_config):
-        return out.transpose(1, 2)
     _attention_kernel[(triton.cdiv(n, block_m), b * h)](
         qq, kq, vq, out, sq, sk, sv, h, 1.0 / math.sqrt(d), out.stride(0), out.stride(2), out.stride(1),
         N=n, NP=qq.shape[2], D=d, DP=qq.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
