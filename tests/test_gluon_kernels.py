@@ -422,6 +422,27 @@ class _tables:
             getattr(tk, name).update(values)
 
 
+def test_run_gluon_switches_a_tile_off_only_on_a_compile_error(caplog):
+    """triton_kernels._run_gluon, which both Gluon tiles launch through: a launch that fails to compile answers None
+    and switches that format's tile off with a warning; one that fails while running raises; one that runs hands
+    back its outputs (one slice here: nothing to add)."""
+    from triton.compiler.errors import CompilationError
+
+    out = torch.zeros(2, 3)
+
+    def fail(err):
+        raise err
+
+    with _tables(TILE_GLUON={"int4": True, "fp4": True}):
+        assert tk._run_gluon("fp4", lambda: out.fill_(1.0), [(out, out)], 1)[0] is out and bool((out == 1).all())
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            tk._run_gluon("int4", lambda: fail(RuntimeError("CUDA error: an illegal memory access")), [(out, out)], 1)
+        assert tk.TILE_GLUON["int4"] and tk.TILE_GLUON["fp4"]
+        assert tk._run_gluon("int4", lambda: fail(CompilationError("", None, "no such builtin")), [(out, out)], 1) \
+            is None
+        assert not tk.TILE_GLUON["int4"] and tk.TILE_GLUON["fp4"] and "does not compile" in caplog.text
+
+
 @cuda
 @needs_gluon
 def test_a_tile_that_does_not_compile_falls_back_cuda(caplog):

@@ -948,6 +948,23 @@ def _gluon_compile_error(err: Exception) -> bool:
     return isinstance(err, TritonError) or isinstance(err, RuntimeError) and "PassManager" in str(err)
 
 
+def _run_gluon(fmt: str, launch, outs: list[tuple[torch.Tensor, torch.Tensor]], split: int
+               ) -> list[torch.Tensor] | None:
+    """launch() a Gluon tile writing the (out, partials) pairs of outs, then add each pair's K slices into its out;
+    None where the tile failed to compile (Gluon then switched off for fmt in this process, _gluon_off). An error
+    from running it is raised."""
+    try:
+        launch()
+    except Exception as e:
+        if not _gluon_compile_error(e):
+            raise
+        _gluon_off(fmt, e)
+        return None
+    for out, part in outs:
+        _finish(part, out, split)
+    return [out for out, _ in outs]
+
+
 def _block_counters(device: torch.device, blocks: int) -> torch.Tensor:
     """A8_FUSED["sum"]'s int32 counters, one per column block (cogvlm2/counters.py)."""
     return counters("W4A8 split-K sum", device, blocks)
@@ -1157,18 +1174,10 @@ def _fp4_gluon(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Tens
     outs = [_outputs(m, n, split, x) for _ in weights]
     aligned = _rows_16b(x2)  # for the ring's 16-byte copies
     second = (*weights[1], outs[1][1]) if len(weights) == 2 else None
-    try:
-        gluon_kernels.fp4_mma2(x2, weights[0][0], (weights[0][1], *nested), outs[0][1], blocksize, _rows(m, 8),
-                               block_n, _block_k(min(block_k, blocksize), blocksize, 32), warps, split,
-                               bool(flags & 1), flags >> 2 if aligned else 0, second)
-    except Exception as e:
-        if not _gluon_compile_error(e):
-            raise
-        _gluon_off("fp4", e)
-        return None
-    for out, part in outs:
-        _finish(part, out, split)
-    return [out for out, _ in outs]
+    return _run_gluon("fp4", lambda: gluon_kernels.fp4_mma2(
+        x2, weights[0][0], (weights[0][1], *nested), outs[0][1], blocksize, _rows(m, 8), block_n,
+        _block_k(min(block_k, blocksize), blocksize, 32), warps, split, bool(flags & 1), flags >> 2 if aligned else 0,
+        second), outs, split)
 
 
 def fp4_linear_pair(x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor],
@@ -1358,18 +1367,10 @@ def _int4_gluon(x: torch.Tensor, x2: torch.Tensor, weights: list[tuple[torch.Ten
     outs = [_outputs(m, n, split, x) for _ in weights]
     aligned = _rows_16b(x2)  # x read as int32 pairs (16 bytes for cp.async)
     second = (*weights[1], outs[1][1]) if len(weights) == 2 else None
-    try:
-        gluon_kernels.int4_mma2(x2, qweight, qzeros, scales, outs[0][1], group, block_m, block_n, block_k, warps,
-                                split, x_ahead=bool(flags & 1), byte_pairs=bool(flags & 2 and aligned),
-                                stages=flags >> 2 if aligned else 0, second=second)
-    except Exception as e:
-        if not _gluon_compile_error(e):
-            raise
-        _gluon_off("int4", e)
-        return None
-    for out, part in outs:
-        _finish(part, out, split)
-    return [out for out, _ in outs]
+    return _run_gluon("int4", lambda: gluon_kernels.int4_mma2(
+        x2, qweight, qzeros, scales, outs[0][1], group, block_m, block_n, block_k, warps, split,
+        x_ahead=bool(flags & 1), byte_pairs=bool(flags & 2 and aligned), stages=flags >> 2 if aligned else 0,
+        second=second), outs, split)
 
 
 def int4_linear_pair(x: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
