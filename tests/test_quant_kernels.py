@@ -569,6 +569,22 @@ def test_gemv_prefetch_compiles_for_hopper():
             assert kernel.metadata.shared <= 232448, (config, kernel.metadata.shared)
 
 
+def test_fp8_rows_compile_for_hopper():
+    """fp8_quantize_rows' pass for sm_90 at the vision MLP's fc2 input (15,360 wide): the GELU's reciprocal is one
+    rcp.approx (not div.full's sequence) beside its exp2, no clamp before the e4m3 conversion (cvt.rn.satfinite
+    saturates by itself), no spills; the pass is issue-bound there, so each instruction an element counts."""
+    from cogvlm2.quant import triton_kernels as tk
+    from tests.hopper_compile import compile_for_hopper
+
+    signature = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "M": "i32", "K": "i32", "stride_x": "i32"}
+    for gelu in (False, True):
+        ptx = compile_for_hopper(tk._fp8_rows_kernel, signature, dict(FP8_MAX=448.0, ROWS=1, BLOCK=16384, GELU=gelu,
+                                                                      ASM=True), num_warps=16).asm["ptx"]
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "min.f32" not in ptx and "ld.local" not in ptx, gelu
+        assert ptx.count("rcp.approx.ftz.f32") == (32 if gelu else 0) and ptx.count("div.full.f32") <= 2, gelu
+        assert ptx.count("ex2.approx.ftz.f32") == (32 if gelu else 0), gelu
+
+
 def test_kernels_interpreted():
     run_interpreted(__file__, "quant kernels ok", timeout=600)
 
