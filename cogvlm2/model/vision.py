@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, VisionConfig
-from . import ops
+from . import ops, vit_attention
 from .parallel import ParallelContext, tp_size
 
 
@@ -67,9 +67,9 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.query_key_value(x) if shared is None else self.query_key_value(x, shared)
         qkv = qkv.view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, N, d]
-        # Full (non-causal) attention, scale head_dim**-0.5 (SDPA's default). A quantized projection's class may
-        # say how to attend over its outputs (fp8: `Fp8Linear.attention`)
-        attend = getattr(type(self.query_key_value), "attention", None) or F.scaled_dot_product_attention
+        # Full (non-causal) attention, scale head_dim**-0.5 (SDPA's default; vit_attention picks the backend). A
+        # quantized projection's class may say how to attend over its outputs (fp8: `Fp8Linear.attention`)
+        attend = getattr(type(self.query_key_value), "attention", None) or vit_attention.attention
         out = attend(qkv[0], qkv[1], qkv[2])  # [B, H, N, d]
         return self.dense(out.transpose(1, 2).reshape(b, n, -1))
 
