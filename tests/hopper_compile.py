@@ -7,18 +7,19 @@ from __future__ import annotations
 import pytest
 
 
-def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, gluon: bool = False, **options):
-    """The compiled kernel (its .asm["ptx"], .metadata.shared) of `fn` for sm_90. Pointers and the arguments named
-    like strides (s*) are declared 16-byte divisible, as Triton's launcher specializes them at run time (without
-    that the loads are scalar and nothing is pipelined). Skips where this Triton has no ptxas. gluon: fn is a Gluon
-    kernel (cogvlm2/quant/gluon_kernels.py)."""
+def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, gluon: bool = False,
+                       divisible: tuple[str, ...] = (), **options):
+    """The compiled kernel (its .asm["ptx"], .metadata.shared) of `fn` for sm_90. Pointers, the arguments named
+    like strides (s*) and those in `divisible` are declared 16-divisible, as Triton's launcher specializes them at
+    run time (without that the loads are scalar and nothing is pipelined; an unaligned length masks every element).
+    Skips where this Triton has no ptxas. gluon: fn is a Gluon kernel (cogvlm2/quant/gluon_kernels.py)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = list(signature)
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-               if signature[n].startswith("*") or (n.startswith("s") and signature[n] == "i32")}
+               if signature[n].startswith("*") or (n.startswith("s") and signature[n] == "i32") or n in divisible}
     sig = dict(signature) | {k: "constexpr" for k in constexprs}
     if gluon:
         from triton.experimental.gluon._runtime import GluonASTSource as ASTSource  # noqa: F811
