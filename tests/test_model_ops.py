@@ -116,18 +116,22 @@ def check_add_layer_norm(device: str, dtype: torch.dtype, g: torch.Generator) ->
     for rows, dim in ((7, 96), (3, 1792)):  # a width that is no power of two (the 19B tower's 1,792)
         x, y = ((3 * torch.randn(rows, dim, generator=g)).to(device, dtype) for _ in range(2))
         w, b = ((1 + 0.1 * torch.randn(dim, generator=g)).to(device, dtype) for _ in range(2))
-        ref = x + torch.nn.functional.layer_norm(y, (dim,), w, b, 1e-6)
+        norm = torch.nn.functional.layer_norm(y, (dim,), w, b, 1e-6)
+        ref = x + norm
         out, q, s = triton_ops.add_layer_norm(x.view(1, rows, dim), y.view(1, rows, dim), w, b, 1e-6)
         assert out.shape == (1, rows, dim) and q is None and s is None
-        tol = 1e-5 if dtype == torch.float32 else 2.5e-2  # 16-bit: ~3 steps of bfloat16 (2^-7 relative each)
-        assert ((out.view(rows, dim).float() - ref.float()).abs() <= tol * ref.float().abs().clamp(min=1)).all()
+        # 16-bit: ~3 steps of bfloat16 (2^-7 relative each) of the larger addend: x + LayerNorm(y) may cancel, so
+        # the bound scales with the addends, not the sum (against the sum alone some seeds needed 4 steps)
+        tol = 1e-5 if dtype == torch.float32 else 2.5e-2
+        bound = tol * (x.float().abs() + norm.float().abs()).clamp(min=1)
+        assert ((out.view(rows, dim).float() - ref.float()).abs() <= bound).all()
         if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
             continue  # fp8 casts in Triton: cc 8.9+
         out8, q, s = triton_ops.add_layer_norm(x, y, w, b, 1e-6, fp8=True)
         ref_q, ref_s = tk.fp8_quantize_rows(out8)
         # the sum as without fp8 to rounding (compiled, the fp8 variant may contract the norm's multiply-adds
         # differently: float32 at width 1,792 differed in the last bit on the H200), its rows exactly quantized
-        assert ((out8.float() - ref.float()).abs() <= tol * ref.float().abs().clamp(min=1)).all()
+        assert ((out8.float() - ref.float()).abs() <= bound).all()
         assert torch.equal(s, ref_s)
         assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
 
