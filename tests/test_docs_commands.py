@@ -56,9 +56,9 @@ cogvlm2() { "$PYTHON" -m cogvlm2.cli "$@"; }
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-wait_for() {  # wait_for LOG PATTERN: a background server's log says it listens
-  for _ in $(seq 1 600); do
-    grep -q "$2" "$1" 2>/dev/null && return 0
+wait_for() {  # wait_for LOG PATTERN PORT: a background server's log says it started and PORT takes connections
+  for _ in $(seq 1 600); do  # (uvicorn logs "startup complete" before it binds: a taken port fails after it)
+    if grep -q "$2" "$1" 2>/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$3") 2>/dev/null; then return 0; fi
     for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null || { cat "$1"; echo "server died"; return 1; }; done
     sleep 0.2
   done
@@ -121,7 +121,9 @@ def session(path: Path, ports: dict[str, str]) -> str:
                 # the interpreter itself in the background (not the shell function: its subshell's PID is what $!
                 # gives, and killing that subshell left the server running after the test)
                 command = '"$PYTHON" -m cogvlm2.cli' + command[len("cogvlm2"):]
-                script.append(f"{command} > {log} 2>&1 & PIDS+=($!)\nwait_for {log} '{ready}'\ngrep -h 'Running on' {log} || true")
+                port = re.search(r"--port (\d+)", command).group(1)
+                script.append(f"{command} > {log} 2>&1 & PIDS+=($!)\nwait_for {log} '{ready}' {port}\n"
+                              f"grep -h 'Running on' {log} || true")
             elif re.match(r"cogvlm2 chat\b", command) and "--query" not in command:
                 script.append(f"{command} < /dev/null")  # interactive: Ctrl-D at once
             else:
@@ -143,12 +145,20 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/serving.md"])
 def test_every_shell_block_runs(doc, workdir):
-    ports = {p: str(free_port()) for p in ("8000", "8001", "7860")}
-    script = session(ROOT / doc, ports)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "COGVLM2_API_KEY": ""}
-    run = subprocess.run(["bash", "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
-    report = f"--- script\n{script}\n--- stdout\n{run.stdout[-6000:]}\n--- stderr\n{run.stderr[-6000:]}"
+    for _ in range(3):  # a free port can be taken by another process before the server binds it: new ports
+        for log in workdir.glob("server*.log"):
+            log.unlink()
+        ports = {p: str(free_port()) for p in ("8000", "8001", "7860")}
+        script = session(ROOT / doc, ports)
+        run = subprocess.run(["bash", "-c", script], cwd=workdir, env=env, capture_output=True, text=True,
+                             timeout=900)
+        logs = {log.name: log.read_text(errors="replace") for log in sorted(workdir.glob("server*.log"))}
+        if run.returncode == 0 or not any("Address already in use" in text for text in logs.values()):
+            break
+    report = f"--- script\n{script}\n--- stdout\n{run.stdout[-6000:]}\n--- stderr\n{run.stderr[-6000:]}" + "".join(
+        f"\n--- {name}\n{text[-3000:]}" for name, text in logs.items())
     assert run.returncode == 0, report
     assert "Traceback" not in run.stderr, report
     if doc == "README.md":  # the first command's answer, and the server's
