@@ -57,7 +57,7 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 wait_for() {  # wait_for LOG PATTERN PORT: a background server's log says it started and PORT takes connections
-  for _ in $(seq 1 600); do  # (uvicorn logs "startup complete" before it binds: a taken port fails after it)
+  for _ in $(seq 1 600); do  # (uvicorn logs "startup complete" before it listens: a request may be refused between)
     if grep -q "$2" "$1" 2>/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$3") 2>/dev/null; then return 0; fi
     for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null || { cat "$1"; echo "server died"; return 1; }; done
     sleep 0.2
