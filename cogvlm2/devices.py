@@ -42,3 +42,22 @@ def resolve_device(device: str) -> str:
     elif dev.type != "cpu":
         raise ValueError(f"--device {device!r}: unsupported; use auto, cpu, cuda or cuda:N")
     return device
+
+
+def release_cached_memory(devices) -> None:
+    """Give the CUDA caching allocator's free blocks on these devices back to the driver, after collecting garbage
+    (an engine dropped earlier may still be alive in a reference cycle).
+
+    Called before a model's weights or an engine's KV pool are allocated: the allocator splits its cached free
+    blocks for new tensors, so an earlier engine's freed KV pool (one segment of most of the GPU), still cached,
+    would take the new tensors and then could never be returned while they live: the next engine's memory
+    profile would count it as memory used elsewhere and size its KV cache negative. Nothing on the CPU."""
+    import gc
+
+    cuda = sorted({torch.device(d) for d in devices if torch.device(d).type == "cuda"}, key=str)
+    if not cuda or not torch.cuda.is_initialized():
+        return  # nothing cached before CUDA's first use
+    gc.collect()
+    for d in cuda:
+        with torch.cuda.device(d):
+            torch.cuda.empty_cache()

@@ -394,3 +394,17 @@ def test_the_kv_pool_profile_covers_the_largest_tower_pass():
         media = [(f"m{i}", torch.zeros(frames, 3, size, size)) for i in range(seqs)]
         largest = max(sum(p.shape[0] for _, p in group) for group in _tower_passes(media))
         assert largest <= tower_pass(size, frames, EngineConfig(max_num_seqs=seqs)), (size, frames, seqs)
+
+
+def test_a_kv_cache_too_small_says_what_the_process_cannot_free():
+    """When the profile finds this process's allocator holding free memory it cannot return (a cached segment shared
+    with a live tensor), the error says how much, where, and what to do; below 1 GiB it adds nothing. On the CPU,
+    releasing cached memory is a no-op that does not initialise CUDA."""
+    from cogvlm2.devices import release_cached_memory
+    from cogvlm2.engine.memory import _held_hint
+
+    hint = _held_hint({torch.device("cuda", 0): 3 * 2**30, torch.device("cuda", 1): 2**20})
+    assert "3.0 GiB on cuda:0" in hint and "torch.cuda.empty_cache()" in hint and "num_kv_blocks" in hint
+    assert _held_hint({torch.device("cuda", 0): 2**29}) == ""
+    release_cached_memory(["cpu", torch.device("cpu")])
+    assert not torch.cuda.is_initialized() or torch.cuda.is_available()

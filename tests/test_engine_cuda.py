@@ -135,3 +135,31 @@ def test_engine_cuda_second_turn_replays_the_decode_graph():
     last_vision = max(i for i, t in enumerate(second.token_type_ids) if t)
     assert out.num_cached_tokens > last_vision  # the second turn's new tokens are text only
     assert max(rows) == out.prompt_len - out.num_cached_tokens  # ... and ran as one graph replay
+
+
+def test_engines_one_after_another_in_one_process():
+    """An engine dropped, then a model loaded and an engine built in the same process (a notebook, `cogvlm2 eval`
+    after another run, this test suite): the new weights and KV pool are not carved out of the dropped engine's
+    cached pool (most of the GPU), so the second engine's memory profile sizes its KV cache as the first one's; an
+    engine with an explicit num_kv_blocks in between changes nothing either."""
+    import gc
+
+    from cogvlm2.engine.config import EngineConfig
+    from cogvlm2.engine.core import LLMEngine
+    from cogvlm2.llm import load_processor_and_model
+
+    def profiled_blocks(**kwargs):
+        llm = LLM("tiny", dtype="float32", device="cuda", max_num_seqs=4, **kwargs)
+        out = llm.generate([llm.processor("Hello")], SamplingParams(max_new_tokens=4, temperature=0), use_tqdm=False)
+        assert len(out[0].token_ids) == 4
+        return llm.engine.stats().kv_blocks_total
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    first = profiled_blocks()  # its KV pool is dropped on return and stays in the allocator's cache
+    model, processor = load_processor_and_model("tiny", device="cuda", dtype="float32")
+    small = LLMEngine(model, EngineConfig(num_kv_blocks=64, max_model_len=512), processor)
+    assert small.stats().kv_blocks_total == 64
+    second = profiled_blocks()
+    assert abs(second - first) <= 0.02 * first, (first, second)
+    del small, model

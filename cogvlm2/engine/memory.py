@@ -6,6 +6,7 @@ from collections import Counter
 
 import torch
 
+from ..devices import release_cached_memory
 from ..model.batch import ForwardBatch
 from ..model.cogvlm import CogVLM2ForCausalLM
 from .attention import Attend, AttentionMetadata, KVCache, PagedAttention
@@ -27,14 +28,25 @@ def num_kv_blocks(model: CogVLM2ForCausalLM, config: EngineConfig, attend: Atten
         blocks = min(CPU_KV_CACHE_BYTES // per_block, CPU_KV_CACHE_SEQS * config.max_blocks_per_seq)
     else:
         layers = Counter(model.layer_devices())
-        free = _free_cuda_bytes_after_profile(model, config, attend)
+        free, held = _free_cuda_bytes_after_profile(model, config, attend)
         blocks = min(int(free[d] // (per_block * n / cfg.num_hidden_layers)) for d, n in layers.items())
     if blocks < config.max_blocks_per_seq:
         fix = "raise num_kv_blocks" if config.num_kv_blocks is not None else "raise gpu_memory_utilization"
         raise ValueError(f"the KV cache holds {blocks} blocks of {config.block_size} tokens, fewer than one sequence "
                          f"of max_model_len={config.max_model_len} needs ({config.max_blocks_per_seq}); lower "
-                         f"max_model_len or {fix}")
+                         f"max_model_len or {fix}{_held_hint(held) if config.num_kv_blocks is None else ''}")
     return blocks
+
+
+def _held_hint(held: dict[torch.device, int]) -> str:
+    """What to do when this process's allocator holds free memory it cannot give back (counted as used elsewhere)."""
+    device, size = max(held.items(), key=lambda item: item[1])
+    if size < 2**30:
+        return ""
+    return (f". This process holds {size / 2**30:.1f} GiB on {device} that it cannot free: cached blocks of a segment "
+            "that a live tensor shares (typically an earlier engine's KV pool, dropped, then split for tensors "
+            "allocated before this engine): drop every reference to the earlier engine and call gc.collect() and "
+            "torch.cuda.empty_cache() before allocating anything else, or size the cache with num_kv_blocks")
 
 
 @torch.inference_mode()
@@ -45,10 +57,10 @@ def _free_cuda_bytes_after_profile(model: CogVLM2ForCausalLM, config: EngineConf
     everything else at its peak."""
     cfg, device = model.config, model.device
     devices = sorted(set(model.layer_devices()) | {device}, key=str)
+    release_cached_memory(devices)  # an earlier engine's cached pool would count as memory used elsewhere
     for d in devices:
         torch.cuda.synchronize(d)
         torch.cuda.reset_peak_memory_stats(d)
-    torch.cuda.empty_cache()
     n = min(config.max_num_batched_tokens, config.max_model_len)
     scratch = KVCache(cfg.num_hidden_layers, -(-n // config.block_size), config.block_size,
                       model.num_local_kv_heads, cfg.head_dim, model.dtype, model.layer_devices())
@@ -66,12 +78,14 @@ def _free_cuda_bytes_after_profile(model: CogVLM2ForCausalLM, config: EngineConf
         torch.cuda.synchronize(d)
         budget[d] = torch.cuda.max_memory_allocated(d)
     del scratch, hidden, rows
-    torch.cuda.empty_cache()
+    release_cached_memory(devices)
+    held = {}
     for d, peak in budget.items():
         free, total = torch.cuda.mem_get_info(d)
         used_elsewhere = (total - free) - torch.cuda.memory_allocated(d)  # other processes, CUDA context
         budget[d] = total * config.gpu_memory_utilization - used_elsewhere - peak
-    return budget
+        held[d] = torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)
+    return budget, held
 
 
 def tower_pass(image_size: int, max_media_items: int, config: EngineConfig) -> int:

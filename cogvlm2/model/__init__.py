@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, load_weights, parse_dtype, read_matching, resolve_model_path
+from ..devices import release_cached_memory
 from .cogvlm import CogVLM2ForCausalLM
 from .parallel import ParallelContext, shard_slicer
 from .pipeline import place, plan_stages
@@ -58,6 +59,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str = "float32", device: 
     with torch.device("meta"):
         model = family.model_class(config, tp=tensor_parallel)
     dtype = parse_dtype(dtype)
+    # the weights never land in a dropped engine's cached KV pool, which they would pin (devices.release_cached_memory)
+    release_cached_memory([device] if pipeline_devices is None else pipeline_devices)
     if (stored is not None or mode is not None) and (tensor_parallel is not None or pipeline_devices is not None):
         raise ValueError("quantized models run on one device: tensor_parallel / pipeline_devices need a bf16, fp16 "
                          "or fp32 checkpoint without --quant")
