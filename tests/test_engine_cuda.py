@@ -150,7 +150,8 @@ def test_engines_one_after_another_in_one_process():
 
     def profiled_blocks(**kwargs):
         llm = LLM("tiny", dtype="float32", device="cuda", max_num_seqs=4, **kwargs)
-        out = llm.generate([llm.processor("Hello")], SamplingParams(max_new_tokens=4, temperature=0), use_tqdm=False)
+        out = llm.generate([llm.processor("Hello")], SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True),
+                           use_tqdm=False)
         assert len(out[0].token_ids) == 4
         return llm.engine.stats().kv_blocks_total
 
