@@ -18,7 +18,8 @@ def pytest_addoption(parser):
 
 
 def _needs_cuda(item) -> bool:
-    reasons = " ".join(f"{m.kwargs.get('reason', '')} {' '.join(map(str, m.args))}" for m in item.iter_markers("skipif"))
+    reasons = " ".join(f"{m.kwargs.get('reason', '')} {' '.join(map(str, m.args))}"
+                       for m in item.iter_markers("skipif"))
     return re.search(r"cuda|gpu", f"{reasons} {item.nodeid}", re.I) is not None
 
 
