@@ -25,9 +25,8 @@ def _needs_cuda(item) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--cuda-only"):
-        keep = [item for item in items if _needs_cuda(item)]
-        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
-        items[:] = keep
+        config.hook.pytest_deselected(items=[item for item in items if not _needs_cuda(item)])
+        items[:] = [item for item in items if _needs_cuda(item)]
 
 
 @pytest.fixture(autouse=True)

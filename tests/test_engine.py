@@ -396,15 +396,28 @@ def test_the_kv_pool_profile_covers_the_largest_tower_pass():
         assert largest <= tower_pass(size, frames, EngineConfig(max_num_seqs=seqs)), (size, frames, seqs)
 
 
-def test_a_kv_cache_too_small_says_what_the_process_cannot_free():
+def test_a_kv_cache_too_small_says_what_the_process_cannot_free(monkeypatch):
     """When the profile finds this process's allocator holding free memory it cannot return (a cached segment shared
-    with a live tensor), the error says how much, where, and what to do; below 1 GiB it adds nothing. On the CPU,
-    releasing cached memory is a no-op that does not initialise CUDA."""
+    with a live tensor), the error says how much, where, and what to do; below 1 GiB it adds nothing. Releasing
+    cached memory touches nothing for CPU devices, nor for CUDA devices before CUDA's first use."""
+    import contextlib
+    import gc
+
     from cogvlm2.devices import release_cached_memory
     from cogvlm2.engine.memory import _held_hint
 
     hint = _held_hint({torch.device("cuda", 0): 3 * 2**30, torch.device("cuda", 1): 2**20})
     assert "3.0 GiB on cuda:0" in hint and "torch.cuda.empty_cache()" in hint and "num_kv_blocks" in hint
     assert _held_hint({torch.device("cuda", 0): 2**29}) == ""
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("gc"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: calls.append(d))  # a CUDA device would be entered
     release_cached_memory(["cpu", torch.device("cpu")])
-    assert not torch.cuda.is_initialized() or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    release_cached_memory(["cuda:0"])
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: calls.append(d) or contextlib.nullcontext())
+    release_cached_memory(["cpu", "cuda:1", torch.device("cuda", 1), "cuda:0"])
+    assert calls == ["gc", torch.device("cuda", 0), "empty_cache", torch.device("cuda", 1), "empty_cache"]

@@ -163,4 +163,3 @@ def test_engines_one_after_another_in_one_process():
     assert small.stats().kv_blocks_total == 64
     second = profiled_blocks()
     assert abs(second - first) <= 0.02 * first, (first, second)
-    del small, model

@@ -20,6 +20,9 @@ def num_kv_blocks(model: CogVLM2ForCausalLM, config: EngineConfig, attend: Atten
     A block holds the model's own KV heads (1/N of them on a tensor-parallel rank); under pipeline stages
     each device holds its layers' part of every block, and the device with the least room decides."""
     cfg = model.config
+    # before the pool is sized and allocated: a dropped engine's cached pool would count as memory used elsewhere,
+    # and the new pool, carved out of it, would pin it (devices.release_cached_memory)
+    release_cached_memory(model.layer_devices())
     per_block = KVCache.bytes_per_block(cfg.num_hidden_layers, config.block_size, model.num_local_kv_heads,
                                         cfg.head_dim, model.dtype)
     if config.num_kv_blocks is not None:
@@ -51,13 +54,12 @@ def _held_hint(held: dict[torch.device, int]) -> str:
 
 @torch.inference_mode()
 def _free_cuda_bytes_after_profile(model: CogVLM2ForCausalLM, config: EngineConfig,
-                                   attend: Attend) -> dict[torch.device, float]:
+                                   attend: Attend) -> tuple[dict[torch.device, float], dict[torch.device, int]]:
     """Run the largest step (the vision tower's largest pass, max_num_batched_tokens prompt tokens,
     max_num_seqs logits + sort) on a throwaway cache, then per device holding layers: budget = total * utilization -
     everything else at its peak."""
     cfg, device = model.config, model.device
     devices = sorted(set(model.layer_devices()) | {device}, key=str)
-    release_cached_memory(devices)  # an earlier engine's cached pool would count as memory used elsewhere
     for d in devices:
         torch.cuda.synchronize(d)
         torch.cuda.reset_peak_memory_stats(d)

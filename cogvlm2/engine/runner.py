@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..devices import release_cached_memory
 from ..model.batch import FlatTokens, ForwardBatch, TokenSpan, flatten
 from ..model.cogvlm import CogVLM2ForCausalLM
 from .attention import Attend, AttentionMetadata, KVCache, PagedAttention, attend_reference
@@ -67,8 +66,6 @@ class ModelRunner:
         self.device = model.device
         self.attend = attend
         cfg = model.config
-        # the pool is never carved out of a dropped engine's cached one (devices.release_cached_memory)
-        release_cached_memory(model.layer_devices())
         blocks = num_blocks if num_blocks is not None else num_kv_blocks(model, config, attend)
         # this rank's KV heads (tensor parallelism), each layer's cache on its stage's device (pipeline)
         self.kv = KVCache(cfg.num_hidden_layers, blocks, config.block_size, model.num_local_kv_heads, cfg.head_dim,
