@@ -145,8 +145,7 @@ def test_engines_one_after_another_in_one_process():
     import gc
 
     from cogvlm2.engine.config import EngineConfig
-    from cogvlm2.engine.core import LLMEngine
-    from cogvlm2.llm import load_processor_and_model
+    from cogvlm2.llm import LLMEngine, load_processor_and_model
 
     def profiled_blocks(**kwargs):
         llm = LLM("tiny", dtype="float32", device="cuda", max_num_seqs=4, **kwargs)
