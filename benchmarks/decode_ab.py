@@ -14,6 +14,12 @@ round, e.g. the vision tower's fused residual under fp8 (`--batches ''` for TTFT
 
     PYTHONPATH=. python benchmarks/decode_ab.py --quant fp8 --set "model.ops.VISION_ADD_NORM=0" \
         --set "model.ops.VISION_ADD_NORM=1" --batches '' --ttft 3
+
+`blas=NAME` picks torch's BLAS library for a setting's matmuls (`default`, `cublas`, `cublaslt`;
+torch.backends.cuda.preferred_blas_library), e.g. whether cuBLASLt's kernels read batch 32's small weights (the
+attention's QKV and dense, 78% / 63% of copy bandwidth under cuBLAS) faster:
+
+    PYTHONPATH=. python benchmarks/decode_ab.py --set "blas=default" --set "blas=cublaslt" --batches 32 --ttft 3
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import ast
 import gc
 import importlib
 import json
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from unittest import mock
 
 import numpy as np
@@ -37,11 +43,32 @@ from cogvlm2.processing import Processor
 from cogvlm2.processing.tokenizer import Tokenizer, bundled_tokenizer_path
 
 
+BLAS_LIBRARIES = ("default", "cublas", "cublaslt")
+
+
+@contextmanager
+def blas_library(name: str):
+    """torch's BLAS library for CUDA matmuls (torch.backends.cuda.preferred_blas_library) while the setting's engine
+    is built and timed (its CUDA graphs capture the GEMM kernels that library picks), the previous one after."""
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
+
+
 def parse_setting(text: str) -> list[tuple[object, str, object]]:
-    """'model.ops.DECODE_GEMV=0;pdl.ENABLED=1' -> [(module, attr, value), ...]; unknown names are an error."""
+    """'model.ops.DECODE_GEMV=0;pdl.ENABLED=1' -> [(module, attr, value), ...]; unknown names are an error.
+    `blas=cublaslt` (or cublas, default) is torch's BLAS library for the setting: (None, "blas", name)."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         name, _, raw = part.partition("=")
+        if name == "blas":
+            if raw not in BLAS_LIBRARIES:
+                raise SystemExit(f"--set {part!r}: blas is one of {', '.join(BLAS_LIBRARIES)}")
+            out.append((None, "blas", raw))
+            continue
         mod_name, _, attr = name.rpartition(".")
         if not raw or not mod_name:
             raise SystemExit(f"--set {part!r}: expected module.ATTR=value")
@@ -83,7 +110,8 @@ def main() -> None:
         for text, patches in settings:
             with ExitStack() as stack:
                 for module, attr, value in patches:
-                    stack.enter_context(mock.patch.object(module, attr, value))
+                    stack.enter_context(blas_library(value) if module is None else
+                                        mock.patch.object(module, attr, value))
                 engine = LLMEngine(model, EngineConfig(max_num_seqs=64, max_num_batched_tokens=8192,
                                                        gpu_memory_utilization=0.9), proc)
                 if args.ttft:
