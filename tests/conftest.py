@@ -4,6 +4,8 @@
   the GPU memory a fresh process would see (an engine's KV cache is sized from free memory).
 - `--cuda-only` keeps the tests that need CUDA (a skipif naming CUDA or GPUs, or "cuda" / "gpu" in the test's id):
   `python -m pytest --cuda-only -q -rs tests` is the GPU machine's run of every CUDA test.
+- `--shard K/N` keeps the K-th of N consecutive, near-equal runs of the selected tests (1 <= K <= N), so a run too
+  long for one call of the GPU machine (at most 600 s) splits into calls: `--cuda-only --shard 1/4`, ... `4/4`.
 """
 
 import gc
@@ -15,6 +17,15 @@ import torch
 
 def pytest_addoption(parser):
     parser.addoption("--cuda-only", action="store_true", help="run only the tests that need CUDA")
+    parser.addoption("--shard", metavar="K/N", help="run only the K-th of N consecutive runs of the selected tests")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    k, n = (int(match[1]), int(match[2])) if match else (0, 0)
+    if not 1 <= k <= n:
+        raise pytest.UsageError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. 2/4")
+    return k, n
 
 
 def _needs_cuda(item) -> bool:
@@ -23,10 +34,20 @@ def _needs_cuda(item) -> bool:
     return re.search(r"cuda|gpu", f"{reasons} {item.nodeid}", re.I) is not None
 
 
+def pytest_configure(config):
+    if config.getoption("--shard"):  # before collection: a bad value stops the run at once
+        _shard(config.getoption("--shard"))
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--cuda-only"):
         config.hook.pytest_deselected(items=[item for item in items if not _needs_cuda(item)])
         items[:] = [item for item in items if _needs_cuda(item)]
+    if config.getoption("--shard"):
+        k, n = _shard(config.getoption("--shard"))
+        lo, hi = (k - 1) * len(items) // n, k * len(items) // n
+        config.hook.pytest_deselected(items=items[:lo] + items[hi:])
+        items[:] = items[lo:hi]
 
 
 @pytest.fixture(autouse=True)
