@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
+
+_FROZEN = False  # whether freeze_heap froze the collector's heap (a freeze of the caller's own is not ours to undo)
 
 
 def auto_device(device: str = "auto") -> str:
@@ -52,8 +56,7 @@ def release_cached_memory(devices) -> None:
     blocks for new tensors, so an earlier engine's freed KV pool (one segment of most of the GPU), still cached,
     would take the new tensors and then could never be returned while they live: the next engine's memory
     profile would count it as memory used elsewhere and size its KV cache negative. Nothing on the CPU."""
-    import gc
-
+    thaw_heap()  # an engine dropped while frozen (freeze_heap) is collectable again
     cuda = sorted({torch.device(d) for d in devices if torch.device(d).type == "cuda"}, key=str)
     if not cuda or not torch.cuda.is_initialized():
         return  # nothing cached before CUDA's first use
@@ -61,3 +64,23 @@ def release_cached_memory(devices) -> None:
     for d in cuda:
         with torch.cuda.device(d):
             torch.cuda.empty_cache()
+
+
+def freeze_heap() -> None:
+    """Collect, then move everything alive (the model's modules, the engine's block manager and caches) out of the
+    garbage collector's reach (gc.freeze), so its full collections during serving scan only what the steps
+    allocate: on the full-size model's heap a full collection is a host pause that can outlast the GPU work queued
+    ahead of it. The engine does this after it is built when engine.core.GC_FREEZE is set; thaw_heap undoes it."""
+    global _FROZEN
+    gc.collect()
+    gc.freeze()
+    _FROZEN = True
+
+
+def thaw_heap() -> None:
+    """Undo freeze_heap (nothing if it did not run): what it froze is collectable again, an engine dropped since
+    included. Every engine build and release_cached_memory call it first."""
+    global _FROZEN
+    if _FROZEN:
+        gc.unfreeze()
+        _FROZEN = False

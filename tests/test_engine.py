@@ -421,3 +421,34 @@ def test_a_kv_cache_too_small_says_what_the_process_cannot_free(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda d: calls.append(d) or contextlib.nullcontext())
     release_cached_memory(["cpu", "cuda:1", torch.device("cuda", 1), "cuda:0"])
     assert calls == ["gc", torch.device("cuda", 0), "empty_cache", torch.device("cuda", 1), "empty_cache"]
+
+
+def test_gc_freeze_keeps_a_built_engine_out_of_collections_until_the_next_build(monkeypatch):
+    """engine.core.GC_FREEZE: a built engine's heap is frozen (out of the collector's reach); an engine dropped while
+    frozen, even in a reference cycle, is collected when the next engine is built (its build thaws, then freezes
+    again); thaw_heap undoes it all, and with the switch off nothing is frozen."""
+    import gc
+    import weakref
+
+    from cogvlm2 import devices
+    from cogvlm2.engine import core
+
+    model, _ = load_processor_and_model("tiny", device="cpu", dtype="float32")
+    monkeypatch.setattr(core, "GC_FREEZE", True)
+    try:
+        first = core.EngineCore(model, EngineConfig(num_kv_blocks=16, max_model_len=256))
+        assert gc.get_freeze_count() > 0
+        first.cycle = first  # only the collector can free it
+        gone = weakref.ref(first.block_manager)
+        del first
+        gc.collect()
+        assert gone() is not None  # frozen: a full collection does not reach it
+        second = core.EngineCore(model, EngineConfig(num_kv_blocks=16, max_model_len=256))
+        assert gone() is None and gc.get_freeze_count() > 0
+        second.cycle = second
+    finally:
+        devices.thaw_heap()
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(core, "GC_FREEZE", False)
+    core.EngineCore(model, EngineConfig(num_kv_blocks=16, max_model_len=256))
+    assert gc.get_freeze_count() == 0

@@ -35,11 +35,13 @@ the batch had not failed; waiting requests are untouched, and the engine keeps s
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..devices import freeze_heap, thaw_heap
 from ..sampling_params import SamplingParams
 from .attention import Attend
 from .block_manager import BlockManager
@@ -53,6 +55,13 @@ from .sequence import Sequence, SequenceStatus
 from .worker import EngineWorker, ModelSpec
 from .worker_group import make_worker
 
+# GC_FREEZE: once built, the engine moves the Python heap out of the garbage collector's reach (devices.freeze_heap)
+# and the next engine build or model load brings it back (devices.thaw_heap), so a full collection in the middle of
+# a step scans only the step's objects. Why: the fp8 one-image TTFT had 3 of 8 rounds 20-80 ms slow with the card
+# idling more, not throttled (BENCHMARKS.md, twenty-first session), as a host pause would make them; not measured
+# yet (decode_ab.py --set "engine.core.GC_FREEZE=0" --set "engine.core.GC_FREEZE=1"), so off by default;
+# COGVLM2_GC_FREEZE=1 turns it on (read at import)
+GC_FREEZE = os.environ.get("COGVLM2_GC_FREEZE", "0") == "1"
 FINITE_PIXELS_REMEMBERED = 4096  # vision hashes whose pixels need no second finiteness check
 
 logger = logging.getLogger(__name__)
@@ -62,6 +71,7 @@ class EngineCore:
     def __init__(self, model: nn.Module | ModelSpec | EngineWorker, config: EngineConfig | None = None,
                  attend: Attend | None = None):
         """model: a built model, a ModelSpec (the worker builds it) or a worker (e.g. a group of ranks)."""
+        thaw_heap()  # an earlier engine's frozen heap: collectable again before this one takes memory
         self.worker = model if hasattr(model, "launch") else make_worker(model, attend)
         self.worker.load()
         if config is not None and config.embeddings_on_host:  # before the KV pool is sized from free memory
@@ -84,6 +94,8 @@ class EngineCore:
         self._in_flight: LaunchedStep | None = None  # launched, not collected (async scheduling only)
         self._outputs: list[RequestOutput] = []  # of the step() call in progress
         self._unapplied: list[ScheduledBatch] = []  # its batches whose ids are not applied yet
+        if GC_FREEZE:
+            freeze_heap()
 
     @property
     def model(self):
