@@ -1,10 +1,10 @@
 """How long a full garbage collection stalls the host once an engine is built, with and without engine.core.GC_FREEZE.
 
-A full collection walks every container object Python tracks (torch, Triton, the model's modules, the engine's
-block manager): a host pause, which in the middle of a step outlasts the GPU work queued ahead of it (a decode step
+A full collection walks every container object Python tracks (torch's and Triton's own, the model's, the
+processor's): a host pause, which in the middle of a step outlasts the GPU work queued ahead of it (a decode step
 is ~4 ms; with async scheduling the host is one step ahead). The frozen heap (gc.freeze) is skipped. On the GPU
-machine the full-size model with random weights; `--tiny` the embedded tiny model on the CPU (same engine objects,
-a KV pool of as many blocks as the H200 run holds):
+machine the full-size model with random weights; `--tiny` the embedded tiny model on the CPU (a KV pool of as
+many blocks as the H200 run holds; the blocks are arrays, not Python objects):
 
     PYTHONPATH=. python benchmarks/gc_pause.py [--tiny] [--out gc.json]
 """

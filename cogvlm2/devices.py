@@ -67,7 +67,7 @@ def release_cached_memory(devices) -> None:
 
 
 def freeze_heap() -> None:
-    """Collect, then move everything alive (the model's modules, the engine's block manager and caches) out of the
+    """Collect, then move everything alive (torch's and Triton's own objects, the model's, the engine's) out of the
     garbage collector's reach (gc.freeze), so its full collections during serving scan only what the steps
     allocate: on the full-size model's heap a full collection is a host pause that can outlast the GPU work queued
     ahead of it. The engine does this after it is built when engine.core.GC_FREEZE is set; thaw_heap undoes it."""
