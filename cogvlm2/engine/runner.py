@@ -32,13 +32,16 @@ import torch
 
 from ..model.batch import FlatTokens, ForwardBatch, TokenSpan, flatten
 from ..model.cogvlm import CogVLM2ForCausalLM
+from ..model.lora import lora_signature
 from .attention import Attend, AttentionMetadata, KVCache, PagedAttention, attend_reference
 from .config import VISION_PIXELS, EngineConfig
+from . import vision_graph
 from .cuda_graph import DecodeGraphs, DecodeRows
 from .memory import num_kv_blocks
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
+from .vision_graph import VisionGraph, graph_frames
 
 NUM_LANDING_BUFFERS = 2  # pinned buffers for sampled ids, used in turn (see ModelRunner._to_host)
 
@@ -66,6 +69,9 @@ class ModelRunner:
         self.device = model.device
         self.attend = attend
         cfg = model.config
+        self.graphs = None
+        self.vision_graph: VisionGraph | None = None
+        self._capture_vision_graph()  # before the KV cache is sized: its memory pool counts as in use
         blocks = num_blocks if num_blocks is not None else num_kv_blocks(model, config, attend)
         # this rank's KV heads (tensor parallelism), each layer's cache on its stage's device (pipeline)
         self.kv = KVCache(cfg.num_hidden_layers, blocks, config.block_size, model.num_local_kv_heads, cfg.head_dim,
@@ -75,7 +81,6 @@ class ModelRunner:
         self.vision_cache: dict[tuple[str, str | None], torch.Tensor] = {}
         # (vision hash, adapter id) -> (first row, the last block_size rows of its features), least recently used first
         self.vision_tails: OrderedDict[tuple[str, str | None], tuple[int, torch.Tensor]] = OrderedDict()
-        self.graphs = None
         self._landing: list[tuple[torch.Tensor, torch.cuda.Event]] = []
         self._turn = 0
         if self.device.type == "cuda":
@@ -84,12 +89,28 @@ class ModelRunner:
             self.capture_graphs()
         self._active_slot = 0  # the LoRA slot the model's device scalar holds (0: no adapter)
 
+    def _graphs_allowed(self) -> bool:
+        """CUDA, not enforce_eager, one device (pipeline stages run eagerly), a model that supports graphs."""
+        return self.device.type == "cuda" and not self.config.enforce_eager and \
+            len(set(self.model.layer_devices())) == 1 and getattr(self.model, "supports_cuda_graphs", True)
+
     def capture_graphs(self) -> None:
-        """(Re-)capture the decode CUDA graphs (CUDA, not enforce_eager, a model that supports them)."""
-        if self.device.type == "cuda" and not self.config.enforce_eager and not self.kv.multi_device and \
-                getattr(self.model, "supports_cuda_graphs", True):  # pipeline stages run eagerly
+        """(Re-)capture the decode CUDA graphs, and the vision tower's when the LoRA tables or wrapped linears it
+        was captured with changed."""
+        if self._graphs_allowed():
             self.graphs = None  # the old graphs' memory goes back to the pool first
             self.graphs = DecodeGraphs(self.model, self.kv, self.config, self.attend)
+            if self.vision_graph is not None and self.vision_graph.lora != lora_signature(self.model):
+                self._capture_vision_graph()
+
+    def _capture_vision_graph(self) -> None:
+        """The vision tower's one-medium pass as a CUDA graph (vision_graph.py); not under pipeline stages, nor under
+        tensor parallelism (its collectives inside a capture are untested on two GPUs)."""
+        self.vision_graph = None
+        tp = getattr(self.model, "tp", None)
+        if vision_graph.VISION_GRAPH and self._graphs_allowed() and getattr(self.model, "stages", None) is None and \
+                (tp is None or tp.world_size == 1):
+            self.vision_graph = VisionGraph(self.model, graph_frames(self.model))
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, source: torch.Tensor | None = None) -> LaunchedStep:
@@ -320,7 +341,10 @@ class ModelRunner:
                 missing.setdefault(key, seq.inputs.pixel_values)
         for group in _tower_passes(list(missing.items())):
             pixels = self._upload([p for _, p in group])
-            feats = self.model.encode_images(pixels)  # [frames, tokens_per_image, D]
+            if self.vision_graph is not None and self.vision_graph.fits(pixels):
+                feats = self.vision_graph.run(pixels)  # [frames, tokens_per_image, D]
+            else:
+                feats = self.model.encode_images(pixels)
             for (key, p), f in zip(group, feats.split([p.shape[0] for _, p in group])):
                 f = self.vision_cache[key] = f.reshape(-1, f.shape[-1])
                 start = max(0, len(f) - self.config.block_size)

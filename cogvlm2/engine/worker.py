@@ -251,14 +251,15 @@ class Worker:
 
     def add_adapter(self, name: str, path: str | Path) -> str:
         """Load a peft LoRA adapter under `name`; its adapter id. When the slot tables had to grow
-        (more adapters or a higher rank than they hold), the decode CUDA graphs are captured again."""
-        from ..model.lora import adapter_id, load_adapter_into
+        (more adapters or a higher rank than they hold) or the adapter wraps linears no earlier one did, the
+        CUDA graphs (decode, vision tower) are captured again."""
+        from ..model.lora import adapter_id, load_adapter_into, lora_signature
 
         self._check_adapter_name(name)
-        before = getattr(self.model, "lora_slots", None)
+        before = lora_signature(self.model)
         load_adapter_into(self.model, name, path, max(len(self.spec.adapters), len(self._adapters) + 1))
         self._adapters[name] = adapter_id(path)
-        if self.runner is not None and self.runner.graphs is not None and self.model.lora_slots is not before:
+        if self.runner is not None and lora_signature(self.model) != before:
             self.runner.capture_graphs()
         return self._adapters[name]
 

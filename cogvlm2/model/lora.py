@@ -132,6 +132,12 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def lora_signature(model: nn.Module) -> tuple[LoRASlots | None, int]:
+    """What a captured CUDA graph of the model depends on: its slot table (a grown table is new tensors) and how
+    many linears are wrapped (an adapter may target modules no earlier adapter did, in the same table)."""
+    return getattr(model, "lora_slots", None), len(lora_layers(model))
+
+
 def enable_lora(model: nn.Module, targets: set[str], num_slots: int, max_rank: int) -> LoRASlots:
     """Wrap the named linears in LoRALinear (slot tables of num_slots adapters + the base, rank max_rank).
     Linears wrapped before keep their adapters when the table does not grow."""
