@@ -118,9 +118,33 @@ def test_an_adapter_on_the_tower_captures_the_graph_again(tmp_path, monkeypatch)
     engine = LLMEngine(ModelSpec("tiny", "float32", "cuda", adapters={"lm": lm}), EngineConfig(max_num_seqs=4), proc)
     before = engine.runner.vision_graph
     assert before is not None
-    engine.add_adapter("tower", tower)
+    engine.core.add_adapter("tower", tower)
     assert engine.runner.vision_graph is not before and engine.runner.vision_graph is not None
     eager = LLMEngine(ModelSpec("tiny", "float32", "cuda", adapters={"lm": lm, "tower": tower}),
                       EngineConfig(max_num_seqs=4, enforce_eager=True), proc)
     assert eager.runner.vision_graph is None
     assert answer(engine, "tower") == answer(eager, "tower") != answer(eager, "lm")
+
+
+def test_an_adapter_wrapping_new_linears_in_the_same_table_captures_the_graphs_again(tmp_path, monkeypatch):
+    """A freed slot lets an adapter that targets other linears (here the tower) into the same slot table: the
+    worker still captures the graphs again (before, it looked at the table alone, and the decode graphs would
+    have replayed without the new linears' adapters)."""
+    pytest.importorskip("peft")
+    from test_engine_lora import make_adapter
+
+    from cogvlm2.engine.worker import ModelSpec
+
+    lm, lm2 = make_adapter(tmp_path / "lm", 1, r=4, alpha=8), make_adapter(tmp_path / "lm2", 2, r=4, alpha=8)
+    tower = make_adapter(tmp_path / "tower", 4, r=4, alpha=8, targets=("vision_tower", "adapter"))
+    engine = LLMEngine(ModelSpec("tiny", "float32", "cpu", adapters={"lm": lm, "lm2": lm2}), EngineConfig(),
+                       load_processor("tiny"))
+    captures = []
+    monkeypatch.setattr(engine.runner, "capture_graphs", lambda: captures.append(1))
+    engine.core.remove_adapter("lm2")
+    table = engine.runner.model.lora_slots
+    engine.core.add_adapter("lm2", lm2)  # the same table, the same linears: nothing to capture
+    assert captures == [] and engine.runner.model.lora_slots is table
+    engine.core.remove_adapter("lm2")
+    engine.core.add_adapter("tower", tower)
+    assert engine.runner.model.lora_slots is table and captures == [1]
