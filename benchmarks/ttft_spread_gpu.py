@@ -36,11 +36,9 @@ def allocator_counters() -> dict[str, int]:
     return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTERS}
 
 
-def one_prefill(engine: LLMEngine, rid: str, inputs, profiled: bool) -> dict:
-    """Wall time of one first token; profiled: what the GPU and the allocator did in it."""
+def profiled_prefill(engine: LLMEngine, rid: str, inputs) -> dict:
+    """Wall time of one first token, and what the host, the GPU and the allocator did in it."""
     before = allocator_counters()
-    if not profiled:
-        return {"wall_ms": first_token_time(engine, rid, inputs) * 1e3}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall = first_token_time(engine, rid, inputs)
     after = allocator_counters()
@@ -85,9 +83,9 @@ def main() -> None:
                                                gpu_memory_utilization=0.9), proc)
         build_s = time.perf_counter() - t
         first_token_time(engine, f"warm{e}", proc(QUESTION, image=image(99)))  # compile, plans
-        plain = [one_prefill(engine, f"p{e}-{i}", proc(QUESTION, image=image(100 + i)), False)["wall_ms"]
+        plain = [first_token_time(engine, f"p{e}-{i}", proc(QUESTION, image=image(100 + i))) * 1e3
                  for i in range(args.plain)]
-        profiled = [one_prefill(engine, f"q{e}-{i}", proc(QUESTION, image=image(1000 + 100 * e + i)), True)
+        profiled = [profiled_prefill(engine, f"q{e}-{i}", proc(QUESTION, image=image(1000 + 100 * e + i)))
                     for i in range(args.prefills)]  # images not seen before: the prefix cache would answer
         engines.append({"build_s": build_s, "plain_wall_ms": plain, "profiled": profiled})
         print(f"engine {e}: built in {build_s:.1f} s; plain " + " ".join(f"{w:.1f}" for w in plain) + " ms; profiled "

@@ -1,11 +1,11 @@
 """A CUDA graph of the vision tower over one medium (an image, or a video's frames), CUDA only.
 
-The tower's pass over one 1344^2 image is 63 layers of a dozen or so kernel launches each (under fp8 each linear is
-a row quantizer, a scaled GEMM and their views). Measured on the H200's host (benchmarks/ttft_spread_gpu.py), the
-host's cost of a one-image fp8 prefill is about as long as the GPU's: 190-217 ms when the host kept ahead, 237-394 ms
-when the same host ran its ops ~2x slower — the kernels summing the same 175-186 ms, the GPU waiting between them.
-Replayed as one graph, the tower's pass costs the host one launch whatever the host's speed (how much of the
-prefill's host time is the tower's is not measured yet).
+The tower's pass over one 1344^2 image is 63 layers of several kernel launches each (under fp8 each linear is a
+row quantizer and a scaled GEMM; the launches were not counted). Measured on the H200's host
+(benchmarks/ttft_spread_gpu.py), a one-image fp8 prefill's host cost is about as long as its GPU time: 190-217 ms
+when the host kept ahead, 237-394 ms when the same host ran its ops slower (up to ~2x) — the kernels summing the
+same 175-186 ms, the GPU waiting between them. Replayed as one graph, the tower's pass costs the host one launch
+whatever the host's speed (how much of the prefill's host time is the tower's is not measured yet).
 
 The shape is fixed (a tower pass is [frames, 3, S, S]), so one graph serves every pass of that shape: one image
 for image models, the official clip length for video models. Other passes (several media in one step) run
@@ -24,9 +24,9 @@ import torch
 from ..model.cogvlm import CogVLM2ForCausalLM
 from ..model.lora import lora_signature
 
-# VISION_GRAPH: replay the tower's pass over one medium as a CUDA graph (the host then launches one graph, not ~1,000
-# kernels). Off until its CUDA tests and a TTFT A/B have run on a GPU (written in a session whose GPU time ran out;
-# decode_ab.py --set "engine.vision_graph.VISION_GRAPH=0" --set "engine.vision_graph.VISION_GRAPH=1");
+# VISION_GRAPH: replay the tower's pass over one medium as a CUDA graph (the host then launches one graph, not the
+# tower's kernels one by one). Off until its CUDA tests and a TTFT A/B have run on a GPU (written in a session whose
+# GPU time ran out; decode_ab.py --set "engine.vision_graph.VISION_GRAPH=0" --set "engine.vision_graph.VISION_GRAPH=1");
 # COGVLM2_VISION_GRAPH=1 turns it on (read at import)
 VISION_GRAPH = os.environ.get("COGVLM2_VISION_GRAPH", "0") == "1"
 
