@@ -15,6 +15,14 @@ image each) per setting and round, e.g. the vision tower's fused residual under 
     PYTHONPATH=. python benchmarks/decode_ab.py --quant fp8 --set "model.ops.VISION_ADD_NORM=0" \
         --set "model.ops.VISION_ADD_NORM=1" --batches '' --ttft 3
 
+`--busy N` keeps N processes spinning on the host's cores while timing (a slower host, as in the lent machine's slow
+rounds), e.g. whether the vision tower's CUDA graph keeps fp8's prefill fed from a slow host:
+
+    PYTHONPATH=. python benchmarks/decode_ab.py --quant fp8 --set "engine.vision_graph.VISION_GRAPH=0" \
+        --set "engine.vision_graph.VISION_GRAPH=1" --batches '' --ttft 5 --busy 16
+
+Every setting's engine also records its KV cache's blocks (`kv_blocks`: what a setting's graph pools cost).
+
 `blas=NAME` picks torch's BLAS library for a setting's matmuls (`default`, `cublas`, `cublaslt`;
 torch.backends.cuda.preferred_blas_library), e.g. whether cuBLASLt's kernels read batch 32's small weights (the
 attention's QKV and dense, 78% / 63% of copy bandwidth under cuBLAS) faster:
@@ -29,6 +37,7 @@ import ast
 import gc
 import importlib
 import json
+import multiprocessing
 from contextlib import ExitStack, contextmanager
 from unittest import mock
 
@@ -89,6 +98,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1", help="comma-separated decode batches (1, 32)")
     ap.add_argument("--ttft", type=int, default=0, help="also time this many one-image prefills a setting and round")
     ap.add_argument("--quant", help="the model quantized to this mode first (cogvlm2.quant.quantize_model), e.g. int4")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="this many busy-looping host processes while timing: a slower host, as the lent machine's "
+                         "slow rounds (does a setting keep the GPU fed when the launching thread runs slower?)")
     ap.add_argument("--out")
     args = ap.parse_args()
     settings = [(s, parse_setting(s)) for s in args.settings]
@@ -106,6 +118,39 @@ def main() -> None:
     prompts = {1: [proc(QUESTION, image=image(0))], 32: [proc(QUESTION, image=image(200 + i)) for i in range(32)]}
     results: dict[str, dict[str, list[float]]] = {s: {} for s, _ in settings}
     print(f"copy {copy_bandwidth() / 1e9:,.0f} GB/s; language weights {lang_bytes / 1e9:.1f} GB", flush=True)
+    with busy_host(args.busy):
+        run_rounds(args, settings, batches, model, proc, prompts, results)
+    summary = {s: {k: {"median": float(np.median(v)), "all": v} for k, v in d.items()} for s, d in results.items()}
+    for s, d in summary.items():
+        print(f"{s}: " + ", ".join(f"{k} {v['median']:.2f}" for k, v in d.items()), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": copy_bandwidth() / 1e9,
+                       "busy_host_processes": args.busy, "settings": summary}, f, indent=1)
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+@contextmanager
+def busy_host(n: int):
+    """n processes spinning on the host's cores while the block runs (none when n is 0), stopped after."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_spin, daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+            p.join()
+
+
+def run_rounds(args, settings, batches, model, proc, prompts, results) -> None:
+    """Every setting in turn, args.rounds times: a new engine each, timed into results[setting][figure]."""
     for r in range(args.rounds):
         for text, patches in settings:
             with ExitStack() as stack:
@@ -114,6 +159,7 @@ def main() -> None:
                                         mock.patch.object(module, attr, value))
                 engine = LLMEngine(model, EngineConfig(max_num_seqs=64, max_num_batched_tokens=8192,
                                                        gpu_memory_utilization=0.9), proc)
+                results[text].setdefault("kv_blocks", []).append(engine.block_manager.num_blocks)  # graph pools cost
                 if args.ttft:
                     first_token_time(engine, f"warm{r}", proc(QUESTION, image=image(99)))  # compile, plans
                     each = [first_token_time(engine, f"ttft{r}-{i}", proc(QUESTION, image=image(100 + i))) * 1e3
@@ -130,13 +176,6 @@ def main() -> None:
                 del engine
                 gc.collect()
                 torch.cuda.empty_cache()
-    summary = {s: {k: {"median": float(np.median(v)), "all": v} for k, v in d.items()} for s, d in results.items()}
-    for s, d in summary.items():
-        print(f"{s}: " + ", ".join(f"{k} {v['median']:.2f}" for k, v in d.items()), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": copy_bandwidth() / 1e9,
-                       "settings": summary}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -115,13 +115,15 @@ def test_an_adapter_on_the_tower_captures_the_graph_again(tmp_path, monkeypatch)
                 if out.finished:
                     return out.token_ids
 
-    engine = LLMEngine(ModelSpec("tiny", "float32", "cuda", adapters={"lm": lm}), EngineConfig(max_num_seqs=4), proc)
+    small = dict(num_kv_blocks=64, max_model_len=512)  # two engines live at once: neither takes the card's memory
+    engine = LLMEngine(ModelSpec("tiny", "float32", "cuda", adapters={"lm": lm}), EngineConfig(max_num_seqs=4, **small),
+                       proc)
     before = engine.runner.vision_graph
     assert before is not None
     engine.core.add_adapter("tower", tower)
     assert engine.runner.vision_graph is not before and engine.runner.vision_graph is not None
     eager = LLMEngine(ModelSpec("tiny", "float32", "cuda", adapters={"lm": lm, "tower": tower}),
-                      EngineConfig(max_num_seqs=4, enforce_eager=True), proc)
+                      EngineConfig(max_num_seqs=4, enforce_eager=True, **small), proc)
     assert eager.runner.vision_graph is None
     assert answer(engine, "tower") == answer(eager, "tower") != answer(eager, "lm")
 
