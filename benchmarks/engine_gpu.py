@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--only", default="ttft,decode1,decode32,caption")
     ap.add_argument("--profile-turn2", metavar="FILE",
                     help="also profile one second turn (torch.profiler): a kernel/op table to FILE and a trace to FILE.json")
+    ap.add_argument("--profile-ask", metavar="FILE",
+                    help="also profile one new question over the cached image (its first call: a new question each "
+                         "time, as the row times), tables and trace as --profile-turn2")
     args = ap.parse_args()
     only = set(args.only.split(","))
     cfg = full_size_config()
@@ -135,6 +138,11 @@ def main() -> None:
         # A new conversation over the same image: the cached blocks end a few tokens before the image does
         asks = ["What colour is the largest object?", "How many squares are there?", "Is there any text?"]
         t3 = [first_token_time(engine, f"ask-{i}", proc(q, image=image(100))) for i, q in enumerate(asks)]
+        print("second turn each: " + " ".join(f"{t * 1e3:.1f}" for t in t2) + " ms; new question each: "
+              + " ".join(f"{t * 1e3:.1f}" for t in t3) + " ms", flush=True)
+        if args.profile_ask:
+            profile_first_token(engine, proc("Which corner is the brightest?", image=image(100)), args.profile_ask,
+                                "new question", warm=False)
         rows.append(dict(name="TTFT new question, same image (prefix cache + the image's kept last rows)",
                          value=float(np.median(t3)) * 1e3, unit="ms", lower_is_better=True,
                          floor=lang_bytes / copy_bandwidth() * 1e3, floor_how="one pass over the language weights"))

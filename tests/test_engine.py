@@ -327,31 +327,50 @@ def test_prefix_hit_ending_inside_the_image(tiny):
 
 
 def test_new_question_on_a_cached_image_reuses_its_tail(tiny):
-    """A second prompt over the same image (another question) hits the cached blocks up to a few tokens before
-    the image ends: those vision rows come from the kept tail of the first encoding, the tower does not run
-    again, and the answer equals the reference. Once the tail is evicted the image is encoded again."""
+    """A second prompt over the same image (another question) hits the cached blocks up to the end of the image:
+    the full blocks by their hashes, the image's last rows (in a block that goes on with the first question) by
+    that block's tail hash, copied into a block of its own. Nothing of the image is computed again, so the step
+    is plain text, and the answer equals the reference. Without the tail hash the hit ends inside the image and
+    those vision rows come from the kept tail of the first encoding (the tower does not run again); with that
+    evicted too, the image is encoded again. Every answer equals the reference."""
     from cogvlm2.engine import runner as runner_module
+    from cogvlm2.engine.sequence import Sequence
 
     model, processor = tiny
     engine = LLMEngine(model, EngineConfig(block_size=8), processor)
     p = SamplingParams(max_new_tokens=5, **GREEDY)
-    prompts = [processor(q, image=image(12)) for q in ("What is this?", "Describe it briefly.", "Anything else?")]
+    questions = ("What is this?", "Describe it briefly.", "Anything else?", "And the colours?")
+    prompts = [processor(q, image=image(12)) for q in questions]
     expected = [reference(model, x, p) for x in prompts]
-    encodes = []
-    encode = model.encode_images
+    vision = [i for i, t in enumerate(prompts[1].token_type_ids) if t == 1]
+    encodes, copies, plain = [], [], []
+    encode, copy_rows, launch = model.encode_images, engine.runner.kv.copy_rows, engine.runner.launch
     model.encode_images = lambda pixels: encodes.append(len(pixels)) or encode(pixels)
+    engine.runner.kv.copy_rows = lambda c: copies.append(list(c)) or copy_rows(c)
+    # whether each step is plain text (on CUDA: decode rows under the graphs, not an eager mixed step)
+    engine.runner.launch = lambda batch, *a: plain.append(engine.runner._is_plain_text(batch)) or launch(batch, *a)
+    bm = engine.block_manager
     try:
         run(engine, [(0, "first", prompts[0], p)])
         assert encodes == [1] and not engine.runner.vision_cache  # the features themselves are released
+        assert len(bm.tail_of) == 1  # the image ends inside a block, the first question goes on in it
+        plain.clear()
         out = run(engine, [(0, "second", prompts[1], p)])["second"]
-        vision = [i for i, t in enumerate(prompts[1].token_type_ids) if t == 1]
-        assert vision[0] < out.num_cached_tokens <= vision[-1]  # the hit ends inside the image
+        end = Sequence("probe", prompts[1], p).vision_end
+        assert out.num_cached_tokens == end > vision[-1] and end % 8
+        [[(src, dst, rows)]] = copies
+        assert rows == end % 8 and src != dst and plain[0]  # its first step: the question alone, plain text
         assert encodes == [1] and out.token_ids == expected[1]
-        # evicted (other images since): the same image is encoded again, and the answer is still the reference
-        for h in list(engine.runner.vision_tails):
-            del engine.runner.vision_tails[h]
+        bm.tail_of.clear()  # no tail hash (evicted, say): the kept feature rows serve the image's last rows
+        bm.tail_hash_of = [None] * bm.num_blocks
         out = run(engine, [(0, "third", prompts[2], p)])["third"]
-        assert encodes == [1, 1] and out.token_ids == expected[2]
+        assert vision[0] < out.num_cached_tokens <= vision[-1]  # the hit ends inside the image
+        assert encodes == [1] and out.token_ids == expected[2] and len(copies) == 1
+        for table in (bm.tail_of, engine.runner.vision_tails):  # both evicted (other images since)
+            table.clear()
+        bm.tail_hash_of = [None] * bm.num_blocks
+        out = run(engine, [(0, "fourth", prompts[3], p)])["fourth"]
+        assert encodes == [1, 1] and out.token_ids == expected[3]
         assert len(engine.runner.vision_tails) == 1 and runner_module.VISION_TAILS >= 64
     finally:
         del model.encode_images

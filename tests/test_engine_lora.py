@@ -124,14 +124,15 @@ def test_an_adapter_on_lm_head_in_a_mixed_batch(adapters, prompts, tmp_path):
 
 def test_an_adapter_on_the_vision_tower_and_the_same_image(adapters, prompts, tmp_path):
     """An adapter that changes the vision tower (and its GLU adapter), with the base model and an adapter that
-    does not, all over the same image: each gets features from its own tower, in one step (no prefix cache) and
-    when a new question hits the KV its own adapter cached a few tokens before the image ends (the image's kept
-    last rows are kept per adapter): each answer equals its request run alone on a fresh engine."""
+    does not, all over the same image: each gets features from its own tower, in one step (no prefix cache), when
+    a new question hits the KV its own adapter cached up to the image's end (the tail hashes are per adapter),
+    and when, without tail hashes, that hit ends a few tokens before the image does (the image's kept last rows
+    are kept per adapter): each answer equals its request run alone on a fresh engine."""
     tower = make_adapter(tmp_path / "tower", 4, r=4, alpha=8, targets=("vision_tower", "adapter"))
     spec = ModelSpec("tiny", "float32", "cpu", adapters={"a": adapters["a"], "tower": tower})
     proc = load_processor("tiny")
     image = Image.new("RGB", (40, 30), (20, 130, 90))
-    asks = [proc(q, image=image) for q in ("What is this?", "Describe it briefly.")]
+    asks = [proc(q, image=image) for q in ("What is this?", "Describe it briefly.", "Anything else?")]
     names = (None, "a", "tower")
 
     def run(engine, requests) -> dict:
@@ -155,8 +156,11 @@ def test_an_adapter_on_the_vision_tower_and_the_same_image(adapters, prompts, tm
         run(engine, [(f"first-{name}", asks[0], name)])
     second = run(engine, [("second-tower", asks[1], "tower")])["second-tower"]
     vision = [i for i, t in enumerate(asks[1].token_type_ids) if t == 1]
-    assert vision[0] < second[1] <= vision[-1]  # its own cached KV ends inside the image
-    assert second[0] == alone[("tower", 1)]
+    assert second[1] > vision[-1] and second[0] == alone[("tower", 1)]  # its own KV, to the image's end
+    engine.block_manager.tail_of.clear()  # no tail hashes: its own cached KV ends inside the image
+    engine.block_manager.tail_hash_of = [None] * engine.block_manager.num_blocks
+    third = run(engine, [("third-tower", asks[2], "tower")])["third-tower"]
+    assert vision[0] < third[1] <= vision[-1] and third[0] == alone[("tower", 2)]
 
 
 def test_adapter_errors(adapters, prompts, tmp_path):

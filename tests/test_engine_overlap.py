@@ -306,12 +306,16 @@ def test_random_simulation_lookahead(seed: int, prefix_caching: bool):
     stems = [[rng.randrange(10, 20) for _ in range(n)] for n in (0, 9, 17, 30)]
     kv: dict[int, tuple[Sequence, int]] = {}
     live: dict[str, Sequence] = {}
-    stats = dict(finished=0, aborted_in_flight=0, lookahead=0, discarded=0, admitted=0, resumed=0)
+    stats = dict(finished=0, aborted_in_flight=0, lookahead=0, discarded=0, admitted=0, resumed=0, tail_copies=0)
 
     def slot(seq: Sequence, t: int) -> int:
         return seq.block_table[t // block_size] * block_size + t % block_size
 
     def launch(batch):
+        for src, dst, rows in batch.kv_copies:  # the runner's copies, first in the step
+            for j in range(rows):
+                kv[dst * block_size + j] = kv[src * block_size + j]
+            stats["tail_copies"] += 1
         for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new_tokens):
             for t in range(start, start + n):
                 kv[slot(seq, t)] = (seq, t)
@@ -379,6 +383,7 @@ def test_random_simulation_lookahead(seed: int, prefix_caching: bool):
     assert stats["finished"] > 300 and stats["aborted_in_flight"] > 5 and stats["discarded"] > 50
     assert stats["lookahead"] > 500 and stats["admitted"] > 100 and sched.num_preemptions > 0
     assert stats["resumed"] > (100 if config.max_num_batched_tokens < 64 else 5), stats  # prefills continued ahead
+    assert (stats["tail_copies"] > 0) == prefix_caching, stats  # image tails reused, in lookahead steps too
 
 
 def test_step_timeline_benchmark_mechanics(tmp_path):

@@ -35,7 +35,7 @@ def image(seed: int) -> Image.Image:
 
 def schedule(engine: LLMEngine) -> list[tuple[int, str, object, SamplingParams]]:
     """(arrival step, id, inputs, params): text and image prompts, a seeded sampled one; 'again' repeats 'img'
-    once it is cached."""
+    once it is cached, 'ask' asks another question about its image."""
     p = engine.processor
     greedy = lambda n: SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)  # noqa: E731
     return [
@@ -48,6 +48,9 @@ def schedule(engine: LLMEngine) -> list[tuple[int, str, object, SamplingParams]]
         (3, "seeded", p("Say random words."), SamplingParams(temperature=1.0, top_p=0.95, seed=5, max_new_tokens=12,
                                                              ignore_eos=True)),
         (6, "again", p("Describe the picture in detail.", image=image(1)), greedy(12)),
+        # another question over the cached image: the image's last rows come from a tail hit, whose K/V copy every
+        # rank makes in its own cache
+        (7, "ask", p("What colour is it?", image=image(1)), greedy(8)),
     ]
 
 

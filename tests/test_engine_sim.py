@@ -64,6 +64,9 @@ def check_invariants(bm: BlockManager, sched: Scheduler) -> None:
     for h, b in bm.block_of.items():
         assert bm.hash_of[b] == h
     assert sum(h is not None for h in bm.hash_of) == len(bm.block_of)
+    for h, (b, rows) in bm.tail_of.items():  # a tail hash belongs to a full block that still holds its content
+        assert bm.tail_hash_of[b] == h and bm.hash_of[b] is not None and 0 < rows < bm.block_size
+    assert sum(h is not None for h in bm.tail_hash_of) == len(bm.tail_of)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -78,7 +81,7 @@ def test_random_simulation(seed: int, prefix_caching: bool):
     stems = [[rng.randrange(10, 20) for _ in range(n)] for n in (0, 9, 17, 30)]
     kv: dict[int, tuple] = {}  # slot -> token_key written there
     live: dict[str, Sequence] = {}
-    finished = aborted = hits = 0
+    finished = aborted = hits = tail_hits = 0
     total_steps = 3000
     for step in range(total_steps + 20000):
         arriving = step < total_steps
@@ -95,6 +98,10 @@ def test_random_simulation(seed: int, prefix_caching: bool):
         assert batch.num_tokens <= config.max_num_batched_tokens
         assert len(sched.running) <= config.max_num_seqs
         assert all(n >= 1 for n in batch.num_new_tokens)
+        for src, dst, rows in batch.kv_copies:  # the runner's copies, first in the step
+            for j in range(rows):
+                kv[dst * block_size + j] = kv[src * block_size + j]
+            tail_hits += 1
         for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new_tokens):  # the fake forward pass
             for t in range(start, start + n):
                 kv[seq.block_table[t // block_size] * block_size + t % block_size] = token_key(seq, t)
@@ -115,7 +122,7 @@ def test_random_simulation(seed: int, prefix_caching: bool):
     assert bm.num_free == bm.num_blocks
     assert finished > 300 and aborted > 10
     assert sched.num_preemptions > 0, "the pool never ran dry: the simulation is too gentle"
-    assert (hits > 0) == prefix_caching
+    assert (hits > 0) == prefix_caching and (tail_hits > 0) == prefix_caching
 
 
 def test_two_images_never_share_blocks():

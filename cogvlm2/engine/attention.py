@@ -54,8 +54,17 @@ class KVCache:
         parts = [torch.zeros(n, 2, num_blocks + 1, block_size, num_kv_heads, head_dim, dtype=dtype, device=dev)
                  for dev, n in runs]  # one allocation per run of layers on one device
         self.kv = parts[0]
+        self._parts = parts
         self.layers: list[torch.Tensor] = [layer for part in parts for layer in part.unbind(0)]
         self.multi_device = len(parts) > 1
+
+    def copy_rows(self, copies: list[tuple[int, int, int]]) -> None:
+        """For each (source block, destination block, rows): the first rows of the source's K and V, every
+        layer, into the destination (on the device's stream, after the steps launched before)."""
+        for src, dst, rows in copies:
+            if src != dst:
+                for part in self._parts:
+                    part[:, :, dst, :rows].copy_(part[:, :, src, :rows])
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

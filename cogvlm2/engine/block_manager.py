@@ -7,6 +7,12 @@ tokens (every image has the same placeholder ids), and the adapter id (the seque
 the engine-wide `EngineConfig.adapter_id` of a model loaded with one). Equal hash => equal K/V, so
 another sequence may reuse the block instead of recomputing it.
 
+A full block inside which a sequence's vision tokens end (the image's last rows, then text) also gets a TAIL
+hash over its rows up to that end: a later prompt with the same image and other text after it finds the
+block by it, and its step copies those rows' K/V into a block of its own (`lookup_tail`; the copy is the
+runner's, first in the step) instead of recomputing them. What is left for it to compute is plain text,
+which runs as decode rows under the CUDA graphs instead of an eager mixed step.
+
 Free blocks sit in `free` (an ordered dict used as an LRU queue): a freed block keeps its hash and
 may be revived by a prefix hit until it is handed out again; blocks are handed out from the front,
 and freed unhashed blocks go to the front, hashed ones to the back.
@@ -21,10 +27,15 @@ from collections import OrderedDict
 from .sequence import Sequence
 
 
-def block_hash(seq: Sequence, index: int, block_size: int, parent: bytes | None, adapter_id: str | None) -> bytes:
-    start, end = index * block_size, (index + 1) * block_size
+def block_hash(seq: Sequence, index: int, block_size: int, parent: bytes | None, adapter_id: str | None,
+               rows: int | None = None) -> bytes:
+    """The hash of block `index` of seq (all its rows), or of its first `rows` rows (a tail hash)."""
+    start = index * block_size
+    end = start + (block_size if rows is None else rows)
     types = seq.token_types(start, end)
     h = hashlib.blake2b(parent or b"root", digest_size=16)
+    if rows is not None:
+        h.update(b"tail:%d" % rows)
     h.update(array("q", seq.token_ids[start:end] + seq.positions(start, end) + types).tobytes())
     h.update(bytes(seq.expert_mask(start, end)))
     if any(types):
@@ -44,6 +55,8 @@ class BlockManager:
         self.ref_count = [0] * num_blocks
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.block_of: dict[bytes, int] = {}  # hash -> the block holding that content
+        self.tail_of: dict[bytes, tuple[int, int]] = {}  # tail hash -> (block, rows) holding those rows
+        self.tail_hash_of: list[bytes | None] = [None] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
 
     @property
@@ -65,6 +78,20 @@ class BlockManager:
             hits.append(block)
         return hits
 
+    def lookup_tail(self, seq: Sequence, prefix: list[int]) -> tuple[int, int] | None:
+        """(block, rows): a cached block whose first `rows` rows hold the K/V of seq's tokens from the end of
+        `prefix` (lookup's hits) up to the end of its vision tokens, when that end falls inside the next block and
+        text follows it; else None. allocate(seq, n, prefix, tail) then counts those rows as computed, and the
+        step must copy them (Runner: ScheduledBatch.kv_copies)."""
+        if not self.tail_of:
+            return None
+        i = len(prefix)
+        rows = seq.vision_end - i * self.block_size
+        if not 0 < rows < self.block_size or len(seq) <= seq.vision_end:
+            return None
+        parent = self._hash(seq, i - 1) if i else None
+        return self.tail_of.get(block_hash(seq, i, self.block_size, parent, seq.adapter_id or self.adapter_id, rows))
+
     def _hash(self, seq: Sequence, i: int) -> bytes:
         """Hash of the sequence's full block i; the chain is kept on the sequence (full blocks never
         change), so a prompt that waits for several steps is hashed once."""
@@ -74,12 +101,15 @@ class BlockManager:
                                     seq.adapter_id or self.adapter_id))
         return chain[i]
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = ()) -> bool:
+    def allocate(self, seq: Sequence, num_new_tokens: int, prefix: list[int] = (),
+                 tail: tuple[int, int] | None = None) -> bool:
         """Give `seq` blocks for its first num_computed + num_new_tokens tokens. `prefix` (from
-        lookup, only for a sequence without blocks) is reused and counts as computed. Returns False,
-        changing nothing, when the pool is short."""
-        assert not prefix or not seq.block_table
-        computed = len(prefix) * self.block_size if prefix else seq.num_computed_tokens
+        lookup, only for a sequence without blocks) is reused and counts as computed, and so do the
+        rows of `tail` (from lookup_tail: the caller copies them into block len(prefix)). Returns
+        False, changing nothing, when the pool is short."""
+        assert not (prefix or tail) or not seq.block_table
+        tail_rows = tail[1] if tail else 0
+        computed = len(prefix) * self.block_size + tail_rows if prefix or tail else seq.num_computed_tokens
         needed = self.blocks_needed(computed + num_new_tokens) - len(seq.block_table) - len(prefix)
         revived = sum(1 for b in prefix if self.ref_count[b] == 0)
         if needed > self.num_free - revived:
@@ -90,7 +120,7 @@ class BlockManager:
             self.ref_count[b] += 1
             seq.block_table.append(b)
             seq.block_hashes.append(self.hash_of[b])
-        if prefix:
+        if prefix or tail:
             seq.num_computed_tokens = computed
         for _ in range(max(needed, 0)):
             seq.block_table.append(self._take())
@@ -102,6 +132,10 @@ class BlockManager:
         if old is not None:  # evict: its content is about to be overwritten
             del self.block_of[old]
             self.hash_of[block] = None
+        old = self.tail_hash_of[block]
+        if old is not None:
+            del self.tail_of[old]
+            self.tail_hash_of[block] = None
         self.ref_count[block] = 1
         return block
 
@@ -116,7 +150,18 @@ class BlockManager:
             if h not in self.block_of and self.hash_of[block] is None:
                 self.block_of[h] = block
                 self.hash_of[block] = h
+                self._add_tail(seq, i, block)
             seq.block_hashes.append(h)
+
+    def _add_tail(self, seq: Sequence, i: int, block: int) -> None:
+        """A tail hash for full block i of seq when its vision tokens end inside it (see lookup_tail)."""
+        rows = seq.vision_end - i * self.block_size
+        if 0 < rows < self.block_size:
+            parent = seq.hash_chain[i - 1] if i else None
+            h = block_hash(seq, i, self.block_size, parent, seq.adapter_id or self.adapter_id, rows)
+            if h not in self.tail_of:
+                self.tail_of[h] = (block, rows)
+                self.tail_hash_of[block] = h
 
     def free_seq(self, seq: Sequence) -> None:
         """Release the sequence's blocks (tail first, so a prefix outlives its suffix in the LRU)."""

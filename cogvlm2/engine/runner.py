@@ -119,6 +119,8 @@ class ModelRunner:
         previous step's `sampled`."""
         assert batch.input_rows is None or source is not None, "a lookahead batch reads source"
         source = None if batch.input_rows is None else source  # a lookahead of admitted sequences only reads none
+        if batch.kv_copies:  # prefix-cache tail hits: their rows' K/V, before any row of this step attends
+            self.kv.copy_rows(batch.kv_copies)
         sampling = [s for s, sample in zip(batch.seqs, batch.samples) if sample]
         groups = self._adapter_groups(batch)
         logits = None

@@ -34,7 +34,10 @@ class ScheduledBatch:
     A lookahead batch (input_rows set) is launched before the previous step was collected. Where
     input_rows[i] is a row, seqs[i] decodes: token starts[i] == len(seqs[i]) is not in token_ids yet;
     it is that row of the previous step's sampled ids, which the runner reads on the device. Where it
-    is None, seqs[i] was admitted into this step and its tokens are on the host."""
+    is None, seqs[i] was admitted into this step and its tokens are on the host.
+
+    kv_copies: (source block, destination block, rows) whose first rows' K/V the step copies before
+    anything else (prefix-cache tail hits: BlockManager.lookup_tail)."""
 
     seqs: list[Sequence] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
@@ -42,6 +45,7 @@ class ScheduledBatch:
     samples: list[bool] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     input_rows: list[int] | None = None
+    kv_copies: list[tuple[int, int, int]] = field(default_factory=list)
 
     def add(self, seq: Sequence, n: int, start: int | None = None) -> None:
         """seq computes n tokens from `start` (None: from its computed ones; a lookahead step continues a prefill
@@ -102,10 +106,13 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not batch.preempted:
             seq = self.waiting[0]
             prefix = self.blocks.lookup(seq)
-            computed = len(prefix) * self.blocks.block_size
+            tail = self.blocks.lookup_tail(seq, prefix)
+            computed = len(prefix) * self.blocks.block_size + (tail[1] if tail else 0)
             n = min(len(seq) - computed, budget)
-            if not self.blocks.allocate(seq, n, prefix):
+            if not self.blocks.allocate(seq, n, prefix, tail):
                 break
+            if tail:
+                batch.kv_copies.append((tail[0], seq.block_table[len(prefix)], tail[1]))
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             if seq.metrics.first_scheduled_time is None:

@@ -50,6 +50,10 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self._expert_mask = inputs.vision_expert_mask  # over the FULL prompt; sliced per chunk
         self.vision_token_idx = [i for i, t in enumerate(inputs.token_type_ids) if t == VISION_SLOT]
+        # 1 + the last prompt token that takes a vision feature or the visual expert (0: none): every token from
+        # here on is plain text, whose K/V the language weights alone compute
+        self.vision_end = 1 + max([i for i, m in enumerate(self._expert_mask) if m] + self.vision_token_idx[-1:],
+                                  default=-1)
         self.next_position = inputs.next_position
 
     def __len__(self) -> int:

@@ -16,7 +16,7 @@ same code on the same inputs, so their collectives pair up:
 
 A step's message is the ScheduledBatch's host metadata as plain ints: per row (request id, start,
 tokens, sample, the token ids appended since the last message, the block-table change as (kept prefix,
-new blocks)). The ranks keep mirror `Sequence`s, created once per request from its EngineInputs (pixel
+new blocks)), and the step's K/V row copies (prefix-cache tail hits). The ranks keep mirror `Sequence`s, created once per request from its EngineInputs (pixel
 tensors travel once, through shared memory) and dropped when the request finishes. In steady decode a
 row costs a few ints; no tensor is pickled per step. A lookahead step (async scheduling) reads its input
 ids from each rank's own previous sampled ids, which are equal on every rank.
@@ -264,7 +264,7 @@ class TensorParallelGroup:
 
     def _encode(self, batch: ScheduledBatch) -> tuple:
         """The step's host metadata for the ranks: (new sequences, dropped ids, vision to keep, rows,
-        input_rows). Only what changed since the last message travels."""
+        input_rows, kv_copies). Only what changed since the last message travels."""
         news, rows = [], []
         in_batch = {s.request_id for s in batch.seqs}
         drops = [rid for rid, s in self._sent.items() if s.seq.is_finished and rid not in in_batch]
@@ -286,7 +286,7 @@ class TensorParallelGroup:
                 sent.table = list(table)
             rows.append((seq.request_id, start, n, sample, tokens, keep, blocks))
         release, self._release = self._release, None
-        return news, drops, release, rows, batch.input_rows
+        return news, drops, release, rows, batch.input_rows, batch.kv_copies
 
     # failures and shutdown ------------------------------------------------------------------------
 
@@ -528,14 +528,14 @@ class _Rank:
                 continue
             self.conn.send(("ok", result))
 
-    def step(self, news, drops, release, rows, input_rows) -> None:
+    def step(self, news, drops, release, rows, input_rows, kv_copies) -> None:
         for rid, inputs, params, slot, adapter_id in news:  # the adapter id keys its image features, as on rank 0
             self.seqs[rid] = Sequence(rid, inputs, params, adapter_slot=slot, adapter_id=adapter_id)
         for rid in drops:
             self.seqs.pop(rid, None)
         if release is not None:
             self.worker.runner.release_vision(release)
-        batch = ScheduledBatch(input_rows=input_rows)
+        batch = ScheduledBatch(input_rows=input_rows, kv_copies=kv_copies)
         for rid, start, n, sample, tokens, keep, blocks in rows:
             seq = self.seqs[rid]
             seq.token_ids += tokens
