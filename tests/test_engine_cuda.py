@@ -137,6 +137,38 @@ def test_engine_cuda_second_turn_replays_the_decode_graph():
     assert max(rows) == out.prompt_len - out.num_cached_tokens  # ... and ran as one graph replay
 
 
+def test_engine_cuda_new_question_on_a_cached_image_replays_the_decode_graph():
+    """A new question over a cached image whose last rows end inside a block the first question goes on in: the
+    step copies those rows' K/V (the block's tail hash), so the question's text alone runs, as one decode-graph
+    replay, and each answer equals the reference's."""
+    from cogvlm2.engine import EngineConfig, LLMEngine
+    from cogvlm2.llm import load_processor_and_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, processor = load_processor_and_model("tiny-random", dtype="float32", device="cuda")
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=16, num_kv_blocks=256, max_model_len=1024),
+                       processor)
+    rows, copies = [], []
+    replay, copy_rows = engine.runner.graphs.run, engine.runner.kv.copy_rows
+    engine.runner.graphs.run = lambda r: rows.append(len(r[1])) or replay(r)
+    engine.runner.kv.copy_rows = lambda c: copies.append(list(c)) or copy_rows(c)
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    img = Image.new("RGB", (64, 48), (200, 30, 90))
+    for q in ("Describe the image.", "What colour is it?"):  # the image ends at position 66: 3 rows in block 4
+        x = processor(q, image=img)
+        rows.clear()
+        engine.add_request("r", x, params)
+        while engine.has_unfinished():
+            outs = engine.step()
+            if outs and outs[0].finished:
+                out = outs[0]
+        assert out.token_ids == [t[0] for t in generate_ids(model, [x], params)]
+    last_vision = max(i for i, t in enumerate(x.token_type_ids) if t)
+    assert out.num_cached_tokens == last_vision + 1 and [[(c[0] != c[1], c[2]) for c in cs] for cs in copies] == [
+        [(True, (last_vision + 1) % 16)]]
+    assert max(rows) == out.prompt_len - out.num_cached_tokens  # the question's text, one graph replay
+
+
 def test_engines_one_after_another_in_one_process():
     """An engine dropped, then a model loaded and an engine built in the same process (a notebook, `cogvlm2 eval`
     after another run, this test suite): the new weights and KV pool are not carved out of the dropped engine's
