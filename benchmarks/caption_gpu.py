@@ -319,9 +319,11 @@ def bench_ray(n: int, workers: int | None, tmp: Path, one_rate: float | None = N
     finally:
         ray.shutdown()
     lines = timelines(log)
-    assert len(lines) == actors, lines
+    assert 1 <= len(lines) <= actors, lines
     print(f"  Ray: last row at {t_end - t_start:.1f} s after the start; per engine actor:")
     print_timelines(lines, t_start, "actor")
+    if len(lines) < actors:  # a short run (the dry run's few items) can end before a later actor's engine is built
+        print(f"  {actors - len(lines)} actor(s) not ready before the last row")
     # every item is captioned after the first engine is up: from then to the last row, with the
     # later actor's start-up counted against Ray
     first_ready = min(d["ready"] for d in lines.values())

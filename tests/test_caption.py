@@ -317,7 +317,9 @@ def test_ray_benchmark_mechanics_on_the_tiny_model(tmp_path):
                           "--num-images", "4", "--ray-batch-size", "2", "--out", str(out)], cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert len(re.findall(r"^  actor \d+: ready", run.stdout, re.M)) == 2
+    ready = len(re.findall(r"^  actor \d+: ready", run.stdout, re.M))
+    # two actors; on a busy machine the four items can all be done before the second one's engine is built
+    assert ready == 2 or (ready == 1 and "1 actor(s) not ready before the last row" in run.stdout), run.stdout
     pair = re.findall(r"^  pair process \d+: .* (\d+) items", run.stdout, re.M)
     assert sorted(map(int, pair)) == [2, 2]  # the files split over the two processes
     assert re.search(r"^  one GPU 0: .* 4 items", run.stdout, re.M)
