@@ -16,10 +16,11 @@ same code on the same inputs, so their collectives pair up:
 
 A step's message is the ScheduledBatch's host metadata as plain ints: per row (request id, start,
 tokens, sample, the token ids appended since the last message, the block-table change as (kept prefix,
-new blocks)), and the step's K/V row copies (prefix-cache tail hits). The ranks keep mirror `Sequence`s, created once per request from its EngineInputs (pixel
-tensors travel once, through shared memory) and dropped when the request finishes. In steady decode a
-row costs a few ints; no tensor is pickled per step. A lookahead step (async scheduling) reads its input
-ids from each rank's own previous sampled ids, which are equal on every rank.
+new blocks)), and the step's K/V row copies (prefix-cache tail hits). The ranks keep mirror `Sequence`s,
+created once per request from its EngineInputs (pixel tensors travel once, through shared memory) and
+dropped when the request finishes. In steady decode a row costs a few ints; no tensor is pickled per
+step. A lookahead step (async scheduling) reads its input ids from each rank's own previous sampled ids,
+which are equal on every rank.
 
 Sampling. The logits are all-gathered in the model, and every rank's sampler draws its noise from a
 generator seeded with one seed from the driver (seeded requests use their own generators), so every rank
