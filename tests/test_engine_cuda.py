@@ -100,9 +100,9 @@ def test_engine_cuda_async_equals_sync():
     assert results[True]["stop-id"][2:] == ("stop", ref[3])
 
 
-def test_engine_cuda_second_turn_replays_the_decode_graph():
-    """A second turn over a cached image: its text tokens run as decode-shaped rows in a captured CUDA
-    graph (Triton paged decode, one context length per row), and the answer equals the reference's."""
+def _graph_engine():
+    """The tiny model on CUDA in fp32, an engine with decode graphs up to 32 rows, and the list that records the
+    rows of every graph replay."""
     from cogvlm2.engine import EngineConfig, LLMEngine
     from cogvlm2.llm import load_processor_and_model
 
@@ -116,22 +116,35 @@ def test_engine_cuda_second_turn_replays_the_decode_graph():
     rows = []
     replay = graphs.run
     graphs.run = lambda r: rows.append(len(r[1])) or replay(r)
+    return model, processor, engine, rows
+
+
+def _answer_equals_reference(model, engine, x, params):
+    """x run alone on the engine; its output, whose tokens equal the reference loop's."""
+    engine.add_request("r", x, params)
+    while engine.has_unfinished():
+        outs = engine.step()
+        if outs and outs[0].finished:
+            out = outs[0]
+    assert out.token_ids == [t[0] for t in generate_ids(model, [x], params)]
+    return out
+
+
+def test_engine_cuda_second_turn_replays_the_decode_graph():
+    """A second turn over a cached image: its text tokens run as decode-shaped rows in a captured CUDA
+    graph (Triton paged decode, one context length per row), and the answer equals the reference's."""
+    model, processor, engine, rows = _graph_engine()
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     img = Image.new("RGB", (64, 48), (200, 30, 90))
     # a first question long enough that the cached whole blocks cover every image token (the tiny
-    # model's image ends at position 66; "Describe the image." would cache 64 and leave 3 vision tokens
-    # for the second turn, which then needs the eager path)
+    # model's image ends at position 66: "Describe the image." would cache 64 and leave 3 vision tokens,
+    # which the next test's tail hit covers)
     question = "Describe the image in great detail, with its colours, shapes and size."
     first = processor(question, image=img)
     second = processor("And its colour?", history=[(question, "A square.")], image=img)
     for x in (first, second):
         rows.clear()
-        engine.add_request("r", x, params)
-        while engine.has_unfinished():
-            outs = engine.step()
-            if outs and outs[0].finished:
-                out = outs[0]
-        assert out.token_ids == [t[0] for t in generate_ids(model, [x], params)]
+        out = _answer_equals_reference(model, engine, x, params)
     last_vision = max(i for i, t in enumerate(second.token_type_ids) if t)
     assert out.num_cached_tokens > last_vision  # the second turn's new tokens are text only
     assert max(rows) == out.prompt_len - out.num_cached_tokens  # ... and ran as one graph replay
@@ -141,28 +154,16 @@ def test_engine_cuda_new_question_on_a_cached_image_replays_the_decode_graph():
     """A new question over a cached image whose last rows end inside a block the first question goes on in: the
     step copies those rows' K/V (the block's tail hash), so the question's text alone runs, as one decode-graph
     replay, and each answer equals the reference's."""
-    from cogvlm2.engine import EngineConfig, LLMEngine
-    from cogvlm2.llm import load_processor_and_model
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    model, processor = load_processor_and_model("tiny-random", dtype="float32", device="cuda")
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=32, block_size=16, num_kv_blocks=256, max_model_len=1024),
-                       processor)
-    rows, copies = [], []
-    replay, copy_rows = engine.runner.graphs.run, engine.runner.kv.copy_rows
-    engine.runner.graphs.run = lambda r: rows.append(len(r[1])) or replay(r)
+    model, processor, engine, rows = _graph_engine()
+    copies = []
+    copy_rows = engine.runner.kv.copy_rows
     engine.runner.kv.copy_rows = lambda c: copies.append(list(c)) or copy_rows(c)
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     img = Image.new("RGB", (64, 48), (200, 30, 90))
     for q in ("Describe the image.", "What colour is it?"):  # the image ends at position 66: 3 rows in block 4
         x = processor(q, image=img)
         rows.clear()
-        engine.add_request("r", x, params)
-        while engine.has_unfinished():
-            outs = engine.step()
-            if outs and outs[0].finished:
-                out = outs[0]
-        assert out.token_ids == [t[0] for t in generate_ids(model, [x], params)]
+        out = _answer_equals_reference(model, engine, x, params)
     last_vision = max(i for i, t in enumerate(x.token_type_ids) if t)
     assert out.num_cached_tokens == last_vision + 1 and [[(c[0] != c[1], c[2]) for c in cs] for cs in copies] == [
         [(True, (last_vision + 1) % 16)]]

@@ -83,14 +83,19 @@ class BlockManager:
         `prefix` (lookup's hits) up to the end of its vision tokens, when that end falls inside the next block and
         text follows it; else None. allocate(seq, n, prefix, tail) then counts those rows as computed, and the
         step must copy them (Runner: ScheduledBatch.kv_copies)."""
-        if not self.tail_of:
+        if not self.tail_of or len(seq) <= seq.vision_end:
             return None
-        i = len(prefix)
+        h = self._tail_hash(seq, len(prefix))
+        return None if h is None else self.tail_of.get(h)
+
+    def _tail_hash(self, seq: Sequence, i: int) -> bytes | None:
+        """The tail hash of seq's block i (its rows up to the end of seq's vision tokens), or None when those do
+        not end inside block i."""
         rows = seq.vision_end - i * self.block_size
-        if not 0 < rows < self.block_size or len(seq) <= seq.vision_end:
+        if not 0 < rows < self.block_size:
             return None
         parent = self._hash(seq, i - 1) if i else None
-        return self.tail_of.get(block_hash(seq, i, self.block_size, parent, seq.adapter_id or self.adapter_id, rows))
+        return block_hash(seq, i, self.block_size, parent, seq.adapter_id or self.adapter_id, rows)
 
     def _hash(self, seq: Sequence, i: int) -> bytes:
         """Hash of the sequence's full block i; the chain is kept on the sequence (full blocks never
@@ -155,13 +160,10 @@ class BlockManager:
 
     def _add_tail(self, seq: Sequence, i: int, block: int) -> None:
         """A tail hash for full block i of seq when its vision tokens end inside it (see lookup_tail)."""
-        rows = seq.vision_end - i * self.block_size
-        if 0 < rows < self.block_size:
-            parent = seq.hash_chain[i - 1] if i else None
-            h = block_hash(seq, i, self.block_size, parent, seq.adapter_id or self.adapter_id, rows)
-            if h not in self.tail_of:
-                self.tail_of[h] = (block, rows)
-                self.tail_hash_of[block] = h
+        h = self._tail_hash(seq, i)
+        if h is not None and h not in self.tail_of:
+            self.tail_of[h] = (block, seq.vision_end - i * self.block_size)
+            self.tail_hash_of[block] = h
 
     def free_seq(self, seq: Sequence) -> None:
         """Release the sequence's blocks (tail first, so a prefix outlives its suffix in the LRU)."""

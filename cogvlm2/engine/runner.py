@@ -41,7 +41,6 @@ from .memory import num_kv_blocks
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
-from .vision_graph import VisionGraph, graph_frames
 
 NUM_LANDING_BUFFERS = 2  # pinned buffers for sampled ids, used in turn (see ModelRunner._to_host)
 
@@ -70,7 +69,7 @@ class ModelRunner:
         self.attend = attend
         cfg = model.config
         self.graphs = None
-        self.vision_graph: VisionGraph | None = None
+        self.vision_graph: vision_graph.VisionGraph | None = None
         self._capture_vision_graph()  # before the KV cache is sized: its memory pool counts as in use
         blocks = num_blocks if num_blocks is not None else num_kv_blocks(model, config, attend)
         # this rank's KV heads (tensor parallelism), each layer's cache on its stage's device (pipeline)
@@ -110,7 +109,7 @@ class ModelRunner:
         tp = getattr(self.model, "tp", None)
         if vision_graph.VISION_GRAPH and self._graphs_allowed() and getattr(self.model, "stages", None) is None and \
                 (tp is None or tp.world_size == 1):
-            self.vision_graph = VisionGraph(self.model, graph_frames(self.model))
+            self.vision_graph = vision_graph.VisionGraph(self.model, vision_graph.graph_frames(self.model))
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, source: torch.Tensor | None = None) -> LaunchedStep:
