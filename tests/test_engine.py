@@ -53,6 +53,13 @@ def reference(model, x: ModelInputs, params: SamplingParams) -> list[int]:
     return out
 
 
+def forget_tail_hashes(engine: LLMEngine) -> None:
+    """The block manager's prefix-cache tail hashes dropped (as if evicted); its full-block hashes stay."""
+    bm = engine.block_manager
+    bm.tail_of.clear()
+    bm.tail_hash_of = [None] * bm.num_blocks
+
+
 def run(engine: LLMEngine, requests: list[tuple[int, str, ModelInputs, SamplingParams]]) -> dict:
     """requests = (arrival step, id, inputs, params); step until all finish; final outputs by id."""
     done, step = {}, 0
@@ -361,14 +368,12 @@ def test_new_question_on_a_cached_image_reuses_its_tail(tiny):
         [[(src, dst, rows)]] = copies
         assert rows == end % 8 and src != dst and plain[0]  # its first step: the question alone, plain text
         assert encodes == [1] and out.token_ids == expected[1]
-        bm.tail_of.clear()  # no tail hash (evicted, say): the kept feature rows serve the image's last rows
-        bm.tail_hash_of = [None] * bm.num_blocks
+        forget_tail_hashes(engine)  # no tail hash (evicted, say): the kept feature rows serve the image's last rows
         out = run(engine, [(0, "third", prompts[2], p)])["third"]
         assert vision[0] < out.num_cached_tokens <= vision[-1]  # the hit ends inside the image
         assert encodes == [1] and out.token_ids == expected[2] and len(copies) == 1
-        for table in (bm.tail_of, engine.runner.vision_tails):  # both evicted (other images since)
-            table.clear()
-        bm.tail_hash_of = [None] * bm.num_blocks
+        forget_tail_hashes(engine)  # both evicted (other images since)
+        engine.runner.vision_tails.clear()
         out = run(engine, [(0, "fourth", prompts[3], p)])["fourth"]
         assert encodes == [1, 1] and out.token_ids == expected[3]
         assert len(engine.runner.vision_tails) == 1 and runner_module.VISION_TAILS >= 64

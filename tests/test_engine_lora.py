@@ -16,6 +16,7 @@ from cogvlm2.llm import LLM, LLMEngine, load_processor  # noqa: E402
 from cogvlm2.model import load_model  # noqa: E402
 from cogvlm2.sampling_params import SamplingParams  # noqa: E402
 from cogvlm2.tiny import checkpoint_folder  # noqa: E402
+from test_engine import forget_tail_hashes  # noqa: E402
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
 TARGETS = ("language_expert_qkv", "vision_expert_qkv", "language_expert_mlp", "vision_expert_dense")
@@ -157,8 +158,7 @@ def test_an_adapter_on_the_vision_tower_and_the_same_image(adapters, prompts, tm
     second = run(engine, [("second-tower", asks[1], "tower")])["second-tower"]
     vision = [i for i, t in enumerate(asks[1].token_type_ids) if t == 1]
     assert second[1] > vision[-1] and second[0] == alone[("tower", 1)]  # its own KV, to the image's end
-    engine.block_manager.tail_of.clear()  # no tail hashes: its own cached KV ends inside the image
-    engine.block_manager.tail_hash_of = [None] * engine.block_manager.num_blocks
+    forget_tail_hashes(engine)  # no tail hashes: its own cached KV ends inside the image
     third = run(engine, [("third-tower", asks[2], "tower")])["third-tower"]
     assert vision[0] < third[1] <= vision[-1] and third[0] == alone[("tower", 2)]
 
